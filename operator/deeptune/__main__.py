@@ -1,0 +1,3 @@
+from deeptune.main import run
+
+run()

@@ -1,0 +1,533 @@
+"""The FineTuneJob resource: what to fine-tune, on which data, how, and what came of it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, JsonValue, model_validator
+
+from deeptune.api.base import (
+    LONG_TEXT,
+    SHORT_TEXT,
+    ApiModel,
+    Condition,
+    ConfigMapKeyRef,
+    EnvVar,
+    LocalObjectReference,
+    Name,
+    PvcLocation,
+    Quantity,
+    SecretKeyRef,
+    Toleration,
+    cel,
+    immutable,
+    nested_default,
+)
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAME = "ftj"
+
+Method = Literal["lora", "qlora", "full"]
+Metric = Literal["perplexity", "bleu", "rouge", "accuracy", "f1", "exactMatch"]
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2.0e-4, "qlora": 2.0e-4, "full": 2.0e-5}
+"""Learning rates that work for most DeepSeek-sized models; full fine-tuning needs a much smaller one."""
+
+
+def _exactly_one(model: ApiModel, fields: tuple[str, ...]) -> None:
+    chosen = [name for name in fields if getattr(model, name) is not None]
+    if len(chosen) != 1:
+        wire = ", ".join(type(model).model_fields[name].alias or name for name in fields)
+        raise ValueError(f"set exactly one of {wire} (found {len(chosen)})")
+
+
+class BaseModelSpec(ApiModel):
+    """The pretrained model to start from: a Hugging Face id, or a directory on a PVC."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.name) != has(self.pvc)", "set exactly one of name (a Hugging Face id) or pvc")
+            ]
+        }
+    )
+
+    name: Annotated[str, Field(max_length=SHORT_TEXT, pattern=r"^[\w.-]+(/[\w.-]+)?$")] | None = None
+    """Hugging Face model id, e.g. `deepseek-ai/deepseek-llm-7b-base`; downloaded by the trainer."""
+    revision: Annotated[str, Field(max_length=SHORT_TEXT)] = "main"
+    """Branch, tag or commit of the Hugging Face repository."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret key holding a Hugging Face token, for gated or private models."""
+    pvc: PvcLocation | None = None
+    """A model directory (config.json, tokenizer, weights) on a PersistentVolumeClaim."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the model repository. Only for repositories you trust."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseModelSpec:
+        _exactly_one(self, ("name", "pvc"))
+        return self
+
+
+class DataSource(ApiModel):
+    """Where rows come from: a file on a PVC, a ConfigMap key, an http(s) URL, or inline rows."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "[has(self.pvc), has(self.configMap), has(self.url), has(self.inline)]"
+                    ".filter(x, x).size() == 1",
+                    "set exactly one of pvc, configMap, url or inline",
+                )
+            ]
+        }
+    )
+
+    pvc: PvcLocation | None = None
+    """A file on a PersistentVolumeClaim."""
+    config_map: ConfigMapKeyRef | None = None
+    """A key of a ConfigMap in the same namespace (small datasets)."""
+    url: Annotated[str, Field(max_length=LONG_TEXT, pattern=r"^https?://\S+$")] | None = None
+    """An http(s) URL the trainer downloads."""
+    inline: Annotated[list[dict[str, JsonValue]], Field(max_length=1000)] | None = None
+    """Rows written in the manifest itself (at most 1000; for demos and tests)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        _exactly_one(self, ("pvc", "config_map", "url", "inline"))
+        return self
+
+
+class FieldMapping(ApiModel):
+    """Which column holds which part of a sample, for each sample style."""
+
+    prompt: Name = "prompt"
+    completion: Name = "completion"
+    instruction: Name = "instruction"
+    input: Name = "input"
+    output: Name = "output"
+    messages: Name = "messages"
+    label: Name = "label"
+    """For label-style data (classification): the column with the expected label."""
+
+
+class ValidationSplit(ApiModel):
+    """Held-out rows for evaluation: a share of the dataset, or a source of their own."""
+
+    ratio: Annotated[float, Field(gt=0, lt=1)] | None = 0.1
+    """Share of rows held out when no separate source is given."""
+    source: DataSource | None = None
+    """A separate validation dataset (same format and field mapping)."""
+
+
+class Normalization(ApiModel):
+    """Text normalization applied before deduplication and training."""
+
+    unicode: bool = True
+    """Unicode NFKC normalization (unifies full-width letters and digits, ligatures, ...)."""
+    punctuation: bool = True
+    """Unify full-width and half-width punctuation within a row's dominant script."""
+    whitespace: bool = True
+    """Collapse runs of spaces and tabs, trim lines, drop zero-width characters."""
+    case_fold: bool = False
+    """Lower-case everything (off by default: case often matters for code and names)."""
+
+
+class NearDedup(ApiModel):
+    """Near-duplicate removal by MinHash over character n-grams."""
+
+    enabled: bool = True
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.85
+    """Estimated Jaccard similarity above which a row is dropped as a near duplicate."""
+    ngram: Annotated[int, Field(ge=1, le=32)] = 5
+    """Character n-gram length (characters, so Chinese and English are treated alike)."""
+
+
+PiiType = Literal["email", "phone", "idCard", "bankCard", "ipAddress"]
+
+
+class PiiFilter(ApiModel):
+    """Personal and sensitive data: redact it in place, drop the row, or leave it."""
+
+    action: Literal["redact", "drop", "off"] = "redact"
+    types: Annotated[list[PiiType], Field(max_length=5)] = [
+        "email",
+        "phone",
+        "idCard",
+        "bankCard",
+        "ipAddress",
+    ]
+
+
+class Cleaning(ApiModel):
+    """Cleaning rules, applied in order: normalize, length bounds, degenerate rows, PII, dedup."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("self.minChars <= self.maxChars", "minChars must not exceed maxChars")
+            ]
+        }
+    )
+
+    normalization: Annotated[Normalization, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=Normalization
+    )
+    exact_dedup: bool = True
+    """Drop rows whose normalized text equals an earlier row's."""
+    near_dedup: Annotated[NearDedup, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=NearDedup
+    )
+    min_chars: Annotated[int, Field(ge=0)] = 1
+    """Rows whose completion (or last assistant turn) is shorter are dropped."""
+    max_chars: Annotated[int, Field(ge=1)] = 100_000
+    """Rows whose whole text is longer are dropped."""
+    drop_degenerate: bool = True
+    """Drop rows whose completion repeats the prompt or is one character repeated."""
+    pii: Annotated[PiiFilter, Field(json_schema_extra=nested_default())] = Field(default_factory=PiiFilter)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Cleaning:
+        if self.min_chars > self.max_chars:
+            raise ValueError("minChars must not exceed maxChars")
+        return self
+
+
+class SynonymReplacement(ApiModel):
+    """Replace words by synonyms from a user dictionary."""
+
+    dictionary: Annotated[dict[str, list[str]], Field(max_length=10_000)] = {}
+    """Word to its synonyms, e.g. `{"快速": ["迅速", "飞快"], "big": ["large"]}`."""
+    dictionary_config_map: ConfigMapKeyRef | None = None
+    """A ConfigMap key holding the dictionary as JSON, for large dictionaries."""
+    probability: Annotated[float, Field(gt=0, le=1)] = 0.3
+    """Chance that each dictionary word found in a row is replaced."""
+
+
+class BackTranslation(ApiModel):
+    """Paraphrase by translating to a pivot language and back with seq2seq models."""
+
+    forward_model: Name
+    """Translation model into the pivot language, e.g. `Helsinki-NLP/opus-mt-zh-en`."""
+    backward_model: Name
+    """Translation model back from the pivot language, e.g. `Helsinki-NLP/opus-mt-en-zh`."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 256
+
+
+class InstructionPerturbation(ApiModel):
+    """Reword the instruction with templates and insert irrelevant context."""
+
+    reword: bool = True
+    insert_context: bool = True
+
+
+class Augmentation(ApiModel):
+    """Augmentation of the train split (never the validation split)."""
+
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.2
+    """Share of train rows that get one augmented copy."""
+    synonyms: SynonymReplacement | None = None
+    back_translation: BackTranslation | None = None
+    instruction_perturbation: InstructionPerturbation | None = None
+    seed: int = 1234
+
+
+class DatasetSpec(ApiModel):
+    """The user's data and how to read, clean, augment and split it."""
+
+    source: DataSource
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    """File format; `auto` decides by the file's extension (inline rows need none)."""
+    style: Literal["auto", "promptCompletion", "instruction", "chat"] = "auto"
+    """Sample style; `auto` decides by the columns present."""
+    fields: Annotated[FieldMapping, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=FieldMapping
+    )
+    validation: Annotated[ValidationSplit, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=ValidationSplit
+    )
+    max_bad_row_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
+    """Malformed rows are skipped and counted; past this share of all rows the run fails."""
+    cleaning: Annotated[Cleaning, Field(json_schema_extra=nested_default())] = Field(default_factory=Cleaning)
+    augmentation: Augmentation | None = None
+    """Off unless given."""
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings (used by the lora and qlora methods)."""
+
+    r: Annotated[int, Field(ge=1, le=1024)] = 16
+    alpha: Annotated[int, Field(ge=1, le=4096)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: Annotated[list[Annotated[str, Field(max_length=SHORT_TEXT)]], Field(max_length=64)] = [
+        "auto"
+    ]
+    """Module names to adapt; `auto` picks them per architecture (attention and MLP projections)."""
+
+    @model_validator(mode="after")
+    def _auto_alone(self) -> LoraSpec:
+        if "auto" in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError("targetModules: `auto` cannot be combined with explicit module names")
+        return self
+
+
+class Hyperparameters(ApiModel):
+    """Optimisation settings. Unset ones get defaults that suit the method."""
+
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Peak learning rate; defaults to 2e-4 for lora/qlora and 2e-5 for full fine-tuning."""
+    epochs: Annotated[float, Field(gt=0, le=1000)] = 3
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    per_device_batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=4096)] = 4
+    max_seq_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """`auto` picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."""
+    gradient_checkpointing: bool = True
+    packing: bool = False
+    """Pack several short samples into one sequence (less padding, higher throughput)."""
+    checkpoint_steps: Annotated[int, Field(ge=1)] = 100
+    """Save a checkpoint every N steps; a retried pod loses at most N steps."""
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+
+
+class EarlyStopping(ApiModel):
+    """Stop when the evaluation metric stops improving."""
+
+    patience: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Evaluations without improvement before training stops."""
+    metric: Literal["evalLoss"] = "evalLoss"
+    threshold: Annotated[float, Field(ge=0)] = 0.0
+    """Minimum improvement that counts."""
+
+
+class GenerationSpec(ApiModel):
+    """Decoding settings for generation-based metrics."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=32_768)] = 128
+    temperature: Annotated[float, Field(ge=0, le=5)] = 0.0
+    """0 means greedy decoding, which makes evaluation reproducible."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class EvaluationSpec(ApiModel):
+    """How the fine-tuned model is scored against the base model on held-out rows."""
+
+    metrics: Annotated[list[Metric], Field(max_length=6)] = ["perplexity", "bleu", "rouge", "exactMatch"]
+    baseline: bool = True
+    """Score the base model on the same held-out rows first, for an A/B comparison."""
+    max_samples: Annotated[int, Field(ge=1, le=100_000)] = 200
+    """Held-out rows used for generation metrics (perplexity uses the whole split)."""
+    eval_steps: Annotated[int, Field(ge=1)] | None = None
+    """Compute the eval loss every N steps during training (default: once per epoch)."""
+    generation: Annotated[GenerationSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=GenerationSpec
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """What the training pod asks of the cluster."""
+
+    gpu: Annotated[int, Field(ge=0, le=64)] = 1
+    gpu_resource_name: Annotated[str, Field(max_length=SHORT_TEXT)] = "nvidia.com/gpu"
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    shared_memory: Quantity = "8Gi"
+    """Size of /dev/shm (data loader workers and NCCL need more than the container default)."""
+    node_selector: Annotated[dict[str, str], Field(max_length=64)] = {}
+    tolerations: Annotated[list[Toleration], Field(max_length=64)] = []
+    affinity: dict[str, Any] | None = None
+    """A Kubernetes affinity, passed to the pod as is."""
+    priority_class_name: Annotated[str, Field(max_length=SHORT_TEXT)] | None = None
+
+
+class OutputSpec(ApiModel):
+    """Where the adapter, merged model, evaluation results and model card are written."""
+
+    pvc: PvcLocation
+    """Claim and path for the artifacts (checkpoints go there too, so a retry resumes)."""
+    merge_adapter: bool = False
+    """Also save the base model with the adapter merged in (what serving loads fastest)."""
+    quantized_export: Literal["none", "int8", "int4"] = "none"
+    """Also save a bitsandbytes-quantized copy (needs a GPU)."""
+
+
+class FineTuneJobSpec(ApiModel):
+    """Desired state of a FineTuneJob."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpu)"
+                    " || self.resources.gpu > 0",
+                    "method qlora needs a GPU: set resources.gpu to 1 or more, or use method lora",
+                    field_path=".method",
+                ),
+                cel(
+                    "!has(self.output.quantizedExport) || self.output.quantizedExport == 'none'"
+                    " || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu > 0",
+                    "output.quantizedExport needs a GPU: set resources.gpu to 1 or more, or set it to none",
+                    field_path=".output.quantizedExport",
+                ),
+            ]
+        }
+    )
+
+    base_model: Annotated[BaseModelSpec, Field(json_schema_extra=immutable("baseModel"))]
+    dataset: Annotated[DatasetSpec, Field(json_schema_extra=immutable("dataset"))]
+    method: Annotated[Method, Field(json_schema_extra=immutable("method"))] = "lora"
+    lora: Annotated[LoraSpec, Field(json_schema_extra={**nested_default(), **immutable("lora")})] = Field(
+        default_factory=LoraSpec
+    )
+    hyperparameters: Annotated[
+        Hyperparameters, Field(json_schema_extra={**nested_default(), **immutable("hyperparameters")})
+    ] = Field(default_factory=Hyperparameters)
+    early_stopping: EarlyStopping | None = None
+    """Off unless given."""
+    evaluation: Annotated[
+        EvaluationSpec, Field(json_schema_extra={**nested_default(), **immutable("evaluation")})
+    ] = Field(default_factory=EvaluationSpec)
+    resources: Annotated[ResourcesSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=ResourcesSpec
+    )
+    output: Annotated[OutputSpec, Field(json_schema_extra=immutable("output"))]
+    suspend: bool = False
+    """Pause the run: the Job's pods are stopped; resuming continues from the newest checkpoint."""
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """Pod retries before the run is marked Failed."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete the finished Job (not the FineTuneJob or its artifacts) after this long."""
+    image: Annotated[str, Field(max_length=LONG_TEXT)] | None = None
+    """Trainer image override (default: the operator's configured trainer image)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: Annotated[list[LocalObjectReference], Field(max_length=16)] = []
+    env: Annotated[list[EnvVar], Field(max_length=128)] = []
+    """Extra environment for the trainer; take secrets by valueFrom.secretKeyRef, never inline."""
+
+    @model_validator(mode="after")
+    def _gpu_requirements(self) -> FineTuneJobSpec:
+        if self.method == "qlora" and self.resources.gpu == 0:
+            raise ValueError("method qlora needs a GPU: set resources.gpu to 1 or more, or use method lora")
+        if self.output.quantized_export != "none" and self.resources.gpu == 0:
+            raise ValueError(
+                "output.quantizedExport needs a GPU: set resources.gpu to 1 or more, or set it to none"
+            )
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate in force: the user's, or the method's default."""
+        return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATE[self.method]
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+class Progress(ApiModel):
+    """Training progress scraped from the trainer's metrics endpoint while it runs."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: int | None = None
+    eta: str | None = None
+    """Estimated time left, e.g. `1h12m`."""
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    last_update_time: str | None = None
+
+
+MetricScores = dict[str, float]
+
+
+class EvalResults(ApiModel):
+    """Scores on the held-out rows for the fine-tuned model, the base model, and their difference."""
+
+    fine_tuned: MetricScores = {}
+    baseline: MetricScores | None = None
+    delta: MetricScores | None = None
+    samples: int | None = None
+
+
+class DatasetReport(ApiModel):
+    """What the data pipeline did to the user's rows."""
+
+    rows_read: int = 0
+    bad_rows: int = 0
+    rows_kept: int = 0
+    duplicates_removed: int = 0
+    near_duplicates_removed: int = 0
+    filtered_by_length: int = 0
+    degenerate_removed: int = 0
+    pii_redacted: int = 0
+    pii_dropped: int = 0
+    augmented: int = 0
+    train_rows: int = 0
+    validation_rows: int = 0
+    truncated: int = 0
+
+
+class OutputStatus(ApiModel):
+    """Where the artifacts of a finished run are."""
+
+    claim_name: str
+    path: str
+    adapter_path: str | None = None
+    merged_path: str | None = None
+    quantized_path: str | None = None
+
+
+class FailureInfo(ApiModel):
+    """The last failure of a trainer pod, from its termination state."""
+
+    reason: str
+    message: str = ""
+    exit_code: int | None = None
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state of a FineTuneJob, written only by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    phase: Phase | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = []
+    job_name: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    retries: int | None = None
+    """Trainer pods that failed and were retried."""
+    progress: Progress | None = None
+    eval_results: EvalResults | None = None
+    dataset: DatasetReport | None = None
+    output: OutputStatus | None = None
+    last_failure: FailureInfo | None = None
+
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress %", "type": "integer", "jsonPath": ".status.progress.percent"},
+    {"name": "Eval Loss", "type": "number", "jsonPath": ".status.progress.evalLoss"},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method", "priority": 1},
+    {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.name", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
+    """Validate a spec as it comes from Kubernetes (camelCase, possibly defaulted by the API server)."""
+    return FineTuneJobSpec.model_validate(spec)

@@ -1,0 +1,90 @@
+"""The contract between the operator and the trainer container.
+
+The operator writes a `TrainerConfig` (as JSON in a ConfigMap) and reads back the trainer's
+Prometheus metrics while it runs and its `TrainerSummary` (the pod's termination message) at the end.
+Both sides import these definitions, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from deeptune.api.base import ApiModel
+from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec
+
+METRICS_PORT = 9090
+CONFIG_PATH = "/etc/deeptune/config.json"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+SUMMARY_LIMIT_BYTES = 4096
+"""Kubernetes truncates termination messages at 4 KiB."""
+
+EXIT_INVALID_INPUT = 3
+"""Trainer exit code for bad input (spec, dataset, model): retrying cannot help, so the Job fails fast."""
+
+
+class TrainerPaths(ApiModel):
+    """Local paths inside the trainer's container, resolved from the spec's volumes."""
+
+    output_dir: str
+    dataset: str | None = None
+    """The dataset file, for PVC and ConfigMap sources (URL and inline sources need none)."""
+    validation_dataset: str | None = None
+    base_model: str | None = None
+    """The model directory, for a base model on a PVC."""
+    hf_home: str | None = None
+    """Hugging Face cache, kept on the output volume so retries do not download again."""
+
+
+class TrainerConfig(ApiModel):
+    """Everything the trainer needs, resolved by the operator (or by the standalone CLI)."""
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    spec: FineTuneJobSpec
+    paths: TrainerPaths
+    metrics_port: int = METRICS_PORT
+    termination_message_path: str = TERMINATION_MESSAGE_PATH
+
+
+class TrainerError(ApiModel):
+    """Why a run failed, in words a user can act on."""
+
+    reason: str
+    """CamelCase reason, e.g. `InvalidDataset`, `ModelNotFound`, `OutOfMemory`."""
+    message: str
+
+
+class ArtifactPaths(ApiModel):
+    """Artifact locations relative to the output path."""
+
+    adapter: str | None = None
+    merged: str | None = None
+    quantized: str | None = None
+
+
+class TrainerSummary(ApiModel):
+    """The compact result the trainer writes to its termination message (at most 4 KiB)."""
+
+    outcome: Literal["succeeded", "failed"]
+    error: TrainerError | None = None
+    steps: int | None = None
+    train_loss: float | None = None
+    eval_results: EvalResults | None = None
+    dataset: DatasetReport | None = None
+    artifacts: ArtifactPaths | None = None
+
+
+class MetricNames:
+    """Prometheus metric names the trainer exposes and the operator scrapes."""
+
+    STEP = "deeptune_trainer_step"
+    TOTAL_STEPS = "deeptune_trainer_total_steps"
+    EPOCH = "deeptune_trainer_epoch"
+    TRAIN_LOSS = "deeptune_trainer_train_loss"
+    EVAL_LOSS = "deeptune_trainer_eval_loss"
+    LEARNING_RATE = "deeptune_trainer_learning_rate"
+    TOKENS_PER_SECOND = "deeptune_trainer_tokens_per_second"
+    SAMPLES_PER_SECOND = "deeptune_trainer_samples_per_second"
+    ETA_SECONDS = "deeptune_trainer_eta_seconds"
+    PEAK_MEMORY_BYTES = "deeptune_trainer_peak_memory_bytes"

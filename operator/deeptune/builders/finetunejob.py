@@ -1,0 +1,255 @@
+"""FineTuneJob → its children: the trainer ConfigMap and the batch/v1 Job. Pure functions."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+
+from deeptune.api.finetunejob import KIND, DataSource, FineTuneJobSpec
+from deeptune.api.trainer import (
+    CONFIG_PATH,
+    EXIT_INVALID_INPUT,
+    METRICS_PORT,
+    TERMINATION_MESSAGE_PATH,
+    TrainerConfig,
+    TrainerPaths,
+)
+from deeptune.builders.common import (
+    Manifest,
+    Owner,
+    child_name,
+    container_security_context,
+    metadata,
+    pod_security_context,
+)
+
+COMPONENT = "trainer"
+CONTAINER = "trainer"
+CONFIG_KEY = "config.json"
+PVC_ROOT = "/mnt/pvc"
+CONFIGMAP_ROOT = "/mnt/configmap"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/deeptune/trainer:0.1.0"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Operator-wide choices that are not part of any one spec (set from the chart's values)."""
+
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+
+def config_map_name(owner: Owner) -> str:
+    return child_name(owner.name, "config")
+
+
+def job_name(owner: Owner) -> str:
+    return child_name(owner.name, "train")
+
+
+def _pvc_path(claim: str, path: str) -> str:
+    return posixpath.join(PVC_ROOT, claim, path) if path else posixpath.join(PVC_ROOT, claim)
+
+
+def _source_path(source: DataSource | None) -> str | None:
+    """Where a dataset source appears inside the container (URL and inline sources have no path)."""
+    if source is None:
+        return None
+    if source.pvc is not None:
+        return _pvc_path(source.pvc.claim_name, source.pvc.path)
+    if source.config_map is not None:
+        return posixpath.join(CONFIGMAP_ROOT, source.config_map.name, source.config_map.key)
+    return None
+
+
+def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
+    """The trainer's whole input, with volume paths resolved to where the Job mounts them."""
+    output = spec.output.pvc
+    output_dir = _pvc_path(output.claim_name, output.path or posixpath.join(owner.namespace, owner.name))
+    base = spec.base_model.pvc
+    return TrainerConfig(
+        name=owner.name,
+        namespace=owner.namespace,
+        uid=owner.uid,
+        spec=spec,
+        paths=TrainerPaths(
+            output_dir=output_dir,
+            dataset=_source_path(spec.dataset.source),
+            validation_dataset=_source_path(spec.dataset.validation.source),
+            base_model=_pvc_path(base.claim_name, base.path) if base else None,
+            hf_home=_pvc_path(output.claim_name, ".cache/huggingface"),
+        ),
+    )
+
+
+def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> Manifest:
+    """The resolved trainer config. It holds no secret: tokens are referenced, never copied."""
+    config = trainer_config(owner, spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, config_map_name(owner), COMPONENT),
+        "data": {CONFIG_KEY: json.dumps(config.to_wire(), indent=2, sort_keys=True)},
+    }
+
+
+def _claims(spec: FineTuneJobSpec) -> list[str]:
+    """Every PVC the trainer needs, once each (the dataset and output may share a claim)."""
+    locations = [
+        spec.base_model.pvc,
+        spec.dataset.source.pvc,
+        spec.dataset.validation.source.pvc if spec.dataset.validation.source else None,
+        spec.output.pvc,
+    ]
+    return list(dict.fromkeys(loc.claim_name for loc in locations if loc is not None))
+
+
+def _dataset_config_maps(spec: FineTuneJobSpec) -> list[str]:
+    sources = [spec.dataset.source, spec.dataset.validation.source]
+    return list(dict.fromkeys(s.config_map.name for s in sources if s is not None and s.config_map))
+
+
+def _volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[Manifest], list[Manifest]]:
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": config_map_name(owner)}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+    ]
+    mounts: list[Manifest] = [
+        {"name": "config", "mountPath": posixpath.dirname(CONFIG_PATH), "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for index, claim in enumerate(_claims(spec)):
+        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"pvc-{index}", "mountPath": posixpath.join(PVC_ROOT, claim)})
+    for index, name in enumerate(_dataset_config_maps(spec)):
+        volumes.append({"name": f"data-{index}", "configMap": {"name": name}})
+        mounts.append(
+            {"name": f"data-{index}", "mountPath": posixpath.join(CONFIGMAP_ROOT, name), "readOnly": True}
+        )
+    return volumes, mounts
+
+
+def _env(spec: FineTuneJobSpec) -> list[Manifest]:
+    env: list[Manifest] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    token = spec.base_model.token_secret_ref
+    if token is not None:
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
+        )
+    env.extend(var.to_wire() for var in spec.env)
+    return env
+
+
+def _resources(spec: FineTuneJobSpec) -> Manifest:
+    res = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    if res.gpu:
+        # Extended resources such as GPUs must have requests equal to limits.
+        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = str(res.gpu)
+    out: Manifest = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> Manifest:
+    volumes, mounts = _volumes(owner, spec)
+    container: Manifest = {
+        "name": CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
+        "command": ["python", "-m", "deeptune_trainer", "--config", CONFIG_PATH],
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "env": _env(spec),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    res = spec.resources
+    if res.node_selector:
+        pod["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod["tolerations"] = [t.to_wire() for t in res.tolerations]
+    if res.affinity:
+        pod["affinity"] = res.affinity
+    if res.priority_class_name:
+        pod["priorityClassName"] = res.priority_class_name
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [s.to_wire() for s in spec.image_pull_secrets]
+    return pod
+
+
+def build_job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> Manifest:
+    """The batch/v1 Job that runs the trainer once, retrying pods up to `backoffLimit`.
+
+    Bad input (trainer exit code 3) fails the Job at once: retrying cannot fix a typo, and a retry
+    loop would burn GPU hours. Pods evicted by the cluster (DisruptionTarget) do not count as failures.
+    """
+    meta = metadata(owner, job_name(owner), COMPONENT)
+    meta["labels"].update(settings.extra_labels)
+    template_labels = {**meta["labels"]}
+    job_spec: Manifest = {
+        "backoffLimit": spec.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "suspend": spec.suspend,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_INVALID_INPUT],
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {
+                "labels": template_labels,
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(METRICS_PORT),
+                },
+            },
+            "spec": _pod_spec(owner, spec, settings),
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def owner_of(body_meta: dict[str, str]) -> Owner:
+    """The Owner of a FineTuneJob from its metadata."""
+    return Owner(kind=KIND, name=body_meta["name"], namespace=body_meta["namespace"], uid=body_meta["uid"])

@@ -1,0 +1,39 @@
+"""Operator-wide settings, read once from the environment (the Helm chart sets these variables)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from deeptune.builders.finetunejob import DEFAULT_TRAINER_IMAGE, OperatorSettings
+
+
+@dataclass(frozen=True)
+class Settings:
+    builder: OperatorSettings = field(default_factory=OperatorSettings)
+    status_interval: float = 5.0
+    """Seconds between status mirrors of one object (reads come from memory; writes only on change)."""
+    scrape_timeout: float = 2.0
+    metrics_port: int = 8080
+    liveness_port: int = 8081
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty means the whole cluster."""
+
+
+def from_environment(env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    namespaces = tuple(ns for ns in env.get("DEEPTUNE_WATCH_NAMESPACES", "").split(",") if ns)
+    return Settings(
+        builder=OperatorSettings(
+            trainer_image=env.get("DEEPTUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
+            image_pull_policy=env.get("DEEPTUNE_IMAGE_PULL_POLICY", "IfNotPresent"),
+        ),
+        status_interval=float(env.get("DEEPTUNE_STATUS_INTERVAL", "5")),
+        scrape_timeout=float(env.get("DEEPTUNE_SCRAPE_TIMEOUT", "2")),
+        metrics_port=int(env.get("DEEPTUNE_METRICS_PORT", "8080")),
+        liveness_port=int(env.get("DEEPTUNE_LIVENESS_PORT", "8081")),
+        namespaces=namespaces,
+    )
+
+
+SETTINGS = from_environment()

@@ -1,0 +1,67 @@
+"""Idempotent creation of child objects through the Kubernetes API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from deeptune.builders.common import Manifest
+
+_CREATE: dict[tuple[str, str], Any] = {
+    ("v1", "ConfigMap"): lambda body, ns: client.CoreV1Api().create_namespaced_config_map(ns, body),
+    ("batch/v1", "Job"): lambda body, ns: client.BatchV1Api().create_namespaced_job(ns, body),
+}
+_READ: dict[tuple[str, str], Any] = {
+    ("v1", "ConfigMap"): lambda name, ns: client.CoreV1Api().read_namespaced_config_map(name, ns),
+    ("batch/v1", "Job"): lambda name, ns: client.BatchV1Api().read_namespaced_job(name, ns),
+}
+
+
+def load_credentials() -> None:
+    """In-cluster credentials when running in a pod, else the user's kubeconfig."""
+    from kubernetes import config  # noqa: PLC0415 - only the operator process needs it
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def _owner_uids(obj: Any) -> set[str]:
+    return {ref.uid for ref in (obj.metadata.owner_references or [])}
+
+
+def ensure(manifest: Manifest) -> bool:
+    """Create the object unless it exists already; True when this call created it.
+
+    An existing object with the same name must belong to the same owner: one left behind by a
+    deleted resource of the same name is still being garbage-collected, so wait and retry.
+    """
+    key = (manifest["apiVersion"], manifest["kind"])
+    meta = manifest["metadata"]
+    try:
+        _CREATE[key](manifest, meta["namespace"])
+        return True
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    existing = _READ[key](meta["name"], meta["namespace"])
+    wanted = {ref["uid"] for ref in meta.get("ownerReferences", [])}
+    if wanted and not wanted & _owner_uids(existing):
+        if existing.metadata.deletion_timestamp or existing.metadata.owner_references:
+            raise kopf.TemporaryError(
+                f"{manifest['kind']} {meta['name']} still belongs to a deleted owner; waiting for it to go",
+                delay=5,
+            )
+        raise kopf.PermanentError(
+            f"{manifest['kind']} {meta['name']} already exists and is not ours: rename the resource"
+            " or delete that object"
+        )
+    return False
+
+
+def patch_job_suspend(name: str, namespace: str, suspend: bool) -> None:
+    client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})

@@ -1,0 +1,58 @@
+"""The operator's own Prometheus metrics: reconciles, errors, durations, objects by phase."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+RECONCILES = Counter(
+    "deeptune_operator_reconciles_total", "Reconcile handler runs.", ["kind", "handler", "result"]
+)
+RECONCILE_SECONDS = Histogram(
+    "deeptune_operator_reconcile_duration_seconds", "Time spent in a reconcile handler.", ["kind", "handler"]
+)
+OBJECTS = Gauge("deeptune_operator_objects", "Custom resources by phase.", ["kind", "phase"])
+STATUS_WRITES = Counter(
+    "deeptune_operator_status_writes_total", "Status patches (only written when something changed).", ["kind"]
+)
+
+
+class PhaseBook:
+    """The last phase of each object, so the phase gauge counts every object exactly once."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._phases: dict[str, str] = {}
+        self._seen: set[str] = set()
+
+    def record(self, uid: str, phase: str | None) -> None:
+        if phase is None:
+            self._phases.pop(uid, None)
+        else:
+            self._phases[uid] = phase
+        counts = Tally(self._phases.values())
+        self._seen.update(counts)
+        for known in self._seen:
+            OBJECTS.labels(self.kind, known).set(counts.get(known, 0))
+
+
+@contextmanager
+def measured(kind: str, handler: str) -> Iterator[None]:
+    """Count and time one handler run, labelled by its outcome."""
+    started = time.perf_counter()
+    result = "error"
+    try:
+        yield
+        result = "ok"
+    finally:
+        RECONCILES.labels(kind, handler, result).inc()
+        RECONCILE_SECONDS.labels(kind, handler).observe(time.perf_counter() - started)
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    """Expose /metrics on all interfaces (the chart's metrics Service points here)."""
+    start_http_server(port, registry=registry)

@@ -1,0 +1,247 @@
+"""Derive a FineTuneJob's status from its Job and pods. Pure: recorded objects in, status out.
+
+The Job's own conditions decide the terminal phases (Complete, Failed, Suspended); the pods explain
+the rest: why a pod is not running yet (unschedulable, image pull), why the last one failed (OOMKilled,
+the trainer's own error from its termination message), and what a finished run produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from deeptune.api.base import Condition
+from deeptune.api.finetunejob import (
+    FailureInfo,
+    FineTuneJobStatus,
+    OutputStatus,
+    Phase,
+    Progress,
+)
+from deeptune.api.trainer import TrainerSummary
+
+Obj = dict[str, Any]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
+CONDITION_TYPES = ("Ready", "Running", "Suspended", "Failed")
+_WAITING_PROBLEMS = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Where the run stands, before it is written as conditions."""
+
+    phase: Phase
+    reason: str
+    message: str
+
+
+def is_invalid_spec(status: FineTuneJobStatus) -> bool:
+    """Whether the operator rejected the current spec (a fixed spec gets a fresh start)."""
+    return any(
+        c.type == "Failed" and c.status == "True" and c.reason == "InvalidSpec" for c in status.conditions
+    )
+
+
+def _job_condition(job: Obj, kind: str) -> Obj | None:
+    for cond in job.get("status", {}).get("conditions", []) or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def _terminated(pod: Obj) -> Obj | None:
+    for status in pod.get("status", {}).get("containerStatuses", []) or []:
+        state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
+        if state:
+            return dict(state)
+    return None
+
+
+def parse_summary(message: str | None) -> TrainerSummary | None:
+    """The trainer's JSON summary, or None when the message is something else (e.g. a log tail)."""
+    if not message:
+        return None
+    try:
+        return TrainerSummary.model_validate_json(message)
+    except ValidationError:
+        return None
+
+
+def _finished_at(pod: Obj) -> str:
+    state = _terminated(pod) or {}
+    return str(state.get("finishedAt") or "")
+
+
+def last_failure(pods: list[Obj]) -> FailureInfo | None:
+    """Why the newest failed trainer pod failed, in the trainer's words when it left any."""
+    failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
+    if not failed:
+        return None
+    pod = max(failed, key=_finished_at)
+    state = _terminated(pod)
+    if state is None:
+        reason = pod.get("status", {}).get("reason") or "PodFailed"
+        return FailureInfo(reason=reason, message=pod.get("status", {}).get("message", ""))
+    summary = parse_summary(state.get("message"))
+    if summary is not None and summary.error is not None:
+        return FailureInfo(
+            reason=summary.error.reason, message=summary.error.message, exit_code=state.get("exitCode")
+        )
+    message = (state.get("message") or "").strip()
+    if state.get("reason") == "OOMKilled":
+        message = "the trainer ran out of memory: raise resources.memory, or lower batch size or max length"
+    return FailureInfo(
+        reason=state.get("reason") or "Error", message=message[-1024:], exit_code=state.get("exitCode")
+    )
+
+
+def _pending_explanation(pods: list[Obj]) -> tuple[str, str]:
+    for pod in pods:
+        for status in pod.get("status", {}).get("containerStatuses", []) or []:
+            waiting = status.get("state", {}).get("waiting") or {}
+            if waiting.get("reason") in _WAITING_PROBLEMS:
+                return waiting["reason"], waiting.get("message", "")
+        for cond in pod.get("status", {}).get("conditions", []) or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return cond.get("reason") or "Unschedulable", cond.get("message", "")
+    return "Pending", "waiting for the trainer pod to start"
+
+
+def observe(job: Obj | None, pods: list[Obj], previous_phase: str | None) -> Observation:
+    """The phase of the run, with a CamelCase reason and a human message."""
+    if job is None:
+        if previous_phase in TERMINAL_PHASES:
+            # The finished Job was removed (ttlSecondsAfterFinished); the outcome stands.
+            return Observation(previous_phase, "JobRemoved", "the finished Job was deleted")  # type: ignore[arg-type]
+        return Observation("Pending", "JobNotCreated", "the trainer Job is being created")
+    if (cond := _job_condition(job, "Complete")) is not None:
+        return Observation("Succeeded", "Succeeded", "fine-tuning finished")
+    if (cond := _job_condition(job, "Failed")) is not None:
+        failure = last_failure(pods)
+        message = cond.get("message", "")
+        if failure is not None and failure.message:
+            message = f"{message}: {failure.reason}: {failure.message}" if message else failure.message
+        return Observation("Failed", cond.get("reason") or "Failed", message)
+    if _job_condition(job, "Suspended") is not None:
+        return Observation("Suspended", "Suspended", "suspended; set spec.suspend to false to resume")
+    if any(p.get("status", {}).get("phase") == "Running" for p in pods):
+        return Observation("Running", "Training", "the trainer is running")
+    reason, message = _pending_explanation(pods)
+    return Observation("Pending", reason, message)
+
+
+def _succeeded_summary(pods: list[Obj]) -> TrainerSummary | None:
+    for pod in pods:
+        if pod.get("status", {}).get("phase") == "Succeeded":
+            return parse_summary((_terminated(pod) or {}).get("message"))
+    return None
+
+
+def _conditions(
+    previous: list[Condition], observation: Observation, generation: int | None, now: str
+) -> list[Condition]:
+    wanted = {
+        "Ready": observation.phase == "Succeeded",
+        "Running": observation.phase == "Running",
+        "Suspended": observation.phase == "Suspended",
+        "Failed": observation.phase == "Failed",
+    }
+    return set_conditions(
+        previous,
+        {kind: (value, observation.reason, observation.message) for kind, value in wanted.items()},
+        generation,
+        now,
+    )
+
+
+def set_conditions(
+    previous: list[Condition],
+    wanted: dict[str, tuple[bool, str, str]],
+    generation: int | None,
+    now: str,
+) -> list[Condition]:
+    """Conditions by type; lastTransitionTime moves only when a condition's status flips."""
+    before = {c.type: c for c in previous}
+    result = []
+    for kind, (value, reason, message) in wanted.items():
+        status = "True" if value else "False"
+        old = before.get(kind)
+        changed = old is None or old.status != status
+        result.append(
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=now if changed or old is None else old.last_transition_time,
+                observed_generation=generation,
+            )
+        )
+    return result
+
+
+def derive_status(
+    *,
+    previous: FineTuneJobStatus,
+    generation: int | None,
+    job: Obj | None,
+    pods: list[Obj],
+    progress: Progress | None,
+    output: OutputStatus,
+    now: str,
+) -> FineTuneJobStatus:
+    """The status to write, given what the cluster shows now and what the status said before."""
+    observation = observe(job, pods, previous.phase)
+    job_status = (job or {}).get("status", {})
+    status = previous.model_copy(deep=True)
+    status.phase = observation.phase
+    status.observed_generation = generation
+    status.conditions = _conditions(previous.conditions, observation, generation, now)
+    if job is not None:
+        status.job_name = job["metadata"]["name"]
+        status.start_time = job_status.get("startTime") or status.start_time
+        status.completion_time = job_status.get("completionTime") or status.completion_time
+        status.retries = int(job_status.get("failed") or 0)
+    status.last_failure = last_failure(pods) or status.last_failure
+    if observation.phase == "Running" and progress is not None:
+        status.progress = progress
+    if observation.phase == "Failed" and status.completion_time is None:
+        cond = _job_condition(job or {}, "Failed") or {}
+        status.completion_time = cond.get("lastTransitionTime")
+    if observation.phase == "Succeeded":
+        _apply_summary(status, _succeeded_summary(pods), output, now)
+    return status
+
+
+def _apply_summary(
+    status: FineTuneJobStatus, summary: TrainerSummary | None, output: OutputStatus, now: str
+) -> None:
+    if summary is None:
+        return
+    status.eval_results = summary.eval_results
+    status.dataset = summary.dataset
+    artifacts = summary.artifacts
+    status.output = output.model_copy(
+        update={
+            "adapter_path": artifacts.adapter if artifacts else None,
+            "merged_path": artifacts.merged if artifacts else None,
+            "quantized_path": artifacts.quantized if artifacts else None,
+        }
+    )
+    final = (status.progress or Progress()).model_copy(
+        update={"percent": 100, "eta": "0s", "last_update_time": now}
+    )
+    if summary.steps is not None:
+        final.step = summary.steps
+    if summary.train_loss is not None:
+        final.train_loss = summary.train_loss
+    status.progress = final

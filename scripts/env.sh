@@ -1,0 +1,56 @@
+# Sourced by the project's scripts: finds or builds the Python environment and exports the paths.
+#
+# The environment (torch brings gigabytes of CUDA libraries) lives in a cache outside the clone,
+# keyed by the dependency lock and the interpreter, so CI and later sessions reuse it. The project's
+# own packages are put on PYTHONPATH rather than installed, so one cached environment serves every
+# clone.
+
+DEEPTUNE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEEPTUNE_CACHE="${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}"
+DEEPTUNE_PYTHON_BOOTSTRAP="${DEEPTUNE_PYTHON_BOOTSTRAP:-python3}"
+UV_VERSION="0.13.8"
+
+_deeptune_log() { printf '[deeptune] %s\n' "$*" >&2; }
+
+_deeptune_uv() {
+  local tools="$DEEPTUNE_CACHE/tools-uv-$UV_VERSION"
+  if [ ! -x "$tools/bin/uv" ]; then
+    _deeptune_log "installing uv $UV_VERSION into $tools"
+    rm -rf "$tools.tmp"
+    "$DEEPTUNE_PYTHON_BOOTSTRAP" -m venv "$tools.tmp"
+    "$tools.tmp/bin/pip" install --quiet "uv==$UV_VERSION"
+    rm -rf "$tools" && mv "$tools.tmp" "$tools"
+  fi
+  printf '%s\n' "$tools/bin/uv"
+}
+
+deeptune_venv() {
+  local py_version key venv uv
+  py_version="$("$DEEPTUNE_PYTHON_BOOTSTRAP" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+  key="$(cat "$DEEPTUNE_ROOT/requirements.lock" | sha256sum | cut -c1-16)"
+  venv="$DEEPTUNE_CACHE/venv-py$py_version-$key"
+  if [ ! -f "$venv/.complete" ]; then
+    mkdir -p "$DEEPTUNE_CACHE"
+    exec 9>"$DEEPTUNE_CACHE/venv.lock"
+    flock 9
+    if [ ! -f "$venv/.complete" ]; then
+      uv="$(_deeptune_uv)"
+      _deeptune_log "building the Python environment (first run only; torch is large): $venv"
+      rm -rf "$venv"
+      "$uv" venv --quiet --python "$(command -v "$DEEPTUNE_PYTHON_BOOTSTRAP")" "$venv"
+      VIRTUAL_ENV="$venv" "$uv" pip sync --quiet "$DEEPTUNE_ROOT/requirements.lock"
+      touch "$venv/.complete"
+      _deeptune_log "environment ready"
+    fi
+    exec 9>&-
+  fi
+  printf '%s\n' "$venv"
+}
+
+DEEPTUNE_VENV="$(deeptune_venv)"
+export DEEPTUNE_ROOT DEEPTUNE_CACHE DEEPTUNE_VENV
+export VIRTUAL_ENV="$DEEPTUNE_VENV"
+export PATH="$DEEPTUNE_VENV/bin:$PATH"
+export PYTHONPATH="$DEEPTUNE_ROOT/operator:$DEEPTUNE_ROOT/trainer-image${PYTHONPATH:+:$PYTHONPATH}"
+# Nothing is ever fetched from a model hub here; fail fast instead of hanging on the network.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: lint, types, generated files, then every pytest suite.
+# Sets up everything it needs on a fresh machine (the Python environment is cached outside the clone).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not trainer"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+echo "== lint (ruff) =="
+ruff check .
+ruff format --check .
+echo "== types (mypy) =="
+mypy
+echo "== generated CRDs are up to date =="
+python -m deeptune.crdgen --check
+echo "== tests (pytest) =="
+python -m pytest "$@"

@@ -1,0 +1,173 @@
+"""The FineTuneJob builders: the ConfigMap and Job a user's spec turns into."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from deeptune.api.finetunejob import parse_spec
+from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerConfig
+from deeptune.builders.common import Owner, child_name
+from deeptune.builders.finetunejob import OperatorSettings, build_config_map, build_job
+from tests.unit.test_finetunejob_model import with_changes
+
+OWNER = Owner(kind="FineTuneJob", name="support-bot", namespace="team-a", uid="1234-abcd")
+SETTINGS = OperatorSettings(trainer_image="registry.local/deeptune/trainer:test")
+
+
+def job_for(spec: dict[str, Any]) -> dict[str, Any]:
+    return build_job(OWNER, parse_spec(spec), SETTINGS)
+
+
+def pod_of(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["template"]["spec"]
+
+
+def container_of(job: dict[str, Any]) -> dict[str, Any]:
+    (container,) = pod_of(job)["containers"]
+    return container
+
+
+@pytest.mark.parametrize(("method", "gpus"), [("lora", 1), ("qlora", 2), ("full", 8)])
+def test_gpu_request_for_each_method(method: str, gpus: int) -> None:
+    job = job_for(with_changes(method=method, resources={"gpu": gpus, "memory": "80Gi", "cpu": 8}))
+    resources = container_of(job)["resources"]
+    assert resources["limits"] == {"nvidia.com/gpu": str(gpus), "memory": "80Gi"}
+    assert resources["requests"] == {"nvidia.com/gpu": str(gpus), "memory": "80Gi", "cpu": "8"}
+
+
+def test_cpu_job_asks_for_no_gpu() -> None:
+    resources = container_of(job_for(with_changes(resources={"gpu": 0})))["resources"]
+    assert "nvidia.com/gpu" not in json.dumps(resources)
+
+
+def test_custom_gpu_resource_name() -> None:
+    job = job_for(with_changes(resources={"gpu": 1, "gpuResourceName": "amd.com/gpu"}))
+    assert container_of(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
+
+
+def test_scheduling_fields_reach_the_pod() -> None:
+    job = job_for(
+        with_changes(
+            resources={
+                "nodeSelector": {"gpu": "a100"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {"nodeAffinity": {"x": 1}},
+                "priorityClassName": "training",
+            }
+        )
+    )
+    pod = pod_of(job)
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["priorityClassName"] == "training"
+
+
+def test_pod_is_locked_down() -> None:
+    job = job_for(with_changes())
+    pod = pod_of(job)
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container_of(job)["securityContext"]
+    assert security == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["restartPolicy"] == "Never"
+
+
+def test_owner_reference_makes_the_job_garbage_collected() -> None:
+    job = job_for(with_changes())
+    assert job["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "deeptune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "support-bot",
+            "uid": "1234-abcd",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert job["metadata"]["name"] == "support-bot-train"
+    assert job["metadata"]["namespace"] == "team-a"
+    assert job["spec"]["template"]["metadata"]["labels"]["deeptune.dev/finetunejob"] == "support-bot"
+
+
+def test_volumes_for_model_data_and_output_share_a_claim_once() -> None:
+    job = job_for(
+        with_changes(
+            baseModel={"pvc": {"claimName": "models", "path": "ds-7b"}},
+            dataset={"source": {"pvc": {"claimName": "shared", "path": "d.jsonl"}}},
+            output={"pvc": {"claimName": "shared", "path": "runs/1"}},
+        )
+    )
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_of(job)["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["models", "shared"]
+    mounts = {m["mountPath"] for m in container_of(job)["volumeMounts"]}
+    assert {"/mnt/pvc/models", "/mnt/pvc/shared", "/etc/deeptune", "/tmp", "/dev/shm"} <= mounts
+
+
+def test_config_map_dataset_is_mounted_and_resolved() -> None:
+    spec = with_changes(dataset={"source": {"configMap": {"name": "qa", "key": "rows.jsonl"}}})
+    job = job_for(spec)
+    assert {"name": "data-0", "configMap": {"name": "qa"}} in pod_of(job)["volumes"]
+    config = TrainerConfig.model_validate_json(
+        build_config_map(OWNER, parse_spec(spec))["data"]["config.json"]
+    )
+    assert config.paths.dataset == "/mnt/configmap/qa/rows.jsonl"
+    assert config.paths.output_dir == "/mnt/pvc/out/team-a/support-bot"
+
+
+def test_token_is_referenced_never_copied() -> None:
+    spec = with_changes(baseModel={"name": "org/private", "tokenSecretRef": {"name": "hf", "key": "tok"}})
+    env = container_of(job_for(spec))["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}} in env
+    config_map = build_config_map(OWNER, parse_spec(spec))
+    assert "valueFrom" not in config_map["data"]["config.json"]
+
+
+def test_bad_input_fails_the_job_without_retries() -> None:
+    job = job_for(with_changes(backoffLimit=5))
+    assert job["spec"]["backoffLimit"] == 5
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob"
+    assert rules[0]["onExitCodes"]["values"] == [EXIT_INVALID_INPUT]
+
+
+def test_job_controls() -> None:
+    job = job_for(
+        with_changes(
+            suspend=True,
+            activeDeadlineSeconds=3600,
+            ttlSecondsAfterFinished=600,
+            image="my/trainer:dev",
+            imagePullSecrets=[{"name": "regcred"}],
+            env=[{"name": "WANDB_DISABLED", "value": "true"}],
+        )
+    )
+    assert job["spec"]["suspend"] is True
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    assert job["spec"]["ttlSecondsAfterFinished"] == 600
+    assert container_of(job)["image"] == "my/trainer:dev"
+    assert pod_of(job)["imagePullSecrets"] == [{"name": "regcred"}]
+    assert {"name": "WANDB_DISABLED", "value": "true"} in container_of(job)["env"]
+
+
+def test_default_image_comes_from_the_operator_settings() -> None:
+    assert container_of(job_for(with_changes()))["image"] == "registry.local/deeptune/trainer:test"
+
+
+def test_long_names_stay_within_label_limits_and_unique() -> None:
+    a, b = "x" * 70, "x" * 69 + "y"
+    assert len(child_name(a, "train")) <= 63
+    assert child_name(a, "train") != child_name(b, "train")
+    assert child_name("short", "train") == "short-train"

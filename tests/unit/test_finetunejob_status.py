@@ -1,0 +1,274 @@
+"""Status derivation from Job and pod states shaped as the Kubernetes API returns them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deeptune.api.finetunejob import FineTuneJobStatus, OutputStatus
+from deeptune.api.trainer import ArtifactPaths, TrainerError, TrainerSummary
+from deeptune.status.finetunejob import derive_status, is_invalid_spec
+from deeptune.status.progress import format_duration, parse_progress
+
+NOW = "2026-11-25T10:00:00Z"
+OUTPUT = OutputStatus(claim_name="out", path="team-a/bot")
+
+
+def job(conditions: list[dict[str, Any]] | None = None, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "bot-train", "uid": "job-uid"},
+        "status": {"startTime": "2026-11-25T09:00:00Z", **status, "conditions": conditions or []},
+    }
+
+
+def condition(kind: str, reason: str, message: str = "") -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-11-25T09:30:00Z",
+    }
+
+
+def pod(
+    phase: str,
+    *,
+    waiting: dict[str, Any] | None = None,
+    terminated: dict[str, Any] | None = None,
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if waiting:
+        state["waiting"] = waiting
+    if terminated:
+        state["terminated"] = terminated
+    if phase == "Running":
+        state["running"] = {"startedAt": "2026-11-25T09:01:00Z"}
+    return {
+        "metadata": {"name": "bot-train-abcde"},
+        "status": {
+            "phase": phase,
+            "podIP": "10.0.0.7",
+            "conditions": conditions or [],
+            "containerStatuses": [{"name": "trainer", "state": state, "restartCount": 0}],
+        },
+    }
+
+
+def derive(
+    job_obj: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    previous: FineTuneJobStatus | None = None,
+    progress: Any = None,
+) -> FineTuneJobStatus:
+    return derive_status(
+        previous=previous or FineTuneJobStatus(),
+        generation=2,
+        job=job_obj,
+        pods=pods,
+        progress=progress,
+        output=OUTPUT,
+        now=NOW,
+    )
+
+
+def conditions_of(status: FineTuneJobStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in status.conditions}
+
+
+METRICS = """\
+# HELP deeptune_trainer_step Optimizer steps done.
+# TYPE deeptune_trainer_step gauge
+deeptune_trainer_step 150.0
+deeptune_trainer_total_steps 600.0
+deeptune_trainer_epoch 0.75
+deeptune_trainer_train_loss 1.23456
+deeptune_trainer_eval_loss NaN
+deeptune_trainer_learning_rate 0.0002
+deeptune_trainer_tokens_per_second 4321.55
+deeptune_trainer_eta_seconds 3725.0
+"""
+
+
+def test_progress_from_the_trainers_metrics() -> None:
+    progress = parse_progress(METRICS, NOW)
+    assert progress is not None
+    assert (progress.step, progress.total_steps, progress.percent) == (150, 600, 25)
+    assert progress.epoch == 0.75 and progress.train_loss == 1.2346
+    assert progress.eval_loss is None, "NaN means not computed yet"
+    assert progress.eta == "1h2m" and progress.tokens_per_second == 4321.6
+    assert parse_progress("# nothing yet\n", NOW) is None
+
+
+def test_durations_read_like_kubectl() -> None:
+    assert [format_duration(s) for s in (9, 250, 7500, -3)] == ["9s", "4m10s", "2h5m", "0s"]
+
+
+def test_no_job_yet_is_pending() -> None:
+    status = derive(None, [])
+    assert status.phase == "Pending"
+    assert conditions_of(status)["Ready"] == ("False", "JobNotCreated")
+
+
+def test_unschedulable_pod_explains_itself() -> None:
+    unschedulable = pod(
+        "Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
+    status = derive(job(active=1), [unschedulable])
+    assert status.phase == "Pending"
+    ready = next(c for c in status.conditions if c.type == "Ready")
+    assert (ready.reason, ready.message) == (
+        "Unschedulable",
+        "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+    )
+
+
+def test_image_pull_error_explains_itself() -> None:
+    pulling = pod("Pending", waiting={"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x"'})
+    status = derive(job(active=1), [pulling])
+    assert conditions_of(status)["Ready"] == ("False", "ImagePullBackOff")
+
+
+def test_running_takes_progress() -> None:
+    progress = parse_progress(METRICS, NOW)
+    status = derive(job(active=1), [pod("Running")], progress=progress)
+    assert status.phase == "Running"
+    assert conditions_of(status)["Running"] == ("True", "Training")
+    assert status.progress == progress
+    assert status.job_name == "bot-train" and status.start_time == "2026-11-25T09:00:00Z"
+
+
+def test_succeeded_carries_results_from_the_termination_message() -> None:
+    summary = TrainerSummary(
+        outcome="succeeded",
+        steps=600,
+        train_loss=0.31,
+        eval_results={
+            "fineTuned": {"exactMatch": 0.9},
+            "baseline": {"exactMatch": 0.1},
+            "delta": {"exactMatch": 0.8},
+        },
+        dataset={"rowsRead": 1000, "rowsKept": 950, "duplicatesRemoved": 50},
+        artifacts=ArtifactPaths(adapter="adapter", merged="merged"),
+    )
+    done = pod(
+        "Succeeded",
+        terminated={"exitCode": 0, "reason": "Completed", "message": summary.model_dump_json(by_alias=True)},
+    )
+    finished = job(
+        [condition("Complete", "CompletionsReached")], succeeded=1, completionTime="2026-11-25T09:59:00Z"
+    )
+    status = derive(finished, [done])
+    assert status.phase == "Succeeded"
+    assert conditions_of(status)["Ready"] == ("True", "Succeeded")
+    assert status.eval_results is not None and status.eval_results.delta == {"exactMatch": 0.8}
+    assert status.dataset is not None and status.dataset.duplicates_removed == 50
+    assert status.output is not None and status.output.merged_path == "merged"
+    assert status.progress is not None and (status.progress.percent, status.progress.step) == (100, 600)
+    assert status.completion_time == "2026-11-25T09:59:00Z"
+
+
+def test_oom_killed_says_what_to_change() -> None:
+    killed = pod(
+        "Failed", terminated={"exitCode": 137, "reason": "OOMKilled", "finishedAt": "2026-11-25T09:40:00Z"}
+    )
+    failed = job(
+        [condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")], failed=4
+    )
+    status = derive(failed, [killed])
+    assert status.phase == "Failed" and status.retries == 4
+    assert status.last_failure is not None
+    assert (status.last_failure.reason, status.last_failure.exit_code) == ("OOMKilled", 137)
+    assert "resources.memory" in status.last_failure.message
+    failed_condition = next(c for c in status.conditions if c.type == "Failed")
+    assert failed_condition.reason == "BackoffLimitExceeded"
+    assert "OOMKilled" in failed_condition.message
+
+
+def test_trainer_error_from_termination_message() -> None:
+    summary = TrainerSummary(
+        outcome="failed",
+        error=TrainerError(
+            reason="InvalidDataset", message="dataset.fields.completion: column 'answer' not found"
+        ),
+    )
+    bad = pod(
+        "Failed",
+        terminated={"exitCode": 3, "reason": "Error", "message": summary.model_dump_json(by_alias=True)},
+    )
+    failed = job(
+        [condition("Failed", "PodFailurePolicy", "Container trainer for pod x failed with exit code 3")]
+    )
+    status = derive(failed, [bad])
+    assert status.last_failure is not None
+    assert status.last_failure.reason == "InvalidDataset"
+    assert status.last_failure.exit_code == 3
+    assert "column 'answer' not found" in next(c.message for c in status.conditions if c.type == "Failed")
+
+
+def test_deadline_exceeded() -> None:
+    expired = job([condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")])
+    status = derive(expired, [])
+    assert status.phase == "Failed"
+    assert conditions_of(status)["Failed"] == ("True", "DeadlineExceeded")
+    assert status.completion_time == "2026-11-25T09:30:00Z"
+
+
+def test_suspended() -> None:
+    status = derive(job([condition("Suspended", "JobSuspended")]), [])
+    assert status.phase == "Suspended"
+    assert conditions_of(status)["Suspended"] == ("True", "Suspended")
+
+
+def test_finished_run_survives_its_job_being_deleted() -> None:
+    done = derive(job([condition("Complete", "CompletionsReached")]), [])
+    after_ttl = derive(None, [], previous=done)
+    assert after_ttl.phase == "Succeeded"
+
+
+def test_transition_time_moves_only_when_status_flips() -> None:
+    first = derive(job(active=1), [pod("Running")])
+    later = derive_status(
+        previous=first,
+        generation=2,
+        job=job(active=1),
+        pods=[pod("Running")],
+        progress=None,
+        output=OUTPUT,
+        now="2026-11-25T11:00:00Z",
+    )
+    assert [c.last_transition_time for c in later.conditions] == [
+        c.last_transition_time for c in first.conditions
+    ]
+    done = derive_status(
+        previous=later,
+        generation=2,
+        job=job([condition("Complete", "CompletionsReached")]),
+        pods=[],
+        progress=None,
+        output=OUTPUT,
+        now="2026-11-25T12:00:00Z",
+    )
+    times = {c.type: c.last_transition_time for c in done.conditions}
+    assert times["Ready"] == times["Running"] == "2026-11-25T12:00:00Z"
+    assert times["Failed"] == NOW
+
+
+def test_invalid_spec_marker() -> None:
+    status = FineTuneJobStatus.model_validate(
+        {
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "InvalidSpec", "lastTransitionTime": NOW}
+            ]
+        }
+    )
+    assert is_invalid_spec(status)
+    assert not is_invalid_spec(derive(None, []))

@@ -1,0 +1,1 @@
+"""The DeepTune trainer: data → fine-tuning → evaluation → artifacts, for one FineTuneJob."""

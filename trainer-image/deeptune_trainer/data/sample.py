@@ -1,0 +1,39 @@
+"""The normalized form of one training or evaluation row, whatever its source style."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A conversation whose last assistant turn is the target the model learns and is scored on.
+
+    Prompt/completion and instruction/input/output rows become a user turn and an assistant turn,
+    so one formatting path (the tokenizer's chat template, or a plain fallback) serves every style.
+    `line` is the row's 1-based line or record number in its source, for messages about it.
+    """
+
+    messages: tuple[Message, ...]
+    line: int = 0
+    label: str | None = None
+    meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def prompt_messages(self) -> tuple[Message, ...]:
+        """Everything before the final assistant turn."""
+        return self.messages[:-1]
+
+    @property
+    def target(self) -> str:
+        """The final assistant turn: what the loss and the generation metrics look at."""
+        return self.messages[-1].content
