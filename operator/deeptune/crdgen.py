@@ -32,7 +32,10 @@ def _resolve(node: JsonSchema, defs: dict[str, JsonSchema]) -> JsonSchema:
     if "$ref" in node:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
         siblings = {k: v for k, v in node.items() if k != "$ref"}
-        return _resolve({**target, **siblings}, defs)
+        merged = {**target, **siblings}
+        if rules := _merge_validations(target, siblings):
+            merged["x-kubernetes-validations"] = rules
+        return _resolve(merged, defs)
     return node
 
 

@@ -27,7 +27,7 @@ def configure(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any)
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
-    settings.posting.level = logging.WARNING
+    settings.posting.level = logging.WARNING  # kopf's own log lines; our events are posted explicitly
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.watching.connect_timeout = 30
@@ -38,9 +38,15 @@ def configure(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any)
     logger.info("DeepTune operator started; metrics on :%d", SETTINGS.metrics_port)
 
 
+def _quiet_timer_successes(record: logging.LogRecord) -> bool:
+    """The status timer runs every few seconds per object; its routine successes are noise."""
+    return not record.getMessage().startswith("Timer 'mirror_status' succeeded")
+
+
 def run() -> None:
     """Run until stopped, watching the configured namespaces (or the whole cluster)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf.objects").addFilter(_quiet_timer_successes)
     asyncio.run(
         kopf.operator(
             standalone=True,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import typing
 from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
+from pydantic import BaseModel
 
 from deeptune import crdgen
 from deeptune.api.finetunejob import FineTuneJobSpec
@@ -99,3 +102,23 @@ def test_printer_columns_show_phase_progress_and_eval_loss() -> None:
     assert columns["Eval Loss"] == ".status.progress.evalLoss"
     assert CRD["spec"]["names"]["shortNames"] == ["ftj"]
     assert CRD["spec"]["versions"][0]["subresources"] == {"status": {}}
+
+
+def _models(model: type[BaseModel]) -> Iterator[type[BaseModel]]:
+    yield model
+    for field in model.model_fields.values():
+        for arg in typing.get_args(field.annotation) or (field.annotation,):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                yield from _models(arg)
+
+
+def test_every_cel_rule_of_every_model_reaches_the_crd() -> None:
+    text = json.dumps(SCHEMA)
+    rules = [
+        rule["message"]
+        for model in _models(FineTuneJobSpec)
+        for rule in (model.model_config.get("json_schema_extra") or {}).get("x-kubernetes-validations", [])
+    ]
+    assert len(rules) >= 5
+    for message in rules:
+        assert json.dumps(message) in text, message

@@ -168,7 +168,10 @@ class Cleaning(ApiModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("self.minChars <= self.maxChars", "minChars must not exceed maxChars")
+                cel(
+                    "!has(self.minChars) || !has(self.maxChars) || self.minChars <= self.maxChars",
+                    "minChars must not exceed maxChars",
+                )
             ]
         }
     )

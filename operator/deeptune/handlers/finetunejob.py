@@ -56,7 +56,7 @@ def _output_status(owner: Owner, spec: FineTuneJobSpec) -> OutputStatus:
 
 def _invalid_spec(body: kopf.Body, patch: kopf.Patch, message: str, generation: int | None) -> None:
     """Report a spec that cannot run: a Warning Event and a Failed/InvalidSpec status, no retry."""
-    kopf.warn(body, reason="InvalidSpec", message=message)
+    kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
     previous = FineTuneJobStatus.model_validate(body.get("status") or {})
     conditions = set_conditions(
         previous.conditions,
@@ -93,7 +93,9 @@ def reconcile(*, body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: ko
         ensure(build.build_config_map(owner, spec))
         if ensure(build.build_job(owner, spec, SETTINGS.builder)):
             logger.info("created Job %s", build.job_name(owner))
-            kopf.info(body, reason="JobCreated", message=f"created Job {build.job_name(owner)}")
+            kopf.event(
+                body, type="Normal", reason="JobCreated", message=f"created Job {build.job_name(owner)}"
+            )
         else:
             patch_job_suspend(build.job_name(owner), owner.namespace, spec.suspend)
         if previous.phase is None or is_invalid_spec(previous):
@@ -201,7 +203,5 @@ def _write_changes(
     if new.phase != previous.phase:
         ready = next((c for c in new.conditions if c.type == "Ready"), None)
         message = ready.message if ready else ""
-        if new.phase == "Failed":
-            kopf.warn(body, reason="Failed", message=message)
-        else:
-            kopf.info(body, reason=new.phase or "Unknown", message=message)
+        kind = "Warning" if new.phase == "Failed" else "Normal"
+        kopf.event(body, type=kind, reason=new.phase or "Unknown", message=message)

@@ -1,0 +1,84 @@
+"""Fixtures for the cluster suite: a real control plane, the test node agent, and the operator.
+
+By default the suite brings up the local control plane (tests/localcluster) and tears it down at the
+end (DEEPTUNE_KEEP_CLUSTER=1 keeps it). Set DEEPTUNE_TEST_KUBECONFIG to run against another cluster
+(e.g. kind) instead; the node agent is then not started, and the trainer image must be loaded there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import harness
+from tests.cluster.harness import Cluster, Process
+
+EXTERNAL_KUBECONFIG = os.environ.get("DEEPTUNE_TEST_KUBECONFIG")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    if EXTERNAL_KUBECONFIG:
+        yield Cluster(Path(EXTERNAL_KUBECONFIG), Path(os.environ.get("TMPDIR", "/tmp")), local=False)
+        return
+    state = harness.local_state_dir()
+    cluster = harness.start_local_cluster(state)
+    try:
+        yield cluster
+    finally:
+        if not os.environ.get("DEEPTUNE_KEEP_CLUSTER"):
+            harness.stop_local_cluster(state)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> Cluster:
+    harness.install_crds(cluster)
+    return cluster
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def node_agent(cluster: Cluster) -> Iterator[Process | None]:
+    if not cluster.local:
+        yield None
+        return
+    agent = harness.start_node_agent(cluster)
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(crds: Cluster, node_agent: Process | None) -> Iterator[Process]:
+    process = harness.start_operator(crds)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[None]:
+    """Print the operator's, the agent's and the pods' logs when a cluster test fails."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        state = cluster.state_dir
+        pods = sorted((state / "node-agent" / "pods").glob("*/*.log"))
+        print(harness.log_tails([state / "operator.log", state / "node-agent.log", *pods]), file=sys.stderr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)

@@ -1,0 +1,223 @@
+"""The local DeepTune stack on the local control plane: shared by the cluster tests and the demo.
+
+Brings up (or reuses) the control plane from tests/localcluster, installs the CRDs, starts the test
+node agent and the operator as processes, and provisions hostPath PersistentVolumes so PVCs bind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCALCLUSTER = ROOT / "tests" / "localcluster"
+TRAINER_IMAGE = "deeptune/trainer:test"
+NODE_NAME = "deeptune-test-node"
+
+
+@dataclass
+class Cluster:
+    """kubectl against one cluster, with the few conveniences the tests need."""
+
+    kubeconfig: Path
+    state_dir: Path
+    local: bool
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
+            check=False,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def apply(
+        self, manifest: dict[str, Any] | str, *extra: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+        return self.kubectl("apply", "-f", "-", *extra, input=text, check=check)
+
+    def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        result = self.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def list(self, kind: str, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+        args = ["get", kind, "-n", namespace, "-o", "json"]
+        if selector:
+            args += ["-l", selector]
+        return list(json.loads(self.kubectl(*args).stdout)["items"])
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+    """Poll until `probe` returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tails(paths: list[Path], limit: int = 6000) -> str:
+    parts = []
+    for path in paths:
+        if path.exists():
+            parts.append(f"\n===== {path} (tail) =====\n{path.read_text(errors='replace')[-limit:]}")
+    return "".join(parts)
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start_process(args: list[str], log: Path, env: dict[str, str]) -> Process:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return Process(popen, log)
+
+
+def local_state_dir() -> Path:
+    return Path(os.environ.get("DEEPTUNE_CLUSTER_DIR", "/tmp/deeptune-cluster"))
+
+
+def start_local_cluster(state: Path) -> Cluster:
+    """Build the binaries if missing and start the control plane (a no-op when it is up)."""
+    env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(state)}
+    subprocess.run(["bash", str(LOCALCLUSTER / "build.sh")], check=True, env=env)
+    up = subprocess.run(
+        ["bash", str(LOCALCLUSTER / "up.sh")], check=False, env=env, capture_output=True, text=True
+    )
+    if up.returncode != 0:
+        raise RuntimeError(
+            f"the local control plane did not come up:\n{up.stderr}{log_tails(sorted(state.glob('*.log')))}"
+        )
+    return Cluster(state / "kubeconfig", state, local=True)
+
+
+def stop_local_cluster(state: Path) -> None:
+    env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(state)}
+    subprocess.run(["bash", str(LOCALCLUSTER / "down.sh")], env=env, check=False)
+
+
+def install_crds(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+
+
+def start_node_agent(cluster: Cluster) -> Process:
+    state = cluster.state_dir / "node-agent"
+    agent = start_process(
+        [
+            sys.executable, "-m", "tests.cluster.node_agent",
+            "--kubeconfig", str(cluster.kubeconfig), "--name", NODE_NAME, "--state-dir", str(state),
+        ],
+        cluster.state_dir / "node-agent.log",
+        dict(os.environ),
+    )  # fmt: skip
+    jsonpath = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
+    wait_for(
+        "the test node to be Ready",
+        lambda: (
+            agent.popen.poll() is None
+            and "True" in cluster.kubectl("get", "node", NODE_NAME, "-o", jsonpath, check=False).stdout
+        ),
+        timeout=60,
+    )
+    return agent
+
+
+def start_operator(cluster: Cluster, status_interval: float = 2.0) -> Process:
+    """The operator, started as users start it (`python -m deeptune`)."""
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "DEEPTUNE_TRAINER_IMAGE": TRAINER_IMAGE,
+        "DEEPTUNE_STATUS_INTERVAL": str(status_interval),
+        "DEEPTUNE_METRICS_PORT": str(free_port()),
+        "DEEPTUNE_LIVENESS_PORT": str(free_port()),
+    }
+    return start_process([sys.executable, "-m", "deeptune"], cluster.state_dir / "operator.log", env)
+
+
+def provision_claims(cluster: Cluster, namespace: str, claims: list[str]) -> dict[str, Path]:
+    """A bound PVC per name, each backed by a hostPath PV directory; returns claim → directory."""
+    dirs: dict[str, Path] = {}
+    for claim in claims:
+        directory = cluster.state_dir / "volumes" / namespace / claim
+        directory.mkdir(parents=True, exist_ok=True)
+        pv_name = f"{namespace}-{claim}"
+        cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": pv_name, "labels": {"deeptune.dev/test": "true"}},
+                "spec": {
+                    "capacity": {"storage": "10Gi"},
+                    "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": "",
+                    "hostPath": {"path": str(directory), "type": "Directory"},
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
+        cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": namespace},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "",
+                    "volumeName": pv_name,
+                    "resources": {"requests": {"storage": "10Gi"}},
+                },
+            }
+        )
+        dirs[claim] = directory
+    for claim in claims:
+        wait_for(
+            f"PVC {claim} to bind",
+            lambda claim=claim: (
+                (cluster.get("pvc", claim, namespace) or {}).get("status", {}).get("phase") == "Bound"
+            ),
+            timeout=60,
+        )
+    return dirs

@@ -1,0 +1,590 @@
+"""The test node agent: TEST INFRASTRUCTURE standing in for the kubelet and a container runtime.
+
+This machine has no container runtime, so kind cannot run here. The local control plane
+(tests/localcluster) is real — API server, scheduler, controllers — and this agent is the only
+stand-in: it registers a Node (with `nvidia.com/gpu` capacity, so GPU requests schedule), watches the
+pods bound to it and runs each container's command as a local process:
+
+- Images map to environments on this machine (`ImageMap`): the trainer image to the project's
+  Python environment, the Triton image to the `tritonserver` binary from the nvidia-pytriton wheel.
+  An unknown image leaves the pod waiting in `ErrImagePull`, as a registry without it would.
+- Each pod gets its own network namespace with an address on a bridge (its pod IP), and its own
+  mount namespace where volumes appear at their mount paths: a PVC as the directory of its bound
+  hostPath PersistentVolume, a ConfigMap or Secret as files, an emptyDir as a fresh directory.
+- It reports phase, container states, exit codes and termination messages to the pod status, and
+  stops the processes of deleted pods. Users of real clusters never meet it.
+
+Not done (a real kubelet does these): image pulls, resource limits and OOM kills, probes, user
+switching (processes run as this agent's user), restarts for restartPolicy Always.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fnmatch
+import ipaddress
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+LOG = logging.getLogger("node-agent")
+BRIDGE = "dtbr0"
+POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
+GATEWAY = ipaddress.ip_address("10.244.0.1")
+LOG_TAIL_BYTES = 2048
+MESSAGE_LIMIT = 4096
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ImageEnvironment:
+    """What an image means on this machine: directories put first on PATH, PYTHONPATH and so on."""
+
+    path: tuple[str, ...] = ()
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class ImageMap:
+    """Image patterns (fnmatch) to local environments, first match wins."""
+
+    def __init__(self, entries: list[tuple[str, ImageEnvironment]]) -> None:
+        self.entries = entries
+
+    def resolve(self, image: str) -> ImageEnvironment | None:
+        return next((env for pattern, env in self.entries if fnmatch.fnmatch(image, pattern)), None)
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+class PodNetwork:
+    """One network namespace per pod, joined to a host bridge by a veth pair (a minimal CNI)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used: set[ipaddress.IPv4Address] = set()
+        if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+            _run("ip", "link", "add", BRIDGE, "type", "bridge")
+            _run("ip", "addr", "add", f"{GATEWAY}/{POD_CIDR.prefixlen}", "dev", BRIDGE)
+        _run("ip", "link", "set", BRIDGE, "up")
+
+    def _allocate(self) -> ipaddress.IPv4Address:
+        with self._lock:
+            for address in POD_CIDR.hosts():
+                if address != GATEWAY and address not in self._used:
+                    self._used.add(address)  # type: ignore[arg-type]
+                    return address  # type: ignore[return-value]
+        raise RuntimeError("pod CIDR exhausted")
+
+    def create(self, key: str) -> tuple[str, str]:
+        """A namespace named after the pod, with its address; returns (namespace, ip)."""
+        address = self._allocate()
+        netns, host_if = f"dt-{key}", f"vdt{key[:10]}"
+        self.delete(netns, None)
+        _run("ip", "netns", "add", netns)
+        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        _run("ip", "link", "set", host_if, "master", BRIDGE, "up")
+        _run("ip", "-n", netns, "addr", "add", f"{address}/{POD_CIDR.prefixlen}", "dev", "eth0")
+        _run("ip", "-n", netns, "link", "set", "eth0", "up")
+        _run("ip", "-n", netns, "link", "set", "lo", "up")
+        _run("ip", "-n", netns, "route", "add", "default", "via", str(GATEWAY))
+        return netns, str(address)
+
+    def delete(self, netns: str, ip: str | None) -> None:
+        _run("ip", "netns", "del", netns, check=False)
+        if ip:
+            with self._lock:
+                self._used.discard(ipaddress.ip_address(ip))  # type: ignore[arg-type]
+
+
+class PodRunner(threading.Thread):
+    """Runs one pod's (single) container and reports its status, like a kubelet's pod worker."""
+
+    def __init__(self, agent: NodeAgent, pod: Any) -> None:
+        super().__init__(daemon=True, name=f"pod-{pod.metadata.name}")
+        self.agent = agent
+        self.pod = pod
+        self.key = pod.metadata.uid.replace("-", "")[:12]
+        self.dir = agent.state_dir / "pods" / f"{pod.metadata.namespace}_{pod.metadata.name}_{self.key}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self.netns: str | None = None
+        self.ip: str | None = None
+
+    # --- status reporting -------------------------------------------------------------------
+
+    def _patch_status(self, status: dict[str, Any]) -> None:
+        meta = self.pod.metadata
+        try:
+            self.agent.core.patch_namespaced_pod_status(meta.name, meta.namespace, {"status": status})
+        except ApiException as error:
+            if error.status != 404:
+                LOG.warning("status of %s/%s: %s", meta.namespace, meta.name, error.reason)
+
+    def _conditions(self, ready: bool, reason: str | None = None) -> list[dict[str, Any]]:
+        now = _now()
+        extra = {"reason": reason} if reason else {}
+        return [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": str(ready), "lastTransitionTime": now, **extra},
+            {"type": "Ready", "status": str(ready), "lastTransitionTime": now, **extra},
+        ]
+
+    def _container(self) -> Any:
+        return self.pod.spec.containers[0]
+
+    def _container_status(self, state: dict[str, Any], ready: bool) -> list[dict[str, Any]]:
+        container = self._container()
+        return [
+            {
+                "name": container.name,
+                "image": container.image,
+                "imageID": f"local://{container.image}",
+                "ready": ready,
+                "restartCount": 0,
+                "started": "running" in state,
+                "state": state,
+            }
+        ]
+
+    def _waiting(self, reason: str, message: str) -> None:
+        self._patch_status(
+            {
+                "phase": "Pending",
+                "conditions": self._conditions(False, "ContainersNotReady"),
+                "containerStatuses": self._container_status(
+                    {"waiting": {"reason": reason, "message": message}}, False
+                ),
+            }
+        )
+
+    # --- volumes and environment ----------------------------------------------------------------
+
+    def _claim_dir(self, claim: str) -> Path:
+        ns = self.pod.metadata.namespace
+        pvc = self.agent.core.read_namespaced_persistent_volume_claim(claim, ns)
+        if not pvc.spec.volume_name:
+            raise LookupError(f"PersistentVolumeClaim {claim} is not bound")
+        pv = self.agent.core.read_persistent_volume(pvc.spec.volume_name)
+        source = pv.spec.host_path or pv.spec.local
+        if source is None:
+            raise LookupError(f"PersistentVolume {pv.metadata.name} is neither hostPath nor local")
+        return Path(source.path)
+
+    def _write_items(self, target: Path, data: dict[str, str] | None, binary: bool = False) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        for key, value in (data or {}).items():
+            if binary:
+                import base64
+
+                (target / key).write_bytes(base64.b64decode(value))
+            else:
+                (target / key).write_text(value)
+
+    def _volume_sources(self) -> dict[str, Path]:
+        """Each pod volume as a host directory."""
+        sources: dict[str, Path] = {}
+        ns = self.pod.metadata.namespace
+        for volume in self.pod.spec.volumes or []:
+            target = self.dir / "volumes" / volume.name
+            if volume.persistent_volume_claim:
+                sources[volume.name] = self._claim_dir(volume.persistent_volume_claim.claim_name)
+                continue
+            if volume.config_map:
+                cm = self.agent.core.read_namespaced_config_map(volume.config_map.name, ns)
+                self._write_items(target, cm.data)
+            elif volume.secret:
+                secret = self.agent.core.read_namespaced_secret(volume.secret.secret_name, ns)
+                self._write_items(target, secret.data, binary=True)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+            sources[volume.name] = target
+        return sources
+
+    def _env_value(self, var: Any) -> str:
+        if var.value is not None:
+            return str(var.value)
+        source, ns = var.value_from, self.pod.metadata.namespace
+        if source.field_ref is not None:
+            fields = {
+                "metadata.name": self.pod.metadata.name,
+                "metadata.namespace": ns,
+                "metadata.uid": self.pod.metadata.uid,
+                "spec.nodeName": self.agent.name,
+                "status.podIP": self.ip or "",
+                "status.hostIP": str(GATEWAY),
+            }
+            return fields[source.field_ref.field_path]
+        if source.secret_key_ref is not None:
+            import base64
+
+            ref = source.secret_key_ref
+            secret = self.agent.core.read_namespaced_secret(ref.name, ns)
+            return base64.b64decode(secret.data[ref.key]).decode()
+        if source.config_map_key_ref is not None:
+            ref = source.config_map_key_ref
+            return str(self.agent.core.read_namespaced_config_map(ref.name, ns).data[ref.key])
+        raise LookupError(f"unsupported env source for {var.name}")
+
+    def _environment(self, image_env: ImageEnvironment) -> dict[str, str]:
+        env = {
+            "PATH": ":".join([*image_env.path, "/usr/local/bin", "/usr/bin", "/bin"]),
+            "HOSTNAME": self.pod.metadata.name,
+            "LANG": "C.UTF-8",
+            **image_env.extra_env,
+        }
+        for var in self._container().env or []:
+            env[var.name] = self._env_value(var)
+        return env
+
+    def _launcher(self, sources: dict[str, Path], env: dict[str, str], termination: Path) -> list[str]:
+        """The shell that builds the pod's mount namespace and then execs the container command."""
+        container = self._container()
+        lines = ["set -e", "mount --make-rprivate /"]
+        for mount in container.volume_mounts or []:
+            source = sources[mount.name]
+            if mount.sub_path:
+                source = source / mount.sub_path
+            volume = next(v for v in self.pod.spec.volumes if v.name == mount.name)
+            if volume.empty_dir is not None and volume.empty_dir.medium == "Memory":
+                size = volume.empty_dir.size_limit or "64Mi"
+                lines.append(f"mkdir -p {shlex.quote(mount.mount_path)}")
+                lines.append(f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(mount.mount_path)}")
+                continue
+            lines.append(f"mkdir -p {shlex.quote(mount.mount_path)}")
+            options = "bind,ro" if mount.read_only else "bind"
+            lines.append(f"mount -o {options} {shlex.quote(str(source))} {shlex.quote(mount.mount_path)}")
+        path = container.termination_message_path or "/dev/termination-log"
+        lines.append(
+            f"touch {shlex.quote(path)} && mount --bind {shlex.quote(str(termination))} {shlex.quote(path)}"
+        )
+        if container.working_dir:
+            lines.append(f"cd {shlex.quote(container.working_dir)}")
+        argv = [*(container.command or []), *(container.args or [])]
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        lines.append(f"exec env -i {exports} {shlex.join(argv)}")
+        script = self.dir / "launch.sh"
+        script.write_text("\n".join(lines) + "\n")
+        assert self.netns is not None
+        return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--", "sh", str(script)]
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as error:  # the agent must outlive any one pod
+            LOG.exception("pod %s failed to run", self.pod.metadata.name)
+            self._finish(128, "StartError", f"test node agent: {error}")
+        finally:
+            if self.netns:
+                self.agent.network.delete(self.netns, self.ip)
+            self.agent.forget(self.pod.metadata.uid)
+
+    def _run(self) -> None:
+        container = self._container()
+        image_env = self.agent.images.resolve(container.image)
+        if image_env is None:
+            self._waiting("ErrImagePull", f"image {container.image!r} is not known to the test node agent")
+            self.stopping.wait()
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.netns, self.ip = self.agent.network.create(self.key)
+        sources = self._volume_sources()
+        env = self._environment(image_env)
+        termination = self.dir / "termination-log"
+        termination.write_text("")
+        command = self._launcher(sources, env, termination)
+        log_path = self.dir / f"{container.name}.log"
+        started = _now()
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._patch_status(
+            {
+                "phase": "Running",
+                "hostIP": str(GATEWAY),
+                "podIP": self.ip,
+                "podIPs": [{"ip": self.ip}],
+                "startTime": started,
+                "conditions": self._conditions(True),
+                "containerStatuses": self._container_status({"running": {"startedAt": started}}, True),
+            }
+        )
+        LOG.info("started %s/%s at %s", self.pod.metadata.namespace, self.pod.metadata.name, self.ip)
+        code = self.process.wait()
+        if self.stopping.is_set():
+            return
+        message = termination.read_text(errors="replace")[:MESSAGE_LIMIT]
+        policy = container.termination_message_policy or "File"
+        if not message and code != 0 and policy == "FallbackToLogsOnError":
+            message = log_path.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace")
+        self._finish(code, "Completed" if code == 0 else "Error", message, started)
+
+    def _finish(self, code: int, reason: str, message: str, started: str | None = None) -> None:
+        if code < 0:  # killed by a signal, reported the way container runtimes do
+            code = 128 - code
+        finished = _now()
+        terminated = {
+            "exitCode": code,
+            "reason": reason,
+            "message": message,
+            "startedAt": started or finished,
+            "finishedAt": finished,
+        }
+        phase = "Succeeded" if code == 0 else "Failed"
+        self._patch_status(
+            {
+                "phase": phase,
+                "conditions": self._conditions(False, "PodCompleted"),
+                "containerStatuses": self._container_status({"terminated": terminated}, False),
+            }
+        )
+        LOG.info("pod %s ended: %s (exit %d)", self.pod.metadata.name, phase, code)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM the container's process group, SIGKILL after the grace period."""
+        self.stopping.set()
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+class NodeAgent:
+    """Registers the Node, keeps its Lease fresh, and runs the pods bound to it."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        name: str,
+        state_dir: Path,
+        images: ImageMap,
+        capacity: dict[str, str],
+        max_grace: float = 10.0,
+    ) -> None:
+        self.core = client.CoreV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
+        self.name = name
+        self.state_dir = state_dir
+        self.images = images
+        self.capacity = capacity
+        self.max_grace = max_grace
+        self.network = PodNetwork()
+        self.runners: dict[str, PodRunner] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def _node_status(self) -> dict[str, Any]:
+        now = _now()
+        return {
+            "capacity": self.capacity,
+            "allocatable": self.capacity,
+            "addresses": [
+                {"type": "InternalIP", "address": str(GATEWAY)},
+                {"type": "Hostname", "address": self.name},
+            ],
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "TestNodeAgentReady",
+                    "message": "the DeepTune test node agent is running pods",
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": now,
+                }
+            ],
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "v0.0.0-deeptune-test-node-agent",
+                "kubeProxyVersion": "",
+                "containerRuntimeVersion": "deeptune-test-node-agent://0",
+                "bootID": "",
+                "kernelVersion": os.uname().release,
+                "machineID": "",
+                "osImage": "local processes",
+                "systemUUID": "",
+            },
+        }
+
+    def register(self) -> None:
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.name,
+                "labels": {
+                    "kubernetes.io/hostname": self.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "deeptune.dev/test-node-agent": "true",
+                },
+            },
+        }
+        with contextlib.suppress(ApiException):
+            self.core.create_node(node)
+        self.core.patch_node_status(self.name, {"status": self._node_status()})
+        self._renew_lease()
+
+    def _renew_lease(self) -> None:
+        node = self.core.read_node(self.name)
+        lease = {
+            "metadata": {
+                "name": self.name,
+                "namespace": "kube-node-lease",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": node.metadata.uid}
+                ],
+            },
+            "spec": {
+                "holderIdentity": self.name,
+                "leaseDurationSeconds": 40,
+                "renewTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            },
+        }
+        try:
+            self.coordination.patch_namespaced_lease(self.name, "kube-node-lease", lease)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            self.coordination.create_namespaced_lease("kube-node-lease", lease)
+
+    def heartbeat(self, interval: float = 10.0) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self._renew_lease()
+                self.core.patch_node_status(self.name, {"status": self._node_status()})
+            except Exception:  # a restarted API server must not end the heartbeat
+                LOG.warning("heartbeat failed", exc_info=True)
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self.runners.pop(uid, None)
+
+    def _handle(self, pod: Any) -> None:
+        uid = pod.metadata.uid
+        with self._lock:
+            runner = self.runners.get(uid)
+        if pod.metadata.deletion_timestamp is not None:
+            grace = min(float(pod.spec.termination_grace_period_seconds or 30), self.max_grace)
+            if runner is not None:
+                runner.stop(grace)
+            with contextlib.suppress(ApiException):
+                self.core.delete_namespaced_pod(
+                    pod.metadata.name,
+                    pod.metadata.namespace,
+                    grace_period_seconds=0,
+                    body=client.V1DeleteOptions(grace_period_seconds=0, preconditions={"uid": uid}),
+                )
+            return
+        if runner is None and pod.status.phase in (None, "Pending"):
+            runner = PodRunner(self, pod)
+            with self._lock:
+                self.runners[uid] = runner
+            runner.start()
+
+    def serve(self) -> None:
+        """Watch this node's pods until stopped, re-listing after API server restarts."""
+        threading.Thread(target=self.heartbeat, daemon=True, name="heartbeat").start()
+        selector = f"spec.nodeName={self.name}"
+        while not self._stop.is_set():
+            try:
+                for event in watch.Watch().stream(
+                    self.core.list_pod_for_all_namespaces, field_selector=selector, timeout_seconds=60
+                ):
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._handle(event["object"])
+            except Exception:
+                LOG.warning("pod watch interrupted; retrying", exc_info=True)
+                time.sleep(1)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for runner in list(self.runners.values()):
+            runner.stop(1.0)
+
+
+def default_images(project_root: Path, venv: Path, triton_bin: Path | None) -> ImageMap:
+    """The images DeepTune's pods use, mapped to this machine's environments."""
+    python_env = ImageEnvironment(
+        path=(str(venv / "bin"),),
+        extra_env={
+            "PYTHONPATH": f"{project_root / 'operator'}:{project_root / 'trainer-image'}",
+            "VIRTUAL_ENV": str(venv),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        },
+    )
+    entries = [("*deeptune/trainer*", python_env), ("*deeptune/operator*", python_env)]
+    if triton_bin is not None:
+        entries.append(("*tritonserver*", ImageEnvironment(path=(str(triton_bin), str(venv / "bin")))))
+    return ImageMap(entries)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="DeepTune test node agent (test infrastructure)")
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--name", default="deeptune-test-node")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--gpus", default="4")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api = config.new_client_from_config(args.kubeconfig)
+    root = Path(__file__).resolve().parents[2]
+    venv = Path(
+        os.environ.get("VIRTUAL_ENV", Path(shutil.which("python") or "python").resolve().parent.parent)
+    )
+    triton = os.environ.get("DEEPTUNE_TRITON_BIN")
+    agent = NodeAgent(
+        api,
+        name=args.name,
+        state_dir=args.state_dir,
+        images=default_images(root, venv, Path(triton) if triton else None),
+        capacity={
+            "cpu": "16",
+            "memory": "64Gi",
+            "pods": "110",
+            "nvidia.com/gpu": args.gpus,
+            "ephemeral-storage": "100Gi",
+        },
+    )
+    agent.register()
+
+    def stop(*_: object) -> None:
+        agent.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    agent.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The CRD on a real API server: defaults applied, bad specs rejected with the models' messages."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import Cluster
+from tests.unit.test_finetunejob_model import MINIMAL
+
+pytestmark = pytest.mark.cluster
+
+
+def manifest(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "deeptune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def spec_with(**top: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(MINIMAL)
+    spec.update(top)
+    return spec
+
+
+def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> None:
+    crds.apply(manifest("defaults", namespace, MINIMAL))
+    stored = crds.get("finetunejob", "defaults", namespace)
+    assert stored is not None
+    spec = stored["spec"]
+    assert spec["method"] == "lora"
+    assert spec["hyperparameters"]["epochs"] == 3
+    assert spec["lora"]["targetModules"] == ["auto"]
+    assert spec["dataset"]["cleaning"]["pii"]["action"] == "redact"
+    assert spec["resources"]["gpu"] == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            spec_with(method="qlora", resources={"gpu": 0}),
+            "method qlora needs a GPU: set resources.gpu to 1 or more, or use method lora",
+        ),
+        (
+            spec_with(baseModel={"name": "a/b", "pvc": {"claimName": "m"}}),
+            "set exactly one of name (a Hugging Face id) or pvc",
+        ),
+        (spec_with(dataset={"source": {}}), "set exactly one of pvc, configMap, url or inline"),
+        (spec_with(method="dpo"), 'Unsupported value: "dpo"'),
+        (spec_with(hyperparameters={"learningRate": 0}), "should be greater than 0"),
+        (
+            spec_with(output={"pvc": {"claimName": "o", "path": "../../etc"}}),
+            "must be a relative path without '..' segments",
+        ),
+        (
+            spec_with(dataset={"source": {"url": "https://x/y"}, "cleaning": {"minChars": 5, "maxChars": 2}}),
+            "minChars must not exceed maxChars",
+        ),
+    ],
+)
+def test_bad_specs_are_rejected_at_apply(
+    crds: Cluster, namespace: str, spec: dict[str, Any], message: str
+) -> None:
+    result = crds.apply(manifest("bad", namespace, spec), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_unknown_fields_are_rejected_by_strict_validation(crds: Cluster, namespace: str) -> None:
+    result = crds.apply(manifest("typo", namespace, spec_with(hyperparameter={"epochs": 1})), check=False)
+    assert result.returncode != 0
+    assert 'unknown field "spec.hyperparameter"' in result.stderr
+
+
+def test_training_fields_are_immutable(crds: Cluster, namespace: str) -> None:
+    crds.apply(manifest("fixed", namespace, MINIMAL))
+    result = crds.kubectl(
+        "patch",
+        "finetunejob",
+        "fixed",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"hyperparameters": {"epochs": 5}}}',
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "hyperparameters is immutable: create a new resource" in result.stderr
+    allowed = crds.kubectl(
+        "patch",
+        "finetunejob",
+        "fixed",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": true}}',
+    )
+    assert "patched" in allowed.stdout
+
+
+def test_kubectl_explain_documents_fields(crds: Cluster) -> None:
+    explained = crds.kubectl("explain", "finetunejob.spec.hyperparameters.learningRate").stdout
+    assert "2e-4 for lora/qlora" in explained
+
+
+def test_short_name_and_printer_columns(crds: Cluster, namespace: str) -> None:
+    crds.apply(manifest("columns", namespace, MINIMAL))
+    header = crds.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()[0].split()
+    assert header[:5] == ["NAME", "PHASE", "PROGRESS", "%", "EVAL"]
