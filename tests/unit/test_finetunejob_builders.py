@@ -171,3 +171,17 @@ def test_long_names_stay_within_label_limits_and_unique() -> None:
     assert len(child_name(a, "train")) <= 63
     assert child_name(a, "train") != child_name(b, "train")
     assert child_name("short", "train") == "short-train"
+
+
+def test_synonym_dictionary_config_map_is_mounted_and_resolved() -> None:
+    spec = with_changes(
+        dataset={
+            "source": {"url": "https://x/d.jsonl"},
+            "augmentation": {"synonyms": {"dictionaryConfigMap": {"name": "syn", "key": "dict.json"}}},
+        }
+    )
+    assert {"name": "data-0", "configMap": {"name": "syn"}} in pod_of(job_for(spec))["volumes"]
+    config = TrainerConfig.model_validate_json(
+        build_config_map(OWNER, parse_spec(spec))["data"]["config.json"]
+    )
+    assert config.paths.synonym_dictionary == "/mnt/configmap/syn/dict.json"

@@ -29,6 +29,8 @@ class TrainerPaths(ApiModel):
     dataset: str | None = None
     """The dataset file, for PVC and ConfigMap sources (URL and inline sources need none)."""
     validation_dataset: str | None = None
+    synonym_dictionary: str | None = None
+    """The mounted file of `dataset.augmentation.synonyms.dictionaryConfigMap`."""
     base_model: str | None = None
     """The model directory, for a base model on a PVC."""
     hf_home: str | None = None

@@ -6,6 +6,7 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
+from deeptune.api.base import ConfigMapKeyRef
 from deeptune.api.finetunejob import KIND, DataSource, FineTuneJobSpec
 from deeptune.api.trainer import (
     CONFIG_PATH,
@@ -53,15 +54,23 @@ def _pvc_path(claim: str, path: str) -> str:
     return posixpath.join(PVC_ROOT, claim, path) if path else posixpath.join(PVC_ROOT, claim)
 
 
+def _config_map_path(ref: ConfigMapKeyRef | None) -> str | None:
+    return posixpath.join(CONFIGMAP_ROOT, ref.name, ref.key) if ref else None
+
+
 def _source_path(source: DataSource | None) -> str | None:
     """Where a dataset source appears inside the container (URL and inline sources have no path)."""
     if source is None:
         return None
     if source.pvc is not None:
         return _pvc_path(source.pvc.claim_name, source.pvc.path)
-    if source.config_map is not None:
-        return posixpath.join(CONFIGMAP_ROOT, source.config_map.name, source.config_map.key)
-    return None
+    return _config_map_path(source.config_map)
+
+
+def _synonym_config_map(spec: FineTuneJobSpec) -> ConfigMapKeyRef | None:
+    augmentation = spec.dataset.augmentation
+    synonyms = augmentation.synonyms if augmentation else None
+    return synonyms.dictionary_config_map if synonyms else None
 
 
 def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
@@ -78,6 +87,7 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
             output_dir=output_dir,
             dataset=_source_path(spec.dataset.source),
             validation_dataset=_source_path(spec.dataset.validation.source),
+            synonym_dictionary=_config_map_path(_synonym_config_map(spec)),
             base_model=_pvc_path(base.claim_name, base.path) if base else None,
             hf_home=_pvc_path(output.claim_name, ".cache/huggingface"),
         ),
@@ -107,8 +117,10 @@ def _claims(spec: FineTuneJobSpec) -> list[str]:
 
 
 def _dataset_config_maps(spec: FineTuneJobSpec) -> list[str]:
+    """ConfigMaps with data the trainer reads: dataset sources and the synonym dictionary."""
     sources = [spec.dataset.source, spec.dataset.validation.source]
-    return list(dict.fromkeys(s.config_map.name for s in sources if s is not None and s.config_map))
+    refs = [s.config_map for s in sources if s is not None] + [_synonym_config_map(spec)]
+    return list(dict.fromkeys(ref.name for ref in refs if ref is not None))
 
 
 def _volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[Manifest], list[Manifest]]:

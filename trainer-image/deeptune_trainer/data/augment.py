@@ -1,0 +1,90 @@
+"""Augmentation of the train split: a `fraction` of the train rows each get one augmented copy.
+
+It runs after the split, on train rows only, so no paraphrase of a validation row can leak into
+training. Only the last user turn is changed, never the target, so the expected answer stays right.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from deeptune.api.finetunejob import Augmentation
+from deeptune_trainer.data.backtranslation import BackTranslator, TranslatorFactory
+from deeptune_trainer.data.perturbation import InstructionPerturber
+from deeptune_trainer.data.sample import Message, Sample
+from deeptune_trainer.data.synonyms import SynonymReplacer
+
+RowAugmenter = Callable[[str, random.Random], str]
+BACK_TRANSLATION = "backTranslation"
+
+
+@dataclass
+class Augmented:
+    copies: list[Sample]
+    """New samples, each marked with meta["augmented"] = the method that made it."""
+    by_method: Counter[str]
+
+
+def last_user_turn(sample: Sample) -> int | None:
+    return next(
+        (i for i in reversed(range(len(sample.messages) - 1)) if sample.messages[i].role == "user"), None
+    )
+
+
+def _copy(sample: Sample, turn: int, text: str, method: str) -> Sample:
+    messages = list(sample.messages)
+    messages[turn] = Message("user", text)
+    return replace(sample, messages=tuple(messages), meta={**sample.meta, "augmented": method})
+
+
+def _row_augmenters(spec: Augmentation, dictionary: Mapping[str, Sequence[str]]) -> dict[str, RowAugmenter]:
+    augmenters: dict[str, RowAugmenter] = {}
+    if spec.synonyms is not None and dictionary:
+        augmenters["synonyms"] = SynonymReplacer(dictionary, spec.synonyms.probability)
+    perturbation = spec.instruction_perturbation
+    if perturbation is not None and (perturbation.reword or perturbation.insert_context):
+        augmenters["instructionPerturbation"] = InstructionPerturber(
+            perturbation.reword, perturbation.insert_context
+        )
+    return augmenters
+
+
+def augment_train(
+    train: list[Sample],
+    spec: Augmentation,
+    *,
+    dictionary: Mapping[str, Sequence[str]],
+    translator_factory: TranslatorFactory | None = None,
+) -> Augmented:
+    """Copies for round(fraction × rows) rows (at least one), each made by one method picked at random
+    among those enabled. `dictionary` is the merged synonym dictionary. A method that cannot change a
+    row (no dictionary word in it) yields no copy, so `augmented` counts only real variants."""
+    augmenters = _row_augmenters(spec, dictionary)
+    back = BackTranslator(spec.back_translation, translator_factory) if spec.back_translation else None
+    methods = [*augmenters, *([BACK_TRANSLATION] if back else [])]
+    eligible = [index for index, sample in enumerate(train) if last_user_turn(sample) is not None]
+    if not methods or not eligible:
+        return Augmented([], Counter())
+    rng = random.Random(spec.seed)
+    count = min(len(eligible), max(1, round(spec.fraction * len(train))))
+    copies: list[Sample] = []
+    to_translate: list[tuple[Sample, int]] = []
+    for index in sorted(rng.sample(eligible, count)):
+        sample, method = train[index], rng.choice(methods)
+        turn = last_user_turn(sample)
+        assert turn is not None
+        if method == BACK_TRANSLATION:
+            to_translate.append((sample, turn))
+            continue
+        text = augmenters[method](sample.messages[turn].content, rng)
+        if text != sample.messages[turn].content:
+            copies.append(_copy(sample, turn, text, method))
+    if back is not None and to_translate:
+        originals = [sample.messages[turn].content for sample, turn in to_translate]
+        for (sample, turn), original, text in zip(to_translate, originals, back(originals), strict=True):
+            if text.strip() and text != original:
+                copies.append(_copy(sample, turn, text, BACK_TRANSLATION))
+    return Augmented(copies, Counter(copy.meta["augmented"] for copy in copies))

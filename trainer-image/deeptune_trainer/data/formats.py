@@ -1,0 +1,162 @@
+"""Parsers for each file format: text or a file in, rows and malformed rows out.
+
+A malformed row is skipped and recorded with its line number rather than failing the run, so one
+stray line in a large file does not cost the user a training run; `rows.check_bad_row_ratio` decides
+when there are too many.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from deeptune_trainer.data.rows import BadRow, LoadedRows, RawRow
+from deeptune_trainer.errors import TrainerInputError
+
+CSV_FIELD_LIMIT = 2**31 - 1
+"""The csv module refuses cells over 128 KiB by default; long documents are normal training rows."""
+
+
+KINDS: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
+
+
+def _kind(value: Any) -> str:
+    return KINDS.get(type(value), type(value).__name__)
+
+
+def parse_jsonl(text: str, source: str) -> LoadedRows:
+    """One JSON object per line; blank lines are ignored."""
+    loaded = LoadedRows(source, "line")
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other line separators.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            loaded.bad.append(BadRow(source, number, f"invalid JSON: {error.msg} at column {error.colno}"))
+            continue
+        if isinstance(value, dict):
+            loaded.rows.append(RawRow(number, value))
+        else:
+            loaded.bad.append(BadRow(source, number, f"expected a JSON object, found {_kind(value)}"))
+    return loaded
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _records(value: Any, source: str) -> list[Any]:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        # Exports often wrap the rows: {"data": [...]} or {"version": 1, "rows": [...]}.
+        lists = [item for item in value.values() if isinstance(item, list)]
+        if len(lists) == 1:
+            return lists[0]
+        keys = ", ".join(list(value)[:10])
+        raise TrainerInputError(
+            "InvalidDataset",
+            f"{source}: expected a JSON array of row objects, found an object with keys {keys}",
+        )
+    raise TrainerInputError(
+        "InvalidDataset", f"{source}: expected a JSON array of row objects, found {_kind(value)}"
+    )
+
+
+def parse_json(text: str, source: str) -> LoadedRows:
+    """A JSON array of row objects (or an object wrapping one array); JSON Lines saved as .json also work."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if _looks_like_jsonl(text):
+            return parse_jsonl(text, source)
+        raise TrainerInputError(
+            "InvalidDataset",
+            f"{source}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+            "a .json file must hold one array of row objects (for one object per line use "
+            "dataset.format: jsonl)",
+        ) from None
+    loaded = LoadedRows(source, "record")
+    for number, record in enumerate(_records(value, source), start=1):
+        if isinstance(record, dict):
+            loaded.rows.append(RawRow(number, record))
+        else:
+            loaded.bad.append(
+                BadRow(source, number, f"expected a JSON object, found {_kind(record)}", "record")
+            )
+    return loaded
+
+
+def _csv_header(reader: Any, source: str) -> list[str]:
+    for header in reader:
+        if any(cell.strip() for cell in header):
+            names = [cell.strip() for cell in header]
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            if duplicates:
+                raise TrainerInputError(
+                    "InvalidDataset",
+                    f"{source}: the CSV header names these columns more than once: {', '.join(duplicates)}",
+                )
+            return names
+    return []
+
+
+def parse_csv(text: str, source: str) -> LoadedRows:
+    """Comma-separated with a header row; quoted cells may hold commas, quotes and newlines."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    loaded = LoadedRows(source, "line")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = _csv_header(reader, source)
+        start = reader.line_num + 1
+        for cells in reader:
+            # A quoted cell may span lines: report the line where the row starts.
+            line, start = start, reader.line_num + 1
+            if not cells or not any(cells):
+                continue
+            if len(cells) != len(header):
+                loaded.bad.append(
+                    BadRow(
+                        source,
+                        line,
+                        f"has {len(cells)} fields but the header has {len(header)} "
+                        "(check the quoting of commas, quotes and newlines)",
+                    )
+                )
+                continue
+            loaded.rows.append(RawRow(line, dict(zip(header, cells, strict=True))))
+    except csv.Error as error:
+        raise TrainerInputError(
+            "InvalidDataset", f"{source}: unreadable CSV near line {reader.line_num}: {error}"
+        ) from None
+    return loaded
+
+
+def parse_parquet(path: Path, source: str) -> LoadedRows:
+    """A Parquet file; nested columns (e.g. chat messages) arrive as lists of dicts."""
+    try:
+        import pyarrow as pa  # noqa: PLC0415  (heavy, and only Parquet sources need it)
+        import pyarrow.parquet as pq  # noqa: PLC0415
+    except ImportError as error:
+        raise TrainerInputError(
+            "UnsupportedFormat",
+            f"{source}: reading Parquet needs pyarrow, which this trainer image cannot import ({error}); "
+            "convert the data to JSON Lines or CSV",
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise TrainerInputError(
+            "InvalidDataset", f"{source}: not a readable Parquet file ({error})"
+        ) from None
+    rows = [RawRow(number, row) for number, row in enumerate(table.to_pylist(), start=1)]
+    return LoadedRows(source, "record", rows)

@@ -1,0 +1,108 @@
+"""Reading a data source (PVC or ConfigMap file, URL, or inline rows) into raw rows.
+
+The whole file is decoded at once: the samples built from it are held in memory anyway, and it lets
+an encoding error name its line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from deeptune.api.finetunejob import DataSource
+from deeptune_trainer.data.download import download
+from deeptune_trainer.data.formats import parse_csv, parse_json, parse_jsonl, parse_parquet
+from deeptune_trainer.data.rows import LoadedRows, RawRow
+from deeptune_trainer.errors import TrainerInputError
+
+Format = Literal["auto", "jsonl", "json", "csv", "parquet"]
+
+EXTENSIONS: dict[str, Format] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+def resolve_format(fmt: Format, name: str, where: str) -> Format:
+    """The format to parse with: the spec's, or for `auto` the one the file name's extension says."""
+    if fmt != "auto":
+        return fmt
+    suffix = PurePosixPath(name).suffix.lower()
+    if suffix in EXTENSIONS:
+        return EXTENSIONS[suffix]
+    raise TrainerInputError(
+        "InvalidDataset",
+        f"dataset.format: cannot tell the format of {where} '{name}' from its extension; name the file "
+        "*.jsonl, *.json, *.csv or *.parquet, or set dataset.format",
+    )
+
+
+def decode_text(data: bytes, where: str, name: str) -> str:
+    """UTF-8 (a BOM, as Excel writes, is dropped) or BOM-marked UTF-16; else a message on how to fix it."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        try:
+            data.decode("gb18030")
+            hint = " It decodes as GB18030/GBK, common for Chinese files saved by Excel."
+        except UnicodeDecodeError:
+            hint = ""
+        raise TrainerInputError(
+            "InvalidDataset",
+            f"{where}: '{name}' is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}).{hint} "
+            "Save it as UTF-8, e.g. `iconv -f GB18030 -t UTF-8 in.csv > out.csv`.",
+        ) from None
+
+
+def _parse_file(path: Path, fmt: Format, where: str, name: str) -> LoadedRows:
+    chosen = resolve_format(fmt, name, where)
+    if chosen == "parquet":
+        return parse_parquet(path, where)
+    data = path.read_bytes()
+    text = decode_text(data, where, name)
+    if not text.strip():
+        raise TrainerInputError("EmptyDataset", f"{where}: '{name}' is empty; it must hold at least one row")
+    parsers = {"jsonl": parse_jsonl, "json": parse_json, "csv": parse_csv}
+    return parsers[chosen](text, where)
+
+
+def _local_file(path: str | None, where: str) -> Path:
+    if path is None:
+        raise TrainerInputError("DatasetNotFound", f"{where}: no local file was given for this source")
+    file = Path(path)
+    if not file.exists():
+        raise TrainerInputError(
+            "DatasetNotFound", f"{where}: {file} does not exist; check the claim's path or the ConfigMap key"
+        )
+    if not file.is_file():
+        raise TrainerInputError("DatasetNotFound", f"{where}: {file} is a directory; point it at one file")
+    return file
+
+
+def load_rows(source: DataSource, path: str | None, fmt: Format, *, where: str) -> LoadedRows:
+    """All rows of one source. `path` is the local file the operator resolved for PVC and ConfigMap
+    sources; `where` is the source's spec path (e.g. `dataset.source`), used in every message."""
+    if source.inline is not None:
+        where = f"{where}.inline"
+        loaded = LoadedRows(where, "record", [RawRow(n, dict(row)) for n, row in enumerate(source.inline, 1)])
+    elif source.url is not None:
+        where = f"{where}.url"
+        with tempfile.TemporaryDirectory(prefix="deeptune-data-") as directory:
+            file = download(source.url, Path(directory), where=where)
+            loaded = _parse_file(file, fmt, where, file.name)
+    else:
+        where = f"{where}.{'pvc' if source.pvc is not None else 'configMap'}"
+        file = _local_file(path, where)
+        loaded = _parse_file(file, fmt, where, file.name)
+    if loaded.read == 0:
+        raise TrainerInputError("EmptyDataset", f"{where}: the source holds no rows")
+    return loaded

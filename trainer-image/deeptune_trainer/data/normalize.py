@@ -1,0 +1,128 @@
+"""Text normalization: Unicode NFKC, punctuation unified per script, whitespace, optional case folding.
+
+Normalized text is what dedup compares and what the model trains on, so two rows that differ only
+in full-width digits, stray zero-width characters or spacing count as the same row.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import replace
+
+from deeptune.api.finetunejob import Normalization
+from deeptune_trainer.data.sample import Message, Sample
+from deeptune_trainer.data.script import is_chinese, is_cjk
+
+ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
+_SPACE_RUN = re.compile("[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+NFKC_KEPT = "，！？：；（）～…"
+"""Chinese punctuation that NFKC would turn into ASCII; the punctuation rule decides about it instead."""
+_NFKC_SEGMENT = re.compile(f"[^{NFKC_KEPT}]+")
+
+TO_ASCII = str.maketrans(
+    {
+        "，": ",", "。": ".", "！": "!", "？": "?", "：": ":", "；": ";", "（": "(", "）": ")",
+        "、": ",", "“": '"', "”": '"', "‘": "'", "’": "'", "【": "[", "】": "]", "「": '"',
+        "」": '"', "『": '"', "』": '"', "～": "~", "…": "...",
+    }
+)  # fmt: skip
+TO_CHINESE = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "。", "...": "……"}
+_ZH_MARK_BEFORE_LETTER = re.compile(r"([，。！？：；、])(?=[A-Za-z])")
+_ASCII_MARK = re.compile(r" *(\.\.\.|[,!?:;.]) *")
+_PARENTHESES = re.compile(r"\(([^()\n]*)\)")
+_SPACED_ZH_MARK = re.compile(r" *([，。！？：；、（）]) *")
+_PROTECTED = re.compile(
+    r"(?:https?|ftp)://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*[A-Za-z0-9\-_~/#=&%+]"  # URLs
+    r"|[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"  # e-mail addresses
+    r"|`[^`\n]*`"  # inline code
+)
+
+
+def _nfkc(text: str) -> str:
+    return _NFKC_SEGMENT.sub(lambda match: unicodedata.normalize("NFKC", match.group()), text)
+
+
+def _ascii_alnum(char: str) -> bool:
+    return char.isascii() and (char.isalnum() or char == "_")
+
+
+def _chinese_mark(mark: str, before: str, after: str) -> str | None:
+    """The Chinese form of an ASCII mark, if its neighbours make it Chinese punctuation.
+
+    Only marks touching a CJK character, or ending the line after a word, change; so numbers (3.5,
+    12:30, 1,000), code such as `printf("你好");` and English phrases inside a Chinese line keep
+    their ASCII punctuation.
+    """
+    if (_ascii_alnum(before) and _ascii_alnum(after)) or (mark == ":" and after == "/"):
+        return None
+    line_end = after == "" and before.isalnum()
+    return TO_CHINESE[mark] if is_cjk(before) or is_cjk(after) or line_end else None
+
+
+def _to_chinese(line: str) -> str:
+    protected = [match.span() for match in _PROTECTED.finditer(line)]
+
+    def is_protected(position: int) -> bool:
+        return any(start <= position < end for start, end in protected)
+
+    def parentheses(match: re.Match[str]) -> str:
+        # Full-width only around Chinese content, and never for a call such as print("你好").
+        before = line[: match.start()].rstrip(" ")[-1:]
+        chinese = any(is_cjk(char) for char in match.group(1)) and not _ascii_alnum(before)
+        return f"（{match.group(1)}）" if chinese and not is_protected(match.start()) else match.group()
+
+    def mark(match: re.Match[str]) -> str:
+        if is_protected(match.start(1)):
+            return match.group()
+        before = line[match.start() - 1] if match.start() > 0 else ""
+        after = line[match.end()] if match.end() < len(line) else ""
+        chinese = _chinese_mark(match.group(1), before, after)
+        return match.group() if chinese is None else chinese
+
+    line = _PARENTHESES.sub(parentheses, line)  # same length, so `protected` still holds
+    line = _ASCII_MARK.sub(mark, line)
+    # Chinese punctuation is full-width and takes no spaces around it.
+    return _SPACED_ZH_MARK.sub(r"\1", line)
+
+
+def _to_ascii(line: str) -> str:
+    return _ZH_MARK_BEFORE_LETTER.sub(r"\1 ", line).translate(TO_ASCII)
+
+
+def unify_punctuation(text: str) -> str:
+    """Chinese lines get Chinese punctuation, other lines ASCII; decided per line, so code lines and
+    English paragraphs inside a Chinese answer keep their ASCII punctuation."""
+    return "\n".join(_to_chinese(line) if is_chinese(line) else _to_ascii(line) for line in text.split("\n"))
+
+
+def collapse_whitespace(text: str) -> str:
+    """Single spaces inside lines, no trailing spaces, at most one blank line in a row. Leading
+    indentation is kept: it is meaningful in code."""
+    lines = []
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        indent = len(line) - len(line.lstrip(" \t"))
+        body = _SPACE_RUN.sub(" ", line[indent:]).rstrip()
+        lines.append(line[:indent] + body if body else "")
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def normalize_text(text: str, options: Normalization) -> str:
+    if options.whitespace:
+        text = ZERO_WIDTH.sub("", text)
+    if options.unicode:
+        text = _nfkc(text)
+    if options.punctuation:
+        text = unify_punctuation(text)
+    if options.whitespace:
+        text = collapse_whitespace(text)
+    if options.case_fold:
+        text = text.casefold()
+    return text
+
+
+def normalize_sample(sample: Sample, options: Normalization) -> Sample:
+    messages = tuple(Message(m.role, normalize_text(m.content, options)) for m in sample.messages)
+    return replace(sample, messages=messages)

@@ -1,0 +1,151 @@
+"""The data pipeline end to end: read → map → clean → split → augment, with a report of each step."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from deeptune.api.finetunejob import Augmentation, DatasetReport, DatasetSpec, DataSource
+from deeptune.api.trainer import TrainerPaths
+from deeptune_trainer.data.augment import Augmented, augment_train
+from deeptune_trainer.data.backtranslation import TranslatorFactory
+from deeptune_trainer.data.cleaning import Cleaner, CleaningStats
+from deeptune_trainer.data.loading import load_rows
+from deeptune_trainer.data.mapping import Style, check_columns, columns_of, map_rows, resolve_style
+from deeptune_trainer.data.rows import BAD_ROWS_LISTED, BadRow, check_bad_row_ratio
+from deeptune_trainer.data.sample import Sample
+from deeptune_trainer.data.split import split_by_ratio
+from deeptune_trainer.data.synonyms import load_dictionary
+from deeptune_trainer.errors import TrainerInputError
+
+
+@dataclass
+class PreparedData:
+    """Samples ready for training and evaluation, and what the pipeline did to get them."""
+
+    train: list[Sample]
+    """Cleaned train rows followed by their augmented copies."""
+    validation: list[Sample]
+    report: DatasetReport
+    bad_rows: list[BadRow]
+    """The first `BAD_ROWS_LISTED` malformed rows (`report.bad_rows` counts all of them)."""
+    style: Style = "promptCompletion"
+    cleaning: CleaningStats = field(default_factory=CleaningStats)
+    augmented_by: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Source:
+    samples: list[Sample]
+    bad: list[BadRow]
+    read: int
+    style: Style
+
+
+def _read(
+    source: DataSource, path: str | None, spec: DatasetSpec, where: str, style: Style | None
+) -> _Source:
+    """One source's samples; the validation source must have the style the train source resolved to."""
+    loaded = load_rows(source, path, spec.format, where=where)
+    samples: list[Sample] = []
+    bad = list(loaded.bad)
+    resolved: Style = style or "promptCompletion"
+    if loaded.rows:
+        columns = columns_of(loaded.rows)
+        resolved = resolve_style(style or spec.style, columns, spec.fields)
+        check_columns(resolved, columns, spec.fields, loaded.source)
+        samples, mapping_bad = map_rows(loaded, resolved, spec.fields)
+        bad = sorted(bad + mapping_bad, key=lambda row: row.line)
+    check_bad_row_ratio(loaded.source, loaded.read, bad, spec.max_bad_row_ratio)
+    if not samples:
+        raise TrainerInputError(
+            "EmptyDataset",
+            f"{loaded.source}: none of the {loaded.read} rows is usable; first: "
+            + "; ".join(row.describe() for row in bad[:3]),
+        )
+    return _Source(samples, bad, loaded.read, resolved)
+
+
+def _nothing_left(where: str, source: _Source, stats: CleaningStats, spec: DatasetSpec) -> TrainerInputError:
+    parts = [f"{source.read} read"]
+    parts += [f"{len(source.bad)} malformed"] if source.bad else []
+    parts += stats.removals(spec.cleaning)
+    return TrainerInputError("EmptyDataset", f"{where}no rows left after cleaning: {', '.join(parts)}")
+
+
+def _synonym_dictionary(spec: Augmentation, path: str | None) -> dict[str, list[str]]:
+    if spec.synonyms is None:
+        return {}
+    dictionary: dict[str, list[str]] = {}
+    if spec.synonyms.dictionary_config_map is not None:
+        if path is None:
+            raise TrainerInputError(
+                "InvalidSpec",
+                "dataset.augmentation.synonyms.dictionaryConfigMap: the ConfigMap's file was not given to "
+                "the trainer; put the words in dataset.augmentation.synonyms.dictionary instead",
+            )
+        dictionary.update(load_dictionary(path))
+    dictionary.update(spec.synonyms.dictionary)  # entries written in the spec win
+    return dictionary
+
+
+def prepare_dataset(
+    spec: DatasetSpec,
+    paths: TrainerPaths,
+    *,
+    seed: int,
+    translator_factory: TranslatorFactory | None = None,
+) -> PreparedData:
+    """Read, clean, split and augment the dataset. `seed` fixes the validation split;
+    `translator_factory` replaces the transformers models used for back-translation;"""
+    train_source = _read(spec.source, paths.dataset, spec, "dataset.source", None)
+    cleaner = Cleaner(spec.cleaning)
+    train, stats = cleaner.clean(train_source.samples)
+    if not train:
+        raise _nothing_left("", train_source, stats, spec)
+    sources = [train_source]
+    if spec.validation.source is not None:
+        where = "dataset.validation.source"
+        validation_source = _read(
+            spec.validation.source, paths.validation_dataset, spec, where, train_source.style
+        )
+        sources.append(validation_source)
+        # Cleaned after the train rows with the same dedup state: rows repeating train rows go.
+        validation, validation_stats = cleaner.clean(validation_source.samples)
+        if not validation:
+            raise _nothing_left(f"{where}: ", validation_source, validation_stats, spec)
+        stats = stats + validation_stats
+    else:
+        train, validation = split_by_ratio(train, spec.validation.ratio or 0.0, seed)
+    kept = len(train) + len(validation)
+    augmented = Augmented([], Counter())
+    if spec.augmentation is not None:
+        dictionary = _synonym_dictionary(spec.augmentation, paths.synonym_dictionary)
+        augmented = augment_train(
+            train, spec.augmentation, dictionary=dictionary, translator_factory=translator_factory
+        )
+        train = train + augmented.copies
+    bad = [row for source in sources for row in source.bad]
+    report = DatasetReport(
+        rows_read=sum(source.read for source in sources),
+        bad_rows=len(bad),
+        rows_kept=kept,
+        duplicates_removed=stats.exact_duplicates,
+        near_duplicates_removed=stats.near_duplicates,
+        filtered_by_length=stats.too_short + stats.too_long,
+        degenerate_removed=stats.degenerate,
+        pii_redacted=stats.pii_redacted,
+        pii_dropped=stats.pii_dropped,
+        augmented=len(augmented.copies),
+        train_rows=len(train),
+        validation_rows=len(validation),
+    )
+    return PreparedData(
+        train=train,
+        validation=validation,
+        report=report,
+        bad_rows=bad[:BAD_ROWS_LISTED],
+        style=train_source.style,
+        cleaning=stats,
+        augmented_by=dict(augmented.by_method),
+    )

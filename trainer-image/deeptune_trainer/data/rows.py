@@ -1,0 +1,64 @@
+"""Rows as read from a source, before they become samples, and the rows that could not be used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from deeptune_trainer.errors import TrainerInputError
+
+BAD_ROWS_LISTED = 100
+"""Bad rows listed in the data report; the report's count covers all of them."""
+
+Unit = Literal["line", "record"]
+"""Text formats number rows by line (what an editor shows); JSON arrays, Parquet and inline rows by record."""
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One row's columns, with the 1-based line or record number it came from."""
+
+    line: int
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row skipped as malformed: where it is and why, so the user can find and fix it."""
+
+    source: str
+    """The spec path of the source, e.g. `dataset.source`."""
+    line: int
+    reason: str
+    unit: Unit = "line"
+
+    def describe(self) -> str:
+        return f"{self.unit} {self.line}: {self.reason}"
+
+
+@dataclass
+class LoadedRows:
+    """What a source yielded: usable rows and malformed ones, in source order."""
+
+    source: str
+    unit: Unit
+    rows: list[RawRow] = field(default_factory=list)
+    bad: list[BadRow] = field(default_factory=list)
+
+    @property
+    def read(self) -> int:
+        return len(self.rows) + len(self.bad)
+
+
+def check_bad_row_ratio(source: str, read: int, bad: list[BadRow], limit: float) -> None:
+    """Fail when too many rows are malformed: past a point, skipping them would silently train on a
+    fraction of the data, and the cause is usually the file's format, not a few typos."""
+    if read == 0 or len(bad) / read <= limit:
+        return
+    examples = "; ".join(row.describe() for row in bad[:3])
+    raise TrainerInputError(
+        "InvalidDataset",
+        f"{source}: {len(bad)} of {read} rows are malformed ({len(bad) / read:.1%}), more than "
+        f"dataset.maxBadRowRatio allows ({limit:.1%}); first: {examples}. "
+        "Fix these rows, or raise dataset.maxBadRowRatio to skip them.",
+    )
