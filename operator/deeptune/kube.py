@@ -63,5 +63,6 @@ def ensure(manifest: Manifest) -> bool:
     return False
 
 
-def patch_job_suspend(name: str, namespace: str, suspend: bool) -> None:
-    client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+def patch_job_spec(name: str, namespace: str, job_spec: Manifest) -> None:
+    """Merge-patch the mutable parts of a Job's spec (suspend, deadlines, TTL)."""
+    client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": job_spec})

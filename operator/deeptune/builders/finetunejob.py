@@ -7,7 +7,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 from deeptune.api.base import ConfigMapKeyRef
-from deeptune.api.finetunejob import KIND, DataSource, FineTuneJobSpec
+from deeptune.api.finetunejob import DataSource, FineTuneJobSpec
 from deeptune.api.trainer import (
     CONFIG_PATH,
     EXIT_INVALID_INPUT,
@@ -230,7 +230,6 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -
         "backoffLimit": spec.backoff_limit,
         "completions": 1,
         "parallelism": 1,
-        "suspend": spec.suspend,
         "podFailurePolicy": {
             "rules": [
                 {
@@ -255,13 +254,14 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -
             "spec": _pod_spec(owner, spec, settings),
         },
     }
-    if spec.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    job_spec.update({key: value for key, value in job_controls(spec).items() if value is not None})
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
-def owner_of(body_meta: dict[str, str]) -> Owner:
-    """The Owner of a FineTuneJob from its metadata."""
-    return Owner(kind=KIND, name=body_meta["name"], namespace=body_meta["namespace"], uid=body_meta["uid"])
+def job_controls(spec: FineTuneJobSpec) -> Manifest:
+    """The Job fields a user may change after creation; everything else is fixed with the run."""
+    return {
+        "suspend": spec.suspend,
+        "activeDeadlineSeconds": spec.active_deadline_seconds,
+        "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+    }

@@ -7,6 +7,7 @@ running trainer's metrics, and patches status only when something changed.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -27,7 +28,7 @@ from deeptune.api.trainer import METRICS_PORT
 from deeptune.builders import finetunejob as build
 from deeptune.builders.common import Owner
 from deeptune.config import SETTINGS
-from deeptune.kube import ensure, patch_job_suspend
+from deeptune.kube import ensure, patch_job_spec
 from deeptune.observability import STATUS_WRITES, PhaseBook, measured
 from deeptune.status.finetunejob import TERMINAL_PHASES, derive_status, is_invalid_spec, set_conditions
 from deeptune.status.progress import parse_progress
@@ -75,6 +76,16 @@ def _invalid_spec(body: kopf.Body, patch: kopf.Patch, message: str, generation: 
     PHASES.record(body.meta["uid"], "Failed")
 
 
+def _ensure_children(body: kopf.Body, owner: Owner, spec: FineTuneJobSpec, logger: kopf.Logger) -> bool:
+    """Create the ConfigMap and Job where missing; True when the Job was created now."""
+    ensure(build.build_config_map(owner, spec))
+    created = ensure(build.build_job(owner, spec, SETTINGS.builder))
+    if created:
+        logger.info("created Job %s", build.job_name(owner))
+        kopf.event(body, type="Normal", reason="JobCreated", message=f"created Job {build.job_name(owner)}")
+    return created
+
+
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
@@ -97,7 +108,7 @@ def reconcile(*, body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: ko
                 body, type="Normal", reason="JobCreated", message=f"created Job {build.job_name(owner)}"
             )
         else:
-            patch_job_suspend(build.job_name(owner), owner.namespace, spec.suspend)
+            patch_job_spec(build.job_name(owner), owner.namespace, build.job_controls(spec))
         if previous.phase is None or is_invalid_spec(previous):
             fresh = derive_status(
                 previous=FineTuneJobStatus(conditions=previous.conditions),
@@ -170,6 +181,10 @@ async def mirror_status(
         owner = _owner(meta)
         jobs = list(trainer_jobs.get((owner.namespace, owner.uid), []))
         job = jobs[0] if jobs else None
+        if job is None and previous.phase in ("Running", "Suspended"):
+            # Someone deleted the Job of an unfinished run: recreate it; the trainer resumes from
+            # its newest checkpoint. (Pending runs may simply not be in the index yet.)
+            await asyncio.to_thread(_ensure_children, body, owner, spec, logger)
         job_uid = job["metadata"]["uid"] if job else None
         pods = list(trainer_pods.get((owner.namespace, job_uid), [])) if job_uid else []
         progress = None

@@ -1,0 +1,102 @@
+"""FineTuneJob through the real control plane: operator, Job controller, scheduler, node agent."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import Cluster, Process, wait_for
+from tests.unit.test_finetunejob_model import MINIMAL
+
+pytestmark = pytest.mark.cluster
+
+
+def ftj(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "deeptune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def status_of(cluster: Cluster, name: str, namespace: str) -> dict[str, Any]:
+    return (cluster.get("finetunejob", name, namespace) or {}).get("status") or {}
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+def events_for(cluster: Cluster, name: str, namespace: str) -> list[dict[str, Any]]:
+    selector = f"involvedObject.kind=FineTuneJob,involvedObject.name={name}"
+    result = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", selector, "-o", "json")
+    return list(json.loads(result.stdout)["items"])
+
+
+def test_invalid_spec_is_reported_without_children(operator: Process, crds: Cluster, namespace: str) -> None:
+    spec = copy.deepcopy(MINIMAL)
+    spec["lora"] = {"targetModules": ["auto", "q_proj"]}  # only the model can tell this is wrong
+    crds.apply(ftj("invalid", namespace, spec))
+    status = wait_for(
+        "InvalidSpec", lambda: (s := status_of(crds, "invalid", namespace)).get("phase") == "Failed" and s, 60
+    )
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert (
+        failed["message"] == "spec.lora: targetModules: `auto` cannot be combined with explicit module names"
+    )
+    assert crds.list("jobs", namespace) == []
+    warnings = wait_for(
+        "a Warning event",
+        lambda: [e for e in events_for(crds, "invalid", namespace) if e["type"] == "Warning"],
+        30,
+    )
+    assert warnings[0]["reason"] == "InvalidSpec"
+
+
+def test_suspend_and_resume(operator: Process, crds: Cluster, namespace: str) -> None:
+    spec = copy.deepcopy(MINIMAL)
+    spec["suspend"] = True
+    crds.apply(ftj("paused", namespace, spec))
+    wait_for("phase Suspended", lambda: status_of(crds, "paused", namespace).get("phase") == "Suspended", 60)
+    job = crds.get("job", "paused-train", namespace)
+    assert job is not None and job["spec"]["suspend"] is True
+    assert crds.list("pods", namespace) == []
+
+    crds.kubectl(
+        "patch", "ftj", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    wait_for(
+        "the Job to resume",
+        lambda: (crds.get("job", "paused-train", namespace) or {}).get("spec", {}).get("suspend") is False,
+        60,
+    )
+    wait_for("a trainer pod", lambda: crds.list("pods", namespace), 60)
+    status = wait_for(
+        "phase to leave Suspended",
+        lambda: (s := status_of(crds, "paused", namespace)).get("phase") != "Suspended" and s,
+        60,
+    )
+    assert condition(status, "Suspended")["status"] == "False"
+
+
+def test_children_are_garbage_collected(operator: Process, crds: Cluster, namespace: str) -> None:
+    crds.apply(ftj("doomed", namespace, MINIMAL))
+    job = wait_for("the Job", lambda: crds.get("job", "doomed-train", namespace), 60)
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "doomed", True)
+    config = crds.get("configmap", "doomed-config", namespace)
+    assert config is not None and "HF_TOKEN" not in json.dumps(config)
+    crds.kubectl("delete", "ftj", "doomed", "-n", namespace)
+    wait_for(
+        "the Job and ConfigMap to be garbage-collected",
+        lambda: (
+            crds.get("job", "doomed-train", namespace) is None
+            and crds.get("configmap", "doomed-config", namespace) is None
+        ),
+        60,
+    )
