@@ -1,0 +1,27 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034  # variables used by the scripts that source this file
+# Pinned versions of the local test cluster. Sourced by build.sh and up.sh.
+# The same versions are pinned in gomod/*/go.mod; build.sh refuses to build
+# when the two disagree. To move to another release, change both (for
+# Kubernetes: every k8s.io/* line of the replace block too) and run
+# `go mod tidy` in the module directory.
+
+# Kubernetes control plane (kube-apiserver, kube-controller-manager,
+# kube-scheduler), built from k8s.io/kubernetes; staging modules at v0.32.4.
+LC_K8S_VERSION=v1.32.4
+# Commit and date of the upstream v1.32.4 tag (what `kubectl version` shows).
+LC_K8S_GIT_COMMIT=59526cd4867447956156ae3a602fcbac10a2c335
+LC_K8S_BUILD_DATE=2025-04-22T15:56:13Z
+
+# etcd server; Kubernetes 1.32 is tested against etcd 3.5.x (Debian 12's
+# etcd-server is 3.4.23, too old).
+LC_ETCD_VERSION=v3.5.21
+
+# Helm 3.17 is the Helm release whose supported range targets Kubernetes 1.32.
+LC_HELM_VERSION=v3.17.4
+
+# Root of the binary cache (outside the repository).
+LC_CACHE="${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}"
+LC_K8S_BIN="$LC_CACHE/k8s-$LC_K8S_VERSION/bin"
+LC_ETCD_BIN="$LC_CACHE/etcd-$LC_ETCD_VERSION/bin"
+LC_HELM_BIN="$LC_CACHE/helm-$LC_HELM_VERSION/bin"
