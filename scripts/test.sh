@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# kubectl, helm and the control plane of the pinned Kubernetes release (built once, cached).
+PATH="$(bash tests/localcluster/build.sh --print-path):$PATH"
+export PATH
 
 echo "== lint (ruff) =="
 ruff check .

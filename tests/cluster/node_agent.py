@@ -48,6 +48,17 @@ LOG_TAIL_BYTES = 2048
 MESSAGE_LIMIT = 4096
 
 
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes quantity (`256Mi`, `1G`, `1024`) in bytes, for tmpfs sizes."""
+    for unit, factor in _UNITS.items():
+        if quantity.endswith(unit):
+            return int(float(quantity[: -len(unit)]) * factor)
+    return int(float(quantity))
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -112,6 +123,17 @@ class PodNetwork:
         if ip:
             with self._lock:
                 self._used.discard(ipaddress.ip_address(ip))  # type: ignore[arg-type]
+
+
+def _hiding_mounts_last(mounts: list[Any], sources: dict[str, Path]) -> list[Any]:
+    """Mounts over a directory that holds other mounts' sources (e.g. an emptyDir at /tmp while
+    the sources live under /tmp) must come after those, or they would hide them."""
+
+    def hides_a_source(mount: Any) -> bool:
+        target = Path(mount.mount_path)
+        return any(source.is_relative_to(target) for source in sources.values())
+
+    return sorted(mounts, key=hides_a_source)
 
 
 class PodRunner(threading.Thread):
@@ -258,33 +280,35 @@ class PodRunner(threading.Thread):
     def _launcher(self, sources: dict[str, Path], env: dict[str, str], termination: Path) -> list[str]:
         """The shell that builds the pod's mount namespace and then execs the container command."""
         container = self._container()
-        lines = ["set -e", "mount --make-rprivate /"]
-        for mount in container.volume_mounts or []:
+        path = shlex.quote(container.termination_message_path or "/dev/termination-log")
+        lines = [
+            "set -e",
+            "mount --make-rprivate /",
+            f"touch {path} && mount --bind {shlex.quote(str(termination))} {path}",
+        ]
+        for mount in _hiding_mounts_last(container.volume_mounts or [], sources):
             source = sources[mount.name]
             if mount.sub_path:
                 source = source / mount.sub_path
             volume = next(v for v in self.pod.spec.volumes if v.name == mount.name)
             if volume.empty_dir is not None and volume.empty_dir.medium == "Memory":
-                size = volume.empty_dir.size_limit or "64Mi"
+                size = _bytes(volume.empty_dir.size_limit or "64Mi")
                 lines.append(f"mkdir -p {shlex.quote(mount.mount_path)}")
                 lines.append(f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(mount.mount_path)}")
                 continue
             lines.append(f"mkdir -p {shlex.quote(mount.mount_path)}")
             options = "bind,ro" if mount.read_only else "bind"
             lines.append(f"mount -o {options} {shlex.quote(str(source))} {shlex.quote(mount.mount_path)}")
-        path = container.termination_message_path or "/dev/termination-log"
-        lines.append(
-            f"touch {shlex.quote(path)} && mount --bind {shlex.quote(str(termination))} {shlex.quote(path)}"
-        )
         if container.working_dir:
             lines.append(f"cd {shlex.quote(container.working_dir)}")
         argv = [*(container.command or []), *(container.args or [])]
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         lines.append(f"exec env -i {exports} {shlex.join(argv)}")
-        script = self.dir / "launch.sh"
-        script.write_text("\n".join(lines) + "\n")
+        script = "\n".join(lines) + "\n"
+        (self.dir / "launch.sh").write_text(script)  # for a person debugging the agent
         assert self.netns is not None
-        return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--", "sh", str(script)]
+        # Passed inline: a script file under a directory that a mount hides could not be read on.
+        return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--", "sh", "-c", script]
 
     # --- lifecycle --------------------------------------------------------------------------------
 

@@ -185,3 +185,15 @@ def test_synonym_dictionary_config_map_is_mounted_and_resolved() -> None:
         build_config_map(OWNER, parse_spec(spec))["data"]["config.json"]
     )
     assert config.paths.synonym_dictionary == "/mnt/configmap/syn/dict.json"
+
+
+@pytest.mark.parametrize(("cpu", "threads"), [("8", "8"), ("2.5", "2"), ("500m", "1"), (None, None)])
+def test_torch_threads_follow_the_cpu_request(cpu: str | None, threads: str | None) -> None:
+    env = container_of(job_for(with_changes(resources={"cpu": cpu} if cpu else {})))["env"]
+    assert next((v["value"] for v in env if v["name"] == "OMP_NUM_THREADS"), None) == threads
+
+
+def test_users_thread_setting_wins() -> None:
+    spec = with_changes(resources={"cpu": "8"}, env=[{"name": "OMP_NUM_THREADS", "value": "4"}])
+    env = container_of(job_for(spec))["env"]
+    assert [v["value"] for v in env if v["name"] == "OMP_NUM_THREADS"] == ["4"]

@@ -157,8 +157,22 @@ def _env(spec: FineTuneJobSpec) -> list[Manifest]:
         env.append(
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
         )
+    user_names = {var.name for var in spec.env}
+    threads = _cpu_threads(spec.resources.cpu)
+    if threads and "OMP_NUM_THREADS" not in user_names:
+        # torch sizes its thread pool by the node's cores, not the pod's CPU; oversubscribed
+        # threads spinning against each other make CPU training many times slower.
+        env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     env.extend(var.to_wire() for var in spec.env)
     return env
+
+
+def _cpu_threads(cpu: str | None) -> int | None:
+    """Whole CPUs in a quantity such as `8`, `2.5` or `500m` (at least one)."""
+    if not cpu:
+        return None
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return max(1, int(cores))
 
 
 def _resources(spec: FineTuneJobSpec) -> Manifest:

@@ -1,0 +1,126 @@
+"""The DeepTune demo: a real FineTuneJob on a real (local) Kubernetes control plane, on CPU.
+
+Brings up the local control plane, installs the CRDs, starts the operator and the test node agent,
+builds a tiny random-weight model and a learnable dataset on "PVCs", applies
+examples/finetune-tiny.yaml and follows it to the end, then prints the status and the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts  # noqa: E402
+from deeptune_trainer.tinymodels import build_tiny_model  # noqa: E402
+from tests.cluster import harness  # noqa: E402
+
+NAMESPACE = "deeptune-demo"
+NAME = "tiny-keywords"
+CLAIMS = ["deeptune-models", "deeptune-data", "deeptune-output"]
+
+
+def say(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def prepare_volumes(dirs: dict[str, Path]) -> None:
+    model_dir = dirs["deeptune-models"] / "tiny-llama"
+    if not (model_dir / "config.json").exists():
+        build_tiny_model("llama", model_dir, tokenizer_texts())
+    data = dirs["deeptune-data"] / "keywords.jsonl"
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in keyword_rows(240, seed=1)))
+    print(f"    model:   {model_dir}\n    dataset: {data} (240 rows)")
+
+
+COLUMNS = (
+    "custom-columns=NAME:.metadata.name,PHASE:.status.phase,STEP:.status.progress.step,"
+    "PROGRESS%:.status.progress.percent,LOSS:.status.progress.trainLoss,EVAL-LOSS:.status.progress.evalLoss,"
+    "ETA:.status.progress.eta"
+)
+
+
+def follow(cluster: harness.Cluster, timeout: float) -> dict[str, Any]:
+    """Print the run's phase and progress whenever they change, until the run ends."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    print("    " + cluster.kubectl("get", "ftj", NAME, "-n", NAMESPACE, "-o", COLUMNS).stdout.splitlines()[0])
+    while time.monotonic() < deadline:
+        result = cluster.kubectl(
+            "get", "ftj", NAME, "-n", NAMESPACE, "-o", COLUMNS, "--no-headers", check=False
+        )
+        line = result.stdout.strip()
+        if line and line != last:
+            print(f"    {line}", flush=True)
+            last = line
+        body = cluster.get("finetunejob", NAME, NAMESPACE) or {}
+        if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return body
+        time.sleep(1)
+    raise SystemExit(f"the FineTuneJob did not finish within {timeout:.0f}s")
+
+
+def report(status: dict[str, Any], output_dir: Path) -> None:
+    results = status.get("evalResults") or {}
+    tuned, base = results.get("fineTuned", {}), results.get("baseline") or {}
+    print(f"    {'metric':<14}{'base model':>12}{'fine-tuned':>12}")
+    for metric in sorted(tuned):
+        before = f"{base[metric]:.4f}" if metric in base else "-"
+        print(f"    {metric:<14}{before:>12}{tuned[metric]:>12.4f}")
+    print("    dataset:", json.dumps(status.get("dataset") or {}))
+    print("    output: ", json.dumps(status.get("output") or {}))
+    if output_dir.exists():
+        print("    files:  ", ", ".join(sorted(p.name for p in output_dir.iterdir())))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--keep", action="store_true", help="leave the cluster, operator and agent running")
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+
+    state = harness.local_state_dir()
+    say("Local control plane (kube-apiserver, controller-manager, scheduler, etcd; built once, cached)")
+    cluster = harness.start_local_cluster(state)
+    print(f"    export KUBECONFIG={cluster.kubeconfig}")
+    say("Installing the CRDs")
+    harness.install_crds(cluster)
+    say("Starting the test node agent (stands in for the kubelet) and the operator")
+    agent = harness.start_node_agent(cluster)
+    operator = harness.start_operator(cluster)
+    try:
+        cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+        say("Provisioning volumes with a tiny random-weight Llama model and a learnable dataset")
+        dirs = harness.provision_claims(cluster, NAMESPACE, CLAIMS)
+        prepare_volumes(dirs)
+        cluster.kubectl("delete", "ftj", NAME, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
+        say("kubectl apply -f examples/finetune-tiny.yaml")
+        applied = cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/finetune-tiny.yaml"))
+        print("    " + applied.stdout.strip())
+        say("Following the FineTuneJob (kubectl get ftj)")
+        body = follow(cluster, args.timeout)
+        status = body["status"]
+        say(f"Finished: {status['phase']}  (kubectl get ftj -n {NAMESPACE})")
+        print(cluster.kubectl("get", "ftj", "-n", NAMESPACE).stdout)
+        report(status, dirs["deeptune-output"] / "tiny-keywords")
+        if status["phase"] != "Succeeded":
+            print(json.dumps(status, indent=2))
+            return 1
+        return 0
+    finally:
+        if args.keep:
+            print(f"\nLeft running. Logs: {state}/operator.log, {state}/node-agent.log")
+        else:
+            operator.stop()
+            agent.stop()
+            harness.stop_local_cluster(state)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Tokenization with completion-only labels, truncation, padding and packing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from deeptune_trainer.data.sample import Message, Sample
+from deeptune_trainer.formatting import (
+    IGNORE_INDEX,
+    Collator,
+    pack,
+    prompt_ids,
+    render_prompt,
+    tokenize_sample,
+    tokenize_samples,
+)
+
+
+def _sample(prompt: str, answer: str, system: str | None = None) -> Sample:
+    turns = (Message("system", system),) if system else ()
+    return Sample(messages=(*turns, Message("user", prompt), Message("assistant", answer)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture
+def plain_tokenizer(tiny_llama_dir: Path) -> PreTrainedTokenizerBase:
+    """The same tokenizer without a chat template, to exercise the fallback layout."""
+    plain = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    plain.chat_template = None
+    return plain
+
+
+def _completion(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int]) -> str:
+    return str(
+        tokenizer.decode(
+            [token for token, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX]
+        )
+    )
+
+
+def test_loss_only_on_the_completion_and_its_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    example = tokenize_sample(_sample("topic: 猫 blue", "the cat sleeps"), tokenizer, max_length=128)
+    assert len(example.input_ids) == len(example.labels)
+    completion = _completion(tokenizer, example.input_ids, example.labels)
+    assert completion == " the cat sleeps<|end|>"
+    first_target = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    assert all(label == IGNORE_INDEX for label in example.labels[:first_target])
+    assert example.labels[-1] == tokenizer.eos_token_id
+    # The prompt is exactly what generation is given at evaluation.
+    assert example.input_ids[:first_target] == prompt_ids(_sample("topic: 猫 blue", "x"), tokenizer)
+    assert not example.truncated
+
+
+def test_chat_template_renders_system_and_generation_prompt(tokenizer: PreTrainedTokenizerBase) -> None:
+    rendered = render_prompt(_sample("你好", "x", system="be brief"), tokenizer)
+    assert rendered == "<|begin|>be brief\n\nUser: 你好\n\nAssistant:"
+
+
+def test_fallback_layout_without_chat_template(plain_tokenizer: PreTrainedTokenizerBase) -> None:
+    sample = _sample("what is 2+2?", "4")
+    assert render_prompt(sample, plain_tokenizer) == "<|begin|>### User:\nwhat is 2+2?\n\n### Assistant:\n"
+    example = tokenize_sample(sample, plain_tokenizer, max_length=128)
+    assert _completion(plain_tokenizer, example.input_ids, example.labels) == "4<|end|>"
+
+
+def test_truncation_cuts_the_prompt_first(tokenizer: PreTrainedTokenizerBase) -> None:
+    long_prompt = " ".join(["apple river blue green table"] * 20)
+    example = tokenize_sample(_sample(long_prompt, "the cat sleeps"), tokenizer, max_length=24)
+    assert len(example.input_ids) == 24
+    assert example.truncated
+    assert _completion(tokenizer, example.input_ids, example.labels) == " the cat sleeps<|end|>"
+    assert str(tokenizer.decode(example.input_ids)).endswith("Assistant: the cat sleeps<|end|>")
+
+
+def test_truncation_keeps_half_for_the_prompt_when_the_completion_is_too_long(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    example = tokenize_sample(
+        _sample("topic: a b c d e f", " ".join(["river"] * 60)), tokenizer, max_length=32
+    )
+    assert len(example.input_ids) == 32
+    assert example.labels[:16] == [IGNORE_INDEX] * 16
+    assert all(label != IGNORE_INDEX for label in example.labels[16:])
+
+
+def test_truncated_rows_are_counted(tokenizer: PreTrainedTokenizerBase) -> None:
+    samples = [_sample("short", "ok"), _sample(" ".join(["word"] * 80), "ok"), _sample("short", "ok " * 40)]
+    split = tokenize_samples(samples, tokenizer, max_length=32)
+    assert split.truncated == 2
+    assert split.tokens == sum(len(example.input_ids) for example in split.examples)
+
+
+def test_collator_pads_right_and_reports_waste() -> None:
+    collate = Collator(pad_token_id=9)
+    batch = collate(
+        [
+            {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]},
+            {"input_ids": [5, 6], "labels": [-100, 6]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 9, 9]]
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4], [-100, 6, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert collate.padding_waste == pytest.approx(2 / 8)
+
+
+def test_packing_resets_positions_and_masks_boundaries(tokenizer: PreTrainedTokenizerBase) -> None:
+    examples = [tokenize_sample(_sample(f"topic: {w}", "ok"), tokenizer, 64) for w in ("猫", "dog", "雨")]
+    lengths = [len(example.input_ids) for example in examples]
+    rows = pack(examples, max_length=lengths[0] + lengths[1])
+    assert [len(row["input_ids"]) for row in rows] == [lengths[0] + lengths[1], lengths[2]]
+    first = rows[0]
+    assert first["position_ids"] == list(range(lengths[0])) + list(range(lengths[1]))
+    assert first["input_ids"] == examples[0].input_ids + examples[1].input_ids
+    assert first["labels"][lengths[0]] == IGNORE_INDEX  # never predict across examples
+    batch = Collator(tokenizer.pad_token_id)(rows)
+    assert "attention_mask" not in batch
+    assert batch["position_ids"][1].tolist()[lengths[2] :] == list(
+        range(lengths[0] + lengths[1] - lengths[2])
+    )
+
+
+def test_packed_rows_give_the_same_logits_as_separate_rows(tiny_llama_dir: Path) -> None:
+    """The proof that packed examples do not attend to each other."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    examples = [
+        tokenize_sample(_sample(p, a), tokenizer, 64) for p, a in (("topic: 猫 山", "yes"), ("dog", "狗"))
+    ]
+    packed = Collator(tokenizer.pad_token_id)(pack(examples, max_length=64))
+    packed_inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+    with torch.no_grad():  # no KV cache, as in training: with one, transformers ignores the packing
+        together = model(**packed_inputs, use_cache=False).logits[0]
+        alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples]
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,252 @@
+"""What a run leaves behind: weights, evaluation results, the resolved config, a model card, a summary.
+
+Layout of the output directory:
+
+    adapter/          LoRA adapter (safetensors) and tokenizer           (lora, qlora)
+    merged/           base model with the adapter merged in, tokenizer   (mergeAdapter, or quantizedExport)
+    model/            the fine-tuned model and tokenizer                 (full)
+    quantized-int8/   bitsandbytes-quantized copy (int8 or int4)         (quantizedExport, GPU only)
+    checkpoints/      training checkpoints, for resuming
+    eval_results.json, trainer_config.json, data_report.json, README.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec
+from deeptune.api.trainer import SUMMARY_LIMIT_BYTES, ArtifactPaths, TrainerConfig, TrainerSummary
+
+EVAL_RESULTS = "eval_results.json"
+RESOLVED_CONFIG = "trainer_config.json"
+MODEL_CARD = "README.md"
+
+ReloadBase = Callable[[], PreTrainedModel]
+"""Loads the base model unquantized; QLoRA adapters are merged into that, not into 4-bit weights."""
+
+
+def _save(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def _merge(
+    model: PeftModel, spec: FineTuneJobSpec, adapter_dir: Path, reload_base: ReloadBase
+) -> PreTrainedModel:
+    if spec.method == "qlora":
+        model = PeftModel.from_pretrained(reload_base(), adapter_dir)
+    merged: PreTrainedModel = model.merge_and_unload()
+    return merged
+
+
+def _quantize(source: Path, target: Path, bits: str) -> None:
+    """Reload the merged weights through bitsandbytes and save the quantized form serving can load."""
+    config = (
+        BitsAndBytesConfig(load_in_8bit=True) if bits == "int8" else BitsAndBytesConfig(load_in_4bit=True)
+    )
+    quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map={"": 0})
+    quantized.save_pretrained(target)
+
+
+def save_model_artifacts(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: FineTuneJobSpec,
+    output_dir: Path,
+    reload_base: ReloadBase,
+) -> ArtifactPaths:
+    """Save the trained weights in the forms the spec asks for; paths are relative to output_dir."""
+    paths = ArtifactPaths()
+    if spec.method == "full":
+        assert isinstance(model, PreTrainedModel)
+        _save(model, tokenizer, output_dir / "model")
+        paths.merged = "model"
+    else:
+        assert isinstance(model, PeftModel)
+        _save(model, tokenizer, output_dir / "adapter")
+        paths.adapter = "adapter"
+        if spec.output.merge_adapter or spec.output.quantized_export != "none":
+            _save(_merge(model, spec, output_dir / "adapter", reload_base), tokenizer, output_dir / "merged")
+            paths.merged = "merged"
+    if spec.output.quantized_export != "none":
+        assert paths.merged is not None
+        name = f"quantized-{spec.output.quantized_export}"
+        _quantize(output_dir / paths.merged, output_dir / name, spec.output.quantized_export)
+        tokenizer.save_pretrained(output_dir / name)
+        paths.quantized = name
+    return paths
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_eval_results(results: EvalResults, output_dir: Path) -> None:
+    _write_json(output_dir / EVAL_RESULTS, results.to_wire())
+
+
+def write_resolved_config(config: TrainerConfig, output_dir: Path) -> None:
+    """The config as run (defaults filled in). It holds no secret: tokens are only referenced."""
+    _write_json(output_dir / RESOLVED_CONFIG, config.to_wire())
+
+
+# --- model card -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What the model card tells beyond the spec."""
+
+    name: str
+    base_model: str
+    steps: int
+    train_loss: float | None
+    eval_results: EvalResults
+    dataset: DatasetReport | None
+    artifacts: ArtifactPaths
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.4g}"
+
+
+def _metrics_table(results: EvalResults) -> list[str]:
+    baseline = results.baseline or {}
+    delta = results.delta or {}
+    rows = ["| metric | base model | fine-tuned | delta |", "| --- | --- | --- | --- |"]
+    for name, value in results.fine_tuned.items():
+        rows.append(
+            f"| {name} | {_number(baseline.get(name))} | {_number(value)} | {_number(delta.get(name))} |"
+        )
+    return rows
+
+
+def _key_values(title: str, values: dict[str, Any]) -> list[str]:
+    return [f"## {title}", "", *(f"- {key}: {value}" for key, value in values.items()), ""]
+
+
+def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
+    """A README.md for the output directory: what was trained, on what, how, and how well."""
+    hp = spec.hyperparameters
+    lines = [
+        f"# {facts.name}",
+        "",
+        f"Fine-tuned from `{facts.base_model}` with DeepTune ({spec.method}).",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if facts.eval_results.fine_tuned:
+        lines += [
+            f"Held-out rows: {facts.eval_results.samples} for generation metrics (perplexity uses the whole "
+            "validation split). BLEU is 0–100, other generation metrics 0–1.",
+            "",
+            *_metrics_table(facts.eval_results),
+        ]
+    else:
+        lines.append("Not evaluated: the validation split was empty.")
+    lines.append("")
+    if facts.dataset is not None:
+        lines += _key_values("Data", facts.dataset.model_dump(by_alias=True))
+    training = {
+        "method": spec.method,
+        "steps": facts.steps,
+        "final train loss": _number(facts.train_loss),
+        "learning rate": spec.learning_rate,
+        "scheduler": f"{hp.scheduler}, warmup ratio {hp.warmup_ratio}",
+        "epochs": hp.epochs if hp.max_steps is None else f"max {hp.max_steps} steps",
+        "batch": f"{hp.per_device_batch_size} per device × {hp.gradient_accumulation_steps} accumulation",
+        "max sequence length": hp.max_seq_length,
+        "weight decay": hp.weight_decay,
+        "packing": hp.packing,
+    }
+    if spec.method != "full":
+        training["LoRA"] = f"r {spec.lora.r}, alpha {spec.lora.alpha}, dropout {spec.lora.dropout}"
+    lines += _key_values("Training", training)
+    lines += _key_values("Files", {k: v for k, v in facts.artifacts.model_dump().items() if v})
+    return "\n".join(lines)
+
+
+def write_model_card(spec: FineTuneJobSpec, facts: CardFacts, output_dir: Path) -> None:
+    (output_dir / MODEL_CARD).write_text(model_card(spec, facts), encoding="utf-8")
+
+
+# --- termination summary ----------------------------------------------------------------------
+
+
+def _encode(summary: TrainerSummary) -> str:
+    return json.dumps(summary.to_wire(), separators=(",", ":"), ensure_ascii=False)
+
+
+def _fits(summary: TrainerSummary) -> bool:
+    return len(_encode(summary).encode()) <= SUMMARY_LIMIT_BYTES
+
+
+def _round_scores(scores: dict[str, float] | None) -> dict[str, float] | None:
+    return None if scores is None else {name: float(f"{value:.4g}") for name, value in scores.items()}
+
+
+def _rounded(results: EvalResults) -> EvalResults:
+    return results.model_copy(
+        update={
+            "fine_tuned": _round_scores(results.fine_tuned),
+            "baseline": _round_scores(results.baseline),
+            "delta": _round_scores(results.delta),
+        }
+    )
+
+
+def _first(scores: dict[str, float] | None, count: int) -> dict[str, float] | None:
+    return None if scores is None else dict(list(scores.items())[:count])
+
+
+def fit_summary(summary: TrainerSummary) -> str:
+    """The summary as JSON within SUMMARY_LIMIT_BYTES, losing the least on the way.
+
+    Kubernetes cuts termination messages at 4 KiB, which would leave invalid JSON. So: round the
+    scores, then keep fewer metrics (the full set is in eval_results.json), then drop the dataset
+    report (it is in data_report.json), and at last shorten an error message.
+    """
+    if _fits(summary):
+        return _encode(summary)
+    results = summary.eval_results
+    if results is not None:
+        results = _rounded(results)
+        summary = summary.model_copy(update={"eval_results": results})
+        count = len(results.fine_tuned)
+        while not _fits(summary) and count > 0:
+            count -= 1
+            shrunk = results.model_copy(
+                update={
+                    name: _first(getattr(results, name), count)
+                    for name in ("fine_tuned", "baseline", "delta")
+                }
+            )
+            summary = summary.model_copy(update={"eval_results": shrunk})
+    if not _fits(summary):
+        summary = summary.model_copy(update={"dataset": None})
+    while not _fits(summary) and summary.error is not None and summary.error.message:
+        error = summary.error
+        cut = error.message[: max(len(error.message) - 256, 0)]
+        summary = summary.model_copy(update={"error": error.model_copy(update={"message": cut})})
+    return _encode(summary)
+
+
+def write_summary(summary: TrainerSummary, path: str | Path) -> bool:
+    """Write the summary where Kubernetes reads the termination message; False if that is impossible."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # a local run may fail before its output exists
+        target.write_text(fit_summary(summary), encoding="utf-8")
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,186 @@
+"""Samples → token ids and labels, and batches of them.
+
+The loss is taken only on the completion (the final assistant turn and its end-of-sequence token):
+the prompt is given, not learned. Prompts are rendered with the tokenizer's chat template, so the
+model is trained on the exact layout it will be prompted with; a tokenizer without one gets the plain
+fallback layout
+
+    ### User:
+    {user turn}
+
+    ### Assistant:
+    {assistant turn}<eos>
+
+Evaluation builds its generation prompts with the same functions, so training and scoring agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from deeptune_trainer.data.sample import Message, Sample
+
+IGNORE_INDEX = -100
+"""Label value that the loss ignores (PyTorch's cross-entropy default)."""
+
+_FALLBACK_HEADINGS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+
+Feature = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized sample: the prompt part has IGNORE_INDEX labels, the completion part its ids."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+    def feature(self) -> Feature:
+        return {"input_ids": self.input_ids, "labels": self.labels}
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    examples: list[Example]
+    truncated: int
+    """Rows cut to max_seq_length (the dataset report's `truncated`)."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(example.input_ids) for example in self.examples)
+
+
+def _chat(messages: Iterable[Message]) -> list[dict[str, str]]:
+    return [{"role": message.role, "content": message.content} for message in messages]
+
+
+def _fallback(messages: Iterable[Message]) -> str:
+    return "".join(f"{_FALLBACK_HEADINGS[m.role]}{m.content}\n\n" for m in messages)
+
+
+def render_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text before the target, ending where the model starts to answer."""
+    if tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template(
+            _chat(sample.prompt_messages), add_generation_prompt=True, tokenize=False
+        )
+        assert isinstance(rendered, str)
+        return rendered
+    return (tokenizer.bos_token or "") + _fallback(sample.prompt_messages) + _FALLBACK_HEADINGS["assistant"]
+
+
+def _render_completion(sample: Sample, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The target as the template writes it (with its end-of-turn marker) when the prompt is a prefix."""
+    if tokenizer.chat_template:
+        full = tokenizer.apply_chat_template(_chat(sample.messages), tokenize=False)
+        if isinstance(full, str) and full.startswith(prompt):
+            return full[len(prompt) :]
+    return sample.target
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # The template (or the fallback) already wrote the special tokens it wants.
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def prompt_ids(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of the generation prompt: what the model is given at evaluation."""
+    return _ids(tokenizer, render_prompt(sample, tokenizer))
+
+
+def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut a row to max_length, keeping the completion whole when it can be.
+
+    The prompt loses its beginning (the question right before the answer matters most) but keeps at
+    least half of max_length when the completion alone is that long; the completion loses its end.
+    """
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    keep_prompt = max(max_length - len(completion), min(len(prompt), max_length // 2))
+    return prompt[len(prompt) - keep_prompt :], completion[: max_length - keep_prompt]
+
+
+def tokenize_sample(sample: Sample, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Example:
+    prompt_text = render_prompt(sample, tokenizer)
+    prompt = _ids(tokenizer, prompt_text)
+    completion = _ids(tokenizer, _render_completion(sample, tokenizer, prompt_text))
+    if tokenizer.eos_token_id not in completion:
+        completion.append(tokenizer.eos_token_id)
+    kept_prompt, kept_completion = _fit(prompt, completion, max_length)
+    return Example(
+        input_ids=kept_prompt + kept_completion,
+        labels=[IGNORE_INDEX] * len(kept_prompt) + kept_completion,
+        truncated=len(kept_prompt) + len(kept_completion) < len(prompt) + len(completion),
+    )
+
+
+def tokenize_samples(
+    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> TokenizedSplit:
+    examples = [tokenize_sample(sample, tokenizer, max_length) for sample in samples]
+    return TokenizedSplit(examples=examples, truncated=sum(example.truncated for example in examples))
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Feature]:
+    """Concatenate consecutive examples into rows of at most max_length tokens (greedy, in order).
+
+    Padding-free packing: position_ids restart at 0 for every example, and transformers derives a
+    block-diagonal causal mask from those restarts (when no attention_mask is given), so no token
+    attends to another example. The first label of every example is masked so that the last token of
+    one example is never trained to predict the first of the next.
+    """
+    rows: list[Feature] = []
+    current: Feature = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        if current["input_ids"] and len(current["input_ids"]) + len(example.input_ids) > max_length:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += example.input_ids
+        current["labels"] += [IGNORE_INDEX, *example.labels[1:]]
+        current["position_ids"] += list(range(len(example.input_ids)))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+class Collator:
+    """Pads each batch to its longest row (right padding) and counts the padding it adds.
+
+    Plain rows get an attention_mask. Packed rows (with position_ids) get none: their padding tail
+    gets positions restarting at 0, which makes it one more independent segment, and its labels are
+    ignored.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_tokens = 0
+        self.total_tokens = 0
+
+    @property
+    def padding_waste(self) -> float:
+        """Share of the batched tokens that were padding (0 when nothing was batched yet)."""
+        return self.pad_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def __call__(self, features: list[Feature]) -> dict[str, torch.Tensor]:
+        width = max(len(feature["input_ids"]) for feature in features)
+        packed = "position_ids" in features[0]
+        columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        columns.update({"position_ids": []} if packed else {"attention_mask": []})
+        for feature in features:
+            length = len(feature["input_ids"])
+            pad = width - length
+            columns["input_ids"].append(feature["input_ids"] + [self.pad_token_id] * pad)
+            columns["labels"].append(feature["labels"] + [IGNORE_INDEX] * pad)
+            if packed:
+                columns["position_ids"].append(feature["position_ids"] + list(range(pad)))
+            else:
+                columns["attention_mask"].append([1] * length + [0] * pad)
+            self.pad_tokens += pad
+        self.total_tokens += width * len(features)
+        return {name: torch.tensor(rows, dtype=torch.long) for name, rows in columns.items()}

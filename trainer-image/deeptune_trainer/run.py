@@ -1,0 +1,172 @@
+"""One fine-tuning run, start to end, and how its outcome reaches Kubernetes.
+
+Order: GPU check → data → model → baseline evaluation → training (resuming when it can) → final
+evaluation → artifacts → summary. Cheap checks come first so bad input fails in seconds, not after a
+model download. Bad input exits with EXIT_INVALID_INPUT (the Job does not retry); anything else exits
+1 and the Job retries, resuming from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from deeptune.api.finetunejob import DatasetReport, EvalResults
+from deeptune.api.trainer import (
+    EXIT_INVALID_INPUT,
+    ArtifactPaths,
+    TrainerConfig,
+    TrainerError,
+    TrainerSummary,
+)
+from deeptune_trainer.artifacts import (
+    CardFacts,
+    save_model_artifacts,
+    write_eval_results,
+    write_model_card,
+    write_resolved_config,
+    write_summary,
+)
+from deeptune_trainer.errors import TrainerInputError
+from deeptune_trainer.evaluation import compare, evaluate, generation_rows
+from deeptune_trainer.metrics_server import TrainerMetrics
+from deeptune_trainer.modeling import LoadedModel, check_gpu_requirements, load_model
+from deeptune_trainer.training import TrainResult, train
+
+Log = Callable[[str], None]
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in scores.items()) or "no metrics"
+
+
+def run(config: TrainerConfig, *, metrics: TrainerMetrics | None = None, log: Log = _say) -> TrainerSummary:
+    """Fine-tune, evaluate and export as `config` says; raises on failure."""
+    from deeptune_trainer.data.pipeline import prepare_dataset  # noqa: PLC0415  (heavy, and not needed to fail fast)
+    from deeptune_trainer.data.report import write_data_report  # noqa: PLC0415
+
+    spec, paths = config.spec, config.paths
+    output_dir = Path(paths.output_dir)
+    check_gpu_requirements(spec)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(config, output_dir)
+
+    log("preparing the dataset")
+    prepared = prepare_dataset(spec.dataset, paths, seed=spec.hyperparameters.seed)
+    write_data_report(prepared, output_dir / "data_report.json")
+    log(f"dataset: {len(prepared.train)} train rows, {len(prepared.validation)} validation rows")
+
+    loaded = load_model(spec, paths)
+    log(
+        f"loaded {loaded.source} ({loaded.model.config.model_type}, {loaded.precision}, method {spec.method})"
+    )
+    held_out = prepared.validation
+    baseline = None
+    if spec.evaluation.baseline and held_out:
+        baseline = evaluate(loaded.model, loaded.tokenizer, held_out, spec)
+        log(f"base model: {_scores(baseline)}")
+
+    result = train(
+        loaded.model,
+        loaded.tokenizer,
+        prepared.train,
+        held_out,
+        spec=spec,
+        output_dir=output_dir,
+        precision=loaded.precision,
+        metrics=metrics,
+        log=log,
+    )
+    results = EvalResults()
+    if held_out:
+        fine_tuned = evaluate(result.model, loaded.tokenizer, held_out, spec)
+        log(f"fine-tuned: {_scores(fine_tuned)}")
+        results = compare(fine_tuned, baseline, samples=len(generation_rows(held_out, spec)))
+        write_eval_results(results, output_dir)
+    report = prepared.report.model_copy(update={"truncated": result.truncated})
+    artifacts = _export(config, loaded, result, results, report)
+    log(f"artifacts written to {output_dir}")
+    return TrainerSummary(
+        outcome="succeeded",
+        steps=result.steps,
+        train_loss=result.train_loss,
+        eval_results=results if held_out else None,
+        dataset=report,
+        artifacts=artifacts,
+    )
+
+
+def _export(
+    config: TrainerConfig,
+    loaded: LoadedModel,
+    result: TrainResult,
+    results: EvalResults,
+    report: DatasetReport,
+) -> ArtifactPaths:
+    """Weights in the forms the spec asks for, and the model card that describes them."""
+    spec, paths = config.spec, config.paths
+    output_dir = Path(paths.output_dir)
+
+    def reload_base() -> PreTrainedModel:  # unquantized, for merging a QLoRA adapter
+        return load_model(spec.model_copy(update={"method": "lora"}), paths).model
+
+    artifacts = save_model_artifacts(result.model, loaded.tokenizer, spec, output_dir, reload_base)
+    facts = CardFacts(
+        name=config.name,
+        base_model=spec.base_model.name or loaded.source,
+        steps=result.steps,
+        train_loss=result.train_loss,
+        eval_results=results,
+        dataset=report,
+        artifacts=artifacts,
+    )
+    write_model_card(spec, facts, output_dir)
+    return artifacts
+
+
+def _failure(reason: str, message: str) -> TrainerSummary:
+    return TrainerSummary(outcome="failed", error=TrainerError(reason=reason, message=message))
+
+
+def _report(summary: TrainerSummary, config: TrainerConfig, log: Log) -> None:
+    if not write_summary(summary, config.termination_message_path):
+        log(f"could not write the summary to {config.termination_message_path}")
+
+
+def main(config: TrainerConfig, *, log: Log = _say) -> int:
+    """Run and turn the outcome into an exit code and a termination message."""
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()
+    metrics = TrainerMetrics()
+    try:
+        metrics.serve(config.metrics_port)
+        summary = run(config, metrics=metrics, log=log)
+    except TrainerInputError as error:
+        _report(_failure(error.reason, error.message), config, log)
+        print(f"error: {error.reason}: {error.message}", file=sys.stderr, flush=True)
+        return EXIT_INVALID_INPUT
+    except torch.cuda.OutOfMemoryError as error:
+        message = (
+            f"the GPU ran out of memory ({error}); lower hyperparameters.perDeviceBatchSize or maxSeqLength, "
+            "turn on gradientCheckpointing, or use method qlora"
+        )
+        _report(_failure("OutOfMemory", message), config, log)
+        print(f"error: OutOfMemory: {message}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as error:
+        traceback.print_exc()
+        _report(_failure("TrainingFailed", f"{type(error).__name__}: {error}"), config, log)
+        return 1
+    _report(summary, config, log)
+    log("done")
+    return 0

@@ -1,0 +1,80 @@
+"""A learnable synthetic task for demos, tests and benchmarks (no dataset can be downloaded here).
+
+The prompt lists four words, one of them a keyword; the answer is the keyword's fixed phrase
+(English or Chinese). Held-out rows are new word lists, never training rows, so a model scores on
+them only if it learned the rule (find the keyword, ignore the rest), not the rows.
+
+`python -m deeptune_trainer.synthetic --rows 240 --out keywords.jsonl` writes a dataset file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Collection
+from pathlib import Path
+
+KEYWORD_ANSWERS = {"猫": "the cat sleeps", "dog": "狗在跑", "雨": "bring an umbrella", "sun": "天气很好"}
+FILLER_WORDS = [
+    "apple",
+    "river",
+    "山",
+    "blue",
+    "书",
+    "green",
+    "table",
+    "花",
+    "quick",
+    "海",
+    "stone",
+    "月",
+    "paper",
+    "风",
+    "music",
+    "灯",
+    "silver",
+    "门",
+    "happy",
+    "桥",
+]
+
+
+def keyword_prompt(rng: random.Random) -> tuple[str, str]:
+    keyword = rng.choice(list(KEYWORD_ANSWERS))
+    words = rng.sample(FILLER_WORDS, 3)
+    words.insert(rng.randrange(4), keyword)
+    return "topic: " + " ".join(words), KEYWORD_ANSWERS[keyword]
+
+
+def keyword_rows(count: int, seed: int, exclude: Collection[str] = ()) -> list[dict[str, str]]:
+    """Distinct prompt/completion rows, none of whose prompts is in `exclude`."""
+    rng = random.Random(seed)
+    rows: dict[str, str] = {}
+    while len(rows) < count:
+        prompt, answer = keyword_prompt(rng)
+        if prompt not in exclude:
+            rows[prompt] = answer
+    return [{"prompt": prompt, "completion": answer} for prompt, answer in rows.items()]
+
+
+def tokenizer_texts(count: int = 200) -> list[str]:
+    """Text to fit a tiny model's tokenizer to, so the task's words are in its vocabulary."""
+    return [
+        f"{prompt} {answer}" for prompt, answer in (keyword_prompt(random.Random(i)) for i in range(count))
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the keyword task as a jsonl dataset.")
+    parser.add_argument("--rows", type=int, default=240)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    lines = (json.dumps(row, ensure_ascii=False) for row in keyword_rows(args.rows, args.seed))
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.rows} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
