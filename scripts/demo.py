@@ -17,26 +17,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts  # noqa: E402
-from deeptune_trainer.tinymodels import build_tiny_model  # noqa: E402
 from tests.cluster import harness  # noqa: E402
 
 NAMESPACE = "deeptune-demo"
 NAME = "tiny-keywords"
-CLAIMS = ["deeptune-models", "deeptune-data", "deeptune-output"]
 
 
 def say(message: str) -> None:
     print(f"\n==> {message}", flush=True)
-
-
-def prepare_volumes(dirs: dict[str, Path]) -> None:
-    model_dir = dirs["deeptune-models"] / "tiny-llama"
-    if not (model_dir / "config.json").exists():
-        build_tiny_model("llama", model_dir, tokenizer_texts())
-    data = dirs["deeptune-data"] / "keywords.jsonl"
-    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in keyword_rows(240, seed=1)))
-    print(f"    model:   {model_dir}\n    dataset: {data} (240 rows)")
 
 
 COLUMNS = (
@@ -97,8 +85,9 @@ def main() -> int:
     try:
         cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
         say("Provisioning volumes with a tiny random-weight Llama model and a learnable dataset")
-        dirs = harness.provision_claims(cluster, NAMESPACE, CLAIMS)
-        prepare_volumes(dirs)
+        dirs = harness.provision_claims(cluster, NAMESPACE, harness.TINY_CLAIMS)
+        harness.seed_tiny_volumes(dirs)
+        print(f"    model and dataset (240 rows) on the claims under {dirs['deeptune-models'].parent}")
         cluster.kubectl("delete", "ftj", NAME, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
         say("kubectl apply -f examples/finetune-tiny.yaml")
         applied = cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/finetune-tiny.yaml"))

@@ -22,6 +22,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 LOCALCLUSTER = ROOT / "tests" / "localcluster"
 TRAINER_IMAGE = "deeptune/trainer:test"
+TINY_CLAIMS = ["deeptune-models", "deeptune-data", "deeptune-output"]
+"""The PVCs examples/finetune-tiny.yaml uses."""
 NODE_NAME = "deeptune-test-node"
 
 
@@ -221,3 +223,15 @@ def provision_claims(cluster: Cluster, namespace: str, claims: list[str]) -> dic
             timeout=60,
         )
     return dirs
+
+
+def seed_tiny_volumes(dirs: dict[str, Path], rows: int = 240) -> None:
+    """Put what examples/finetune-tiny.yaml reads on its claims: a tiny model and the keyword task."""
+    from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts
+    from deeptune_trainer.tinymodels import build_tiny_model
+
+    model_dir = dirs["deeptune-models"] / "tiny-llama"
+    if not (model_dir / "config.json").exists():
+        build_tiny_model("llama", model_dir, tokenizer_texts())
+    lines = (json.dumps(row, ensure_ascii=False) for row in keyword_rows(rows, seed=1))
+    (dirs["deeptune-data"] / "keywords.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

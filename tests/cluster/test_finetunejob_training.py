@@ -1,0 +1,115 @@
+"""A real fine-tune through the cluster: progress while it runs, results at the end, retries resume."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster import harness
+from tests.cluster.harness import Cluster, Process, wait_for
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
+NAME = "tiny-keywords"
+
+
+def tiny_manifest(namespace: str, **hyperparameters: Any) -> dict[str, Any]:
+    manifest = yaml.safe_load((ROOT / "examples" / "finetune-tiny.yaml").read_text())
+    manifest["metadata"]["namespace"] = namespace
+    manifest["spec"]["hyperparameters"].update(hyperparameters)
+    return manifest
+
+
+def status_of(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    return (cluster.get("finetunejob", NAME, namespace) or {}).get("status") or {}
+
+
+def follow(cluster: Cluster, namespace: str, timeout: float) -> list[dict[str, Any]]:
+    """Every distinct status seen until the run ends (the last one is final)."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = status_of(cluster, namespace)
+        if status and (not seen or status != seen[-1]):
+            seen.append(status)
+        if status.get("phase") in ("Succeeded", "Failed"):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"the run did not finish in {timeout}s; last status: {seen[-1] if seen else None}")
+
+
+@pytest.fixture
+def tiny_volumes(crds: Cluster, namespace: str) -> dict[str, Path]:
+    dirs = harness.provision_claims(crds, namespace, harness.TINY_CLAIMS)
+    harness.seed_tiny_volumes(dirs)
+    return dirs
+
+
+def test_tiny_finetune_end_to_end(
+    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    crds.apply(tiny_manifest(namespace))
+    seen = follow(crds, namespace, timeout=600)
+    final = seen[-1]
+    assert final["phase"] == "Succeeded", final
+
+    running = [s for s in seen if s.get("phase") == "Running" and (s.get("progress") or {}).get("step")]
+    assert running, "status showed no progress while the trainer ran"
+    assert running[0]["progress"]["totalSteps"] == 120
+
+    results = final["evalResults"]
+    assert results["fineTuned"]["exactMatch"] > results["baseline"]["exactMatch"]
+    assert results["delta"]["exactMatch"] > 0.5
+    assert final["dataset"]["rowsRead"] == 240
+    assert final["dataset"]["validationRows"] + final["dataset"]["trainRows"] == 240
+    assert final["progress"]["percent"] == 100 and final["progress"]["step"] == 120
+    assert final["output"] == {"claimName": "deeptune-output", "path": NAME, "adapterPath": "adapter"}
+    out = tiny_volumes["deeptune-output"] / NAME
+    for artifact in (
+        "adapter/adapter_model.safetensors",
+        "eval_results.json",
+        "README.md",
+        "data_report.json",
+    ):
+        assert (out / artifact).is_file(), artifact
+
+    row = crds.kubectl("get", "ftj", NAME, "-n", namespace, "--no-headers").stdout.split()
+    assert row[:3] == [NAME, "Succeeded", "100"]
+    reasons = {e["reason"] for e in crds.list("events", namespace) if e["involvedObject"]["name"] == NAME}
+    assert {"JobCreated", "Running", "Succeeded"} <= reasons
+
+
+def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
+    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    if not crds.local:
+        pytest.skip("kills the trainer process through the local node agent")
+    crds.apply(tiny_manifest(namespace, maxSteps=240, checkpointSteps=20))
+    at_kill = wait_for(
+        "training past the second checkpoint",
+        lambda: (
+            ((status_of(crds, namespace).get("progress") or {}).get("step") or 0) >= 45
+            and status_of(crds, namespace)["progress"]["step"]
+        ),
+        timeout=300,
+        interval=0.3,
+    )
+    subprocess.run(["pkill", "-KILL", "-f", "deeptune_trainer --config"], check=True)
+    final = follow(crds, namespace, timeout=600)[-1]
+    assert final["phase"] == "Succeeded", final
+    assert final["retries"] == 1
+    assert final["lastFailure"]["exitCode"] == 137
+
+    pod_logs = (crds.state_dir / "node-agent" / "pods").glob(f"{namespace}_{NAME}-train-*/trainer.log")
+    logs = [log.read_text() for log in sorted(pod_logs, key=lambda log: log.stat().st_mtime)]
+    assert len(logs) == 2
+    resumed = [line for line in logs[1].splitlines() if "resuming from checkpoint-" in line]
+    assert resumed, logs[1][-2000:]
+    checkpoint_step = int(resumed[0].rsplit("-", 1)[1])
+    assert checkpoint_step >= at_kill - 20, "lost more steps than the checkpoint interval"
+    assert final["progress"]["step"] == 240
