@@ -67,6 +67,16 @@ class Cluster:
         return list(json.loads(self.kubectl(*args).stdout)["items"])
 
 
+def finetunejob(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A FineTuneJob manifest."""
+    return {
+        "apiVersion": "deeptune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
 def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
     """Poll until `probe` returns something truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -7,19 +7,10 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster
+from tests.cluster.harness import Cluster, finetunejob
 from tests.unit.test_finetunejob_model import MINIMAL
 
 pytestmark = pytest.mark.cluster
-
-
-def manifest(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "deeptune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
 
 
 def spec_with(**top: Any) -> dict[str, Any]:
@@ -29,7 +20,7 @@ def spec_with(**top: Any) -> dict[str, Any]:
 
 
 def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> None:
-    crds.apply(manifest("defaults", namespace, MINIMAL))
+    crds.apply(finetunejob("defaults", namespace, MINIMAL))
     stored = crds.get("finetunejob", "defaults", namespace)
     assert stored is not None
     spec = stored["spec"]
@@ -67,19 +58,19 @@ def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> N
 def test_bad_specs_are_rejected_at_apply(
     crds: Cluster, namespace: str, spec: dict[str, Any], message: str
 ) -> None:
-    result = crds.apply(manifest("bad", namespace, spec), check=False)
+    result = crds.apply(finetunejob("bad", namespace, spec), check=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
 
 
 def test_unknown_fields_are_rejected_by_strict_validation(crds: Cluster, namespace: str) -> None:
-    result = crds.apply(manifest("typo", namespace, spec_with(hyperparameter={"epochs": 1})), check=False)
+    result = crds.apply(finetunejob("typo", namespace, spec_with(hyperparameter={"epochs": 1})), check=False)
     assert result.returncode != 0
     assert 'unknown field "spec.hyperparameter"' in result.stderr
 
 
 def test_training_fields_are_immutable(crds: Cluster, namespace: str) -> None:
-    crds.apply(manifest("fixed", namespace, MINIMAL))
+    crds.apply(finetunejob("fixed", namespace, MINIMAL))
     result = crds.kubectl(
         "patch",
         "finetunejob",
@@ -112,6 +103,6 @@ def test_kubectl_explain_documents_fields(crds: Cluster) -> None:
 
 
 def test_short_name_and_printer_columns(crds: Cluster, namespace: str) -> None:
-    crds.apply(manifest("columns", namespace, MINIMAL))
+    crds.apply(finetunejob("columns", namespace, MINIMAL))
     header = crds.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()[0].split()
     assert header[:5] == ["NAME", "PHASE", "PROGRESS", "%", "EVAL"]

@@ -8,19 +8,10 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, Process, wait_for
+from tests.cluster.harness import Cluster, Process, finetunejob, wait_for
 from tests.unit.test_finetunejob_model import MINIMAL
 
 pytestmark = pytest.mark.cluster
-
-
-def ftj(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "deeptune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
 
 
 def status_of(cluster: Cluster, name: str, namespace: str) -> dict[str, Any]:
@@ -40,7 +31,7 @@ def events_for(cluster: Cluster, name: str, namespace: str) -> list[dict[str, An
 def test_invalid_spec_is_reported_without_children(operator: Process, crds: Cluster, namespace: str) -> None:
     spec = copy.deepcopy(MINIMAL)
     spec["lora"] = {"targetModules": ["auto", "q_proj"]}  # only the model can tell this is wrong
-    crds.apply(ftj("invalid", namespace, spec))
+    crds.apply(finetunejob("invalid", namespace, spec))
     status = wait_for(
         "InvalidSpec", lambda: (s := status_of(crds, "invalid", namespace)).get("phase") == "Failed" and s, 60
     )
@@ -61,7 +52,7 @@ def test_invalid_spec_is_reported_without_children(operator: Process, crds: Clus
 def test_suspend_and_resume(operator: Process, crds: Cluster, namespace: str) -> None:
     spec = copy.deepcopy(MINIMAL)
     spec["suspend"] = True
-    crds.apply(ftj("paused", namespace, spec))
+    crds.apply(finetunejob("paused", namespace, spec))
     wait_for("phase Suspended", lambda: status_of(crds, "paused", namespace).get("phase") == "Suspended", 60)
     job = crds.get("job", "paused-train", namespace)
     assert job is not None and job["spec"]["suspend"] is True
@@ -85,7 +76,7 @@ def test_suspend_and_resume(operator: Process, crds: Cluster, namespace: str) ->
 
 
 def test_children_are_garbage_collected(operator: Process, crds: Cluster, namespace: str) -> None:
-    crds.apply(ftj("doomed", namespace, MINIMAL))
+    crds.apply(finetunejob("doomed", namespace, MINIMAL))
     job = wait_for("the Job", lambda: crds.get("job", "doomed-train", namespace), 60)
     owner = job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "doomed", True)

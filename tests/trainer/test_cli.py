@@ -79,16 +79,14 @@ def test_config_map_sources_need_a_cluster(
     tiny_spec: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = _spec(tiny_spec, dataset={"source": {"configMap": {"name": "rows", "key": "data.jsonl"}}})
-    args = [
-        "--finetunejob",
-        str(_manifest(tmp_path, spec)),
-        "--volume",
-        f"out={tmp_path}",
-        "--volume",
-        f"models={tmp_path}",
-    ]
-    assert cli.main(args) == EXIT_INVALID_INPUT
+    assert cli.main(_local_args(tmp_path, spec)) == EXIT_INVALID_INPUT
     assert "dataset.source.configMap cannot be read outside a cluster" in capsys.readouterr().err
+
+
+def _local_args(tmp_path: Path, spec: dict[str, Any]) -> list[str]:
+    """The friendly CLI form, with both claims mapped to `tmp_path`."""
+    manifest = str(_manifest(tmp_path, spec))
+    return ["--finetunejob", manifest, "--volume", f"out={tmp_path}", "--volume", f"models={tmp_path}"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -100,15 +98,7 @@ def test_qlora_without_gpu_fails_before_touching_data(
         method="qlora",
         dataset={"source": {"pvc": {"claimName": "out", "path": "no-such-file.jsonl"}}},
     )
-    args = [
-        "--finetunejob",
-        str(_manifest(tmp_path, spec)),
-        "--volume",
-        f"out={tmp_path}",
-        "--volume",
-        f"models={tmp_path}",
-    ]
-    assert cli.main(args) == EXIT_INVALID_INPUT
+    assert cli.main(_local_args(tmp_path, spec)) == EXIT_INVALID_INPUT
     assert capsys.readouterr().err.startswith("error: GpuRequired: method qlora")
     summary = _summary(tmp_path / "default" / "demo" / "summary.json")
     assert summary.outcome == "failed"
