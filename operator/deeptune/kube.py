@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import kopf
@@ -66,3 +67,11 @@ def ensure(manifest: Manifest) -> bool:
 def patch_job_spec(name: str, namespace: str, job_spec: Manifest) -> None:
     """Merge-patch the mutable parts of a Job's spec (suspend, deadlines, TTL)."""
     client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": job_spec})
+
+
+def rejection(error: ApiException) -> str:
+    """The API server's own words for a rejected object (its Status message), else the reason."""
+    try:
+        return str(json.loads(error.body or "{}").get("message") or error.reason)
+    except ValueError:
+        return str(error.reason)

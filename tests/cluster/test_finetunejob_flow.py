@@ -91,3 +91,21 @@ def test_children_are_garbage_collected(operator: Process, crds: Cluster, namesp
         ),
         60,
     )
+
+
+def test_a_child_the_api_server_rejects_is_reported_not_retried(
+    operator: Process, crds: Cluster, namespace: str
+) -> None:
+    spec = copy.deepcopy(MINIMAL)
+    spec["resources"] = {"nodeSelector": {"not a label key!": "x"}}  # valid YAML, invalid pod spec
+    crds.apply(finetunejob("rejected", namespace, spec))
+    status = wait_for(
+        "InvalidSpec",
+        lambda: (s := status_of(crds, "rejected", namespace)).get("phase") == "Failed" and s,
+        60,
+    )
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("the API server rejected a child: Job.batch")
+    assert "nodeSelector" in failed["message"]
+    assert crds.list("jobs", namespace) == []

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from deeptune.api.base import GROUP, VERSION, describe_validation_error
@@ -28,7 +29,7 @@ from deeptune.api.trainer import METRICS_PORT
 from deeptune.builders import finetunejob as build
 from deeptune.builders.common import Owner
 from deeptune.config import SETTINGS
-from deeptune.kube import ensure, patch_job_spec
+from deeptune.kube import ensure, patch_job_spec, rejection
 from deeptune.observability import STATUS_WRITES, PhaseBook, measured
 from deeptune.status.finetunejob import TERMINAL_PHASES, derive_status, is_invalid_spec, set_conditions
 from deeptune.status.progress import parse_progress
@@ -101,14 +102,16 @@ def reconcile(*, body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: ko
             _invalid_spec(body, patch, describe_validation_error(error), meta.get("generation"))
             return
         owner = _owner(meta)
-        ensure(build.build_config_map(owner, spec))
-        if ensure(build.build_job(owner, spec, SETTINGS.builder)):
-            logger.info("created Job %s", build.job_name(owner))
-            kopf.event(
-                body, type="Normal", reason="JobCreated", message=f"created Job {build.job_name(owner)}"
+        try:
+            if not _ensure_children(body, owner, spec, logger):
+                patch_job_spec(build.job_name(owner), owner.namespace, build.job_controls(spec))
+        except ApiException as error:
+            if error.status != 422:
+                raise  # kopf retries with backoff: the API server may be restarting
+            _invalid_spec(
+                body, patch, f"the API server rejected a child: {rejection(error)}", meta.get("generation")
             )
-        else:
-            patch_job_spec(build.job_name(owner), owner.namespace, build.job_controls(spec))
+            return
         if previous.phase is None or is_invalid_spec(previous):
             fresh = derive_status(
                 previous=FineTuneJobStatus(conditions=previous.conditions),
