@@ -272,3 +272,18 @@ def test_invalid_spec_marker() -> None:
     )
     assert is_invalid_spec(status)
     assert not is_invalid_spec(derive(None, []))
+
+
+def test_a_finished_pod_before_the_job_completes_is_still_running() -> None:
+    done = pod("Succeeded", terminated={"exitCode": 0, "reason": "Completed", "message": "{}"})
+    status = derive(job(succeeded=1), [done], previous=derive(job(active=1), [pod("Running")]))
+    assert (status.phase, conditions_of(status)["Running"]) == ("Running", ("True", "Finishing"))
+
+
+def test_a_failed_pod_waiting_for_its_retry() -> None:
+    killed = pod("Failed", terminated={"exitCode": 137, "reason": "Error", "finishedAt": NOW})
+    status = derive(job(failed=1), [killed])
+    assert status.phase == "Pending" and status.retries == 1
+    ready = next(c for c in status.conditions if c.type == "Ready")
+    assert ready.reason == "Retrying"
+    assert ready.message.startswith("the trainer pod failed and will be retried: Error")

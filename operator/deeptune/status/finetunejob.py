@@ -133,8 +133,15 @@ def observe(job: Obj | None, pods: list[Obj], previous_phase: str | None) -> Obs
         return Observation("Failed", cond.get("reason") or "Failed", message)
     if _job_condition(job, "Suspended") is not None:
         return Observation("Suspended", "Suspended", "suspended; set spec.suspend to false to resume")
-    if any(p.get("status", {}).get("phase") == "Running" for p in pods):
+    phases = {p.get("status", {}).get("phase") for p in pods}
+    if "Running" in phases:
         return Observation("Running", "Training", "the trainer is running")
+    if "Succeeded" in phases:  # the Job controller adds Complete a moment after the pod ends
+        return Observation("Running", "Finishing", "the trainer finished; the Job is completing")
+    if "Failed" in phases and not phases & {"Pending"}:
+        failure = last_failure(pods)
+        detail = f": {failure.reason}: {failure.message}" if failure else ""
+        return Observation("Pending", "Retrying", f"the trainer pod failed and will be retried{detail}")
     reason, message = _pending_explanation(pods)
     return Observation("Pending", reason, message)
 
@@ -243,5 +250,5 @@ def _apply_summary(
     if summary.steps is not None:
         final.step = summary.steps
     if summary.train_loss is not None:
-        final.train_loss = summary.train_loss
+        final.train_loss = round(summary.train_loss, 4)
     status.progress = final
