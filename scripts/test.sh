@@ -12,6 +12,7 @@ export PATH
 echo "== lint (ruff) =="
 ruff check .
 ruff format --check .
+hadolint trainer-image/Dockerfile operator/Dockerfile
 echo "== types (mypy) =="
 mypy
 echo "== generated CRDs are up to date =="
