@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,7 @@ def log_tails(paths: list[Path], limit: int = 6000) -> str:
 class Process:
     popen: subprocess.Popen[bytes]
     log: Path
+    ports: dict[str, int] = field(default_factory=dict)
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -177,15 +178,18 @@ def start_node_agent(cluster: Cluster) -> Process:
 
 def start_operator(cluster: Cluster, status_interval: float = 2.0) -> Process:
     """The operator, started as users start it (`python -m deeptune`)."""
+    ports = {"metrics": free_port(), "liveness": free_port()}
     env = {
         **os.environ,
         "KUBECONFIG": str(cluster.kubeconfig),
         "DEEPTUNE_TRAINER_IMAGE": TRAINER_IMAGE,
         "DEEPTUNE_STATUS_INTERVAL": str(status_interval),
-        "DEEPTUNE_METRICS_PORT": str(free_port()),
-        "DEEPTUNE_LIVENESS_PORT": str(free_port()),
+        "DEEPTUNE_METRICS_PORT": str(ports["metrics"]),
+        "DEEPTUNE_LIVENESS_PORT": str(ports["liveness"]),
     }
-    return start_process([sys.executable, "-m", "deeptune"], cluster.state_dir / "operator.log", env)
+    process = start_process([sys.executable, "-m", "deeptune"], cluster.state_dir / "operator.log", env)
+    process.ports = ports
+    return process
 
 
 def provision_claims(cluster: Cluster, namespace: str, claims: list[str]) -> dict[str, Path]:

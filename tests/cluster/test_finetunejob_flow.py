@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import urllib.request
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.harness import Cluster, Process, finetunejob, wait_for
 from tests.unit.test_finetunejob_model import MINIMAL
@@ -109,3 +111,32 @@ def test_a_child_the_api_server_rejects_is_reported_not_retried(
     assert failed["message"].startswith("the API server rejected a child: Job.batch")
     assert "nodeSelector" in failed["message"]
     assert crds.list("jobs", namespace) == []
+
+
+def test_operator_serves_its_metrics_and_liveness(operator: Process, crds: Cluster, namespace: str) -> None:
+    crds.apply(finetunejob("counted", namespace, MINIMAL))
+    wait_for("the Job", lambda: crds.get("job", "counted-train", namespace), 60)
+
+    def get(port: str, path: str) -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{operator.ports[port]}{path}", timeout=5) as page:
+                return str(page.read().decode())
+        except OSError:  # not listening yet
+            return ""
+
+    def scrape() -> str:
+        return get("metrics", "/metrics")
+
+    page = wait_for(
+        "a counted status write", lambda: "deeptune_operator_status_writes_total" in scrape() and scrape(), 30
+    )
+    families = {f.name: f for f in text_string_to_metric_families(page)}
+    reconciles = {
+        s.labels["handler"]: s.value
+        for s in families["deeptune_operator_reconciles"].samples
+        if s.name.endswith("_total") and s.labels["result"] == "ok"
+    }
+    assert reconciles["reconcile"] >= 1 and reconciles["mirror_status"] >= 1
+    phases = {s.labels["phase"]: s.value for s in families["deeptune_operator_objects"].samples}
+    assert sum(phases.values()) >= 1
+    assert wait_for("the liveness endpoint", lambda: get("liveness", "/healthz"), 30).startswith("{")
