@@ -5,7 +5,8 @@ conversion inlines `$ref`s, turns `Optional[X]` into X (absent means unset), map
 unions and free-form objects to their Kubernetes extensions, and keeps descriptions (from the models'
 docstrings) so `kubectl explain` documents every field.
 
-Usage: `python -m deeptune.crdgen [--check] [OUT_DIR]` (default `crds/`).
+Usage: `python -m deeptune.crdgen [--check] [OUT_DIR ...]` (default: `crds/` and the Helm chart's
+copy in `charts/deeptune/files/crds/`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 from deeptune.api import finetunejob
 from deeptune.api.base import GROUP, VERSION
 
+DEFAULT_OUT_DIRS = [Path("crds"), Path("charts/deeptune/files/crds")]
 _KEPT_KEYS = {
     "description", "enum", "pattern", "default", "x-kubernetes-validations",
     "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
@@ -205,23 +207,26 @@ def render(crd: JsonSchema) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("out_dir", nargs="?", default="crds", type=Path)
+    parser.add_argument("out_dirs", nargs="*", default=DEFAULT_OUT_DIRS, type=Path)
     parser.add_argument("--check", action="store_true", help="fail if the files are out of date")
     args = parser.parse_args(argv)
     stale = []
     for name, crd in all_crds().items():
-        path = args.out_dir / name
-        text = render(crd)
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+        for path in (out_dir / name for out_dir in args.out_dirs):
+            _write_or_check(path, render(crd), args.check, stale)
     if stale:
         print(f"out of date: {', '.join(stale)}; run `python -m deeptune.crdgen`", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_or_check(path: Path, text: str, check: bool, stale: list[str]) -> None:
+    if check:
+        if not path.exists() or path.read_text() != text:
+            stale.append(str(path))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
 
 if __name__ == "__main__":

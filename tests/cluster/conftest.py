@@ -59,8 +59,10 @@ def node_agent(cluster: Cluster) -> Iterator[Process | None]:
     agent.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(crds: Cluster, node_agent: Process | None) -> Iterator[Process]:
+    """One operator per test module, so a module that runs its own (the Helm chart's) has the
+    cluster to itself."""
     process = harness.start_operator(crds)
     yield process
     process.stop()
