@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from deeptune.api import finetunejob
+from deeptune.api import finetunejob, modeldeployment
 from deeptune.api.base import GROUP, VERSION
 
 DEFAULT_OUT_DIRS = [Path("crds"), Path("charts/deeptune/files/crds")]
@@ -103,6 +103,8 @@ def _structure(node: JsonSchema, defs: dict[str, JsonSchema]) -> JsonSchema:
 
 def _scalar_keys(node: JsonSchema) -> JsonSchema:
     out: JsonSchema = {}
+    if "const" in node:  # a one-value Literal: structural schemas say it as a one-value enum
+        out["enum"] = [node["const"]]
     for key, value in node.items():
         if key == "default" and value is None:
             continue
@@ -190,6 +192,14 @@ def all_crds() -> dict[str, JsonSchema]:
             status_model=finetunejob.FineTuneJobStatus,
             printer_columns=finetunejob.PRINTER_COLUMNS,
         ),
+        f"{modeldeployment.PLURAL}.{GROUP}.yaml": crd_manifest(
+            kind=modeldeployment.KIND,
+            plural=modeldeployment.PLURAL,
+            short_names=[modeldeployment.SHORT_NAME],
+            spec_model=modeldeployment.ModelDeploymentSpec,
+            status_model=modeldeployment.ModelDeploymentStatus,
+            printer_columns=modeldeployment.PRINTER_COLUMNS,
+        ),
     }
 
 
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dirs", nargs="*", default=DEFAULT_OUT_DIRS, type=Path)
     parser.add_argument("--check", action="store_true", help="fail if the files are out of date")
     args = parser.parse_args(argv)
-    stale = []
+    stale: list[str] = []
     for name, crd in all_crds().items():
         for path in (out_dir / name for out_dir in args.out_dirs):
             _write_or_check(path, render(crd), args.check, stale)

@@ -72,6 +72,14 @@ class ApiModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def exactly_one(model: ApiModel, fields: tuple[str, ...]) -> None:
+    """Validator helper for one-of groups; names the fields by their manifest (camelCase) names."""
+    chosen = [name for name in fields if getattr(model, name) is not None]
+    if len(chosen) != 1:
+        wire = ", ".join(type(model).model_fields[name].alias or name for name in fields)
+        raise ValueError(f"set exactly one of {wire} (found {len(chosen)})")
+
+
 def _quantity_to_str(value: Any) -> Any:
     return str(value) if isinstance(value, int | float) else value
 

@@ -20,6 +20,7 @@ from deeptune.api.base import (
     SecretKeyRef,
     Toleration,
     cel,
+    exactly_one,
     immutable,
     nested_default,
 )
@@ -34,13 +35,6 @@ Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 
 DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2.0e-4, "qlora": 2.0e-4, "full": 2.0e-5}
 """Learning rates that work for most DeepSeek-sized models; full fine-tuning needs a much smaller one."""
-
-
-def _exactly_one(model: ApiModel, fields: tuple[str, ...]) -> None:
-    chosen = [name for name in fields if getattr(model, name) is not None]
-    if len(chosen) != 1:
-        wire = ", ".join(type(model).model_fields[name].alias or name for name in fields)
-        raise ValueError(f"set exactly one of {wire} (found {len(chosen)})")
 
 
 class BaseModelSpec(ApiModel):
@@ -67,7 +61,7 @@ class BaseModelSpec(ApiModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseModelSpec:
-        _exactly_one(self, ("name", "pvc"))
+        exactly_one(self, ("name", "pvc"))
         return self
 
 
@@ -97,7 +91,7 @@ class DataSource(ApiModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
-        _exactly_one(self, ("pvc", "config_map", "url", "inline"))
+        exactly_one(self, ("pvc", "config_map", "url", "inline"))
         return self
 
 

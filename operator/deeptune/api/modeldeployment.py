@@ -1,0 +1,412 @@
+"""The ModelDeployment resource: which fine-tuned model to serve on Triton, how, and how it is doing."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from deeptune.api.base import (
+    LONG_TEXT,
+    SHORT_TEXT,
+    ApiModel,
+    Condition,
+    EnvVar,
+    LocalObjectReference,
+    Name,
+    PvcLocation,
+    Quantity,
+    cel,
+    exactly_one,
+    nested_default,
+)
+from deeptune.api.finetunejob import (
+    BaseModelSpec,
+    FailureInfo,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    GenerationSpec,
+    ResourcesSpec,
+)
+
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SHORT_NAME = "mdep"
+
+DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+"""Triton 2.51, the release whose server and Python backend the tests run (from the nvidia-pytriton wheel)."""
+
+Backend = Literal["python"]
+"""How Triton runs the model. Only the Python backend (transformers) exists now; vllm and tensorrtllm
+would be further values, each with its own repository generator."""
+Quantization = Literal["none", "int8", "int4"]
+ModelState = Literal["Pending", "Loading", "Loaded", "FailedToLoad"]
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+# --- spec -----------------------------------------------------------------------------------
+
+
+class FineTuneJobRef(ApiModel):
+    """A succeeded FineTuneJob in the same namespace: its merged model, else its adapter on its base model."""
+
+    name: Name
+
+
+class MergedModel(ApiModel):
+    """A complete model directory (config.json, tokenizer, weights), e.g. a FineTuneJob's `merged/`."""
+
+    pvc: PvcLocation
+
+
+class AdapterLocation(ApiModel):
+    """A LoRA adapter directory saved by peft (adapter_config.json, adapter weights)."""
+
+    pvc: PvcLocation
+
+
+class AdapterModel(ApiModel):
+    """A base model plus a LoRA adapter, combined when the model loads."""
+
+    base_model: BaseModelSpec
+    """The model the adapter was trained on (same shape as a FineTuneJob's baseModel)."""
+    adapter: AdapterLocation
+
+
+class ModelSource(ApiModel):
+    """What to serve: a FineTuneJob's result, a merged model, or a base model with an adapter."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "[has(self.fineTuneJobRef), has(self.merged), has(self.adapter)]"
+                    ".filter(x, x).size() == 1",
+                    "set exactly one of fineTuneJobRef, merged or adapter",
+                )
+            ]
+        }
+    )
+
+    fine_tune_job_ref: FineTuneJobRef | None = None
+    merged: MergedModel | None = None
+    adapter: AdapterModel | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        exactly_one(self, ("fine_tune_job_ref", "merged", "adapter"))
+        return self
+
+
+class RuntimeSpec(ApiModel):
+    """The serving runtime: Triton's image and the backend that runs the model in it."""
+
+    image: Annotated[str, Field(max_length=LONG_TEXT)] = DEFAULT_TRITON_IMAGE
+    """Triton image; it must also hold torch, transformers and peft (and bitsandbytes to quantize)."""
+    backend: Backend = "python"
+
+
+class GenerationDefaults(GenerationSpec):
+    """Decoding settings used when a request does not set its own (max_new_tokens, temperature, top_p)."""
+
+    stop_sequences: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=SHORT_TEXT)]], Field(max_length=16)
+    ] = []
+    """Text at which generation stops; the stop sequence itself is not returned."""
+
+
+class BatchingSpec(ApiModel):
+    """Triton's dynamic batching: requests that arrive close together run as one generate call."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.preferredBatchSizes) || !has(self.maxBatchSize)"
+                    " || self.preferredBatchSizes.all(s, s <= self.maxBatchSize)",
+                    "preferredBatchSizes must not exceed maxBatchSize",
+                )
+            ]
+        }
+    )
+
+    enabled: bool = True
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
+    """Most prompts in one generate call (also the most one request may carry)."""
+    max_queue_delay_microseconds: Annotated[int, Field(ge=0, le=10_000_000)] = 2000
+    """How long a request may wait for others to join its batch: latency traded for throughput."""
+    preferred_batch_sizes: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(max_length=16)] = []
+    """Batch sizes Triton sends without waiting for the queue delay to pass."""
+
+    @model_validator(mode="after")
+    def _preferred_fit(self) -> BatchingSpec:
+        if any(size > self.max_batch_size for size in self.preferred_batch_sizes):
+            raise ValueError("preferredBatchSizes must not exceed maxBatchSize")
+        return self
+
+
+class ResponseCacheSpec(ApiModel):
+    """Triton's response cache: repeated requests are answered from memory (apt for greedy decoding)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.size) || type(self.size) != string || !self.size.endsWith('m')",
+                    "size must be in bytes such as 64Mi (the suffix m means thousandths)",
+                    field_path=".size",
+                )
+            ]
+        }
+    )
+
+    enabled: bool = False
+    size: Quantity = "64Mi"
+    """Memory for cached responses, per pod."""
+
+    @model_validator(mode="after")
+    def _whole_bytes(self) -> ResponseCacheSpec:
+        if self.size.endswith("m"):
+            raise ValueError("size must be in bytes such as 64Mi (the suffix m means thousandths)")
+        return self
+
+
+class AutoscalingSpec(ApiModel):
+    """A HorizontalPodAutoscaler for the serving Deployment; when enabled it owns the replica count."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.minReplicas) || !has(self.maxReplicas)"
+                    " || self.minReplicas <= self.maxReplicas",
+                    "minReplicas must not exceed maxReplicas",
+                )
+            ]
+        }
+    )
+
+    enabled: bool = False
+    min_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 3
+    target_cpu_utilization: Annotated[int, Field(ge=1, le=1000)] = 80
+    """Average CPU use (percent of the request) the autoscaler aims for."""
+    queue_time_microseconds: Annotated[int, Field(ge=1)] | None = None
+    """Also scale on Triton's queue time per request (needs a custom-metrics adapter for Prometheus)."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class ServiceSpec(ApiModel):
+    """The Service in front of the serving pods, with Triton's three ports."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.httpPort) || !has(self.grpcPort) || !has(self.metricsPort)"
+                    " || (self.httpPort != self.grpcPort && self.httpPort != self.metricsPort"
+                    " && self.grpcPort != self.metricsPort)",
+                    "httpPort, grpcPort and metricsPort must differ",
+                )
+            ]
+        }
+    )
+
+    type: ServiceType = "ClusterIP"
+    http_port: Port = 8000
+    grpc_port: Port = 8001
+    metrics_port: Port = 8002
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServiceSpec:
+        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
+            raise ValueError("httpPort, grpcPort and metricsPort must differ")
+        return self
+
+
+class ModelDeploymentSpec(ApiModel):
+    """Desired state of a ModelDeployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.quantization) || self.quantization == 'none'"
+                    " || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu > 0",
+                    "quantization needs a GPU (bitsandbytes): set resources.gpu to 1 or more,"
+                    " or set quantization to none",
+                    field_path=".quantization",
+                ),
+                cel(
+                    "!has(self.streaming) || !self.streaming || !has(self.responseCache)"
+                    " || !has(self.responseCache.enabled) || !self.responseCache.enabled",
+                    "responseCache cannot be combined with streaming (Triton does not cache streamed"
+                    " responses): turn one of them off",
+                    field_path=".responseCache.enabled",
+                ),
+            ]
+        }
+    )
+
+    model: ModelSource
+    runtime: Annotated[RuntimeSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=RuntimeSpec
+    )
+    quantization: Quantization = "none"
+    """Load the weights in 8 or 4 bits with bitsandbytes: less GPU memory, a little lower quality."""
+    generation: Annotated[GenerationDefaults, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=GenerationDefaults
+    )
+    batching: Annotated[BatchingSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=BatchingSpec
+    )
+    response_cache: Annotated[ResponseCacheSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=ResponseCacheSpec
+    )
+    streaming: bool = False
+    """Stream text as it is generated (Triton's decoupled mode; clients use gRPC streaming)."""
+    replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    """Serving pods when autoscaling is off."""
+    autoscaling: Annotated[AutoscalingSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=AutoscalingSpec
+    )
+    resources: Annotated[ResourcesSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=ResourcesSpec
+    )
+    """What each serving pod asks of the cluster; gpu 0 serves on CPU (small models only)."""
+    service: Annotated[ServiceSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=ServiceSpec
+    )
+    service_monitor: bool = False
+    """Create a Prometheus Operator ServiceMonitor for Triton's metrics port."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: Annotated[list[LocalObjectReference], Field(max_length=16)] = []
+    env: Annotated[list[EnvVar], Field(max_length=128)] = []
+    """Extra environment for Triton; take secrets by valueFrom.secretKeyRef, never inline."""
+
+    @model_validator(mode="after")
+    def _compatible(self) -> ModelDeploymentSpec:
+        if self.quantization != "none" and self.resources.gpu == 0:
+            raise ValueError(
+                "quantization needs a GPU (bitsandbytes): set resources.gpu to 1 or more,"
+                " or set quantization to none"
+            )
+        if self.streaming and self.response_cache.enabled:
+            raise ValueError(
+                "responseCache cannot be combined with streaming (Triton does not cache streamed"
+                " responses): turn one of them off"
+            )
+        return self
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+class ResolvedModel(ApiModel):
+    """Where the serving pods load the model from, after following a fineTuneJobRef."""
+
+    merged: PvcLocation | None = None
+    """A complete model directory."""
+    base_model: BaseModelSpec | None = None
+    """The base model an adapter is applied to."""
+    adapter: PvcLocation | None = None
+    fine_tune_job: str | None = None
+    """The FineTuneJob whose output this is, when the spec names one."""
+
+
+class Endpoints(ApiModel):
+    """In-cluster URLs of the Service's ports."""
+
+    http: str | None = None
+    grpc: str | None = None
+    metrics: str | None = None
+    model_name: str | None = None
+    """The Triton model name to use in requests, e.g. `/v2/models/<modelName>/infer`."""
+
+
+class ProbeResult(ApiModel):
+    """The operator's last check of the Service with tritonclient: health, then one small inference."""
+
+    time: str
+    latency_ms: float | None = None
+    server_ready: bool = False
+    model_ready: bool = False
+    inference_ok: bool = False
+    message: Annotated[str, Field(max_length=LONG_TEXT)] = ""
+
+
+class ModelDeploymentStatus(ApiModel):
+    """Observed state of a ModelDeployment, written only by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_state: ModelState | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = []
+    """ModelLoaded (every serving pod has loaded the model) and Ready (the Service answers)."""
+    last_failure: FailureInfo | None = None
+    """The last time a serving pod failed, e.g. the model did not load."""
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    endpoints: Endpoints | None = None
+    last_probe: ProbeResult | None = None
+    resolved_model: ResolvedModel | None = None
+    deployment_name: Annotated[str, Field(max_length=SHORT_TEXT)] | None = None
+
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+    {"name": "Model State", "type": "string", "jsonPath": ".status.modelState"},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "URL", "type": "string", "jsonPath": ".status.endpoints.http"},
+    {"name": "Quantization", "type": "string", "jsonPath": ".spec.quantization", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:
+    """Validate a spec as it comes from Kubernetes (camelCase, possibly defaulted by the API server)."""
+    return ModelDeploymentSpec.model_validate(spec)
+
+
+class ModelNotReadyError(ValueError):
+    """The referenced FineTuneJob has no servable output yet (still running, failed, or never saved one)."""
+
+
+def resolve_model(
+    source: ModelSource, job: tuple[FineTuneJobSpec, FineTuneJobStatus] | None = None
+) -> ResolvedModel:
+    """Where to load from. A fineTuneJobRef needs the job (spec and status): its merged model wins over
+    its adapter, because a merged model loads faster and serves without the adapter's extra matmuls."""
+    if source.merged is not None:
+        return ResolvedModel(merged=source.merged.pvc)
+    if source.adapter is not None:
+        return ResolvedModel(base_model=source.adapter.base_model, adapter=source.adapter.adapter.pvc)
+    assert source.fine_tune_job_ref is not None  # the validator guarantees one source
+    name = source.fine_tune_job_ref.name
+    if job is None:
+        raise ModelNotReadyError(f"model.fineTuneJobRef: FineTuneJob {name} not found")
+    job_spec, job_status = job
+    output = job_status.output
+    if job_status.phase != "Succeeded" or output is None:
+        raise ModelNotReadyError(
+            f"model.fineTuneJobRef: FineTuneJob {name} has not succeeded yet (phase {job_status.phase})"
+        )
+    if output.merged_path:
+        merged = PvcLocation(
+            claim_name=output.claim_name, path=posixpath.join(output.path, output.merged_path)
+        )
+        return ResolvedModel(merged=merged, fine_tune_job=name)
+    if output.adapter_path:
+        adapter = PvcLocation(
+            claim_name=output.claim_name, path=posixpath.join(output.path, output.adapter_path)
+        )
+        return ResolvedModel(base_model=job_spec.base_model, adapter=adapter, fine_tune_job=name)
+    raise ModelNotReadyError(f"model.fineTuneJobRef: FineTuneJob {name} saved no model")

@@ -1,0 +1,354 @@
+"""Text generation behind the Triton model: load a causal LM, answer many prompts with one generate call.
+
+It knows nothing of Triton, so it is tested in-process. The model repository ships it next to
+`model.py` under this same module path, and Triton's Python backend imports it from there: the
+serving image needs torch, transformers and peft, not DeepTune.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import torch
+from peft import PeftModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.generation.streamers import BaseStreamer
+
+TextCallback = Callable[[int, str], None]
+"""Called with (prompt index, new text) while generating, for streaming."""
+
+
+class RequestError(ValueError):
+    """A problem with one request (a bad parameter, a prompt too long): only that request fails."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings of one prompt. Temperature 0 means greedy decoding."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+    def check(self) -> None:
+        """The bounds of the ModelDeployment's generation defaults, applied to per-request values."""
+        if not 1 <= self.max_new_tokens <= 32_768:
+            raise RequestError(f"max_new_tokens must be between 1 and 32768, got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 5:
+            raise RequestError(f"temperature must be between 0 and 5, got {self.temperature:g}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be above 0 and at most 1, got {self.top_p:g}")
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Where the weights are and how to load them."""
+
+    model: str
+    """A model directory, or a Hugging Face id."""
+    adapter: str = ""
+    """A peft LoRA adapter directory to apply to the model; empty for a merged model."""
+    revision: str = "main"
+    trust_remote_code: bool = False
+    quantization: str = "none"
+    """none, int8 or int4 (bitsandbytes, CUDA only)."""
+    device: str = "cpu"
+    """cpu, cuda:N, or auto (spread the model over every visible GPU)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A checked prompt: its token ids and decoding settings."""
+
+    ids: list[int]
+    sampling: Sampling
+
+
+def _dtype(device: str) -> torch.dtype:
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _quantization(kind: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if kind == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"quantization {kind} loads the weights with bitsandbytes, which needs a CUDA GPU, and none is "
+            "visible: give the ModelDeployment a GPU (resources.gpu) or set quantization to none"
+        )
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def _check_directory(path: str, marker: str, what: str) -> None:
+    """A path that names a directory must hold the model; otherwise it is a Hugging Face id."""
+    if path.startswith(("/", ".")) and not (Path(path) / marker).is_file():
+        state = "has no " + marker if Path(path).is_dir() else "does not exist"
+        raise FileNotFoundError(f"no {what} at {path}: the directory {state}")
+
+
+def _load_model(settings: LoadSettings) -> PreTrainedModel:
+    _check_directory(settings.model, "config.json", "model")
+    dtype = _dtype(settings.device)
+    placement: dict[str, object] = {}
+    if settings.device == "auto":
+        placement = {"device_map": "auto"}
+    elif settings.device != "cpu":
+        placement = {"device_map": {"": settings.device}}
+    quantization = _quantization(settings.quantization, dtype)
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
+        settings.model,
+        revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+        dtype=dtype,
+        quantization_config=quantization,
+        **placement,
+    )
+    if settings.adapter:
+        _check_directory(settings.adapter, "adapter_config.json", "LoRA adapter")
+        adapted = PeftModel.from_pretrained(model, settings.adapter)
+        # Folding the adapter into the weights once makes every token as cheap as a merged model's
+        # (bitsandbytes weights cannot take it in exactly, so quantized models keep it separate).
+        model = adapted.merge_and_unload() if quantization is None else adapted
+    model.eval()
+    return cast(PreTrainedModel, model)
+
+
+def _load_tokenizer(settings: LoadSettings) -> PreTrainedTokenizerBase:
+    """The adapter's tokenizer when it saved one (fine-tuning may have added tokens), else the model's."""
+    has_own = settings.adapter and (Path(settings.adapter) / "tokenizer_config.json").is_file()
+    source = settings.adapter if has_own else settings.model
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Padding is masked out of attention, so any id will do, and eos always exists.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    return [configured] if isinstance(configured, int) else list(configured)
+
+
+def _cut_at_stop(text: str, stop_sequences: Sequence[str]) -> tuple[str, bool]:
+    """The text before the first stop sequence, and whether there was one."""
+    found = [index for stop in stop_sequences if (index := text.find(stop)) >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def _stop_prefix_length(text: str, stop_sequences: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could be the start of a stop sequence."""
+    longest = 0
+    for stop in stop_sequences:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class TextAssembler:
+    """One row's generated tokens as text: it ends at eos, the row's own token limit or a stop sequence.
+
+    A batch generates until its longest row is done, so each row applies its own limit here. While
+    streaming, it hands out only text that cannot change any more: no half of a multi-byte character,
+    nothing that may turn out to be the start of a stop sequence.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        limit: int,
+        stop_sequences: Sequence[str],
+        eos_ids: Sequence[int],
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._limit = limit
+        self._stops = stop_sequences
+        self._eos = set(eos_ids)
+        self._tokens: list[int] = []
+        self._emitted = ""
+        self.done = False
+
+    def _decode(self) -> str:
+        text = self._tokenizer.decode(
+            self._tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        assert isinstance(text, str)  # one sequence in, one string out
+        return text
+
+    def push(self, token: int) -> str:
+        """Take the next token; return the text that became final."""
+        if self.done:
+            return ""
+        if token in self._eos:
+            self.done = True
+            return self._flush()
+        self._tokens.append(token)
+        text, stopped = _cut_at_stop(self._decode(), self._stops)
+        if stopped or len(self._tokens) >= self._limit:
+            self.done = True
+            return self._flush(text)
+        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD
+        safe = safe[: len(safe) - _stop_prefix_length(safe, self._stops)]
+        if not safe.startswith(self._emitted):
+            return ""
+        delta, self._emitted = safe[len(self._emitted) :], safe
+        return delta
+
+    def _flush(self, text: str | None = None) -> str:
+        if text is None:
+            text = _cut_at_stop(self._decode(), self._stops)[0]
+        delta = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
+        self._emitted = text
+        return delta
+
+    def complete(self, tokens: Sequence[int]) -> str:
+        """Take all of a row's tokens at once (no streaming), with a single decode; return its text."""
+        for token in tokens:
+            if token in self._eos or len(self._tokens) >= self._limit:
+                break
+            self._tokens.append(token)
+        self.done = True
+        return self._flush()
+
+    def finish(self) -> str:
+        """End the row (generation is over); return the text not handed out yet."""
+        if self.done:
+            return ""
+        self.done = True
+        return self._flush()
+
+    @property
+    def text(self) -> str:
+        return self._emitted
+
+
+class _BatchStreamer(BaseStreamer):
+    """Receives each decoding step's tokens (one per row) from `generate` and passes on new text."""
+
+    def __init__(self, assemblers: Sequence[TextAssembler], on_text: TextCallback) -> None:
+        self._assemblers = assemblers
+        self._on_text = on_text
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate first hands over the prompt itself
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self._assemblers), -1)[:, -1].tolist()):
+            if delta := self._assemblers[row].push(token):
+                self._on_text(row, delta)
+
+    def end(self) -> None:
+        for row, assembler in enumerate(self._assemblers):
+            if delta := assembler.finish():
+                self._on_text(row, delta)
+
+
+class Generator:
+    """A loaded model and tokenizer that generate for a batch of prompts at once."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stop_sequences: Sequence[str] = ()
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_sequences = tuple(stop_sequences)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id: int = tokenizer.pad_token_id
+        self.context: int | None = getattr(model.config, "max_position_embeddings", None)
+
+    @classmethod
+    def load(cls, settings: LoadSettings, stop_sequences: Sequence[str] = ()) -> Generator:
+        return cls(_load_model(settings), _load_tokenizer(settings), stop_sequences)
+
+    def prompt(self, text: str, sampling: Sampling) -> Prompt:
+        """Check one prompt and its settings; raise RequestError naming what is wrong.
+
+        The tokenizer adds its special tokens (DeepSeek's add BOS), except to a prompt that already
+        starts with BOS, as one rendered by the chat template does: a second BOS confuses models.
+        """
+        sampling.check()
+        bos = self.tokenizer.bos_token
+        ids: list[int] = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))[
+            "input_ids"
+        ]
+        if not ids:
+            raise RequestError("text_input is empty")
+        if self.context is not None and len(ids) + sampling.max_new_tokens > self.context:
+            raise RequestError(
+                f"the prompt's {len(ids)} tokens plus max_new_tokens {sampling.max_new_tokens} exceed the "
+                f"model's context of {self.context} tokens: shorten the prompt or lower max_new_tokens"
+            )
+        return Prompt(ids=ids, sampling=sampling)
+
+    def generate(self, prompts: Sequence[Prompt], on_text: TextCallback | None = None) -> list[str]:
+        """Generated text for every prompt: one generate call per distinct (temperature, top_p), which
+        is one call when requests use the defaults, whatever their max_new_tokens."""
+        groups: dict[tuple[float, float], list[int]] = defaultdict(list)
+        for index, prompt in enumerate(prompts):
+            groups[(prompt.sampling.temperature, prompt.sampling.top_p)].append(index)
+        texts = [""] * len(prompts)
+        for indices in groups.values():
+            batch = [prompts[i] for i in indices]
+            for index, text in zip(indices, self._generate(batch, _relay(on_text, indices)), strict=True):
+                texts[index] = text
+        return texts
+
+    def _generate(self, batch: Sequence[Prompt], on_text: TextCallback | None) -> list[str]:
+        width = max(len(prompt.ids) for prompt in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(batch):  # left padding: every row's next token is at the end
+            input_ids[row, width - len(prompt.ids) :] = torch.tensor(prompt.ids)
+            attention_mask[row, width - len(prompt.ids) :] = 1
+        assemblers = [
+            TextAssembler(self.tokenizer, prompt.sampling.max_new_tokens, self.stop_sequences, self.eos_ids)
+            for prompt in batch
+        ]
+        sampling = batch[0].sampling
+        options: dict[str, object] = {"do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:
+            options |= {"temperature": sampling.temperature, "top_p": sampling.top_p}
+        if self.stop_sequences:  # lets finished rows stop early; the assemblers cut the text
+            options |= {"stop_strings": list(self.stop_sequences), "tokenizer": self.tokenizer}
+        with torch.inference_mode():
+            output = cast(GenerationMixin, self.model).generate(
+                input_ids=input_ids.to(self.model.device),
+                attention_mask=attention_mask.to(self.model.device),
+                max_new_tokens=max(prompt.sampling.max_new_tokens for prompt in batch),
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_ids,
+                streamer=None if on_text is None else _BatchStreamer(assemblers, on_text),
+                **options,
+            )
+        if on_text is None:
+            for assembler, tokens in zip(assemblers, output[:, width:].tolist(), strict=True):
+                assembler.complete(tokens)
+        return [assembler.text for assembler in assemblers]
+
+
+def _relay(on_text: TextCallback | None, indices: Sequence[int]) -> TextCallback | None:
+    """A group's callback: maps a row of the group back to the prompt's index in the whole batch."""
+    if on_text is None:
+        return None
+    return lambda row, text: on_text(indices[row], text)
