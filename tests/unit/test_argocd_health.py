@@ -1,0 +1,260 @@
+"""The Argo CD health checks in deploy/argocd/health/, run by a real Lua 5.1 interpreter the way Argo CD
+runs them (gopher-lua: Lua 5.1, only the base and table libraries, the object as the global `obj`).
+
+FineTuneJob objects were recorded from real runs (tests/unit/fixtures/status/record.py); the
+ModelDeployment ones are constructed from the status model until its operator side exists.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import lupa.lua51
+import pytest
+import yaml
+
+from deeptune.api.finetunejob import FineTuneJobStatus, Phase
+from deeptune.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus, ModelState
+from tests.conftest import ROOT
+
+ARGOCD = ROOT / "deploy" / "argocd"
+FIXTURES = Path(__file__).parent / "fixtures" / "status"
+SCRIPTS = {
+    kind: (ARGOCD / "health" / f"{kind.lower()}.lua").read_text()
+    for kind in ("FineTuneJob", "ModelDeployment")
+}
+ARGO_HEALTH = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
+
+# What Argo CD's Lua VM offers a custom health script (argo-cd util/lua/lua.go: base, table, package
+# and a safe os); `string` is not opened, so strings have no methods either.
+_SANDBOX = """
+local script, obj = ...
+local chunk = assert(loadstring(script, "=health.lua"))
+local env = {table = table, obj = obj}
+for _, name in ipairs({"assert", "error", "ipairs", "next", "pairs", "pcall", "select", "tonumber",
+                       "tostring", "type", "unpack", "rawequal", "rawget", "rawset"}) do
+  env[name] = _G[name]
+end
+debug.setmetatable("", nil)
+setfenv(chunk, env)
+return chunk()
+"""
+
+
+def health(kind: str, obj: dict[str, Any], script: str | None = None) -> tuple[str, str]:
+    """(status, message) as Argo CD would show them for `obj`."""
+    lua = lupa.lua51.LuaRuntime(unpack_returned_tuples=False)
+    result = lua.execute(_SANDBOX, script or SCRIPTS[kind], lua.table_from(obj, recursive=True))
+    answer = dict(result)
+    assert answer["status"] in ARGO_HEALTH, answer
+    return answer["status"], answer["message"]
+
+
+def fixture(name: str) -> dict[str, Any]:
+    return dict(json.loads((FIXTURES / name).read_text()))
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == kind)
+
+
+# --- FineTuneJob: recorded objects ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "message"),
+    [
+        ("pending", "Progressing", "JobNotCreated: the trainer Job is being created"),
+        (
+            "pending-unschedulable",
+            "Progressing",
+            "Unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu. "
+            "preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.",
+        ),
+        ("running", "Progressing", "Training: step 60/120 (50%), ETA 2s"),
+        ("succeeded", "Healthy", "fine-tuning finished"),
+        ("suspended", "Suspended", "suspended; set spec.suspend to false to resume"),
+        (
+            "failed-invalidspec",
+            "Degraded",
+            "InvalidSpec: spec.lora: targetModules: `auto` cannot be combined with explicit module names",
+        ),
+    ],
+)
+def test_finetunejob_health(name: str, status: str, message: str) -> None:
+    assert health("FineTuneJob", fixture(f"finetunejob-{name}.json")) == (status, message)
+
+
+@pytest.mark.parametrize(
+    ("name", "trainer_says"),
+    [
+        (
+            "failed-invaliddataset",
+            "InvalidDataset: dataset.source.pvc: 3 of 3 rows are malformed (100.0%), more than "
+            "dataset.maxBadRowRatio allows (5.0%)",
+        ),
+        (
+            "failed-modelnotfound",
+            "ModelNotFound: baseModel: no model found at claim deeptune-models, path 'deepseek-llm-7b'",
+        ),
+    ],
+)
+def test_a_failed_trainer_is_degraded_with_its_own_words(name: str, trainer_says: str) -> None:
+    obj = fixture(f"finetunejob-{name}.json")
+    status, message = health("FineTuneJob", obj)
+    assert status == "Degraded"
+    assert message == f"PodFailurePolicy: {condition(obj, 'Failed')['message']}"
+    assert trainer_says in message
+
+
+def test_a_finetunejob_without_status_is_progressing() -> None:
+    obj = fixture("finetunejob-pending.json")
+    del obj["status"]
+    assert health("FineTuneJob", obj) == (
+        "Progressing",
+        "Waiting for the DeepTune operator to report a status",
+    )
+
+
+def test_a_spec_change_the_operator_has_not_seen_is_progressing_not_healthy() -> None:
+    obj = fixture("finetunejob-succeeded.json")
+    obj["metadata"]["generation"] = 2
+    assert health("FineTuneJob", obj) == (
+        "Progressing",
+        "Waiting for the DeepTune operator to observe generation 2",
+    )
+
+
+def test_running_before_the_first_scrape_shows_the_condition() -> None:
+    obj = fixture("finetunejob-running.json")
+    del obj["status"]["progress"]
+    assert health("FineTuneJob", obj) == ("Progressing", "Training: the trainer is running")
+
+
+def test_recorded_finetunejobs_cover_every_phase_and_match_the_model() -> None:
+    seen = set()
+    for path in FIXTURES.glob("finetunejob-*.json"):
+        obj = json.loads(path.read_text())
+        status = FineTuneJobStatus.model_validate(obj["status"])
+        assert status.model_dump(mode="json", by_alias=True, exclude_none=True) == obj["status"], path.name
+        assert path.name.startswith(f"finetunejob-{str(status.phase).lower()}"), path.name
+        seen.add(status.phase)
+    assert seen == set(typing.get_args(Phase))
+
+
+# --- ModelDeployment: constructed objects ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "message"),
+    [
+        (
+            "pending",
+            "Progressing",
+            "WaitingForFineTuneJob: model.fineTuneJobRef: waiting for FineTuneJob support-bot-7b to succeed "
+            "(phase Running)",
+        ),
+        ("pending-scaledtozero", "Healthy", "Scaled to zero: spec.replicas is 0"),
+        ("loading", "Progressing", "Loading: Triton is loading the model (2 pods)"),
+        ("loaded", "Healthy", "Model loaded, 2/2 replicas ready, serving at http://support-bot.ml.svc:8000"),
+        ("loaded-probefailed", "Progressing", "ProbeFailed: inference failed: timed out after 10 s"),
+        (
+            "failedtoload",
+            "Degraded",
+            "ModelLoadFailed: no model at /mnt/pvc/deeptune-output/support-bot-7b/merged: "
+            "the directory does not exist",
+        ),
+        (
+            "failedtoload-oomkilled",
+            "Degraded",
+            "OOMKilled: the server ran out of memory loading the model: raise resources.memory",
+        ),
+        (
+            "failedtoload-invalidspec",
+            "Degraded",
+            'InvalidSpec: the API server rejected a child: Deployment.apps "support-bot" is invalid: '
+            'spec.template.spec.nodeSelector: Invalid value: "not a label key!": name part must consist of '
+            "alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric "
+            "character",
+        ),
+    ],
+)
+def test_modeldeployment_health(name: str, status: str, message: str) -> None:
+    assert health("ModelDeployment", fixture(f"modeldeployment-{name}.constructed.json")) == (status, message)
+
+
+def test_a_modeldeployment_without_status_or_with_an_unseen_spec_is_progressing() -> None:
+    obj = fixture("modeldeployment-loaded.constructed.json")
+    obj["metadata"]["generation"] = 2
+    assert health("ModelDeployment", obj) == (
+        "Progressing",
+        "Waiting for the DeepTune operator to observe generation 2",
+    )
+    del obj["status"]
+    assert health("ModelDeployment", obj)[0] == "Progressing"
+
+
+def test_zero_replicas_under_an_autoscaler_is_not_scaled_to_zero() -> None:
+    obj = fixture("modeldeployment-pending-scaledtozero.constructed.json")
+    obj["spec"]["autoscaling"] = {"enabled": True}
+    assert health("ModelDeployment", obj) == (
+        "Progressing",
+        "ScaledToZero: replicas is 0: no pod serves the model",
+    )
+
+
+def test_a_modeldeployment_failure_without_last_failure_uses_the_model_loaded_condition() -> None:
+    obj = fixture("modeldeployment-failedtoload.constructed.json")
+    del obj["status"]["lastFailure"]
+    assert health("ModelDeployment", obj) == (
+        "Degraded",
+        f"ModelLoadFailed: {condition(obj, 'ModelLoaded')['message']}",
+    )
+
+
+def test_constructed_modeldeployments_are_valid_and_cover_every_model_state() -> None:
+    seen = set()
+    for path in FIXTURES.glob("modeldeployment-*.json"):
+        assert path.name.endswith(".constructed.json"), f"{path.name}: say that it was not recorded"
+        obj = json.loads(path.read_text())
+        ModelDeploymentSpec.model_validate(obj["spec"])
+        status = ModelDeploymentStatus.model_validate(obj["status"])
+        assert status.model_dump(mode="json", by_alias=True, exclude_none=True) == obj["status"], path.name
+        seen.add(status.model_state)
+    assert seen == set(typing.get_args(ModelState))
+
+
+# --- the scripts as shipped ------------------------------------------------------------------
+
+
+def test_the_argocd_cm_snippet_embeds_the_lua_files_verbatim() -> None:
+    data = yaml.safe_load((ARGOCD / "argocd-cm.yaml").read_text())["data"]
+    expected = {f"resource.customizations.health.deeptune.dev_{kind}": text for kind, text in SCRIPTS.items()}
+    assert data == expected, "copy deploy/argocd/health/*.lua into deploy/argocd/argocd-cm.yaml again"
+
+
+def test_the_sandbox_is_as_strict_as_argo_cd() -> None:
+    """A script that calls the string library works in plain Lua but not in Argo CD, nor here."""
+    obj = fixture("finetunejob-succeeded.json")
+    for script in ('return {status = string.lower("Healthy")}', 'return {status = ("Healthy"):lower()}'):
+        with pytest.raises(lupa.lua51.LuaError):
+            health("FineTuneJob", obj, script)
+
+
+def test_the_example_applications_fit_the_chart_and_sync_server_side() -> None:
+    def application(name: str) -> dict[str, Any]:
+        app = yaml.safe_load((ROOT / "examples" / "argocd" / name).read_text())
+        assert (app["apiVersion"], app["kind"]) == ("argoproj.io/v1alpha1", "Application")
+        assert "ServerSideApply=true" in app["spec"]["syncPolicy"]["syncOptions"]
+        return dict(app["spec"])
+
+    operator = application("deeptune-operator.yaml")
+    chart = ROOT / operator["source"]["path"]
+    assert (chart / "Chart.yaml").is_file()
+    schema = json.loads((chart / "values.schema.json").read_text())
+    jsonschema.validate(operator["source"]["helm"]["valuesObject"], schema)
+    assert "ignoreDifferences" not in application("finetunejobs.yaml")
