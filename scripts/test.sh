@@ -15,7 +15,8 @@ ruff format --check .
 hadolint trainer-image/Dockerfile operator/Dockerfile
 echo "== types (mypy) =="
 mypy
-echo "== generated CRDs are up to date =="
+echo "== generated CRDs and field reference are up to date =="
 python -m deeptune.crdgen --check
+python scripts/gen_reference.py --check
 echo "== tests (pytest) =="
 python -m pytest "$@"

@@ -91,6 +91,7 @@ def test_cross_field_rules_are_cel_rules_with_the_models_messages() -> None:
         "lora",
         "hyperparameters",
         "evaluation",
+        "resources",
         "output",
     }
 

@@ -394,9 +394,10 @@ class FineTuneJobSpec(ApiModel):
     evaluation: Annotated[
         EvaluationSpec, Field(json_schema_extra={**nested_default(), **immutable("evaluation")})
     ] = Field(default_factory=EvaluationSpec)
-    resources: Annotated[ResourcesSpec, Field(json_schema_extra=nested_default())] = Field(
-        default_factory=ResourcesSpec
-    )
+    resources: Annotated[
+        ResourcesSpec, Field(json_schema_extra={**nested_default(), **immutable("resources")})
+    ] = Field(default_factory=ResourcesSpec)
+    """Immutable like the training settings: a Job's pod template cannot change once created."""
     output: Annotated[OutputSpec, Field(json_schema_extra=immutable("output"))]
     suspend: bool = False
     """Pause the run: the Job's pods are stopped; resuming continues from the newest checkpoint."""
@@ -435,16 +436,25 @@ class Progress(ApiModel):
     """Training progress scraped from the trainer's metrics endpoint while it runs."""
 
     step: int | None = None
+    """Optimizer steps done."""
     total_steps: int | None = None
+    """Optimizer steps the run will take (from epochs or maxSteps)."""
     epoch: float | None = None
+    """Epochs done, fractional."""
     percent: int | None = None
+    """step / totalSteps, 0-100."""
     eta: str | None = None
     """Estimated time left, e.g. `1h12m`."""
     train_loss: float | None = None
+    """Training loss at the last logging step (completion tokens only)."""
     eval_loss: float | None = None
+    """Loss on the validation split at the last evaluation."""
     learning_rate: float | None = None
+    """Learning rate in force at the last logging step."""
     tokens_per_second: float | None = None
+    """Training throughput in tokens per second, measured by the trainer."""
     last_update_time: str | None = None
+    """When the operator last read the trainer's metrics."""
 
 
 MetricScores = dict[str, float]
@@ -501,18 +511,27 @@ class FineTuneJobStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
     phase: Phase | None = None
+    """Pending, Running, Succeeded, Failed or Suspended: what `kubectl get ftj` shows."""
     observed_generation: int | None = None
+    """The spec generation this status describes."""
     conditions: list[Condition] = []
+    """Ready (the run succeeded), Running, Suspended and Failed, each with a reason and message."""
     job_name: str | None = None
+    """The batch/v1 Job that runs the trainer."""
     start_time: str | None = None
     completion_time: str | None = None
     retries: int | None = None
     """Trainer pods that failed and were retried."""
     progress: Progress | None = None
+    """Scraped from the trainer while it runs; final values when it ends."""
     eval_results: EvalResults | None = None
+    """Fine-tuned vs base model on the held-out rows, from the trainer's summary."""
     dataset: DatasetReport | None = None
+    """What cleaning and augmentation did to the rows."""
     output: OutputStatus | None = None
+    """Where the artifacts are."""
     last_failure: FailureInfo | None = None
+    """Why the last trainer pod failed: the trainer's own reason, or the container's (e.g. OOMKilled)."""
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
