@@ -14,6 +14,10 @@ class Settings:
     status_interval: float = 5.0
     """Seconds between status mirrors of one object (reads come from memory; writes only on change)."""
     scrape_timeout: float = 2.0
+    probe_interval: float = 30.0
+    """Seconds between the operator's tritonclient checks of one ModelDeployment's serving pod."""
+    probe_timeout: float = 20.0
+    """Seconds one check (health, then a one-token inference) may take; a busy CPU model is slow."""
     metrics_port: int = 8080
     liveness_port: int = 8081
     namespaces: tuple[str, ...] = ()
@@ -30,6 +34,8 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
         ),
         status_interval=float(env.get("DEEPTUNE_STATUS_INTERVAL", "5")),
         scrape_timeout=float(env.get("DEEPTUNE_SCRAPE_TIMEOUT", "2")),
+        probe_interval=float(env.get("DEEPTUNE_PROBE_INTERVAL", "30")),
+        probe_timeout=float(env.get("DEEPTUNE_PROBE_TIMEOUT", "20")),
         metrics_port=int(env.get("DEEPTUNE_METRICS_PORT", "8080")),
         liveness_port=int(env.get("DEEPTUNE_LIVENESS_PORT", "8081")),
         namespaces=namespaces,

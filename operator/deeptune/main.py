@@ -14,7 +14,7 @@ import kopf
 
 from deeptune import kube, observability
 from deeptune.config import SETTINGS
-from deeptune.handlers import finetunejob  # noqa: F401  (registers the FineTuneJob handlers)
+from deeptune.handlers import finetunejob, modeldeployment  # noqa: F401  (registers the handlers)
 
 PREFIX = "deeptune.dev"
 

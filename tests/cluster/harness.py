@@ -77,6 +77,23 @@ def finetunejob(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, An
     }
 
 
+def modeldeployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A ModelDeployment manifest."""
+    return {
+        "apiVersion": "deeptune.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def events_for(cluster: Cluster, kind: str, name: str, namespace: str) -> list[dict[str, Any]]:
+    """The Events posted about one object."""
+    selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+    result = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", selector, "-o", "json")
+    return list(json.loads(result.stdout)["items"])
+
+
 def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
     """Poll until `probe` returns something truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -176,7 +193,7 @@ def start_node_agent(cluster: Cluster) -> Process:
     return agent
 
 
-def start_operator(cluster: Cluster, status_interval: float = 2.0) -> Process:
+def start_operator(cluster: Cluster, status_interval: float = 1.0) -> Process:
     """The operator, started as users start it (`python -m deeptune`)."""
     ports = {"metrics": free_port(), "liveness": free_port()}
     env = {

@@ -6,16 +6,20 @@ stand-in: it registers a Node (with `nvidia.com/gpu` capacity, so GPU requests s
 pods bound to it and runs each container's command as a local process:
 
 - Images map to environments on this machine (`ImageMap`): the trainer image to the project's
-  Python environment, the Triton image to the `tritonserver` binary from the nvidia-pytriton wheel.
+  Python environment, the Triton image to the `tritonserver` binary from the nvidia-pytriton wheel
+  (with the wheel's backends and caches mounted where Triton's image keeps them).
   An unknown image leaves the pod waiting in `ErrImagePull`, as a registry without it would.
 - Each pod gets its own network namespace with an address on a bridge (its pod IP), and its own
   mount namespace where volumes appear at their mount paths: a PVC as the directory of its bound
   hostPath PersistentVolume, a ConfigMap or Secret as files, an emptyDir as a fresh directory.
 - It reports phase, container states, exit codes and termination messages to the pod status, and
   stops the processes of deleted pods. Users of real clusters never meet it.
+- HTTP readiness probes decide the container's `ready` (the first answer counts, no thresholds); a
+  container with restartPolicy Always (or OnFailure, after a failure) is restarted with the kubelet's
+  back-off, waiting in `CrashLoopBackOff` with its last termination in `lastState` meanwhile.
 
-Not done (a real kubelet does these): image pulls, resource limits and OOM kills, probes, user
-switching (processes run as this agent's user), restarts for restartPolicy Always.
+Not done (a real kubelet does these): image pulls, resource limits and OOM kills, liveness and
+startup probes, user switching (processes run as this agent's user).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +46,17 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from tests.serving.wheel_server import install
+
 LOG = logging.getLogger("node-agent")
 BRIDGE = "dtbr0"
 POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
 GATEWAY = ipaddress.ip_address("10.244.0.1")
 LOG_TAIL_BYTES = 2048
 MESSAGE_LIMIT = 4096
+BACKOFF_START = 10.0
+BACKOFF_LIMIT = 300.0
+"""The kubelet's restart back-off: 10 s, doubling, at most five minutes."""
 
 
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -65,10 +76,13 @@ def _now() -> str:
 
 @dataclass(frozen=True)
 class ImageEnvironment:
-    """What an image means on this machine: directories put first on PATH, PYTHONPATH and so on."""
+    """What an image means on this machine: directories put first on PATH, PYTHONPATH and so on, and
+    directories of the image's filesystem (path in the container → directory here), bind-mounted
+    read-only at their image paths (the mount points are created here if missing)."""
 
     path: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
+    mounts: dict[str, str] = field(default_factory=dict)
 
 
 class ImageMap:
@@ -81,6 +95,15 @@ class ImageMap:
         return next((env for pattern, env in self.entries if fnmatch.fnmatch(image, pattern)), None)
 
 
+def _answers(url: str, timeout: float) -> bool:
+    """Whether an HTTP probe succeeds (a 2xx or 3xx answer), as the kubelet judges it."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(200 <= response.status < 400)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
@@ -91,6 +114,10 @@ class PodNetwork:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._used: set[ipaddress.IPv4Address] = set()
+        # Each agent takes its own /24 of the bridge's /16, so two clusters on one machine (each
+        # with its agent) never hand out the same pod IP.
+        block = os.getpid() % 254 + 1
+        self._subnet = ipaddress.ip_network(f"{POD_CIDR.network_address + block * 256}/24")
         if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
             _run("ip", "link", "add", BRIDGE, "type", "bridge")
             _run("ip", "addr", "add", f"{GATEWAY}/{POD_CIDR.prefixlen}", "dev", BRIDGE)
@@ -98,8 +125,8 @@ class PodNetwork:
 
     def _allocate(self) -> ipaddress.IPv4Address:
         with self._lock:
-            for address in POD_CIDR.hosts():
-                if address != GATEWAY and address not in self._used:
+            for address in self._subnet.hosts():
+                if address not in self._used:
                     self._used.add(address)  # type: ignore[arg-type]
                     return address  # type: ignore[return-value]
         raise RuntimeError("pod CIDR exhausted")
@@ -149,6 +176,7 @@ class PodRunner(threading.Thread):
         self.stopping = threading.Event()
         self.netns: str | None = None
         self.ip: str | None = None
+        self.start_time: str | None = None
 
     # --- status reporting -------------------------------------------------------------------
 
@@ -173,7 +201,9 @@ class PodRunner(threading.Thread):
     def _container(self) -> Any:
         return self.pod.spec.containers[0]
 
-    def _container_status(self, state: dict[str, Any], ready: bool) -> list[dict[str, Any]]:
+    def _container_status(
+        self, state: dict[str, Any], ready: bool, restarts: int = 0, last: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         container = self._container()
         return [
             {
@@ -181,9 +211,10 @@ class PodRunner(threading.Thread):
                 "image": container.image,
                 "imageID": f"local://{container.image}",
                 "ready": ready,
-                "restartCount": 0,
+                "restartCount": restarts,
                 "started": "running" in state,
                 "state": state,
+                "lastState": {"terminated": last} if last else {},
             }
         ]
 
@@ -211,15 +242,22 @@ class PodRunner(threading.Thread):
             raise LookupError(f"PersistentVolume {pv.metadata.name} is neither hostPath nor local")
         return Path(source.path)
 
-    def _write_items(self, target: Path, data: dict[str, str] | None, binary: bool = False) -> None:
+    def _write_items(
+        self, target: Path, data: dict[str, str] | None, items: list[Any] | None, binary: bool = False
+    ) -> None:
+        """Each key as a file named after it, or, when `items` are given, only those keys at their paths."""
         target.mkdir(parents=True, exist_ok=True)
-        for key, value in (data or {}).items():
+        data = data or {}
+        paths = {item.key: item.path for item in items} if items else {key: key for key in data}
+        for key, relative in paths.items():
+            path = target / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
             if binary:
                 import base64
 
-                (target / key).write_bytes(base64.b64decode(value))
+                path.write_bytes(base64.b64decode(data[key]))
             else:
-                (target / key).write_text(value)
+                path.write_text(data[key])
 
     def _volume_sources(self) -> dict[str, Path]:
         """Each pod volume as a host directory."""
@@ -232,10 +270,10 @@ class PodRunner(threading.Thread):
                 continue
             if volume.config_map:
                 cm = self.agent.core.read_namespaced_config_map(volume.config_map.name, ns)
-                self._write_items(target, cm.data)
+                self._write_items(target, cm.data, volume.config_map.items)
             elif volume.secret:
                 secret = self.agent.core.read_namespaced_secret(volume.secret.secret_name, ns)
-                self._write_items(target, secret.data, binary=True)
+                self._write_items(target, secret.data, volume.secret.items, binary=True)
             else:
                 target.mkdir(parents=True, exist_ok=True)
             sources[volume.name] = target
@@ -277,7 +315,9 @@ class PodRunner(threading.Thread):
             env[var.name] = self._env_value(var)
         return env
 
-    def _launcher(self, sources: dict[str, Path], env: dict[str, str], termination: Path) -> list[str]:
+    def _launcher(
+        self, sources: dict[str, Path], image_env: ImageEnvironment, env: dict[str, str], termination: Path
+    ) -> list[str]:
         """The shell that builds the pod's mount namespace and then execs the container command."""
         container = self._container()
         path = shlex.quote(container.termination_message_path or "/dev/termination-log")
@@ -286,6 +326,9 @@ class PodRunner(threading.Thread):
             "mount --make-rprivate /",
             f"touch {path} && mount --bind {shlex.quote(str(termination))} {path}",
         ]
+        for target, source in image_env.mounts.items():
+            lines.append(f"mkdir -p {shlex.quote(target)}")
+            lines.append(f"mount -o bind,ro {shlex.quote(source)} {shlex.quote(target)}")
         for mount in _hiding_mounts_last(container.volume_mounts or [], sources):
             source = sources[mount.name]
             if mount.sub_path:
@@ -317,7 +360,7 @@ class PodRunner(threading.Thread):
             self._run()
         except Exception as error:  # the agent must outlive any one pod
             LOG.exception("pod %s failed to run", self.pod.metadata.name)
-            self._finish(128, "StartError", f"test node agent: {error}")
+            self._finish(self._terminated(128, "StartError", f"test node agent: {error}", None))
         finally:
             if self.netns:
                 self.agent.network.delete(self.netns, self.ip)
@@ -334,48 +377,129 @@ class PodRunner(threading.Thread):
         self.netns, self.ip = self.agent.network.create(self.key)
         sources = self._volume_sources()
         env = self._environment(image_env)
+        restarts, last = 0, None
+        while True:
+            terminated = self._run_container(sources, image_env, env, restarts, last)
+            if self.stopping.is_set():
+                return
+            if not self._restarts_after(terminated["exitCode"]):
+                self._finish(terminated)
+                return
+            restarts, last = restarts + 1, terminated
+            delay = min(BACKOFF_START * 2 ** (restarts - 1), BACKOFF_LIMIT)
+            message = f"back-off {delay:.0f}s restarting failed container={container.name}"
+            self._patch_status(
+                {
+                    "phase": "Running",
+                    "conditions": self._conditions(False, "ContainersNotReady"),
+                    "containerStatuses": self._container_status(
+                        {"waiting": {"reason": "CrashLoopBackOff", "message": message}}, False, restarts, last
+                    ),
+                }
+            )
+            LOG.info("pod %s: %s", self.pod.metadata.name, message)
+            if self.stopping.wait(delay):
+                return
+
+    def _restarts_after(self, code: int) -> bool:
+        policy = self.pod.spec.restart_policy or "Always"
+        return policy == "Always" or (policy == "OnFailure" and code != 0)
+
+    def _run_container(
+        self,
+        sources: dict[str, Path],
+        image_env: ImageEnvironment,
+        env: dict[str, str],
+        restarts: int,
+        last: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Run the container once, reporting it running (and ready, by its readiness probe); returns
+        its termination state."""
+        container = self._container()
         termination = self.dir / "termination-log"
-        termination.write_text("")
-        command = self._launcher(sources, env, termination)
+        termination.write_text("")  # a fresh message for each run, as the kubelet gives
+        command = self._launcher(sources, image_env, env, termination)
         log_path = self.dir / f"{container.name}.log"
+        if log_path.exists():
+            log_path.replace(self.dir / f"{container.name}.previous.log")
         started = _now()
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self._patch_status(
-            {
-                "phase": "Running",
-                "hostIP": str(GATEWAY),
-                "podIP": self.ip,
-                "podIPs": [{"ip": self.ip}],
-                "startTime": started,
-                "conditions": self._conditions(True),
-                "containerStatuses": self._container_status({"running": {"startedAt": started}}, True),
-            }
-        )
+        if self.stopping.is_set():  # deleted while starting: stop() may have missed this process
+            self.stop(0)
+        ended = threading.Event()
+        lock = threading.Lock()
+
+        def report(ready: bool) -> None:
+            with lock:
+                if ended.is_set():
+                    return
+                self._patch_status(
+                    {
+                        "phase": "Running",
+                        "hostIP": str(GATEWAY),
+                        "podIP": self.ip,
+                        "podIPs": [{"ip": self.ip}],
+                        "startTime": self.start_time or started,
+                        "conditions": self._conditions(ready, None if ready else "ContainersNotReady"),
+                        "containerStatuses": self._container_status(
+                            {"running": {"startedAt": started}}, ready, restarts, last
+                        ),
+                    }
+                )
+
+        self.start_time = self.start_time or started
+        probe = container.readiness_probe
+        report(ready=probe is None or probe.http_get is None)
+        if probe is not None and probe.http_get is not None:
+            threading.Thread(
+                target=self._probe_readiness, args=(self.process, probe, report), daemon=True
+            ).start()
         LOG.info("started %s/%s at %s", self.pod.metadata.namespace, self.pod.metadata.name, self.ip)
         code = self.process.wait()
-        if self.stopping.is_set():
-            return
+        with lock:
+            ended.set()
         message = termination.read_text(errors="replace")[:MESSAGE_LIMIT]
         policy = container.termination_message_policy or "File"
         if not message and code != 0 and policy == "FallbackToLogsOnError":
             message = log_path.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace")
-        self._finish(code, "Completed" if code == 0 else "Error", message, started)
+        return self._terminated(code, "Completed" if code == 0 else "Error", message, started)
 
-    def _finish(self, code: int, reason: str, message: str, started: str | None = None) -> None:
+    def _probe_readiness(self, process: subprocess.Popen[bytes], probe: Any, report: Any) -> None:
+        """Poll an HTTP readiness probe while the process runs, reporting each change of readiness."""
+        http = probe.http_get
+        port = http.port
+        if not str(port).isdigit():
+            port = next(p.container_port for p in self._container().ports or [] if p.name == port)
+        url = f"{(http.scheme or 'HTTP').lower()}://{self.ip}:{port}{http.path or '/'}"
+        ready = False
+        if self.stopping.wait(probe.initial_delay_seconds or 0):
+            return
+        while process.poll() is None:
+            answered = _answers(url, float(probe.timeout_seconds or 1))
+            if answered != ready:
+                ready = answered
+                report(ready)
+            if self.stopping.wait(probe.period_seconds or 10):
+                return
+
+    @staticmethod
+    def _terminated(code: int, reason: str, message: str, started: str | None) -> dict[str, Any]:
         if code < 0:  # killed by a signal, reported the way container runtimes do
             code = 128 - code
         finished = _now()
-        terminated = {
+        return {
             "exitCode": code,
             "reason": reason,
             "message": message,
             "startedAt": started or finished,
             "finishedAt": finished,
         }
-        phase = "Succeeded" if code == 0 else "Failed"
+
+    def _finish(self, terminated: dict[str, Any]) -> None:
+        phase = "Succeeded" if terminated["exitCode"] == 0 else "Failed"
         self._patch_status(
             {
                 "phase": phase,
@@ -383,7 +507,7 @@ class PodRunner(threading.Thread):
                 "containerStatuses": self._container_status({"terminated": terminated}, False),
             }
         )
-        LOG.info("pod %s ended: %s (exit %d)", self.pod.metadata.name, phase, code)
+        LOG.info("pod %s ended: %s (exit %d)", self.pod.metadata.name, phase, terminated["exitCode"])
 
     def stop(self, grace: float) -> None:
         """SIGTERM the container's process group, SIGKILL after the grace period."""
@@ -551,12 +675,45 @@ class NodeAgent:
                 time.sleep(1)
 
     def shutdown(self) -> None:
+        """Stop every pod's processes and remove their network namespaces (the process exits right
+        after, before the runner threads could)."""
         self._stop.set()
         for runner in list(self.runners.values()):
             runner.stop(1.0)
+            if runner.netns:
+                self.network.delete(runner.netns, runner.ip)
 
 
-def default_images(project_root: Path, venv: Path, triton_bin: Path | None) -> ImageMap:
+TRITON_IMAGES = ("*tritonserver*", "*deeptune/serving*")
+"""NVIDIA's Triton images (nvcr.io/nvidia/tritonserver:<release>-py3) and DeepTune's serving image
+built on them."""
+TRITON_ENV_KEYS = (
+    "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+)  # fmt: skip
+
+
+def triton_environment(work_dir: Path, venv: Path) -> ImageEnvironment | None:
+    """The nvidia-pytriton wheel's Triton as Triton's image: `tritonserver` on PATH (after the
+    environment's `bin`, whose `python3` the backend stub finds its packages with), the environment
+    tests/serving/wheel_server.py prepares (library path, thread counts; no PYTHONPATH), and the
+    Python backend and caches mounted at /opt/tritonserver, where the image has them and where
+    `tritonserver` looks by default. None when the serving extra is not installed."""
+    try:
+        triton = install(work_dir)
+    except ImportError:  # no pytriton in this environment
+        return None
+    return ImageEnvironment(
+        path=(str(venv / "bin"), str(triton.executable.parent)),
+        extra_env={key: triton.env[key] for key in TRITON_ENV_KEYS if key in triton.env},
+        mounts={
+            "/opt/tritonserver/backends": str(triton.backend_directory),
+            "/opt/tritonserver/caches": str(triton.cache_directory),
+        },
+    )
+
+
+def default_images(project_root: Path, venv: Path, triton: ImageEnvironment | None) -> ImageMap:
     """The images DeepTune's pods use, mapped to this machine's environments."""
     python_env = ImageEnvironment(
         path=(str(venv / "bin"),),
@@ -568,8 +725,8 @@ def default_images(project_root: Path, venv: Path, triton_bin: Path | None) -> I
         },
     )
     entries = [("*deeptune/trainer*", python_env), ("*deeptune/operator*", python_env)]
-    if triton_bin is not None:
-        entries.append(("*tritonserver*", ImageEnvironment(path=(str(triton_bin), str(venv / "bin")))))
+    if triton is not None:
+        entries += [(pattern, triton) for pattern in TRITON_IMAGES]
     return ImageMap(entries)
 
 
@@ -586,12 +743,11 @@ def main() -> None:
     venv = Path(
         os.environ.get("VIRTUAL_ENV", Path(shutil.which("python") or "python").resolve().parent.parent)
     )
-    triton = os.environ.get("DEEPTUNE_TRITON_BIN")
     agent = NodeAgent(
         api,
         name=args.name,
         state_dir=args.state_dir,
-        images=default_images(root, venv, Path(triton) if triton else None),
+        images=default_images(root, venv, triton_environment(args.state_dir / "triton", venv)),
         capacity={
             "cpu": "16",
             "memory": "64Gi",

@@ -40,7 +40,8 @@ CUSTOM: dict[str, Any] = {
 }
 """Non-default values: namespaced mode, a private registry, monitors on."""
 
-# The rules the operator needs where it serves FineTuneJobs, and nothing more (see _helpers.tpl).
+# The rules the operator needs where it serves FineTuneJobs and ModelDeployments, and nothing more
+# (see _helpers.tpl).
 SERVED_NAMESPACE_RULES = [
     {"apiGroups": ["deeptune.dev"], "resources": ["finetunejobs", "modeldeployments"],
      "verbs": ["get", "list", "watch", "patch"]},
@@ -50,13 +51,22 @@ SERVED_NAMESPACE_RULES = [
      "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"],
+     "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
+     "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["monitoring.coreos.com"], "resources": ["servicemonitors"],
+     "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]  # fmt: skip
 CRD_READS = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
              "verbs": ["get", "list", "watch"]}  # fmt: skip
 NAMESPACE_WATCH = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+DELETABLE = {"horizontalpodautoscalers", "servicemonitors"}
+"""What the operator deletes itself: an HPA or ServiceMonitor the spec no longer asks for. Everything
+else goes by garbage collection (owner references)."""
 
 
 def helm(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -190,9 +200,9 @@ def test_rbac_has_no_wildcards_secrets_or_admin(values: dict[str, Any]) -> None:
             flat = [*rule.get("apiGroups", []), *rule["resources"], *rule["verbs"]]
             assert "*" not in flat, rule
             assert "secrets" not in rule["resources"], rule
-            assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} & set(
-                rule["verbs"]
-            ), rule
+            assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
+            if "delete" in rule["verbs"]:  # only optional serving children a spec can switch off
+                assert set(rule["resources"]) <= DELETABLE, rule
             assert "nonResourceURLs" not in rule
         if "roleRef" in doc:
             assert doc["roleRef"]["name"] == FULLNAME

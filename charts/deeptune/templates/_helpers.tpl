@@ -65,11 +65,17 @@ What the operator does in each namespace it serves (operator/deeptune/kube.py, h
   update on .../finalizers because child owner references set blockOwnerDeletion, which the
   OwnerReferencesPermissionEnforcement admission plugin allows only to who may update them;
 - Jobs: watch (an index), create and read back on conflict (kube.ensure), patch (suspend/deadlines);
-- Pods: read only (an index of trainer pods; metrics are scraped over HTTP, not through the API);
-- ConfigMaps: create and read back on conflict (kube.ensure);
+- Pods: read only (indexes of trainer and serving pods; metrics and the serving probe go over HTTP,
+  not through the API);
+- ConfigMaps: create and read back on conflict (kube.ensure), and the serving model repository:
+  read (the owner check), create and patch (server-side apply, serverside.py, creates with `create`);
+- serving children of a ModelDeployment, applied server-side (serverside.py): Deployments (also
+  listed and watched: an index), Services, HorizontalPodAutoscalers and Prometheus Operator
+  ServiceMonitors: get, create, patch; HPAs and ServiceMonitors also delete, when a spec switches
+  autoscaling or serviceMonitor off (only objects this ModelDeployment owns);
 - Events: create and patch (kopf.event posts core/v1 Events; events.k8s.io is the same data in
   the newer API, which other client libraries use).
-No Secrets: the trainer reads tokens through secretKeyRef; the operator never does.
+No Secrets: the trainer and Triton read tokens through secretKeyRef; the operator never does.
 */}}
 {{- define "deeptune.namespacedRules" -}}
 - apiGroups: [deeptune.dev]
@@ -88,8 +94,17 @@ No Secrets: the trainer reads tokens through secretKeyRef; the operator never do
   resources: [pods]
   verbs: [get, list, watch]
 - apiGroups: [""]
-  resources: [configmaps]
-  verbs: [get, create]
+  resources: [configmaps, services]
+  verbs: [get, create, patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, create, patch, delete]
+- apiGroups: [monitoring.coreos.com]
+  resources: [servicemonitors]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,16 @@ class _Parsed:
     error: str | None = None
 
 
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _report_load_failure(error: Exception) -> None:
+    """Leave the reason in the container's termination message: Triton's own exit log is mostly
+    its options table, so without this the ModelDeployment status could not say what was wrong."""
+    if TERMINATION_LOG.exists():
+        TERMINATION_LOG.write_text(f"{type(error).__name__}: {error}"[:4096], encoding="utf-8")
+
+
 class TritonPythonModel:
     """The model object Triton's Python backend creates once per model instance."""
 
@@ -92,7 +103,11 @@ class TritonPythonModel:
         self._defaults = default_sampling(params)
         self._decoupled = bool(pb_utils.using_decoupled_model_transaction_policy(config))
         stop_sequences = json.loads(params.get("stop_sequences", "[]"))
-        self._generator = Generator.load(load_settings(params, args), stop_sequences)
+        try:
+            self._generator = Generator.load(load_settings(params, args), stop_sequences)
+        except Exception as error:
+            _report_load_failure(error)
+            raise
 
     def _parse(self, request: Request) -> _Parsed:
         try:

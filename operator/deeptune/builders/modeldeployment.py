@@ -1,0 +1,416 @@
+"""ModelDeployment → its children: the Triton model repository ConfigMap, the serving Deployment, its
+Service, and optionally a HorizontalPodAutoscaler and a Prometheus Operator ServiceMonitor. Pure.
+
+Shaped after Triton's `deploy/k8s-onprem` chart: ports 8000/8001/8002, live/ready probes on Triton's
+health endpoints, metrics scraped from the metrics port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+
+from deeptune.api.base import PvcLocation
+from deeptune.api.finetunejob import BaseModelSpec
+from deeptune.api.modeldeployment import Endpoints, ModelDeploymentSpec, ResolvedModel
+from deeptune.builders.common import (
+    Manifest,
+    Owner,
+    child_name,
+    container_security_context,
+    labels,
+    metadata,
+    pod_security_context,
+)
+from deeptune.builders.finetunejob import PVC_ROOT, OperatorSettings
+from deeptune.builders.pod import container_resources, cpu_threads, scheduling
+from deeptune.serving.repository import REPOSITORY_PATH, ModelLocation, repository_files, tritonserver_command
+
+COMPONENT = "serving"
+CONTAINER = "triton"
+UID_LABEL = "deeptune.dev/modeldeployment-uid"
+"""On every pod and in every selector: the owner's name label is cut to 63 characters and could be
+shared by two ModelDeployments, its uid cannot."""
+CONFIG_HASH = "deeptune.dev/config-hash"
+QUEUE_TIME_METRIC = "triton_queue_time_microseconds"
+"""The per-pod custom metric the autoscaler reads for `queueTimeMicroseconds`. Triton exports only
+cumulative counters, so a metrics adapter (e.g. prometheus-adapter) must define it, per pod, as
+`rate(nv_inference_queue_duration_us[1m]) / rate(nv_inference_request_success[1m])`."""
+STARTUP_SECONDS = 1800
+"""How long Triton may take to load the model before the kubelet restarts it: the HTTP endpoint
+opens only after loading, and a 70B model read from a network volume takes many minutes."""
+_NOT_DNS_LABEL = re.compile(r"[^a-z0-9-]")
+
+
+@dataclass(frozen=True)
+class ServingChildren:
+    """Everything a ModelDeployment owns, in the order they are applied (the repository before the
+    pods that mount it)."""
+
+    config_map: Manifest
+    deployment: Manifest
+    service: Manifest
+    autoscaler: Manifest | None
+    service_monitor: Manifest | None
+
+    def manifests(self) -> list[Manifest]:
+        optional = [self.autoscaler, self.service_monitor]
+        return [self.config_map, self.deployment, self.service, *(m for m in optional if m is not None)]
+
+
+def server_name(owner: Owner) -> str:
+    """The Deployment, Service, HPA and ServiceMonitor name. A Service name must be a DNS-1035 label
+    (no dots, starts with a letter), stricter than a custom resource's name."""
+    base = _NOT_DNS_LABEL.sub("-", owner.name.lower())
+    if not base[:1].isalpha():
+        base = f"mdep-{base}"
+    return child_name(base, "triton")
+
+
+def repository_name(owner: Owner) -> str:
+    """The ConfigMap holding the Triton model repository."""
+    return child_name(owner.name, "repository")
+
+
+def model_name(owner: Owner) -> str:
+    """The Triton model name clients put in `/v2/models/<name>/infer`: the ModelDeployment's name."""
+    return owner.name
+
+
+def selector_labels(owner: Owner) -> dict[str, str]:
+    """What the Deployment, Service and ServiceMonitor select serving pods (and the Service) by."""
+    owner_label = f"deeptune.dev/{owner.kind.lower()}"
+    return {
+        "app.kubernetes.io/component": COMPONENT,
+        owner_label: labels(owner, COMPONENT)[owner_label],
+        UID_LABEL: owner.uid,
+    }
+
+
+def _labelled_metadata(owner: Owner, name: str, settings: OperatorSettings) -> Manifest:
+    meta = metadata(owner, name, COMPONENT)
+    meta["labels"].update({**settings.extra_labels, UID_LABEL: owner.uid})
+    return meta
+
+
+def endpoints(owner: Owner, spec: ModelDeploymentSpec) -> Endpoints:
+    """In-cluster addresses of the Service: URLs for HTTP and metrics, `host:port` for gRPC (the form
+    gRPC clients such as `tritonclient.grpc` take)."""
+    host = f"{server_name(owner)}.{owner.namespace}.svc"
+    ports = spec.service
+    return Endpoints(
+        http=f"http://{host}:{ports.http_port}",
+        grpc=f"{host}:{ports.grpc_port}",
+        metrics=f"http://{host}:{ports.metrics_port}/metrics",
+        model_name=model_name(owner),
+    )
+
+
+# --- where the model is ----------------------------------------------------------------------
+
+
+def _mounted(location: PvcLocation) -> str:
+    root = posixpath.join(PVC_ROOT, location.claim_name)
+    return posixpath.join(root, location.path) if location.path else root
+
+
+def model_location(resolved: ResolvedModel) -> ModelLocation:
+    """Paths as the serving container sees them (claims mounted under PVC_ROOT, as for the trainer)."""
+    if resolved.merged is not None:
+        return ModelLocation(model=_mounted(resolved.merged))
+    base, adapter = resolved.base_model, resolved.adapter
+    if base is None or adapter is None:
+        raise ValueError("a resolved model is either merged, or a base model with an adapter")
+    return ModelLocation(
+        model=_mounted(base.pvc) if base.pvc else str(base.name),
+        adapter=_mounted(adapter),
+        revision=base.revision,
+        trust_remote_code=base.trust_remote_code,
+    )
+
+
+def _claims(resolved: ResolvedModel) -> list[str]:
+    """Every claim holding weights, once each (base model and adapter often share one)."""
+    base_pvc = resolved.base_model.pvc if resolved.base_model else None
+    locations = [resolved.merged, base_pvc, resolved.adapter]
+    return list(dict.fromkeys(loc.claim_name for loc in locations if loc is not None))
+
+
+# --- the ConfigMap -----------------------------------------------------------------------------
+
+
+def config_map_key(path: str) -> str:
+    """A repository path as a ConfigMap key, which may not contain `/` (`__` cannot occur in the
+    paths: model names are Kubernetes names and the shipped files are fixed)."""
+    return path.replace("/", "__")
+
+
+def build_config_map(owner: Owner, files: dict[str, str], settings: OperatorSettings) -> Manifest:
+    """The model repository (config.pbtxt and the Python backend's code); the pod maps each key back
+    to its path with `items`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _labelled_metadata(owner, repository_name(owner), settings),
+        "data": {config_map_key(path): content for path, content in sorted(files.items())},
+    }
+
+
+# --- the Deployment ----------------------------------------------------------------------------
+
+
+def _volumes(
+    owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel, files: dict[str, str]
+) -> tuple[list[Manifest], list[Manifest]]:
+    items = [{"key": config_map_key(path), "path": path} for path in sorted(files)]
+    volumes: list[Manifest] = [
+        {"name": "repository", "configMap": {"name": repository_name(owner), "items": items}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+    ]
+    mounts: list[Manifest] = [
+        {"name": "repository", "mountPath": REPOSITORY_PATH, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        # Triton's Python backend passes tensors to the model's process through /dev/shm.
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for index, claim in enumerate(_claims(resolved)):
+        volumes.append(
+            {"name": f"model-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append(
+            {"name": f"model-{index}", "mountPath": posixpath.join(PVC_ROOT, claim), "readOnly": True}
+        )
+    return volumes, mounts
+
+
+def _token(base: BaseModelSpec | None) -> list[Manifest]:
+    ref = base.token_secret_ref if base else None
+    if ref is None:
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
+def _env(spec: ModelDeploymentSpec, resolved: ResolvedModel) -> list[Manifest]:
+    env: list[Manifest] = [
+        {"name": "HOME", "value": "/tmp"},
+        # A base model named by its Hugging Face id is downloaded here (the root filesystem is read-only).
+        {"name": "HF_HOME", "value": "/tmp/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *_token(resolved.base_model),
+    ]
+    threads = cpu_threads(spec.resources.cpu)
+    if threads and "OMP_NUM_THREADS" not in {var.name for var in spec.env}:
+        env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
+    env.extend(var.to_wire() for var in spec.env)
+    return env
+
+
+def _http_probe(path: str, period: int, failures: int) -> Manifest:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _container(
+    spec: ModelDeploymentSpec, resolved: ResolvedModel, mounts: list[Manifest], settings: OperatorSettings
+) -> Manifest:
+    ports = spec.service
+    return {
+        "name": CONTAINER,
+        "image": spec.runtime.image,
+        "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
+        "command": tritonserver_command(spec),
+        "ports": [
+            {"name": "http", "containerPort": ports.http_port, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": ports.grpc_port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": ports.metrics_port, "protocol": "TCP"},
+        ],
+        "env": _env(spec, resolved),
+        "resources": container_resources(spec.resources),
+        "volumeMounts": mounts,
+        # Triton opens its HTTP port only once the model has loaded; until then only the startup
+        # probe runs, so a slow load is not mistaken for a dead server.
+        "startupProbe": _http_probe("/v2/health/live", 10, STARTUP_SECONDS // 10),
+        "livenessProbe": _http_probe("/v2/health/live", 10, 3),
+        "readinessProbe": _http_probe("/v2/health/ready", 5, 3),
+        "securityContext": container_security_context(),
+        # A model that fails to load stops the server (--exit-on-error); its log tail says why.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _pod_spec(
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    resolved: ResolvedModel,
+    files: dict[str, str],
+    settings: OperatorSettings,
+) -> Manifest:
+    volumes, mounts = _volumes(owner, spec, resolved, files)
+    pod: Manifest = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": [_container(spec, resolved, mounts, settings)],
+        "volumes": volumes,
+        **scheduling(spec.resources),
+    }
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [s.to_wire() for s in spec.image_pull_secrets]
+    return pod
+
+
+def config_hash(files: dict[str, str], pod_spec: Manifest) -> str:
+    """A digest of what the server runs: the repository (a ConfigMap change alone would not restart
+    Triton, which reads it once) and the pod spec. Pods carry it, so the status can tell pods of the
+    current spec from those of a rollout in progress."""
+    text = json.dumps({"repository": files, "pod": pod_spec}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_deployment(
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    resolved: ResolvedModel,
+    files: dict[str, str],
+    settings: OperatorSettings,
+) -> Manifest:
+    """The Triton Deployment. With autoscaling on, `replicas` is left out: the HPA owns it, and the
+    operator's server-side apply would otherwise reset it on every change."""
+    pod_spec = _pod_spec(owner, spec, resolved, files, settings)
+    meta = _labelled_metadata(owner, server_name(owner), settings)
+    deployment_spec: Manifest = {
+        "selector": {"matchLabels": selector_labels(owner)},
+        "template": {
+            "metadata": {
+                "labels": dict(meta["labels"]),
+                "annotations": {
+                    CONFIG_HASH: config_hash(files, pod_spec),
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(spec.service.metrics_port),
+                    "prometheus.io/path": "/metrics",
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    if not spec.autoscaling.enabled:
+        deployment_spec["replicas"] = spec.replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": deployment_spec}
+
+
+# --- Service, autoscaler, monitor --------------------------------------------------------------
+
+
+def build_service(owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSettings) -> Manifest:
+    ports = spec.service
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _labelled_metadata(owner, server_name(owner), settings),
+        "spec": {
+            "type": ports.type,
+            "selector": selector_labels(owner),
+            "ports": [
+                {"name": "http", "port": ports.http_port, "targetPort": "http", "protocol": "TCP"},
+                {
+                    "name": "grpc",
+                    "port": ports.grpc_port,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+                {"name": "metrics", "port": ports.metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_autoscaler(owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSettings) -> Manifest | None:
+    """An autoscaling/v2 HPA on CPU use (which needs `resources.cpu`: utilization is a share of the
+    request), and on Triton's queue time when `queueTimeMicroseconds` is set."""
+    scaling = spec.autoscaling
+    if not scaling.enabled:
+        return None
+    metrics: list[Manifest] = [
+        {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": scaling.target_cpu_utilization},
+            },
+        }
+    ]
+    meta = _labelled_metadata(owner, server_name(owner), settings)
+    if scaling.queue_time_microseconds is not None:
+        # A Pods metric comes from the custom metrics API: without an adapter that serves
+        # QUEUE_TIME_METRIC, the HPA reports FailedGetPodsMetric and scales on CPU alone.
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": QUEUE_TIME_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": str(scaling.queue_time_microseconds)},
+                },
+            }
+        )
+        meta["annotations"] = {
+            "deeptune.dev/requires": f"a custom metrics adapter serving {QUEUE_TIME_METRIC} per pod, e.g."
+            " prometheus-adapter: rate(nv_inference_queue_duration_us[1m])"
+            " / rate(nv_inference_request_success[1m])"
+        }
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": server_name(owner)},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": metrics,
+        },
+    }
+
+
+def build_service_monitor(
+    owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSettings
+) -> Manifest | None:
+    """A Prometheus Operator ServiceMonitor for Triton's metrics port (the CRD must be installed)."""
+    if not spec.service_monitor:
+        return None
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _labelled_metadata(owner, server_name(owner), settings),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(owner)},
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
+        },
+    }
+
+
+def build_children(
+    owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel, settings: OperatorSettings
+) -> ServingChildren:
+    """Every child of a ModelDeployment whose model is resolved (a fineTuneJobRef followed)."""
+    files = repository_files(spec, model_location(resolved), model_name(owner))
+    return ServingChildren(
+        config_map=build_config_map(owner, files, settings),
+        deployment=build_deployment(owner, spec, resolved, files, settings),
+        service=build_service(owner, spec, settings),
+        autoscaler=build_autoscaler(owner, spec, settings),
+        service_monitor=build_service_monitor(owner, spec, settings),
+    )
+
+
+def template_hash(deployment: Manifest) -> str | None:
+    """The config hash a Deployment's pod template carries (from the API or from `build_deployment`)."""
+    template = deployment.get("spec", {}).get("template", {})
+    return (template.get("metadata", {}).get("annotations") or {}).get(CONFIG_HASH)

@@ -1,0 +1,65 @@
+"""The operator's own check that a serving pod answers, with tritonclient over HTTP.
+
+The kubelet's readiness probe only knows that Triton says it is ready. This check does what a client
+would: server ready, model ready, then one inference of a single token, timed. Its result becomes
+`status.lastProbe` and gates the `Ready` condition.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import numpy as np
+import tritonclient.http.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from deeptune.api.modeldeployment import ProbeResult
+
+PROMPT = "Hello"
+MESSAGE_LIMIT = 1024
+
+
+def _inputs() -> list[triton.InferInput]:
+    """One prompt, one new token: the cheapest request that still runs the model end to end."""
+    text = triton.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=np.object_))
+    tokens = triton.InferInput("max_new_tokens", [1, 1], "INT32")
+    tokens.set_data_from_numpy(np.array([[1]], dtype=np.int32))
+    return [text, tokens]
+
+
+async def probe_server(address: str, model: str, *, infer: bool, timeout: float, now: str) -> ProbeResult:
+    """Check the Triton server at `address` (`host:port` of its HTTP endpoint) and its `model`.
+
+    `infer` is False for streaming (decoupled) models, which Triton does not serve over HTTP inference.
+    Failures become the result's message; the probe itself never raises for an unhealthy server.
+    """
+    server_ready = model_ready = inference_ok = False
+    latency_ms: float | None = None
+    message = ""
+    client = triton.InferenceServerClient(address, conn_timeout=timeout)
+    try:
+        server_ready = await client.is_server_ready()
+        model_ready = server_ready and await client.is_model_ready(model)
+        if not model_ready:
+            message = "the server is not ready" if not server_ready else f"model {model} is not ready"
+        elif infer:
+            started = time.perf_counter()
+            result = await client.infer(model, _inputs())
+            latency_ms = round((time.perf_counter() - started) * 1000, 1)
+            output = result.as_numpy("text_output")
+            inference_ok = output is not None and output.size == 1
+            message = "" if inference_ok else "the inference returned no text_output"
+    except (InferenceServerException, aiohttp.ClientError, TimeoutError, OSError) as error:
+        message = f"{type(error).__name__}: {error}"
+    finally:
+        await client.close()
+    return ProbeResult(
+        time=now,
+        latency_ms=latency_ms,
+        server_ready=server_ready,
+        model_ready=model_ready,
+        inference_ok=inference_ok,
+        message=message[:MESSAGE_LIMIT],
+    )

@@ -1,0 +1,279 @@
+"""ModelDeployment through the real control plane: the operator, the Deployment and ReplicaSet
+controllers, the scheduler, the garbage collector, and the test node agent running Triton (the
+nvidia-pytriton wheel's tritonserver) for the pod the Deployment asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.cluster import harness
+from tests.cluster.harness import Cluster, Process, events_for, modeldeployment, wait_for
+from tests.conftest import load_example
+
+pytestmark = [pytest.mark.cluster, pytest.mark.serving]
+CLAIM = "models"
+LOAD_TIMEOUT = 300
+"""Seconds for a pod to start Triton and load the tiny model: the backend stub imports torch and
+transformers, slowly on two busy cores."""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Llama-architecture model: Triton loads it in seconds, and it answers with text."""
+    pytest.importorskip("pytriton", reason="the serving extra (nvidia-pytriton) is not installed")
+    from deeptune_trainer.synthetic import tokenizer_texts
+    from deeptune_trainer.tinymodels import build_tiny_model
+
+    return build_tiny_model("llama", tmp_path_factory.mktemp("served") / "tiny-llama", tokenizer_texts())
+
+
+@pytest.fixture
+def claim(crds: Cluster, namespace: str, tiny_model: Path) -> Path:
+    """A bound PVC named CLAIM holding the tiny model at `tiny-llama/`."""
+    directory = harness.provision_claims(crds, namespace, [CLAIM])[CLAIM]
+    target = directory / "tiny-llama"
+    target.mkdir()
+    for file in tiny_model.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return directory
+
+
+def merged_spec(path: str) -> dict[str, Any]:
+    return {
+        "model": {"merged": {"pvc": {"claimName": CLAIM, "path": path}}},
+        "resources": {"gpu": 0, "cpu": "1", "sharedMemory": "256Mi"},
+        "generation": {"maxNewTokens": 4},
+    }
+
+
+def status_of(cluster: Cluster, name: str, namespace: str) -> dict[str, Any]:
+    return (cluster.get("modeldeployment", name, namespace) or {}).get("status") or {}
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+def infer(pod_ip: str, model: str, prompt: str) -> str:
+    """One request as a client sends it, to the pod's address (this cluster has no kube-proxy)."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"{pod_ip}:8000", network_timeout=120)
+    text = httpclient.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+    result = client.infer(model, [text])
+    return str(result.as_numpy("text_output").reshape(-1)[0].decode())
+
+
+def test_a_merged_model_is_served_end_to_end(
+    operator: Process, crds: Cluster, namespace: str, claim: Path
+) -> None:
+    crds.apply(modeldeployment("tiny", namespace, merged_spec("tiny-llama")))
+    deployment = wait_for("the Deployment", lambda: crds.get("deployment", "tiny-triton", namespace), 60)
+    assert deployment["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+    service = crds.get("service", "tiny-triton", namespace)
+    assert service is not None and service["spec"]["type"] == "ClusterIP"
+    repository = crds.get("configmap", "tiny-repository", namespace)
+    assert repository is not None and "tiny__config.pbtxt" in repository["data"]
+    wait_for("a ReplicaSet", lambda: crds.list("replicasets", namespace), 60)
+
+    states: list[str] = []
+
+    def ready() -> dict[str, Any] | None:
+        status = status_of(crds, "tiny", namespace)
+        if status.get("modelState") and status["modelState"] not in states[-1:]:
+            states.append(status["modelState"])
+        return status if condition(status, "Ready").get("status") == "True" else None
+
+    status = wait_for("Ready=True", ready, LOAD_TIMEOUT, interval=0.5)
+    assert states[-2:] == ["Loading", "Loaded"], states
+    assert condition(status, "ModelLoaded")["status"] == "True"
+    assert (status["replicas"], status["readyReplicas"]) == (1, 1)
+    assert status["endpoints"] == {
+        "http": f"http://tiny-triton.{namespace}.svc:8000",
+        "grpc": f"tiny-triton.{namespace}.svc:8001",
+        "metrics": f"http://tiny-triton.{namespace}.svc:8002/metrics",
+        "modelName": "tiny",
+    }
+    row = crds.kubectl("get", "mdep", "tiny", "-n", namespace, "--no-headers").stdout.split()
+    assert row[1:5] == ["True", "Loaded", "1", f"http://tiny-triton.{namespace}.svc:8000"]
+    probe = status["lastProbe"]
+    assert probe["serverReady"] and probe["modelReady"] and probe["inferenceOk"], probe
+    assert probe["latencyMs"] > 0
+    print(f"\nprobe: {probe}")
+
+    (pod,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
+    answer = infer(pod["status"]["podIP"], "tiny", "User: topic: weather\n\nAssistant:")
+    print(f"served text: {answer!r}")
+    assert isinstance(answer, str) and answer
+    wait_for(
+        "Events on the way",
+        lambda: (
+            {"DeploymentCreated", "Loaded", "Ready"}
+            <= {e["reason"] for e in events_for(crds, "ModelDeployment", "tiny", namespace)}
+        ),
+        30,
+    )
+
+    follows_spec_changes(crds, namespace, pod["metadata"]["name"])
+
+    delete_and_wait(crds, namespace, "tiny")
+
+
+def delete_and_wait(cluster: Cluster, namespace: str, name: str) -> None:
+    """Delete a ModelDeployment and wait for the garbage collector to remove its children (and for the
+    node agent to stop its server: no Triton outlives its test)."""
+    cluster.kubectl("delete", "mdep", name, "-n", namespace)
+    children = [
+        ("deployment", f"{name}-triton"),
+        ("service", f"{name}-triton"),
+        ("configmap", f"{name}-repository"),
+    ]
+    wait_for(
+        "the children to be garbage-collected",
+        lambda: (
+            not any(cluster.get(kind, child, namespace) for kind, child in children)
+            and not cluster.list("pods", namespace, "app.kubernetes.io/component=serving")
+        ),
+        120,
+    )
+
+
+def patch_spec(cluster: Cluster, namespace: str, spec: str) -> None:
+    cluster.kubectl("patch", "mdep", "tiny", "-n", namespace, "--type=merge", "-p", f'{{"spec": {spec}}}')
+
+
+def follows_spec_changes(cluster: Cluster, namespace: str, old_pod: str) -> None:
+    """Autoscaling on and off creates and removes the HPA; new generation defaults roll the pod."""
+    patch_spec(cluster, namespace, '{"autoscaling": {"enabled": true, "maxReplicas": 2}}')
+    hpa = wait_for("the HPA", lambda: cluster.get("hpa", "tiny-triton", namespace), 60)
+    assert hpa["spec"]["maxReplicas"] == 2
+    patch_spec(cluster, namespace, '{"autoscaling": {"enabled": false}}')
+    wait_for("the HPA to be removed", lambda: cluster.get("hpa", "tiny-triton", namespace) is None, 60)
+
+    patch_spec(cluster, namespace, '{"generation": {"maxNewTokens": 2}}')
+    wait_for(
+        "the repository to follow the spec",
+        lambda: (
+            'key: "max_new_tokens" value: { string_value: "2" }'
+            in (cluster.get("configmap", "tiny-repository", namespace) or {})
+            .get("data", {})
+            .get("tiny__config.pbtxt", "")
+        ),
+        60,
+    )
+
+    def rolled() -> dict[str, Any] | None:
+        pods = cluster.list("pods", namespace, "app.kubernetes.io/component=serving")
+        status = status_of(cluster, "tiny", namespace)
+        fresh = [p["metadata"]["name"] for p in pods] not in ([], [old_pod]) and len(pods) == 1
+        return status if fresh and condition(status, "Ready").get("status") == "True" else None
+
+    status = wait_for("a new pod, loaded and ready", rolled, LOAD_TIMEOUT)
+    assert status["observedGeneration"] == 4
+
+
+def test_a_missing_finetunejob_is_reported_without_children(
+    operator: Process, crds: Cluster, namespace: str
+) -> None:
+    spec = {"model": {"fineTuneJobRef": {"name": "not-trained-yet"}}, "resources": {"gpu": 0}}
+    crds.apply(modeldeployment("waiting", namespace, spec))
+    status = wait_for(
+        "FineTuneJobNotFound",
+        lambda: (
+            condition(s := status_of(crds, "waiting", namespace), "Ready").get("reason")
+            == "FineTuneJobNotFound"
+            and s
+        ),
+        60,
+    )
+    assert status["modelState"] == "Pending"
+    assert condition(status, "Ready")["status"] == "False"
+    assert "not-trained-yet" in condition(status, "Ready")["message"]
+    assert crds.list("deployments", namespace) == []
+    assert crds.list("configmaps", namespace, "app.kubernetes.io/component=serving") == []
+
+
+def test_a_bad_model_path_fails_to_load_with_the_servers_message(
+    operator: Process, crds: Cluster, namespace: str, claim: Path
+) -> None:
+    crds.apply(modeldeployment("broken", namespace, merged_spec("no-such-model")))
+    status = wait_for(
+        "FailedToLoad",
+        lambda: (s := status_of(crds, "broken", namespace)).get("modelState") == "FailedToLoad" and s,
+        LOAD_TIMEOUT,
+    )
+    failure = status["lastFailure"]
+    print(f"\nlast failure: {failure}")
+    assert failure["reason"] == "ModelLoadFailed" and failure["exitCode"] == 1
+    # Triton's log tail (the termination message) names the failure; the model's own error names
+    # the missing directory when the model writes it to the termination message.
+    assert "failed to load" in failure["message"] or "/mnt/pvc/models/no-such-model" in failure["message"]
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ModelLoadFailed")
+    wait_for(
+        "a FailedToLoad Warning",
+        lambda: any(
+            (e["type"], e["reason"]) == ("Warning", "FailedToLoad")
+            for e in events_for(crds, "ModelDeployment", "broken", namespace)
+        ),
+        30,
+    )
+    delete_and_wait(crds, namespace, "broken")
+
+
+@pytest.mark.trainer
+def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Cluster, namespace: str) -> None:
+    """The whole product: the ModelDeployment waits for its FineTuneJob, then serves the adapter the
+    job saved on the base model it trained (examples/finetune-tiny.yaml, shortened)."""
+    pytest.importorskip("pytriton", reason="the serving extra (nvidia-pytriton) is not installed")
+    harness.seed_tiny_volumes(harness.provision_claims(crds, namespace, harness.TINY_CLAIMS))
+    job = load_example("finetune-tiny.yaml")
+    name = job["metadata"]["name"]
+    crds.apply(
+        modeldeployment(
+            "keywords", namespace, {"model": {"fineTuneJobRef": {"name": name}}, "resources": {"gpu": 0}}
+        )
+    )
+    wait_for(
+        "FineTuneJobNotFound",
+        lambda: (
+            condition(status_of(crds, "keywords", namespace), "Ready").get("reason") == "FineTuneJobNotFound"
+        ),
+        60,
+    )
+
+    job["metadata"]["namespace"] = namespace
+    job["spec"]["hyperparameters"].update(maxSteps=20)
+    job["spec"]["evaluation"] = {"metrics": ["perplexity"], "baseline": False, "maxSamples": 8}
+    crds.apply(job)
+    waiting = wait_for(
+        "WaitingForFineTuneJob",
+        lambda: (
+            condition(s := status_of(crds, "keywords", namespace), "Ready").get("reason")
+            == "WaitingForFineTuneJob"
+            and s
+        ),
+        60,
+    )
+    assert name in condition(waiting, "Ready")["message"]
+    assert crds.list("deployments", namespace) == []
+
+    status = wait_for(
+        "Ready=True after the fine-tune",
+        lambda: condition(s := status_of(crds, "keywords", namespace), "Ready").get("status") == "True" and s,
+        LOAD_TIMEOUT + 300,
+    )
+    resolved = status["resolvedModel"]
+    assert resolved["fineTuneJob"] == name
+    assert resolved["adapter"] == {"claimName": "deeptune-output", "path": f"{name}/adapter"}
+    assert resolved["baseModel"]["pvc"] == {"claimName": "deeptune-models", "path": "tiny-llama"}
+    (pod,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
+    answer = infer(pod["status"]["podIP"], "keywords", "User: topic: weather\n\nAssistant:")
+    print(f"\nserved by the fine-tuned adapter: {answer!r}")
+    assert answer
+    delete_and_wait(crds, namespace, "keywords")

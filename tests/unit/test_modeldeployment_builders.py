@@ -1,0 +1,299 @@
+"""The ModelDeployment builders: the repository ConfigMap, Deployment, Service, HPA and ServiceMonitor."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from deeptune.api.base import PvcLocation
+from deeptune.api.finetunejob import BaseModelSpec
+from deeptune.api.modeldeployment import ModelDeploymentSpec, ResolvedModel, parse_spec
+from deeptune.builders.common import Owner
+from deeptune.builders.finetunejob import OperatorSettings
+from deeptune.builders.modeldeployment import (
+    CONFIG_HASH,
+    QUEUE_TIME_METRIC,
+    ServingChildren,
+    build_children,
+    endpoints,
+    server_name,
+    template_hash,
+)
+from tests.conftest import load_example
+
+OWNER = Owner(kind="ModelDeployment", name="support-bot", namespace="team-a", uid="5678-efgh")
+SETTINGS = OperatorSettings(image_pull_policy="IfNotPresent", extra_labels={"team": "a"})
+MERGED = ResolvedModel(merged=PvcLocation(claim_name="out", path="team-a/bot/merged"), fine_tune_job="bot")
+SPEC: dict[str, Any] = {"model": {"fineTuneJobRef": {"name": "bot"}}, "resources": {"gpu": 0}}
+
+
+def spec_with(**changes: Any) -> ModelDeploymentSpec:
+    spec = copy.deepcopy(SPEC)
+    spec.update(changes)
+    return parse_spec(spec)
+
+
+def children(
+    spec: ModelDeploymentSpec | None = None, resolved: ResolvedModel = MERGED, owner: Owner = OWNER
+) -> ServingChildren:
+    return build_children(owner, spec or spec_with(), resolved, SETTINGS)
+
+
+def pod_of(built: ServingChildren) -> dict[str, Any]:
+    return built.deployment["spec"]["template"]["spec"]
+
+
+def container_of(built: ServingChildren) -> dict[str, Any]:
+    (container,) = pod_of(built)["containers"]
+    return container
+
+
+def config_pbtxt(built: ServingChildren) -> str:
+    return str(built.config_map["data"]["support-bot__config.pbtxt"])
+
+
+def test_triton_runs_the_generated_command_on_the_spec_ports() -> None:
+    container = container_of(children(spec_with(service={"httpPort": 9000})))
+    assert container["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    command = container["command"]
+    assert command[0] == "tritonserver"
+    assert "--model-repository=/models" in command and "--http-port=9000" in command
+    assert not [arg for arg in command if arg.startswith(("--backend-directory", "--http-address"))], (
+        "the image's own defaults (/opt/tritonserver/backends, all interfaces) apply"
+    )
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 9000, "grpc": 8001, "metrics": 8002}
+
+
+def test_probes_use_tritons_health_endpoints_and_wait_long_for_loading() -> None:
+    container = container_of(children())
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["port"] == "http"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800, "a big model loads for minutes"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_pod_is_locked_down_with_a_writable_tmp_only() -> None:
+    built = children()
+    pod = pod_of(built)
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container_of(built)["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    mounts = {m["mountPath"]: m for m in container_of(built)["volumeMounts"]}
+    writable = {path for path, m in mounts.items() if not m.get("readOnly")}
+    assert writable == {"/tmp", "/dev/shm"}
+
+
+def test_shared_memory_follows_the_spec() -> None:
+    volumes = pod_of(children(spec_with(resources={"gpu": 0, "sharedMemory": "2Gi"})))["volumes"]
+    assert {"medium": "Memory", "sizeLimit": "2Gi"} in [v.get("emptyDir") for v in volumes]
+
+
+def test_merged_model_is_one_read_only_claim() -> None:
+    built = children()
+    claims = [v for v in pod_of(built)["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [{"name": "model-0", "persistentVolumeClaim": {"claimName": "out", "readOnly": True}}]
+    assert {"name": "model-0", "mountPath": "/mnt/pvc/out", "readOnly": True} in container_of(built)[
+        "volumeMounts"
+    ]
+    assert 'key: "model" value: { string_value: "/mnt/pvc/out/team-a/bot/merged" }' in config_pbtxt(built)
+    assert 'key: "adapter" value: { string_value: "" }' in config_pbtxt(built)
+
+
+@pytest.mark.parametrize(
+    ("base_claim", "claims"), [("models", ["models", "out"]), ("out", ["out"])], ids=["two", "shared"]
+)
+def test_adapter_mounts_base_and_adapter_claims_once_each(base_claim: str, claims: list[str]) -> None:
+    resolved = ResolvedModel(
+        base_model=BaseModelSpec(pvc=PvcLocation(claim_name=base_claim, path="ds-7b")),
+        adapter=PvcLocation(claim_name="out", path="run/adapter"),
+    )
+    built = children(resolved=resolved)
+    mounted = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_of(built)["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert mounted == claims
+    text = config_pbtxt(built)
+    assert f'key: "model" value: {{ string_value: "/mnt/pvc/{base_claim}/ds-7b" }}' in text
+    assert 'key: "adapter" value: { string_value: "/mnt/pvc/out/run/adapter" }' in text
+
+
+def test_adapter_on_a_hub_model_gets_its_token_by_reference() -> None:
+    resolved = ResolvedModel(
+        base_model=BaseModelSpec(name="deepseek-ai/deepseek-llm-7b-base", token_secret_ref={"name": "hf"}),
+        adapter=PvcLocation(claim_name="out", path="run/adapter"),
+    )
+    built = children(resolved=resolved)
+    assert [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_of(built)["volumes"]
+        if "persistentVolumeClaim" in v
+    ] == ["out"]
+    env = container_of(built)["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in env
+    assert {"name": "HF_HOME", "value": "/tmp/huggingface"} in env
+    assert 'string_value: "deepseek-ai/deepseek-llm-7b-base"' in config_pbtxt(built)
+    assert "valueFrom" not in json.dumps(built.config_map)
+
+
+def test_repository_config_map_keys_map_back_to_their_paths() -> None:
+    built = children()
+    data = built.config_map["data"]
+    assert all("/" not in key for key in data)
+    (volume,) = [v for v in pod_of(built)["volumes"] if v["name"] == "repository"]
+    paths = {item["key"]: item["path"] for item in volume["configMap"]["items"]}
+    assert set(paths) == set(data)
+    assert set(paths.values()) == {
+        "support-bot/config.pbtxt",
+        "support-bot/1/model.py",
+        "support-bot/1/deeptune/serving/generation.py",
+    }
+    assert {"name": "repository", "mountPath": "/models", "readOnly": True} in container_of(built)[
+        "volumeMounts"
+    ]
+
+
+@pytest.mark.parametrize(("gpus", "kind"), [(1, "KIND_GPU"), (2, "KIND_MODEL")])
+def test_gpu_request_and_instance_kind(gpus: int, kind: str) -> None:
+    built = children(spec_with(resources={"gpu": gpus, "memory": "48Gi"}))
+    assert container_of(built)["resources"]["limits"] == {"nvidia.com/gpu": str(gpus), "memory": "48Gi"}
+    assert f"kind: {kind}" in config_pbtxt(built)
+
+
+def test_cpu_serving_asks_for_no_gpu_and_sizes_torch_threads() -> None:
+    built = children(spec_with(resources={"gpu": 0, "cpu": "2"}))
+    assert "nvidia.com/gpu" not in json.dumps(container_of(built)["resources"])
+    assert "kind: KIND_CPU" in config_pbtxt(built)
+    assert {"name": "OMP_NUM_THREADS", "value": "2"} in container_of(built)["env"]
+
+
+def test_owner_references_labels_and_selectors() -> None:
+    built = children()
+    for manifest in built.manifests():
+        assert manifest["metadata"]["ownerReferences"][0]["uid"] == "5678-efgh"
+        assert manifest["metadata"]["labels"]["team"] == "a"
+    template_labels = built.deployment["spec"]["template"]["metadata"]["labels"]
+    selector = built.deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= template_labels.items()
+    assert built.service["spec"]["selector"] == selector
+    assert selector["deeptune.dev/modeldeployment-uid"] == "5678-efgh"
+
+
+def test_service_ports_and_type() -> None:
+    service = children(spec_with(service={"type": "LoadBalancer", "grpcPort": 9001})).service
+    assert service["spec"]["type"] == "LoadBalancer"
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+    assert ports == {"http": (8000, "http"), "grpc": (9001, "grpc"), "metrics": (8002, "metrics")}
+    assert children().service["spec"]["type"] == "ClusterIP"
+
+
+def test_without_autoscaling_the_deployment_owns_its_replicas() -> None:
+    built = children(spec_with(replicas=3))
+    assert built.deployment["spec"]["replicas"] == 3
+    assert built.autoscaler is None and built.service_monitor is None
+    assert len(built.manifests()) == 3
+
+
+def test_autoscaler_on_cpu_and_queue_time() -> None:
+    built = children(spec_with(autoscaling={"enabled": True, "minReplicas": 2, "maxReplicas": 5}))
+    assert "replicas" not in built.deployment["spec"], "the HPA owns the replica count"
+    hpa = built.autoscaler
+    assert hpa is not None and hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "support-bot-triton",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    (cpu,) = hpa["spec"]["metrics"]
+    assert cpu["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}
+
+    queued = children(spec_with(autoscaling={"enabled": True, "queueTimeMicroseconds": 50000})).autoscaler
+    assert queued is not None
+    pods = queued["spec"]["metrics"][1]["pods"]
+    assert pods == {
+        "metric": {"name": QUEUE_TIME_METRIC},
+        "target": {"type": "AverageValue", "averageValue": "50000"},
+    }
+    assert "nv_inference_queue_duration_us" in queued["metadata"]["annotations"]["deeptune.dev/requires"]
+
+
+def test_service_monitor_scrapes_the_metrics_port() -> None:
+    monitor = children(spec_with(serviceMonitor=True)).service_monitor
+    assert monitor is not None
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= children().service["metadata"]["labels"].items()
+    )
+
+
+def test_config_hash_follows_what_the_server_runs() -> None:
+    base = template_hash(children().deployment)
+    assert base and base == template_hash(children().deployment), "deterministic"
+    changed_repository = template_hash(children(spec_with(generation={"maxNewTokens": 7})).deployment)
+    changed_command = template_hash(children(spec_with(responseCache={"enabled": True})).deployment)
+    changed_model = template_hash(
+        children(resolved=ResolvedModel(merged=PvcLocation(claim_name="out", path="other"))).deployment
+    )
+    assert len({base, changed_repository, changed_command, changed_model}) == 4
+    assert template_hash(children(spec_with(replicas=4)).deployment) == base, "scaling rolls no pods"
+    annotations = children().deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations[CONFIG_HASH] == base
+    assert annotations["prometheus.io/port"] == "8002"
+
+
+def test_names_are_valid_service_names_and_endpoints_use_them() -> None:
+    assert server_name(OWNER) == "support-bot-triton"
+    dotted = Owner(kind="ModelDeployment", name="bot.v2", namespace="ns", uid="u")
+    assert server_name(dotted) == "bot-v2-triton"
+    assert (
+        server_name(Owner(kind="ModelDeployment", name="7b-bot", namespace="ns", uid="u"))
+        == "mdep-7b-bot-triton"
+    )
+    assert len(server_name(Owner(kind="ModelDeployment", name="x" * 200, namespace="ns", uid="u"))) <= 63
+    urls = endpoints(OWNER, spec_with())
+    assert urls.http == "http://support-bot-triton.team-a.svc:8000"
+    assert urls.grpc == "support-bot-triton.team-a.svc:8001"
+    assert urls.metrics == "http://support-bot-triton.team-a.svc:8002/metrics"
+    assert urls.model_name == "support-bot"
+
+
+def test_scheduling_and_pull_settings_reach_the_pod() -> None:
+    spec = spec_with(
+        resources={"gpu": 1, "nodeSelector": {"gpu": "l4"}, "priorityClassName": "serving"},
+        imagePullSecrets=[{"name": "ngc"}],
+        imagePullPolicy="Always",
+        env=[{"name": "LOG", "value": "1"}],
+    )
+    built = children(spec)
+    assert pod_of(built)["nodeSelector"] == {"gpu": "l4"}
+    assert pod_of(built)["priorityClassName"] == "serving"
+    assert pod_of(built)["imagePullSecrets"] == [{"name": "ngc"}]
+    assert container_of(built)["imagePullPolicy"] == "Always"
+    assert {"name": "LOG", "value": "1"} in container_of(built)["env"]
+    assert container_of(children())["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_the_example_deployment_builds() -> None:
+    manifest = load_example("deployment.yaml")
+    spec = parse_spec(manifest["spec"])
+    owner = Owner(kind="ModelDeployment", name=manifest["metadata"]["name"], namespace="default", uid="u")
+    built = build_children(owner, spec, MERGED, SETTINGS)
+    assert built.autoscaler is not None and built.service_monitor is not None
+    assert container_of(built)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "max_batch_size: 16" in built.config_map["data"]["support-bot-7b__config.pbtxt"]
