@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import machine_info  # bench/machine.py (scripts run from bench/)
+
 HERE = Path(__file__).resolve().parent
 STAGES: dict[str, dict[str, Any]] = {
     "load+map": {
@@ -92,14 +94,7 @@ def run_one(rows_file: Path, stage: str) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    import os  # noqa: PLC0415
-
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return machine_info()
 
 
 def main() -> None:

@@ -51,6 +51,8 @@ import tritonclient.http as httpclient
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the tests' wheel-server helper
 
+from machine import machine_info  # noqa: E402  (bench/machine.py; scripts run from bench/)
+
 from deeptune.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
 from deeptune.serving.repository import (  # noqa: E402
     ModelLocation,
@@ -196,20 +198,11 @@ def run_cache(server: RunningServer, prompts: list[str], repeats: int) -> dict[s
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    return {
-        "host": platform.node(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "triton": "2.51 (nvidia-pytriton wheel, CPU, Python backend)",
-    }
+    return machine_info(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        triton="2.51 (nvidia-pytriton wheel, CPU, Python backend)",
+    )
 
 
 HEADER = (

@@ -84,6 +84,7 @@ from deeptune_trainer.tinymodels import build_tiny_model, tiny_config, train_tok
 from deeptune_trainer.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # bench/machine.py (scripts run from bench/)
 from plain_hf_baseline import LORA_TARGETS, plain_lora_trainer
 
 HERE = Path(__file__).resolve().parent
@@ -415,21 +416,12 @@ def packing_waste_estimate(examples: Sequence[Example], max_length: int) -> dict
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    return {
-        "host": platform.node(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    return machine_info(
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+    )
 
 
 def median_round(results: list[Measured]) -> Measured:

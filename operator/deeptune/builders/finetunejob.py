@@ -24,6 +24,7 @@ from deeptune.builders.common import (
     metadata,
     pod_security_context,
 )
+from deeptune.builders.pod import container_resources, cpu_threads, scheduling
 
 COMPONENT = "trainer"
 CONTAINER = "trainer"
@@ -158,40 +159,13 @@ def _env(spec: FineTuneJobSpec) -> list[Manifest]:
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
         )
     user_names = {var.name for var in spec.env}
-    threads = _cpu_threads(spec.resources.cpu)
+    threads = cpu_threads(spec.resources.cpu)
     if threads and "OMP_NUM_THREADS" not in user_names:
         # torch sizes its thread pool by the node's cores, not the pod's CPU; oversubscribed
         # threads spinning against each other make CPU training many times slower.
         env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     env.extend(var.to_wire() for var in spec.env)
     return env
-
-
-def _cpu_threads(cpu: str | None) -> int | None:
-    """Whole CPUs in a quantity such as `8`, `2.5` or `500m` (at least one)."""
-    if not cpu:
-        return None
-    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-    return max(1, int(cores))
-
-
-def _resources(spec: FineTuneJobSpec) -> Manifest:
-    res = spec.resources
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if res.cpu:
-        requests["cpu"] = res.cpu
-    if res.memory:
-        requests["memory"] = limits["memory"] = res.memory
-    if res.gpu:
-        # Extended resources such as GPUs must have requests equal to limits.
-        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = str(res.gpu)
-    out: Manifest = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
 
 
 def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> Manifest:
@@ -203,7 +177,7 @@ def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -
         "command": ["python", "-m", "deeptune_trainer", "--config", CONFIG_PATH],
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "env": _env(spec),
-        "resources": _resources(spec),
+        "resources": container_resources(spec.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
@@ -217,15 +191,7 @@ def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -
         "containers": [container],
         "volumes": volumes,
     }
-    res = spec.resources
-    if res.node_selector:
-        pod["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod["tolerations"] = [t.to_wire() for t in res.tolerations]
-    if res.affinity:
-        pod["affinity"] = res.affinity
-    if res.priority_class_name:
-        pod["priorityClassName"] = res.priority_class_name
+    pod.update(scheduling(spec.resources))
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [s.to_wire() for s in spec.image_pull_secrets]
     return pod
