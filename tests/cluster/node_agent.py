@@ -715,14 +715,18 @@ def triton_environment(work_dir: Path, venv: Path) -> ImageEnvironment | None:
 
 def default_images(project_root: Path, venv: Path, triton: ImageEnvironment | None) -> ImageMap:
     """The images DeepTune's pods use, mapped to this machine's environments."""
+    # The project and its environment appear at fixed paths, as in the real image: wherever the
+    # checkout lives (CI clones under /tmp), a pod's own /tmp emptyDir must not hide the code.
+    src, env = "/opt/deeptune/src", "/opt/deeptune/venv"
     python_env = ImageEnvironment(
-        path=(str(venv / "bin"),),
+        path=(f"{env}/bin",),
         extra_env={
-            "PYTHONPATH": f"{project_root / 'operator'}:{project_root / 'trainer-image'}",
-            "VIRTUAL_ENV": str(venv),
+            "PYTHONPATH": f"{src}/operator:{src}/trainer-image",
+            "VIRTUAL_ENV": env,
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         },
+        mounts={src: str(project_root), env: str(venv)},
     )
     entries = [("*deeptune/trainer*", python_env), ("*deeptune/operator*", python_env)]
     if triton is not None:
