@@ -35,6 +35,7 @@ def manifest(name: str, namespace: str) -> str:
         "labels": {INSTANCE_LABEL: "finetunejobs"},
         "annotations": {TRACKING_ANNOTATION: f"finetunejobs:deeptune.dev/FineTuneJob:{namespace}/{name}"},
     }
+    obj["spec"]["activeDeadlineSeconds"] = 86400  # a mutable field set in git
     return yaml.safe_dump(obj)
 
 
@@ -101,15 +102,19 @@ def test_the_checks_catch_a_controller_that_writes_spec(crds: Cluster, namespace
     """What the test above would see if the operator defaulted or rewrote a spec field."""
     text = manifest("rewritten", namespace)
     crds.kubectl("apply", *SERVER_SIDE, "-f", "-", input=text)
-    rewrite = {"spec": {"backoffLimit": 5, "resources": {"memory": "8Gi"}}}
+    rewrite = {"spec": {"backoffLimit": 5, "activeDeadlineSeconds": 7200}}
     crds.kubectl(
         "patch", "finetunejob", "rewritten", "-n", namespace, "--type", "merge",
         "--field-manager=rogue-controller", "-p", json.dumps(rewrite),
     )  # fmt: skip
     diff = crds.kubectl("diff", *SERVER_SIDE, "-f", "-", input=text, check=False)
     # Server-side diffs compare only the fields git sets: a rewritten default (backoffLimit) shows only
-    # in managedFields, a rewritten field from git (resources.memory) in the diff as well.
-    assert diff.returncode == 1 and "memory: 8Gi" in diff.stdout and "backoffLimit" not in diff.stdout
+    # in managedFields, a rewritten field from git (activeDeadlineSeconds) in the diff as well.
+    assert diff.returncode == 1 and "activeDeadlineSeconds: 7200" in diff.stdout
+    changed = [
+        line for line in diff.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")
+    ]
+    assert not [line for line in changed if "backoffLimit" in line]
     assert foreign_fields(crds, "rewritten", namespace, APPLIER) == [
         "rogue-controller (Update, main): f:spec"
     ]
