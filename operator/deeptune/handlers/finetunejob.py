@@ -8,7 +8,6 @@ running trainer's metrics, and patches status only when something changed.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from typing import Any
 
 import aiohttp
@@ -31,17 +30,14 @@ from deeptune.builders.common import Owner
 from deeptune.config import SETTINGS
 from deeptune.kube import ensure, patch_job_spec, rejection
 from deeptune.observability import STATUS_WRITES, PhaseBook, measured
-from deeptune.status.finetunejob import TERMINAL_PHASES, derive_status, is_invalid_spec, set_conditions
+from deeptune.status.conditions import now, set_conditions
+from deeptune.status.finetunejob import TERMINAL_PHASES, derive_status, is_invalid_spec
 from deeptune.status.progress import parse_progress
 
 RESOURCE = (GROUP, VERSION, PLURAL)
 FTJ_LABEL = "deeptune.dev/finetunejob"
 IndexEntries = dict[tuple[str | None, str], dict[str, Any]]
 PHASES = PhaseBook(KIND)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _owner(meta: kopf.Meta) -> Owner:
@@ -69,7 +65,7 @@ def _invalid_spec(body: kopf.Body, patch: kopf.Patch, message: str, generation: 
             "Failed": (True, "InvalidSpec", message),
         },
         generation,
-        _now(),
+        now(),
     )
     patch.status["phase"] = "Failed"
     patch.status["observedGeneration"] = generation
@@ -120,7 +116,7 @@ def reconcile(*, body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: ko
                 pods=[],
                 progress=None,
                 output=_output_status(owner, spec),
-                now=_now(),
+                now=now(),
             )
             fresh.job_name = build.job_name(owner)
             _write_changes(body, patch, previous, fresh)
@@ -194,7 +190,7 @@ async def mirror_status(
         running = [p for p in pods if p["status"].get("phase") == "Running" and p["status"].get("podIP")]
         if running:
             text = await _scrape(running[0]["status"]["podIP"], logger)
-            progress = parse_progress(text, _now()) if text else None
+            progress = parse_progress(text, now()) if text else None
         new = derive_status(
             previous=previous,
             generation=meta.get("generation"),
@@ -202,7 +198,7 @@ async def mirror_status(
             pods=pods,
             progress=progress,
             output=_output_status(owner, spec),
-            now=_now(),
+            now=now(),
         )
         _write_changes(body, patch, previous, new)
 

@@ -35,10 +35,10 @@ from deeptune.api.modeldeployment import (
 from deeptune.builders import modeldeployment as build
 from deeptune.builders.common import Owner
 from deeptune.config import SETTINGS
-from deeptune.handlers.finetunejob import _now
 from deeptune.kube import rejection
 from deeptune.observability import STATUS_WRITES, PhaseBook, measured
 from deeptune.probe import probe_server
+from deeptune.status.conditions import now
 from deeptune.status.modeldeployment import (
     Waiting,
     derive_status,
@@ -141,7 +141,7 @@ def _report_invalid(
     """A spec that cannot be served: a Warning Event and Ready=False/InvalidSpec, no retry."""
     kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
     _write_changes(
-        body, patch, previous, invalid_spec_status(previous, generation, message, _now()), events=False
+        body, patch, previous, invalid_spec_status(previous, generation, message, now()), events=False
     )
 
 
@@ -166,7 +166,7 @@ def reconcile(
         resolved = resolve_source(spec, job, previous.resolved_model)
         if isinstance(resolved, Waiting):
             # No children yet; the status timer notices when the FineTuneJob succeeds.
-            _write_changes(body, patch, previous, waiting_status(previous, generation, resolved, _now()))
+            _write_changes(body, patch, previous, waiting_status(previous, generation, resolved, now()))
             return
         try:
             _apply_children(
@@ -230,7 +230,7 @@ async def _probe(
     # and checks the server the pods run, whichever route the Service takes to them.
     address = f"{pod['status']['podIP']}:{spec.service.http_port}"
     result = await probe_server(
-        address, build.model_name(owner), infer=not spec.streaming, timeout=SETTINGS.probe_timeout, now=_now()
+        address, build.model_name(owner), infer=not spec.streaming, timeout=SETTINGS.probe_timeout, now=now()
     )
     memo["last_probe"] = _LastProbe(pod=name, at=time.monotonic(), result=result)
     return result
@@ -257,7 +257,7 @@ def _derive(
         endpoints=build.endpoints(owner, spec),
         deployment_name=build.server_name(owner),
         streaming=spec.streaming,
-        now=_now(),
+        now=now(),
     )
 
 
@@ -294,7 +294,7 @@ async def mirror_status(
             spec, _referenced_job(finetunejobs, owner.namespace, spec), previous.resolved_model
         )
         if isinstance(resolved, Waiting):
-            _write_changes(body, patch, previous, waiting_status(previous, generation, resolved, _now()))
+            _write_changes(body, patch, previous, waiting_status(previous, generation, resolved, now()))
             return
         found = list(deployments.get((owner.namespace, owner.uid), []))
         deployment = found[0] if found else None

@@ -21,6 +21,7 @@ from deeptune.api.finetunejob import (
     Progress,
 )
 from deeptune.api.trainer import TrainerSummary
+from deeptune.status.conditions import set_conditions
 
 Obj = dict[str, Any]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
@@ -168,32 +169,6 @@ def _conditions(
         generation,
         now,
     )
-
-
-def set_conditions(
-    previous: list[Condition],
-    wanted: dict[str, tuple[bool, str, str]],
-    generation: int | None,
-    now: str,
-) -> list[Condition]:
-    """Conditions by type; lastTransitionTime moves only when a condition's status flips."""
-    before = {c.type: c for c in previous}
-    result = []
-    for kind, (value, reason, message) in wanted.items():
-        status = "True" if value else "False"
-        old = before.get(kind)
-        changed = old is None or old.status != status
-        result.append(
-            Condition(
-                type=kind,
-                status=status,
-                reason=reason,
-                message=message,
-                last_transition_time=now if changed or old is None else old.last_transition_time,
-                observed_generation=generation,
-            )
-        )
-    return result
 
 
 def derive_status(

@@ -29,7 +29,7 @@ from deeptune.api.modeldeployment import (
     resolve_model,
 )
 from deeptune.builders.modeldeployment import CONFIG_HASH, template_hash
-from deeptune.status.finetunejob import set_conditions
+from deeptune.status.conditions import set_conditions
 
 Obj = dict[str, Any]
 INVALID_SPEC = "InvalidSpec"
