@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,7 @@ from deeptune.api.modeldeployment import (
     parse_spec,
     resolve_model,
 )
+from tests.specs import changed
 
 MINIMAL: dict[str, Any] = {"model": {"fineTuneJobRef": {"name": "support-bot-7b"}}}
 REALISTIC: dict[str, Any] = {
@@ -57,15 +57,7 @@ SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 def with_changes(**changes: Any) -> dict[str, Any]:
-    """MINIMAL with `a__b=value` meaning spec.a.b = value."""
-    spec = copy.deepcopy(MINIMAL)
-    for path, value in changes.items():
-        node = spec
-        *parents, leaf = path.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return spec
+    return changed(MINIMAL, **changes)
 
 
 def error_of(spec: dict[str, Any]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
@@ -10,6 +9,7 @@ from pydantic import ValidationError
 
 from deeptune.api.base import describe_validation_error
 from deeptune.api.finetunejob import FineTuneJobSpec, parse_spec
+from tests.specs import changed
 
 MINIMAL: dict[str, Any] = {
     "baseModel": {"name": "deepseek-ai/deepseek-coder-1.3b-base"},
@@ -19,14 +19,7 @@ MINIMAL: dict[str, Any] = {
 
 
 def with_changes(**changes: Any) -> dict[str, Any]:
-    spec = copy.deepcopy(MINIMAL)
-    for path, value in changes.items():
-        node = spec
-        *parents, leaf = path.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return spec
+    return changed(MINIMAL, **changes)
 
 
 def error_of(spec: dict[str, Any]) -> str:

@@ -39,6 +39,11 @@ def cel(rule: str, message: str, *, field_path: str | None = None) -> JsonValue:
     return entry
 
 
+def cel_rules(*rules: JsonValue) -> ConfigDict:
+    """A model config carrying CEL rules, for models whose fields constrain each other."""
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
+
+
 def immutable(field: str) -> dict[str, JsonValue]:
     """Schema extra that makes a training-defining field immutable once the object exists."""
     return {
@@ -157,12 +162,8 @@ class ValueFrom(ApiModel):
 class EnvVar(ApiModel):
     """An extra environment variable for the workload's container."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel("has(self.value) != has(self.valueFrom)", "set exactly one of value or valueFrom")
-            ]
-        }
+    model_config = cel_rules(
+        cel("has(self.value) != has(self.valueFrom)", "set exactly one of value or valueFrom")
     )
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", max_length=SHORT_TEXT)]

@@ -20,6 +20,7 @@ from deeptune.api.base import (
     SecretKeyRef,
     Toleration,
     cel,
+    cel_rules,
     exactly_one,
     immutable,
     nested_default,
@@ -40,12 +41,8 @@ DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2.0e-4, "qlora": 2.0e-4, "ful
 class BaseModelSpec(ApiModel):
     """The pretrained model to start from: a Hugging Face id, or a directory on a PVC."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel("has(self.name) != has(self.pvc)", "set exactly one of name (a Hugging Face id) or pvc")
-            ]
-        }
+    model_config = cel_rules(
+        cel("has(self.name) != has(self.pvc)", "set exactly one of name (a Hugging Face id) or pvc")
     )
 
     name: Annotated[str, Field(max_length=SHORT_TEXT, pattern=r"^[\w.-]+(/[\w.-]+)?$")] | None = None
@@ -68,16 +65,11 @@ class BaseModelSpec(ApiModel):
 class DataSource(ApiModel):
     """Where rows come from: a file on a PVC, a ConfigMap key, an http(s) URL, or inline rows."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "[has(self.pvc), has(self.configMap), has(self.url), has(self.inline)]"
-                    ".filter(x, x).size() == 1",
-                    "set exactly one of pvc, configMap, url or inline",
-                )
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "[has(self.pvc), has(self.configMap), has(self.url), has(self.inline)].filter(x, x).size() == 1",
+            "set exactly one of pvc, configMap, url or inline",
+        )
     )
 
     pvc: PvcLocation | None = None
@@ -159,15 +151,11 @@ class PiiFilter(ApiModel):
 class Cleaning(ApiModel):
     """Cleaning rules, applied in order: normalize, length bounds, degenerate rows, PII, dedup."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.minChars) || !has(self.maxChars) || self.minChars <= self.maxChars",
-                    "minChars must not exceed maxChars",
-                )
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "!has(self.minChars) || !has(self.maxChars) || self.minChars <= self.maxChars",
+            "minChars must not exceed maxChars",
+        )
     )
 
     normalization: Annotated[Normalization, Field(json_schema_extra=nested_default())] = Field(
@@ -361,23 +349,19 @@ class OutputSpec(ApiModel):
 class FineTuneJobSpec(ApiModel):
     """Desired state of a FineTuneJob."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpu)"
-                    " || self.resources.gpu > 0",
-                    "method qlora needs a GPU: set resources.gpu to 1 or more, or use method lora",
-                    field_path=".method",
-                ),
-                cel(
-                    "!has(self.output.quantizedExport) || self.output.quantizedExport == 'none'"
-                    " || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu > 0",
-                    "output.quantizedExport needs a GPU: set resources.gpu to 1 or more, or set it to none",
-                    field_path=".output.quantizedExport",
-                ),
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpu)"
+            " || self.resources.gpu > 0",
+            "method qlora needs a GPU: set resources.gpu to 1 or more, or use method lora",
+            field_path=".method",
+        ),
+        cel(
+            "!has(self.output.quantizedExport) || self.output.quantizedExport == 'none'"
+            " || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu > 0",
+            "output.quantizedExport needs a GPU: set resources.gpu to 1 or more, or set it to none",
+            field_path=".output.quantizedExport",
+        ),
     )
 
     base_model: Annotated[BaseModelSpec, Field(json_schema_extra=immutable("baseModel"))]

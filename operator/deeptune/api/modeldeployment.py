@@ -18,6 +18,7 @@ from deeptune.api.base import (
     PvcLocation,
     Quantity,
     cel,
+    cel_rules,
     exactly_one,
     nested_default,
 )
@@ -78,16 +79,11 @@ class AdapterModel(ApiModel):
 class ModelSource(ApiModel):
     """What to serve: a FineTuneJob's result, a merged model, or a base model with an adapter."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "[has(self.fineTuneJobRef), has(self.merged), has(self.adapter)]"
-                    ".filter(x, x).size() == 1",
-                    "set exactly one of fineTuneJobRef, merged or adapter",
-                )
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "[has(self.fineTuneJobRef), has(self.merged), has(self.adapter)].filter(x, x).size() == 1",
+            "set exactly one of fineTuneJobRef, merged or adapter",
+        )
     )
 
     fine_tune_job_ref: FineTuneJobRef | None = None
@@ -120,16 +116,12 @@ class GenerationDefaults(GenerationSpec):
 class BatchingSpec(ApiModel):
     """Triton's dynamic batching: requests that arrive close together run as one generate call."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.preferredBatchSizes) || !has(self.maxBatchSize)"
-                    " || self.preferredBatchSizes.all(s, s <= self.maxBatchSize)",
-                    "preferredBatchSizes must not exceed maxBatchSize",
-                )
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "!has(self.preferredBatchSizes) || !has(self.maxBatchSize)"
+            " || self.preferredBatchSizes.all(s, s <= self.maxBatchSize)",
+            "preferredBatchSizes must not exceed maxBatchSize",
+        )
     )
 
     enabled: bool = True
@@ -150,16 +142,12 @@ class BatchingSpec(ApiModel):
 class ResponseCacheSpec(ApiModel):
     """Triton's response cache: repeated requests are answered from memory (apt for greedy decoding)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.size) || type(self.size) != string || !self.size.endsWith('m')",
-                    "size must be in bytes such as 64Mi (the suffix m means thousandths)",
-                    field_path=".size",
-                )
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "!has(self.size) || type(self.size) != string || !self.size.endsWith('m')",
+            "size must be in bytes such as 64Mi (the suffix m means thousandths)",
+            field_path=".size",
+        )
     )
 
     enabled: bool = False
@@ -176,16 +164,11 @@ class ResponseCacheSpec(ApiModel):
 class AutoscalingSpec(ApiModel):
     """A HorizontalPodAutoscaler for the serving Deployment; when enabled it owns the replica count."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.minReplicas) || !has(self.maxReplicas)"
-                    " || self.minReplicas <= self.maxReplicas",
-                    "minReplicas must not exceed maxReplicas",
-                )
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+            "minReplicas must not exceed maxReplicas",
+        )
     )
 
     enabled: bool = False
@@ -206,17 +189,13 @@ class AutoscalingSpec(ApiModel):
 class ServiceSpec(ApiModel):
     """The Service in front of the serving pods, with Triton's three ports."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.httpPort) || !has(self.grpcPort) || !has(self.metricsPort)"
-                    " || (self.httpPort != self.grpcPort && self.httpPort != self.metricsPort"
-                    " && self.grpcPort != self.metricsPort)",
-                    "httpPort, grpcPort and metricsPort must differ",
-                )
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "!has(self.httpPort) || !has(self.grpcPort) || !has(self.metricsPort)"
+            " || (self.httpPort != self.grpcPort && self.httpPort != self.metricsPort"
+            " && self.grpcPort != self.metricsPort)",
+            "httpPort, grpcPort and metricsPort must differ",
+        )
     )
 
     type: ServiceType = "ClusterIP"
@@ -234,25 +213,21 @@ class ServiceSpec(ApiModel):
 class ModelDeploymentSpec(ApiModel):
     """Desired state of a ModelDeployment."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.quantization) || self.quantization == 'none'"
-                    " || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu > 0",
-                    "quantization needs a GPU (bitsandbytes): set resources.gpu to 1 or more,"
-                    " or set quantization to none",
-                    field_path=".quantization",
-                ),
-                cel(
-                    "!has(self.streaming) || !self.streaming || !has(self.responseCache)"
-                    " || !has(self.responseCache.enabled) || !self.responseCache.enabled",
-                    "responseCache cannot be combined with streaming (Triton does not cache streamed"
-                    " responses): turn one of them off",
-                    field_path=".responseCache.enabled",
-                ),
-            ]
-        }
+    model_config = cel_rules(
+        cel(
+            "!has(self.quantization) || self.quantization == 'none'"
+            " || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu > 0",
+            "quantization needs a GPU (bitsandbytes): set resources.gpu to 1 or more,"
+            " or set quantization to none",
+            field_path=".quantization",
+        ),
+        cel(
+            "!has(self.streaming) || !self.streaming || !has(self.responseCache)"
+            " || !has(self.responseCache.enabled) || !self.responseCache.enabled",
+            "responseCache cannot be combined with streaming (Triton does not cache streamed"
+            " responses): turn one of them off",
+            field_path=".responseCache.enabled",
+        ),
     )
 
     model: ModelSource
