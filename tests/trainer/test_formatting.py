@@ -12,6 +12,7 @@ from deeptune_trainer.data.sample import Message, Sample
 from deeptune_trainer.formatting import (
     IGNORE_INDEX,
     Collator,
+    first_fit_decreasing,
     pack,
     prompt_ids,
     render_prompt,
@@ -129,15 +130,22 @@ def test_packing_resets_positions_and_masks_boundaries(tokenizer: PreTrainedToke
 
 
 def test_packed_rows_give_the_same_logits_as_separate_rows(tiny_llama_dir: Path) -> None:
-    """The proof that packed examples do not attend to each other."""
+    """The proof that packed examples do not attend to each other, in rows that first-fit decreasing
+    filled out of dataset order, next to a shorter row whose padding tail is one more segment."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     examples = [
-        tokenize_sample(_sample(p, a), tokenizer, 64) for p, a in (("topic: 猫 山", "yes"), ("dog", "狗"))
+        tokenize_sample(_sample(p, a), tokenizer, 64)
+        for p, a in (("dog", "狗"), ("topic: 猫 山 river blue", "yes"), ("topic: 雨", "rain"))
     ]
-    packed = Collator(tokenizer.pad_token_id)(pack(examples, max_length=64))
+    lengths = [len(example.input_ids) for example in examples]
+    bins = first_fit_decreasing(lengths, lengths[0] + lengths[1])
+    assert bins == [[1, 0], [2]]  # the longest first, the shortest beside it, the third alone
+    packed = Collator(tokenizer.pad_token_id)(pack(examples, max_length=lengths[0] + lengths[1]))
     packed_inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
     with torch.no_grad():  # no KV cache, as in training: with one, transformers ignores the packing
-        together = model(**packed_inputs, use_cache=False).logits[0]
+        together = model(**packed_inputs, use_cache=False).logits
         alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples]
-    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    for row, members in zip(together, bins, strict=True):
+        expected = torch.cat([alone[i] for i in members])
+        torch.testing.assert_close(row[: len(expected)], expected, rtol=1e-4, atol=1e-4)

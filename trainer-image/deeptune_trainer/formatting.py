@@ -127,8 +127,48 @@ def tokenize_samples(
     return TokenizedSplit(examples=examples, truncated=sum(example.truncated for example in examples))
 
 
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins whose lengths add up to at most `capacity`.
+
+    First-fit decreasing: the items are placed longest first (equal lengths in index order), each
+    into the first bin that still has room, and a new bin is opened only when none has. It leaves
+    far fewer half-empty bins than closing a bin as soon as the next item in order does not fit,
+    and its output depends on the lengths alone. A segment tree over the bins' free space finds the
+    first bin with room in O(log n), so a million examples take seconds, not hours.
+    """
+    if any(length > capacity for length in lengths):
+        raise ValueError(f"an item is longer than the capacity {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    leaves = 1
+    while leaves < len(lengths):
+        leaves *= 2
+    # free[1] is the root; the leaves free[leaves:] are the bins, unopened ones all free. An inner
+    # node holds the most free space below it, so descending left whenever the left child has room
+    # finds the first bin with room, and that is an open bin, or else the next unopened one.
+    free = [capacity] * (2 * leaves)
+    bins: list[list[int]] = []
+    for index in order:
+        length = lengths[index]
+        node = 1
+        while node < leaves:
+            node = 2 * node if free[2 * node] >= length else 2 * node + 1
+        slot = node - leaves
+        if slot == len(bins):
+            bins.append([])
+        bins[slot].append(index)
+        free[node] -= length
+        while node > 1:
+            node //= 2
+            free[node] = max(free[2 * node], free[2 * node + 1])
+    return bins
+
+
 def pack(examples: Sequence[Example], max_length: int) -> list[Feature]:
-    """Concatenate consecutive examples into rows of at most max_length tokens (greedy, in order).
+    """Concatenate examples into rows of at most max_length tokens, by first-fit decreasing.
+
+    The rows are the bins of `first_fit_decreasing` over the examples' lengths, in the order it
+    opened them, each holding its examples in the order it placed them. Every token of every example
+    is in exactly one row; the rows are no longer in dataset order (the Trainer shuffles them anyway).
 
     Padding-free packing: position_ids restart at 0 for every example, and transformers derives a
     block-diagonal causal mask from those restarts (when no attention_mask is given), so no token
@@ -136,16 +176,13 @@ def pack(examples: Sequence[Example], max_length: int) -> list[Feature]:
     one example is never trained to predict the first of the next.
     """
     rows: list[Feature] = []
-    current: Feature = {"input_ids": [], "labels": [], "position_ids": []}
-    for example in examples:
-        if current["input_ids"] and len(current["input_ids"]) + len(example.input_ids) > max_length:
-            rows.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += example.input_ids
-        current["labels"] += [IGNORE_INDEX, *example.labels[1:]]
-        current["position_ids"] += list(range(len(example.input_ids)))
-    if current["input_ids"]:
-        rows.append(current)
+    for members in first_fit_decreasing([len(example.input_ids) for example in examples], max_length):
+        row: Feature = {"input_ids": [], "labels": [], "position_ids": []}
+        for example in (examples[index] for index in members):
+            row["input_ids"] += example.input_ids
+            row["labels"] += [IGNORE_INDEX, *example.labels[1:]]
+            row["position_ids"] += list(range(len(example.input_ids)))
+        rows.append(row)
     return rows
 
 
