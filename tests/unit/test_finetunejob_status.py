@@ -189,29 +189,54 @@ def test_oom_killed_says_what_to_change() -> None:
     assert (status.last_failure.reason, status.last_failure.exit_code) == ("OOMKilled", 137)
     assert "resources.memory" in status.last_failure.message
     failed_condition = next(c for c in status.conditions if c.type == "Failed")
-    assert failed_condition.reason == "BackoffLimitExceeded"
-    assert "OOMKilled" in failed_condition.message
+    assert failed_condition.reason == "OOMKilled"
+    job_says = "BackoffLimitExceeded: Job has reached the specified backoff limit"
+    assert failed_condition.message == f"{status.last_failure.message} (Job: {job_says})"
 
 
-def test_trainer_error_from_termination_message() -> None:
-    summary = TrainerSummary(
-        outcome="failed",
-        error=TrainerError(
-            reason="InvalidDataset", message="dataset.fields.completion: column 'answer' not found"
-        ),
-    )
-    bad = pod(
+def trainer_failure(reason: str, message: str) -> dict[str, Any]:
+    """A trainer pod that gave up on bad input: exit code 3, its summary as the termination message."""
+    summary = TrainerSummary(outcome="failed", error=TrainerError(reason=reason, message=message))
+    return pod(
         "Failed",
         terminated={"exitCode": 3, "reason": "Error", "message": summary.model_dump_json(by_alias=True)},
     )
-    failed = job(
-        [condition("Failed", "PodFailurePolicy", "Container trainer for pod x failed with exit code 3")]
-    )
-    status = derive(failed, [bad])
+
+
+FAIL_JOB = condition(
+    "Failed",
+    "PodFailurePolicy",
+    "Container trainer for pod ns/bot-train-abcde failed with exit code 3 matching FailJob rule at index 0",
+)
+
+
+def test_a_trainer_error_leads_the_failed_condition_in_its_own_words() -> None:
+    bad = trainer_failure("InvalidDataset", "dataset.fields.completion: column 'answer' not found")
+    status = derive(job([FAIL_JOB]), [bad])
     assert status.last_failure is not None
-    assert status.last_failure.reason == "InvalidDataset"
-    assert status.last_failure.exit_code == 3
-    assert "column 'answer' not found" in next(c.message for c in status.conditions if c.type == "Failed")
+    assert (status.last_failure.reason, status.last_failure.exit_code) == ("InvalidDataset", 3)
+    expected = (
+        "dataset.fields.completion: column 'answer' not found (Job: PodFailurePolicy: Container trainer for "
+        "pod ns/bot-train-abcde failed with exit code 3 matching FailJob rule at index 0)"
+    )
+    for kind in ("Failed", "Ready"):
+        failed = next(c for c in status.conditions if c.type == kind)
+        assert (failed.reason, failed.message) == ("InvalidDataset", expected)
+
+
+def test_a_failed_job_without_a_trainer_failure_keeps_the_jobs_words() -> None:
+    status = derive(job([FAIL_JOB]), [])
+    failed = next(c for c in status.conditions if c.type == "Failed")
+    assert (failed.reason, failed.message) == ("PodFailurePolicy", FAIL_JOB["message"])
+
+
+def test_a_trainer_rejecting_the_spec_is_a_finished_failure_not_the_operators_rejection() -> None:
+    """The operator starts a fixed spec afresh after its own InvalidSpec; a trainer's InvalidSpec ends
+    the run like any other failure (a restarted operator must not reset it to Pending)."""
+    bad = trainer_failure("InvalidSpec", "earlyStopping watches the validation loss, but it is empty")
+    status = derive(job([FAIL_JOB]), [bad])
+    assert conditions_of(status)["Failed"] == ("True", "InvalidSpec")
+    assert not is_invalid_spec(status)
 
 
 def test_deadline_exceeded() -> None:
@@ -220,6 +245,16 @@ def test_deadline_exceeded() -> None:
     assert status.phase == "Failed"
     assert conditions_of(status)["Failed"] == ("True", "DeadlineExceeded")
     assert status.completion_time == "2026-11-25T09:30:00Z"
+
+
+def test_a_deadline_is_the_jobs_decision_and_leads() -> None:
+    stopped = pod("Failed", terminated={"exitCode": 143, "reason": "Error", "message": "step 40/100"})
+    expired = job([condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")])
+    failed = next(c for c in derive(expired, [stopped]).conditions if c.type == "Failed")
+    assert (failed.reason, failed.message) == (
+        "DeadlineExceeded",
+        "Job was active longer than specified deadline: Error: step 40/100",
+    )
 
 
 def test_suspended() -> None:

@@ -25,6 +25,7 @@ from deeptune.status.conditions import set_conditions
 
 Obj = dict[str, Any]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
+INVALID_SPEC = "InvalidSpec"
 CONDITION_TYPES = ("Ready", "Running", "Suspended", "Failed")
 _WAITING_PROBLEMS = {
     "ErrImagePull",
@@ -34,6 +35,9 @@ _WAITING_PROBLEMS = {
     "CreateContainerError",
     "CrashLoopBackOff",
 }
+_JOB_DECIDED = {"DeadlineExceeded"}
+"""Job failure reasons that are the Job's own decision, not the trainer's failure: activeDeadlineSeconds
+passed, whatever the trainer was doing."""
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,15 @@ class Observation:
 
 
 def is_invalid_spec(status: FineTuneJobStatus) -> bool:
-    """Whether the operator rejected the current spec (a fixed spec gets a fresh start)."""
-    return any(
-        c.type == "Failed" and c.status == "True" and c.reason == "InvalidSpec" for c in status.conditions
+    """Whether the operator rejected the current spec (a fixed spec gets a fresh start).
+
+    The trainer may fail with reason InvalidSpec too (a problem only the model or the data reveal),
+    which the Failed condition then carries: that run is over like any other failed one. The
+    operator's own rejection never writes `lastFailure`, the trainer's always does.
+    """
+    trainer_said_so = status.last_failure is not None and status.last_failure.reason == INVALID_SPEC
+    return not trainer_said_so and any(
+        c.type == "Failed" and c.status == "True" and c.reason == INVALID_SPEC for c in status.conditions
     )
 
 
@@ -117,6 +127,20 @@ def _pending_explanation(pods: list[Obj]) -> tuple[str, str]:
     return "Pending", "waiting for the trainer pod to start"
 
 
+def _failed(job_failed: Obj, failure: FailureInfo | None) -> Observation:
+    """Failed, in the trainer's words first: its reason (InvalidDataset, OOMKilled, ...) and message
+    say what to fix; the Job's condition (the rule that failed it, naming the pod) follows in
+    parentheses. A deadline is the Job's own decision, so there the Job's words lead."""
+    reason = job_failed.get("reason") or "Failed"
+    job_says = job_failed.get("message", "")
+    if failure is None or not failure.message:
+        return Observation("Failed", reason, job_says)
+    if reason in _JOB_DECIDED:
+        return Observation("Failed", reason, f"{job_says}: {failure.reason}: {failure.message}")
+    context = f"{reason}: {job_says}" if job_says else reason
+    return Observation("Failed", failure.reason, f"{failure.message} (Job: {context})")
+
+
 def observe(job: Obj | None, pods: list[Obj], previous_phase: str | None) -> Observation:
     """The phase of the run, with a CamelCase reason and a human message."""
     if job is None:
@@ -127,11 +151,7 @@ def observe(job: Obj | None, pods: list[Obj], previous_phase: str | None) -> Obs
     if (cond := _job_condition(job, "Complete")) is not None:
         return Observation("Succeeded", "Succeeded", "fine-tuning finished")
     if (cond := _job_condition(job, "Failed")) is not None:
-        failure = last_failure(pods)
-        message = cond.get("message", "")
-        if failure is not None and failure.message:
-            message = f"{message}: {failure.reason}: {failure.message}" if message else failure.message
-        return Observation("Failed", cond.get("reason") or "Failed", message)
+        return _failed(cond, last_failure(pods))
     if _job_condition(job, "Suspended") is not None:
         return Observation("Suspended", "Suspended", "suspended; set spec.suspend to false to resume")
     phases = {p.get("status", {}).get("phase") for p in pods}
