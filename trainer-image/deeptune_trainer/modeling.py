@@ -62,6 +62,22 @@ pretrained expert load balance is kept. Users who want expert adapters can list 
 """
 
 
+LOGITS_AT_TARGETS_MODEL_TYPES = frozenset({"llama", "qwen2", "deepseek_v2", "deepseek_v3"})
+"""Model types whose transformers implementation takes a boolean (batch, sequence) `logits_to_keep`
+mask (transformers 5's `slice_logits_to_keep`) and does nothing to the logits but the loss."""
+
+
+def computes_logits_at_targets_only(model: PreTrainedModel) -> bool:
+    """Whether training may ask the model for logits at the labelled positions only.
+
+    True for the DeepSeek-family architectures as transformers implements them. Remote code
+    (`trustRemoteCode`) and other model types may slice `logits_to_keep` differently, or transform the
+    logits (soft-capping, scaling) in ways this was not checked against: they get logits everywhere.
+    """
+    own_code = type(model).__module__.startswith("transformers.models.")
+    return own_code and model.config.model_type in LOGITS_AT_TARGETS_MODEL_TYPES
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     model: PreTrainedModel

@@ -41,7 +41,7 @@ from deeptune_trainer.data.sample import Sample
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.formatting import Collator, Feature, pack, tokenize_samples
 from deeptune_trainer.metrics_server import ProgressSnapshot, TrainerMetrics
-from deeptune_trainer.modeling import Precision, apply_method
+from deeptune_trainer.modeling import Precision, apply_method, computes_logits_at_targets_only
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "deeptune-complete.json"
@@ -316,7 +316,7 @@ def train(
         )
     trainer_callbacks.append(CheckpointMarker(fingerprint))  # after early stopping, to see its decision
 
-    collator = Collator(tokenizer.pad_token_id)
+    collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=computes_logits_at_targets_only(model))
     set_seed(hp.seed)  # the adapter's initial weights are random too: same seed, same run
     wrapped = apply_method(model, spec)
     trainer = Trainer(
