@@ -1,8 +1,9 @@
 """The Argo CD health checks in deploy/argocd/health/, run by a real Lua 5.1 interpreter the way Argo CD
 runs them (gopher-lua: Lua 5.1, only the base and table libraries, the object as the global `obj`).
 
-FineTuneJob objects were recorded from real runs (tests/unit/fixtures/status/record.py); the
-ModelDeployment ones are constructed from the status model until its operator side exists.
+FineTuneJob and ModelDeployment objects were recorded from real runs (tests/unit/fixtures/status/
+record.py); only a state this machine cannot produce is constructed from the status model
+(`*.constructed.json`, see the fixtures' README.md).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
             "Unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu. "
             "preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.",
         ),
-        ("running", "Progressing", "Training: step 60/120 (50%), ETA 2s"),
+        ("running", "Progressing", "Training: step 10/120 (8%), ETA 11s"),
         ("succeeded", "Healthy", "fine-tuning finished"),
         ("suspended", "Suspended", "suspended; set spec.suspend to false to resume"),
         (
@@ -104,11 +105,13 @@ def test_finetunejob_health(name: str, status: str, message: str) -> None:
     ],
 )
 def test_a_failed_trainer_is_degraded_with_its_own_words(name: str, trainer_says: str) -> None:
+    """The trainer's reason and message lead; the Job's words (which names the pod) follow."""
     obj = fixture(f"finetunejob-{name}.json")
     status, message = health("FineTuneJob", obj)
     assert status == "Degraded"
-    assert message == f"PodFailurePolicy: {condition(obj, 'Failed')['message']}"
-    assert trainer_says in message
+    assert message.startswith(trainer_says), message
+    assert message.endswith("failed with exit code 3 matching FailJob rule at index 0)"), message
+    assert "(Job: PodFailurePolicy: Container trainer for pod recording/" in message
 
 
 def test_a_finetunejob_without_status_is_progressing() -> None:
@@ -146,49 +149,64 @@ def test_recorded_finetunejobs_cover_every_phase_and_match_the_model() -> None:
     assert seen == set(typing.get_args(Phase))
 
 
-# --- ModelDeployment: constructed objects ----------------------------------------------------
+# --- ModelDeployment: recorded objects (and one constructed) --------------------------------
+
+MODELDEPLOYMENT_HEALTH = {
+    "pending": ("Progressing", "Creating: creating the serving Deployment"),
+    "pending-finetunejobnotfound": (
+        "Progressing",
+        "FineTuneJobNotFound: model.fineTuneJobRef: FineTuneJob not-trained-yet not found",
+    ),
+    "pending-waitingforfinetunejob": (
+        "Progressing",
+        "WaitingForFineTuneJob: model.fineTuneJobRef: waiting for FineTuneJob paused to succeed "
+        "(phase Suspended)",
+    ),
+    "pending-scaledtozero": ("Healthy", "Scaled to zero: spec.replicas is 0"),
+    "loading": ("Progressing", "Loading: Triton is loading the model (1 pod)"),
+    "loaded": (
+        "Healthy",
+        "Model loaded, 1/1 replicas ready, serving at http://tiny-triton.recording.svc:8000",
+    ),
+    "loaded-probefailed": (
+        "Progressing",
+        "ProbeFailed: InferenceServerException: [500] the prompt's 4 tokens plus max_new_tokens 1 exceed "
+        "the model's context of 2 tokens: shorten the prompt or lower max_new_tokens",
+    ),
+    "failedtoload": (
+        "Degraded",
+        "ModelLoadFailed: FileNotFoundError: no model at /mnt/pvc/deeptune-models/no-such-model: "
+        "the directory does not exist",
+    ),
+    "failedtoload-invalidspec": (
+        "Degraded",
+        'InvalidSpec: the API server rejected a child: Deployment.apps "bad-node-selector-triton" is '
+        'invalid: spec.template.spec.nodeSelector: Invalid value: "not a label key!": name part must '
+        "consist of alphanumeric characters, '-', '_' or '.', and must start and end with an "
+        "alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for "
+        "validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')",
+    ),
+    "failedtoload-oomkilled.constructed": (
+        "Degraded",
+        "OOMKilled: the server ran out of memory loading the model: raise resources.memory",
+    ),
+}
+CONSTRUCTED = {"modeldeployment-failedtoload-oomkilled.constructed.json"}
+"""The test node agent enforces no memory limit, so no server is OOM-killed here (README.md)."""
 
 
-@pytest.mark.parametrize(
-    ("name", "status", "message"),
-    [
-        (
-            "pending",
-            "Progressing",
-            "WaitingForFineTuneJob: model.fineTuneJobRef: waiting for FineTuneJob support-bot-7b to succeed "
-            "(phase Running)",
-        ),
-        ("pending-scaledtozero", "Healthy", "Scaled to zero: spec.replicas is 0"),
-        ("loading", "Progressing", "Loading: Triton is loading the model (2 pods)"),
-        ("loaded", "Healthy", "Model loaded, 2/2 replicas ready, serving at http://support-bot.ml.svc:8000"),
-        ("loaded-probefailed", "Progressing", "ProbeFailed: inference failed: timed out after 10 s"),
-        (
-            "failedtoload",
-            "Degraded",
-            "ModelLoadFailed: no model at /mnt/pvc/deeptune-output/support-bot-7b/merged: "
-            "the directory does not exist",
-        ),
-        (
-            "failedtoload-oomkilled",
-            "Degraded",
-            "OOMKilled: the server ran out of memory loading the model: raise resources.memory",
-        ),
-        (
-            "failedtoload-invalidspec",
-            "Degraded",
-            'InvalidSpec: the API server rejected a child: Deployment.apps "support-bot" is invalid: '
-            'spec.template.spec.nodeSelector: Invalid value: "not a label key!": name part must consist of '
-            "alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric "
-            "character",
-        ),
-    ],
-)
-def test_modeldeployment_health(name: str, status: str, message: str) -> None:
-    assert health("ModelDeployment", fixture(f"modeldeployment-{name}.constructed.json")) == (status, message)
+@pytest.mark.parametrize(("name", "expected"), MODELDEPLOYMENT_HEALTH.items())
+def test_modeldeployment_health(name: str, expected: tuple[str, str]) -> None:
+    assert health("ModelDeployment", fixture(f"modeldeployment-{name}.json")) == expected
+
+
+def test_every_modeldeployment_fixture_has_its_expected_health() -> None:
+    on_disk = {path.name for path in FIXTURES.glob("modeldeployment-*.json")}
+    assert on_disk == {f"modeldeployment-{name}.json" for name in MODELDEPLOYMENT_HEALTH}
 
 
 def test_a_modeldeployment_without_status_or_with_an_unseen_spec_is_progressing() -> None:
-    obj = fixture("modeldeployment-loaded.constructed.json")
+    obj = fixture("modeldeployment-loaded.json")
     obj["metadata"]["generation"] = 2
     assert health("ModelDeployment", obj) == (
         "Progressing",
@@ -199,7 +217,7 @@ def test_a_modeldeployment_without_status_or_with_an_unseen_spec_is_progressing(
 
 
 def test_zero_replicas_under_an_autoscaler_is_not_scaled_to_zero() -> None:
-    obj = fixture("modeldeployment-pending-scaledtozero.constructed.json")
+    obj = fixture("modeldeployment-pending-scaledtozero.json")
     obj["spec"]["autoscaling"] = {"enabled": True}
     assert health("ModelDeployment", obj) == (
         "Progressing",
@@ -208,7 +226,7 @@ def test_zero_replicas_under_an_autoscaler_is_not_scaled_to_zero() -> None:
 
 
 def test_a_modeldeployment_failure_without_last_failure_uses_the_model_loaded_condition() -> None:
-    obj = fixture("modeldeployment-failedtoload.constructed.json")
+    obj = fixture("modeldeployment-failedtoload.json")
     del obj["status"]["lastFailure"]
     assert health("ModelDeployment", obj) == (
         "Degraded",
@@ -216,16 +234,19 @@ def test_a_modeldeployment_failure_without_last_failure_uses_the_model_loaded_co
     )
 
 
-def test_constructed_modeldeployments_are_valid_and_cover_every_model_state() -> None:
-    seen = set()
+def test_modeldeployment_fixtures_are_valid_and_recorded_ones_cover_every_model_state() -> None:
+    recorded = set()
     for path in FIXTURES.glob("modeldeployment-*.json"):
-        assert path.name.endswith(".constructed.json"), f"{path.name}: say that it was not recorded"
         obj = json.loads(path.read_text())
         ModelDeploymentSpec.model_validate(obj["spec"])
         status = ModelDeploymentStatus.model_validate(obj["status"])
         assert status.model_dump(mode="json", by_alias=True, exclude_none=True) == obj["status"], path.name
-        seen.add(status.model_state)
-    assert seen == set(typing.get_args(ModelState))
+        assert path.name.startswith(f"modeldeployment-{str(status.model_state).lower()}"), path.name
+        if path.name.endswith(".constructed.json"):
+            assert path.name in CONSTRUCTED, f"{path.name}: record it (record.py), or say why it cannot be"
+        else:
+            recorded.add(status.model_state)
+    assert recorded == set(typing.get_args(ModelState))
 
 
 # --- the scripts as shipped ------------------------------------------------------------------
