@@ -12,7 +12,7 @@ export PATH
 echo "== lint (ruff) =="
 ruff check .
 ruff format --check .
-hadolint trainer-image/Dockerfile operator/Dockerfile
+hadolint trainer-image/Dockerfile operator/Dockerfile serving-image/Dockerfile
 echo "== types (mypy) =="
 mypy
 echo "== generated CRDs and field reference are up to date =="
