@@ -26,6 +26,8 @@ def configure(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
+    # No handler needs a finalizer (status comes from one loop, not per-object timers); kopf removes
+    # this one from objects an early build marked.
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.posting.level = logging.WARNING  # kopf's own log lines; our events are posted explicitly
     settings.watching.server_timeout = 270
@@ -38,15 +40,9 @@ def configure(*, settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any)
     logger.info("DeepTune operator started; metrics on :%d", SETTINGS.metrics_port)
 
 
-def _quiet_timer_successes(record: logging.LogRecord) -> bool:
-    """The status timer runs every few seconds per object; its routine successes are noise."""
-    return not record.getMessage().startswith("Timer 'mirror_status' succeeded")
-
-
 def run() -> None:
     """Run until stopped, watching the configured namespaces (or the whole cluster)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kopf.objects").addFilter(_quiet_timer_successes)
     asyncio.run(
         kopf.operator(
             standalone=True,

@@ -34,6 +34,15 @@ class PhaseBook:
             self._phases.pop(uid, None)
         else:
             self._phases[uid] = phase
+        self._publish()
+
+    def retain(self, uids: set[str]) -> None:
+        """Forget the objects that are gone (deleted objects get no last visit)."""
+        for uid in set(self._phases) - uids:
+            del self._phases[uid]
+        self._publish()
+
+    def _publish(self) -> None:
         counts = Tally(self._phases.values())
         self._seen.update(counts)
         for known in self._seen:

@@ -73,7 +73,7 @@ What the operator does in each namespace it serves (operator/deeptune/kube.py, h
   listed and watched: an index), Services, HorizontalPodAutoscalers and Prometheus Operator
   ServiceMonitors: get, create, patch; HPAs and ServiceMonitors also delete, when a spec switches
   autoscaling or serviceMonitor off (only objects this ModelDeployment owns);
-- Events: create and patch (kopf.event posts core/v1 Events; events.k8s.io is the same data in
+- Events: create and patch (the operator posts core/v1 Events, events.py; events.k8s.io is the same data in
   the newer API, which other client libraries use).
 No Secrets: the trainer and Triton read tokens through secretKeyRef; the operator never does.
 */}}

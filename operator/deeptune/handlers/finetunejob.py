@@ -1,21 +1,23 @@
 """kopf glue for FineTuneJob: validate, create children, mirror their state into status.
 
 Level-based: `reconcile` (create/resume/spec change) makes sure the ConfigMap and Job exist; the
-`mirror_status` timer reads the Job and its pods from in-memory indexes (no API calls), scrapes the
-running trainer's metrics, and patches status only when something changed.
+status loop (`deeptune.statusloop`) visits every FineTuneJob, reads its Job and pods from in-memory
+indexes (no API calls), scrapes the running trainer's metrics, and patches status only when something
+changed. The Job and pod indexes nudge the loop, so a change shows in status at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import aiohttp
 import kopf
 from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
 
-from deeptune.api.base import GROUP, VERSION, describe_validation_error
+from deeptune import events
+from deeptune.api.base import GROUP, VERSION
 from deeptune.api.finetunejob import (
     KIND,
     PLURAL,
@@ -29,18 +31,25 @@ from deeptune.builders import finetunejob as build
 from deeptune.builders.common import Owner
 from deeptune.config import SETTINGS
 from deeptune.kube import ensure, patch_job_spec, rejection
-from deeptune.observability import STATUS_WRITES, PhaseBook, measured
+from deeptune.observability import measured
 from deeptune.status.conditions import now, set_conditions
 from deeptune.status.finetunejob import TERMINAL_PHASES, derive_status, is_invalid_spec
 from deeptune.status.progress import parse_progress
+from deeptune.statusloop import Indexes, Invalid, Specs, StatusLoop, StatusUpdate, record
 
 RESOURCE = (GROUP, VERSION, PLURAL)
 FTJ_LABEL = "deeptune.dev/finetunejob"
-IndexEntries = dict[tuple[str | None, str], dict[str, Any]]
-PHASES = PhaseBook(KIND)
+Obj = dict[str, Any]
+Key = tuple[str | None, str]
+IndexEntries = dict[Key, Obj]
+LOG = logging.getLogger(__name__)
+
+SPECS: Specs[FineTuneJobSpec] = Specs(parse_spec)
+_JOB_OWNERS: dict[str, Key] = {}
+"""Job uid → its FineTuneJob's key, so a pod change nudges the right FineTuneJob."""
 
 
-def _owner(meta: kopf.Meta) -> Owner:
+def _owner(meta: kopf.Meta | Obj) -> Owner:
     return Owner(kind=KIND, name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
 
 
@@ -52,11 +61,104 @@ def _output_status(owner: Owner, spec: FineTuneJobSpec) -> OutputStatus:
     )
 
 
-def _invalid_spec(body: kopf.Body, patch: kopf.Patch, message: str, generation: int | None) -> None:
-    """Report a spec that cannot run: a Warning Event and a Failed/InvalidSpec status, no retry."""
-    kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+def _ensure_children(body: Obj, owner: Owner, spec: FineTuneJobSpec) -> bool:
+    """Create the ConfigMap and Job where missing; True when the Job was created now."""
+    ensure(build.build_config_map(owner, spec))
+    created = ensure(build.build_job(owner, spec, SETTINGS.builder))
+    if created:
+        LOG.info("created Job %s/%s", owner.namespace, build.job_name(owner))
+        message = f"created Job {build.job_name(owner)}"
+        events.post(body, events.Event("Normal", "JobCreated", message))
+    return created
+
+
+# --- indexes: what the status loop reads instead of calling the API ---------------------------
+
+
+@kopf.index(*RESOURCE)
+def finetunejobs_by_name(*, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> IndexEntries:
+    """FineTuneJobs by (namespace, name): the status loop's objects, and `model.fineTuneJobRef`'s."""
+    LOOP.nudge((namespace, name))
+    return {(namespace, name): record(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={FTJ_LABEL: kopf.PRESENT})
+def trainer_jobs(*, body: kopf.Body, namespace: str | None, **_: Any) -> IndexEntries:
+    """Jobs by (namespace, owning FineTuneJob uid)."""
+    owners = [ref for ref in body.meta.get("ownerReferences", []) if ref.get("kind") == KIND]
+    for ref in owners:
+        _JOB_OWNERS[body.meta["uid"]] = (namespace, ref["name"])
+        LOOP.nudge((namespace, ref["name"]))
+    recorded = {"metadata": dict(body.meta), "status": dict(body.status)}
+    return {(namespace, ref["uid"]): recorded for ref in owners}
+
+
+@kopf.index("", "v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})
+def trainer_pods(*, body: kopf.Body, namespace: str | None, **_: Any) -> IndexEntries:
+    """Trainer pods by (namespace, owning Job uid)."""
+    owners = [ref["uid"] for ref in body.meta.get("ownerReferences", []) if ref.get("kind") == "Job"]
+    for uid in owners:
+        LOOP.nudge(_JOB_OWNERS.get(uid))
+    return {(namespace, uid): {"metadata": dict(body.meta), "status": dict(body.status)} for uid in owners}
+
+
+# --- reconcile: the children ------------------------------------------------------------------
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+async def reconcile(*, body: kopf.Body, meta: kopf.Meta, **kwargs: Any) -> None:
+    """Make sure the trainer ConfigMap and Job exist for a valid, unfinished FineTuneJob.
+
+    Status is the loop's to write; this says what it cannot see (the API server's refusal of a child)
+    and nudges it. kopf passes the indexes by their function names, read here from `kwargs`.
+    """
+    LOOP.start(kwargs)
+    key = (meta["namespace"], meta["name"])
     previous = FineTuneJobStatus.model_validate(body.get("status") or {})
-    conditions = set_conditions(
+    if previous.phase in TERMINAL_PHASES and not is_invalid_spec(previous):
+        return
+    with measured(KIND, "reconcile"):
+        spec = SPECS.get(record(body))
+        if isinstance(spec, Invalid):
+            LOOP.nudge(key)  # the loop reports it
+            return
+        owner = _owner(meta)
+        try:
+            if not await asyncio.to_thread(_ensure_children, dict(body), owner, spec):
+                await asyncio.to_thread(
+                    patch_job_spec, build.job_name(owner), owner.namespace, build.job_controls(spec)
+                )
+        except ApiException as error:
+            if error.status != 422:
+                raise  # kopf retries with backoff: the API server may be restarting
+            SPECS.reject(record(body), f"the API server rejected a child: {rejection(error)}")
+        LOOP.nudge(key)
+
+
+# --- the status loop's visit ------------------------------------------------------------------
+
+
+async def _scrape(pod_ip: str) -> str | None:
+    url = f"http://{pod_ip}:{METRICS_PORT}/metrics"
+    try:
+        timeout = aiohttp.ClientTimeout(total=SETTINGS.scrape_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+            return await response.text() if response.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError) as error:
+        LOG.debug("metrics scrape of %s failed: %s", url, error)
+        return None
+
+
+def _invalid_spec_status(
+    previous: FineTuneJobStatus, message: str, generation: int | None
+) -> FineTuneJobStatus:
+    """A spec that cannot run: Failed/InvalidSpec, no children, no retry."""
+    status = previous.model_copy(deep=True)
+    status.phase = "Failed"
+    status.observed_generation = generation
+    status.conditions = set_conditions(
         previous.conditions,
         {
             "Ready": (False, "InvalidSpec", message),
@@ -67,155 +169,64 @@ def _invalid_spec(body: kopf.Body, patch: kopf.Patch, message: str, generation: 
         generation,
         now(),
     )
-    patch.status["phase"] = "Failed"
-    patch.status["observedGeneration"] = generation
-    patch.status["conditions"] = [c.to_wire() for c in conditions]
-    PHASES.record(body.meta["uid"], "Failed")
+    return status
 
 
-def _ensure_children(body: kopf.Body, owner: Owner, spec: FineTuneJobSpec, logger: kopf.Logger) -> bool:
-    """Create the ConfigMap and Job where missing; True when the Job was created now."""
-    ensure(build.build_config_map(owner, spec))
-    created = ensure(build.build_job(owner, spec, SETTINGS.builder))
-    if created:
-        logger.info("created Job %s", build.job_name(owner))
-        kopf.event(body, type="Normal", reason="JobCreated", message=f"created Job {build.job_name(owner)}")
-    return created
-
-
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE, field="spec")
-def reconcile(*, body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
-    """Make sure the trainer ConfigMap and Job exist for a valid, unfinished FineTuneJob."""
-    previous = FineTuneJobStatus.model_validate(body.get("status") or {})
-    if previous.phase in TERMINAL_PHASES and not is_invalid_spec(previous):
-        return
-    with measured(KIND, "reconcile"):
-        try:
-            spec = parse_spec(dict(body.spec))
-        except ValidationError as error:
-            _invalid_spec(body, patch, describe_validation_error(error), meta.get("generation"))
-            return
-        owner = _owner(meta)
-        try:
-            if not _ensure_children(body, owner, spec, logger):
-                patch_job_spec(build.job_name(owner), owner.namespace, build.job_controls(spec))
-        except ApiException as error:
-            if error.status != 422:
-                raise  # kopf retries with backoff: the API server may be restarting
-            _invalid_spec(
-                body, patch, f"the API server rejected a child: {rejection(error)}", meta.get("generation")
-            )
-            return
-        if previous.phase is None or is_invalid_spec(previous):
-            fresh = derive_status(
-                previous=FineTuneJobStatus(conditions=previous.conditions),
-                generation=meta.get("generation"),
-                job=None,
-                pods=[],
-                progress=None,
-                output=_output_status(owner, spec),
-                now=now(),
-            )
-            fresh.job_name = build.job_name(owner)
-            _write_changes(body, patch, previous, fresh)
-
-
-@kopf.on.delete(*RESOURCE, optional=True)
-def forget(*, meta: kopf.Meta, **_: Any) -> None:
-    """Children go by garbage collection (owner references); only the phase gauge needs updating."""
-    PHASES.record(meta["uid"], None)
-
-
-@kopf.index("batch", "v1", "jobs", labels={FTJ_LABEL: kopf.PRESENT})
-def trainer_jobs(*, body: kopf.Body, namespace: str | None, **_: Any) -> IndexEntries:
-    """Jobs by (namespace, owning FineTuneJob uid)."""
-    owners = [ref["uid"] for ref in body.meta.get("ownerReferences", []) if ref.get("kind") == KIND]
-    return {(namespace, uid): {"metadata": dict(body.meta), "status": dict(body.status)} for uid in owners}
-
-
-@kopf.index("", "v1", "pods", labels={FTJ_LABEL: kopf.PRESENT})
-def trainer_pods(*, body: kopf.Body, namespace: str | None, **_: Any) -> IndexEntries:
-    """Trainer pods by (namespace, owning Job uid)."""
-    owners = [ref["uid"] for ref in body.meta.get("ownerReferences", []) if ref.get("kind") == "Job"]
-    return {(namespace, uid): {"metadata": dict(body.meta), "status": dict(body.status)} for uid in owners}
-
-
-async def _scrape(pod_ip: str, logger: kopf.Logger) -> str | None:
-    url = f"http://{pod_ip}:{METRICS_PORT}/metrics"
-    try:
-        timeout = aiohttp.ClientTimeout(total=SETTINGS.scrape_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
-            return await response.text() if response.status == 200 else None
-    except (aiohttp.ClientError, TimeoutError) as error:
-        logger.debug("metrics scrape of %s failed: %s", url, error)
-        return None
-
-
-@kopf.timer(*RESOURCE, interval=SETTINGS.status_interval, initial_delay=1.0)
-async def mirror_status(
-    *,
-    body: kopf.Body,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    logger: kopf.Logger,
-    **kwargs: Any,
-) -> None:
-    """Mirror the Job and pod state (and the trainer's progress) into status.
-
-    kopf passes the indexes by their function names; they are read from `kwargs` so the signature
-    still matches kopf's timer protocol.
-    """
-    trainer_jobs: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["trainer_jobs"]
-    trainer_pods: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["trainer_pods"]
-    previous = FineTuneJobStatus.model_validate(body.get("status") or {})
-    if is_invalid_spec(previous):
-        return
-    try:
-        spec = parse_spec(dict(body.spec))
-    except ValidationError:
-        return  # reconcile reports it
+async def visit(obj: Obj, indexes: Indexes) -> StatusUpdate | None:
+    """The status a FineTuneJob should show now: its Job and pods from the indexes, the trainer's
+    progress from its metrics endpoint; recreates the Job of an unfinished run if someone deleted it."""
+    meta = obj["metadata"]
+    previous = FineTuneJobStatus.model_validate(obj.get("status") or {})
+    generation = meta.get("generation")
+    spec = SPECS.get(obj)
+    if isinstance(spec, Invalid):
+        return _update(previous, _invalid_spec_status(previous, spec.message, generation))
+    if is_invalid_spec(previous) and previous.observed_generation == generation:
+        return None  # reported already; a spec change gets a fresh start
     with measured(KIND, "mirror_status"):
         owner = _owner(meta)
-        jobs = list(trainer_jobs.get((owner.namespace, owner.uid), []))
+        jobs = list(indexes["trainer_jobs"].get((owner.namespace, owner.uid), []))
         job = jobs[0] if jobs else None
         if job is None and previous.phase in ("Running", "Suspended"):
             # Someone deleted the Job of an unfinished run: recreate it; the trainer resumes from
             # its newest checkpoint. (Pending runs may simply not be in the index yet.)
-            await asyncio.to_thread(_ensure_children, body, owner, spec, logger)
+            await asyncio.to_thread(_ensure_children, obj, owner, spec)
         job_uid = job["metadata"]["uid"] if job else None
-        pods = list(trainer_pods.get((owner.namespace, job_uid), [])) if job_uid else []
+        pods = list(indexes["trainer_pods"].get((owner.namespace, job_uid), [])) if job_uid else []
         progress = None
         running = [p for p in pods if p["status"].get("phase") == "Running" and p["status"].get("podIP")]
         if running:
-            text = await _scrape(running[0]["status"]["podIP"], logger)
+            text = await _scrape(running[0]["status"]["podIP"])
             progress = parse_progress(text, now()) if text else None
         new = derive_status(
             previous=previous,
-            generation=meta.get("generation"),
+            generation=generation,
             job=job,
             pods=pods,
             progress=progress,
             output=_output_status(owner, spec),
             now=now(),
         )
-        _write_changes(body, patch, previous, new)
+        new.job_name = new.job_name or build.job_name(owner)
+        return _update(previous, new)
 
 
-def _write_changes(
-    body: kopf.Body, patch: kopf.Patch, previous: FineTuneJobStatus, new: FineTuneJobStatus
-) -> None:
+def _update(previous: FineTuneJobStatus, new: FineTuneJobStatus) -> StatusUpdate:
+    """The changed fields, and an Event when the phase moves."""
     before, after = previous.to_wire(), new.to_wire()
-    changed = {key: value for key, value in after.items() if before.get(key) != value}
-    if not changed:
-        return
-    STATUS_WRITES.labels(KIND).inc()
-    for key, value in changed.items():
-        patch.status[key] = value
-    PHASES.record(body.meta["uid"], new.phase)
-    if new.phase != previous.phase:
+    changes = {key: value for key, value in after.items() if before.get(key) != value}
+    found: tuple[events.Event, ...] = ()
+    if changes and new.phase != previous.phase:
         ready = next((c for c in new.conditions if c.type == "Ready"), None)
+        reason = ready.reason if ready is not None and ready.reason == "InvalidSpec" else new.phase
         message = ready.message if ready else ""
-        kind = "Warning" if new.phase == "Failed" else "Normal"
-        kopf.event(body, type=kind, reason=new.phase or "Unknown", message=message)
+        if new.phase == "Failed":
+            found = (events.Event("Warning", reason or "Failed", message),)
+        else:
+            found = (events.Event("Normal", reason or "Unknown", message),)
+    return StatusUpdate(changes=changes, phase=new.phase, events=found)
+
+
+LOOP = StatusLoop(
+    KIND, PLURAL, "finetunejobs_by_name", visit, interval=SETTINGS.status_interval, caches=(SPECS,)
+)
