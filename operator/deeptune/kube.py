@@ -12,8 +12,10 @@ from kubernetes.client.exceptions import ApiException
 from deeptune.builders.common import Manifest
 
 _CREATE: dict[tuple[str, str], Any] = {
-    ("v1", "ConfigMap"): lambda body, ns: client.CoreV1Api().create_namespaced_config_map(ns, body),
-    ("batch/v1", "Job"): lambda body, ns: client.BatchV1Api().create_namespaced_job(ns, body),
+    ("v1", "ConfigMap"): lambda body, ns, **kw: client.CoreV1Api().create_namespaced_config_map(
+        ns, body, **kw
+    ),
+    ("batch/v1", "Job"): lambda body, ns, **kw: client.BatchV1Api().create_namespaced_job(ns, body, **kw),
 }
 _READ: dict[tuple[str, str], Any] = {
     ("v1", "ConfigMap"): lambda name, ns: client.CoreV1Api().read_namespaced_config_map(name, ns),
@@ -62,6 +64,18 @@ def ensure(manifest: Manifest) -> bool:
             " or delete that object"
         )
     return False
+
+
+def check_admissible(manifest: Manifest) -> None:
+    """Raise the API server's refusal (422) of an object it would not create, creating nothing: a
+    server-side dry run. An object that exists already passes."""
+    try:
+        _CREATE[(manifest["apiVersion"], manifest["kind"])](
+            manifest, manifest["metadata"]["namespace"], dry_run="All"
+        )
+    except ApiException as error:
+        if error.status != 409:
+            raise
 
 
 def patch_job_spec(name: str, namespace: str, job_spec: Manifest) -> None:

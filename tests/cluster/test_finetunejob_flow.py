@@ -51,6 +51,24 @@ def test_invalid_spec_is_reported_without_children(operator: Process, crds: Clus
     assert warnings[0]["reason"] == "InvalidSpec"
 
 
+def test_a_job_the_api_server_refuses_is_an_invalid_spec_with_no_children(
+    operator: Process, crds: Cluster, namespace: str
+) -> None:
+    spec = copy.deepcopy(MINIMAL)
+    spec["resources"] = {"nodeSelector": {"not a label key!": "yes"}}  # the CRD cannot tell; the Job can
+    crds.apply(finetunejob("refused", namespace, spec))
+    status = wait_for(
+        "InvalidSpec", lambda: (s := status_of(crds, "refused", namespace)).get("phase") == "Failed" and s, 60
+    )
+    message = condition(status, "Failed")["message"]
+    assert message.startswith('the API server rejected a child: Job.batch "refused-train" is invalid')
+    assert "nodeSelector" in message
+    assert (
+        crds.list("jobs", namespace) == []
+        and crds.list("configmaps", namespace, "deeptune.dev/finetunejob") == []
+    )
+
+
 def test_suspend_and_resume(operator: Process, crds: Cluster, namespace: str) -> None:
     spec = copy.deepcopy(MINIMAL)
     spec["suspend"] = True

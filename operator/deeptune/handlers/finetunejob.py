@@ -30,7 +30,7 @@ from deeptune.api.trainer import METRICS_PORT
 from deeptune.builders import finetunejob as build
 from deeptune.builders.common import Owner
 from deeptune.config import SETTINGS
-from deeptune.kube import ensure, patch_job_spec, rejection
+from deeptune.kube import check_admissible, ensure, patch_job_spec, rejection
 from deeptune.observability import measured
 from deeptune.status.conditions import now, set_conditions
 from deeptune.status.finetunejob import TERMINAL_PHASES, derive_status, is_invalid_spec
@@ -62,9 +62,12 @@ def _output_status(owner: Owner, spec: FineTuneJobSpec) -> OutputStatus:
 
 
 def _ensure_children(body: Obj, owner: Owner, spec: FineTuneJobSpec) -> bool:
-    """Create the ConfigMap and Job where missing; True when the Job was created now."""
+    """Create the ConfigMap and Job where missing; True when the Job was created now. The Job is
+    dry-run first, so one the API server refuses leaves no ConfigMap behind."""
+    job = build.build_job(owner, spec, SETTINGS.builder)
+    check_admissible(job)
     ensure(build.build_config_map(owner, spec))
-    created = ensure(build.build_job(owner, spec, SETTINGS.builder))
+    created = ensure(job)
     if created:
         LOG.info("created Job %s/%s", owner.namespace, build.job_name(owner))
         message = f"created Job {build.job_name(owner)}"
