@@ -31,6 +31,10 @@ def load_credentials() -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    # One client for the process: every `client.XxxApi()` then shares its connection pool. Without a
+    # default, each of them builds a client of its own and opens (TLS handshake and all) a new
+    # connection for every single request.
+    client.ApiClient.set_default(client.ApiClient())
 
 
 def _owner_uids(obj: Any) -> set[str]:

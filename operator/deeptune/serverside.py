@@ -80,7 +80,7 @@ _KINDS: dict[tuple[str, str], _Kind] = {
 
 def _as_dict(obj: Any) -> Manifest:
     """A typed client object (or a custom object's dict) in its wire form."""
-    return dict(client.ApiClient().sanitize_for_serialization(obj))
+    return dict(client.ApiClient.get_default().sanitize_for_serialization(obj))
 
 
 def _read(kind: _Kind, name: str, namespace: str) -> Manifest | None:
