@@ -19,6 +19,7 @@ from pydantic import (
     JsonValue,
     ValidationError,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -89,20 +90,63 @@ def _quantity_to_str(value: Any) -> Any:
     return str(value) if isinstance(value, int | float) else value
 
 
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+CPU_PATTERN = r"^[0-9]+(\.[0-9]+)?m?$"
+
+
+def _int_or_string(pattern: str) -> WithJsonSchema:
+    """The schema of an int-or-string quantity: the pattern checks strings and `minimum` integers (a
+    pattern does not apply to numbers, so without it the API server would admit `-1`)."""
+    schema: dict[str, JsonValue] = {"x-kubernetes-int-or-string": True, "pattern": pattern}
+    return WithJsonSchema({**schema, "maxLength": 32, "minimum": 0})
+
+
 Quantity = Annotated[
     str,
     BeforeValidator(_quantity_to_str),
-    Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$", max_length=32),
-    WithJsonSchema(
-        {
-            "x-kubernetes-int-or-string": True,
-            "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$",
-        }
-    ),
+    Field(pattern=QUANTITY_PATTERN, max_length=32),
+    _int_or_string(QUANTITY_PATTERN),
 ]
 """A Kubernetes resource quantity such as `4`, `500m` or `64Gi`."""
 
+CpuQuantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(pattern=CPU_PATTERN, max_length=32),
+    _int_or_string(CPU_PATTERN),
+]
+"""CPUs: whole, decimal or thousandths, such as `4`, `2.5` or `500m` (the pod's threads follow it)."""
+
 Name = Annotated[str, Field(min_length=1, max_length=SHORT_TEXT)]
+
+ObjectName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=SHORT_TEXT,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    ),
+]
+"""The name of a Kubernetes object (a DNS-1123 subdomain): lower-case letters, digits, `-` and `.`."""
+
+ConfigKey = Annotated[str, Field(min_length=1, max_length=SHORT_TEXT, pattern=r"^[-._a-zA-Z0-9]+$")]
+"""A key of a Secret or ConfigMap: letters, digits, `-`, `_` and `.`."""
+
+QualifiedName = Annotated[
+    str,
+    Field(
+        max_length=317,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
+    ),
+]
+"""A label or taint key: an optional DNS-subdomain prefix and `/`, then a name of at most 63 characters."""
+
+LabelValue = Annotated[str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")]
+"""A label or taint value: empty, or letters, digits, `-`, `_` and `.` between alphanumerics."""
+
+ImageReference = Annotated[str, Field(min_length=1, max_length=LONG_TEXT, pattern=r"^[!-~]+$")]
+"""A container image reference: printable ASCII without spaces, e.g. `ghcr.io/org/image:1.0`."""
 
 
 def _check_relative_path(value: str) -> str:
@@ -132,7 +176,7 @@ RelativePath = Annotated[
 class PvcLocation(ApiModel):
     """A path inside a PersistentVolumeClaim."""
 
-    claim_name: Name
+    claim_name: ObjectName
     """Name of the PersistentVolumeClaim in the resource's namespace."""
     path: RelativePath = ""
     """Path inside the claim (relative; empty means the claim's root)."""
@@ -141,22 +185,35 @@ class PvcLocation(ApiModel):
 class SecretKeyRef(ApiModel):
     """A reference to one key of a Secret in the same namespace; the value is never copied."""
 
-    name: Name
-    key: Name = "token"
+    name: ObjectName
+    key: ConfigKey = "token"
 
 
 class ConfigMapKeyRef(ApiModel):
     """A reference to one key of a ConfigMap in the same namespace."""
 
-    name: Name
-    key: Name
+    name: ObjectName
+    key: ConfigKey
 
 
 class ValueFrom(ApiModel):
-    """Where an environment variable's value comes from."""
+    """Where an environment variable's value comes from: a Secret key or a ConfigMap key."""
+
+    model_config = cel_rules(
+        cel(
+            "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+            "set exactly one of secretKeyRef or configMapKeyRef",
+        )
+    )
 
     secret_key_ref: SecretKeyRef | None = None
     config_map_key_ref: ConfigMapKeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ValueFrom:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of secretKeyRef or configMapKeyRef")
+        return self
 
 
 class EnvVar(ApiModel):
@@ -170,21 +227,83 @@ class EnvVar(ApiModel):
     value: Annotated[str, Field(max_length=LONG_TEXT)] | None = None
     value_from: ValueFrom | None = None
 
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError("set exactly one of value or valueFrom")
+        return self
+
 
 class LocalObjectReference(ApiModel):
     """A reference by name to an object in the same namespace (e.g. an image pull Secret)."""
 
-    name: Name
+    name: ObjectName
+
+
+def _unique_names(items: list[Any]) -> list[Any]:
+    names = [item.name for item in items]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"names must be unique (repeated: {', '.join(duplicates)})")
+    return items
+
+
+UNIQUE_NAMES = cel("self.all(x, self.exists_one(y, y.name == x.name))", "names must be unique")
+"""Lists that a Deployment keeps as maps by name (env, imagePullSecrets): server-side apply refuses a
+repeated name with an error that is not the spec's fault, so the spec refuses it first."""
+
+EnvList = Annotated[
+    list[EnvVar],
+    Field(max_length=128, json_schema_extra={"x-kubernetes-validations": [UNIQUE_NAMES]}),
+    AfterValidator(_unique_names),
+]
+"""Extra environment variables, each name once."""
+
+PullSecrets = Annotated[
+    list[LocalObjectReference],
+    Field(max_length=16, json_schema_extra={"x-kubernetes-validations": [UNIQUE_NAMES]}),
+    AfterValidator(_unique_names),
+]
+"""Image pull Secrets, each once."""
 
 
 class Toleration(ApiModel):
     """A Kubernetes toleration, so GPU nodes with taints can run the workload."""
 
-    key: Annotated[str, Field(max_length=SHORT_TEXT)] | None = None
+    model_config = cel_rules(
+        cel(
+            "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            "operator must be Exists when key is empty (it then tolerates every taint)",
+        ),
+        cel(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "value must be empty when operator is Exists",
+            field_path=".value",
+        ),
+        cel(
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "tolerationSeconds needs effect NoExecute",
+            field_path=".tolerationSeconds",
+        ),
+    )
+
+    key: QualifiedName | None = None
     operator: Literal["Exists", "Equal"] | None = None
-    value: Annotated[str, Field(max_length=SHORT_TEXT)] | None = None
+    """`Equal` (the default) matches a taint's key and value; `Exists` its key alone."""
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated before the pod is evicted."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if not self.key and self.operator != "Exists":
+            raise ValueError("operator must be Exists when key is empty (it then tolerates every taint)")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty when operator is Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class Condition(ApiModel):

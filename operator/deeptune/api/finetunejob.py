@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, JsonValue, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validator
 
 from deeptune.api.base import (
     LONG_TEXT,
@@ -12,9 +13,12 @@ from deeptune.api.base import (
     ApiModel,
     Condition,
     ConfigMapKeyRef,
-    EnvVar,
-    LocalObjectReference,
+    CpuQuantity,
+    EnvList,
+    ImageReference,
     Name,
+    ObjectName,
+    PullSecrets,
     PvcLocation,
     Quantity,
     SecretKeyRef,
@@ -38,6 +42,33 @@ DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2.0e-4, "qlora": 2.0e-4, "ful
 """Learning rates that work for most DeepSeek-sized models; full fine-tuning needs a much smaller one."""
 
 
+HUB_ID_PATTERN = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$"
+"""A Hugging Face repository id, `org/name` or `name` (ASCII: the API server's `\\w` is ASCII-only)."""
+
+
+def _ascii_url(value: str) -> str:
+    if not URL_CHARACTERS.match(value):
+        raise ValueError(URL_MESSAGE)
+    return value
+
+
+URL_CHARACTERS = re.compile(r"^[!-~]+$")
+URL_MESSAGE = "must be printable ASCII without spaces (percent-encode other characters)"
+Url = Annotated[
+    str,
+    Field(
+        max_length=LONG_TEXT,
+        pattern=r"^https?://\S+$",
+        json_schema_extra={
+            "x-kubernetes-validations": [cel(f"self.matches('{URL_CHARACTERS.pattern}')", URL_MESSAGE)]
+        },
+    ),
+    AfterValidator(_ascii_url),
+]
+"""An http(s) URL. `\\S` in the pattern is Unicode-aware for pydantic and ASCII-only for the API server,
+so the rule (the same for both) settles the rest: the trainer's HTTP client sends ASCII only."""
+
+
 class BaseModelSpec(ApiModel):
     """The pretrained model to start from: a Hugging Face id, or a directory on a PVC."""
 
@@ -45,7 +76,7 @@ class BaseModelSpec(ApiModel):
         cel("has(self.name) != has(self.pvc)", "set exactly one of name (a Hugging Face id) or pvc")
     )
 
-    name: Annotated[str, Field(max_length=SHORT_TEXT, pattern=r"^[\w.-]+(/[\w.-]+)?$")] | None = None
+    name: Annotated[str, Field(max_length=SHORT_TEXT, pattern=HUB_ID_PATTERN)] | None = None
     """Hugging Face model id, e.g. `deepseek-ai/deepseek-llm-7b-base`; downloaded by the trainer."""
     revision: Annotated[str, Field(max_length=SHORT_TEXT)] = "main"
     """Branch, tag or commit of the Hugging Face repository."""
@@ -76,8 +107,8 @@ class DataSource(ApiModel):
     """A file on a PersistentVolumeClaim."""
     config_map: ConfigMapKeyRef | None = None
     """A key of a ConfigMap in the same namespace (small datasets)."""
-    url: Annotated[str, Field(max_length=LONG_TEXT, pattern=r"^https?://\S+$")] | None = None
-    """An http(s) URL the trainer downloads."""
+    url: Url | None = None
+    """An http(s) URL the trainer downloads: printable ASCII (percent-encode anything else)."""
     inline: Annotated[list[dict[str, JsonValue]], Field(max_length=1000)] | None = None
     """Rows written in the manifest itself (at most 1000; for demos and tests)."""
 
@@ -274,7 +305,8 @@ class Hyperparameters(ApiModel):
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    seed: int = 42
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    """Seeds Python, NumPy and torch (NumPy takes 0 to 2^32-1)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """`auto` picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."""
     gradient_checkpointing: bool = True
@@ -323,8 +355,16 @@ class ResourcesSpec(ApiModel):
     """What the training pod asks of the cluster."""
 
     gpu: Annotated[int, Field(ge=0, le=64)] = 1
-    gpu_resource_name: Annotated[str, Field(max_length=SHORT_TEXT)] = "nvidia.com/gpu"
-    cpu: Quantity | None = None
+    gpu_resource_name: Annotated[
+        str,
+        Field(
+            max_length=SHORT_TEXT,
+            pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/"
+            r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
+        ),
+    ] = "nvidia.com/gpu"
+    """The extended resource GPUs are requested as: a domain, `/`, a name (`amd.com/gpu`)."""
+    cpu: CpuQuantity | None = None
     memory: Quantity | None = None
     shared_memory: Quantity = "8Gi"
     """Size of /dev/shm (data loader workers and NCCL need more than the container default)."""
@@ -332,7 +372,7 @@ class ResourcesSpec(ApiModel):
     tolerations: Annotated[list[Toleration], Field(max_length=64)] = []
     affinity: dict[str, Any] | None = None
     """A Kubernetes affinity, passed to the pod as is."""
-    priority_class_name: Annotated[str, Field(max_length=SHORT_TEXT)] | None = None
+    priority_class_name: ObjectName | None = None
 
 
 class OutputSpec(ApiModel):
@@ -388,13 +428,13 @@ class FineTuneJobSpec(ApiModel):
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
     """Pod retries before the run is marked Failed."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
-    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     """Delete the finished Job (not the FineTuneJob or its artifacts) after this long."""
-    image: Annotated[str, Field(max_length=LONG_TEXT)] | None = None
+    image: ImageReference | None = None
     """Trainer image override (default: the operator's configured trainer image)."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    image_pull_secrets: Annotated[list[LocalObjectReference], Field(max_length=16)] = []
-    env: Annotated[list[EnvVar], Field(max_length=128)] = []
+    image_pull_secrets: PullSecrets = []
+    env: EnvList = []
     """Extra environment for the trainer; take secrets by valueFrom.secretKeyRef, never inline."""
 
     @model_validator(mode="after")

@@ -12,9 +12,10 @@ from deeptune.api.base import (
     SHORT_TEXT,
     ApiModel,
     Condition,
-    EnvVar,
-    LocalObjectReference,
-    Name,
+    EnvList,
+    ImageReference,
+    ObjectName,
+    PullSecrets,
     PvcLocation,
     Quantity,
     cel,
@@ -53,7 +54,7 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 class FineTuneJobRef(ApiModel):
     """A succeeded FineTuneJob in the same namespace: its merged model, else its adapter on its base model."""
 
-    name: Name
+    name: ObjectName
 
 
 class MergedModel(ApiModel):
@@ -99,7 +100,7 @@ class ModelSource(ApiModel):
 class RuntimeSpec(ApiModel):
     """The serving runtime: Triton's image and the backend that runs the model in it."""
 
-    image: Annotated[str, Field(max_length=LONG_TEXT)] = DEFAULT_TRITON_IMAGE
+    image: ImageReference = DEFAULT_TRITON_IMAGE
     """Triton image; it must also hold torch, transformers and peft (and bitsandbytes to quantize)."""
     backend: Backend = "python"
 
@@ -262,8 +263,8 @@ class ModelDeploymentSpec(ApiModel):
     service_monitor: bool = False
     """Create a Prometheus Operator ServiceMonitor for Triton's metrics port."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    image_pull_secrets: Annotated[list[LocalObjectReference], Field(max_length=16)] = []
-    env: Annotated[list[EnvVar], Field(max_length=128)] = []
+    image_pull_secrets: PullSecrets = []
+    env: EnvList = []
     """Extra environment for Triton; take secrets by valueFrom.secretKeyRef, never inline."""
 
     @model_validator(mode="after")

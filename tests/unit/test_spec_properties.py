@@ -1,0 +1,821 @@
+"""Generated FineTuneJob and ModelDeployment specs, valid and broken, through the pydantic models.
+
+Specs start from realistic ones (the examples, the tests' minimal specs) and get one to three
+mutations: a value the CRD schema allows, a wrong type, a number or length just out of range, a bad
+enum, a string that misses its pattern, an unknown field, a missing field, a null, or a cross-field
+conflict that a CEL rule forbids. The strategies are driven by the generated CRD schema, so a field
+added to the models is fuzzed without touching this file. `tests/cluster/test_spec_fuzz.py` sends the
+same specs to a real API server.
+
+Properties here: the models never raise anything but ValidationError; every rejection is described
+line by line with a field path (`spec.a.b: ...`) that names what was broken; a spec the models accept
+builds its children without an exception.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from deeptune.api import finetunejob, modeldeployment
+from deeptune.api.base import PvcLocation, describe_validation_error
+from deeptune.api.modeldeployment import ResolvedModel
+from deeptune.builders import finetunejob as ftj_build
+from deeptune.builders import modeldeployment as mdep_build
+from deeptune.builders.common import Owner
+from deeptune.builders.finetunejob import OperatorSettings
+from deeptune.crdgen import all_crds
+from tests.conftest import load_example
+from tests.unit.test_finetunejob_model import MINIMAL
+
+Path = tuple[str | int, ...]
+Node = dict[str, Any]
+JSON_SCALARS = st.none() | st.booleans() | st.integers(-1000, 1000) | st.text(max_size=8)
+
+
+# --- the specs mutations start from ---------------------------------------------------------------
+
+RICH_FTJ: dict[str, Any] = {
+    "baseModel": {"pvc": {"claimName": "models", "path": "base"}, "trustRemoteCode": True},
+    "dataset": {
+        "source": {"configMap": {"name": "rows", "key": "train.jsonl"}},
+        "validation": {"source": {"inline": [{"prompt": "a", "completion": "b"}]}},
+        "augmentation": {
+            "synonyms": {"dictionary": {"big": ["large"]}},
+            "backTranslation": {"forwardModel": "a/zh-en", "backwardModel": "a/en-zh"},
+            "instructionPerturbation": {},
+        },
+    },
+    "method": "qlora",
+    "lora": {"targetModules": ["q_proj", "v_proj"]},
+    "earlyStopping": {"patience": 2},
+    "resources": {"gpu": 2, "cpu": "500m", "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+    "output": {"pvc": {"claimName": "out", "path": "rich"}, "quantizedExport": "int4"},
+    "env": [
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}},
+        {"name": "LOG_LEVEL", "value": "debug"},
+    ],
+    "imagePullSecrets": [{"name": "registry"}],
+}
+"""Many optional features at once, so mutations reach them."""
+
+RICH_MDEP: dict[str, Any] = {
+    "model": {
+        "adapter": {
+            "baseModel": {"name": "deepseek-ai/deepseek-llm-7b-base", "tokenSecretRef": {"name": "hf"}},
+            "adapter": {"pvc": {"claimName": "out", "path": "bot/adapter"}},
+        }
+    },
+    "quantization": "int8",
+    "streaming": True,
+    "resources": {"gpu": 1, "memory": "16Gi"},
+    "service": {"type": "NodePort", "httpPort": 9000},
+    "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t"}}}],
+}
+
+SEEDS: dict[str, list[dict[str, Any]]] = {
+    "FineTuneJob": [
+        MINIMAL,
+        load_example("finetune.yaml")["spec"],
+        load_example("finetune-tiny.yaml")["spec"],
+        RICH_FTJ,
+    ],
+    "ModelDeployment": [
+        {"model": {"fineTuneJobRef": {"name": "bot"}}, "resources": {"gpu": 0}},
+        {"model": {"merged": {"pvc": {"claimName": "out", "path": "bot/merged"}}}},
+        load_example("deployment.yaml")["spec"],
+        RICH_MDEP,
+    ],
+}
+PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "FineTuneJob": finetunejob.parse_spec,
+    "ModelDeployment": modeldeployment.parse_spec,
+}
+
+
+def spec_schema(kind: str) -> Node:
+    """The spec's structural schema, as the API server has it."""
+    crd = next(c for c in all_crds().values() if c["spec"]["names"]["kind"] == kind)
+    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"])
+
+
+SCHEMAS = {kind: spec_schema(kind) for kind in SEEDS}
+
+
+# --- walking schemas and specs ---------------------------------------------------------------------
+
+
+def schema_paths(node: Node, path: Path = ()) -> list[tuple[Path, Node]]:
+    """Every field path of a schema (list items as index 0, map values under key `k`)."""
+    out: list[tuple[Path, Node]] = [(path, node)] if path else []
+    for name, child in node.get("properties", {}).items():
+        out += schema_paths(child, (*path, name))
+    if node.get("type") == "array":
+        out += schema_paths(node["items"], (*path, 0))
+    if isinstance(node.get("additionalProperties"), dict):
+        out += schema_paths(node["additionalProperties"], (*path, "k"))
+    return out
+
+
+def present_paths(value: Any, path: Path = ()) -> list[Path]:
+    """Every path that holds something in a spec."""
+    out: list[Path] = [path] if path else []
+    if isinstance(value, dict):
+        for key, child in value.items():
+            out += present_paths(child, (*path, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            out += present_paths(child, (*path, index))
+    return out
+
+
+def put(spec: dict[str, Any], path: Path, value: Any) -> Path:
+    """Set `path` to `value`, making the objects and lists on the way (replacing what is in the way).
+    Returns the path of what changed: the first object made on the way, else `path` itself (a new
+    object lacks its required fields, and an error there is about that object)."""
+    node: Any = spec
+    changed: Path | None = None
+    for depth, (part, after) in enumerate(itertools.pairwise(path)):
+        empty: Any = [] if isinstance(after, int) else {}
+        if isinstance(part, int):
+            missing = len(node) <= part or not isinstance(node[part], type(empty))
+            while len(node) <= part:
+                node.append(copy.deepcopy(empty))
+        else:
+            missing = not isinstance(node.get(part), type(empty))
+        if missing:
+            node[part] = empty
+            changed = changed or path[: depth + 1]
+        node = node[part]
+    leaf = path[-1]
+    if isinstance(leaf, int):
+        while len(node) <= leaf:
+            node.append(None)
+    node[leaf] = value
+    return changed or path
+
+
+def get(spec: dict[str, Any], path: Path) -> Any:
+    node: Any = spec
+    for part in path:
+        node = node[part]
+    return node
+
+
+def missing_ancestor(spec: dict[str, Any], path: Path) -> Path | None:
+    """The shallowest proper prefix of `path` that holds no object or list yet."""
+    node: Any = spec
+    for depth, part in enumerate(path[:-1]):
+        after = path[depth + 1]
+        inside = node[part] if isinstance(part, int) and part < len(node) else None
+        if isinstance(part, str):
+            inside = node.get(part)
+        if not isinstance(inside, list if isinstance(after, int) else dict):
+            return path[: depth + 1]
+        if isinstance(after, int) and len(inside) <= after:
+            return path[: depth + 1]
+        node = inside
+    return None
+
+
+def one_of_members(schema: Node) -> dict[Path, set[str]]:
+    """Object path → its fields of which exactly one may be set, from the CRD's `set exactly one of`
+    rules."""
+    return {path: members for path, node in schema_paths(schema) if (members := exactly_one_of(node))}
+
+
+def one_of_siblings(kind: str, path: Path) -> set[str]:
+    members = ONE_OF[kind].get(path[:-1], set())
+    return members - {path[-1]} if path[-1] in members else set()
+
+
+def drop(spec: dict[str, Any], path: Path) -> None:
+    node: Any = spec
+    for part in path[:-1]:
+        node = node[part]
+    del node[path[-1]]
+
+
+# --- values from a schema node ---------------------------------------------------------------------
+
+
+def bounds(node: Node, default: tuple[int, int]) -> tuple[Any, Any]:
+    return node.get("minimum", default[0]), node.get("maximum", default[1])
+
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def valid_value(node: Node, depth: int = 0) -> st.SearchStrategy[Any]:
+    """Values the schema allows (CEL rules aside), small enough to read in a failure report."""
+    if "enum" in node:
+        return st.sampled_from(node["enum"])
+    if node.get("x-kubernetes-int-or-string"):
+        return st.integers(0, 10**6) | st.from_regex(node["pattern"], fullmatch=True)
+    kind = node.get("type")
+    if kind == "string":
+        limit = min(node.get("maxLength", 40), 40)
+        if "pattern" in node:
+            return st.from_regex(node["pattern"], fullmatch=True).filter(
+                lambda s: len(s) <= node.get("maxLength", 10**9)
+            )
+        return st.text(min_size=node.get("minLength", 0), max_size=max(limit, node.get("minLength", 0)))
+    if kind == "integer":
+        low, high = bounds(node, INT64)
+        return st.integers(
+            low + bool(node.get("exclusiveMinimum")), high - bool(node.get("exclusiveMaximum"))
+        )
+    if kind == "number":
+        low, high = bounds(node, (-(10**9), 10**9))
+        return st.floats(
+            low,
+            high,
+            exclude_min=bool(node.get("exclusiveMinimum")),
+            exclude_max=bool(node.get("exclusiveMaximum")),
+            allow_nan=False,
+            allow_infinity=False,
+        )
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "array":
+        return st.lists(valid_value(node["items"], depth + 1), max_size=min(node.get("maxItems", 3), 3))
+    if isinstance(node.get("additionalProperties"), dict):
+        return st.dictionaries(
+            st.text(min_size=1, max_size=12), valid_value(node["additionalProperties"], depth + 1), max_size=3
+        )
+    if "properties" in node:
+        exclusive = exactly_one_of(node)
+        if exclusive:  # one of them, chosen first
+            return st.sampled_from(sorted(exclusive)).flatmap(
+                lambda chosen: object_value(node, depth, {chosen}, exclusive - {chosen})
+            )
+        return object_value(node, depth, set(), set())
+    return st.dictionaries(st.text(min_size=1, max_size=8), JSON_SCALARS, max_size=3)  # free-form
+
+
+def object_value(
+    node: Node, depth: int, also_required: set[str], left_out: set[str]
+) -> st.SearchStrategy[Any]:
+    required = set(node.get("required", [])) | also_required
+    props = {name: child for name, child in node["properties"].items() if name not in left_out}
+    optional = (
+        {} if depth > 2 else {n: valid_value(c, depth + 1) for n, c in props.items() if n not in required}
+    )
+    return st.fixed_dictionaries(
+        {name: valid_value(props[name], depth + 1) for name in required}, optional=optional
+    )
+
+
+def exactly_one_of(node: Node) -> set[str]:
+    """The fields of which a `set exactly one of` rule of this object wants exactly one."""
+    for rule in node.get("x-kubernetes-validations", []):
+        if rule["message"].startswith("set exactly one of"):
+            return set(re.findall(r"has\(self\.(\w+)\)", rule["rule"]))
+    return set()
+
+
+def wrong_type(node: Node) -> st.SearchStrategy[Any]:
+    """A value of another JSON type than the schema's."""
+    kind = "int-or-string" if node.get("x-kubernetes-int-or-string") else node.get("type", "object")
+    others: dict[str, st.SearchStrategy[Any]] = {
+        "string": st.text(max_size=6),
+        "integer": st.integers(-5, 5),
+        "number": st.floats(0.01, 0.99),
+        "boolean": st.booleans(),
+        "array": st.lists(JSON_SCALARS, max_size=2),
+        "object": st.dictionaries(st.text(min_size=1, max_size=5), JSON_SCALARS, max_size=2),
+    }
+    excluded = {
+        "int-or-string": {"string", "integer"},
+        "number": {"number", "integer"},  # an integer is a number
+        "integer": {"integer"},
+    }.get(kind, {kind})
+    if kind == "integer":  # a float with a fraction is not an integer; 2.0 is, to both
+        others["number"] = st.floats(0.01, 0.99) | st.sampled_from([1.5, -2.25, 1e300])
+    return st.one_of([strategy for name, strategy in others.items() if name not in excluded])
+
+
+def out_of_range(node: Node) -> st.SearchStrategy[Any] | None:
+    """A value just past one of the node's bounds, or None when it has none."""
+    values: list[Any] = []
+    integer = node.get("type") == "integer"
+    step = 1 if integer else 1e-9
+    if "minimum" in node:
+        values.append(node["minimum"] if node.get("exclusiveMinimum") else node["minimum"] - step)
+    if "maximum" in node:
+        values.append(node["maximum"] if node.get("exclusiveMaximum") else node["maximum"] + step)
+    if node.get("type") == "string" and "maxLength" in node:
+        values.append("a" * (node["maxLength"] + 1))
+    if node.get("type") == "string" and node.get("minLength"):
+        values.append("")
+    if node.get("type") == "array" and "maxItems" in node and node["maxItems"] <= 64:
+        item = valid_value(node["items"], 3)
+        return st.lists(item, min_size=node["maxItems"] + 1, max_size=node["maxItems"] + 1)
+    if node.get("type") == "object" and "maxProperties" in node:
+        count = node["maxProperties"] + 1
+        return st.just({f"k{i}": "v" for i in range(count)})
+    if integer and "maximum" not in node:
+        values += [2**63, -(2**63) - 1]  # past int64: what the API server can store
+    return st.sampled_from(values) if values else None
+
+
+ONE_OF = {kind: one_of_members(schema) for kind, schema in SCHEMAS.items()}
+UNKNOWN_NAMES = st.sampled_from(["colour", "replica", "learningrate", "Method", "extra", "x-y", "spec"])
+
+
+# --- mutations -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One change to a spec: what kind, and where (the path it names)."""
+
+    kind: str
+    path: Path
+
+    def __str__(self) -> str:
+        return f"{self.kind} {dotted(self.path)}"
+
+
+def dotted(path: Path) -> str:
+    return ".".join(["spec", *(str(p) for p in path)])
+
+
+CONFLICTS: dict[str, list[tuple[Path, dict[Path, Any]]]] = {
+    "FineTuneJob": [
+        (("method",), {("method",): "qlora", ("resources", "gpu"): 0}),
+        (("output", "quantizedExport"), {("output", "quantizedExport"): "int8", ("resources", "gpu"): 0}),
+        (("baseModel",), {("baseModel", "name"): "a/b", ("baseModel", "pvc"): {"claimName": "m"}}),
+        (
+            ("dataset", "source"),
+            {("dataset", "source", "url"): "https://x/y", ("dataset", "source", "inline"): []},
+        ),
+        (
+            ("dataset", "cleaning"),
+            {("dataset", "cleaning", "minChars"): 9, ("dataset", "cleaning", "maxChars"): 3},
+        ),
+        (("lora", "targetModules"), {("lora", "targetModules"): ["auto", "q_proj"]}),
+        (("env", 0), {("env", 0): {"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s"}}}}),
+        (("env", 0), {("env", 0): {"name": "A"}}),
+        (("env", 0, "valueFrom"), {("env", 0): {"name": "A", "valueFrom": {}}}),
+    ],
+    "ModelDeployment": [
+        (("quantization",), {("quantization",): "int4", ("resources", "gpu"): 0}),
+        (("responseCache",), {("streaming",): True, ("responseCache", "enabled"): True}),
+        (
+            ("model",),
+            {("model", "fineTuneJobRef"): {"name": "a"}, ("model", "merged"): {"pvc": {"claimName": "o"}}},
+        ),
+        (("batching",), {("batching", "maxBatchSize"): 2, ("batching", "preferredBatchSizes"): [4]}),
+        (("autoscaling",), {("autoscaling", "minReplicas"): 5, ("autoscaling", "maxReplicas"): 2}),
+        (("service",), {("service", "httpPort"): 8001, ("service", "grpcPort"): 8001}),
+        (("responseCache", "size"), {("responseCache", "size"): "500m"}),
+    ],
+}
+"""Pairs of fields that are fine alone and wrong together; the path is the one a message must name."""
+
+
+def set_valid(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    """A value the schema allows; objects made on the way are whole valid ones, and choosing one of
+    several exclusive sources drops the others."""
+    paths = schema_paths(SCHEMAS[kind])
+    path, node = draw(st.sampled_from(paths))
+    made = first = missing_ancestor(spec, path)
+    while made is not None:
+        ancestor = dict(paths)[made]
+        item = ancestor["items"] if ancestor.get("type") == "array" else None
+        put(spec, made, [draw(valid_value(item))] if item else draw(valid_value(ancestor)))
+        made = missing_ancestor(spec, path)
+    for depth in range(1, len(path) + 1):
+        for sibling in one_of_siblings(kind, path[:depth]):
+            get(spec, path[: depth - 1]).pop(sibling, None)
+    put(spec, path, draw(valid_value(node)))
+    return first or path
+
+
+def set_wrong_type(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    path, node = draw(st.sampled_from(schema_paths(SCHEMAS[kind])))
+    return put(spec, path, draw(wrong_type(node)))
+
+
+def set_out_of_range(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    ranged = [(p, s) for p, n in schema_paths(SCHEMAS[kind]) if (s := out_of_range(n)) is not None]
+    path, values = draw(st.sampled_from(ranged))
+    return put(spec, path, draw(values))
+
+
+def set_bad_enum(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    path, node = draw(st.sampled_from([(p, n) for p, n in schema_paths(SCHEMAS[kind]) if "enum" in n]))
+    return put(spec, path, draw(st.text(max_size=10).filter(lambda s: s not in node["enum"])))
+
+
+def set_bad_pattern(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    path, node = draw(st.sampled_from([(p, n) for p, n in schema_paths(SCHEMAS[kind]) if "pattern" in n]))
+    pattern = re.compile(node["pattern"])
+    return put(spec, path, draw(st.text(max_size=20).filter(lambda s: not pattern.search(s))))
+
+
+def add_unknown(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    schema = SCHEMAS[kind]
+    objects = [(p, n) for p, n in [((), schema), *schema_paths(schema)] if "properties" in n]
+    path, node = draw(st.sampled_from(objects))
+    name = draw(UNKNOWN_NAMES.filter(lambda s: s not in node["properties"]))
+    return put(spec, (*path, name), draw(JSON_SCALARS))
+
+
+def remove(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    path = draw(st.sampled_from(present_paths(spec)))
+    drop(spec, path)
+    return path
+
+
+def set_null(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    path = draw(st.sampled_from(present_paths(spec)))
+    put(spec, path, None)
+    return path
+
+
+def make_conflict(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Path:
+    named, changes = draw(st.sampled_from(CONFLICTS[kind]))
+    for path, value in changes.items():
+        put(spec, path, copy.deepcopy(value))
+    return named
+
+
+MUTATIONS = {
+    "valid": set_valid,
+    "wrong_type": set_wrong_type,
+    "out_of_range": set_out_of_range,
+    "bad_enum": set_bad_enum,
+    "bad_pattern": set_bad_pattern,
+    "unknown": add_unknown,
+    "drop": remove,
+    "null": set_null,
+    "conflict": make_conflict,
+}
+OPS = ["valid"] * 4 + [op for op in MUTATIONS if op != "valid"]
+"""Valid changes weigh as much as half the broken ones, so that the API server admits enough specs."""
+
+
+@st.composite
+def mutated(draw: st.DrawFn, spec: dict[str, Any], kind: str) -> Mutation:
+    """Apply one mutation to `spec` in place and say what it was."""
+    op = draw(st.sampled_from(OPS))
+    if op in ("drop", "null") and not spec:
+        op = "valid"  # nothing left to take away
+    return Mutation(op, MUTATIONS[op](draw, spec, kind))
+
+
+@dataclass
+class Generated:
+    """A generated spec and the mutations that made it."""
+
+    kind: str
+    spec: dict[str, Any]
+    mutations: list[Mutation] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Generated({self.kind}, [{'; '.join(map(str, self.mutations))}], spec={self.spec!r})"
+
+
+@st.composite
+def generated_specs(draw: st.DrawFn, kind: str) -> Generated:
+    spec = copy.deepcopy(draw(st.sampled_from(SEEDS[kind])))
+    count = draw(st.integers(0, 3))
+    return Generated(kind, spec, [draw(mutated(spec, kind)) for _ in range(count)])
+
+
+def any_generated_specs() -> st.SearchStrategy[Generated]:
+    return generated_specs("FineTuneJob") | generated_specs("ModelDeployment")
+
+
+# --- "names the field" -----------------------------------------------------------------------------
+
+
+def related(where: Path, path: Path) -> bool:
+    """One path leads to the other: a rule on an object names its field's parent, a bad object value
+    may be reported at one of its own fields."""
+    shorter = min(len(where), len(path))
+    return len(where) > 0 and where[:shorter] == path[:shorter]
+
+
+def names_a_mutation(where: Path, message: str, mutations: list[Mutation]) -> bool:
+    """An error at `where` with `message` names one of the mutated fields: by a related path, or, for a
+    rule on the whole spec (a cross-field one), by naming the field in its message."""
+    for mutation in mutations:
+        if related(where, mutation.path):
+            return True
+        words = [p for p in mutation.path if isinstance(p, str)]
+        if len(where) <= 1 and any(re.search(rf"\b{re.escape(w)}\b", message) for w in words):
+            return True
+    return False
+
+
+def unnamed_model_errors(error: ValidationError, mutations: list[Mutation]) -> list[str]:
+    """The model's complaints that name none of the mutated fields (the property wants none)."""
+    described = describe_validation_error(error).split("; ")
+    out = []
+    for problem, line in zip(error.errors(), described, strict=True):
+        loc = tuple(problem["loc"])
+        if not line.startswith("spec") or not names_a_mutation(loc, problem["msg"], mutations):
+            out.append(line)
+    return out
+
+
+# --- children, for specs the models accept ---------------------------------------------------------
+
+OWNER_UID = "00000000-0000-4000-8000-000000000000"
+BUILDER_SETTINGS = OperatorSettings(trainer_image="deeptune/trainer:test")
+
+
+def resolved_for(spec: modeldeployment.ModelDeploymentSpec) -> ResolvedModel:
+    """What `resolve_model` gives once a referenced FineTuneJob has succeeded (with a merged model)."""
+    if spec.model.fine_tune_job_ref is not None:
+        name = spec.model.fine_tune_job_ref.name
+        return ResolvedModel(merged=PvcLocation(claim_name="out", path=f"{name}/merged"), fine_tune_job=name)
+    return modeldeployment.resolve_model(spec.model)
+
+
+def children_of(kind: str, name: str, namespace: str, parsed: Any) -> list[dict[str, Any]]:
+    """The manifests the operator would create for a parsed spec."""
+    owner = Owner(kind=kind, name=name, namespace=namespace, uid=OWNER_UID)
+    if kind == "FineTuneJob":
+        return [
+            ftj_build.build_config_map(owner, parsed),
+            ftj_build.build_job(owner, parsed, BUILDER_SETTINGS),
+        ]
+    return mdep_build.build_children(owner, parsed, resolved_for(parsed), BUILDER_SETTINGS).manifests()
+
+
+# --- the properties --------------------------------------------------------------------------------
+
+MODEL_SETTINGS = settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+@MODEL_SETTINGS
+@given(any_generated_specs())
+def test_models_reject_only_with_a_validation_error_that_names_the_field(generated: Generated) -> None:
+    parse = PARSERS[generated.kind]
+    try:
+        parsed = parse(copy.deepcopy(generated.spec))
+    except ValidationError as error:
+        message = describe_validation_error(error)
+        assert message and "\n" not in message
+        assert unnamed_model_errors(error, generated.mutations) == [], message
+        return
+    # Accepted: the wire form round-trips, and the children build without an exception.
+    assert parse(parsed.to_wire()) == parsed
+    for manifest in children_of(generated.kind, "fuzz", "ns", parsed):
+        assert manifest["metadata"]["name"]
+
+
+@pytest.mark.parametrize("kind", sorted(SEEDS))
+def test_seed_specs_are_valid(kind: str) -> None:
+    for spec in SEEDS[kind]:
+        PARSERS[kind](copy.deepcopy(spec))
+
+
+@pytest.mark.parametrize("kind", sorted(SEEDS))
+def test_every_cross_field_conflict_is_rejected_and_named(kind: str) -> None:
+    for named, changes in CONFLICTS[kind]:
+        spec = copy.deepcopy(SEEDS[kind][0])
+        for path, value in changes.items():
+            put(spec, path, copy.deepcopy(value))
+        with pytest.raises(ValidationError) as caught:
+            PARSERS[kind](spec)
+        assert unnamed_model_errors(caught.value, [Mutation("conflict", named)]) == [], caught.value
+
+
+# --- regressions: what the generated specs found -------------------------------------------------
+
+FTJ_MINIMAL, MDEP_MINIMAL = SEEDS["FineTuneJob"][0], SEEDS["ModelDeployment"][0]
+
+
+@dataclass(frozen=True)
+class Regression:
+    """A spec that once got past the models (or past the API server) and then failed later, and the
+    field its rejection must name now."""
+
+    kind: str
+    changes: dict[Path, Any]
+    field: Path
+    why: str
+
+    def spec(self) -> dict[str, Any]:
+        spec = copy.deepcopy(FTJ_MINIMAL if self.kind == "FineTuneJob" else MDEP_MINIMAL)
+        for path, value in self.changes.items():
+            put(spec, path, copy.deepcopy(value))
+        return spec
+
+
+REGRESSIONS = [
+    Regression(
+        "FineTuneJob",
+        {("resources", "cpu"): "18.81Mi"},
+        ("resources", "cpu"),
+        "a CPU quantity with a memory suffix crashed the Job builder (OMP_NUM_THREADS), retried forever",
+    ),
+    Regression(
+        "ModelDeployment",
+        {("resources", "cpu"): "0k"},
+        ("resources", "cpu"),
+        "the same crash for the serving Deployment",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "cpu"): -1},
+        ("resources", "cpu"),
+        "the API server admitted a negative integer quantity (a pattern checks strings only)",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "sharedMemory"): "1" * 40},
+        ("resources", "sharedMemory"),
+        "the API server admitted quantities longer than the models' 32 characters",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("hyperparameters", "seed"): -1},
+        ("hyperparameters", "seed"),
+        "NumPy takes seeds 0..2^32-1: the trainer crashed and the Job retried it",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("hyperparameters", "seed"): 2**32},
+        ("hyperparameters", "seed"),
+        "the same, past the top",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("ttlSecondsAfterFinished",): 2**31},
+        ("ttlSecondsAfterFinished",),
+        "a Job's TTL is an int32: creating it failed with 400, which the operator retried forever",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("dataset", "source", "url"): "https://example.com/数据.jsonl"},
+        ("dataset", "source", "url"),
+        "urllib sends ASCII only: the trainer crashed (UnicodeEncodeError)",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("dataset", "source", "url"): "https://example.com/a\u00a0b"},
+        ("dataset", "source", "url"),
+        "`\\S` admits U+00A0 on the API server (RE2), not in pydantic",
+    ),
+    Regression(
+        "ModelDeployment",
+        {
+            ("model", "adapter"): {
+                "baseModel": {"name": "组织/模型"},
+                "adapter": {"pvc": {"claimName": "o"}},
+            },
+            ("model", "fineTuneJobRef"): None,
+        },
+        ("model", "adapter", "baseModel", "name"),
+        "`\\w` is Unicode in pydantic, ASCII on the server",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("env",): [{"name": "A", "valueFrom": {}}]},
+        ("env", 0, "valueFrom"),
+        "an empty valueFrom passed both, and the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("env",): [{"name": "A"}]},
+        ("env", 0),
+        "the models admitted an env var with neither value nor valueFrom (the server did not)",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("env",): [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "Hub_Token"}}}]},
+        ("env", 0, "valueFrom", "secretKeyRef", "name"),
+        "not an object name: the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("baseModel", "tokenSecretRef"): {"name": "hf", "key": "a/b"}},
+        ("baseModel", "tokenSecretRef", "key"),
+        "not a Secret key: the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("output", "pvc", "claimName"): "My Claim"},
+        ("output", "pvc", "claimName"),
+        "no PersistentVolumeClaim can have that name: the pod would wait forever",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "tolerations"): [{"effect": "NoSchedule"}]},
+        ("resources", "tolerations", 0),
+        "operator must be Exists without a key: the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "tolerations"): [{"key": "a", "operator": "Exists", "value": "b"}]},
+        ("resources", "tolerations", 0, "value"),
+        "a value with Exists: the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "tolerations"): [{"key": "a b"}]},
+        ("resources", "tolerations", 0, "key"),
+        "not a taint key: the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "tolerations"): [{"key": "a", "tolerationSeconds": 5}]},
+        ("resources", "tolerations", 0, "tolerationSeconds"),
+        "needs NoExecute: the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "priorityClassName"): "High"},
+        ("resources", "priorityClassName"),
+        "not an object name: the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "gpuResourceName"): "gpu"},
+        ("resources", "gpuResourceName"),
+        "an extended resource needs a domain: the Job was rejected",
+    ),
+    Regression(
+        "ModelDeployment",
+        {("env",): [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+        ("env",),
+        "server-side apply refuses a Deployment with a name twice in env (500), retried forever",
+    ),
+    Regression(
+        "ModelDeployment",
+        {("imagePullSecrets",): [{"name": "registry"}, {"name": "registry"}]},
+        ("imagePullSecrets",),
+        "the same for imagePullSecrets",
+    ),
+    Regression(
+        "ModelDeployment",
+        {("runtime", "image"): ""},
+        ("runtime", "image"),
+        "an empty image: the Deployment was rejected",
+    ),
+    Regression("FineTuneJob", {("image",): " trainer:1"}, ("image",), "spaces: the Job was rejected"),
+]
+
+
+@pytest.mark.parametrize("regression", REGRESSIONS, ids=lambda r: f"{r.kind}:{dotted(r.field)}")
+def test_regressions_are_rejected_by_the_models_naming_the_field(regression: Regression) -> None:
+    with pytest.raises(ValidationError) as caught:
+        PARSERS[regression.kind](regression.spec())
+    assert unnamed_model_errors(caught.value, [Mutation("regression", regression.field)]) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes"),
+    [
+        ("FineTuneJob", {("resources", "cpu"): "2.5"}),
+        ("FineTuneJob", {("resources", "cpu"): 4, ("hyperparameters", "seed"): 2**32 - 1}),
+        ("ModelDeployment", {("resources", "cpu"): "500m"}),
+        ("FineTuneJob", {("resources", "tolerations"): [{"operator": "Exists"}, {"key": "a", "value": ""}]}),
+        (
+            "FineTuneJob",
+            {("resources", "tolerations"): [{"key": "a", "effect": "NoExecute", "tolerationSeconds": 9}]},
+        ),
+        (
+            "FineTuneJob",
+            {("env",): [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k.v"}}}]},
+        ),
+        ("FineTuneJob", {("dataset", "source", "url"): "https://example.com/%E6%95%B0.jsonl?x=1&y=~"}),
+        (
+            "FineTuneJob",
+            {("ttlSecondsAfterFinished",): 2**31 - 1, ("resources", "gpuResourceName"): "amd.com/gpu"},
+        ),
+    ],
+)
+def test_what_the_fixes_still_admit_builds(kind: str, changes: dict[Path, Any]) -> None:
+    spec = copy.deepcopy(FTJ_MINIMAL if kind == "FineTuneJob" else MDEP_MINIMAL)
+    for path, value in changes.items():
+        put(spec, path, value)
+    assert children_of(kind, "fuzz", "ns", PARSERS[kind](spec))
+
+
+def test_quantities_are_bounded_alike_in_the_crd() -> None:
+    """An int-or-string pattern checks strings only: `minimum` and `maxLength` make the API server
+    refuse what the models refuse."""
+    resources = SCHEMAS["FineTuneJob"]["properties"]["resources"]["properties"]
+    for name in ("cpu", "memory", "sharedMemory"):
+        assert resources[name]["minimum"] == 0 and resources[name]["maxLength"] == 32, name
