@@ -182,6 +182,17 @@ def test_cpu_serving_asks_for_no_gpu_and_sizes_torch_threads() -> None:
     assert {"name": "OMP_NUM_THREADS", "value": "2"} in container_of(built)["env"]
 
 
+def test_a_users_variable_replaces_the_operators_of_the_same_name() -> None:
+    """Server-side apply refuses a Deployment that names an env var twice (found by the spec fuzzing):
+    the user's value wins, as it would in a Job, where the last of two is taken."""
+    user = [{"name": "HOME", "value": "/home/triton"}, {"name": "OMP_NUM_THREADS", "value": "8"}]
+    env = container_of(children(spec_with(resources={"gpu": 0, "cpu": "2"}, env=user)))["env"]
+    names = [var["name"] for var in env]
+    assert len(names) == len(set(names))
+    assert env[-2:] == user
+    assert {"name": "HF_HOME", "value": "/tmp/huggingface"} in env
+
+
 def test_owner_references_labels_and_selectors() -> None:
     built = children()
     for manifest in built.manifests():

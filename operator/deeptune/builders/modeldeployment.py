@@ -195,6 +195,8 @@ def _token(base: BaseModelSpec | None) -> list[Manifest]:
 
 
 def _env(spec: ModelDeploymentSpec, resolved: ResolvedModel) -> list[Manifest]:
+    """The operator's variables, then the user's. A name the user sets replaces the operator's: the
+    Deployment is applied server-side, which refuses a name twice (a Job would take the last)."""
     env: list[Manifest] = [
         {"name": "HOME", "value": "/tmp"},
         # A base model named by its Hugging Face id is downloaded here (the root filesystem is read-only).
@@ -203,10 +205,10 @@ def _env(spec: ModelDeploymentSpec, resolved: ResolvedModel) -> list[Manifest]:
         *_token(resolved.base_model),
     ]
     threads = cpu_threads(spec.resources.cpu)
-    if threads and "OMP_NUM_THREADS" not in {var.name for var in spec.env}:
+    if threads:
         env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
-    env.extend(var.to_wire() for var in spec.env)
-    return env
+    users = {var.name for var in spec.env}
+    return [var for var in env if var["name"] not in users] + [var.to_wire() for var in spec.env]
 
 
 def _http_probe(path: str, period: int, failures: int) -> Manifest:
