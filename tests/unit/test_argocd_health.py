@@ -76,7 +76,7 @@ def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
             "Unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu. "
             "preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.",
         ),
-        ("running", "Progressing", "Training: step 10/120 (8%), ETA 11s"),
+        ("running", "Progressing", "Training: step 1/120 (0%), ETA 10s"),
         ("succeeded", "Healthy", "fine-tuning finished"),
         ("suspended", "Suspended", "suspended; set spec.suspend to false to resume"),
         (
@@ -162,6 +162,16 @@ MODELDEPLOYMENT_HEALTH = {
         "WaitingForFineTuneJob: model.fineTuneJobRef: waiting for FineTuneJob paused to succeed "
         "(phase Suspended)",
     ),
+    "pending-finetunejobfailed": (
+        "Degraded",
+        "FineTuneJobFailed: model.fineTuneJobRef: FineTuneJob broken-dataset failed, so there is no model "
+        "to serve until it is rerun and succeeds: InvalidDataset: dataset.source.pvc: 3 of 3 rows are "
+        "malformed (100.0%), more than dataset.maxBadRowRatio allows (5.0%); first: line 1: invalid JSON: "
+        "Expecting value at column 1; line 2: invalid JSON: Expecting value at column 1; line 3: invalid "
+        "JSON: Expecting value at column 1. Fix these rows, or raise dataset.maxBadRowRatio to skip them. "
+        "(Job: PodFailurePolicy: Container trainer for pod recording/broken-dataset-train-zvnm7 failed "
+        "with exit code 3 matching FailJob rule at index 0)",
+    ),
     "pending-scaledtozero": ("Healthy", "Scaled to zero: spec.replicas is 0"),
     "loading": ("Progressing", "Loading: Triton is loading the model (1 pod)"),
     "loaded": (
@@ -223,6 +233,24 @@ def test_zero_replicas_under_an_autoscaler_is_not_scaled_to_zero() -> None:
         "Progressing",
         "ScaledToZero: replicas is 0: no pod serves the model",
     )
+
+
+def test_a_failed_finetunejob_is_degraded_whatever_the_replicas_and_recovers_when_rerun() -> None:
+    """Argo CD cannot parse the message, so the reason alone decides; the rest stays Progressing."""
+    obj = fixture("modeldeployment-pending-finetunejobfailed.json")
+    failed = condition(fixture("finetunejob-failed-invaliddataset.json"), "Failed")
+    assert condition(obj, "Ready")["message"].endswith(f"{failed['reason']}: {failed['message']}")
+    obj["spec"]["replicas"] = 0
+    assert health("ModelDeployment", obj)[0] == "Degraded"
+    waiting = fixture("modeldeployment-pending-waitingforfinetunejob.json")
+    obj["status"] = waiting["status"]  # the job rerun under the same name, not finished yet
+    obj["spec"]["replicas"] = 1
+    assert health("ModelDeployment", obj)[0] == "Progressing"
+
+
+def test_a_rejected_spec_names_no_deployment_that_was_never_created() -> None:
+    status = fixture("modeldeployment-failedtoload-invalidspec.json")["status"]
+    assert not {"deploymentName", "endpoints", "replicas", "resolvedModel"} & set(status), status
 
 
 def test_a_modeldeployment_failure_without_last_failure_uses_the_model_loaded_condition() -> None:

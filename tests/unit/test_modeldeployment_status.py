@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 from deeptune.api.base import PvcLocation
@@ -12,11 +15,13 @@ from deeptune.api.modeldeployment import (
     ResolvedModel,
     parse_spec,
 )
+from deeptune.handlers import modeldeployment as handler
 from deeptune.status.modeldeployment import (
     Waiting,
     derive_status,
     invalid_spec_status,
     is_invalid_spec,
+    is_waiting,
     load_error,
     ready_pods,
     record_probe,
@@ -24,7 +29,9 @@ from deeptune.status.modeldeployment import (
     status_changes,
     waiting_status,
 )
+from deeptune.statusloop import StatusUpdate
 
+FIXTURES = Path(__file__).parent / "fixtures" / "status"
 NOW = "2026-11-25T10:00:00Z"
 HASH = "abc123"
 RESOLVED = ResolvedModel(merged=PvcLocation(claim_name="out", path="bot/merged"), fine_tune_job="bot")
@@ -118,6 +125,11 @@ def derive(
     )
 
 
+def fixture(name: str) -> dict[str, Any]:
+    """An object recorded from a real run (fixtures/status/README.md)."""
+    return dict(json.loads((FIXTURES / name).read_text()))
+
+
 def conditions_of(status: ModelDeploymentStatus) -> dict[str, tuple[str, str]]:
     return {c.type: (c.status, c.reason) for c in status.conditions}
 
@@ -176,6 +188,61 @@ def test_a_served_model_stays_resolved_when_its_job_goes_away() -> None:
     assert resolve_source(REF_SPEC, job("Running"), RESOLVED) == RESOLVED
     other = RESOLVED.model_copy(update={"fine_tune_job": "another"})
     assert isinstance(resolve_source(REF_SPEC, None, other), Waiting)
+
+
+def test_a_finetunejob_without_status_has_not_started() -> None:
+    result = resolve_source(REF_SPEC, job(None), None)
+    assert result == Waiting(
+        "WaitingForFineTuneJob",
+        "model.fineTuneJobRef: waiting for FineTuneJob bot to succeed (it has not started yet)",
+    )
+    assert isinstance(waiting := resolve_source(REF_SPEC, job("Pending"), None), Waiting)
+    assert waiting.message.endswith("(phase Pending)")
+
+
+def test_a_failed_finetunejob_is_named_with_its_own_failure() -> None:
+    """Not a wait like any other: Argo CD's health check reads the reason as Degraded. The recorded
+    job's Failed condition gives the trainer's reason and message (the Job's words after them)."""
+    failed = fixture("finetunejob-failed-invaliddataset.json")
+    result = resolve_source(REF_SPEC, failed, None)
+    assert isinstance(result, Waiting) and result.reason == "FineTuneJobFailed"
+    assert result.message.startswith(
+        "model.fineTuneJobRef: FineTuneJob broken-dataset failed, so there is no model to serve until it"
+        " is rerun and succeeds: InvalidDataset: dataset.source.pvc: 3 of 3 rows are malformed"
+    ), result.message
+    assert "(Job: PodFailurePolicy: Container trainer for pod recording/" in result.message
+    status = waiting_status(ModelDeploymentStatus(), 1, result, NOW)
+    assert status.model_state == "Pending" and is_waiting(status)
+    assert conditions_of(status) == {
+        "ModelLoaded": ("False", "FineTuneJobFailed"),
+        "Ready": ("False", "FineTuneJobFailed"),
+    }
+
+
+def test_a_failed_finetunejob_without_a_failed_condition_says_what_it_can() -> None:
+    failed = job("Failed")
+    failed["status"]["lastFailure"] = {"reason": "OOMKilled", "message": "the trainer ran out of memory"}
+    result = resolve_source(REF_SPEC, failed, None)
+    assert isinstance(result, Waiting)
+    assert result.message.endswith("succeeds: OOMKilled: the trainer ran out of memory")
+    bare = resolve_source(REF_SPEC, job("Failed"), None)
+    assert isinstance(bare, Waiting) and bare.message.endswith("until it is rerun")
+
+
+def test_a_failed_finetunejob_rerun_under_its_name_is_served_once_it_succeeds() -> None:
+    failed = resolve_source(REF_SPEC, job("Failed"), None)
+    assert isinstance(failed, Waiting)
+    previous = waiting_status(ModelDeploymentStatus(), 1, failed, NOW)
+    rerun = resolve_source(REF_SPEC, job("Running"), previous.resolved_model)
+    assert isinstance(rerun, Waiting) and rerun.reason == "WaitingForFineTuneJob"
+    succeeded = resolve_source(REF_SPEC, job("Succeeded", mergedPath="merged"), previous.resolved_model)
+    assert isinstance(succeeded, ResolvedModel) and succeeded.fine_tune_job == "bot"
+    assert derive(None, [], previous=previous).model_state == "Pending"
+    assert conditions_of(derive(None, [], previous=previous))["Ready"] == ("False", "Creating")
+
+
+def test_a_served_model_keeps_serving_when_a_rerun_of_its_job_fails() -> None:
+    assert resolve_source(REF_SPEC, job("Failed"), RESOLVED) == RESOLVED
 
 
 def test_a_direct_source_needs_no_job() -> None:
@@ -310,7 +377,9 @@ def test_an_unchanged_probe_outcome_is_written_back_only_now_and_then() -> None:
 
 
 def test_invalid_spec_status() -> None:
-    status = invalid_spec_status(ModelDeploymentStatus(), 2, "spec.quantization: needs a GPU", NOW)
+    status = invalid_spec_status(
+        ModelDeploymentStatus(), 2, "spec.quantization: needs a GPU", NOW, serving=False
+    )
     assert is_invalid_spec(status)
     assert status.model_state == "FailedToLoad"
     assert conditions_of(status) == {
@@ -319,6 +388,32 @@ def test_invalid_spec_status() -> None:
     }
     assert status.last_failure is not None and status.last_failure.reason == "InvalidSpec"
     assert not is_invalid_spec(derive(None, [], previous=status))
+
+
+def test_a_rejected_first_spec_names_no_deployment() -> None:
+    """Rejected before any Deployment existed (e.g. the API server refused the first one, after the
+    status already said it was being created): no name, URL, replicas or model describe nothing."""
+    creating = derive(None, [])
+    assert creating.deployment_name == "bot-triton" and creating.endpoints == ENDPOINTS
+    status = invalid_spec_status(creating, 3, "the API server rejected a child: ...", NOW, serving=False)
+    assert is_invalid_spec(status) and status.model_state == "FailedToLoad"
+    assert status.deployment_name is None and status.endpoints is None
+    assert status.resolved_model is None and status.last_probe is None
+    assert status.replicas is None and status.ready_replicas is None
+    wire = status_changes(creating.to_wire(), status.to_wire())
+    assert {"deploymentName", "endpoints", "resolvedModel", "replicas", "readyReplicas"} <= {
+        key for key, value in wire.items() if value is None
+    }
+
+
+def test_a_rejected_spec_change_keeps_describing_the_deployment_that_still_serves() -> None:
+    available = [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}]
+    serving = derive(deployment(ready=1, conditions=available), [pod(ready=True)], probe())
+    status = invalid_spec_status(serving, 4, "spec.quantization: needs a GPU", NOW, serving=True)
+    assert is_invalid_spec(status) and status.observed_generation == 4
+    assert status.deployment_name == "bot-triton" and status.endpoints == ENDPOINTS
+    assert status.resolved_model == RESOLVED and status.last_probe == probe()
+    assert (status.replicas, status.ready_replicas) == (1, 1)
 
 
 def test_transition_times_move_only_when_a_condition_flips() -> None:
@@ -348,3 +443,72 @@ def test_log_tails_and_plain_messages() -> None:
     )
     assert load_error("FileNotFoundError: no model at /x\n") == "FileNotFoundError: no model at /x"
     assert len(load_error("x" * 5000)) == 1024
+
+
+# --- the status loop's visit (handlers/modeldeployment.py), with its indexes as plain mappings -------
+
+
+def visit(
+    uid: str,
+    spec: dict[str, Any],
+    previous: ModelDeploymentStatus,
+    *,
+    jobs: list[dict[str, Any]] | None = None,
+    deployments: list[dict[str, Any]] | None = None,
+) -> StatusUpdate | None:
+    obj = {
+        "apiVersion": "deeptune.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "bot", "namespace": "ns", "uid": uid, "generation": 2},
+        "spec": spec,
+        "status": previous.to_wire(),
+    }
+    indexes = {
+        "finetunejobs_by_name": {("ns", "bot"): jobs or []},
+        "serving_deployments": {("ns", uid): deployments or []},
+        "serving_pods": {},
+    }
+    return asyncio.run(handler.visit(obj, indexes))
+
+
+REF = {"model": {"fineTuneJobRef": {"name": "bot"}}, "resources": {"gpu": 0}}
+INVALID = {**REF, "quantization": "int8"}  # quantization needs a GPU
+
+
+def test_visit_clears_the_deployment_of_a_rejected_spec_only_when_there_is_none() -> None:
+    creating = derive(None, [])
+    update = visit("rejected-at-once", INVALID, creating)
+    assert update is not None
+    assert update.changes["modelState"] == "FailedToLoad"
+    assert update.changes["deploymentName"] is None and update.changes["endpoints"] is None
+    kept = visit("rejected-change", INVALID, creating, deployments=[deployment()])
+    assert kept is not None and kept.changes["modelState"] == "FailedToLoad"
+    assert "deploymentName" not in kept.changes and "endpoints" not in kept.changes
+
+
+def test_visit_reports_a_failed_finetunejob_and_serves_its_successful_rerun(monkeypatch: Any) -> None:
+    failed = job("Failed")
+    malformed = "3 of 3 rows are malformed"
+    failed["status"]["conditions"] = [
+        {"type": "Failed", "status": "True", "reason": "InvalidDataset", "message": malformed},
+    ]
+    failed["status"]["conditions"][0]["lastTransitionTime"] = NOW
+    update = visit("job-failed", REF, ModelDeploymentStatus(), jobs=[failed])
+    assert update is not None and update.phase == "Pending"
+    status = ModelDeploymentStatus.model_validate(update.changes)
+    assert conditions_of(status)["Ready"] == ("False", "FineTuneJobFailed")
+    assert [(e.type, e.reason) for e in update.events] == [
+        ("Normal", "Pending"),
+        ("Warning", "FineTuneJobFailed"),
+    ]
+    assert update.events[1].message.endswith(f"succeeds: InvalidDataset: {malformed}")
+    assert visit("job-failed", REF, status, jobs=[failed]) == StatusUpdate(changes={}, phase="Pending")
+
+    applied: list[str] = []
+    monkeypatch.setattr(handler, "_apply_children", lambda obj, children, owner: applied.append(owner.name))
+    rerun = job("Succeeded", mergedPath="merged")
+    update = visit("job-failed", REF, status, jobs=[rerun])
+    assert applied == ["bot"], "the children follow once the rerun succeeded"
+    assert update is not None and update.changes["deploymentName"] == "bot-triton"
+    assert update.changes["resolvedModel"]["fineTuneJob"] == "bot"
+    assert not is_waiting(ModelDeploymentStatus.model_validate({**status.to_wire(), **update.changes}))

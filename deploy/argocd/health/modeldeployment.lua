@@ -48,6 +48,10 @@ elseif generation ~= nil and (status.observedGeneration or 0) < generation then
 elseif invalid_spec() ~= nil then
   hs.status = "Degraded"
   hs.message = explain(invalid_spec(), "InvalidSpec")
+elseif ready ~= nil and ready.status == "False" and ready.reason == "FineTuneJobFailed" then
+  -- no model to serve until the referenced FineTuneJob is rerun and succeeds
+  hs.status = "Degraded"
+  hs.message = explain(ready, "FineTuneJobFailed")
 elseif scaled_to_zero then
   hs.status = "Healthy"
   hs.message = "Scaled to zero: spec.replicas is 0"

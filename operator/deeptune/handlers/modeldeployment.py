@@ -40,6 +40,7 @@ from deeptune.observability import measured
 from deeptune.probe import probe_server
 from deeptune.status.conditions import now
 from deeptune.status.modeldeployment import (
+    FINETUNEJOB_FAILED,
     INVALID_SPEC,
     Waiting,
     derive_status,
@@ -221,17 +222,20 @@ async def visit(obj: Obj, indexes: Indexes) -> StatusUpdate | None:
     previous = _status(obj)
     generation = meta.get("generation")
     spec = SPECS.get(obj)
+    owner = _owner(meta)
+    found = list(indexes["serving_deployments"].get((owner.namespace, owner.uid), []))
+    deployment = found[0] if found else None
     if isinstance(spec, Invalid):
-        return _update(previous, invalid_spec_status(previous, generation, spec.message, now()))
+        status = invalid_spec_status(
+            previous, generation, spec.message, now(), serving=deployment is not None
+        )
+        return _update(previous, status)
     if is_invalid_spec(previous) and previous.observed_generation == generation:
         return None  # reported already; a spec change gets a fresh start
     with measured(KIND, "mirror_status"):
-        owner = _owner(meta)
         resolved = _resolve(indexes, obj, spec)
         if isinstance(resolved, Waiting):
             return _update(previous, waiting_status(previous, generation, resolved, now()))
-        found = list(indexes["serving_deployments"].get((owner.namespace, owner.uid), []))
-        deployment = found[0] if found else None
         if is_waiting(previous) or (deployment is None and previous.deployment_name):
             # The FineTuneJob has just succeeded (or a spec change waited for its model), or someone
             # deleted the Deployment. A first creation and spec changes are reconcile's.
@@ -285,6 +289,9 @@ def _transitions(previous: ModelDeploymentStatus, new: ModelDeploymentStatus) ->
             if is_ready(new)
             else events.Event("Warning", "NotReady", ready.message)
         )
+    reasons = [next((c.reason for c in s.conditions if c.type == "Ready"), None) for s in (previous, new)]
+    if reasons[1] == FINETUNEJOB_FAILED != reasons[0]:  # Pending either way: say it went wrong
+        found.append(events.Event("Warning", FINETUNEJOB_FAILED, conditions["Ready"].message))
     return found
 
 

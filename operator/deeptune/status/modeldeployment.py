@@ -33,7 +33,13 @@ from deeptune.status.conditions import set_conditions
 
 Obj = dict[str, Any]
 INVALID_SPEC = "InvalidSpec"
-WAITING_REASONS = frozenset({"FineTuneJobNotFound", "WaitingForFineTuneJob", "FineTuneJobSavedNoModel"})
+FINETUNEJOB_FAILED = "FineTuneJobFailed"
+WAITING_REASONS = frozenset(
+    {"FineTuneJobNotFound", "WaitingForFineTuneJob", "FineTuneJobSavedNoModel", FINETUNEJOB_FAILED}
+)
+"""Ready reasons of a spec whose model is not there yet: no children follow it until it is. A failed
+FineTuneJob is one of them (it may be rerun under the same name); Argo CD's health check reads that
+reason as Degraded, the others as Progressing."""
 PROBE_RECORD_REFRESH = dt.timedelta(minutes=5)
 """An unchanged probe outcome is written back at most this often: `lastProbe.time` stays a recent
 heartbeat without a status write (and a watch event for every client) per probe."""
@@ -60,13 +66,28 @@ class Waiting:
     message: str
 
 
+def _job_failed(name: str, status: FineTuneJobStatus) -> Waiting:
+    """A failed FineTuneJob, in its own Failed condition's words (the trainer's reason and message
+    first, the Job's after them). Still a wait: a rerun under the same name may yet succeed."""
+    failed = next((c for c in status.conditions if c.type == "Failed" and c.status == "True"), None)
+    said = failed or status.last_failure
+    detail = ": ".join(part for part in (said.reason, said.message) if part) if said else ""
+    message = (
+        f"model.fineTuneJobRef: FineTuneJob {name} failed, so there is no model to serve until it is rerun"
+    )
+    return Waiting(FINETUNEJOB_FAILED, f"{message} and succeeds: {detail}" if detail else message)
+
+
 def _job_models(job: Obj) -> tuple[FineTuneJobSpec, FineTuneJobStatus] | Waiting:
     status = FineTuneJobStatus.model_validate(job.get("status") or {})
     name = job.get("metadata", {}).get("name", "")
+    if status.phase == "Failed":
+        return _job_failed(name, status)
     if status.phase != "Succeeded":
+        where = f"phase {status.phase}" if status.phase else "it has not started yet"
         return Waiting(
             "WaitingForFineTuneJob",
-            f"model.fineTuneJobRef: waiting for FineTuneJob {name} to succeed (phase {status.phase})",
+            f"model.fineTuneJobRef: waiting for FineTuneJob {name} to succeed ({where})",
         )
     try:
         return FineTuneJobSpec.model_validate(job.get("spec") or {}), status
@@ -347,12 +368,23 @@ def waiting_status(
 
 
 def invalid_spec_status(
-    previous: ModelDeploymentStatus, generation: int | None, message: str, now: str
+    previous: ModelDeploymentStatus, generation: int | None, message: str, now: str, *, serving: bool
 ) -> ModelDeploymentStatus:
-    """A spec the operator cannot serve: the model will not load until the spec is fixed."""
+    """A spec the operator cannot serve: the model will not load until the spec is fixed.
+
+    `serving` says whether the ModelDeployment's Deployment exists (the operator's index of them, not
+    the previous status: that names the Deployment as soon as it is being created, before the API
+    server may reject it). If it does, it was built from an earlier valid spec and keeps serving, so
+    the fields that describe it stay as they were: its name, endpoints, replicas, last probe and the
+    model it loads. If it does not, there is nothing to describe, and those fields go: `kubectl get`
+    shows no URL, and no client is pointed at a server that never started.
+    """
     status = _not_ready(previous, generation, INVALID_SPEC, message, now)
     status.model_state = "FailedToLoad"
     status.last_failure = FailureInfo(reason=INVALID_SPEC, message=message[-MESSAGE_LIMIT:])
+    if not serving:
+        status.deployment_name = status.endpoints = status.resolved_model = status.last_probe = None
+        status.replicas = status.ready_replicas = None
     return status
 
 
