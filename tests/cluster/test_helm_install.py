@@ -159,6 +159,41 @@ def test_service_account_can_do_its_job_and_no_more(
     assert not can_i(crds, release, "update", "customresourcedefinitions.apiextensions.k8s.io")
 
 
+DELETABLE = {"horizontalpodautoscalers.autoscaling"}
+"""What the operator deletes itself, a child the spec stopped asking for (ServiceMonitors too, whose
+kind is not installed here, so `can-i` cannot say); the rest goes by garbage collection."""
+
+
+@pytest.mark.parametrize("scope", ["watched", "all namespaces"])
+def test_service_account_is_no_admin_execs_nothing_and_deletes_only_dropped_children(
+    crds: Cluster, namespaced_release: Release, watched: str, scope: str
+) -> None:
+    release = namespaced_release
+    where = ["-n", watched] if scope == "watched" else ["--all-namespaces"]
+    assert not can_i(crds, release, "*", "*", *where)  # cluster-admin would say yes
+    assert not can_i(crds, release, "*", "*.*", *where)
+    for subresource in ("exec", "attach", "portforward"):
+        assert not can_i(crds, release, "create", "pods", f"--subresource={subresource}", *where), subresource
+    for verb in ("create", "update", "patch", "delete"):
+        assert not can_i(crds, release, verb, "secrets", *where), verb
+    for verb, resource in (
+        ("impersonate", "serviceaccounts"),
+        ("escalate", "roles.rbac.authorization.k8s.io"),
+        ("bind", "roles.rbac.authorization.k8s.io"),
+    ):
+        assert not can_i(crds, release, verb, resource, *where), (verb, resource)
+    assert not can_i(crds, release, "create", "serviceaccounts", "--subresource=token", *where)
+    kept = (
+        "finetunejobs.deeptune.dev", "modeldeployments.deeptune.dev", "jobs.batch", "pods",
+        "configmaps", "services", "deployments.apps", "events", "persistentvolumeclaims",
+    )  # fmt: skip
+    for resource in kept:
+        assert not can_i(crds, release, "delete", resource, *where), resource
+        assert not can_i(crds, release, "deletecollection", resource, *where), resource
+    for resource in DELETABLE:
+        assert can_i(crds, release, "delete", resource, *where) == (scope == "watched"), resource
+
+
 def test_operator_pod_meets_the_restricted_pod_security_standard(
     crds: Cluster, namespaced_release: Release
 ) -> None:
@@ -299,6 +334,10 @@ def test_clusterwide_release_grants_cluster_roles(crds: Cluster, namespace: str)
         assert not can_i(crds, release, "get", "secrets", "--all-namespaces")
         assert not can_i(crds, release, "delete", "namespaces")
         assert not can_i(crds, release, "create", "clusterrolebindings.rbac.authorization.k8s.io")
+        assert not can_i(crds, release, "*", "*", "--all-namespaces")
+        assert not can_i(crds, release, "create", "pods", "--subresource=exec", "--all-namespaces")
+        for resource in ("finetunejobs.deeptune.dev", "jobs.batch", "deployments.apps", "configmaps"):
+            assert not can_i(crds, release, "delete", resource, "--all-namespaces"), resource
 
 
 def test_chart_crds_are_accepted_by_the_api_server(crds: Cluster) -> None:
