@@ -24,6 +24,12 @@ class Settings:
     """Namespaces to watch; empty means the whole cluster."""
 
 
+def _labels(text: str) -> dict[str, str]:
+    """`a=1,b=2` → {"a": "1", "b": "2"}."""
+    pairs = (item.partition("=") for item in text.split(",") if item)
+    return {key: value for key, _, value in pairs}
+
+
 def from_environment(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     namespaces = tuple(ns for ns in env.get("DEEPTUNE_WATCH_NAMESPACES", "").split(",") if ns)
@@ -31,6 +37,8 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
         builder=OperatorSettings(
             trainer_image=env.get("DEEPTUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
             image_pull_policy=env.get("DEEPTUNE_IMAGE_PULL_POLICY", "IfNotPresent"),
+            operator_namespace=env.get("DEEPTUNE_OPERATOR_NAMESPACE", ""),
+            operator_labels=_labels(env.get("DEEPTUNE_OPERATOR_POD_LABELS", "")),
         ),
         status_interval=float(env.get("DEEPTUNE_STATUS_INTERVAL", "5")),
         scrape_timeout=float(env.get("DEEPTUNE_SCRAPE_TIMEOUT", "2")),

@@ -159,7 +159,7 @@ def test_service_account_can_do_its_job_and_no_more(
     assert not can_i(crds, release, "update", "customresourcedefinitions.apiextensions.k8s.io")
 
 
-DELETABLE = {"horizontalpodautoscalers.autoscaling"}
+DELETABLE = {"horizontalpodautoscalers.autoscaling", "networkpolicies.networking.k8s.io"}
 """What the operator deletes itself, a child the spec stopped asking for (ServiceMonitors too, whose
 kind is not installed here, so `can-i` cannot say); the rest goes by garbage collection."""
 

@@ -58,15 +58,17 @@ SERVED_NAMESPACE_RULES = [
      "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": ["monitoring.coreos.com"], "resources": ["servicemonitors"],
      "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]  # fmt: skip
 CRD_READS = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
              "verbs": ["get", "list", "watch"]}  # fmt: skip
 NAMESPACE_WATCH = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
-DELETABLE = {"horizontalpodautoscalers", "servicemonitors"}
-"""What the operator deletes itself: an HPA or ServiceMonitor the spec no longer asks for. Everything
-else goes by garbage collection (owner references)."""
+DELETABLE = {"horizontalpodautoscalers", "servicemonitors", "networkpolicies"}
+"""What the operator deletes itself: an HPA, ServiceMonitor or NetworkPolicy the spec no longer asks
+for. Everything else goes by garbage collection (owner references)."""
 
 
 def helm(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -279,6 +281,17 @@ def test_environment_is_what_the_operator_reads(default_docs: list[dict[str, Any
     assert (settings.metrics_port, settings.liveness_port, settings.status_interval) == (8080, 8081, 5.0)
     assert settings.builder.trainer_image == DEFAULT_TRAINER_IMAGE
     assert settings.builder.image_pull_policy == "IfNotPresent"
+
+
+def test_the_operator_knows_who_it_is_for_network_policies(default_docs: list[dict[str, Any]]) -> None:
+    """A ModelDeployment's NetworkPolicy admits the operator by its namespace and pod labels: those of
+    the chart's own operator pods, and no others (no trainer pod carries them)."""
+    builder = from_environment(env_of(default_docs)).builder
+    assert builder.operator_namespace == NAMESPACE
+    deployment = one(default_docs, "Deployment")
+    assert builder.operator_labels == deployment["spec"]["selector"]["matchLabels"]
+    assert builder.operator_labels.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert builder.operator_labels["app.kubernetes.io/component"] == "operator"
 
 
 def test_custom_values_reach_the_operator(custom_docs: list[dict[str, Any]]) -> None:

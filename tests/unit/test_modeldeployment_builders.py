@@ -7,8 +7,10 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from deeptune.api.base import PvcLocation
+from deeptune import serverside
+from deeptune.api.base import PvcLocation, describe_validation_error
 from deeptune.api.finetunejob import BaseModelSpec
 from deeptune.api.modeldeployment import ModelDeploymentSpec, ResolvedModel, parse_spec
 from deeptune.builders.common import Owner
@@ -308,3 +310,112 @@ def test_the_example_deployment_builds() -> None:
     assert built.autoscaler is not None and built.service_monitor is not None
     assert container_of(built)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "max_batch_size: 16" in built.config_map["data"]["support-bot-7b__config.pbtxt"]
+
+
+# --- the optional NetworkPolicy ------------------------------------------------------------------
+
+OPERATOR_SETTINGS = OperatorSettings(
+    extra_labels={"team": "a"},
+    operator_namespace="deeptune-system",
+    operator_labels={"app.kubernetes.io/name": "deeptune", "app.kubernetes.io/component": "operator"},
+)
+OPERATOR_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "deeptune-system"}},
+    "podSelector": {"matchLabels": dict(OPERATOR_SETTINGS.operator_labels)},
+}
+
+
+def policy_of(spec: ModelDeploymentSpec, settings: OperatorSettings = OPERATOR_SETTINGS) -> dict[str, Any]:
+    built = build_children(OWNER, spec, MERGED, settings)
+    assert built.network_policy is not None
+    return built.network_policy
+
+
+def tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": port} for port in ports]
+
+
+def test_no_network_policy_unless_asked() -> None:
+    spec = spec_with()
+    assert spec.network_policy.enabled is False
+    assert build_children(OWNER, spec, MERGED, OPERATOR_SETTINGS).network_policy is None
+
+
+def test_network_policy_admits_the_namespace_and_the_operator_by_default() -> None:
+    built = build_children(OWNER, spec_with(networkPolicy={"enabled": True}), MERGED, OPERATOR_SETTINGS)
+    policy = built.network_policy
+    assert policy is not None
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    assert policy["metadata"]["name"] == "support-bot-triton"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "5678-efgh"
+    assert policy["spec"]["podSelector"] == built.deployment["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: hub downloads
+    assert policy["spec"]["ingress"] == [
+        {"from": [{"podSelector": {}}], "ports": tcp(8000, 8001)},  # this namespace's pods
+        {"from": [OPERATOR_PEER], "ports": tcp(8000)},  # the operator's model check, HTTP only
+    ]
+    kinds = [m["kind"] for m in built.manifests()]
+    assert kinds.index("NetworkPolicy") < kinds.index("Deployment"), "no pod without its policy"
+
+
+def test_network_policy_follows_the_peers_and_ports_of_the_spec() -> None:
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    clients = {
+        "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]},
+        "podSelector": {"matchLabels": {"app": "chat-frontend"}},
+    }
+    spec = spec_with(
+        networkPolicy={"enabled": True, "allowFrom": [clients], "metricsFrom": [monitoring]},
+        service={"httpPort": 9000, "grpcPort": 9001, "metricsPort": 9002},
+    )
+    assert policy_of(spec)["spec"]["ingress"] == [
+        {"from": [clients], "ports": tcp(9000, 9001)},
+        {"from": [OPERATOR_PEER], "ports": tcp(9000)},
+        {"from": [monitoring], "ports": tcp(9002)},
+    ]
+
+
+def test_an_empty_peer_list_admits_nobody_never_everybody() -> None:
+    """An ingress rule without `from` admits every source: a list with no peers must give no rule."""
+    spec = spec_with(networkPolicy={"enabled": True, "allowFrom": []})
+    assert policy_of(spec)["spec"]["ingress"] == [{"from": [OPERATOR_PEER], "ports": tcp(8000)}]
+    local = policy_of(spec, SETTINGS)  # an operator run outside the cluster has no pods to admit
+    assert local["spec"]["ingress"] == []
+    assert local["spec"]["policyTypes"] == ["Ingress"]  # so: everything refused
+
+
+@pytest.mark.parametrize(
+    ("policy", "complaint"),
+    [
+        ({"enabled": True, "allowFrom": [{}]}, "set namespaceSelector, podSelector or both"),
+        (
+            {
+                "enabled": True,
+                "allowFrom": [{"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}],
+            },
+            "In and NotIn need values",
+        ),
+        (
+            {"enabled": True, "metricsFrom": [{"podSelector": {"matchLabels": {"not a key": "x"}}}]},
+            "label keys",
+        ),
+    ],
+)
+def test_network_peers_are_checked(policy: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        spec_with(networkPolicy=policy)
+    assert complaint in describe_validation_error(caught.value)
+    assert "spec.networkPolicy." in describe_validation_error(caught.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="serverside._KINDS has no networking.k8s.io/v1 NetworkPolicy (read, apply, delete) yet: add it,"
+    " with the handler's remove() of a policy the spec dropped, and remove this mark",
+)
+def test_every_child_kind_can_be_applied_and_removed_server_side() -> None:
+    spec = spec_with(networkPolicy={"enabled": True}, autoscaling={"enabled": True}, serviceMonitor=True)
+    kinds = {(m["apiVersion"], m["kind"]) for m in children(spec).manifests()}
+    assert kinds <= set(serverside._KINDS)
+    optional = {("networking.k8s.io/v1", "NetworkPolicy"), ("autoscaling/v2", "HorizontalPodAutoscaler")}
+    assert all(serverside._KINDS[kind].delete is not None for kind in optional)

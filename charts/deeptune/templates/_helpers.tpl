@@ -47,6 +47,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
+{{/* The selector labels as `key=value,key=value`, for DEEPTUNE_OPERATOR_POD_LABELS. */}}
+{{- define "deeptune.selectorLabelPairs" -}}
+{{- $pairs := list }}
+{{- range $key, $value := include "deeptune.selectorLabels" . | fromYaml }}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
+
 {{- define "deeptune.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "deeptune.fullname" .) .Values.serviceAccount.name }}
@@ -70,9 +79,10 @@ What the operator does in each namespace it serves (operator/deeptune/kube.py, h
 - ConfigMaps: create and read back on conflict (kube.ensure), and the serving model repository:
   read (the owner check), create and patch (server-side apply, serverside.py, creates with `create`);
 - serving children of a ModelDeployment, applied server-side (serverside.py): Deployments (also
-  listed and watched: an index), Services, HorizontalPodAutoscalers and Prometheus Operator
-  ServiceMonitors: get, create, patch; HPAs and ServiceMonitors also delete, when a spec switches
-  autoscaling or serviceMonitor off (only objects this ModelDeployment owns);
+  listed and watched: an index), Services, HorizontalPodAutoscalers, Prometheus Operator
+  ServiceMonitors and NetworkPolicies: get, create, patch; HPAs, ServiceMonitors and NetworkPolicies
+  also delete, when a spec switches autoscaling, serviceMonitor or networkPolicy off (only objects
+  this ModelDeployment owns);
 - Events: create and patch (the operator posts core/v1 Events, events.py; events.k8s.io is the same data in
   the newer API, which other client libraries use).
 No Secrets: the trainer and Triton read tokens through secretKeyRef; the operator never does.
@@ -104,6 +114,9 @@ No Secrets: the trainer and Triton read tokens through secretKeyRef; the operato
   verbs: [get, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
   resources: [servicemonitors]
+  verbs: [get, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
   verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [events]

@@ -8,6 +8,7 @@ trainer and users who validate a manifest offline.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -132,15 +133,12 @@ ObjectName = Annotated[
 ConfigKey = Annotated[str, Field(min_length=1, max_length=SHORT_TEXT, pattern=r"^[-._a-zA-Z0-9]+$")]
 """A key of a Secret or ConfigMap: letters, digits, `-`, `_` and `.`."""
 
-QualifiedName = Annotated[
-    str,
-    Field(
-        max_length=317,
-        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
-    ),
-]
-"""A label or taint key: an optional DNS-subdomain prefix and `/`, then a name of at most 63 characters."""
+QUALIFIED_NAME = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+"""A label or taint key: an optional DNS-subdomain prefix and `/`, then a name of at most 63 characters
+(no backslashes, so that a CEL string can hold it as is)."""
+QualifiedName = Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME.pattern)]
 
 LabelValue = Annotated[str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")]
 """A label or taint value: empty, or letters, digits, `-`, `_` and `.` between alphanumerics."""
@@ -265,6 +263,60 @@ PullSecrets = Annotated[
     AfterValidator(_unique_names),
 ]
 """Image pull Secrets, each once."""
+
+
+def _label_keys(labels: dict[str, str]) -> dict[str, str]:
+    bad = sorted(key for key in labels if not QUALIFIED_NAME.match(key))
+    if bad:
+        raise ValueError(f"keys must be label keys such as app.kubernetes.io/name (not: {', '.join(bad)})")
+    return labels
+
+
+Labels = Annotated[
+    dict[str, LabelValue],
+    Field(
+        max_length=64,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"self.all(k, k.size() <= 317 && k.matches('{QUALIFIED_NAME.pattern}'))",
+                    "keys must be label keys such as app.kubernetes.io/name",
+                )
+            ]
+        },
+    ),
+    AfterValidator(_label_keys),
+]
+"""Label keys and values, as a selector's matchLabels takes them."""
+
+
+class LabelSelectorRequirement(ApiModel):
+    """One expression of a label selector: the key's value In/NotIn the values, or the key Exists or not."""
+
+    model_config = cel_rules(
+        cel(
+            "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+            "In and NotIn need values, Exists and DoesNotExist none",
+        )
+    )
+
+    key: Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME.pattern)]
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: Annotated[list[LabelValue], Field(max_length=64)] | None = None
+
+    @model_validator(mode="after")
+    def _values_fit(self) -> LabelSelectorRequirement:
+        if (self.operator in ("In", "NotIn")) != bool(self.values):
+            raise ValueError("In and NotIn need values, Exists and DoesNotExist none")
+        return self
+
+
+class LabelSelector(ApiModel):
+    """A Kubernetes label selector: every matchLabels pair and every expression must hold; `{}` selects
+    everything."""
+
+    match_labels: Labels | None = None
+    match_expressions: Annotated[list[LabelSelectorRequirement], Field(max_length=16)] | None = None
 
 
 class Toleration(ApiModel):

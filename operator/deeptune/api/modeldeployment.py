@@ -14,6 +14,7 @@ from deeptune.api.base import (
     Condition,
     EnvList,
     ImageReference,
+    LabelSelector,
     ObjectName,
     PullSecrets,
     PvcLocation,
@@ -211,6 +212,52 @@ class ServiceSpec(ApiModel):
         return self
 
 
+class NetworkPeer(ApiModel):
+    """Pods that may connect: those podSelector matches, in the namespaces namespaceSelector matches.
+    Without namespaceSelector, the ModelDeployment's own namespace; `{}` selects everything."""
+
+    model_config = cel_rules(
+        cel(
+            "has(self.namespaceSelector) || has(self.podSelector)",
+            "set namespaceSelector, podSelector or both",
+        )
+    )
+
+    namespace_selector: LabelSelector | None = None
+    """Namespaces by their labels, e.g. `{matchLabels: {kubernetes.io/metadata.name: monitoring}}`."""
+    pod_selector: LabelSelector | None = None
+    """Pods by their labels, in those namespaces (or in the ModelDeployment's own)."""
+
+    @model_validator(mode="after")
+    def _some_selector(self) -> NetworkPeer:
+        if self.namespace_selector is None and self.pod_selector is None:
+            raise ValueError("set namespaceSelector, podSelector or both")
+        return self
+
+
+def _same_namespace() -> list[NetworkPeer]:
+    return [NetworkPeer(pod_selector=LabelSelector())]
+
+
+Peers = Annotated[list[NetworkPeer], Field(max_length=32)]
+
+
+class NetworkPolicySpec(ApiModel):
+    """A NetworkPolicy for the serving pods: inference only from `allowFrom` (and from the operator, which
+    checks the model through the HTTP port), metrics only from `metricsFrom`; everything else is
+    refused. It takes effect where the cluster's network plugin enforces NetworkPolicies."""
+
+    enabled: bool = False
+    """Off by default: the Service is ClusterIP, reachable only inside the cluster."""
+    allow_from: Annotated[Peers, Field(json_schema_extra={"default": [{"podSelector": {}}]})] = Field(
+        default_factory=_same_namespace
+    )
+    """Who may send requests to the HTTP and gRPC ports. Default: every pod in the ModelDeployment's
+    namespace; `[]`: nobody but the operator."""
+    metrics_from: Peers = []
+    """Who may scrape the metrics port, e.g. Prometheus's namespace. Default: nobody."""
+
+
 class ModelDeploymentSpec(ApiModel):
     """Desired state of a ModelDeployment."""
 
@@ -262,6 +309,9 @@ class ModelDeploymentSpec(ApiModel):
     )
     service_monitor: bool = False
     """Create a Prometheus Operator ServiceMonitor for Triton's metrics port."""
+    network_policy: Annotated[NetworkPolicySpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=NetworkPolicySpec
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     image_pull_secrets: PullSecrets = []
     env: EnvList = []

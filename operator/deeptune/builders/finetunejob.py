@@ -41,6 +41,11 @@ class OperatorSettings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     image_pull_policy: str = "IfNotPresent"
     extra_labels: dict[str, str] = field(default_factory=dict)
+    operator_namespace: str = ""
+    """Where the operator's pods run, and their labels (the chart says both): a serving NetworkPolicy
+    admits them, since the operator checks the model through the HTTP port. Unknown (a local run):
+    the policy admits no operator."""
+    operator_labels: dict[str, str] = field(default_factory=dict)
 
 
 def config_map_name(owner: Owner) -> str:

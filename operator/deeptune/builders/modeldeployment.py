@@ -1,5 +1,6 @@
 """ModelDeployment → its children: the Triton model repository ConfigMap, the serving Deployment, its
-Service, and optionally a HorizontalPodAutoscaler and a Prometheus Operator ServiceMonitor. Pure.
+Service, and optionally a HorizontalPodAutoscaler, a Prometheus Operator ServiceMonitor and a
+NetworkPolicy. Pure.
 
 Shaped after Triton's `deploy/k8s-onprem` chart: ports 8000/8001/8002, live/ready probes on Triton's
 health endpoints, metrics scraped from the metrics port.
@@ -43,6 +44,8 @@ STARTUP_SECONDS = 1800
 """How long Triton may take to load the model before the kubelet restarts it: the HTTP endpoint
 opens only after loading, and a 70B model read from a network volume takes many minutes."""
 _NOT_DNS_LABEL = re.compile(r"[^a-z0-9-]")
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+"""The label Kubernetes puts on every namespace, with its name: what a policy selects a namespace by."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,13 @@ class ServingChildren:
     service: Manifest
     autoscaler: Manifest | None
     service_monitor: Manifest | None
+    network_policy: Manifest | None = None
 
     def manifests(self) -> list[Manifest]:
-        optional = [self.autoscaler, self.service_monitor]
-        return [self.config_map, self.deployment, self.service, *(m for m in optional if m is not None)]
+        """The policy goes before the Deployment, so that new pods are never reachable without it."""
+        policy = [self.network_policy] if self.network_policy is not None else []
+        optional = [m for m in (self.autoscaler, self.service_monitor) if m is not None]
+        return [self.config_map, *policy, self.deployment, self.service, *optional]
 
 
 def server_name(owner: Owner) -> str:
@@ -398,6 +404,52 @@ def build_service_monitor(
     }
 
 
+def _operator_peer(settings: OperatorSettings) -> Manifest | None:
+    """The operator's pods, by namespace and labels; None when they are not known (a local run)."""
+    if not settings.operator_namespace or not settings.operator_labels:
+        return None
+    return {
+        "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.operator_namespace}},
+        "podSelector": {"matchLabels": dict(settings.operator_labels)},
+    }
+
+
+def _port_rule(peers: list[Manifest], *ports: int) -> list[Manifest]:
+    """One ingress rule, or none without peers: a rule with no `from` would admit everyone."""
+    if not peers:
+        return []
+    return [{"from": peers, "ports": [{"protocol": "TCP", "port": port} for port in ports]}]
+
+
+def build_network_policy(
+    owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSettings
+) -> Manifest | None:
+    """Ingress to the serving pods: HTTP and gRPC from `allowFrom`, HTTP from the operator (its model
+    check), metrics from `metricsFrom`; nothing else. The kubelet's probes come from the node, which
+    network plugins admit. Egress is left alone (a base model named by its Hugging Face id is
+    downloaded)."""
+    policy = spec.network_policy
+    if not policy.enabled:
+        return None
+    ports = spec.service
+    operator = _operator_peer(settings)
+    rules = [
+        *_port_rule([peer.to_wire() for peer in policy.allow_from], ports.http_port, ports.grpc_port),
+        *_port_rule([operator] if operator else [], ports.http_port),
+        *_port_rule([peer.to_wire() for peer in policy.metrics_from], ports.metrics_port),
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _labelled_metadata(owner, server_name(owner), settings),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(owner)},
+            "policyTypes": ["Ingress"],
+            "ingress": rules,
+        },
+    }
+
+
 def build_children(
     owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel, settings: OperatorSettings
 ) -> ServingChildren:
@@ -409,6 +461,7 @@ def build_children(
         service=build_service(owner, spec, settings),
         autoscaler=build_autoscaler(owner, spec, settings),
         service_monitor=build_service_monitor(owner, spec, settings),
+        network_policy=build_network_policy(owner, spec, settings),
     )
 
 
