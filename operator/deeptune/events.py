@@ -14,11 +14,14 @@ from typing import Any, Literal
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from deeptune.status.conditions import now
 
 COMPONENT = "deeptune-operator"
 MESSAGE_LIMIT = 1024
+REQUEST_TIMEOUT = (5.0, 30.0)
+"""Seconds to connect and to read: a post that hangs must not hold up the status loop's visit."""
 LOG = logging.getLogger(__name__)
 
 
@@ -59,6 +62,8 @@ def post(obj: dict[str, Any], event: Event) -> None:
     namespace = obj["metadata"]["namespace"]
     body: Any = manifest(obj, event, now())  # the client takes wire-form dicts as well as its models
     try:
-        client.CoreV1Api().create_namespaced_event(namespace, body)
+        client.CoreV1Api().create_namespaced_event(namespace, body, _request_timeout=REQUEST_TIMEOUT)
     except ApiException as error:
         LOG.warning("could not post %s event %s: %s", event.type, event.reason, error.reason)
+    except (HTTPError, OSError) as error:  # the API server is unreachable
+        LOG.warning("could not post %s event %s: %s", event.type, event.reason, error)

@@ -21,6 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
+from urllib3.exceptions import HTTPError
 
 from deeptune import events
 from deeptune.api.base import GROUP, VERSION, describe_validation_error
@@ -32,6 +33,9 @@ Index = Mapping[Hashable, Iterable[Obj]]
 Indexes = Mapping[str, Index]
 """Every kopf index of the operator, by its function's name, as kopf passes them to handlers."""
 LOG = logging.getLogger(__name__)
+PATCH_TIMEOUT = (5.0, 30.0)
+"""Seconds to connect and to read a status patch: one that hangs (an API server that accepts
+connections but does not answer) would hold up every later visit."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,9 @@ class StatusLoop:
             if error.status != 404:  # 404: deleted meanwhile, nothing to report on
                 LOG.warning("%s %s/%s: status patch failed: %s", self.kind, namespace, name, error.reason)
             return False
+        except (HTTPError, OSError) as error:  # the API server is unreachable: the next visit retries
+            LOG.warning("%s %s/%s: status patch failed: %s", self.kind, namespace, name, error)
+            return False
         STATUS_WRITES.labels(self.kind).inc()
         version = str(obj["metadata"].get("resourceVersion", ""))
         self._written[self._uid(obj)] = _Written(version_before=version, after={**obj, **after})
@@ -233,8 +240,9 @@ def _patch_status(plural: str, namespace: str, name: str, changes: Obj) -> Obj:
     """Merge-patch the status subresource; the object as it is after the patch."""
     merge = "application/merge-patch+json"
     after = client.CustomObjectsApi().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, plural, name, {"status": changes}, _content_type=merge
-    )
+        GROUP, VERSION, namespace, plural, name, {"status": changes}, _content_type=merge,
+        _request_timeout=PATCH_TIMEOUT,
+    )  # fmt: skip
     return dict(after)  # type: ignore[call-overload]  # the client types it as object; it is a dict
 
 
