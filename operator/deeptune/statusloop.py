@@ -98,8 +98,24 @@ class Specs(Generic[Spec]):
 class _Written:
     """The object as our last status patch left it, until the watch delivers that version."""
 
-    version_before: str
     after: Obj
+    keys: frozenset[str]
+    """The status fields the patch set."""
+
+    def delivered_in(self, indexed: Obj) -> bool:
+        """Whether the index's version of the object is as new as our write, or newer.
+
+        Not by comparing resourceVersions (opaque strings, and the watch may deliver another writer's
+        older version first: kopf's annotation patch of the same moment): the loop is the only writer
+        of status, so a version that lacks our fields predates our write. A new generation is a spec
+        change made after it."""
+        meta, status = indexed["metadata"], indexed.get("status") or {}
+        after_meta, after_status = self.after["metadata"], self.after.get("status") or {}
+        return (
+            meta.get("resourceVersion") == after_meta.get("resourceVersion")
+            or meta.get("generation") != after_meta.get("generation")
+            or all(status.get(key) == after_status.get(key) for key in self.keys)
+        )
 
 
 @dataclass
@@ -187,7 +203,7 @@ class StatusLoop:
         written = self._written.get(self._uid(obj))
         if written is None:
             return obj
-        if obj["metadata"].get("resourceVersion") == written.version_before:
+        if not written.delivered_in(obj):
             return written.after
         del self._written[self._uid(obj)]
         return obj
@@ -221,8 +237,7 @@ class StatusLoop:
             LOG.warning("%s %s/%s: status patch failed: %s", self.kind, namespace, name, error)
             return False
         STATUS_WRITES.labels(self.kind).inc()
-        version = str(obj["metadata"].get("resourceVersion", ""))
-        self._written[self._uid(obj)] = _Written(version_before=version, after={**obj, **after})
+        self._written[self._uid(obj)] = _Written(after={**obj, **after}, keys=frozenset(changes))
         return True
 
 

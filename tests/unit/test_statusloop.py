@@ -97,8 +97,24 @@ def test_a_nudge_visits_only_that_object_at_once() -> None:
 def test_a_visit_sees_its_own_write_until_the_watch_delivers_it() -> None:
     loop = _loop([])
     indexed = ftj(version="10")
-    written = {**ftj(version="11"), "status": {"phase": "Running"}}
-    loop._written["u1"] = _Written(version_before="10", after=written)
+    written = {**ftj(version="12"), "status": {"phase": "Pending"}}
+    loop._written["u1"] = _Written(after=written, keys=frozenset({"phase"}))
     assert loop._current(indexed) is written  # the watch still shows version 10
-    delivered = ftj(version="11")
+    # Another writer's version from before ours (kopf's annotations, version 11) is older still: a
+    # visit that took it for news would write Pending again, and post its Event twice.
+    annotated = ftj(version="11")
+    annotated["metadata"]["annotations"] = {"deeptune.dev/last-handled-configuration": "{}"}
+    assert loop._current(annotated) is written
+    delivered = {**ftj(version="12"), "status": {"phase": "Pending"}}
     assert loop._current(delivered) is delivered and "u1" not in loop._written
+
+
+def test_a_newer_version_than_the_write_ends_it() -> None:
+    loop = _loop([])
+    written = {**ftj(version="12"), "status": {"phase": "Pending"}}
+    for newer in (
+        {**ftj(version="14"), "status": {"phase": "Pending"}},  # the watch skipped 12 (a relist)
+        ftj(version="13", generation=2),  # a spec change after our write
+    ):
+        loop._written["u1"] = _Written(after=written, keys=frozenset({"phase"}))
+        assert loop._current(newer) is newer and "u1" not in loop._written
