@@ -176,6 +176,19 @@ def test_succeeded_carries_results_from_the_termination_message() -> None:
     assert status.completion_time == "2026-11-25T09:59:00Z"
 
 
+def test_a_finished_run_visited_again_changes_nothing() -> None:
+    summary = TrainerSummary(outcome="succeeded", steps=600, train_loss=0.31)
+    done = pod("Succeeded", terminated={"exitCode": 0, "message": summary.model_dump_json(by_alias=True)})
+    finished = job([condition("Complete", "CompletionsReached")], succeeded=1)
+    first = derive(finished, [done])
+    again = derive_status(
+        previous=first, generation=2, job=finished, pods=[done], progress=None, output=OUTPUT,
+        now="2026-11-25T11:00:00Z",
+    )  # fmt: skip
+    assert again.to_wire() == first.to_wire()  # no status write on every pass after the end
+    assert first.progress is not None and first.progress.last_update_time == NOW
+
+
 def test_oom_killed_says_what_to_change() -> None:
     killed = pod(
         "Failed", terminated={"exitCode": 137, "reason": "OOMKilled", "finishedAt": "2026-11-25T09:40:00Z"}

@@ -239,11 +239,13 @@ def _apply_summary(
             "quantized_path": artifacts.quantized if artifacts else None,
         }
     )
-    final = (status.progress or Progress()).model_copy(
-        update={"percent": 100, "eta": "0s", "last_update_time": now}
-    )
+    final = (status.progress or Progress()).model_copy(update={"percent": 100, "eta": "0s"})
     if summary.steps is not None:
         final.step = summary.steps
     if summary.train_loss is not None:
         final.train_loss = round(summary.train_loss, 4)
+    if final != status.progress:
+        # Only when the final figures arrive: a finished run is visited on every pass while its pod
+        # exists, and a fresh time on each would be a status write (a watch event) per pass.
+        final.last_update_time = now
     status.progress = final
