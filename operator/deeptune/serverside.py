@@ -35,7 +35,8 @@ class _Kind:
     credentials are loaded."""
 
     read: Callable[[str, str], Any]
-    apply: Callable[[str, str, Manifest], Any]
+    apply: Callable[[str, str, Manifest], tuple[Any, int, Any]]
+    """The apply patch, with the HTTP status and headers (`*_with_http_info`): 201 says it created."""
     delete: Callable[[str, str], Any] | None = None
 
 
@@ -45,7 +46,7 @@ def _custom(group: str, version: str, plural: str) -> _Kind:
 
     return _Kind(
         read=lambda name, ns: api().get_namespaced_custom_object(group, version, ns, plural, name),
-        apply=lambda name, ns, body: api().patch_namespaced_custom_object(
+        apply=lambda name, ns, body: api().patch_namespaced_custom_object_with_http_info(
             group, version, ns, plural, name, body, **_APPLY
         ),
         delete=lambda name, ns: api().delete_namespaced_custom_object(group, version, ns, plural, name),
@@ -55,20 +56,28 @@ def _custom(group: str, version: str, plural: str) -> _Kind:
 _KINDS: dict[tuple[str, str], _Kind] = {
     ("v1", "ConfigMap"): _Kind(
         read=lambda name, ns: client.CoreV1Api().read_namespaced_config_map(name, ns),
-        apply=lambda name, ns, body: client.CoreV1Api().patch_namespaced_config_map(name, ns, body, **_APPLY),
+        apply=lambda name, ns, body: client.CoreV1Api().patch_namespaced_config_map_with_http_info(
+            name, ns, body, **_APPLY
+        ),
     ),
     ("v1", "Service"): _Kind(
         read=lambda name, ns: client.CoreV1Api().read_namespaced_service(name, ns),
-        apply=lambda name, ns, body: client.CoreV1Api().patch_namespaced_service(name, ns, body, **_APPLY),
+        apply=lambda name, ns, body: client.CoreV1Api().patch_namespaced_service_with_http_info(
+            name, ns, body, **_APPLY
+        ),
     ),
     ("apps/v1", "Deployment"): _Kind(
         read=lambda name, ns: client.AppsV1Api().read_namespaced_deployment(name, ns),
-        apply=lambda name, ns, body: client.AppsV1Api().patch_namespaced_deployment(name, ns, body, **_APPLY),
+        apply=lambda name, ns, body: client.AppsV1Api().patch_namespaced_deployment_with_http_info(
+            name, ns, body, **_APPLY
+        ),
     ),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): _Kind(
         read=lambda name, ns: client.AutoscalingV2Api().read_namespaced_horizontal_pod_autoscaler(name, ns),
-        apply=lambda name, ns, body: client.AutoscalingV2Api().patch_namespaced_horizontal_pod_autoscaler(
-            name, ns, body, **_APPLY
+        apply=lambda name, ns, body: (
+            client.AutoscalingV2Api().patch_namespaced_horizontal_pod_autoscaler_with_http_info(
+                name, ns, body, **_APPLY
+            )
         ),
         delete=lambda name, ns: client.AutoscalingV2Api().delete_namespaced_horizontal_pod_autoscaler(
             name, ns
@@ -113,17 +122,23 @@ def check_owner(existing: Manifest, wanted: Manifest) -> None:
 
 
 def apply(manifest: Manifest) -> Outcome:
-    """Create or update the object to match `manifest`; says which happened."""
+    """Create or update the object to match `manifest`; says which happened.
+
+    "created" comes from the API server's 201, not from having read nothing before: two applies of the
+    same new object at once (reconcile, and the status loop not seeing the Deployment in its index yet)
+    both read nothing, and only one of them created it."""
     kind = _KINDS[(manifest["apiVersion"], manifest["kind"])]
     name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
     existing = _read(kind, name, namespace)
     if existing is not None:
         check_owner(existing, manifest)
-    applied = _as_dict(kind.apply(name, namespace, manifest))
-    if existing is None:
+    body, code, _ = kind.apply(name, namespace, manifest)
+    if code == 201:
         return "created"
+    if existing is None:
+        return "unchanged"  # created a moment ago by the other apply, from the same spec
     before = existing["metadata"].get("resourceVersion")
-    return "unchanged" if applied["metadata"].get("resourceVersion") == before else "updated"
+    return "unchanged" if _as_dict(body)["metadata"].get("resourceVersion") == before else "updated"
 
 
 def remove(api_version: str, kind_name: str, name: str, namespace: str, owner_uid: str) -> bool:
