@@ -45,6 +45,7 @@ from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from tests.serving.wheel_server import install
 
@@ -57,6 +58,8 @@ MESSAGE_LIMIT = 4096
 BACKOFF_START = 10.0
 BACKOFF_LIMIT = 300.0
 """The kubelet's restart back-off: 10 s, doubling, at most five minutes."""
+STATUS_RETRY = 2.0
+"""Seconds between tries to report a pod's status while the API server is unreachable."""
 
 
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -181,12 +184,23 @@ class PodRunner(threading.Thread):
     # --- status reporting -------------------------------------------------------------------
 
     def _patch_status(self, status: dict[str, Any]) -> None:
+        """Report the pod's status; while the API server is unreachable, keep trying (as a kubelet
+        keeps syncing), or a container that ends meanwhile would stay Running for good."""
         meta = self.pod.metadata
-        try:
-            self.agent.core.patch_namespaced_pod_status(meta.name, meta.namespace, {"status": status})
-        except ApiException as error:
-            if error.status != 404:
-                LOG.warning("status of %s/%s: %s", meta.namespace, meta.name, error.reason)
+        while True:
+            try:
+                self.agent.core.patch_namespaced_pod_status(
+                    meta.name, meta.namespace, {"status": status}, _request_timeout=(5, 30)
+                )
+                return
+            except ApiException as error:
+                if error.status != 404:
+                    LOG.warning("status of %s/%s: %s", meta.namespace, meta.name, error.reason)
+                return
+            except (HTTPError, OSError) as error:
+                LOG.warning("status of %s/%s: %s; retrying", meta.namespace, meta.name, error)
+                if self.stopping.wait(STATUS_RETRY) or self.agent.stopped:
+                    return
 
     def _conditions(self, ready: bool, reason: str | None = None) -> list[dict[str, Any]]:
         now = _now()
@@ -673,6 +687,10 @@ class NodeAgent:
             except Exception:
                 LOG.warning("pod watch interrupted; retrying", exc_info=True)
                 time.sleep(1)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def shutdown(self) -> None:
         """Stop every pod's processes and remove their network namespaces (the process exits right
