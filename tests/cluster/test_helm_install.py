@@ -292,7 +292,7 @@ def test_operator_runs_with_only_the_charts_rbac(
         )
         assert status["phase"] in ("Pending", "Running", "Succeeded"), status
         assert crds.get("job", status["jobName"], watched) is not None
-        assert f"created Job {status['jobName']}" in log.read_text(), (
+        assert f"created Job {watched}/{status['jobName']}" in log.read_text(), (
             f"another operator created Job {status['jobName']} before the chart's operator could: it serves"
             f" {watched} too. The suite's `operator` fixture must leave {WATCHED_PREFIX}* namespaces to this"
             f" test (start it with DEEPTUNE_WATCH_NAMESPACES='!{WATCHED_PREFIX}*')."

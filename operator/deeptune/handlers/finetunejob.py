@@ -210,7 +210,6 @@ async def visit(obj: Obj, indexes: Indexes) -> StatusUpdate | None:
             output=_output_status(owner, spec),
             now=now(),
         )
-        new.job_name = new.job_name or build.job_name(owner)
         return _update(previous, new)
 
 
