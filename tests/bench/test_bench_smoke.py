@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -23,3 +25,17 @@ def test_serving_benchmark_runs_at_smoke_size() -> None:
     subprocess.run([sys.executable, "bench/serving.py", "--smoke"], cwd=ROOT, check=True, timeout=600)
     report = json.loads((ROOT / "bench" / "results" / "serving-smoke.json").read_text())
     assert report["results"], "the serving benchmark measured nothing"
+
+
+@pytest.mark.cluster
+def test_operator_benchmark_runs_at_smoke_size() -> None:
+    """On its own private control plane; the figures must at least show one Job per FineTuneJob."""
+    subprocess.run([sys.executable, "bench/operator_scale.py", "--smoke"], cwd=ROOT, check=True, timeout=600)
+    report = json.loads((ROOT / "bench" / "results" / "operator_scale-smoke.json").read_text())
+    sizes = {size["objects"]: size for size in report["results"]}
+    assert sorted(sizes) == [1, 10]
+    for size in sizes.values():
+        # One Job create per FineTuneJob; a reconcile kopf repeats makes one more (answered 409).
+        assert 1.0 <= size["requests_per_object"]["POST jobs"] < 1.5
+        assert size["status_writes_per_object"] >= 2  # at least Pending and Succeeded
+        assert size["done_to_succeeded_ms"]["max"] > 0
