@@ -10,6 +10,8 @@ Like `ensure`, an existing object of the same name must belong to the same owner
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,22 +23,16 @@ from kubernetes.client.exceptions import ApiException
 from deeptune.builders.common import Manifest
 
 FIELD_MANAGER = "deeptune-operator"
-_APPLY: dict[str, Any] = {
-    "field_manager": FIELD_MANAGER,
-    "force": True,
-    "_content_type": "application/apply-patch+yaml",
-}
 Outcome = Literal["created", "updated", "unchanged"]
 
 
 @dataclass(frozen=True)
 class _Kind:
-    """Read, apply and (for optional children) delete one kind; clients are made per call, once the
-    credentials are loaded."""
+    """Read and (for optional children) delete one kind; clients are made per call, once the
+    credentials are loaded. Applies go through `_apply_patch`, the same for every kind."""
 
+    plural: str
     read: Callable[[str, str], Any]
-    apply: Callable[[str, str, Manifest], tuple[Any, int, Any]]
-    """The apply patch, with the HTTP status and headers (`*_with_http_info`): 201 says it created."""
     delete: Callable[[str, str], Any] | None = None
 
 
@@ -45,46 +41,74 @@ def _custom(group: str, version: str, plural: str) -> _Kind:
         return client.CustomObjectsApi()
 
     return _Kind(
+        plural=plural,
         read=lambda name, ns: api().get_namespaced_custom_object(group, version, ns, plural, name),
-        apply=lambda name, ns, body: api().patch_namespaced_custom_object_with_http_info(
-            group, version, ns, plural, name, body, **_APPLY
-        ),
         delete=lambda name, ns: api().delete_namespaced_custom_object(group, version, ns, plural, name),
     )
 
 
 _KINDS: dict[tuple[str, str], _Kind] = {
     ("v1", "ConfigMap"): _Kind(
+        plural="configmaps",
         read=lambda name, ns: client.CoreV1Api().read_namespaced_config_map(name, ns),
-        apply=lambda name, ns, body: client.CoreV1Api().patch_namespaced_config_map_with_http_info(
-            name, ns, body, **_APPLY
-        ),
     ),
     ("v1", "Service"): _Kind(
+        plural="services",
         read=lambda name, ns: client.CoreV1Api().read_namespaced_service(name, ns),
-        apply=lambda name, ns, body: client.CoreV1Api().patch_namespaced_service_with_http_info(
-            name, ns, body, **_APPLY
-        ),
     ),
     ("apps/v1", "Deployment"): _Kind(
+        plural="deployments",
         read=lambda name, ns: client.AppsV1Api().read_namespaced_deployment(name, ns),
-        apply=lambda name, ns, body: client.AppsV1Api().patch_namespaced_deployment_with_http_info(
-            name, ns, body, **_APPLY
-        ),
     ),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): _Kind(
+        plural="horizontalpodautoscalers",
         read=lambda name, ns: client.AutoscalingV2Api().read_namespaced_horizontal_pod_autoscaler(name, ns),
-        apply=lambda name, ns, body: (
-            client.AutoscalingV2Api().patch_namespaced_horizontal_pod_autoscaler_with_http_info(
-                name, ns, body, **_APPLY
-            )
-        ),
         delete=lambda name, ns: client.AutoscalingV2Api().delete_namespaced_horizontal_pod_autoscaler(
             name, ns
         ),
     ),
+    ("networking.k8s.io/v1", "NetworkPolicy"): _Kind(
+        plural="networkpolicies",
+        read=lambda name, ns: client.NetworkingV1Api().read_namespaced_network_policy(name, ns),
+        delete=lambda name, ns: client.NetworkingV1Api().delete_namespaced_network_policy(name, ns),
+    ),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): _custom("monitoring.coreos.com", "v1", "servicemonitors"),
 }
+
+
+_NOT_YAML_PRINTABLE = re.compile("[\x7f-\x9f\ufffe\uffff]")
+
+
+def _as_yaml_text(manifest: Manifest) -> bytes:
+    """JSON that is also YAML the API server reads: characters outside the Basic Multilingual Plane as
+    themselves (the JSON escapes of their surrogate pairs are not YAML), and the few that YAML does not
+    allow unescaped (DEL, C1 controls; C0 ones json escapes already) as escapes."""
+    text = json.dumps(manifest, ensure_ascii=False)
+    return _NOT_YAML_PRINTABLE.sub(lambda match: f"\\u{ord(match.group()):04x}", text).encode()
+
+
+def _apply_patch(kind: _Kind, manifest: Manifest, dry_run: bool) -> tuple[Manifest, int]:
+    """One server-side apply request: the object after it, and the HTTP status (201: created).
+
+    Sent as text the client does not re-encode (`_as_yaml_text`): its own JSON escapes characters
+    outside the Basic Multilingual Plane (an emoji in a stop sequence) as surrogate pairs, which the
+    API server, reading an apply patch as YAML, refuses."""
+    api = client.ApiClient.get_default()
+    meta, api_version = manifest["metadata"], manifest["apiVersion"]
+    root = "/apis" if "/" in api_version else "/api"
+    method, url, headers, body, _ = api.param_serialize(
+        "PATCH",
+        f"{root}/{api_version}/namespaces/{meta['namespace']}/{kind.plural}/{meta['name']}",
+        query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")] + [("dryRun", "All")] * dry_run,
+        header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+        body=_as_yaml_text(manifest),
+        auth_settings=["BearerToken"],
+    )
+    response = api.call_api(method, url, header_params=headers, body=body)
+    response.read()
+    if not 200 <= response.status < 300:
+        raise ApiException.from_response(http_resp=response, body=response.data.decode(), data=None)
+    return dict(json.loads(response.data)), response.status
 
 
 def _as_dict(obj: Any) -> Manifest:
@@ -121,8 +145,8 @@ def check_owner(existing: Manifest, wanted: Manifest) -> None:
     )
 
 
-def apply(manifest: Manifest) -> Outcome:
-    """Create or update the object to match `manifest`; says which happened.
+def apply(manifest: Manifest, *, dry_run: bool = False) -> Outcome:
+    """Create or update the object to match `manifest`; says which happened (or would: `dry_run`).
 
     "created" comes from the API server's 201, not from having read nothing before: two applies of the
     same new object at once (reconcile, and the status loop not seeing the Deployment in its index yet)
@@ -132,13 +156,13 @@ def apply(manifest: Manifest) -> Outcome:
     existing = _read(kind, name, namespace)
     if existing is not None:
         check_owner(existing, manifest)
-    body, code, _ = kind.apply(name, namespace, manifest)
+    body, code = _apply_patch(kind, manifest, dry_run)
     if code == 201:
         return "created"
     if existing is None:
         return "unchanged"  # created a moment ago by the other apply, from the same spec
     before = existing["metadata"].get("resourceVersion")
-    return "unchanged" if _as_dict(body)["metadata"].get("resourceVersion") == before else "updated"
+    return "unchanged" if body["metadata"].get("resourceVersion") == before else "updated"
 
 
 def remove(api_version: str, kind_name: str, name: str, namespace: str, owner_uid: str) -> bool:

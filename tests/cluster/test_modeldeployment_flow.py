@@ -148,12 +148,23 @@ def patch_spec(cluster: Cluster, namespace: str, spec: str) -> None:
 
 
 def follows_spec_changes(cluster: Cluster, namespace: str, old_pod: str) -> None:
-    """Autoscaling on and off creates and removes the HPA; new generation defaults roll the pod."""
+    """Autoscaling and the NetworkPolicy on and off create and remove them; new generation defaults
+    roll the pod."""
     patch_spec(cluster, namespace, '{"autoscaling": {"enabled": true, "maxReplicas": 2}}')
     hpa = wait_for("the HPA", lambda: cluster.get("hpa", "tiny-triton", namespace), 60)
     assert hpa["spec"]["maxReplicas"] == 2
     patch_spec(cluster, namespace, '{"autoscaling": {"enabled": false}}')
     wait_for("the HPA to be removed", lambda: cluster.get("hpa", "tiny-triton", namespace) is None, 60)
+
+    patch_spec(cluster, namespace, '{"networkPolicy": {"enabled": true}}')
+    policy = wait_for("the NetworkPolicy", lambda: cluster.get("networkpolicy", "tiny-triton", namespace), 60)
+    assert policy["spec"]["podSelector"]["matchLabels"]["deeptune.dev/modeldeployment-uid"]
+    patch_spec(cluster, namespace, '{"networkPolicy": {"enabled": false}}')
+    wait_for(
+        "the NetworkPolicy to be removed",
+        lambda: cluster.get("networkpolicy", "tiny-triton", namespace) is None,
+        60,
+    )
 
     patch_spec(cluster, namespace, '{"generation": {"maxNewTokens": 2}}')
     wait_for(
@@ -174,7 +185,7 @@ def follows_spec_changes(cluster: Cluster, namespace: str, old_pod: str) -> None
         return status if fresh and condition(status, "Ready").get("status") == "True" else None
 
     status = wait_for("a new pod, loaded and ready", rolled, LOAD_TIMEOUT)
-    assert status["observedGeneration"] == 4
+    assert status["observedGeneration"] == 6
 
 
 def test_a_missing_finetunejob_is_reported_without_children(

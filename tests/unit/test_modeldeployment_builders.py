@@ -408,11 +408,6 @@ def test_network_peers_are_checked(policy: dict[str, Any], complaint: str) -> No
     assert "spec.networkPolicy." in describe_validation_error(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serverside._KINDS has no networking.k8s.io/v1 NetworkPolicy (read, apply, delete) yet: add it,"
-    " with the handler's remove() of a policy the spec dropped, and remove this mark",
-)
 def test_every_child_kind_can_be_applied_and_removed_server_side() -> None:
     spec = spec_with(networkPolicy={"enabled": True}, autoscaling={"enabled": True}, serviceMonitor=True)
     kinds = {(m["apiVersion"], m["kind"]) for m in children(spec).manifests()}

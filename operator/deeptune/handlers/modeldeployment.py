@@ -111,7 +111,8 @@ def _resolve(indexes: Indexes, obj: Obj, spec: ModelDeploymentSpec) -> ResolvedM
 
 
 def _apply_children(obj: Obj, children: build.ServingChildren, owner: Owner) -> None:
-    """Apply every child the spec asks for, and remove an HPA or ServiceMonitor it no longer asks for."""
+    """Apply every child the spec asks for, and remove an HPA, ServiceMonitor or NetworkPolicy it no
+    longer asks for."""
     for manifest in children.manifests():
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         try:
@@ -135,6 +136,8 @@ def _apply_children(obj: Obj, children: build.ServingChildren, owner: Owner) -> 
         serverside.remove("autoscaling/v2", "HorizontalPodAutoscaler", name, owner.namespace, owner.uid)
     if children.service_monitor is None:
         serverside.remove("monitoring.coreos.com/v1", "ServiceMonitor", name, owner.namespace, owner.uid)
+    if children.network_policy is None:
+        serverside.remove("networking.k8s.io/v1", "NetworkPolicy", name, owner.namespace, owner.uid)
 
 
 async def _apply_or_note_rejection(obj: Obj, spec: ModelDeploymentSpec, resolved: ResolvedModel) -> bool:
