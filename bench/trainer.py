@@ -1,7 +1,8 @@
 """Benchmark: our trainer against a plain transformers Trainer + peft LoRA script, same model and data.
 
-Why: DeepTune's trainer claims two things a plain script does not do: it takes the loss on the
-completion only, and with `packing: true` it packs rows padding-free (first-fit decreasing; position
+Why: DeepTune's trainer claims things a plain script does not do: it takes the loss on the
+completion only, and runs the LM head and cross-entropy only there (transformers' boolean
+`logits_to_keep`); with `packing: true` it packs rows padding-free (first-fit decreasing; position
 ids restart per example, no attention across examples), so a batch holds real tokens instead of
 padding. Padding only matters when row lengths vary, so the data here varies a lot: the keyword
 task (`deeptune_trainer.synthetic`), half of whose prompts get 5 to 100 extra filler words (about 20
@@ -23,7 +24,7 @@ warm-up steps that are not counted (model loading and tokenization are not count
 - tokens/s counting only real (non-pad) tokens: the Trainer's own `num_input_tokens_seen` in its
   `non_padding` mode, for all three;
 - padding waste: pad tokens / all tokens of the collated batches;
-- which tokens carry the loss (all of them in `plain`, the completion only in ours);
+- which tokens carry the loss and get logits (all of them in `plain`, the completion only in ours);
 - the process's CPU seconds over the same window: a share well below 1 means other processes took
   the core, and the figures of that run are noisy.
 
@@ -31,14 +32,15 @@ torch runs on ONE thread (`torch.set_num_threads(1)`): the models are small, and
 machine OpenMP threads spinning against other processes make steps many times slower and the
 figures meaningless. Check `uptime` first; the load average is recorded with the results.
 
-    python bench/trainer.py                  # tiny and small Llama models, 3 rounds: 2-3 minutes
+    python bench/trainer.py                  # tiny and small Llama models, 3 rounds: 3-7 minutes
     python bench/trainer.py --sizes tiny     # one size
     python bench/trainer.py --smoke          # a few steps of the tiny model: what CI runs
 
 Prints a table and writes JSON to bench/results/trainer-<host>.json (trainer-smoke.json for --smoke).
 With several rounds (the three configurations interleaved) the table shows, per configuration, the
-round with the median tokens/s, and `vs plain` is the median over rounds of the ratio to `plain` in
-the same round (neighbours in time share the machine's load); every round is in the JSON.
+round with the median tokens/s, and each `vs plain` is the median over rounds of the ratio to `plain`
+in the same round (neighbours in time share the machine's load): of tokens/s, and of tokens per CPU
+second, which moves much less when other processes take the core. Every round is in the JSON.
 """
 
 from __future__ import annotations
@@ -429,24 +431,34 @@ def median_round(results: list[Measured]) -> Measured:
 
 HEADER = (
     f"{'size':<6} {'configuration':<13} {'steps':>5} {'seconds':>8} {'real tok/s':>10} {'vs plain':>8}"
-    f" {'tok/cpu-s':>9} {'pad waste':>9} {'loss on':>17} {'epoch s':>8} {'cpu share':>9}"
+    f" {'tok/cpu-s':>9} {'vs plain':>8} {'pad waste':>9} {'loss on':>17} {'epoch s':>8} {'cpu share':>9}"
 )
 
 
-def row_line(result: Measured, ratio: float) -> str:
+def row_line(result: Measured, ratio: float, cpu_ratio: float) -> str:
     loss_on = f"{result.loss_on} ({result.loss_token_share:.0%})"
     return (
         f"{result.size:<6} {result.configuration:<13} {result.timed_steps:>5} {result.seconds:>8.2f}"
         f" {result.tokens_per_second:>10.0f} {ratio:>7.2f}x {result.tokens_per_cpu_second:>9.0f}"
-        f" {result.padding_waste:>9.1%} {loss_on:>17} {result.epoch_seconds:>8.2f} {result.cpu_share:>9.2f}"
+        f" {cpu_ratio:>7.2f}x {result.padding_waste:>9.1%} {loss_on:>17} {result.epoch_seconds:>8.2f}"
+        f" {result.cpu_share:>9.2f}"
     )
+
+
+def ratios_to_plain(results: list[Measured], rate: Callable[[Measured], float]) -> dict[str, float]:
+    """Ours/plain by configuration: the median over rounds of the ratio of `rate` within a round."""
+    plain = {r.round: rate(r) for r in results if r.configuration == "plain"}
+    return {
+        name: statistics.median(rate(r) / plain[r.round] for r in results if r.configuration == name)
+        for name in CONFIGURATIONS
+    }
 
 
 def run_size(
     size: str, model_dir: Path, rows: list[dict[str, str]], settings: Settings, rounds: int
-) -> tuple[list[Measured], dict[str, float]]:
-    """Every round of the three configurations (interleaved), and ours/plain tokens/s by configuration:
-    the median over rounds of the ratio within a round (neighbours in time share the machine's load)."""
+) -> list[Measured]:
+    """Every round of the three configurations, interleaved: neighbours in time share the machine's
+    load, so ratios are taken within a round."""
     results: list[Measured] = []
     for round_ in range(rounds):
         for name in CONFIGURATIONS:
@@ -455,14 +467,7 @@ def run_size(
             else:
                 results.append(run_ours(model_dir, rows, settings, size, round_, packing=name != "ours"))
             gc.collect()
-    plain = {r.round: r.tokens_per_second for r in results if r.configuration == "plain"}
-    ratios = {
-        name: statistics.median(
-            r.tokens_per_second / plain[r.round] for r in results if r.configuration == name
-        )
-        for name in CONFIGURATIONS
-    }
-    return results, ratios
+    return results
 
 
 def main() -> None:
@@ -484,6 +489,7 @@ def main() -> None:
     all_rounds: list[Measured] = []
     table: list[Measured] = []
     ratios: dict[str, dict[str, float]] = {}
+    cpu_ratios: dict[str, dict[str, float]] = {}
     packing_estimate: dict[str, float] = {}
     print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
@@ -493,12 +499,14 @@ def main() -> None:
                 tokenizer = AutoTokenizer.from_pretrained(model_dir)
                 split = tokenize_samples(as_samples(rows), tokenizer, settings.max_length)
                 packing_estimate = packing_waste_estimate(split.examples, settings.max_length)
-            results, ratios[size] = run_size(size, model_dir, rows, settings, rounds)
+            results = run_size(size, model_dir, rows, settings, rounds)
+            ratios[size] = ratios_to_plain(results, lambda r: r.tokens_per_second)
+            cpu_ratios[size] = ratios_to_plain(results, lambda r: r.tokens_per_cpu_second)
             all_rounds.extend(results)
             for name in CONFIGURATIONS:
                 picked = median_round([r for r in results if r.configuration == name])
                 table.append(picked)
-                print(row_line(picked, ratios[size][name]), flush=True)
+                print(row_line(picked, ratios[size][name], cpu_ratios[size][name]), flush=True)
 
     finished_load = os.getloadavg()
     print(f"load average {finished_load[0]:.2f} {finished_load[1]:.2f} {finished_load[2]:.2f}")
@@ -511,6 +519,7 @@ def main() -> None:
         "settings": asdict(settings) | {"sizes": sizes, "rounds": rounds},
         "results": [asdict(r) for r in table],
         "ratios_ours_over_plain_tokens_per_second": ratios,
+        "ratios_ours_over_plain_tokens_per_cpu_second": cpu_ratios,
         "packing_waste_estimate": packing_estimate,
         "all_rounds": [asdict(r) for r in all_rounds],
     }

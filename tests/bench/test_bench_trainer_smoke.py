@@ -36,4 +36,5 @@ def test_trainer_benchmark_runs_at_smoke_size() -> None:
     assert results["plain"]["loss_token_share"] == 1
     assert 0 < results["ours"]["loss_token_share"] < 1
     assert set(report["ratios_ours_over_plain_tokens_per_second"]["tiny"]) == set(CONFIGURATIONS)
+    assert set(report["ratios_ours_over_plain_tokens_per_cpu_second"]["tiny"]) == set(CONFIGURATIONS)
     assert report["machine"]["torch_threads"] == 1
