@@ -4,6 +4,7 @@ of logits at every position."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from deeptune_trainer.data.sample import Message, Sample
 from deeptune_trainer.formatting import IGNORE_INDEX, Collator, pack, tokenize_sample
 from deeptune_trainer.modeling import computes_logits_at_targets_only
+from deeptune_trainer.training import logits_at_targets_only
 
 IGN = IGNORE_INDEX
 
@@ -88,3 +90,11 @@ def test_only_known_architectures_in_transformers_own_code(tiny_llama_dir: Path)
     # A class loaded with trustRemoteCode lives outside transformers.
     remote = type("LlamaForCausalLM", (type(llama),), {"__module__": "transformers_modules.some.repo"})
     assert not computes_logits_at_targets_only(remote(llama.config))
+
+
+def test_not_with_several_gpus_in_one_process(tiny_llama_dir: Path) -> None:
+    """nn.DataParallel would split the flattened shift_labels apart from their rows."""
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert logits_at_targets_only(llama, SimpleNamespace(n_gpu=0))  # CPU
+    assert logits_at_targets_only(llama, SimpleNamespace(n_gpu=1))  # one GPU, or one per process
+    assert not logits_at_targets_only(llama, SimpleNamespace(n_gpu=2))

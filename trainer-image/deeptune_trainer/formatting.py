@@ -200,7 +200,7 @@ class Collator:
     long) instead of on every position, which gives the same loss and gradients for less compute
     and, with a vocabulary of 100k+ tokens, far less memory. The Trainer counts the loss tokens of
     gradient accumulation from `shift_labels` too. Only for models that take a boolean
-    `logits_to_keep` (`modeling.computes_logits_at_targets_only`).
+    `logits_to_keep`, and not under nn.DataParallel (`training.logits_at_targets_only` decides).
     """
 
     def __init__(self, pad_token_id: int, *, logits_at_targets_only: bool = False) -> None:

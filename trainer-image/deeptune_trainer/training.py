@@ -277,6 +277,16 @@ def _features(
     return [example.feature() for example in split.examples], split.truncated
 
 
+def logits_at_targets_only(model: PreTrainedModel, args: TrainingArguments) -> bool:
+    """Whether training batches ask for logits at the labelled positions only (see `Collator`).
+
+    Not with several GPUs in one process: the Trainer then wraps the model in nn.DataParallel, which
+    splits every tensor of a batch along its first dimension, and the flattened `shift_labels` would
+    be cut apart from the rows their positions are in. One process per GPU (torchrun) is fine.
+    """
+    return computes_logits_at_targets_only(model) and args.n_gpu <= 1
+
+
 def _last(history: list[dict[str, float]], key: str) -> float | None:
     return next((entry[key] for entry in reversed(history) if key in entry), None)
 
@@ -316,12 +326,13 @@ def train(
         )
     trainer_callbacks.append(CheckpointMarker(fingerprint))  # after early stopping, to see its decision
 
-    collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=computes_logits_at_targets_only(model))
+    args = _training_arguments(spec, precision, checkpoints, has_eval=bool(eval_features))
+    collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=logits_at_targets_only(model, args))
     set_seed(hp.seed)  # the adapter's initial weights are random too: same seed, same run
     wrapped = apply_method(model, spec)
     trainer = Trainer(
         model=wrapped,
-        args=_training_arguments(spec, precision, checkpoints, has_eval=bool(eval_features)),
+        args=args,
         data_collator=collator,
         train_dataset=train_features,  # a list is a map-style dataset
         eval_dataset=eval_features or None,
