@@ -49,12 +49,13 @@ def test_custom_gpu_resource_name() -> None:
 
 
 def test_scheduling_fields_reach_the_pod() -> None:
+    anti = {"labelSelector": {"matchLabels": {"team": "a"}}, "topologyKey": "kubernetes.io/hostname"}
     job = job_for(
         with_changes(
             resources={
                 "nodeSelector": {"gpu": "a100"},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                "affinity": {"nodeAffinity": {"x": 1}},
+                "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [anti]}},
                 "priorityClassName": "training",
             }
         )
@@ -62,7 +63,7 @@ def test_scheduling_fields_reach_the_pod() -> None:
     pod = pod_of(job)
     assert pod["nodeSelector"] == {"gpu": "a100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["affinity"] == {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [anti]}}
     assert pod["priorityClassName"] == "training"
 
 

@@ -358,7 +358,10 @@ def dotted(path: Path) -> str:
 CONFLICTS: dict[str, list[tuple[Path, dict[Path, Any]]]] = {
     "FineTuneJob": [
         (("method",), {("method",): "qlora", ("resources", "gpu"): 0}),
-        (("output", "quantizedExport"), {("output", "quantizedExport"): "int8", ("resources", "gpu"): 0}),
+        (
+            ("output", "quantizedExport"),
+            {("output", "quantizedExport"): "int8", ("resources", "gpu"): 0, ("method",): "lora"},
+        ),
         (("baseModel",), {("baseModel", "name"): "a/b", ("baseModel", "pvc"): {"claimName": "m"}}),
         (
             ("dataset", "source"),
@@ -747,6 +750,73 @@ REGRESSIONS = [
         {("resources", "tolerations"): [{"key": "a", "tolerationSeconds": 5}]},
         ("resources", "tolerations", 0, "tolerationSeconds"),
         "needs NoExecute: the Job was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {("resources", "affinity"): {"nodeAffinity": {"x": 1}}},
+        ("resources", "affinity", "nodeAffinity", "x"),
+        "affinity was free-form: the client or server-side apply failed (not 422), retried forever",
+    ),
+    Regression(
+        "ModelDeployment",
+        {
+            ("resources", "affinity"): {
+                "podAntiAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "labelSelector": {
+                                "matchExpressions": [{"key": "a", "operator": "Exists", "values": ["b"]}]
+                            },
+                            "topologyKey": "zone",
+                        }
+                    ]
+                }
+            }
+        },
+        (
+            "resources",
+            "affinity",
+            "podAntiAffinity",
+            "requiredDuringSchedulingIgnoredDuringExecution",
+            0,
+            "labelSelector",
+            "matchExpressions",
+            0,
+        ),
+        "values with Exists: the Deployment was rejected",
+    ),
+    Regression(
+        "FineTuneJob",
+        {
+            ("resources", "affinity", "nodeAffinity"): {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "Lt"}]}]
+                }
+            }
+        },
+        (
+            "resources",
+            "affinity",
+            "nodeAffinity",
+            "requiredDuringSchedulingIgnoredDuringExecution",
+            "nodeSelectorTerms",
+            0,
+            "matchExpressions",
+            0,
+        ),
+        "Lt without a value: the Job was rejected",
+    ),
+    Regression(
+        "ModelDeployment",
+        {
+            ("resources", "affinity", "podAffinity"): {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"topologyKey": "zone", "mismatchLabelKeys": ["app"]}
+                ]
+            }
+        },
+        ("resources", "affinity", "podAffinity", "requiredDuringSchedulingIgnoredDuringExecution", 0),
+        "found by the spec fuzzer: label keys without a labelSelector, the Deployment was rejected",
     ),
     Regression(
         "FineTuneJob",

@@ -266,9 +266,10 @@ PullSecrets = Annotated[
 
 
 def _label_keys(labels: dict[str, str]) -> dict[str, str]:
-    bad = sorted(key for key in labels if not QUALIFIED_NAME.match(key))
+    bad = sorted(key for key in labels if not QUALIFIED_NAME.fullmatch(key))  # `$` admits a final \n
     if bad:
-        raise ValueError(f"keys must be label keys such as app.kubernetes.io/name (not: {', '.join(bad)})")
+        shown = ", ".join(repr(key) for key in bad)
+        raise ValueError(f"keys must be label keys such as app.kubernetes.io/name (not: {shown})")
     return labels
 
 
@@ -356,6 +357,131 @@ class Toleration(ApiModel):
         if self.toleration_seconds is not None and self.effect != "NoExecute":
             raise ValueError("tolerationSeconds needs effect NoExecute")
         return self
+
+
+class NodeSelectorRequirement(ApiModel):
+    """One expression on a node's labels: In/NotIn the values, Exists/DoesNotExist, or Gt/Lt one
+    integer value."""
+
+    model_config = cel_rules(
+        cel(
+            "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)"
+            " || self.operator in ['Gt', 'Lt']",
+            "In and NotIn need values, Exists and DoesNotExist none",
+            field_path=".values",
+        ),
+        cel(
+            "!(self.operator in ['Gt', 'Lt']) || (has(self.values) && size(self.values) == 1)",
+            "Gt and Lt need exactly one value",
+            field_path=".values",
+        ),
+    )
+
+    key: Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME.pattern)]
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: Annotated[list[LabelValue], Field(max_length=64)] | None = None
+
+    @model_validator(mode="after")
+    def _values_fit(self) -> NodeSelectorRequirement:
+        if self.operator in ("Gt", "Lt"):
+            if len(self.values or []) != 1:
+                raise ValueError("Gt and Lt need exactly one value")
+        elif (self.operator in ("In", "NotIn")) != bool(self.values):
+            raise ValueError("In and NotIn need values, Exists and DoesNotExist none")
+        return self
+
+
+class NodeFieldRequirement(ApiModel):
+    """One expression on a node's fields: its name (the only field Kubernetes selects nodes by) In or
+    NotIn one value."""
+
+    key: Literal["metadata.name"]
+    operator: Literal["In", "NotIn"]
+    values: Annotated[list[ObjectName], Field(min_length=1, max_length=1)]
+
+
+class NodeSelectorTerm(ApiModel):
+    """Expressions on a node's labels and fields that must all hold."""
+
+    match_expressions: Annotated[list[NodeSelectorRequirement], Field(max_length=16)] | None = None
+    match_fields: Annotated[list[NodeFieldRequirement], Field(max_length=16)] | None = None
+
+
+class NodeSelector(ApiModel):
+    """Node selector terms, any one of which may match."""
+
+    node_selector_terms: Annotated[list[NodeSelectorTerm], Field(min_length=1, max_length=16)]
+
+
+class PreferredSchedulingTerm(ApiModel):
+    """A node selector term the scheduler favours by its weight."""
+
+    weight: Annotated[int, Field(ge=1, le=100)]
+    preference: NodeSelectorTerm
+
+
+class NodeAffinity(ApiModel):
+    """Which nodes the pod must, or should preferably, run on."""
+
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+    preferred_during_scheduling_ignored_during_execution: (
+        Annotated[list[PreferredSchedulingTerm], Field(max_length=16)] | None
+    ) = None
+
+
+class PodAffinityTerm(ApiModel):
+    """Pods (selected by labels, in some namespaces) that must share a topology domain with this pod,
+    e.g. the same node (`kubernetes.io/hostname`) or zone (`topology.kubernetes.io/zone`)."""
+
+    model_config = cel_rules(
+        cel(
+            "has(self.labelSelector) || ((!has(self.matchLabelKeys) || size(self.matchLabelKeys) == 0)"
+            " && (!has(self.mismatchLabelKeys) || size(self.mismatchLabelKeys) == 0))",
+            "matchLabelKeys and mismatchLabelKeys need a labelSelector",
+        )
+    )
+
+    label_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    """Namespaces whose pods count, by label; with `namespaces` unset and this unset, the pod's own."""
+    namespaces: Annotated[list[ObjectName], Field(max_length=16)] | None = None
+    topology_key: Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME.pattern)]
+    """The node label whose value defines the domain."""
+    match_label_keys: Annotated[list[QualifiedName], Field(max_length=16)] | None = None
+    mismatch_label_keys: Annotated[list[QualifiedName], Field(max_length=16)] | None = None
+
+    @model_validator(mode="after")
+    def _keys_need_selector(self) -> PodAffinityTerm:
+        if self.label_selector is None and (self.match_label_keys or self.mismatch_label_keys):
+            raise ValueError("matchLabelKeys and mismatchLabelKeys need a labelSelector")
+        return self
+
+
+class WeightedPodAffinityTerm(ApiModel):
+    """A pod affinity term the scheduler favours by its weight."""
+
+    weight: Annotated[int, Field(ge=1, le=100)]
+    pod_affinity_term: PodAffinityTerm
+
+
+class PodAffinity(ApiModel):
+    """Pods this pod must, or should preferably, run near (or, as anti-affinity, away from)."""
+
+    required_during_scheduling_ignored_during_execution: (
+        Annotated[list[PodAffinityTerm], Field(max_length=16)] | None
+    ) = None
+    preferred_during_scheduling_ignored_during_execution: (
+        Annotated[list[WeightedPodAffinityTerm], Field(max_length=16)] | None
+    ) = None
+
+
+class Affinity(ApiModel):
+    """A Kubernetes pod affinity (core/v1 Affinity), written to the pod as given."""
+
+    node_affinity: NodeAffinity | None = None
+    pod_affinity: PodAffinity | None = None
+    pod_anti_affinity: PodAffinity | None = None
+    """Pods this pod must, or should preferably, not run near."""
 
 
 class Condition(ApiModel):

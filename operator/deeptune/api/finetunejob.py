@@ -10,6 +10,7 @@ from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validat
 from deeptune.api.base import (
     LONG_TEXT,
     SHORT_TEXT,
+    Affinity,
     ApiModel,
     Condition,
     ConfigMapKeyRef,
@@ -370,8 +371,8 @@ class ResourcesSpec(ApiModel):
     """Size of /dev/shm (data loader workers and NCCL need more than the container default)."""
     node_selector: Annotated[dict[str, str], Field(max_length=64)] = {}
     tolerations: Annotated[list[Toleration], Field(max_length=64)] = []
-    affinity: dict[str, Any] | None = None
-    """A Kubernetes affinity, passed to the pod as is."""
+    affinity: Affinity | None = None
+    """A Kubernetes affinity (node affinity, pod affinity and anti-affinity), written to the pod."""
     priority_class_name: ObjectName | None = None
 
 

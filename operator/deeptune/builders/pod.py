@@ -48,8 +48,9 @@ def scheduling(res: ResourcesSpec) -> Manifest:
         pod["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         pod["tolerations"] = [t.to_wire() for t in res.tolerations]
-    if res.affinity:
-        pod["affinity"] = res.affinity
+    affinity = res.affinity.to_wire() if res.affinity else {}
+    if affinity:
+        pod["affinity"] = affinity
     if res.priority_class_name:
         pod["priorityClassName"] = res.priority_class_name
     return pod
