@@ -59,7 +59,7 @@ def config_pbtxt(built: ServingChildren) -> str:
 
 def test_triton_runs_the_generated_command_on_the_spec_ports() -> None:
     container = container_of(children(spec_with(service={"httpPort": 9000})))
-    assert container["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert container["image"] == "ghcr.io/deeptune/serving:0.1.0"
     command = container["command"]
     assert command[0] == "tritonserver"
     assert "--model-repository=/models" in command and "--http-port=9000" in command

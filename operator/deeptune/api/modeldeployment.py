@@ -37,7 +37,9 @@ KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
 SHORT_NAME = "mdep"
 
-DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+DEFAULT_SERVING_IMAGE = "ghcr.io/deeptune/serving:0.1.0"
+"""Triton 24.10 with torch, transformers, peft and bitsandbytes (serving-image/Dockerfile): NVIDIA's
+own image has no torch, so it cannot run the Python backend's model."""
 """Triton 2.51, the release whose server and Python backend the tests run (from the nvidia-pytriton wheel)."""
 
 Backend = Literal["python"]
@@ -101,8 +103,9 @@ class ModelSource(ApiModel):
 class RuntimeSpec(ApiModel):
     """The serving runtime: Triton's image and the backend that runs the model in it."""
 
-    image: ImageReference = DEFAULT_TRITON_IMAGE
-    """Triton image; it must also hold torch, transformers and peft (and bitsandbytes to quantize)."""
+    image: ImageReference = DEFAULT_SERVING_IMAGE
+    """Triton image; it must also hold torch, transformers and peft (and bitsandbytes to quantize), as
+    DeepTune's serving image (serving-image/Dockerfile) does."""
     backend: Backend = "python"
 
 
