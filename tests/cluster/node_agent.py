@@ -14,6 +14,9 @@ pods bound to it and runs each container's command as a local process:
   hostPath PersistentVolume, a ConfigMap or Secret as files, an emptyDir as a fresh directory.
 - It reports phase, container states, exit codes and termination messages to the pod status, and
   stops the processes of deleted pods. Users of real clusters never meet it.
+- A pod left Running by an agent that is gone (a node lost and back, as after a reboot) has what is
+  left of its processes killed and is reported Failed: `ContainerStatusUnknown`, exit code 137, as a
+  kubelet reports a container it cannot find.
 - HTTP readiness probes decide the container's `ready` (the first answer counts, no thresholds); a
   container with restartPolicy Always (or OnFailure, after a failure) is restarted with the kubelet's
   back-off, waiting in `CrashLoopBackOff` with its last termination in `lastState` meanwhile.
@@ -441,6 +444,7 @@ class PodRunner(threading.Thread):
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        (self.dir / "pid").write_text(str(self.process.pid))  # its process group, for a later agent
         if self.stopping.is_set():  # deleted while starting: stop() may have missed this process
             self.stop(0)
         ended = threading.Event()
@@ -523,6 +527,18 @@ class PodRunner(threading.Thread):
         )
         LOG.info("pod %s ended: %s (exit %d)", self.pod.metadata.name, phase, terminated["exitCode"])
 
+    def lost(self) -> None:
+        """The pod ran under an agent that is gone (a node lost and back, as after a reboot): kill
+        what is left of its container and report it as a kubelet reports a container it cannot find."""
+        with contextlib.suppress(OSError, ValueError):
+            group = int((self.dir / "pid").read_text())
+            environ = Path(f"/proc/{group}/environ").read_bytes().split(b"\0")
+            if f"HOSTNAME={self.pod.metadata.name}".encode() in environ:  # not a recycled pid
+                os.killpg(group, signal.SIGKILL)
+        self.agent.network.delete(f"dt-{self.key}", None)
+        message = "The container could not be located when the pod was terminated"
+        self._finish(self._terminated(137, "ContainerStatusUnknown", message, None))
+
     def stop(self, grace: float) -> None:
         """SIGTERM the container's process group, SIGKILL after the grace period."""
         self.stopping.set()
@@ -561,6 +577,8 @@ class NodeAgent:
         self.max_grace = max_grace
         self.network = PodNetwork()
         self.runners: dict[str, PodRunner] = {}
+        self.started: set[str] = set()
+        """Uids of the pods this agent has run: a Running pod not among them ran under a lost agent."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -671,7 +689,12 @@ class NodeAgent:
             runner = PodRunner(self, pod)
             with self._lock:
                 self.runners[uid] = runner
+                self.started.add(uid)
             runner.start()
+        elif pod.status.phase == "Running" and uid not in self.started:
+            with self._lock:
+                self.started.add(uid)
+            PodRunner(self, pod).lost()
 
     def serve(self) -> None:
         """Watch this node's pods until stopped, re-listing after API server restarts."""
