@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -161,6 +163,45 @@ def start_local_cluster(state: Path) -> Cluster:
     return Cluster(state / "kubeconfig", state, local=True)
 
 
+def stop_component(cluster: Cluster, name: str) -> list[str]:
+    """SIGKILL one control-plane process that up.sh started (`kube-apiserver`, `etcd`, ...), as a
+    crash would; returns its command line, so that `start_component` can start it again as it was."""
+    pid = int((cluster.state_dir / f"{name}.pid").read_text())
+    proc = Path(f"/proc/{pid}")
+    argv = [os.readlink(proc / "exe"), *(proc / "cmdline").read_bytes().decode().split("\0")[1:-1]]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(f"{name} (pid {pid}) to exit", lambda: _exited(proc), 30, 0.1)
+    return argv
+
+
+def _exited(proc: Path) -> bool:
+    """Gone, or a zombie whose threads have all ended (until then its sockets may still be open)."""
+    try:
+        zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return zombie and len(os.listdir(proc / "task")) <= 1
+    except OSError:
+        return True
+
+
+def start_component(cluster: Cluster, name: str, argv: list[str]) -> None:
+    """Start a control-plane process again, detached as up.sh starts it (its log appended to), and
+    wait until the API server answers /readyz."""
+    log = cluster.state_dir / f"{name}.log"
+    launch = 'nohup setsid "$@" >> "$LOG" 2>&1 < /dev/null & echo $!'
+    pid = subprocess.run(
+        ["bash", "-c", launch, "start", *argv],
+        env={**os.environ, "LOG": str(log)}, check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    (cluster.state_dir / f"{name}.pid").write_text(f"{pid}\n")
+
+    def ready() -> bool:
+        if _exited(Path(f"/proc/{pid}")):
+            raise AssertionError(f"{name} exited at once:{log_tails([log], limit=2000)}")
+        return cluster.kubectl("get", "--raw", "/readyz", check=False).stdout.strip() == "ok"
+
+    wait_for("the API server to be ready", ready, timeout=120, interval=0.2)
+
+
 def stop_local_cluster(state: Path) -> None:
     env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(state)}
     subprocess.run(["bash", str(LOCALCLUSTER / "down.sh")], env=env, check=False)
@@ -191,6 +232,24 @@ def start_node_agent(cluster: Cluster) -> Process:
         timeout=60,
     )
     return agent
+
+
+def lose_node_agent(agent: Process) -> None:
+    """SIGKILL the node agent, as a node that is suddenly lost: its pods' processes are left as they
+    were, and nothing reports their status any more."""
+    agent.popen.send_signal(signal.SIGKILL)
+    agent.popen.wait()
+
+
+def restart_node_agent(cluster: Cluster, agent: Process) -> None:
+    """Start the node agent again in place of `agent` (the same Process object, so that whoever holds
+    it, such as the session's fixture, stops the new one)."""
+    assert agent.popen.poll() is not None, "the node agent still runs"
+    log = cluster.state_dir / "node-agent.log"
+    if log.exists():  # the new agent writes its own
+        shutil.copy(log, cluster.state_dir / "node-agent.lost.log")
+    fresh = start_node_agent(cluster)
+    agent.popen, agent.log = fresh.popen, fresh.log
 
 
 def start_operator(cluster: Cluster, status_interval: float = 1.0) -> Process:
