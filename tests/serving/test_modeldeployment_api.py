@@ -68,7 +68,7 @@ def error_of(spec: dict[str, Any]) -> str:
 
 def test_defaults_a_user_expects() -> None:
     spec = parse_spec(MINIMAL)
-    assert spec.runtime.image == "nvcr.io/nvidia/tritonserver:24.10-py3" and spec.runtime.backend == "python"
+    assert spec.runtime.image == "ghcr.io/deeptune/serving:0.1.0" and spec.runtime.backend == "python"
     assert spec.quantization == "none" and spec.streaming is False and spec.replicas == 1
     assert (spec.generation.max_new_tokens, spec.generation.temperature, spec.generation.top_p) == (
         128,
