@@ -161,8 +161,26 @@ def apply(manifest: Manifest, *, dry_run: bool = False) -> Outcome:
         return "created"
     if existing is None:
         return "unchanged"  # created a moment ago by the other apply, from the same spec
-    before = existing["metadata"].get("resourceVersion")
-    return "unchanged" if body["metadata"].get("resourceVersion") == before else "updated"
+    return "updated" if _changed(existing, body, manifest) else "unchanged"
+
+
+def _changed(before: Manifest, after: Manifest, manifest: Manifest) -> bool:
+    """Whether the apply changed the object. Where the object keeps a generation (a Deployment, an
+    HPA), by that and by the labels and annotations the manifest sets, not by its resourceVersion:
+    the object's controller writes status (and its own annotations) between our read and our apply,
+    which moves the resourceVersion and would report every re-apply (each operator restart while a
+    Deployment's pods start) as an update."""
+    old, new = before["metadata"], after["metadata"]
+    if old.get("resourceVersion") == new.get("resourceVersion"):
+        return False
+    if new.get("generation") is None:
+        return True  # a ConfigMap, a Service: nothing but us writes them
+    ours = [
+        (field, key) for field in ("labels", "annotations") for key in manifest["metadata"].get(field) or {}
+    ]
+    return old.get("generation") != new.get("generation") or any(
+        (old.get(field) or {}).get(key) != (new.get(field) or {}).get(key) for field, key in ours
+    )
 
 
 def remove(api_version: str, kind_name: str, name: str, namespace: str, owner_uid: str) -> bool:

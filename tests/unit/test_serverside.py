@@ -1,4 +1,5 @@
-"""Apply patches are JSON text the API server reads as YAML: both must read the same object."""
+"""Apply patches are JSON text the API server reads as YAML: both must read the same object. What an
+apply changed is told by the object, not by its resourceVersion alone."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import yaml
 
-from deeptune.serverside import _as_yaml_text
+from deeptune.serverside import _as_yaml_text, _changed
 
 AWKWARD = {"stop": ["🙂", "\x7f", "\x85", "\x01", "\ufffe", "中文", 'quote " and \\ backslash']}
 
@@ -20,3 +21,18 @@ def test_apply_text_reads_the_same_as_yaml_and_as_json() -> None:
 def test_characters_outside_the_bmp_are_not_written_as_surrogate_escapes() -> None:
     text = _as_yaml_text(AWKWARD).decode()
     assert "🙂" in text and "\\ud83d" not in text
+
+
+def deployment(version: str, generation: int, labels: dict[str, str], **status: int) -> dict[str, object]:
+    meta = {"resourceVersion": version, "generation": generation, "labels": labels}
+    return {"metadata": meta, "status": status}
+
+
+def test_a_status_write_between_read_and_apply_is_no_update() -> None:
+    manifest = {"metadata": {"labels": {"app": "a"}}}
+    read = deployment("10", 1, {"app": "a"})
+    assert not _changed(read, deployment("11", 1, {"app": "a"}, readyReplicas=1), manifest)
+    assert _changed(read, deployment("12", 2, {"app": "a"}), manifest)  # the spec changed
+    assert _changed(read, deployment("12", 1, {"app": "b"}), {"metadata": {"labels": {"app": "b"}}})
+    config_map = {"metadata": {"resourceVersion": "10"}}
+    assert _changed(config_map, {"metadata": {"resourceVersion": "11"}}, {"metadata": {}})
