@@ -3,6 +3,11 @@
 Brings up the local control plane, installs the CRDs, starts the operator and the test node agent,
 builds a tiny random-weight model and a learnable dataset on "PVCs", applies
 examples/finetune-tiny.yaml and follows it to the end, then prints the status and the results.
+
+The control plane is the demo's own (a private state directory, free ports), stopped at the end with
+everything the demo started; `--keep` (or DEEPTUNE_KEEP_CLUSTER=1) leaves it all running and prints
+the one command that stops it. DEEPTUNE_CLUSTER_DIR=DIR runs the demo on the cluster in DIR instead
+(reused if up, and then left running).
 """
 
 from __future__ import annotations
@@ -69,20 +74,27 @@ def report(status: dict[str, Any], output_dir: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--keep", action="store_true", help="leave the cluster, operator and agent running")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the cluster, operator and agent running (and print the command that stops them)",
+    )
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
+    keep = args.keep or harness.keep_cluster()
 
     state = harness.local_state_dir()
     say("Local control plane (kube-apiserver, controller-manager, scheduler, etcd; built once, cached)")
     cluster = harness.start_local_cluster(state)
     print(f"    export KUBECONFIG={cluster.kubeconfig}")
-    say("Installing the CRDs")
-    harness.install_crds(cluster)
-    say("Starting the test node agent (stands in for the kubelet) and the operator")
-    agent = harness.start_node_agent(cluster)
-    operator = harness.start_operator(cluster)
+    print(f"    state and logs: {state}" + ("" if cluster.started else " (already up: reused)"))
+    processes: list[harness.Process] = []
     try:
+        say("Installing the CRDs")
+        harness.install_crds(cluster)
+        say("Starting the test node agent (stands in for the kubelet) and the operator")
+        processes.append(harness.start_node_agent(cluster))
+        processes.append(harness.start_operator(cluster))
         cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
         say("Provisioning volumes with a tiny random-weight Llama model and a learnable dataset")
         dirs = harness.provision_claims(cluster, NAMESPACE, harness.TINY_CLAIMS)
@@ -103,12 +115,12 @@ def main() -> int:
             return 1
         return 0
     finally:
-        if args.keep:
-            print(f"\nLeft running. Logs: {state}/operator.log, {state}/node-agent.log")
+        if keep:
+            print(f"\nLeft running: the operator and the node agent (their logs: {state}/*.log).")
         else:
-            operator.stop()
-            agent.stop()
-            harness.stop_local_cluster(state)
+            for process in reversed(processes):
+                process.stop()
+        print(harness.finish_local_cluster(cluster, keep=keep), flush=True)
 
 
 if __name__ == "__main__":

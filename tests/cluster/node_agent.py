@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import fcntl
 import fnmatch
 import ipaddress
 import logging
@@ -44,7 +45,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
@@ -56,6 +57,9 @@ LOG = logging.getLogger("node-agent")
 BRIDGE = "dtbr0"
 POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
 GATEWAY = ipaddress.ip_address("10.244.0.1")
+GATEWAY_CIDR = f"{GATEWAY}/{POD_CIDR.prefixlen}"
+BLOCK_LOCKS = Path("/run/lock/deeptune-pod-blocks")
+"""Lock files, one per /24 of POD_CIDR, that the agents on this machine hold while they run."""
 LOG_TAIL_BYTES = 2048
 MESSAGE_LIMIT = 4096
 BACKOFF_START = 10.0
@@ -114,6 +118,22 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
 
+def _claim_block(first: int) -> tuple[int, IO[str]]:
+    """A /24 block of the pod CIDR (1-254) that no other live agent on this machine holds, trying
+    `first` first: held by an exclusive lock on a file in BLOCK_LOCKS until this process exits."""
+    BLOCK_LOCKS.mkdir(parents=True, exist_ok=True)
+    for offset in range(254):
+        block = (first - 1 + offset) % 254 + 1
+        handle = (BLOCK_LOCKS / f"{block}.lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return block, handle
+    raise RuntimeError(f"all 254 pod address blocks are held by other agents ({BLOCK_LOCKS})")
+
+
 class PodNetwork:
     """One network namespace per pod, joined to a host bridge by a veth pair (a minimal CNI)."""
 
@@ -121,12 +141,17 @@ class PodNetwork:
         self._lock = threading.Lock()
         self._used: set[ipaddress.IPv4Address] = set()
         # Each agent takes its own /24 of the bridge's /16, so two clusters on one machine (each
-        # with its agent) never hand out the same pod IP.
-        block = os.getpid() % 254 + 1
+        # with its agent) never hand out the same pod IP. Starting from one the pid picks, so an
+        # agent started again (a node lost and back) takes another than its predecessor's, whose
+        # pods may not all be gone yet.
+        block, self._block_lock = _claim_block(os.getpid() % 254 + 1)
         self._subnet = ipaddress.ip_network(f"{POD_CIDR.network_address + block * 256}/24")
         if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
-            _run("ip", "link", "add", BRIDGE, "type", "bridge")
-            _run("ip", "addr", "add", f"{GATEWAY}/{POD_CIDR.prefixlen}", "dev", BRIDGE)
+            # Another agent may be making it at the same moment: whoever wins, it must exist after.
+            _run("ip", "link", "add", BRIDGE, "type", "bridge", check=False)
+            _run("ip", "link", "show", BRIDGE)
+        if GATEWAY_CIDR not in _run("ip", "-o", "addr", "show", "dev", BRIDGE).stdout:
+            _run("ip", "addr", "add", GATEWAY_CIDR, "dev", BRIDGE, check=False)
         _run("ip", "link", "set", BRIDGE, "up")
 
     def _allocate(self) -> ipaddress.IPv4Address:

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Stop the local test cluster started by up.sh (the processes named by the pid
-# files in the state dir) and remove the state dir.
+# Stop everything started under one state dir and remove the dir:
+#   - the processes recorded in processes/*.pid: what tests/cluster/harness.py
+#     started for the test suite, the demo or a benchmark (the operator, the
+#     test node agent);
+#   - the pods' processes the test node agent ran (node-agent/pods/*/pid:
+#     trainers, Triton servers, ...), with their network namespaces, in case
+#     the agent could not stop them itself;
+#   - the control plane up.sh started (*.pid: scheduler, controller manager,
+#     API server, etcd).
+# Nothing else is touched: another state dir's cluster keeps running.
 #   down.sh [--keep-state]   --keep-state: stop the processes, keep certs/logs/etcd data
 # State dir: ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}
 set -euo pipefail
 
 STATE="${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}"
+STATE="${STATE%/}"
 keep=false
 case "${1:-}" in
   "") ;;
   --keep-state) keep=true ;;
-  -h|--help) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "down.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
@@ -25,16 +34,112 @@ if [ ! -f "$STATE/.deeptune-cluster" ] && [ -n "$(ls -A "$STATE")" ]; then
   exit 1
 fi
 
-# Is PID still the process we started (and not a recycled pid)?
+# running PID: PID is a live process (a zombie has ended: only its parent's wait is missing).
+running() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
+
+# start_time PID: the process's start time (clock ticks after boot, field 22 of
+# /proc/PID/stat), which with the pid names one process for good.
+start_time() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }   # the fields after "pid (comm) ", from field 3 on
+  # shellcheck disable=SC2086
+  set -- $stat
+  echo "${20}"
+}
+
+# Is PID still the control-plane process NAME we started (and not a recycled pid)?
 ours() {
   local pid=$1 name=$2 exe
-  kill -0 "$pid" 2>/dev/null || return 1
+  running "$pid" || return 1
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
   [ -z "$exe" ] || [ "$(basename "${exe% (deleted)}")" = "$name" ]
 }
 
-# Reverse start order: clients first, etcd last.
-pids=()
+# Is PID the process recorded with start time START?
+recorded() {
+  running "$1" && [ "$(start_time "$1")" = "$2" ]
+}
+
+STOPPING=()   # "pid:what" of each process sent SIGTERM
+
+# stop_all SECONDS: wait up to SECONDS for the processes in STOPPING to exit, then SIGKILL the rest.
+stop_all() {
+  local tries=$(( $1 * 10 )) e left=()
+  for _ in $(seq 1 "$tries"); do
+    left=()
+    for e in "${STOPPING[@]+"${STOPPING[@]}"}"; do
+      running "${e%%:*}" && left+=("$e")
+    done
+    [ ${#left[@]} -eq 0 ] && break
+    sleep 0.1
+  done
+  for e in "${left[@]+"${left[@]}"}"; do
+    log "killing ${e#*:} (pid ${e%%:*})"
+    kill -KILL "${e%%:*}" 2>/dev/null || true
+  done
+  [ ${#left[@]} -eq 0 ] || sleep 0.2
+  STOPPING=()
+}
+
+# 1. The processes the harness recorded (operator, node agent, ...): SIGTERM, as
+#    their own code stops them (the node agent then stops its pods).
+for f in "$STATE"/processes/*.pid; do
+  [ -f "$f" ] || continue
+  pid='' start=''
+  read -r pid start _ < "$f" || true
+  what=$(basename "$f" .pid)
+  if [ -n "${pid:-}" ] && [ -n "${start:-}" ] && recorded "$pid" "$start"; then
+    log "stopping $what (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    STOPPING+=("$pid:$what")
+  fi
+done
+stop_all 20
+rm -rf "$STATE/processes"
+
+# 2. Whatever is left of the pods the node agent ran (it was killed, or could not
+#    stop them): every process in the pod's network namespace, and its process
+#    group's members that carry the pod's HOSTNAME (as the agent itself checks).
+#    The pod's directory is NAMESPACE_NAME_KEY, its network namespace dt-KEY.
+netns=()
+pgids=$(ps -e -o pid= -o pgid= 2>/dev/null || true)   # "pid pgid" of every process
+for f in "$STATE"/node-agent/pods/*/pid; do
+  [ -f "$f" ] || continue
+  dir=$(basename "$(dirname "$f")")
+  name=${dir#*_}; name=${name%_*}; key=${dir##*_}
+  pids=()
+  if [ -e "/run/netns/dt-$key" ] && command -v ip >/dev/null; then
+    netns+=("dt-$key")
+    read -r -a pids <<< "$(ip netns pids "dt-$key" 2>/dev/null | tr '\n' ' ')"
+  fi
+  group=$(cat "$f" 2>/dev/null || true)
+  if [[ "$group" =~ ^[0-9]+$ ]]; then
+    while read -r pid; do
+      if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qxF "HOSTNAME=$name"; then
+        pids+=("$pid")
+      fi
+    done < <(awk -v g="$group" '$2 == g {print $1}' <<< "$pgids")
+  fi
+  for pid in "${pids[@]+"${pids[@]}"}"; do
+    running "$pid" || continue
+    [[ " ${STOPPING[*]+"${STOPPING[*]}"} " != *" $pid:"* ]] || continue   # found both ways
+    log "stopping pod $dir's process $pid"
+    kill -TERM "$pid" 2>/dev/null || true
+    STOPPING+=("$pid:pod $dir's process")
+  done
+done
+stop_all 10
+for ns in "${netns[@]+"${netns[@]}"}"; do
+  ip netns del "$ns" 2>/dev/null || true
+done
+
+# 3. The control plane, in reverse start order: clients first, etcd last.
 for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
   f="$STATE/$name.pid"
   [ -f "$f" ] || continue
@@ -42,29 +147,17 @@ for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
   if [ -n "$pid" ] && ours "$pid" "$name"; then
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    pids+=("$pid:$name")
+    STOPPING+=("$pid:$name")
   fi
   rm -f "$f"
 done
-
-# Give them up to 10 s to exit, then SIGKILL what is left.
-for _ in $(seq 1 100); do
-  left=()
-  for e in "${pids[@]+"${pids[@]}"}"; do
-    ours "${e%%:*}" "${e#*:}" && left+=("$e")
-  done
-  [ ${#left[@]} -eq 0 ] && break
-  sleep 0.1
-done
-for e in "${left[@]+"${left[@]}"}"; do
-  log "killing ${e#*:} (pid ${e%%:*})"
-  kill -KILL "${e%%:*}" 2>/dev/null || true
-  sleep 0.2
-done
+stop_all 10
 
 if $keep; then
   log "stopped; state kept in $STATE"
 else
   rm -rf "$STATE"
+  # up.sh's lock beside the dir, unless an up.sh holds it now (one that called us).
+  if exec 9>>"$STATE.lock" && flock -n 9; then rm -f "$STATE.lock"; fi
   log "stopped; removed $STATE"
 fi

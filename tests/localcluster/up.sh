@@ -10,11 +10,13 @@
 #                  state dir is already up and healthy, say so and exit 0
 #
 # State (certificates, kubeconfigs, etcd data, logs *.log, pids *.pid):
-#   ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}
+#   ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster} (missing or empty: a new cluster)
 # Ports on 127.0.0.1 (set a variable to 0 to pick a free port):
 #   DEEPTUNE_APISERVER_PORT (6443)   DEEPTUNE_ETCD_PORT (2379)
 #   DEEPTUNE_ETCD_PEER_PORT (2380)   DEEPTUNE_KCM_PORT (10257)
 #   DEEPTUNE_SCHEDULER_PORT (10259)
+# Two clusters run side by side with different state dirs and ports; the test
+# suite and the demo start theirs in a private dir on free ports.
 # Other knobs: DEEPTUNE_CLUSTER_VERBOSITY (klog -v, default 2),
 #   DEEPTUNE_CLUSTER_TIMEOUT (seconds to wait for readiness, default 180).
 set -euo pipefail
@@ -74,16 +76,27 @@ port_in_use() {
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# free_ports N: N distinct ports that nothing listens on now (the OS picks them;
+# each is held until all are chosen, so no two are the same).
+free_ports() {
+  python3 - "$1" <<'PY'
+import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))
+PY
 }
 
-pick_port() {  # pick_port VALUE DEFAULT NAME
+CHOSEN_PORTS=" "
+pick_port() {  # pick_port VALUE DEFAULT NAME: sets PORT; 0 takes the next of FREE_PORTS
   local p=${1:-$2}
-  if [ "$p" = 0 ]; then p=$(free_port); fi
+  if [ "$p" = 0 ]; then p=${FREE_PORTS[0]}; FREE_PORTS=("${FREE_PORTS[@]:1}"); fi
   [[ "$p" =~ ^[0-9]+$ ]] || die "$3 must be a port number, got '$p'"
+  [[ "$CHOSEN_PORTS" != *" $p "* ]] || die "port $p ($3) is given to two components; set $3 to another port, or 0 for a free one"
   port_in_use "$p" && die "port $p ($3) on 127.0.0.1 is already in use; set $3 to another port, or 0 for a free one"
-  echo "$p"
+  CHOSEN_PORTS+="$p "
+  PORT=$p
 }
 
 # --- already up? --------------------------------------------------------------
@@ -93,7 +106,7 @@ mkdir -p "$(dirname "$STATE")"
 exec 8>"$STATE.lock"
 flock 8
 
-if [ -d "$STATE" ]; then
+if [ -d "$STATE" ] && [ -n "$(ls -A "$STATE")" ]; then   # an empty dir (mkdtemp's) is a new one
   if healthy; then
     log "cluster already up and healthy (state: $STATE, apiserver https://127.0.0.1:$APISERVER_PORT)"
     echo "export KUBECONFIG=$KUBECONFIG_PATH"
@@ -127,11 +140,12 @@ mkdir -p "$STATE"/{pki,etcd,kcm-certs,scheduler-certs,apiserver-certs}
 chmod 700 "$STATE" "$STATE/etcd"
 touch "$STATE/.deeptune-cluster"   # lets down.sh know it may delete this dir
 
-APISERVER_PORT=$(pick_port "${DEEPTUNE_APISERVER_PORT:-}" 6443 DEEPTUNE_APISERVER_PORT)
-ETCD_PORT=$(pick_port "${DEEPTUNE_ETCD_PORT:-}" 2379 DEEPTUNE_ETCD_PORT)
-ETCD_PEER_PORT=$(pick_port "${DEEPTUNE_ETCD_PEER_PORT:-}" 2380 DEEPTUNE_ETCD_PEER_PORT)
-KCM_PORT=$(pick_port "${DEEPTUNE_KCM_PORT:-}" 10257 DEEPTUNE_KCM_PORT)
-SCHEDULER_PORT=$(pick_port "${DEEPTUNE_SCHEDULER_PORT:-}" 10259 DEEPTUNE_SCHEDULER_PORT)
+read -r -a FREE_PORTS <<< "$(free_ports 5)"   # for the ports set to 0
+pick_port "${DEEPTUNE_APISERVER_PORT:-}" 6443 DEEPTUNE_APISERVER_PORT; APISERVER_PORT=$PORT
+pick_port "${DEEPTUNE_ETCD_PORT:-}" 2379 DEEPTUNE_ETCD_PORT; ETCD_PORT=$PORT
+pick_port "${DEEPTUNE_ETCD_PEER_PORT:-}" 2380 DEEPTUNE_ETCD_PEER_PORT; ETCD_PEER_PORT=$PORT
+pick_port "${DEEPTUNE_KCM_PORT:-}" 10257 DEEPTUNE_KCM_PORT; KCM_PORT=$PORT
+pick_port "${DEEPTUNE_SCHEDULER_PORT:-}" 10259 DEEPTUNE_SCHEDULER_PORT; SCHEDULER_PORT=$PORT
 
 # --- certificates -------------------------------------------------------------
 
