@@ -3,18 +3,25 @@ status, at 1, 100 and 1000 objects.
 
 Why: a cluster's FineTuneJobs pile up (finished ones stay until deleted), and an operator that polls or
 re-reads per object gets slower and costlier with every one; DeepTune's should not (reconcile writes
-children; one status loop per kind reads kopf's watch-fed indexes, nudged by changes).
+children; one level-based reconciler per kind reads kopf's watch-fed cache, queued by the events that
+concern each object, and writes status only when it changed).
 
-What runs: a private local control plane (tests/localcluster: its own state directory and ports), the
+What runs: a private local control plane (tests/localcluster: its own state directory and free
+ports, stopped at the end; DEEPTUNE_BENCH_CLUSTER_DIR=DIR uses the one in DIR instead, reused if up and
+then left running; the bench never takes DEEPTUNE_CLUSTER_DIR's, where another operator may run), the
 CRDs, and the operator as users run it (`python -m deeptune`, the default 5 s status interval). No node
-agent: trainer pods stay Pending (unschedulable), so only the operator and the control plane work. For
-each size N, in a fresh namespace:
+agent: trainer pods stay Pending (unschedulable), so only the operator and the control plane work.
+
+First, warm latency: after one object (the first after a start pays for the client's lazy setup),
+30 FineTuneJobs one at a time (each created when the previous one's Job appeared): apply → Job with
+nothing else going on. Then for each size N, in a fresh namespace:
 
 1. N FineTuneJobs (examples/finetune-tiny.yaml, renamed) are created by 8 client threads; the client
    notes when each create returned, and a Job watch notes when each Job appeared: apply → Job latency.
 2. Once the Job controller has started every Job (made its pod) and all N sit in Pending, the
    operator's CPU and RSS are sampled over a few status intervals (/proc of its process): what N
-   idle objects cost.
+   idle objects cost; and its status writes are counted over that window: none is expected, since
+   nothing an object's status shows changed (every object is still reconciled at each resync).
 3. Every Job is marked finished through its status subresource, as the Job controller writes it
    (SuccessCriteriaMet, then Complete); a FineTuneJob watch notes when each shows Succeeded: Job done →
    Succeeded latency.
@@ -24,7 +31,7 @@ each size N, in a fresh namespace:
    the Job controller and the scheduler, so they are left out.
 
     python bench/operator_scale.py            # 1, 100, 1000 objects: ten minutes or so on 2 cores
-    python bench/operator_scale.py --smoke    # 1 and 10 objects: what CI runs
+    python bench/operator_scale.py --smoke    # 1 and 10 objects, 5 one at a time: what CI runs
 
 Prints a table and writes JSON to bench/results/operator_scale-<host>.json (…-smoke.json for --smoke).
 """
@@ -37,7 +44,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -90,10 +96,11 @@ class Size:
     requests_per_object: dict[str, float]
     status_writes_per_object: float
     reconcile_mean_ms: float
-    """Time in the reconcile handler (dry run, ConfigMap, Job, Event): the part of apply → Job that is
-    DeepTune's own; the rest is kopf's event batching and the watches."""
-    visit_mean_ms: float
-    visits_per_object: float
+    """Mean time of one reconcile (the first: dry run, ConfigMap, Job, Event; most: reading the cache
+    and finding nothing to write)."""
+    reconciles_per_object: float
+    idle_status_writes_per_object: float
+    """Status patches per object while nothing changed (the idle window): 0 expected."""
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -231,12 +238,14 @@ def run_size(api: client.ApiClient, operator: harness.Process, objects: int, idl
     jobs.wait(names, timeout=120 + objects)
     running.wait(names, timeout=120 + objects)  # the Job controller has made every pod
     time.sleep(2 * STATUS_INTERVAL)  # every object Pending, settled
+    writes_before = operator_counters(operator)["status_writes"]
     cpu_before, idle_started = process_cpu_seconds(pid), time.time()
     rss = []
     while time.time() - idle_started < idle_seconds:
         rss.append(process_rss_mb(pid))
         time.sleep(1)
     idle_cpu = 100 * (process_cpu_seconds(pid) - cpu_before) / (time.time() - idle_started)
+    idle_writes = operator_counters(operator)["status_writes"] - writes_before
     finished: dict[str, float] = {}
 
     def finish(name: str) -> None:
@@ -268,9 +277,30 @@ def run_size(api: client.ApiClient, operator: harness.Process, objects: int, idl
         },
         status_writes_per_object=counters["status_writes"] / objects,
         reconcile_mean_ms=1000 * counters["reconcile_sum"] / max(1, counters["reconcile_count"]),
-        visit_mean_ms=1000 * counters["mirror_status_sum"] / max(1, counters["mirror_status_count"]),
-        visits_per_object=counters["mirror_status_count"] / objects,
+        reconciles_per_object=counters["reconcile_count"] / objects,
+        idle_status_writes_per_object=idle_writes / objects,
     )
+
+
+def one_at_a_time(api: client.ApiClient, count: int) -> dict[str, float]:
+    """apply → Job of `count` FineTuneJobs made one after another, each once the previous one's Job
+    exists: the latency of one object on an otherwise idle operator."""
+    core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+    namespace = f"bench-warm-{int(time.time())}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    jobs = Seen(batch.list_namespaced_job, namespace, lambda job: job.metadata.name.removesuffix("-train"))
+    latencies = []
+    for n in range(count):
+        name = f"warm-{n:03d}"
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, finetunejob(name, namespace)
+        )
+        created = time.time()
+        jobs.wait([name], timeout=60)
+        latencies.append(1000 * (jobs.at[name] - created))
+    jobs.stop()
+    delete_namespace(core, namespace)
+    return percentiles(latencies)
 
 
 def delete_namespace(core: client.CoreV1Api, namespace: str) -> None:
@@ -288,7 +318,7 @@ def delete_namespace(core: client.CoreV1Api, namespace: str) -> None:
 
 def operator_counters(operator: harness.Process) -> Counter[str]:
     """The operator's own counters for FineTuneJobs: status patches, and the time spent in and the
-    runs of each handler (reconcile: creating children; mirror_status: one status visit)."""
+    runs of reconciles."""
     import urllib.request  # noqa: PLC0415
 
     with urllib.request.urlopen(f"http://127.0.0.1:{operator.ports['metrics']}/metrics", timeout=10) as page:
@@ -312,13 +342,14 @@ def row_line(size: Size) -> str:
     return (
         f"{size.objects:>6} {size.create_seconds:>8.1f} {job['p50']:>8.0f} {job['p95']:>8.0f} "
         f"{done['p50']:>8.0f} {done['p95']:>8.0f} {size.idle_cpu_percent:>7.1f} {size.idle_rss_mb:>7.0f} "
-        f"{size.status_writes_per_object:>7.1f} {size.reconcile_mean_ms:>7.0f} {size.visit_mean_ms:>7.1f}"
+        f"{size.status_writes_per_object:>7.1f} {size.idle_status_writes_per_object:>7.2f} "
+        f"{size.reconciles_per_object:>7.1f} {size.reconcile_mean_ms:>7.1f}"
     )
 
 
 HEADER = (
     f"{'FTJs':>6} {'create s':>8} {'job p50':>8} {'job p95':>8} {'done p50':>8} {'done p95':>8} "
-    f"{'idle %':>7} {'RSS MB':>7} {'writes':>7} {'rec ms':>7} {'visit ms':>7}\n"
+    f"{'idle %':>7} {'RSS MB':>7} {'writes':>7} {'idle wr':>7} {'recs':>7} {'rec ms':>7}\n"
     f"{'':>6} {'':>8} {'(ms: apply → Job)':>17} {'(ms: Job done → Succeeded)':>26}"
 )
 
@@ -328,14 +359,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="CPU/RSS sampling window")
     parser.add_argument("--smoke", action="store_true", help="1 and 10 objects, short windows (CI)")
-    parser.add_argument("--keep", action="store_true", help="leave the control plane running")
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the control plane running (also DEEPTUNE_KEEP_CLUSTER=1)"
+    )
     args = parser.parse_args()
     sizes, idle = ([1, 10], 3.0) if args.smoke else (args.sizes, args.idle_seconds)
-    # A control plane of this run's own: never one a concurrent run (a CI smoke run) would stop.
-    state = Path(os.environ.get("DEEPTUNE_BENCH_CLUSTER_DIR") or tempfile.mkdtemp(prefix="deeptune-bench-"))
-    for port in ("APISERVER", "ETCD", "ETCD_PEER", "KCM", "SCHEDULER"):
-        os.environ.setdefault(f"DEEPTUNE_{port}_PORT", "0")  # never the shared cluster's ports
-    os.environ["DEEPTUNE_CLUSTER_DIR"] = str(state)
+    sequential = 5 if args.smoke else 30
+    # A control plane of this run's own (free ports): never one a concurrent run (a CI smoke run) uses.
+    chosen = os.environ.get("DEEPTUNE_BENCH_CLUSTER_DIR")
+    state = Path(chosen) if chosen else harness.private_state_dir(prefix="deeptune-bench-")
     load_start = os.getloadavg()
     cluster = harness.start_local_cluster(state)
     operator = None
@@ -345,6 +377,10 @@ def main() -> None:
         api = config.new_client_from_config(str(cluster.kubeconfig))
         api.user_agent = "deeptune-bench"
         harness.wait_for("the operator's metrics", lambda: _listening(operator), 60)
+        first = one_at_a_time(api, 1)
+        warm = one_at_a_time(api, sequential)
+        print(f"apply → Job, one at a time: first after start {first['p50']:.0f} ms; the next {sequential}:"
+              f" p50 {warm['p50']:.0f} ms, p95 {warm['p95']:.0f} ms\n")  # fmt: skip
         print(HEADER)
         results = []
         for objects in sizes:
@@ -357,10 +393,7 @@ def main() -> None:
     finally:
         if operator is not None:
             operator.stop()
-        if args.keep:
-            print(f"the control plane keeps running: export KUBECONFIG={cluster.kubeconfig}")
-        else:
-            harness.stop_local_cluster(state)
+        print(harness.finish_local_cluster(cluster, keep=args.keep), flush=True)
     load_end = os.getloadavg()
     report = {
         "machine": machine_info(load_average_start=load_start, load_average_end=load_end),
@@ -369,7 +402,10 @@ def main() -> None:
             "idle_seconds": idle,
             "status_interval": STATUS_INTERVAL,
             "threads": CLIENT_THREADS,
+            "one_at_a_time": sequential,
         },
+        "first_apply_to_job_ms": first["p50"],
+        "warm_apply_to_job_ms": warm,
         "results": [asdict(size) for size in results],
     }
     out = HERE / "results" / f"operator_scale-{'smoke' if args.smoke else platform.node()}.json"

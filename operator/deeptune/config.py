@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 
-from deeptune.builders.finetunejob import DEFAULT_TRAINER_IMAGE, OperatorSettings
+from deeptune.builders.finetunejob import DEFAULT_TRAINER_IMAGE, ChildSettings
 
 
 @dataclass(frozen=True)
 class Settings:
-    builder: OperatorSettings = field(default_factory=OperatorSettings)
+    builder: ChildSettings = field(default_factory=ChildSettings)
     status_interval: float = 5.0
-    """Seconds between status mirrors of one object (reads come from memory; writes only on change)."""
+    """Seconds between resyncs (every object reconciled from the cache; writes only on change), and
+    the age at which a running trainer's metrics are scraped again."""
+    workers: int = 8
+    """Reconciles in flight at once, per kind."""
     scrape_timeout: float = 2.0
     probe_interval: float = 30.0
     """Seconds between the operator's tritonclient checks of one ModelDeployment's serving pod."""
@@ -22,6 +27,11 @@ class Settings:
     liveness_port: int = 8081
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch; empty means the whole cluster."""
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}")
+    """This replica's name in the leader Lease (the chart: the pod's name, which a restarted
+    container keeps, so it takes its own Lease back at once)."""
+    lease_namespace: str = "default"
+    lease_name: str = "deeptune-operator"
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -34,7 +44,7 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     namespaces = tuple(ns for ns in env.get("DEEPTUNE_WATCH_NAMESPACES", "").split(",") if ns)
     return Settings(
-        builder=OperatorSettings(
+        builder=ChildSettings(
             trainer_image=env.get("DEEPTUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
             image_pull_policy=env.get("DEEPTUNE_IMAGE_PULL_POLICY", "IfNotPresent"),
             operator_namespace=env.get("DEEPTUNE_OPERATOR_NAMESPACE", ""),
@@ -47,7 +57,8 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
         metrics_port=int(env.get("DEEPTUNE_METRICS_PORT", "8080")),
         liveness_port=int(env.get("DEEPTUNE_LIVENESS_PORT", "8081")),
         namespaces=namespaces,
+        workers=int(env.get("DEEPTUNE_WORKERS", "8")),
+        identity=env.get("DEEPTUNE_OPERATOR_IDENTITY") or Settings().identity,
+        lease_namespace=env.get("DEEPTUNE_OPERATOR_NAMESPACE") or "default",
+        lease_name=env.get("DEEPTUNE_LEASE_NAME", "deeptune-operator"),
     )
-
-
-SETTINGS = from_environment()

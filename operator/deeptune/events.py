@@ -1,7 +1,7 @@
 """Kubernetes Events about the custom resources, posted directly (core/v1).
 
-kopf's `kopf.event` works only inside a kopf handler; the status loop runs outside them, so every
-Event goes through here, from handlers and the loop alike. Events are best effort: a failure is
+kopf's `kopf.event` works only inside a kopf handler; the reconcilers run outside them (on the
+controllers' workers), so every Event goes through here. Events are best effort: a failure is
 logged, never raised.
 """
 
@@ -21,7 +21,7 @@ from deeptune.status.conditions import now
 COMPONENT = "deeptune-operator"
 MESSAGE_LIMIT = 1024
 REQUEST_TIMEOUT = (5.0, 30.0)
-"""Seconds to connect and to read: a post that hangs must not hold up the status loop's visit."""
+"""Seconds to connect and to read: a post that hangs must not hold a worker for long."""
 LOG = logging.getLogger(__name__)
 
 

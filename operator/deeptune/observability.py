@@ -16,6 +16,13 @@ RECONCILE_SECONDS = Histogram(
     "deeptune_operator_reconcile_duration_seconds", "Time spent in a reconcile handler.", ["kind", "handler"]
 )
 OBJECTS = Gauge("deeptune_operator_objects", "Custom resources by phase.", ["kind", "phase"])
+RECONCILE_ERRORS = Counter(
+    "deeptune_operator_reconcile_errors_total", "Reconciles that raised (retried after a backoff).", ["kind"]
+)
+TASK_RESTARTS = Counter(
+    "deeptune_operator_task_restarts_total", "Controller tasks restarted after a crash.", ["kind", "task"]
+)
+LEADER = Gauge("deeptune_operator_leader", "1 while this replica holds the leader Lease and reconciles.")
 STATUS_WRITES = Counter(
     "deeptune_operator_status_writes_total", "Status patches (only written when something changed).", ["kind"]
 )
@@ -36,11 +43,10 @@ class PhaseBook:
             self._phases[uid] = phase
         self._publish()
 
-    def retain(self, uids: set[str]) -> None:
-        """Forget the objects that are gone (deleted objects get no last visit)."""
-        for uid in set(self._phases) - uids:
-            del self._phases[uid]
-        self._publish()
+    def forget(self, uid: str) -> None:
+        """The object is gone."""
+        if self._phases.pop(uid, None) is not None:
+            self._publish()
 
     def _publish(self) -> None:
         counts = Tally(self._phases.values())

@@ -1,8 +1,12 @@
 """Fixtures for the cluster suite: a real control plane, the test node agent, and the operator.
 
-By default the suite brings up the local control plane (tests/localcluster) and tears it down at the
-end (DEEPTUNE_KEEP_CLUSTER=1 keeps it). Set DEEPTUNE_TEST_KUBECONFIG to run against another cluster
-(e.g. kind) instead; the node agent is then not started, and the trainer image must be loaded there.
+By default the suite brings up a local control plane (tests/localcluster) of its own, in a private
+state directory on free ports, so that another run on the machine (CI's, a demo's) is never touched,
+and tears it down at the end with all that runs under it (DEEPTUNE_KEEP_CLUSTER=1 keeps it, and the
+summary says where it is and how to stop it). DEEPTUNE_CLUSTER_DIR=DIR uses the cluster in DIR
+instead: reused if it is up (and then left running), else started there. Set
+DEEPTUNE_TEST_KUBECONFIG to run against another cluster (e.g. kind) instead; the node agent is then
+not started, and the trainer image must be loaded there.
 """
 
 from __future__ import annotations
@@ -26,13 +30,22 @@ def cluster() -> Iterator[Cluster]:
     if EXTERNAL_KUBECONFIG:
         yield Cluster(Path(EXTERNAL_KUBECONFIG), Path(os.environ.get("TMPDIR", "/tmp")), local=False)
         return
-    state = harness.local_state_dir()
-    cluster = harness.start_local_cluster(state)
+    cluster = harness.start_local_cluster(harness.local_state_dir())
     try:
         yield cluster
     finally:
-        if not os.environ.get("DEEPTUNE_KEEP_CLUSTER"):
-            harness.stop_local_cluster(state)
+        outcome = harness.finish_local_cluster(cluster)
+        if not cluster.started or harness.keep_cluster():
+            _SUMMARY.append(outcome)
+
+
+_SUMMARY: list[str] = []
+"""What became of the local cluster, when it keeps running: said at the end of the run."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _SUMMARY:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +79,14 @@ def operator(crds: Cluster, node_agent: Process | None) -> Iterator[Process]:
     process = harness.start_operator(crds)
     yield process
     process.stop()
+
+
+@pytest.fixture
+def tiny_volumes(crds: Cluster, namespace: str) -> dict[str, Path]:
+    """Bound PVCs with what examples/finetune-tiny.yaml reads: a tiny model and the keyword task."""
+    dirs = harness.provision_claims(crds, namespace, harness.TINY_CLAIMS)
+    harness.seed_tiny_volumes(dirs)
+    return dirs
 
 
 @pytest.fixture(autouse=True)

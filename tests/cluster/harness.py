@@ -2,17 +2,26 @@
 
 Brings up (or reuses) the control plane from tests/localcluster, installs the CRDs, starts the test
 node agent and the operator as processes, and provisions hostPath PersistentVolumes so PVCs bind.
+
+Each run gets a control plane of its own by default: a private state directory (`private_state_dir`)
+and free ports, so that two runs on one machine never meet. DEEPTUNE_CLUSTER_DIR names a cluster to
+reuse (or to start there) instead. A run stops only a cluster it started itself
+(`finish_local_cluster`). Every process started here is recorded in its cluster's state directory
+(`processes/*.pid`), so that `tests/localcluster/down.sh` stops it with the control plane, whatever
+became of the run that started it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +36,10 @@ TRAINER_IMAGE = "deeptune/trainer:test"
 TINY_CLAIMS = ["deeptune-models", "deeptune-data", "deeptune-output"]
 """The PVCs examples/finetune-tiny.yaml uses."""
 NODE_NAME = "deeptune-test-node"
+PORT_VARIABLES = tuple(
+    f"DEEPTUNE_{port}_PORT" for port in ("APISERVER", "ETCD", "ETCD_PEER", "KCM", "SCHEDULER")
+)
+"""up.sh's port settings: unset, each is 0 here (a free port)."""
 
 
 @dataclass
@@ -36,6 +49,8 @@ class Cluster:
     kubeconfig: Path
     state_dir: Path
     local: bool
+    started: bool = False
+    """Whether this run started the (local) cluster, and so may stop it."""
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
@@ -127,6 +142,8 @@ class Process:
     popen: subprocess.Popen[bytes]
     log: Path
     ports: dict[str, int] = field(default_factory=dict)
+    record: Path | None = None
+    """Its pid file in the state directory of its cluster (for down.sh), while it runs."""
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -136,31 +153,115 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
+
+
+_records: list[Path] = []
+"""Where `start_process` records a process whose log lies outside any cluster's state directory:
+the state directory of the local cluster this run started or reused last."""
 
 
 def start_process(args: list[str], log: Path, env: dict[str, str]) -> Process:
+    """Start a process of the local stack, logging to `log`, and record it (`processes/NAME-PID.pid`:
+    its pid and start time) in the state directory of its cluster (the one that holds `log`, else
+    this run's local cluster), for down.sh to stop it if this run does not."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return Process(popen, log)
+    state = next((d for d in log.parents if (d / ".deeptune-cluster").exists()), None)
+    state = state or (_records[-1] if _records else None)
+    record = None
+    if state is not None:
+        record = state / "processes" / f"{log.stem}-{popen.pid}.pid"
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(f"{popen.pid} {_start_time(popen.pid)} {shlex.join(args)}\n")
+    return Process(popen, log, record=record)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (field 22 of /proc/PID/stat): with the pid, it names one process."""
+    try:
+        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def private_state_dir(prefix: str = "deeptune-cluster-") -> Path:
+    """A new, empty state directory for a cluster of this run's own: under DEEPTUNE_RUN_DIR when
+    set (CI's .ci/run sets it, to stop whatever a run killed half-way left), else under $TMPDIR or
+    /tmp."""
+    parent = os.environ.get("DEEPTUNE_RUN_DIR") or None
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 def local_state_dir() -> Path:
-    return Path(os.environ.get("DEEPTUNE_CLUSTER_DIR", "/tmp/deeptune-cluster"))
+    """DEEPTUNE_CLUSTER_DIR when set (its cluster is reused when up, else started there), else a
+    private state directory."""
+    chosen = os.environ.get("DEEPTUNE_CLUSTER_DIR")
+    return Path(chosen) if chosen else private_state_dir()
 
 
 def start_local_cluster(state: Path) -> Cluster:
-    """Build the binaries if missing and start the control plane (a no-op when it is up)."""
+    """Build the binaries if missing and start the control plane in `state`, on free ports unless
+    DEEPTUNE_*_PORT say otherwise (a no-op when it is up there: then `started` is False)."""
     env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(state)}
+    for variable in PORT_VARIABLES:
+        env[variable] = env.get(variable) or "0"
     subprocess.run(["bash", str(LOCALCLUSTER / "build.sh")], check=True, env=env)
+    kubeconfig = state / "kubeconfig"
+    before = _identity(kubeconfig)
     up = subprocess.run(
         ["bash", str(LOCALCLUSTER / "up.sh")], check=False, env=env, capture_output=True, text=True
     )
     if up.returncode != 0:
         raise RuntimeError(
-            f"the local control plane did not come up:\n{up.stderr}{log_tails(sorted(state.glob('*.log')))}"
+            f"the local control plane did not come up (state and logs: {state}):\n"
+            f"{up.stderr}{log_tails(sorted(state.glob('*.log')))}"
         )
-    return Cluster(state / "kubeconfig", state, local=True)
+    _records[:] = [state]
+    # up.sh writes a new kubeconfig (last) for each cluster it starts, and leaves a healthy one be.
+    started = before is None or _identity(kubeconfig) != before
+    return Cluster(kubeconfig, state, local=True, started=started)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns)
+
+
+def stop_command(state: Path) -> str:
+    """The command that stops everything started under `state` (control plane, operator, node
+    agent, pods) and removes it."""
+    down = shlex.quote(str(LOCALCLUSTER / "down.sh"))
+    return f"DEEPTUNE_CLUSTER_DIR={shlex.quote(str(state))} bash {down}"
+
+
+def keep_cluster() -> bool:
+    """DEEPTUNE_KEEP_CLUSTER=1: keep the local cluster a run started."""
+    return os.environ.get("DEEPTUNE_KEEP_CLUSTER", "") not in ("", "0")
+
+
+def finish_local_cluster(cluster: Cluster, keep: bool = False) -> str:
+    """At the end of a run: stop the local cluster (and all that runs under its state directory) if
+    this run started it and neither `keep` nor DEEPTUNE_KEEP_CLUSTER asks to keep it; a cluster the
+    run found up is left running. Returns what became of it, for the user."""
+    state = cluster.state_dir
+    if cluster.started and not (keep or keep_cluster()):
+        stop_local_cluster(state)
+        return f"Stopped the local cluster and removed {state}."
+    found = "" if cluster.started else ", as it was when this run began"
+    return (
+        f"The local cluster keeps running{found} (state and logs: {state}):\n"
+        f"    export KUBECONFIG={cluster.kubeconfig}\n"
+        "To stop it and everything still running under it (operator, node agent, pods):\n"
+        f"    {stop_command(state)}"
+    )
 
 
 def stop_component(cluster: Cluster, name: str) -> list[str]:
@@ -203,6 +304,7 @@ def start_component(cluster: Cluster, name: str, argv: list[str]) -> None:
 
 
 def stop_local_cluster(state: Path) -> None:
+    """down.sh: stop everything started under `state` and remove it."""
     env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(state)}
     subprocess.run(["bash", str(LOCALCLUSTER / "down.sh")], env=env, check=False)
 
@@ -248,12 +350,22 @@ def restart_node_agent(cluster: Cluster, agent: Process) -> None:
     log = cluster.state_dir / "node-agent.log"
     if log.exists():  # the new agent writes its own
         shutil.copy(log, cluster.state_dir / "node-agent.lost.log")
+    if agent.record is not None:
+        agent.record.unlink(missing_ok=True)
     fresh = start_node_agent(cluster)
-    agent.popen, agent.log = fresh.popen, fresh.log
+    agent.popen, agent.log, agent.record = fresh.popen, fresh.log, fresh.record
 
 
-def start_operator(cluster: Cluster, status_interval: float = 1.0) -> Process:
-    """The operator, started as users start it (`python -m deeptune`)."""
+def start_operator(
+    cluster: Cluster,
+    status_interval: float = 1.0,
+    identity: str = "operator-0",
+    log_name: str = "operator.log",
+    lease: str = "deeptune-operator",
+) -> Process:
+    """The operator, started as users start it (`python -m deeptune`). `identity` is its name in the
+    leader Lease: a restarted operator with the same one takes its Lease back at once, as a restarted
+    container in the same pod does."""
     ports = {"metrics": free_port(), "liveness": free_port()}
     env = {
         **os.environ,
@@ -262,8 +374,10 @@ def start_operator(cluster: Cluster, status_interval: float = 1.0) -> Process:
         "DEEPTUNE_STATUS_INTERVAL": str(status_interval),
         "DEEPTUNE_METRICS_PORT": str(ports["metrics"]),
         "DEEPTUNE_LIVENESS_PORT": str(ports["liveness"]),
+        "DEEPTUNE_OPERATOR_IDENTITY": identity,
+        "DEEPTUNE_LEASE_NAME": lease,
     }
-    process = start_process([sys.executable, "-m", "deeptune"], cluster.state_dir / "operator.log", env)
+    process = start_process([sys.executable, "-m", "deeptune"], cluster.state_dir / log_name, env)
     process.ports = ports
     return process
 

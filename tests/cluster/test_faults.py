@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster import harness
@@ -166,6 +167,35 @@ class CrashingOperator:
             self.process.stop()
 
 
+def reconciles(process: Process, kind: str) -> float:
+    """Reconciles of `kind` the operator has finished (0 while it does not answer)."""
+    url = f"http://127.0.0.1:{process.ports['metrics']}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as page:
+            text = page.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "deeptune_operator_reconciles_total" and sample.labels.get("kind") == kind
+    )
+
+
+def settled(cluster: Cluster, process: Process, kind: str, plural: str) -> None:
+    """Wait until the operator has reconciled `kind` as often as two full resyncs of every object take:
+    after that, what has not changed in status will not (state decides, not a timer)."""
+    objects = len(json.loads(cluster.kubectl("get", plural, "-A", "-o", "json").stdout)["items"])
+    start = reconciles(process, kind)
+    wait_for(
+        f"two resyncs of every {kind}",
+        lambda: reconciles(process, kind) - start >= 2 * max(1, objects),
+        120,
+        0.2,
+    )
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -221,13 +251,6 @@ def figures(name: str, **values: Any) -> None:
 
 
 # --- the operator killed through a FineTuneJob's life -------------------------------------------
-
-
-@pytest.fixture
-def tiny_volumes(crds: Cluster, namespace: str) -> dict[str, Path]:
-    dirs = harness.provision_claims(crds, namespace, harness.TINY_CLAIMS)
-    harness.seed_tiny_volumes(dirs)
-    return dirs
 
 
 @pytest.mark.trainer
@@ -303,7 +326,8 @@ def test_operator_killed_in_every_phase_of_a_finetunejob(
     kill()
     # A restart after the end changes nothing: no status write, no Event, no Job.
     operator.start()
-    time.sleep(5)  # several status passes (1 s each)
+    assert operator.process is not None
+    settled(crds, operator.process, "FineTuneJob", "finetunejobs")
     assert status() == final
     elapsed = time.monotonic() - started
 
@@ -407,11 +431,13 @@ def test_operator_killed_in_every_phase_of_a_modeldeployment(
         0.1,
     )
     operator.kill()
-    # Loading: twice, a second after each start; short, so that Triton (seconds to import torch and
-    # load) is still loading when the operator goes down for the window below.
+    # Loading: twice, each once the new operator has reconciled (so it has looked at the pod, still
+    # loading: Triton takes seconds to import torch and load), before the window below.
     for _ in range(2):
         operator.start()
-        time.sleep(1)
+        process = operator.process
+        assert process is not None
+        wait_for("a reconcile", lambda p=process: reconciles(p, "ModelDeployment") >= 1, 60, 0.05)
         operator.kill()
     # Kept down while the pod becomes ready: status does not know yet.
     wait_for("the serving pod to be ready with no operator running", pod_ready, LOAD_TIMEOUT, 0.5)
@@ -422,7 +448,8 @@ def test_operator_killed_in_every_phase_of_a_modeldeployment(
     operator.kill()
     # A restart once it serves: no new Deployment revision, no Event.
     operator.start()
-    time.sleep(5)
+    assert operator.process is not None
+    settled(crds, operator.process, "ModelDeployment", "modeldeployments")
     assert ready() and status()["lastProbe"]["inferenceOk"]
     elapsed = time.monotonic() - operator.began
 
@@ -593,7 +620,7 @@ def test_fifty_finetunejobs_created_and_deleted_concurrently(
         1,
     )
     collected = time.monotonic() - started
-    time.sleep(5)  # several status passes: nothing comes back
+    settled(crds, own_operator, "FineTuneJob", "finetunejobs")  # nothing comes back
     left = {kind: len(children(kind)) for kind in ("jobs", "configmaps", "pods")}
     assert left == {"jobs": 0, "configmaps": 0, "pods": 0}, left
     assert phases() == {}
@@ -663,7 +690,7 @@ def test_lost_node_comes_back_and_the_run_resumes_from_its_checkpoint(
     harness.lose_node_agent(node_agent)
     assert signal_trainers(namespace, signal.SIGKILL) == 1
     lost = time.monotonic()
-    time.sleep(5)  # nothing reports the trainer's end: status still says Running
+    settled(crds, own_operator, "FineTuneJob", "finetunejobs")  # nothing reports the trainer's end
     while_lost = status()
     assert while_lost["phase"] == "Running" and not while_lost.get("retries")
     harness.restart_node_agent(crds, node_agent)

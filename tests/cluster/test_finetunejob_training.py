@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from deeptune_trainer.training import COMPLETE_MARKER
-from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, wait_for
 from tests.conftest import ROOT
 
@@ -43,13 +42,6 @@ def follow(cluster: Cluster, namespace: str, timeout: float) -> list[dict[str, A
             return seen
         time.sleep(0.5)
     raise AssertionError(f"the run did not finish in {timeout}s; last status: {seen[-1] if seen else None}")
-
-
-@pytest.fixture
-def tiny_volumes(crds: Cluster, namespace: str) -> dict[str, Path]:
-    dirs = harness.provision_claims(crds, namespace, harness.TINY_CLAIMS)
-    harness.seed_tiny_volumes(dirs)
-    return dirs
 
 
 def test_tiny_finetune_end_to_end(

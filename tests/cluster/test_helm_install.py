@@ -55,6 +55,15 @@ class Release:
         """The chart's ServiceAccount, as `kubectl --as` names it."""
         return f"system:serviceaccount:{self.namespace}:{self.fullname}"
 
+    @property
+    def lease(self) -> str:
+        """The leader Lease (in the release's namespace), one per release."""
+        return self.fullname
+
+    @property
+    def lease_role(self) -> str:
+        return f"{self.fullname}-leader-election"
+
 
 def helm(cluster: Cluster, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
@@ -133,6 +142,9 @@ def test_install_creates_the_objects(crds: Cluster, namespaced_release: Release,
         assert crds.get(kind, name, namespace) is not None, f"{kind} {name} in {namespace}"
     assert crds.get("service", f"{name}-metrics", ns) is not None
     assert crds.get("role", name, ns) is None  # the release's own namespace is not served
+    for kind in ("role", "rolebinding"):  # but the leader Lease is there, and only there
+        assert crds.get(kind, release.lease_role, ns) is not None, (kind, ns)
+        assert crds.get(kind, release.lease_role, watched) is None, (kind, watched)
     for kind in ("clusterrole", "clusterrolebinding"):
         assert crds.kubectl("get", kind, name, check=False).returncode == 0, kind
     status = json.loads(helm(crds, "status", release.name, "-n", ns, "-o", "json").stdout)
@@ -157,6 +169,30 @@ def test_service_account_can_do_its_job_and_no_more(
     assert not can_i(crds, release, "delete", "namespaces")
     assert not can_i(crds, release, "create", "pods", "-n", watched)
     assert not can_i(crds, release, "update", "customresourcedefinitions.apiextensions.k8s.io")
+    # The children it watches (kopf indexes), and the result finalizer it removes from trainer pods.
+    watched_kinds = (
+        "configmaps", "services", "pods", "jobs.batch", "deployments.apps",
+        "horizontalpodautoscalers.autoscaling", "networkpolicies.networking.k8s.io",
+    )  # fmt: skip
+    for resource in watched_kinds:
+        for verb in ("list", "watch"):
+            assert can_i(crds, release, verb, resource, "-n", watched), (verb, resource)
+            assert not can_i(crds, release, verb, resource, "-n", release.namespace), (verb, resource)
+    assert can_i(crds, release, "patch", "pods", "-n", watched)
+    assert not can_i(crds, release, "update", "pods", "-n", watched)
+    # Leader election: its own Lease in the release's namespace, and nothing else of Leases.
+    lease, other = f"leases.coordination.k8s.io/{release.lease}", "leases.coordination.k8s.io/kube-scheduler"
+    for verb in ("get", "update"):
+        assert can_i(crds, release, verb, lease, "-n", release.namespace), verb
+        assert not can_i(crds, release, verb, other, "-n", release.namespace), verb
+        assert not can_i(crds, release, verb, lease, "-n", watched), verb
+        assert not can_i(crds, release, verb, other, "-n", "kube-system"), verb
+    assert can_i(crds, release, "create", "leases.coordination.k8s.io", "-n", release.namespace)
+    for where in (["-n", watched], ["-n", "kube-system"], ["-n", "kube-node-lease"]):
+        assert not can_i(crds, release, "create", "leases.coordination.k8s.io", *where), where
+    for verb in ("list", "watch", "patch", "delete", "deletecollection"):
+        assert not can_i(crds, release, verb, lease, "-n", release.namespace), verb
+        assert not can_i(crds, release, verb, "leases.coordination.k8s.io", "--all-namespaces"), verb
 
 
 DELETABLE = {"horizontalpodautoscalers.autoscaling", "networkpolicies.networking.k8s.io"}
@@ -186,6 +222,7 @@ def test_service_account_is_no_admin_execs_nothing_and_deletes_only_dropped_chil
     kept = (
         "finetunejobs.deeptune.dev", "modeldeployments.deeptune.dev", "jobs.batch", "pods",
         "configmaps", "services", "deployments.apps", "events", "persistentvolumeclaims",
+        "leases.coordination.k8s.io",
     )  # fmt: skip
     for resource in kept:
         assert not can_i(crds, release, "delete", resource, *where), resource
@@ -249,9 +286,25 @@ def start_chart_operator(cluster: Cluster, release: Release, kubeconfig: Path, l
     assert "command" not in container and "args" not in container  # the image's `python -m deeptune`
     # This machine's Python environment, but no Kubernetes credentials or settings of its own.
     env = {key: value for key, value in os.environ.items() if not key.startswith(("KUBE", "DEEPTUNE_"))}
-    env.update({item["name"]: item["value"] for item in container["env"]})
+    for item in container["env"]:
+        if "valueFrom" in item:  # the downward API: the pod's name is the only one the chart uses
+            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", item
+            env[item["name"]] = pod_name(release)
+        else:
+            env[item["name"]] = item["value"]
+    assert env["DEEPTUNE_OPERATOR_IDENTITY"] == pod_name(release)
     env["KUBECONFIG"] = str(kubeconfig)
     return harness.start_process([sys.executable, "-m", "deeptune"], log, env)
+
+
+def pod_name(release: Release) -> str:
+    """The name the operator's pod would have (what the downward API gives the operator)."""
+    return f"{release.fullname}-7c9d8f6b5-abcde"
+
+
+def lease_holder(cluster: Cluster, release: Release) -> str | None:
+    lease = cluster.get("lease", release.lease, release.namespace)
+    return None if lease is None else (lease.get("spec") or {}).get("holderIdentity")
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -292,6 +345,8 @@ def test_operator_runs_with_only_the_charts_rbac(
         )
         assert status["phase"] in ("Pending", "Running", "Succeeded"), status
         assert crds.get("job", status["jobName"], watched) is not None
+        # It leads through the Lease its Role allows, under its pod's name.
+        assert lease_holder(crds, release) == pod_name(release)
         assert f"created Job {watched}/{status['jobName']}" in log.read_text(), (
             f"another operator created Job {status['jobName']} before the chart's operator could: it serves"
             f" {watched} too. The suite's `operator` fixture must leave {WATCHED_PREFIX}* namespaces to this"
@@ -308,10 +363,27 @@ def test_operator_runs_with_only_the_charts_rbac(
         metrics = http_get(f"http://127.0.0.1:{ports['metrics']}/metrics")[1]
         assert "deeptune_operator_reconciles_total" in metrics
         crds.kubectl("delete", "finetunejob", name, "-n", watched, "--wait=true", "--timeout=60s")
+        # The Job and its pods carry the operator's result finalizer: they go only once it removed
+        # it with a patch (of the Job, and of each pod).
+        wait_for(
+            "the operator to release the trainer Job and pods",
+            lambda: (
+                crds.get("job", status["jobName"], watched) is None
+                and not any(
+                    "deeptune.dev/result" in (pod["metadata"].get("finalizers") or [])
+                    for pod in crds.list("pods", watched, f"job-name={status['jobName']}")
+                )
+            ),
+            60,
+        )
         assert operator.popen.poll() is None, "the operator exited"
         text = log.read_text(errors="replace")
         for complaint in ("Forbidden", "forbidden", "Not enough permissions", " 403"):
             assert complaint not in text, complaint
+        operator.stop()
+        assert operator.popen.returncode == 0, operator.popen.returncode
+        # A clean shutdown hands the Lease back (another replica would take over at once).
+        assert lease_holder(crds, release) is None
     except AssertionError as error:
         raise AssertionError(f"{error}{log_tails([log])}") from error
     finally:
@@ -321,7 +393,8 @@ def test_operator_runs_with_only_the_charts_rbac(
 def test_clusterwide_release_grants_cluster_roles(crds: Cluster, namespace: str) -> None:
     with install(crds, namespace, {}) as release:
         name = release.fullname
-        assert crds.list("roles", namespace, f"app.kubernetes.io/instance={release.name}") == []
+        roles = crds.list("roles", namespace, f"app.kubernetes.io/instance={release.name}")
+        assert [role["metadata"]["name"] for role in roles] == [release.lease_role]  # leader election only
         rules = json.loads(crds.kubectl("get", "clusterrole", name, "-o", "json").stdout)["rules"]
         assert {"jobs", "finetunejobs", "customresourcedefinitions"} <= {
             r for rule in rules for r in rule["resources"]
@@ -336,8 +409,14 @@ def test_clusterwide_release_grants_cluster_roles(crds: Cluster, namespace: str)
         assert not can_i(crds, release, "create", "clusterrolebindings.rbac.authorization.k8s.io")
         assert not can_i(crds, release, "*", "*", "--all-namespaces")
         assert not can_i(crds, release, "create", "pods", "--subresource=exec", "--all-namespaces")
-        for resource in ("finetunejobs.deeptune.dev", "jobs.batch", "deployments.apps", "configmaps"):
+        for resource in ("finetunejobs.deeptune.dev", "jobs.batch", "deployments.apps", "configmaps", "pods"):
             assert not can_i(crds, release, "delete", resource, "--all-namespaces"), resource
+        for resource in ("configmaps", "services", "horizontalpodautoscalers.autoscaling"):
+            assert can_i(crds, release, "watch", resource, "--all-namespaces"), resource
+        assert can_i(crds, release, "patch", "pods", "-n", "default")
+        assert can_i(crds, release, "update", f"leases.coordination.k8s.io/{release.lease}", "-n", namespace)
+        assert not can_i(crds, release, "create", "leases.coordination.k8s.io", "-n", "default")
+        assert not can_i(crds, release, "get", "leases.coordination.k8s.io", "--all-namespaces")
 
 
 def test_chart_crds_are_accepted_by_the_api_server(crds: Cluster) -> None:

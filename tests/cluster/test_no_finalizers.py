@@ -1,4 +1,6 @@
-"""DeepTune's resources carry no finalizer, so deleting one never waits for the operator."""
+"""DeepTune's resources carry no finalizer, so deleting one never waits for the operator. (A trainer
+Job and its pods hold `deeptune.dev/result` until an operator has recorded the run: with none
+running, they wait for the next one.)"""
 
 from __future__ import annotations
 
@@ -44,4 +46,17 @@ def test_no_finalizer_and_deletion_without_an_operator(
     own_operator.stop()
     crds.kubectl("delete", "finetunejob", "plain", "legacy", "-n", namespace, "--timeout=30s")
     assert crds.list("finetunejobs", namespace) == []
-    wait_for("the Jobs to be garbage-collected", lambda: crds.list("jobs", namespace) == [], 60)
+
+    def held() -> bool:
+        jobs = crds.list("jobs", namespace)
+        return len(jobs) == 2 and all(job["metadata"].get("deletionTimestamp") for job in jobs)
+
+    wait_for("the orphaned Jobs to be marked for deletion", held, 60)
+    assert all(
+        job["metadata"]["finalizers"] == ["deeptune.dev/result"] for job in crds.list("jobs", namespace)
+    )
+    restarted = harness.start_operator(crds)
+    try:
+        wait_for("the Jobs to be let go and collected", lambda: crds.list("jobs", namespace) == [], 60)
+    finally:
+        restarted.stop()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -33,13 +34,14 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from deeptune import serverside
+from deeptune import children
 from deeptune.api.base import GROUP, VERSION, describe_validation_error
 from tests.cluster.harness import Cluster
-from tests.unit.test_finetunejob_model import MINIMAL
+from tests.conftest import ROOT
 from tests.unit.test_spec_properties import (
     PARSERS,
     REGRESSIONS,
+    SEEDS,
     Generated,
     Mutation,
     Path,
@@ -48,6 +50,7 @@ from tests.unit.test_spec_properties import (
     dotted,
     generated_specs,
     names_a_mutation,
+    put,
 )
 
 pytestmark = pytest.mark.cluster
@@ -61,6 +64,14 @@ MODEL_ONLY_CHECKS: dict[str, str] = {
 }
 """Rejections only the models make (the API server admits the spec): message → where it is documented.
 The operator reports each as InvalidSpec (tests/cluster/test_finetunejob_flow.py shows one)."""
+
+MODEL_ONLY_EXAMPLES: dict[str, tuple[str, dict[Path, Any]]] = {
+    "lora: targetModules: `auto` cannot be combined with explicit module names": (
+        "FineTuneJob",
+        {("lora", "targetModules"): ["auto", "q_proj"]},
+    ),
+}
+"""For each documented model-only check: the kind, and the changes to its minimal spec that make it."""
 
 OPERATOR_GAPS: dict[str, str] = {}
 """Failures that need a fix outside the models: pattern → why and the fix. Each is counted in the
@@ -160,15 +171,14 @@ def dry_run_create(api: client.ApiClient, kind: str, namespace: str, name: str, 
 
 
 def dry_run_child(api: client.ApiClient, manifest: dict[str, Any]) -> None:
-    """Create a child as the operator does (kube.ensure creates; serverside.apply applies), dry run."""
-    kind, namespace = manifest["kind"], manifest["metadata"]["namespace"]
-    if kind == "Job":
-        client.BatchV1Api(api).create_namespaced_job(namespace, manifest, dry_run="All")
-    elif kind == "ConfigMap" and manifest["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer":
-        client.CoreV1Api(api).create_namespaced_config_map(namespace, manifest, dry_run="All")
-    elif kind != "ServiceMonitor":  # the Prometheus Operator's CRD is not installed here
-        client.ApiClient.set_default(api)  # what serverside uses, as in the operator after login
-        serverside.apply(manifest, dry_run=True)
+    """Create a child as the operator does (trainer children are created, serving ones applied),
+    through the operator's own request path, dry run."""
+    client.ApiClient.set_default(api)  # what deeptune.children uses, as in the operator after login
+    trainer = manifest["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"
+    if trainer:
+        children.create(manifest, dry_run=True)
+    elif manifest["kind"] != "ServiceMonitor":  # the Prometheus Operator's CRD is not installed here
+        children.apply(manifest, dry_run=True)
 
 
 def category(text: str) -> str:
@@ -291,18 +301,30 @@ def test_what_the_api_server_admits_the_operator_handles(
     admitted_specs_are_handled()
 
 
-def test_model_only_checks_are_the_documented_ones(api: client.ApiClient, fuzz_namespace: str) -> None:
-    """Each documented model-only check, made on purpose: admitted, then rejected by the models."""
-    spec = copy.deepcopy(MINIMAL)
-    spec["lora"] = {"targetModules": ["auto", "q_proj"]}
-    generated = Generated("FineTuneJob", spec, [Mutation("conflict", ("lora", "targetModules"))])
-    stored = dry_run_create(api, "FineTuneJob", fuzz_namespace, "documented", spec)
-    with pytest.raises(ValidationError) as caught:
-        PARSERS["FineTuneJob"](stored["spec"])
-    assert describe_validation_error(caught.value).removeprefix("spec.") in MODEL_ONLY_CHECKS
-    assert check(api, fuzz_namespace, generated, "documented") == []
-    seen = set(TALLY.model_only)
-    assert seen <= set(MODEL_ONLY_CHECKS), seen - set(MODEL_ONLY_CHECKS)
+def test_model_only_checks_are_the_documented_ones(
+    api: client.ApiClient, fuzz_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each documented model-only check, made on purpose: the document it cites says it, the API server
+    admits the spec, the models refuse it with that message alone, and the generated specs' property
+    takes it as documented. Self-contained: it reads nothing another test leaves (the module's tally);
+    that the generated specs meet no undocumented one is their own property (`model_only`)."""
+    assert set(MODEL_ONLY_EXAMPLES) == set(MODEL_ONLY_CHECKS), "each documented check needs an example"
+    for message, (kind, changes) in MODEL_ONLY_EXAMPLES.items():
+        document = MODEL_ONLY_CHECKS[message].partition(":")[0]
+        assert message in (ROOT / document).read_text(), f"{document} does not say: {message}"
+        spec = copy.deepcopy(SEEDS[kind][0])  # a minimal spec of the kind
+        for path, value in changes.items():
+            put(spec, path, copy.deepcopy(value))
+        stored = dry_run_create(api, kind, fuzz_namespace, "documented", copy.deepcopy(spec))
+        with pytest.raises(ValidationError) as caught:
+            PARSERS[kind](stored["spec"])
+        assert describe_validation_error(caught.value) == f"spec.{message}"
+        tally = Tally()
+        monkeypatch.setattr(sys.modules[__name__], "TALLY", tally)  # the module's figures stay the fuzz's
+        generated = Generated(kind, spec, [Mutation("conflict", path) for path in changes])
+        assert check(api, fuzz_namespace, generated, "documented") == []
+        assert tally.outcomes == Counter({(kind, "admitted"): 1}), tally.summary()
+        assert tally.model_only == Counter({message: 1}), tally.summary()
 
 
 @pytest.mark.parametrize("regression", REGRESSIONS, ids=lambda r: f"{r.kind}:{dotted(r.field)}")

@@ -14,16 +14,20 @@ from typing import Any
 import pytest
 import yaml
 
+from deeptune import registration
 from deeptune.api.finetunejob import parse_spec
 from deeptune.api.trainer import METRICS_PORT
 from deeptune.builders.common import Owner
-from deeptune.builders.finetunejob import DEFAULT_TRAINER_IMAGE, OperatorSettings, build_job
-from deeptune.config import from_environment
+from deeptune.builders.finetunejob import DEFAULT_TRAINER_IMAGE, ChildSettings, build_job
+from deeptune.config import Settings, from_environment
 from tests.conftest import ROOT, load_example
 
 CHART = ROOT / "charts" / "deeptune"
 RELEASE, NAMESPACE = "dt", "deeptune-system"
 FULLNAME = "dt-deeptune"
+LEASE_ROLE = f"{FULLNAME}-leader-election"
+POD_NAME = "dt-deeptune-5d8c7b9f4-x2x7q"
+"""What the downward API would give DEEPTUNE_OPERATOR_IDENTITY in a pod (see `env_of`)."""
 CHART_META = yaml.safe_load((CHART / "Chart.yaml").read_text())
 APP_VERSION = CHART_META["appVersion"]
 
@@ -50,22 +54,30 @@ SERVED_NAMESPACE_RULES = [
     {"apiGroups": ["deeptune.dev"], "resources": ["finetunejobs/finalizers", "modeldeployments/finalizers"],
      "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"],
+     "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": ["apps"], "resources": ["deployments"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
-     "verbs": ["get", "create", "patch", "delete"]},
+     "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["monitoring.coreos.com"], "resources": ["servicemonitors"],
      "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
-     "verbs": ["get", "create", "patch", "delete"]},
+     "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]  # fmt: skip
 CRD_READS = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
              "verbs": ["get", "list", "watch"]}  # fmt: skip
 NAMESPACE_WATCH = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+LEASE_RULES = [
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [FULLNAME],
+     "verbs": ["get", "update"]},
+]  # fmt: skip
+"""Leader election (deeptune/leadership.py): read, create, and take/renew/release by replace. Create
+cannot be restricted by name; the rest is this release's Lease only."""
 DELETABLE = {"horizontalpodautoscalers", "servicemonitors", "networkpolicies"}
 """What the operator deletes itself: an HPA, ServiceMonitor or NetworkPolicy the spec no longer asks
 for. Everything else goes by garbage collection (owner references)."""
@@ -109,7 +121,16 @@ def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def env_of(docs: list[dict[str, Any]]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container(docs)["env"]}
+    """The container's environment as the kubelet would give it: the pod's name for a downward API
+    reference to metadata.name (the only one the chart makes)."""
+    env = {}
+    for item in container(docs)["env"]:
+        if "valueFrom" in item:
+            assert item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, item
+            env[item["name"]] = POD_NAME
+        else:
+            env[item["name"]] = item["value"]
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +146,7 @@ def custom_docs() -> list[dict[str, Any]]:
 # --- lint and schema -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [{}, CUSTOM], ids=["defaults", "custom"])
+@pytest.mark.parametrize("values", [{}, CUSTOM, {"replicas": 2}], ids=["defaults", "custom", "replicated"])
 def test_lint_strict(values: dict[str, Any]) -> None:
     for strict in ([], ["--strict"]):
         result = helm("lint", str(CHART), *strict, "--values", "-", input=yaml.safe_dump(values))
@@ -136,7 +157,7 @@ def test_lint_strict(values: dict[str, Any]) -> None:
     ("setting", "named", "complaint"),
     [
         ("replicas=abc", "replicas", "Expected: integer, given: string"),
-        ("replicas=2", "replicas", "less than or equal to 1"),
+        ("replicas=-1", "replicas", "greater than or equal to 0"),
         ("imagee.tag=x", "(root)", "Additional property imagee is not allowed"),
         ("image.tagg=x", "image", "Additional property tagg is not allowed"),
         ("metrics.serviceMonitor.enable=true", "metrics.serviceMonitor", "Additional property enable"),
@@ -193,7 +214,19 @@ def rbac_docs(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     yield from (doc for doc in docs if doc["apiVersion"].startswith("rbac.authorization.k8s.io/"))
 
 
-@pytest.mark.parametrize("values", [{}, CUSTOM], ids=["clusterwide", "namespaced"])
+def lease_role(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (role,) = [doc for doc in of_kind(docs, "Role") if doc["metadata"]["name"] == LEASE_ROLE]
+    return role
+
+
+def served_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Roles of the namespaces served (all Roles but the leader election one)."""
+    return [doc for doc in of_kind(docs, "Role") if doc["metadata"]["name"] != LEASE_ROLE]
+
+
+@pytest.mark.parametrize(
+    "values", [{}, CUSTOM, {"replicas": 3}], ids=["clusterwide", "namespaced", "replicated"]
+)
 def test_rbac_has_no_wildcards_secrets_or_admin(values: dict[str, Any]) -> None:
     docs = list(rbac_docs(render(values)))
     assert docs
@@ -206,13 +239,23 @@ def test_rbac_has_no_wildcards_secrets_or_admin(values: dict[str, Any]) -> None:
             if "delete" in rule["verbs"]:  # only optional serving children a spec can switch off
                 assert set(rule["resources"]) <= DELETABLE, rule
             assert "nonResourceURLs" not in rule
+            # No subresource but the custom resources' own status and finalizers: no pods/exec,
+            # pods/attach, pods/portforward, serviceaccounts/token, ...
+            for resource in rule["resources"]:
+                assert "/" not in resource or resource.split("/")[1] in ("status", "finalizers"), rule
+            if "pods" in rule["resources"]:  # read, and patch to remove the result finalizer
+                assert set(rule["verbs"]) <= {"get", "list", "watch", "patch"}, rule
+            if "leases" in rule["resources"]:
+                assert doc["kind"] == "Role" and doc["metadata"]["namespace"] == NAMESPACE, doc
         if "roleRef" in doc:
-            assert doc["roleRef"]["name"] == FULLNAME
+            assert doc["roleRef"]["name"] == doc["metadata"]["name"]
+            assert doc["roleRef"]["name"] in (FULLNAME, LEASE_ROLE)
             assert doc["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
 
 
 def test_clusterwide_rbac(default_docs: list[dict[str, Any]]) -> None:
-    assert of_kind(default_docs, "Role") == of_kind(default_docs, "RoleBinding") == []
+    assert served_roles(default_docs) == []
+    assert [doc["metadata"]["name"] for doc in of_kind(default_docs, "RoleBinding")] == [LEASE_ROLE]
     assert one(default_docs, "ClusterRole")["rules"] == [CRD_READS, *SERVED_NAMESPACE_RULES]
     assert one(default_docs, "ClusterRoleBinding")["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -223,8 +266,12 @@ def test_clusterwide_rbac(default_docs: list[dict[str, Any]]) -> None:
 
 def test_namespaced_rbac_has_a_role_in_each_namespace(custom_docs: list[dict[str, Any]]) -> None:
     watched = CUSTOM["watchNamespaces"]
-    roles = {doc["metadata"]["namespace"]: doc for doc in of_kind(custom_docs, "Role")}
-    bindings = {doc["metadata"]["namespace"]: doc for doc in of_kind(custom_docs, "RoleBinding")}
+    roles = {doc["metadata"]["namespace"]: doc for doc in served_roles(custom_docs)}
+    bindings = {
+        doc["metadata"]["namespace"]: doc
+        for doc in of_kind(custom_docs, "RoleBinding")
+        if doc["metadata"]["name"] != LEASE_ROLE
+    }
     assert sorted(roles) == sorted(bindings) == sorted(watched)
     for namespace in watched:
         assert roles[namespace]["rules"] == SERVED_NAMESPACE_RULES
@@ -237,14 +284,152 @@ def test_namespaced_rbac_has_a_role_in_each_namespace(custom_docs: list[dict[str
     assert one(custom_docs, "ClusterRole")["rules"] == [CRD_READS, NAMESPACE_WATCH]
 
 
+@pytest.mark.parametrize(
+    "values",
+    [{}, CUSTOM, {"watchNamespaces": [NAMESPACE, "team-a"]}],
+    ids=["clusterwide", "namespaced", "serving-its-own-namespace"],
+)
+def test_the_lease_role_is_in_the_release_namespace_with_only_what_leader_election_needs(
+    values: dict[str, Any],
+) -> None:
+    """Whatever the namespaces served: a Role for the leader Lease in the release's namespace, with
+    create (which RBAC cannot restrict by name) and get/update of this release's Lease only; no list,
+    watch, patch or delete. A release serving its own namespace has both Roles there, apart."""
+    docs = render(values)
+    role = lease_role(docs)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == LEASE_RULES
+    (binding,) = [doc for doc in of_kind(docs, "RoleBinding") if doc["metadata"]["name"] == LEASE_ROLE]
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": LEASE_ROLE}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    # Leases nowhere else: not in the ClusterRole, not in the Roles of the namespaces served.
+    for doc in rbac_docs(docs):
+        if doc is not role:
+            assert all("leases" not in rule["resources"] for rule in doc.get("rules", [])), doc
+    names = [(doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"]) for doc in docs]
+    assert len(names) == len(set(names)), names
+
+
+def test_the_lease_the_operator_uses_is_the_one_its_role_allows(default_docs: list[dict[str, Any]]) -> None:
+    settings = from_environment(env_of(default_docs))
+    assert settings.lease_namespace == NAMESPACE == lease_role(default_docs)["metadata"]["namespace"]
+    (named,) = [rule for rule in lease_role(default_docs)["rules"] if "resourceNames" in rule]
+    assert named["resourceNames"] == [settings.lease_name] == [FULLNAME]  # one per release
+    assert settings.identity == POD_NAME  # the pod's name, from the downward API
+
+
+def test_rbac_can_be_left_to_someone_else() -> None:
+    assert list(rbac_docs(render({"rbac": {"create": False}}))) == []
+
+
+def test_every_resource_the_operator_watches_can_be_listed_and_watched(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    """The watches and indexes the operator registers with kopf (deeptune.registration: its custom
+    resources and its children, Jobs, Pods, Deployments, ConfigMaps, Services, HPAs and
+    NetworkPolicies), each granted list and watch where it serves."""
+    registry, _ = registration.build(Settings())
+    watched = {
+        (handler.selector.group or "", handler.selector.plural or handler.selector.any_name)
+        for handlers in (registry._indexing, registry._watching)
+        for handler in handlers.get_all_handlers()
+    }
+    assert {("", "configmaps"), ("", "services"), ("autoscaling", "horizontalpodautoscalers"),
+            ("networking.k8s.io", "networkpolicies"), ("batch", "jobs"), ("", "pods"),
+            ("apps", "deployments")} <= watched  # fmt: skip
+    rules = one(default_docs, "ClusterRole")["rules"]
+    for group, plural in watched:
+        verbs = {v for r in rules if group in r["apiGroups"] and plural in r["resources"] for v in r["verbs"]}
+        assert {"list", "watch"} <= verbs, (group, plural)
+
+
 # --- the operator's Deployment ---------------------------------------------------------------
 
 
-def test_one_replica_recreated_never_two(default_docs: list[dict[str, Any]]) -> None:
+def test_one_replica_recreated_without_a_disruption_budget(default_docs: list[dict[str, Any]]) -> None:
     spec = one(default_docs, "Deployment")["spec"]
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
-    assert render({"replicas": 0}, "--show-only", "templates/deployment.yaml")[0]["spec"]["replicas"] == 0
+    assert "affinity" not in spec["template"]["spec"]  # nothing to spread
+    assert of_kind(default_docs, "PodDisruptionBudget") == []  # it could only block drains
+    scaled_to_zero = render({"replicas": 0})
+    assert one(scaled_to_zero, "Deployment")["spec"]["replicas"] == 0
+    assert of_kind(scaled_to_zero, "PodDisruptionBudget") == []
+
+
+ANTI_AFFINITY = {
+    "preferredDuringSchedulingIgnoredDuringExecution": [
+        {
+            "weight": 100,
+            "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname",
+                "labelSelector": {"matchLabels": {
+                    "app.kubernetes.io/name": "deeptune",
+                    "app.kubernetes.io/instance": RELEASE,
+                    "app.kubernetes.io/component": "operator",
+                }},
+            },
+        }
+    ]
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_several_replicas_get_a_budget_spread_and_each_its_identity(replicas: int) -> None:
+    docs = render({"replicas": replicas})
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == replicas
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]
+    # Spread over nodes where it can be (preferred: a one-node cluster still runs them all).
+    assert pod["spec"]["affinity"] == {"podAntiAffinity": ANTI_AFFINITY}
+    selector = ANTI_AFFINITY["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert selector["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    # One voluntary disruption at a time, whatever the replica count; a pod that is not ready does
+    # not block a drain.
+    budget = one(docs, "PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["metadata"]["namespace"] == NAMESPACE
+    assert budget["spec"] == {
+        "maxUnavailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        "selector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]},
+    }
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # Each replica's name in the Lease is its pod's (the downward API), the Lease the release's.
+    (identity,) = [item for item in container(docs)["env"] if item["name"] == "DEEPTUNE_OPERATOR_IDENTITY"]
+    assert identity == {
+        "name": "DEEPTUNE_OPERATOR_IDENTITY",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }
+    settings = from_environment(env_of(docs))
+    assert (settings.identity, settings.lease_namespace) == (POD_NAME, NAMESPACE)
+    assert settings.lease_name == FULLNAME
+
+
+def test_the_budget_leaves_out_what_older_clusters_lack() -> None:
+    """unhealthyPodEvictionPolicy is 1.27's: on 1.25/1.26 (which the chart supports) it is left out."""
+    (budget,) = render({"replicas": 2}, "--kube-version", "1.26.0", "--show-only",
+                       "templates/poddisruptionbudget.yaml")  # fmt: skip
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": budget["spec"]["selector"]}
+
+
+def test_own_affinity_is_kept_and_own_anti_affinity_wins() -> None:
+    node_affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}]}}  # fmt: skip
+    show = ("--show-only", "templates/deployment.yaml")
+    (merged,) = render({"replicas": 2, "affinity": {"nodeAffinity": node_affinity}}, *show)
+    assert merged["spec"]["template"]["spec"]["affinity"] == {
+        "nodeAffinity": node_affinity,
+        "podAntiAffinity": ANTI_AFFINITY,
+    }
+    required = {"requiredDuringSchedulingIgnoredDuringExecution": [
+        ANTI_AFFINITY["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]]}  # fmt: skip
+    (own,) = render({"replicas": 2, "affinity": {"podAntiAffinity": required}}, *show)
+    assert own["spec"]["template"]["spec"]["affinity"] == {"podAntiAffinity": required}
+    (single,) = render({"affinity": {"nodeAffinity": node_affinity}}, *show)
+    assert single["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": node_affinity}
 
 
 def test_security_context(default_docs: list[dict[str, Any]]) -> None:
@@ -311,7 +496,7 @@ def test_custom_values_reach_the_operator(custom_docs: list[dict[str, Any]]) -> 
 def trainer_pod(image: str) -> dict[str, Any]:
     """The pod template of the Job the operator builds for the tiny example."""
     owner = Owner(kind="FineTuneJob", name="tiny-keywords", namespace="team-a", uid="1234")
-    job = build_job(owner, parse_spec(load_example("finetune-tiny.yaml")["spec"]), OperatorSettings(image))
+    job = build_job(owner, parse_spec(load_example("finetune-tiny.yaml")["spec"]), ChildSettings(image))
     return dict(job["spec"]["template"])
 
 
@@ -359,7 +544,7 @@ def test_pod_monitor_selects_the_trainer_pods_the_operator_builds(custom_docs: l
 # --- labels ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [{}, CUSTOM], ids=["defaults", "custom"])
+@pytest.mark.parametrize("values", [{}, CUSTOM, {"replicas": 2}], ids=["defaults", "custom", "replicated"])
 def test_every_object_has_the_standard_labels(values: dict[str, Any]) -> None:
     for doc in render(values):
         labels = doc["metadata"]["labels"]

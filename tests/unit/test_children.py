@@ -7,19 +7,19 @@ import json
 
 import yaml
 
-from deeptune.serverside import _as_yaml_text, _changed
+from deeptune.children import as_yaml_text, changed
 
 AWKWARD = {"stop": ["🙂", "\x7f", "\x85", "\x01", "\ufffe", "中文", 'quote " and \\ backslash']}
 
 
 def test_apply_text_reads_the_same_as_yaml_and_as_json() -> None:
-    text = _as_yaml_text(AWKWARD).decode()
+    text = as_yaml_text(AWKWARD).decode()
     assert yaml.safe_load(text) == AWKWARD
     assert json.loads(text) == AWKWARD
 
 
 def test_characters_outside_the_bmp_are_not_written_as_surrogate_escapes() -> None:
-    text = _as_yaml_text(AWKWARD).decode()
+    text = as_yaml_text(AWKWARD).decode()
     assert "🙂" in text and "\\ud83d" not in text
 
 
@@ -31,8 +31,8 @@ def deployment(version: str, generation: int, labels: dict[str, str], **status: 
 def test_a_status_write_between_read_and_apply_is_no_update() -> None:
     manifest = {"metadata": {"labels": {"app": "a"}}}
     read = deployment("10", 1, {"app": "a"})
-    assert not _changed(read, deployment("11", 1, {"app": "a"}, readyReplicas=1), manifest)
-    assert _changed(read, deployment("12", 2, {"app": "a"}), manifest)  # the spec changed
-    assert _changed(read, deployment("12", 1, {"app": "b"}), {"metadata": {"labels": {"app": "b"}}})
+    assert not changed(read, deployment("11", 1, {"app": "a"}, readyReplicas=1), manifest)
+    assert changed(read, deployment("12", 2, {"app": "a"}), manifest)  # the spec changed
+    assert changed(read, deployment("12", 1, {"app": "b"}), {"metadata": {"labels": {"app": "b"}}})
     config_map = {"metadata": {"resourceVersion": "10"}}
-    assert _changed(config_map, {"metadata": {"resourceVersion": "11"}}, {"metadata": {}})
+    assert changed(config_map, {"metadata": {"resourceVersion": "11"}}, {"metadata": {}})

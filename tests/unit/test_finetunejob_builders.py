@@ -10,11 +10,11 @@ import pytest
 from deeptune.api.finetunejob import parse_spec
 from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerConfig
 from deeptune.builders.common import Owner, child_name
-from deeptune.builders.finetunejob import OperatorSettings, build_config_map, build_job
+from deeptune.builders.finetunejob import ChildSettings, build_config_map, build_job
 from tests.unit.test_finetunejob_model import with_changes
 
 OWNER = Owner(kind="FineTuneJob", name="support-bot", namespace="team-a", uid="1234-abcd")
-SETTINGS = OperatorSettings(trainer_image="registry.local/deeptune/trainer:test")
+SETTINGS = ChildSettings(trainer_image="registry.local/deeptune/trainer:test")
 
 
 def job_for(spec: dict[str, Any]) -> dict[str, Any]:

@@ -279,7 +279,39 @@ def test_suspended() -> None:
 def test_finished_run_survives_its_job_being_deleted() -> None:
     done = derive(job([condition("Complete", "CompletionsReached")]), [])
     after_ttl = derive(None, [], previous=done)
-    assert after_ttl.phase == "Succeeded"
+    assert after_ttl == done, "the recorded outcome stands, reason and times included"
+
+
+def test_ttl_does_not_erase_why_a_run_failed() -> None:
+    """Issue 12, fault 2: once the Job was gone, Failed/BackoffLimitExceeded became Failed/JobRemoved."""
+    failed = derive(job([condition("Failed", "BackoffLimitExceeded", "too many retries")]), [])
+    assert conditions_of(failed)["Failed"] == ("True", "BackoffLimitExceeded")
+    after_ttl = derive(None, [], previous=failed)
+    assert conditions_of(after_ttl)["Failed"] == ("True", "BackoffLimitExceeded")
+    assert after_ttl == failed
+
+
+def test_a_failure_recorded_before_leads_when_its_pod_is_gone() -> None:
+    """The trainer's words were recorded while the Job retried; the Job then failed, its pod gone from
+    view (deleted with the Job's TTL): the Failed condition still leads with the trainer's reason."""
+    exit_3 = trainer_failure("DatasetNotFound", "missing.jsonl does not exist")
+    retrying = derive(job(failed=1), [exit_3])
+    assert retrying.last_failure is not None and retrying.last_failure.reason == "DatasetNotFound"
+    failed = derive(job([condition("Failed", "PodFailurePolicy", "exit code 3")]), [], previous=retrying)
+    assert conditions_of(failed)["Failed"] == ("True", "DatasetNotFound")
+
+
+def test_the_same_figures_scraped_again_are_no_change() -> None:
+    """Issue 12, fault 8: every visit wrote a fresh progress.lastUpdateTime, so a running job's
+    status was written (and watched by every client) on every pass."""
+    first = derive(job(active=1), [pod("Running")], progress=parse_progress(METRICS, NOW))
+    again = derive(job(active=1), [pod("Running")], previous=first, progress=parse_progress(METRICS, "later"))
+    assert again == first
+    moved = parse_progress(
+        METRICS.replace("deeptune_trainer_step 150.0", "deeptune_trainer_step 151.0"), "later"
+    )
+    assert moved is not None and moved.step == 151
+    assert derive(job(active=1), [pod("Running")], previous=first, progress=moved).progress == moved
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:

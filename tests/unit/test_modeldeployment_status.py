@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from deeptune.api.modeldeployment import (
     ResolvedModel,
     parse_spec,
 )
-from deeptune.handlers import modeldeployment as handler
 from deeptune.status.modeldeployment import (
     Waiting,
     derive_status,
@@ -29,7 +27,6 @@ from deeptune.status.modeldeployment import (
     status_changes,
     waiting_status,
 )
-from deeptune.statusloop import StatusUpdate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "status"
 NOW = "2026-11-25T10:00:00Z"
@@ -443,72 +440,3 @@ def test_log_tails_and_plain_messages() -> None:
     )
     assert load_error("FileNotFoundError: no model at /x\n") == "FileNotFoundError: no model at /x"
     assert len(load_error("x" * 5000)) == 1024
-
-
-# --- the status loop's visit (handlers/modeldeployment.py), with its indexes as plain mappings -------
-
-
-def visit(
-    uid: str,
-    spec: dict[str, Any],
-    previous: ModelDeploymentStatus,
-    *,
-    jobs: list[dict[str, Any]] | None = None,
-    deployments: list[dict[str, Any]] | None = None,
-) -> StatusUpdate | None:
-    obj = {
-        "apiVersion": "deeptune.dev/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": "bot", "namespace": "ns", "uid": uid, "generation": 2},
-        "spec": spec,
-        "status": previous.to_wire(),
-    }
-    indexes = {
-        "finetunejobs_by_name": {("ns", "bot"): jobs or []},
-        "serving_deployments": {("ns", uid): deployments or []},
-        "serving_pods": {},
-    }
-    return asyncio.run(handler.visit(obj, indexes))
-
-
-REF = {"model": {"fineTuneJobRef": {"name": "bot"}}, "resources": {"gpu": 0}}
-INVALID = {**REF, "quantization": "int8"}  # quantization needs a GPU
-
-
-def test_visit_clears_the_deployment_of_a_rejected_spec_only_when_there_is_none() -> None:
-    creating = derive(None, [])
-    update = visit("rejected-at-once", INVALID, creating)
-    assert update is not None
-    assert update.changes["modelState"] == "FailedToLoad"
-    assert update.changes["deploymentName"] is None and update.changes["endpoints"] is None
-    kept = visit("rejected-change", INVALID, creating, deployments=[deployment()])
-    assert kept is not None and kept.changes["modelState"] == "FailedToLoad"
-    assert "deploymentName" not in kept.changes and "endpoints" not in kept.changes
-
-
-def test_visit_reports_a_failed_finetunejob_and_serves_its_successful_rerun(monkeypatch: Any) -> None:
-    failed = job("Failed")
-    malformed = "3 of 3 rows are malformed"
-    failed["status"]["conditions"] = [
-        {"type": "Failed", "status": "True", "reason": "InvalidDataset", "message": malformed},
-    ]
-    failed["status"]["conditions"][0]["lastTransitionTime"] = NOW
-    update = visit("job-failed", REF, ModelDeploymentStatus(), jobs=[failed])
-    assert update is not None and update.phase == "Pending"
-    status = ModelDeploymentStatus.model_validate(update.changes)
-    assert conditions_of(status)["Ready"] == ("False", "FineTuneJobFailed")
-    assert [(e.type, e.reason) for e in update.events] == [
-        ("Normal", "Pending"),
-        ("Warning", "FineTuneJobFailed"),
-    ]
-    assert update.events[1].message.endswith(f"succeeds: InvalidDataset: {malformed}")
-    assert visit("job-failed", REF, status, jobs=[failed]) == StatusUpdate(changes={}, phase="Pending")
-
-    applied: list[str] = []
-    monkeypatch.setattr(handler, "_apply_children", lambda obj, children, owner: applied.append(owner.name))
-    rerun = job("Succeeded", mergedPath="merged")
-    update = visit("job-failed", REF, status, jobs=[rerun])
-    assert applied == ["bot"], "the children follow once the rerun succeeded"
-    assert update is not None and update.changes["deploymentName"] == "bot-triton"
-    assert update.changes["resolvedModel"]["fineTuneJob"] == "bot"
-    assert not is_waiting(ModelDeploymentStatus.model_validate({**status.to_wire(), **update.changes}))

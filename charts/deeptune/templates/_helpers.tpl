@@ -69,23 +69,33 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/*
-What the operator does in each namespace it serves (operator/deeptune/kube.py, handlers/):
+What the operator does in each namespace it serves (operator/deeptune/registration.py: the watches
+and indexes; children.py: every write to a child; reconcilers/: which child gets which write):
 - its custom resources: watch (kopf lists and watches), patch (kopf's annotations and status);
   update on .../finalizers because child owner references set blockOwnerDeletion, which the
   OwnerReferencesPermissionEnforcement admission plugin allows only to who may update them;
-- Jobs: watch (an index), create and read back on conflict (kube.ensure), patch (suspend/deadlines);
-- Pods: read only (indexes of trainer and serving pods; metrics and the serving probe go over HTTP,
-  not through the API);
-- ConfigMaps: create and read back on conflict (kube.ensure), and the serving model repository:
-  read (the owner check), create and patch (server-side apply, serverside.py, creates with `create`);
-- serving children of a ModelDeployment, applied server-side (serverside.py): Deployments (also
-  listed and watched: an index), Services, HorizontalPodAutoscalers, Prometheus Operator
-  ServiceMonitors and NetworkPolicies: get, create, patch; HPAs, ServiceMonitors and NetworkPolicies
-  also delete, when a spec switches autoscaling, serviceMonitor or networkPolicy off (only objects
-  this ModelDeployment owns);
-- Events: create and patch (the operator posts core/v1 Events, events.py; events.k8s.io is the same data in
-  the newer API, which other client libraries use).
+- Jobs: list and watch (an index), create (children.create, dry run first) and read back on
+  conflict, patch: `suspend`, deadlines and the like, and the removal of the `deeptune.dev/result`
+  finalizer (a JSON patch, children.release) once the status holds the result;
+- Pods: list and watch (indexes of trainer and serving pods), get, and patch for one thing: removing
+  the `deeptune.dev/result` finalizer that trainer pods get from the Job's pod template. Never
+  create, and no exec/attach/portforward: metrics and the serving probe go over HTTP, not through
+  the API;
+- ConfigMaps: the trainer's configuration (created once, read back on conflict) and a
+  ModelDeployment's Triton model repository (server-side apply: get for the owner check, patch, and
+  create because an apply that creates an object is authorized as one); list and watch: indexes of
+  both, so a deleted one is noticed and made again;
+- serving children of a ModelDeployment, applied server-side (children.apply): Deployments,
+  Services, HorizontalPodAutoscalers, NetworkPolicies and Prometheus Operator ServiceMonitors: get,
+  create, patch. All but ServiceMonitors are also listed and watched (indexes by owner: a child
+  deleted or edited by hand is put back); a ServiceMonitor's kind may not be installed, so it is not
+  watched. HPAs, ServiceMonitors and NetworkPolicies also delete, when a spec switches autoscaling,
+  serviceMonitor or networkPolicy off (children.remove: only objects this ModelDeployment owns);
+  everything else goes by garbage collection (owner references), never by the operator;
+- Events: create and patch (the operator posts core/v1 Events, events.py; events.k8s.io is the same
+  data in the newer API, which other client libraries use).
 No Secrets: the trainer and Triton read tokens through secretKeyRef; the operator never does.
+The leader Lease is not here: it lives in the release's namespace only (deeptune.leaseRules).
 */}}
 {{- define "deeptune.namespacedRules" -}}
 - apiGroups: [deeptune.dev]
@@ -102,28 +112,56 @@ No Secrets: the trainer and Triton read tokens through secretKeyRef; the operato
   verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [""]
   resources: [configmaps, services]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
-  verbs: [get, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
   resources: [servicemonitors]
   verbs: [get, create, patch, delete]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- end }}
+
+{{/*
+The leader Lease's name (DEEPTUNE_LEASE_NAME): one per release, so that two releases in one
+namespace (say one per team, each with its own watchNamespaces) elect a leader each instead of
+sharing one.
+*/}}
+{{- define "deeptune.leaseName" -}}
+{{- include "deeptune.fullname" . }}
+{{- end }}
+
+{{/*
+Leader election (operator/deeptune/leadership.py), in the release's namespace only, whatever
+watchNamespaces is: the replicas contend for one coordination.k8s.io/v1 Lease, reading it (get),
+making it when it does not exist yet (create) and taking, renewing and releasing it with a replace
+(update, with the resourceVersion read). RBAC cannot restrict `create` by name (the name is not in
+the request's URL), so create gets a rule of its own, and get/update are restricted to this
+release's Lease: the operator can neither read nor take over any other Lease (another controller's,
+another release's). No list, watch, patch or delete.
+*/}}
+{{- define "deeptune.leaseRules" -}}
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [create]
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  resourceNames: [{{ include "deeptune.leaseName" . | quote }}]
+  verbs: [get, update]
 {{- end }}
 
 {{/*

@@ -46,6 +46,18 @@ def cel_rules(*rules: JsonValue) -> ConfigDict:
     return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
+def unchanged(field: str) -> JsonValue:
+    """A rule for the parent object that keeps an optional field as it was created: set, changed and
+    removed alike are refused. (A rule on the field itself runs only when both versions have it.)"""
+    same = f"(!has(self.{field}) || self.{field} == oldSelf.{field})"
+    return cel(
+        f"has(self.{field}) == has(oldSelf.{field}) && {same}",
+        f"{field} is immutable: it shapes the trainer's pod, which cannot change once created; create a new"
+        " resource (with a new name) to use different settings",
+        field_path=f".{field}",
+    )
+
+
 def immutable(field: str) -> dict[str, JsonValue]:
     """Schema extra that makes a training-defining field immutable once the object exists."""
     return {
@@ -77,6 +89,14 @@ class ApiModel(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The camelCase JSON form, without unset optional fields (what goes into Kubernetes)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def null_means_default(default: Any) -> BeforeValidator:
+    """A field validator that reads `null` as the field's default, as the API server does: it prunes a
+    null where the schema does not allow one and fills in the schema's default. For a field with a
+    default that is not None: were null kept as None, `to_wire()` would drop it and whoever parsed the
+    wire form (the trainer) would get the default instead of what the operator validated."""
+    return BeforeValidator(lambda value: default if value is None else value)
 
 
 def exactly_one(model: ApiModel, fields: tuple[str, ...]) -> None:

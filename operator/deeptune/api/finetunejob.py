@@ -29,6 +29,8 @@ from deeptune.api.base import (
     exactly_one,
     immutable,
     nested_default,
+    null_means_default,
+    unchanged,
 )
 
 KIND = "FineTuneJob"
@@ -132,10 +134,15 @@ class FieldMapping(ApiModel):
     """For label-style data (classification): the column with the expected label."""
 
 
+DEFAULT_VALIDATION_RATIO = 0.1
+
+
 class ValidationSplit(ApiModel):
     """Held-out rows for evaluation: a share of the dataset, or a source of their own."""
 
-    ratio: Annotated[float, Field(gt=0, lt=1)] | None = 0.1
+    ratio: Annotated[float, Field(gt=0, lt=1), null_means_default(DEFAULT_VALIDATION_RATIO)] = (
+        DEFAULT_VALIDATION_RATIO
+    )
     """Share of rows held out when no separate source is given."""
     source: DataSource | None = None
     """A separate validation dataset (same format and field mapping)."""
@@ -391,6 +398,10 @@ class FineTuneJobSpec(ApiModel):
     """Desired state of a FineTuneJob."""
 
     model_config = cel_rules(
+        *(
+            unchanged(field)
+            for field in ("image", "imagePullPolicy", "imagePullSecrets", "env", "earlyStopping")
+        ),
         cel(
             "self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpu)"
             " || self.resources.gpu > 0",
@@ -415,7 +426,9 @@ class FineTuneJobSpec(ApiModel):
         Hyperparameters, Field(json_schema_extra={**nested_default(), **immutable("hyperparameters")})
     ] = Field(default_factory=Hyperparameters)
     early_stopping: EarlyStopping | None = None
-    """Off unless given."""
+    """Off unless given. Immutable, like every field below that shapes the trainer's pod (image, pull
+    policy and secrets, env); suspend, backoffLimit, activeDeadlineSeconds and
+    ttlSecondsAfterFinished may change and reach the running Job."""
     evaluation: Annotated[
         EvaluationSpec, Field(json_schema_extra={**nested_default(), **immutable("evaluation")})
     ] = Field(default_factory=EvaluationSpec)

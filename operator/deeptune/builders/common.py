@@ -45,6 +45,12 @@ def child_name(owner_name: str, suffix: str) -> str:
     return f"{owner_name[:keep].rstrip('-.')}-{digest}-{suffix}"
 
 
+def uid_label(kind: str) -> str:
+    """The label holding the owner's uid: how the operator finds whose child an object is (the
+    name label is cut to 63 characters, and a pod's owner is its Job, not the resource)."""
+    return f"deeptune.dev/{kind.lower()}-uid"
+
+
 def labels(owner: Owner, component: str) -> dict[str, str]:
     """Labels that find a resource's children (and let the operator index them)."""
     return {
@@ -52,6 +58,7 @@ def labels(owner: Owner, component: str) -> dict[str, str]:
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": MANAGED_BY,
         f"deeptune.dev/{owner.kind.lower()}": owner.name[:MAX_NAME].rstrip("-."),
+        uid_label(owner.kind): owner.uid,
     }
 
 

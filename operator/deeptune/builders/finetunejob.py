@@ -32,11 +32,16 @@ CONFIG_KEY = "config.json"
 PVC_ROOT = "/mnt/pvc"
 CONFIGMAP_ROOT = "/mnt/configmap"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/deeptune/trainer:0.1.0"
+RESULT_FINALIZER = "deeptune.dev/result"
+"""Held by a trainer Job and its pods until the run's outcome is in the FineTuneJob's status, so a
+short ttlSecondsAfterFinished (or one that passes while no operator runs) cannot erase the result:
+the outcome comes from the Job's conditions and the trainer's summary from its pod."""
 
 
 @dataclass(frozen=True)
-class OperatorSettings:
-    """Operator-wide choices that are not part of any one spec (set from the chart's values)."""
+class ChildSettings:
+    """Operator-wide choices for the children it builds, not part of any one spec (set from the
+    chart's values)."""
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     image_pull_policy: str = "IfNotPresent"
@@ -173,7 +178,7 @@ def _env(spec: FineTuneJobSpec) -> list[Manifest]:
     return env
 
 
-def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> Manifest:
+def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> Manifest:
     volumes, mounts = _volumes(owner, spec)
     container: Manifest = {
         "name": CONTAINER,
@@ -202,7 +207,7 @@ def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -
     return pod
 
 
-def build_job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -> Manifest:
+def build_job(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> Manifest:
     """The batch/v1 Job that runs the trainer once, retrying pods up to `backoffLimit`.
 
     Bad input (trainer exit code 3) fails the Job at once: retrying cannot fix a typo, and a retry
@@ -210,9 +215,9 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -
     """
     meta = metadata(owner, job_name(owner), COMPONENT)
     meta["labels"].update(settings.extra_labels)
+    meta["finalizers"] = [RESULT_FINALIZER]
     template_labels = {**meta["labels"]}
     job_spec: Manifest = {
-        "backoffLimit": spec.backoff_limit,
         "completions": 1,
         "parallelism": 1,
         "podFailurePolicy": {
@@ -231,6 +236,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -
         "template": {
             "metadata": {
                 "labels": template_labels,
+                "finalizers": [RESULT_FINALIZER],
                 "annotations": {
                     "prometheus.io/scrape": "true",
                     "prometheus.io/port": str(METRICS_PORT),
@@ -244,8 +250,10 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: OperatorSettings) -
 
 
 def job_controls(spec: FineTuneJobSpec) -> Manifest:
-    """The Job fields a user may change after creation; everything else is fixed with the run."""
+    """The Job fields a user may change after creation (the operator patches a running Job when they
+    change); everything else is fixed with the run (immutable in the CRD)."""
     return {
+        "backoffLimit": spec.backoff_limit,
         "suspend": spec.suspend,
         "activeDeadlineSeconds": spec.active_deadline_seconds,
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,

@@ -25,14 +25,15 @@ from deeptune.builders.common import (
     labels,
     metadata,
     pod_security_context,
+    uid_label,
 )
-from deeptune.builders.finetunejob import PVC_ROOT, OperatorSettings
+from deeptune.builders.finetunejob import PVC_ROOT, ChildSettings
 from deeptune.builders.pod import container_resources, cpu_threads, scheduling
 from deeptune.serving.repository import REPOSITORY_PATH, ModelLocation, repository_files, tritonserver_command
 
 COMPONENT = "serving"
 CONTAINER = "triton"
-UID_LABEL = "deeptune.dev/modeldeployment-uid"
+UID_LABEL = uid_label("ModelDeployment")
 """On every pod and in every selector: the owner's name label is cut to 63 characters and could be
 shared by two ModelDeployments, its uid cannot."""
 CONFIG_HASH = "deeptune.dev/config-hash"
@@ -61,10 +62,11 @@ class ServingChildren:
     network_policy: Manifest | None = None
 
     def manifests(self) -> list[Manifest]:
-        """The policy goes before the Deployment, so that new pods are never reachable without it."""
+        """The policy goes before the Deployment, so that new pods are never reachable without it;
+        the Service too, so that whoever sees the Deployment finds its Service."""
         policy = [self.network_policy] if self.network_policy is not None else []
         optional = [m for m in (self.autoscaler, self.service_monitor) if m is not None]
-        return [self.config_map, *policy, self.deployment, self.service, *optional]
+        return [self.config_map, *policy, self.service, self.deployment, *optional]
 
 
 def server_name(owner: Owner) -> str:
@@ -96,7 +98,7 @@ def selector_labels(owner: Owner) -> dict[str, str]:
     }
 
 
-def _labelled_metadata(owner: Owner, name: str, settings: OperatorSettings) -> Manifest:
+def _labelled_metadata(owner: Owner, name: str, settings: ChildSettings) -> Manifest:
     meta = metadata(owner, name, COMPONENT)
     meta["labels"].update({**settings.extra_labels, UID_LABEL: owner.uid})
     return meta
@@ -154,7 +156,7 @@ def config_map_key(path: str) -> str:
     return path.replace("/", "__")
 
 
-def build_config_map(owner: Owner, files: dict[str, str], settings: OperatorSettings) -> Manifest:
+def build_config_map(owner: Owner, files: dict[str, str], settings: ChildSettings) -> Manifest:
     """The model repository (config.pbtxt and the Python backend's code); the pod maps each key back
     to its path with `items`."""
     return {
@@ -227,7 +229,7 @@ def _http_probe(path: str, period: int, failures: int) -> Manifest:
 
 
 def _container(
-    spec: ModelDeploymentSpec, resolved: ResolvedModel, mounts: list[Manifest], settings: OperatorSettings
+    spec: ModelDeploymentSpec, resolved: ResolvedModel, mounts: list[Manifest], settings: ChildSettings
 ) -> Manifest:
     ports = spec.service
     return {
@@ -259,7 +261,7 @@ def _pod_spec(
     spec: ModelDeploymentSpec,
     resolved: ResolvedModel,
     files: dict[str, str],
-    settings: OperatorSettings,
+    settings: ChildSettings,
 ) -> Manifest:
     volumes, mounts = _volumes(owner, spec, resolved, files)
     pod: Manifest = {
@@ -288,7 +290,7 @@ def build_deployment(
     spec: ModelDeploymentSpec,
     resolved: ResolvedModel,
     files: dict[str, str],
-    settings: OperatorSettings,
+    settings: ChildSettings,
 ) -> Manifest:
     """The Triton Deployment. With autoscaling on, `replicas` is left out: the HPA owns it, and the
     operator's server-side apply would otherwise reset it on every change."""
@@ -317,7 +319,7 @@ def build_deployment(
 # --- Service, autoscaler, monitor --------------------------------------------------------------
 
 
-def build_service(owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSettings) -> Manifest:
+def build_service(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSettings) -> Manifest:
     ports = spec.service
     return {
         "apiVersion": "v1",
@@ -341,7 +343,7 @@ def build_service(owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSet
     }
 
 
-def build_autoscaler(owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSettings) -> Manifest | None:
+def build_autoscaler(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSettings) -> Manifest | None:
     """An autoscaling/v2 HPA on CPU use (which needs `resources.cpu`: utilization is a share of the
     request), and on Triton's queue time when `queueTimeMicroseconds` is set."""
     scaling = spec.autoscaling
@@ -388,7 +390,7 @@ def build_autoscaler(owner: Owner, spec: ModelDeploymentSpec, settings: Operator
 
 
 def build_service_monitor(
-    owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSettings
+    owner: Owner, spec: ModelDeploymentSpec, settings: ChildSettings
 ) -> Manifest | None:
     """A Prometheus Operator ServiceMonitor for Triton's metrics port (the CRD must be installed)."""
     if not spec.service_monitor:
@@ -404,7 +406,7 @@ def build_service_monitor(
     }
 
 
-def _operator_peer(settings: OperatorSettings) -> Manifest | None:
+def _operator_peer(settings: ChildSettings) -> Manifest | None:
     """The operator's pods, by namespace and labels; None when they are not known (a local run)."""
     if not settings.operator_namespace or not settings.operator_labels:
         return None
@@ -421,9 +423,7 @@ def _port_rule(peers: list[Manifest], *ports: int) -> list[Manifest]:
     return [{"from": peers, "ports": [{"protocol": "TCP", "port": port} for port in ports]}]
 
 
-def build_network_policy(
-    owner: Owner, spec: ModelDeploymentSpec, settings: OperatorSettings
-) -> Manifest | None:
+def build_network_policy(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSettings) -> Manifest | None:
     """Ingress to the serving pods: HTTP and gRPC from `allowFrom`, HTTP from the operator (its model
     check), metrics from `metricsFrom`; nothing else. The kubelet's probes come from the node, which
     network plugins admit. Egress is left alone (a base model named by its Hugging Face id is
@@ -451,7 +451,7 @@ def build_network_policy(
 
 
 def build_children(
-    owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel, settings: OperatorSettings
+    owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel, settings: ChildSettings
 ) -> ServingChildren:
     """Every child of a ModelDeployment whose model is resolved (a fineTuneJobRef followed)."""
     files = repository_files(spec, model_location(resolved), model_name(owner))

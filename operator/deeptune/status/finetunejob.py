@@ -41,7 +41,7 @@ passed, whatever the trainer was doing."""
 
 
 @dataclass(frozen=True)
-class Observation:
+class RunState:
     """Where the run stands, before it is written as conditions."""
 
     phase: Phase
@@ -127,44 +127,52 @@ def _pending_explanation(pods: list[Obj]) -> tuple[str, str]:
     return "Pending", "waiting for the trainer pod to start"
 
 
-def _failed(job_failed: Obj, failure: FailureInfo | None) -> Observation:
+def _failed(job_failed: Obj, failure: FailureInfo | None) -> RunState:
     """Failed, in the trainer's words first: its reason (InvalidDataset, OOMKilled, ...) and message
     say what to fix; the Job's condition (the rule that failed it, naming the pod) follows in
     parentheses. A deadline is the Job's own decision, so there the Job's words lead."""
     reason = job_failed.get("reason") or "Failed"
     job_says = job_failed.get("message", "")
     if failure is None or not failure.message:
-        return Observation("Failed", reason, job_says)
+        return RunState("Failed", reason, job_says)
     if reason in _JOB_DECIDED:
-        return Observation("Failed", reason, f"{job_says}: {failure.reason}: {failure.message}")
+        return RunState("Failed", reason, f"{job_says}: {failure.reason}: {failure.message}")
     context = f"{reason}: {job_says}" if job_says else reason
-    return Observation("Failed", failure.reason, f"{failure.message} (Job: {context})")
+    return RunState("Failed", failure.reason, f"{failure.message} (Job: {context})")
 
 
-def observe(job: Obj | None, pods: list[Obj], previous_phase: str | None) -> Observation:
-    """The phase of the run, with a CamelCase reason and a human message."""
+def observe(
+    job: Obj | None, pods: list[Obj], blocked: RunState | None = None, known: FailureInfo | None = None
+) -> RunState:
+    """The phase of an unfinished run, with a CamelCase reason and a human message. `blocked` says
+    why there is no Job (one of that name that is not ours, say) when the operator knows; `known` is
+    the trainer's failure recorded before, for when its pod is gone from view."""
     if job is None:
-        if previous_phase in TERMINAL_PHASES:
-            # The finished Job was removed (ttlSecondsAfterFinished); the outcome stands.
-            return Observation(previous_phase, "JobRemoved", "the finished Job was deleted")  # type: ignore[arg-type]
-        return Observation("Pending", "JobNotCreated", "the trainer Job is being created")
+        return blocked or RunState("Pending", "JobNotCreated", "the trainer Job is being created")
     if (cond := _job_condition(job, "Complete")) is not None:
-        return Observation("Succeeded", "Succeeded", "fine-tuning finished")
+        return RunState("Succeeded", "Succeeded", "fine-tuning finished")
     if (cond := _job_condition(job, "Failed")) is not None:
-        return _failed(cond, last_failure(pods))
+        return _failed(cond, last_failure(pods) or known)
     if _job_condition(job, "Suspended") is not None:
-        return Observation("Suspended", "Suspended", "suspended; set spec.suspend to false to resume")
+        return RunState("Suspended", "Suspended", "suspended; set spec.suspend to false to resume")
     phases = {p.get("status", {}).get("phase") for p in pods}
     if "Running" in phases:
-        return Observation("Running", "Training", "the trainer is running")
+        return RunState("Running", "Training", "the trainer is running")
     if "Succeeded" in phases:  # the Job controller adds Complete a moment after the pod ends
-        return Observation("Running", "Finishing", "the trainer finished; the Job is completing")
+        return RunState("Running", "Finishing", "the trainer finished; the Job is completing")
     if "Failed" in phases and not phases & {"Pending"}:
         failure = last_failure(pods)
         detail = f": {failure.reason}: {failure.message}" if failure else ""
-        return Observation("Pending", "Retrying", f"the trainer pod failed and will be retried{detail}")
+        return RunState("Pending", "Retrying", f"the trainer pod failed and will be retried{detail}")
     reason, message = _pending_explanation(pods)
-    return Observation("Pending", reason, message)
+    return RunState("Pending", reason, message)
+
+
+def same_progress(a: Progress | None, b: Progress | None) -> bool:
+    """The same figures, whenever they were read: an unchanged scrape is no status write."""
+    if a is None or b is None:
+        return a is b
+    return a.model_copy(update={"last_update_time": None}) == b.model_copy(update={"last_update_time": None})
 
 
 def _succeeded_summary(pods: list[Obj]) -> TrainerSummary | None:
@@ -175,7 +183,7 @@ def _succeeded_summary(pods: list[Obj]) -> TrainerSummary | None:
 
 
 def _conditions(
-    previous: list[Condition], observation: Observation, generation: int | None, now: str
+    previous: list[Condition], observation: RunState, generation: int | None, now: str
 ) -> list[Condition]:
     wanted = {
         "Ready": observation.phase == "Succeeded",
@@ -200,9 +208,15 @@ def derive_status(
     progress: Progress | None,
     output: OutputStatus,
     now: str,
+    blocked: RunState | None = None,
 ) -> FineTuneJobStatus:
-    """The status to write, given what the cluster shows now and what the status said before."""
-    observation = observe(job, pods, previous.phase)
+    """The status to write, given what the cluster shows now and what the status said before.
+
+    A finished run's outcome is recorded once and stands: when its Job is gone (deleted by hand; the
+    operator's finalizer keeps it until the outcome is in status), nothing changes."""
+    if job is None and previous.phase in TERMINAL_PHASES and not is_invalid_spec(previous):
+        return previous
+    observation = observe(job, pods, blocked, previous.last_failure)
     job_status = (job or {}).get("status", {})
     status = previous.model_copy(deep=True)
     status.phase = observation.phase
@@ -214,7 +228,11 @@ def derive_status(
         status.completion_time = job_status.get("completionTime") or status.completion_time
         status.retries = int(job_status.get("failed") or 0)
     status.last_failure = last_failure(pods) or status.last_failure
-    if observation.phase == "Running" and progress is not None:
+    if (
+        observation.phase == "Running"
+        and progress is not None
+        and not same_progress(progress, status.progress)
+    ):
         status.progress = progress
     if observation.phase == "Failed" and status.completion_time is None:
         cond = _job_condition(job or {}, "Failed") or {}

@@ -116,7 +116,7 @@ def prepare_dataset(
             raise _nothing_left(f"{where}: ", validation_source, validation_stats, spec)
         stats = stats + validation_stats
     else:
-        train, validation = split_by_ratio(train, spec.validation.ratio or 0.0, seed)
+        train, validation = split_by_ratio(train, spec.validation.ratio, seed)
     kept = len(train) + len(validation)
     augmented = Augmented([], Counter())
     if spec.augmentation is not None:
