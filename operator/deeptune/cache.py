@@ -15,14 +15,10 @@ class Cache:
 
     kopf hands the indexes only to handlers, and only once every index is filled from its first
     LIST; `fill` takes them from the first handler, so a reconcile never mistakes a child not yet
-    listed for a missing one."""
+    listed for a missing one. Before that the cache has no keys."""
 
     def __init__(self) -> None:
         self._indexes: Mapping[str, Index] | None = None
-
-    @property
-    def filled(self) -> bool:
-        return self._indexes is not None
 
     def fill(self, indexes: Mapping[str, Any]) -> None:
         if self._indexes is None:

@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from deeptune.observability import RECONCILE_ERRORS, TASK_RESTARTS, measured
+from deeptune.observability import RECONCILE_ERRORS, RESYNCS, TASK_RESTARTS, measured
 from deeptune.workqueue import WorkQueue
 
 LOG = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class Controller:
         while True:
             for key in list(self.keys()):
                 self.queue.add(key)
+            RESYNCS.labels(self.kind).inc()
             self._mark_progress_if_idle()
             await asyncio.sleep(self.resync_interval)
 

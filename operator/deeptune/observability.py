@@ -19,6 +19,7 @@ OBJECTS = Gauge("deeptune_operator_objects", "Custom resources by phase.", ["kin
 RECONCILE_ERRORS = Counter(
     "deeptune_operator_reconcile_errors_total", "Reconciles that raised (retried after a backoff).", ["kind"]
 )
+RESYNCS = Counter("deeptune_operator_resyncs_total", "Resync passes (every known object queued).", ["kind"])
 TASK_RESTARTS = Counter(
     "deeptune_operator_task_restarts_total", "Controller tasks restarted after a crash.", ["kind", "task"]
 )

@@ -54,7 +54,6 @@ class Operator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = Cache()
-        self.cache_filled = asyncio.Event()
         self.finetunejobs = ftj.FineTuneJobReconciler(settings, self.cache, self._enqueue_ftj)
         self.modeldeployments = mdep.ModelDeploymentReconciler(settings, self.cache, self._enqueue_mdep)
         self.controllers = (
@@ -75,17 +74,16 @@ class Operator:
         self.controllers[1].enqueue(uid)
 
     def fill(self, indexes: dict[str, Any]) -> None:
-        """The first handler's indexes: every index is filled from its first LIST by now."""
-        if not self.cache.filled:
-            self.cache.fill(indexes)
-            self.cache_filled.set()
+        """The first handler's indexes: every index is filled from its first LIST by now. Until a
+        handler runs there is nothing to reconcile: keys come from handlers (which fill the cache
+        first) and from the resync of the cache's keys (none while it is empty)."""
+        self.cache.fill(indexes)
 
     async def lead(self) -> None:
         """Run every controller (each supervises its own tasks) while this replica leads."""
         await asyncio.gather(*(controller.run() for controller in self.controllers))
 
     async def run(self) -> None:
-        await self.cache_filled.wait()
         await self.leadership.run(self.lead)
 
     def health(self) -> dict[str, Any]:

@@ -167,8 +167,8 @@ class CrashingOperator:
             self.process.stop()
 
 
-def reconciles(process: Process, kind: str) -> float:
-    """Reconciles of `kind` the operator has finished (0 while it does not answer)."""
+def counted(process: Process, name: str, kind: str) -> float:
+    """One of the operator's counters for `kind` (0 while it does not answer)."""
     url = f"http://127.0.0.1:{process.ports['metrics']}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=2) as page:
@@ -179,21 +179,25 @@ def reconciles(process: Process, kind: str) -> float:
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "deeptune_operator_reconciles_total" and sample.labels.get("kind") == kind
+        if sample.name == name and sample.labels.get("kind") == kind
     )
 
 
-def settled(cluster: Cluster, process: Process, kind: str, plural: str) -> None:
-    """Wait until the operator has reconciled `kind` as often as two full resyncs of every object take:
-    after that, what has not changed in status will not (state decides, not a timer)."""
+def reconciles(process: Process, kind: str) -> float:
+    return counted(process, "deeptune_operator_reconciles_total", kind)
+
+
+def wait_two_resyncs(cluster: Cluster, process: Process, kind: str, plural: str) -> None:
+    """Wait for two more resync passes of `kind`, and as many reconciles as they take for every
+    object: after that, what has not changed in status will not (state decides, not a timer)."""
     objects = len(json.loads(cluster.kubectl("get", plural, "-A", "-o", "json").stdout)["items"])
-    start = reconciles(process, kind)
-    wait_for(
-        f"two resyncs of every {kind}",
-        lambda: reconciles(process, kind) - start >= 2 * max(1, objects),
-        120,
-        0.2,
-    )
+    passes, done = counted(process, "deeptune_operator_resyncs_total", kind), reconciles(process, kind)
+
+    def two_passes() -> bool:
+        resynced = counted(process, "deeptune_operator_resyncs_total", kind) - passes >= 2
+        return resynced and reconciles(process, kind) - done >= 2 * objects
+
+    wait_for(f"two resyncs of every {kind}", two_passes, 120, 0.2)
 
 
 def _answers(url: str) -> bool:
@@ -327,7 +331,7 @@ def test_operator_killed_in_every_phase_of_a_finetunejob(
     # A restart after the end changes nothing: no status write, no Event, no Job.
     operator.start()
     assert operator.process is not None
-    settled(crds, operator.process, "FineTuneJob", "finetunejobs")
+    wait_two_resyncs(crds, operator.process, "FineTuneJob", "finetunejobs")
     assert status() == final
     elapsed = time.monotonic() - started
 
@@ -449,7 +453,7 @@ def test_operator_killed_in_every_phase_of_a_modeldeployment(
     # A restart once it serves: no new Deployment revision, no Event.
     operator.start()
     assert operator.process is not None
-    settled(crds, operator.process, "ModelDeployment", "modeldeployments")
+    wait_two_resyncs(crds, operator.process, "ModelDeployment", "modeldeployments")
     assert ready() and status()["lastProbe"]["inferenceOk"]
     elapsed = time.monotonic() - operator.began
 
@@ -620,7 +624,7 @@ def test_fifty_finetunejobs_created_and_deleted_concurrently(
         1,
     )
     collected = time.monotonic() - started
-    settled(crds, own_operator, "FineTuneJob", "finetunejobs")  # nothing comes back
+    wait_two_resyncs(crds, own_operator, "FineTuneJob", "finetunejobs")  # nothing comes back
     left = {kind: len(children(kind)) for kind in ("jobs", "configmaps", "pods")}
     assert left == {"jobs": 0, "configmaps": 0, "pods": 0}, left
     assert phases() == {}
@@ -690,7 +694,7 @@ def test_lost_node_comes_back_and_the_run_resumes_from_its_checkpoint(
     harness.lose_node_agent(node_agent)
     assert signal_trainers(namespace, signal.SIGKILL) == 1
     lost = time.monotonic()
-    settled(crds, own_operator, "FineTuneJob", "finetunejobs")  # nothing reports the trainer's end
+    wait_two_resyncs(crds, own_operator, "FineTuneJob", "finetunejobs")  # nothing reports the trainer's end
     while_lost = status()
     assert while_lost["phase"] == "Running" and not while_lost.get("retries")
     harness.restart_node_agent(crds, node_agent)
