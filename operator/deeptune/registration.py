@@ -35,6 +35,8 @@ FTJ_UID = uid_label("FineTuneJob")
 MDEP_UID = uid_label("ModelDeployment")
 Obj = dict[str, Any]
 LOG = logging.getLogger(__name__)
+MDEPS_BY_FINETUNEJOB = "modeldeployments_by_finetunejob"
+"""ModelDeployments by the FineTuneJob they serve: a FineTuneJob's change queues them."""
 
 
 def record(body: kopf.Body, *fields: str) -> Obj:
@@ -54,24 +56,30 @@ class Operator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = Cache()
-        self.finetunejobs = ftj.FineTuneJobReconciler(settings, self.cache, self._enqueue_ftj)
-        self.modeldeployments = mdep.ModelDeploymentReconciler(settings, self.cache, self._enqueue_mdep)
-        self.controllers = (
-            Controller(FTJ_KIND, self.finetunejobs.reconcile, self.finetunejobs.keys,
-                       settings.status_interval, workers=settings.workers),
-            Controller(mdep.KIND, self.modeldeployments.reconcile, self.modeldeployments.keys,
-                       settings.status_interval, workers=settings.workers),
+        # A reconciler's news goes to its controller's queue; a controller runs its reconciler.
+        self.finetunejobs = ftj.FineTuneJobReconciler(
+            settings,
+            self.cache,
+            lambda uid: self.ftj_controller.enqueue(uid),  # noqa: PLW0108 (made below)
+        )
+        self.modeldeployments = mdep.ModelDeploymentReconciler(
+            settings,
+            self.cache,
+            lambda uid: self.mdep_controller.enqueue(uid),  # noqa: PLW0108 (made below)
+        )
+        self.ftj_controller = Controller(
+            FTJ_KIND, self.finetunejobs.reconcile, self.finetunejobs.keys, settings.status_interval,
+            workers=settings.workers,
         )  # fmt: skip
+        self.mdep_controller = Controller(
+            mdep.KIND, self.modeldeployments.reconcile, self.modeldeployments.keys, settings.status_interval,
+            workers=settings.workers,
+        )  # fmt: skip
+        self.controllers = (self.ftj_controller, self.mdep_controller)
         self.leadership = Leadership(
             LeaseSettings(settings.lease_name, settings.lease_namespace, settings.identity)
         )
         self.task: asyncio.Task[None] | None = None
-
-    def _enqueue_ftj(self, uid: str) -> None:
-        self.controllers[0].enqueue(uid)
-
-    def _enqueue_mdep(self, uid: str) -> None:
-        self.controllers[1].enqueue(uid)
 
     def fill(self, indexes: dict[str, Any]) -> None:
         """The first handler's indexes: every index is filled from its first LIST by now. Until a
@@ -163,61 +171,57 @@ def _register_lifecycle(registry: kopf.OperatorRegistry, op: Operator) -> None:
 def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> None:
     ftj_resource = (GROUP, VERSION, FTJ_PLURAL)
 
-    @kopf.index(*ftj_resource, registry=registry, id="finetunejobs")
+    @kopf.index(*ftj_resource, registry=registry, id=ftj.OBJECTS)
     def finetunejobs(*, body: kopf.Body, uid: str, **_: Any) -> dict[str, Obj]:
         return {uid: record(body, "spec", "status")}
 
-    @kopf.index(*ftj_resource, registry=registry, id="finetunejobs_by_name")
+    @kopf.index(*ftj_resource, registry=registry, id=mdep.FINETUNEJOBS_BY_NAME)
     def finetunejobs_by_name(
         *, body: kopf.Body, namespace: str | None, name: str, **_: Any
     ) -> dict[Hashable, Obj]:
         """For `model.fineTuneJobRef`, which names a FineTuneJob."""
         return {(namespace, name): record(body, "spec", "status")}
 
-    @kopf.index(
-        "batch", "v1", "jobs", labels={FTJ_NAME_LABEL: kopf.PRESENT}, registry=registry, id="trainer_jobs"
-    )
+    @kopf.index("batch", "v1", "jobs", labels={FTJ_NAME_LABEL: kopf.PRESENT}, registry=registry, id=ftj.JOBS)
     def trainer_jobs(*, body: kopf.Body, **_: Any) -> dict[str, Obj]:
         return {uid: record(body, "spec", "status") for uid in _owners(body, FTJ_KIND)}
 
-    @kopf.index("", "v1", "pods", labels={FTJ_UID: kopf.PRESENT}, registry=registry, id="trainer_pods")
+    @kopf.index("", "v1", "pods", labels={FTJ_UID: kopf.PRESENT}, registry=registry, id=ftj.PODS)
     def trainer_pods(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
         return {labels[FTJ_UID]: record(body, "status")}
 
-    @kopf.index(
-        "", "v1", "configmaps", labels={FTJ_UID: kopf.PRESENT}, registry=registry, id="trainer_config_maps"
-    )
+    @kopf.index("", "v1", "configmaps", labels={FTJ_UID: kopf.PRESENT}, registry=registry, id=ftj.CONFIG_MAPS)
     def trainer_config_maps(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
         return {labels[FTJ_UID]: record(body)}
 
     @kopf.on.event(*ftj_resource, registry=registry)
     def finetunejob_changed(*, uid: str, namespace: str | None, name: str, **indexes: Any) -> None:
         op.fill(indexes)
-        op.controllers[0].enqueue(uid)
-        for user in op.cache.all("modeldeployments_by_finetunejob", (namespace, name)):
-            op.controllers[1].enqueue(user["uid"])
+        op.ftj_controller.enqueue(uid)
+        for user in op.cache.all(MDEPS_BY_FINETUNEJOB, (namespace, name)):
+            op.mdep_controller.enqueue(user["uid"])
 
     @kopf.on.event("batch", "v1", "jobs", labels={FTJ_NAME_LABEL: kopf.PRESENT}, registry=registry)
     def trainer_job_changed(*, body: kopf.Body, **indexes: Any) -> None:
         op.fill(indexes)
         for uid in _owners(body, FTJ_KIND):
-            op.controllers[0].enqueue(uid)
+            op.ftj_controller.enqueue(uid)
 
     @kopf.on.event("", "v1", "pods", labels={FTJ_UID: kopf.PRESENT}, registry=registry)
     @kopf.on.event("", "v1", "configmaps", labels={FTJ_UID: kopf.PRESENT}, registry=registry)
     def trainer_child_changed(*, labels: kopf.Labels, **indexes: Any) -> None:
         op.fill(indexes)
-        op.controllers[0].enqueue(labels[FTJ_UID])
+        op.ftj_controller.enqueue(labels[FTJ_UID])
 
 
 def _register_modeldeployments(registry: kopf.OperatorRegistry, op: Operator) -> None:
     mdep_resource = (GROUP, VERSION, MDEP_PLURAL)
 
-    @kopf.index(*mdep_resource, registry=registry, id="modeldeployments")
+    @kopf.index(*mdep_resource, registry=registry, id=mdep.OBJECTS)
     def modeldeployments(*, body: kopf.Body, uid: str, **_: Any) -> dict[str, Obj]:
         return {uid: record(body, "spec", "status")}
 
-    @kopf.index(*mdep_resource, registry=registry, id="modeldeployments_by_finetunejob")
+    @kopf.index(*mdep_resource, registry=registry, id=MDEPS_BY_FINETUNEJOB)
     def modeldeployments_by_finetunejob(
         *, spec: kopf.Spec, namespace: str | None, uid: str, **_: Any
     ) -> dict[Hashable, Obj]:
@@ -231,12 +235,12 @@ def _register_modeldeployments(registry: kopf.OperatorRegistry, op: Operator) ->
         "deployments",
         labels={MDEP_UID: kopf.PRESENT},
         registry=registry,
-        id="serving_deployments",
+        id=mdep.DEPLOYMENTS,
     )
     def serving_deployments(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
         return {labels[MDEP_UID]: record(body, "spec", "status")}
 
-    @kopf.index("", "v1", "pods", labels={MDEP_UID: kopf.PRESENT}, registry=registry, id="serving_pods")
+    @kopf.index("", "v1", "pods", labels={MDEP_UID: kopf.PRESENT}, registry=registry, id=mdep.PODS)
     def serving_pods(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
         """The ReplicaSet owns them; the label says whose they are."""
         return {labels[MDEP_UID]: record(body, "status")}
@@ -254,7 +258,7 @@ def _register_modeldeployments(registry: kopf.OperatorRegistry, op: Operator) ->
     @kopf.on.event(*mdep_resource, registry=registry)
     def modeldeployment_changed(*, uid: str, **indexes: Any) -> None:
         op.fill(indexes)
-        op.controllers[1].enqueue(uid)
+        op.mdep_controller.enqueue(uid)
 
     for group, version, plural in [("apps", "v1", "deployments"), ("", "v1", "pods"), *mdep.CHILD_RESOURCES]:
 
@@ -262,4 +266,4 @@ def _register_modeldeployments(registry: kopf.OperatorRegistry, op: Operator) ->
                        id=f"serving_{plural}_changed")  # fmt: skip
         def serving_child_changed(*, labels: kopf.Labels, **indexes: Any) -> None:
             op.fill(indexes)
-            op.controllers[1].enqueue(labels[MDEP_UID])
+            op.mdep_controller.enqueue(labels[MDEP_UID])

@@ -5,7 +5,8 @@
 #     test node agent);
 #   - the pods' processes the test node agent ran (node-agent/pods/*/pid:
 #     trainers, Triton servers, ...), with their network namespaces, in case
-#     the agent could not stop them itself;
+#     the agent could not stop them itself, and the pods' bridge once no node
+#     agent is left on the machine;
 #   - the control plane up.sh started (*.pid: scheduler, controller manager,
 #     API server, etcd).
 # Nothing else is touched: another state dir's cluster keeps running.
@@ -19,7 +20,7 @@ keep=false
 case "${1:-}" in
   "") ;;
   --keep-state) keep=true ;;
-  -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "down.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
@@ -138,6 +139,13 @@ stop_all 10
 for ns in "${netns[@]+"${netns[@]}"}"; do
   ip netns del "$ns" 2>/dev/null || true
 done
+# The pods' bridge (and its 10.244.0.0/16 route) is shared by every node agent on this machine:
+# removed with the last one.
+if command -v ip >/dev/null && ip link show dtbr0 >/dev/null 2>&1 \
+    && ! pgrep -f "tests.cluster.node_agent" >/dev/null; then
+  log "removing the pods' bridge dtbr0 (no node agent left)"
+  ip link del dtbr0 2>/dev/null || true
+fi
 
 # 3. The control plane, in reverse start order: clients first, etcd last.
 for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do

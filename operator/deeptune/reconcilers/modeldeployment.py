@@ -156,7 +156,7 @@ class ModelDeploymentReconciler:
             return None
         if is_invalid_spec(previous) and previous.observed_generation == generation:
             return None  # reported already; a spec change gets a fresh start
-        resolved = self._resolve(obj, spec)
+        resolved = self._resolve(obj, spec, previous)
         if isinstance(resolved, Waiting):
             await self.writer.write(
                 obj, _update(previous, waiting_status(previous, generation, resolved, now()))
@@ -206,11 +206,12 @@ class ModelDeploymentReconciler:
         status = invalid_spec_status(previous, generation, message, now(), serving=serving)
         await self.writer.write(obj, _update(previous, status))
 
-    def _resolve(self, obj: Obj, spec: ModelDeploymentSpec) -> ResolvedModel | Waiting:
+    def _resolve(
+        self, obj: Obj, spec: ModelDeploymentSpec, previous: ModelDeploymentStatus
+    ) -> ResolvedModel | Waiting:
         """The model to serve: the referenced FineTuneJob's output (from the cache), or the spec's own."""
         ref = spec.model.fine_tune_job_ref
         job = self.cache.one(FINETUNEJOBS_BY_NAME, (obj["metadata"]["namespace"], ref.name)) if ref else None
-        previous = ModelDeploymentStatus.model_validate(obj.get("status") or {})
         return resolve_source(spec, job, previous.resolved_model)
 
     # --- children ---------------------------------------------------------------------------
