@@ -92,6 +92,8 @@ def test_cross_field_rules_are_cel_rules_with_the_models_messages() -> None:
         "hyperparameters",
         "evaluation",
         "resources",
+        "distributed",
+        "queueName",
         "output",
     }
 

@@ -10,7 +10,7 @@ import pytest
 from deeptune.api.finetunejob import parse_spec
 from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerConfig
 from deeptune.builders.common import Owner, child_name
-from deeptune.builders.finetunejob import ChildSettings, build_config_map, build_job
+from deeptune.builders.finetunejob import ChildSettings, build_config_map, build_job, job_controls
 from tests.unit.test_finetunejob_model import with_changes
 
 OWNER = Owner(kind="FineTuneJob", name="support-bot", namespace="team-a", uid="1234-abcd")
@@ -198,3 +198,12 @@ def test_users_thread_setting_wins() -> None:
     spec = with_changes(resources={"cpu": "8"}, env=[{"name": "OMP_NUM_THREADS", "value": "4"}])
     env = container_of(job_for(spec))["env"]
     assert [v["value"] for v in env if v["name"] == "OMP_NUM_THREADS"] == ["4"]
+
+
+def test_a_queued_job_is_made_suspended_with_kueues_label() -> None:
+    job = job_for(with_changes(queueName="gpu-queue"))
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True  # Kueue unsuspends it when it admits the workload
+    assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
+    assert "suspend" not in job_controls(parse_spec(with_changes(queueName="gpu-queue")))
+    assert job_for(with_changes())["spec"]["suspend"] is False

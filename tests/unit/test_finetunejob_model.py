@@ -71,6 +71,16 @@ def test_wire_form_round_trips_in_camel_case() -> None:
             "spec: output.quantizedExport needs a GPU: set resources.gpu to 1 or more, or set it to none",
         ),
         (
+            with_changes(resources__gpu=8, distributed={"processesPerNode": 4}),
+            "spec: distributed.processesPerNode must equal resources.gpu (one process per GPU); leave it "
+            "unset to get that",
+        ),
+        (
+            with_changes(method="qlora", distributed={"strategy": "fsdp"}),
+            "spec: distributed.strategy fsdp cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) "
+            "with method qlora, or method lora with fsdp",
+        ),
+        (
             with_changes(baseModel={"name": "a/b", "pvc": {"claimName": "m"}}),
             "spec.baseModel: set exactly one of name, pvc (found 2)",
         ),
@@ -132,3 +142,9 @@ def test_examples_are_valid(tiny_manifest: dict[str, Any], big_manifest: dict[st
     big = parse_spec(big_manifest["spec"])
     assert big.base_model.name == "deepseek-ai/deepseek-llm-7b-base"
     assert big.base_model.token_secret_ref is not None
+
+
+def test_world_size_is_one_process_per_gpu_on_every_node() -> None:
+    assert parse_spec(with_changes(resources__gpu=8, distributed={"nodes": 2})).world_size == 16
+    assert parse_spec(with_changes(resources__gpu=0, distributed={"processesPerNode": 2})).world_size == 2
+    assert parse_spec(with_changes(resources__gpu=0)).world_size == 1

@@ -367,3 +367,15 @@ def test_a_failed_pod_waiting_for_its_retry() -> None:
     ready = next(c for c in status.conditions if c.type == "Ready")
     assert ready.reason == "Retrying"
     assert ready.message.startswith("the trainer pod failed and will be retried: Error")
+
+
+def test_queued_by_kueue_is_pending_and_names_the_queue() -> None:
+    queued = job([condition("Suspended", "JobSuspended")])
+    queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+    queued["spec"] = {"suspend": True}
+    status = derive(queued, [])
+    assert status.phase == "Pending"
+    running = next(c for c in status.conditions if c.type == "Running")
+    assert (running.status, running.reason) == ("False", "Queued")
+    assert "LocalQueue gpu-queue" in running.message
+    assert conditions_of(status)["Suspended"][0] == "False"  # the user did not pause it

@@ -410,3 +410,12 @@ def test_a_dropped_autoscaler_is_removed(api: Api) -> None:
     Serving(spec, children={"serving_horizontalpodautoscalers": [hpa]}).reconcile()
     removed = [call[2] for call in api.named("remove")]
     assert "HorizontalPodAutoscaler" in removed and "NetworkPolicy" not in removed
+
+
+def test_the_operator_leaves_a_queued_jobs_suspend_to_kueue(api: Api) -> None:
+    """Kueue flips `suspend` on admission (and back on preemption); patching it back would fight it."""
+    spec = {**MINIMAL, "queueName": "gpu-queue"}
+    admitted, running = trainer_job(suspend=False), [trainer_pod("Running")]
+    reconcile_ftj(ftj({"phase": "Pending"}, spec=spec), [admitted], running)
+    reconcile_ftj(ftj({"phase": "Running"}, spec=spec), [trainer_job(suspend=True)], [])
+    assert api.named("patch") == []

@@ -3,6 +3,8 @@
     python -m deeptune_trainer --config /etc/deeptune/config.json            (what the Job runs)
     python -m deeptune_trainer --finetunejob finetune.yaml --volume CLAIM=DIR [--volume ...]
 
+With `distributed.processesPerNode` > 1 either form starts that many workers (`distributed`).
+
 The second form reads the manifest a user would `kubectl apply`, maps each PersistentVolumeClaim to
 a local directory, and resolves paths the way the operator does, so a job tried locally behaves as
 it will in the cluster. Its summary goes to `summary.json` in the output directory.
@@ -29,6 +31,7 @@ from deeptune.api.trainer import (
     TrainerPaths,
     TrainerSummary,
 )
+from deeptune_trainer import distributed
 from deeptune_trainer.errors import TrainerInputError
 
 LOCAL_SUMMARY = "summary.json"
@@ -135,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
         config = load_config(args)
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             write_summary(failed, TERMINATION_MESSAGE_PATH)
         print(f"error: {error.reason}: {error.message}", file=sys.stderr)
         return EXIT_INVALID_INPUT
+    if config.spec.processes_per_node > 1 and not distributed.is_worker():
+        return distributed.launch(config.spec, argv)
     from deeptune_trainer import run  # noqa: PLC0415  (torch and transformers load only for a real run)
 
     return run.main(config)

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec
 from deeptune.api.trainer import SUMMARY_LIMIT_BYTES, ArtifactPaths, TrainerConfig, TrainerSummary
+from deeptune_trainer.modeling import peft_targets_as_resolved
 
 EVAL_RESULTS = "eval_results.json"
 RESOLVED_CONFIG = "trainer_config.json"
@@ -42,7 +43,8 @@ def _merge(
     model: PeftModel, spec: FineTuneJobSpec, adapter_dir: Path, reload_base: ReloadBase
 ) -> PreTrainedModel:
     if spec.method == "qlora":
-        model = PeftModel.from_pretrained(reload_base(), adapter_dir)
+        with peft_targets_as_resolved():  # the modules it was trained on, path-qualified ones too
+            model = PeftModel.from_pretrained(reload_base(), adapter_dir)
     merged: PreTrainedModel = model.merge_and_unload()
     return merged
 

@@ -7,6 +7,9 @@ the Trainer, so the evaluation of the base model and the training share one load
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,16 +17,21 @@ from typing import Literal
 import torch
 from huggingface_hub import errors as hub_errors
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import transformers_weight_conversion
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.distributed import DistributedConfig
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerPaths
+from deeptune_trainer.distributed import World
 from deeptune_trainer.errors import TrainerInputError
 
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -50,16 +58,25 @@ AUTO_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "deepseek_v2": _DEEPSEEK_MLA,
     "deepseek_v3": _DEEPSEEK_MLA,
 }
-"""Module-name suffixes that `targetModules: [auto]` adapts, by `config.model_type`; other model types
-fall back to the Llama-style names, kept only where the model has them.
+"""`lora.targetModules` entries that `auto` stands for, by `config.model_type`; other model types fall
+back to the Llama-style names. Entries that match no Linear layer of the model are dropped.
 
-DeepSeek-V2/V3 get the MLA attention projections only. Their MLP names are ambiguous there: peft (0.21,
-with transformers 5) reads `gate_proj`/`up_proj`/`down_proj` on these MoE model types as the fused
-routed-expert parameters, so naming them would skip the dense and shared-expert MLPs and instead put
-adapters on every routed expert of every layer (hundreds per layer on V3), multiplying adapter and
-optimizer memory for experts that each see a few tokens of a batch. The router is never adapted, so the
-pretrained expert load balance is kept. Users who want expert adapters can list the names explicitly.
+DeepSeek-V2/V3 get the MLA attention projections. The usual MoE recipe adds the dense layers' MLP and
+the shared experts, never the routed experts nor the router; it is written path-qualified, because the
+last name alone is ambiguous on these models (`mlp.gate_proj`, `mlp.up_proj`, `mlp.down_proj`,
+`mlp.shared_experts.gate_proj`, ...). It trains (see `peft_targets_as_resolved`), but it is not the
+default: peft 0.21 reads any target ending in `gate_proj`/`up_proj`/`down_proj` on these model types as
+the fused routed-expert parameters when it *loads* an adapter (huggingface/peft#3711), so a server
+loading such an adapter with plain peft would put it on the routed experts. DeepTune's own merge
+loads it right: serve those adapters merged (`output.mergeAdapter`). In transformers 5 the routed
+experts are not Linear layers at all (two fused 3-D parameters per layer) and the router is a module
+with a plain weight, so no entry reaches them: adapting every routed expert would multiply adapter and
+optimizer memory for experts that each see a few tokens of a batch, and an untouched router keeps the
+pretrained expert load balance.
 """
+
+REGEX_PREFIX = "re:"
+"""Marks a `lora.targetModules` entry as a regular expression over full module names."""
 
 
 LOGITS_AT_TARGETS_MODEL_TYPES = frozenset({"llama", "qwen2", "deepseek_v2", "deepseek_v3"})
@@ -184,13 +201,96 @@ def _quantization(precision: Precision) -> BitsAndBytesConfig:
     )
 
 
-def load_model(spec: FineTuneJobSpec, paths: TrainerPaths) -> LoadedModel:
-    """The base model and its tokenizer, in the dtype the method trains in."""
+FUSED_EXPERT_MODEL_TYPES = frozenset({"deepseek_v2", "deepseek_v3"})
+"""Model types whose transformers implementation keeps the routed experts as fused 3-D parameters
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), not as Linear layers bitsandbytes could quantize."""
+
+
+def routed_expert_parameters(config: PretrainedConfig) -> int:
+    """Parameters of the routed experts of a DeepSeek-V2/V3 config: n_routed_experts SwiGLU MLPs (gate,
+    up and down, each hidden × moe_intermediate) in every MoE layer.
+
+    transformers makes every layer from first_k_dense_replace on an MoE layer; it ignores moe_layer_freq
+    (1 in every DeepSeek release; DeepSeek's own remote code would skip layers for other values).
+    """
+    experts = getattr(config, "n_routed_experts", None) or 0
+    moe_layers = config.num_hidden_layers - (getattr(config, "first_k_dense_replace", None) or 0)
+    return experts * max(moe_layers, 0) * 3 * config.hidden_size * config.moe_intermediate_size
+
+
+def model_parameters(config: PretrainedConfig) -> int:
+    """All parameters of the model transformers builds from `config`, counted on the meta device, where
+    building allocates no memory and reads no weights."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _count(parameters: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if parameters >= size:
+            return f"{parameters / size:.1f}{unit}"
+    return str(parameters)
+
+
+def _gib(size_bytes: int) -> str:
+    gib = size_bytes / 2**30
+    return f"{gib:,.1f} GiB" if gib >= 0.1 else f"{gib:.2g} GiB"
+
+
+def check_qlora_quantizes_the_model(config: PretrainedConfig, trust_remote_code: bool) -> None:
+    """Refuse QLoRA where 4-bit weights would not make the model small, before any weight is loaded.
+
+    bitsandbytes quantizes nn.Linear layers only. transformers' DeepSeek-V2/V3 keep the routed experts,
+    most of the model, as fused 3-D parameters: they stay 16-bit, and prepare_model_for_kbit_training
+    upcasts them to fp32, so on the released models QLoRA would take more memory than LoRA on bf16
+    weights (V2-Lite: 14.4B of 15.7B parameters are routed experts). DeepSeek's own remote code
+    (trustRemoteCode with an auto_map) builds each expert from Linear layers, which do quantize.
+    """
+    remote_code = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in FUSED_EXPERT_MODEL_TYPES or remote_code:
+        return
+    routed = routed_expert_parameters(config)
+    if routed == 0:
+        return
+    total = model_parameters(config)
+    raise TrainerInputError(
+        "InvalidSpec",
+        f"method qlora cannot quantize the routed experts of model type {config.model_type}: transformers "
+        f"keeps them as fused 3-D parameters and bitsandbytes quantizes Linear layers only, so "
+        f"{_count(routed)} of the model's {_count(total)} parameters ({routed / total:.0%}) would stay "
+        f"un-quantized, {_gib(2 * routed)} in bf16 and {_gib(4 * routed)} in fp32 once "
+        f"prepare_model_for_kbit_training upcasts them (the whole model in bf16, as method lora holds it: "
+        f"{_gib(2 * total)}); use method lora instead, with more GPUs (resources.gpu) and "
+        "distributed.strategy fsdp to shard the weights where one GPU is too small",
+    )
+
+
+def _weight_options(spec: FineTuneJobSpec, precision: Precision, sharded: bool) -> dict[str, object]:
+    """How from_pretrained lays out the weights for the method, and across the workers."""
+    # Full fine-tuning keeps fp32 master weights (mixed precision autocasts the compute); adapters
+    # train on frozen weights, which can stay in the 16-bit compute dtype and take half the memory.
+    dtype = torch.float32 if spec.method == "full" else TORCH_DTYPES[precision]
+    if sharded:  # FSDP2 over every worker: each loads and keeps only its shard of every weight
+        return {"dtype": dtype, "distributed_config": DistributedConfig(fsdp_size=World.from_env().size)}
+    if spec.method != "qlora":
+        return {"dtype": dtype}
+    return {
+        "dtype": dtype,
+        "quantization_config": _quantization(precision),
+        "device_map": {"": torch.cuda.current_device()},  # this worker's GPU (the Trainer set it)
+    }
+
+
+def load_model(spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = False) -> LoadedModel:
+    """The base model and its tokenizer, in the dtype the method trains in; `sharded` spreads the
+    weights over the workers (fsdp), every one of which must call this."""
     source = model_source(spec, paths)
     local = spec.base_model.pvc is not None
     if local:
         _check_local_model(spec, source)
     precision = resolve_precision(spec.hyperparameters.precision)
+    trust_remote_code = spec.base_model.trust_remote_code
     hub_options = (
         {}
         if local
@@ -200,21 +300,16 @@ def load_model(spec: FineTuneJobSpec, paths: TrainerPaths) -> LoadedModel:
             "cache_dir": os.path.join(paths.hf_home, "hub") if paths.hf_home else None,
         }
     )
-    # Full fine-tuning keeps fp32 master weights (mixed precision autocasts the compute); adapters
-    # train on frozen weights, which can stay in the 16-bit compute dtype and take half the memory.
-    dtype = torch.float32 if spec.method == "full" else TORCH_DTYPES[precision]
-    extra: dict[str, object] = {}
-    if spec.method == "qlora":
-        extra = {
-            "quantization_config": _quantization(precision),
-            "device_map": {"": torch.cuda.current_device()},
-        }
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=spec.base_model.trust_remote_code, **hub_options
-        )
+        if spec.method == "qlora":
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options)
+            check_qlora_quantizes_the_model(config, trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=spec.base_model.trust_remote_code, **hub_options, **extra
+            source,
+            trust_remote_code=trust_remote_code,
+            **hub_options,
+            **_weight_options(spec, precision, sharded),
         )
     except OSError as error:
         if not local and _is_permanent_hub_error(error):
@@ -230,27 +325,112 @@ def _linear_module_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
+def _compile(entry: str) -> re.Pattern[str]:
+    try:
+        return re.compile(entry.removeprefix(REGEX_PREFIX))
+    except re.error as error:
+        raise TrainerInputError(
+            "InvalidSpec",
+            f"lora.targetModules {entry} is not a valid regular expression ({error}); after {REGEX_PREFIX} "
+            r"write a Python regular expression for full module names, e.g. re:.*\.layers\.[0-3]\..*_proj",
+        ) from error
+
+
+def _selects(entry: str) -> Callable[[str], bool]:
+    """Whether a full module name is selected by one entry: `re:` full-matches a regular expression,
+    anything else is the module's last name or a dotted suffix of its full name, as peft reads a list."""
+    if entry.startswith(REGEX_PREFIX):
+        pattern = _compile(entry)
+        return lambda name: pattern.fullmatch(name) is not None
+    return lambda name: name == entry or name.endswith(f".{entry}")
+
+
+def _peft_targets(entry: str, linear_names: list[str]) -> list[str]:
+    """The entry as LoraConfig takes it: names and suffixes as they are (peft matches list items the
+    same way), a regular expression as the full names it selects (peft takes a regular expression only
+    in place of the whole list)."""
+    if not entry.startswith(REGEX_PREFIX):
+        return [entry]
+    selects = _selects(entry)
+    return [name for name in linear_names if selects(name)]
+
+
+def _kinds_of_linear(linear_names: list[str]) -> list[str]:
+    """The Linear layers with the layer index cut off (`mlp.shared_experts.gate_proj`), for messages:
+    each is a valid entry itself."""
+    return sorted({re.sub(r"^.*?\.\d+\.", "", name) for name in linear_names})
+
+
 def resolve_target_modules(model: PreTrainedModel, requested: list[str]) -> list[str]:
-    """The module-name suffixes to adapt, checked against the model's actual Linear layers."""
-    present = {name.rsplit(".", 1)[-1] for name in _linear_module_names(model)}
+    """The `target_modules` for LoraConfig, each entry checked to select at least one Linear layer.
+
+    Entries are a module's last name (`q_proj`), a dotted suffix of its full name
+    (`mlp.shared_experts.gate_proj`), or `re:` and a regular expression full-matched against full names
+    (`re:.*\\.layers\\.[0-3]\\..*_proj`); `auto` picks them per architecture (AUTO_TARGET_MODULES).
+    """
+    linear_names = _linear_module_names(model)
+    kinds = ", ".join(_kinds_of_linear(linear_names))
     if requested == ["auto"]:
         candidates = AUTO_TARGET_MODULES.get(model.config.model_type, _LLAMA_STYLE)
-        chosen = [name for name in candidates if name in present]
-        if not chosen:
+        entries = [entry for entry in candidates if any(map(_selects(entry), linear_names))]
+        if not entries:
             raise TrainerInputError(
                 "InvalidSpec",
                 f"lora.targetModules auto knows no projection names of model type {model.config.model_type}; "
-                f"list them explicitly, e.g. some of: {', '.join(sorted(present))}",
+                f"list them explicitly, e.g. some of: {kinds}",
             )
-        return chosen
-    missing = [name for name in requested if name not in present]
-    if missing:
-        raise TrainerInputError(
-            "InvalidSpec",
-            f"lora.targetModules {', '.join(missing)} match no Linear layer of this model; "
-            f"its Linear layers are named: {', '.join(sorted(present))}",
+    else:
+        entries = requested
+        missing = [entry for entry in entries if not any(map(_selects(entry), linear_names))]
+        if missing:
+            raise TrainerInputError(
+                "InvalidSpec",
+                f"lora.targetModules {', '.join(missing)} match no Linear layer of this model; name Linear "
+                f"layers by last name (q_proj), dotted path suffix (mlp.shared_experts.gate_proj) or "
+                f"{REGEX_PREFIX} and a regular expression over full names; this model's Linear layers are: "
+                f"{kinds}",
+            )
+    return list(dict.fromkeys(target for entry in entries for target in _peft_targets(entry, linear_names)))
+
+
+def _config_as_given(*_args: object, **_kwargs: object) -> None:
+    """Stands in for peft's transformers-4 to 5 config conversion: leaves the config as it is."""
+
+
+_PEFT_CONVERSION = "convert_peft_config_for_transformers"
+
+
+@contextmanager
+def peft_targets_as_resolved() -> Iterator[None]:
+    """Within it, peft adapts the modules `target_modules` names on the loaded model, nothing else.
+
+    To read adapters trained on transformers 4, peft 0.21 rewrites the config when it injects adapters
+    into a model type whose MoE transformers 5 fused (deepseek_v2/v3 among them): any target ending in
+    `gate_proj`, `up_proj` or `down_proj` becomes the fused routed-expert parameters and `gate` the router
+    weight, even `mlp.shared_experts.gate_proj` (huggingface/peft#3711; half of a fused pair is refused
+    outright), so the dense and shared-expert MLPs could not be adapted at all. The targets here are
+    resolved against the model as loaded, so the rewrite is switched off. Reloading such an adapter
+    (PeftModel.from_pretrained) needs the same, until a peft release keeps path-qualified targets.
+    """
+    original = getattr(transformers_weight_conversion, _PEFT_CONVERSION)  # fails loudly if peft renames it
+    setattr(transformers_weight_conversion, _PEFT_CONVERSION, _config_as_given)
+    try:
+        yield
+    finally:
+        setattr(transformers_weight_conversion, _PEFT_CONVERSION, original)
+
+
+def load_trained(spec: FineTuneJobSpec, paths: TrainerPaths, checkpoint: Path) -> PreTrainedModel | PeftModel:
+    """The trained model from a checkpoint the Trainer wrote, whole, in this one process: the base
+    model with the checkpoint's adapter, or the checkpoint's full weights."""
+    if spec.method == "full":
+        weights: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=torch.float32, trust_remote_code=spec.base_model.trust_remote_code
         )
-    return requested
+        return weights
+    base = load_model(spec, paths).model
+    with peft_targets_as_resolved():
+        return PeftModel.from_pretrained(base, checkpoint)
 
 
 def apply_method(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedModel | PeftModel:
@@ -272,7 +452,8 @@ def apply_method(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedMod
         target_modules=resolve_target_modules(model, list(lora.target_modules)),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with peft_targets_as_resolved():
+        peft_model = get_peft_model(model, config)
     if spec.hyperparameters.gradient_checkpointing:
         # Checkpointed blocks recompute from their inputs; with frozen embeddings those inputs carry
         # no grad and the adapters inside would get none, unless the embedding output requires it.

@@ -4,6 +4,10 @@ Order: GPU check → data → model → baseline evaluation → training (resumi
 evaluation → artifacts → summary. Cheap checks come first so bad input fails in seconds, not after a
 model download. Bad input exits with EXIT_INVALID_INPUT (the Job does not retry); anything else exits
 1 and the Job retries, resuming from the newest checkpoint.
+
+With several workers (`distributed`) every one runs this same program up to the end of training, in
+step (a sharded model's forward needs them all, the baseline evaluation's too); then rank 0 alone
+evaluates the trained model and writes everything a user or the operator reads.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,10 +38,11 @@ from deeptune_trainer.artifacts import (
     write_resolved_config,
     write_summary,
 )
+from deeptune_trainer.distributed import World, shards_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import compare, evaluate, generation_rows
 from deeptune_trainer.metrics_server import TrainerMetrics
-from deeptune_trainer.modeling import LoadedModel, check_gpu_requirements, load_model
+from deeptune_trainer.modeling import LoadedModel, check_gpu_requirements, load_model, load_trained
 from deeptune_trainer.training import TrainResult, train
 
 Log = Callable[[str], None]
@@ -46,27 +52,42 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _quiet(_: str) -> None:
+    """The log of workers other than rank 0: one copy of each line is enough."""
+
+
 def _scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4g}" for name, value in scores.items()) or "no metrics"
 
 
-def run(config: TrainerConfig, *, metrics: TrainerMetrics | None = None, log: Log = _say) -> TrainerSummary:
-    """Fine-tune, evaluate and export as `config` says; raises on failure."""
+def run(
+    config: TrainerConfig,
+    *,
+    metrics: TrainerMetrics | None = None,
+    log: Log = _say,
+    world: World | None = None,
+) -> TrainerSummary | None:
+    """Fine-tune, evaluate and export as `config` says; raises on failure. None on workers other
+    than rank 0, which stop once training ends."""
     from deeptune_trainer.data.pipeline import prepare_dataset  # noqa: PLC0415  (heavy, and not needed to fail fast)
     from deeptune_trainer.data.report import write_data_report  # noqa: PLC0415
 
     spec, paths = config.spec, config.paths
+    world = world or World()
     output_dir = Path(paths.output_dir)
     check_gpu_requirements(spec)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(config, output_dir)
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(config, output_dir)
 
     log("preparing the dataset")
     prepared = prepare_dataset(spec.dataset, paths, seed=spec.hyperparameters.seed)
-    write_data_report(prepared, output_dir / "data_report.json")
+    if world.is_main:
+        write_data_report(prepared, output_dir / "data_report.json")
     log(f"dataset: {len(prepared.train)} train rows, {len(prepared.validation)} validation rows")
 
-    loaded = load_model(spec, paths)
+    sharded = shards_weights(spec, world)
+    loaded = load_model(spec, paths, sharded=sharded)
     log(
         f"loaded {loaded.source} ({loaded.model.config.model_type}, {loaded.precision}, method {spec.method})"
     )
@@ -86,7 +107,13 @@ def run(config: TrainerConfig, *, metrics: TrainerMetrics | None = None, log: Lo
         precision=loaded.precision,
         metrics=metrics,
         log=log,
+        world=world,
     )
+    if not world.is_main:
+        return None
+    if sharded:  # the weights gathered into the final checkpoint, whole, in this one process
+        assert result.final_checkpoint is not None  # CheckpointMarker saves the last step
+        result = replace(result, model=load_trained(spec, paths, result.final_checkpoint))
     results = EvalResults()
     if held_out:
         fine_tuned = evaluate(result.model, loaded.tokenizer, held_out, spec)
@@ -118,7 +145,7 @@ def _export(
     output_dir = Path(paths.output_dir)
 
     def reload_base() -> PreTrainedModel:  # unquantized, for merging a QLoRA adapter
-        return load_model(spec.model_copy(update={"method": "lora"}), paths).model
+        return load_model(spec.model_copy(update={"method": "lora"}), paths, sharded=False).model
 
     artifacts = save_model_artifacts(result.model, loaded.tokenizer, spec, output_dir, reload_base)
     facts = CardFacts(
@@ -147,10 +174,13 @@ def main(config: TrainerConfig, *, log: Log = _say) -> int:
     """Run and turn the outcome into an exit code and a termination message."""
     hf_logging.set_verbosity_warning()
     hf_logging.disable_progress_bar()
+    world = World.from_env()
+    if not world.is_main:
+        return _worker(config, world)
     metrics = TrainerMetrics()
     try:
         metrics.serve(config.metrics_port)
-        summary = run(config, metrics=metrics, log=log)
+        summary = run(config, metrics=metrics, log=log, world=world)
     except TrainerInputError as error:
         _report(_failure(error.reason, error.message), config, log)
         print(f"error: {error.reason}: {error.message}", file=sys.stderr, flush=True)
@@ -167,6 +197,16 @@ def main(config: TrainerConfig, *, log: Log = _say) -> int:
         traceback.print_exc()
         _report(_failure("TrainingFailed", f"{type(error).__name__}: {error}"), config, log)
         return 1
+    assert summary is not None  # rank 0 always has one
     _report(summary, config, log)
     log("done")
+    return 0
+
+
+def _worker(config: TrainerConfig, world: World) -> int:
+    """A worker other than rank 0: trains its part; rank 0 reports the outcome for the whole run."""
+    try:
+        run(config, log=_quiet, world=world)
+    except TrainerInputError:
+        return EXIT_INVALID_INPUT  # rank 0 meets the same input and says what is wrong with it
     return 0

@@ -38,6 +38,12 @@ from transformers import (
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune_trainer.data.sample import Sample
+from deeptune_trainer.distributed import (
+    World,
+    barrier,
+    load_sharded_training_state,
+    save_sharded_training_state,
+)
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.formatting import Collator, Feature, pack, tokenize_samples
 from deeptune_trainer.metrics_server import ProgressSnapshot, TrainerMetrics
@@ -99,9 +105,10 @@ class CheckpointMarker(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
+        barrier()  # every worker has written its part (optimizer shard, RNG state) before the marker
         if not state.is_world_process_zero:
             return
-        checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        checkpoint = checkpoint_path(args, state)
         tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "step": state.global_step}))
         os.replace(tmp, checkpoint / COMPLETE_MARKER)  # atomic: the marker is whole or absent
@@ -118,6 +125,50 @@ class CheckpointMarker(TrainerCallback):
     ) -> None:
         if control.should_training_stop:  # early stopping: keep where it stopped
             control.should_save = True
+
+
+def checkpoint_path(args: TrainingArguments, state: TrainerState) -> Path:
+    """The directory the Trainer saves the checkpoint of the current step in."""
+    return Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+
+
+class ShardedTrainingState(TrainerCallback):
+    """Checkpoints and restores the trainable weights, optimizer and scheduler of an fsdp run (see
+    `save_sharded_training_state`); `ShardedTrainer` leaves the restoring to it.
+
+    Must come before CheckpointMarker: a checkpoint is marked complete only once every shard is in it.
+    """
+
+    def __init__(self, resume: Path | None) -> None:
+        self.resume = resume
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.resume is not None:
+            load_sharded_training_state(
+                kwargs["model"], _inner(kwargs["optimizer"]), kwargs["lr_scheduler"], self.resume
+            )
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        save_sharded_training_state(
+            kwargs["model"], _inner(kwargs["optimizer"]), kwargs["lr_scheduler"], checkpoint_path(args, state)
+        )
+
+
+def _inner(optimizer: Any) -> Any:
+    """The torch optimizer inside Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class ShardedTrainer(Trainer):
+    """The Trainer, for a model sharded at load time: its own resume would copy the checkpoint's full
+    tensors into the sharded parameters and fail, so ShardedTrainingState restores them instead."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        return None
 
 
 # --- progress ---------------------------------------------------------------------------------
@@ -224,10 +275,12 @@ class TrainResult:
     """Train and validation rows cut to max_seq_length."""
     padding_waste: float
     """Share of the batched tokens that were padding (training and in-training evaluation batches)."""
+    final_checkpoint: Path | None
+    """The checkpoint of the last step (the trained weights, gathered from every worker)."""
 
 
 def _training_arguments(
-    spec: FineTuneJobSpec, precision: Precision, output_dir: Path, has_eval: bool
+    spec: FineTuneJobSpec, precision: Precision, output_dir: Path, has_eval: bool, sharded: bool
 ) -> TrainingArguments:
     hp = spec.hyperparameters
     eval_strategy = ("steps" if spec.evaluation.eval_steps else "epoch") if has_eval else "no"
@@ -263,6 +316,8 @@ def _training_arguments(
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # CPU workers then meet over gloo
+        save_only_model=sharded,  # ShardedTrainingState saves the optimizer of a sharded model
         report_to="none",
         disable_tqdm=True,
     )
@@ -303,12 +358,15 @@ def train(
     metrics: TrainerMetrics | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     log: Log = print,
+    world: World | None = None,
 ) -> TrainResult:
     """Fine-tune `model` by the spec's method, resuming from `output_dir/checkpoints` when possible."""
     if spec.early_stopping and not validation_samples:
         raise TrainerInputError(
             "InvalidSpec", "earlyStopping watches the validation loss, but the validation split is empty"
         )
+    world = world or World()
+    sharded = is_sharded(model)
     checkpoints = Path(output_dir) / CHECKPOINTS_DIR
     fingerprint = config_fingerprint(spec)
     resume = find_resume_checkpoint(checkpoints, fingerprint, log) if checkpoints.is_dir() else None
@@ -318,19 +376,22 @@ def train(
     train_features, train_truncated = _features(train_samples, tokenizer, spec, spec.hyperparameters.packing)
     eval_features, eval_truncated = _features(validation_samples, tokenizer, spec, packing=False)
     hp = spec.hyperparameters
-    reporter = ProgressReporter(metrics, hp.per_device_batch_size * hp.gradient_accumulation_steps, log)
+    samples_per_step = hp.per_device_batch_size * hp.gradient_accumulation_steps * world.size
+    reporter = ProgressReporter(metrics, samples_per_step, log)
     trainer_callbacks: list[TrainerCallback] = [reporter, *callbacks]
     if spec.early_stopping:
         trainer_callbacks.append(
             EarlyStoppingCallback(spec.early_stopping.patience, spec.early_stopping.threshold)
         )
+    if sharded:
+        trainer_callbacks.append(ShardedTrainingState(resume))
     trainer_callbacks.append(CheckpointMarker(fingerprint))  # after early stopping, to see its decision
 
-    args = _training_arguments(spec, precision, checkpoints, has_eval=bool(eval_features))
+    args = _training_arguments(spec, precision, checkpoints, has_eval=bool(eval_features), sharded=sharded)
     collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=logits_at_targets_only(model, args))
     set_seed(hp.seed)  # the adapter's initial weights are random too: same seed, same run
     wrapped = apply_method(model, spec)
-    trainer = Trainer(
+    trainer = (ShardedTrainer if sharded else Trainer)(
         model=wrapped,
         args=args,
         data_collator=collator,
@@ -351,4 +412,10 @@ def train(
         log_history=history,
         truncated=train_truncated + eval_truncated,
         padding_waste=collator.padding_waste,
+        final_checkpoint=next(iter(_checkpoints_newest_first(checkpoints)), None),
     )
+
+
+def is_sharded(model: PreTrainedModel) -> bool:
+    """Whether the model was loaded sharded across the workers (fsdp)."""
+    return bool(getattr(model, "is_distributed_loading_by_transformers", False))

@@ -45,6 +45,20 @@ DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2.0e-4, "qlora": 2.0e-4, "ful
 """Learning rates that work for most DeepSeek-sized models; full fine-tuning needs a much smaller one."""
 
 
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""How a Job asks Kueue to admit it: Kueue then flips its `suspend` when quota allows."""
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+"""A LocalQueue's name, which must also be a label value (at most 63 characters)."""
+
+PROCESSES_PER_GPU_MESSAGE = (
+    "distributed.processesPerNode must equal resources.gpu (one process per GPU); leave it unset to get that"
+)
+QLORA_FSDP_MESSAGE = (
+    "distributed.strategy fsdp cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) with method "
+    "qlora, or method lora with fsdp"
+)
+
+
 HUB_ID_PATTERN = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$"
 """A Hugging Face repository id, `org/name` or `name` (ASCII: the API server's `\\w` is ASCII-only)."""
 
@@ -383,6 +397,26 @@ class ResourcesSpec(ApiModel):
     priority_class_name: ObjectName | None = None
 
 
+Strategy = Literal["auto", "ddp", "fsdp"]
+
+
+class DistributedSpec(ApiModel):
+    """How the run spreads over processes and nodes: PyTorch's own engine, one process per GPU.
+
+    The trainer starts `processesPerNode` workers with torch.distributed's elastic launcher; with
+    `nodes` > 1 every node runs as one pod of an Indexed Job and they meet at pod 0.
+    """
+
+    strategy: Strategy = "auto"
+    """`ddp` replicates the model on every process (fastest when it fits one device); `fsdp` shards
+    weights, gradients and optimizer state across all of them (FSDP2). `auto` picks ddp when the
+    model and its training state fit one device, else fsdp."""
+    processes_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    """Worker processes in each pod; default one per GPU (`resources.gpu`), or 1 without GPUs."""
+    nodes: Annotated[int, Field(ge=1, le=256)] = 1
+    """Pods (nodes) the run spans, each with `resources` of its own."""
+
+
 class OutputSpec(ApiModel):
     """Where the adapter, merged model, evaluation results and model card are written."""
 
@@ -407,6 +441,19 @@ class FineTuneJobSpec(ApiModel):
             " || self.resources.gpu > 0",
             "method qlora needs a GPU: set resources.gpu to 1 or more, or use method lora",
             field_path=".method",
+        ),
+        cel(
+            "!has(self.distributed) || !has(self.distributed.processesPerNode) || !has(self.resources)"
+            " || !has(self.resources.gpu) || self.resources.gpu == 0"
+            " || self.distributed.processesPerNode == self.resources.gpu",
+            PROCESSES_PER_GPU_MESSAGE,
+            field_path=".distributed.processesPerNode",
+        ),
+        cel(
+            "self.method != 'qlora' || !has(self.distributed) || !has(self.distributed.strategy)"
+            " || self.distributed.strategy != 'fsdp'",
+            QLORA_FSDP_MESSAGE,
+            field_path=".distributed.strategy",
         ),
         cel(
             "!has(self.output.quantizedExport) || self.output.quantizedExport == 'none'"
@@ -436,9 +483,24 @@ class FineTuneJobSpec(ApiModel):
         ResourcesSpec, Field(json_schema_extra={**nested_default(), **immutable("resources")})
     ] = Field(default_factory=ResourcesSpec)
     """Immutable like the training settings: a Job's pod template cannot change once created."""
+    distributed: Annotated[
+        DistributedSpec, Field(json_schema_extra={**nested_default(), **immutable("distributed")})
+    ] = Field(default_factory=DistributedSpec)
+    """Immutable: the Job's shape (pods, processes) is fixed with the run."""
     output: Annotated[OutputSpec, Field(json_schema_extra=immutable("output"))]
     suspend: bool = False
-    """Pause the run: the Job's pods are stopped; resuming continues from the newest checkpoint."""
+    """Pause the run: the Job's pods are stopped; resuming continues from the newest checkpoint.
+    With `queueName` Kueue decides when the Job runs, and this applies only when the Job is made."""
+    queue_name: (
+        Annotated[
+            str,
+            Field(max_length=63, pattern=DNS_LABEL_PATTERN, json_schema_extra=immutable("queueName")),
+        ]
+        | None
+    ) = None
+    """A Kueue LocalQueue in this namespace: the Job is made suspended with Kueue's
+    `kueue.x-k8s.io/queue-name` label and runs when Kueue admits it (quota, priority). Kueue then owns
+    the Job's `suspend`; `resources.priorityClassName` is the priority Kueue sees."""
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
     """Pod retries before the run is marked Failed."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
@@ -460,6 +522,25 @@ class FineTuneJobSpec(ApiModel):
                 "output.quantizedExport needs a GPU: set resources.gpu to 1 or more, or set it to none"
             )
         return self
+
+    @model_validator(mode="after")
+    def _distributed_shape(self) -> FineTuneJobSpec:
+        requested = self.distributed.processes_per_node
+        if requested is not None and self.resources.gpu and requested != self.resources.gpu:
+            raise ValueError(PROCESSES_PER_GPU_MESSAGE)
+        if self.method == "qlora" and self.distributed.strategy == "fsdp":
+            raise ValueError(QLORA_FSDP_MESSAGE)
+        return self
+
+    @property
+    def processes_per_node(self) -> int:
+        """Workers in each pod: the user's number, else one per GPU, else one."""
+        return self.distributed.processes_per_node or self.resources.gpu or 1
+
+    @property
+    def world_size(self) -> int:
+        """Worker processes in the whole run."""
+        return self.processes_per_node * self.distributed.nodes
 
     @property
     def learning_rate(self) -> float:

@@ -7,7 +7,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 from deeptune.api.base import ConfigMapKeyRef
-from deeptune.api.finetunejob import DataSource, FineTuneJobSpec
+from deeptune.api.finetunejob import KUEUE_QUEUE_LABEL, DataSource, FineTuneJobSpec
 from deeptune.api.trainer import (
     CONFIG_PATH,
     EXIT_INVALID_INPUT,
@@ -217,6 +217,8 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> M
     meta["labels"].update(settings.extra_labels)
     meta["finalizers"] = [RESULT_FINALIZER]
     template_labels = {**meta["labels"]}
+    if spec.queue_name:
+        meta["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
     job_spec: Manifest = {
         "completions": 1,
         "parallelism": 1,
@@ -246,15 +248,19 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> M
         },
     }
     job_spec.update({key: value for key, value in job_controls(spec).items() if value is not None})
+    job_spec["suspend"] = spec.suspend or bool(spec.queue_name)  # queued: Kueue starts it
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
 def job_controls(spec: FineTuneJobSpec) -> Manifest:
     """The Job fields a user may change after creation (the operator patches a running Job when they
-    change); everything else is fixed with the run (immutable in the CRD)."""
-    return {
+    change); everything else is fixed with the run (immutable in the CRD). A queued Job's `suspend`
+    is Kueue's: the operator patching it back would fight Kueue's admission."""
+    controls: Manifest = {
         "backoffLimit": spec.backoff_limit,
-        "suspend": spec.suspend,
         "activeDeadlineSeconds": spec.active_deadline_seconds,
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
     }
+    if not spec.queue_name:
+        controls["suspend"] = spec.suspend
+    return controls

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from deeptune.api.base import Condition
 from deeptune.api.finetunejob import (
+    KUEUE_QUEUE_LABEL,
     FailureInfo,
     FineTuneJobStatus,
     OutputStatus,
@@ -141,6 +142,19 @@ def _failed(job_failed: Obj, failure: FailureInfo | None) -> RunState:
     return RunState("Failed", failure.reason, f"{failure.message} (Job: {context})")
 
 
+def _suspended(job: Obj) -> RunState:
+    """Paused by the user, or waiting for Kueue to admit it (its label says which queue)."""
+    queue = job["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL)
+    if queue is None:
+        return RunState("Suspended", "Suspended", "suspended; set spec.suspend to false to resume")
+    return RunState(
+        "Pending",
+        "Queued",
+        f"waiting in Kueue's LocalQueue {queue}: the Job starts when Kueue admits it (quota and priority; "
+        f"`kubectl get workloads -n {job['metadata'].get('namespace', '')}` says why it waits)",
+    )
+
+
 def observe(
     job: Obj | None, pods: list[Obj], blocked: RunState | None = None, known: FailureInfo | None = None
 ) -> RunState:
@@ -153,8 +167,8 @@ def observe(
         return RunState("Succeeded", "Succeeded", "fine-tuning finished")
     if (cond := _job_condition(job, "Failed")) is not None:
         return _failed(cond, last_failure(pods) or known)
-    if _job_condition(job, "Suspended") is not None:
-        return RunState("Suspended", "Suspended", "suspended; set spec.suspend to false to resume")
+    if _job_condition(job, "Suspended") is not None or job.get("spec", {}).get("suspend"):
+        return _suspended(job)
     phases = {p.get("status", {}).get("phase") for p in pods}
     if "Running" in phases:
         return RunState("Running", "Training", "the trainer is running")

@@ -1,0 +1,165 @@
+"""Several workers on PyTorch's distributed engine (gloo on CPU): DDP and FSDP train the same model
+as one process given the same global batch, a killed sharded run resumes exactly, and only rank 0
+writes what a user reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerSummary
+from deeptune_trainer.distributed import SHARDED_STATE_DIR
+from deeptune_trainer.training import CHECKPOINTS_DIR, COMPLETE_MARKER
+from tests.trainer.conftest import TINY_SPEC, _merge
+from tests.trainer.distributed_worker import KILLED_EXIT_CODE, LOSSES
+from tests.trainer.test_cli import _manifest
+
+pytestmark = pytest.mark.trainer
+
+WORKERS = 2
+STEPS = 20
+GLOBAL_BATCH = 16
+LOSS_TOLERANCE = 1e-4
+"""Relative. The same samples make each global batch either way (the sampler's permutation is cut
+into per-worker batches in order), so the losses differ only by float summation order: ~1e-7 measured."""
+
+
+def _spec(method: str, strategy: str, batch: int, **hyperparameters: Any) -> dict[str, Any]:
+    return _merge(
+        TINY_SPEC,
+        {
+            "method": method,
+            "hyperparameters": {
+                "maxSteps": STEPS,
+                "perDeviceBatchSize": batch,
+                "loggingSteps": 1,
+                "checkpointSteps": 5,
+                **hyperparameters,
+            },
+            "distributed": {"strategy": strategy},
+        },
+    )
+
+
+def _run_workers(
+    model_dir: Path, output: Path, spec: dict[str, Any], workers: int, kill_at: int = 0
+) -> subprocess.CompletedProcess[str]:
+    worker = ["-m", "tests.trainer.distributed_worker", str(model_dir), str(output), json.dumps(spec)]
+    worker.append(str(kill_at))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}"]
+    command = [sys.executable, *(launcher if workers > 1 else []), *worker]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+
+
+def _losses(model_dir: Path, output: Path, spec: dict[str, Any], workers: int) -> dict[str, Any]:
+    done = _run_workers(model_dir, output, spec, workers)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record: dict[str, Any] = json.loads((output / LOSSES).read_text())
+    assert record["worldSize"] == workers
+    return record
+
+
+@pytest.fixture
+def tiny_models(tiny_llama_dir: Path, tiny_deepseek_dir: Path) -> dict[str, Path]:
+    return {"llama": tiny_llama_dir, "deepseek_v3": tiny_deepseek_dir}
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "strategy"),
+    [("llama", "lora", "ddp"), ("deepseek_v3", "lora", "fsdp"), ("llama", "full", "fsdp")],
+)
+def test_workers_follow_the_single_process_loss_curve(
+    model: str, method: str, strategy: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    model_dir = tiny_models[model]
+    alone = _losses(model_dir, tmp_path / "alone", _spec(method, "ddp", GLOBAL_BATCH), workers=1)
+    together = _losses(
+        model_dir, tmp_path / "together", _spec(method, strategy, GLOBAL_BATCH // WORKERS), workers=WORKERS
+    )
+    print(f"\n{model} {method} {strategy}: 1 process {alone['losses'][-1]:.4f}, "
+          f"{WORKERS} workers {together['losses'][-1]:.4f} after {STEPS} steps")  # fmt: skip
+    assert len(together["losses"]) == len(alone["losses"]) == STEPS
+    assert together["losses"] == pytest.approx(alone["losses"], rel=LOSS_TOLERANCE)
+    assert alone["losses"][-1] < alone["losses"][0] / 2  # it learned: the curves compared are not flat
+
+
+def test_a_killed_sharded_run_resumes_from_its_sharded_checkpoint(
+    tiny_deepseek_dir: Path, tmp_path: Path
+) -> None:
+    spec = _spec("lora", "fsdp", GLOBAL_BATCH // WORKERS)
+    killed = _run_workers(tiny_deepseek_dir, tmp_path / "run", spec, WORKERS, kill_at=13)
+    assert killed.returncode != 0 and f"exitcode  : {KILLED_EXIT_CODE}" in killed.stderr
+    checkpoints = tmp_path / "run" / CHECKPOINTS_DIR
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-5"]
+    shards = sorted(p.name for p in (checkpoints / "checkpoint-10" / SHARDED_STATE_DIR).glob("*.distcp"))
+    assert len(shards) == WORKERS  # one shard of the optimizer state per worker
+    assert (checkpoints / "checkpoint-10" / COMPLETE_MARKER).is_file()
+
+    resumed = _losses(tiny_deepseek_dir, tmp_path / "run", spec, WORKERS)
+    uninterrupted = _losses(tiny_deepseek_dir, tmp_path / "uninterrupted", spec, WORKERS)
+    assert resumed["resumedFrom"] == "checkpoint-10"
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=LOSS_TOLERANCE)
+
+
+def _cli(tmp_path: Path, spec: dict[str, Any], model_dir: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "deeptune_trainer", "--finetunejob", str(_manifest(tmp_path, spec)),
+               "--volume", f"models={model_dir}", "--volume", f"out={tmp_path / 'out'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+
+
+def test_a_whole_run_in_two_workers_is_reported_once(
+    tiny_llama_dir: Path, tmp_path: Path, keyword_task_rows: tuple[list[dict[str, str]], list[dict[str, str]]]
+) -> None:
+    train_rows, held_out_rows = keyword_task_rows
+    spec = _merge(
+        _spec("lora", "fsdp", 8, maxSteps=40, loggingSteps=10),
+        {
+            "baseModel": {"pvc": {"claimName": "models", "path": ""}},
+            "dataset": {
+                "source": {"inline": train_rows},
+                "validation": {"source": {"inline": held_out_rows}},
+            },
+            "evaluation": {"metrics": ["perplexity", "exactMatch"], "evalSteps": 20},
+            "resources": {"gpu": 0},
+            "distributed": {"processesPerNode": WORKERS},
+        },
+    )
+    done = _cli(tmp_path, spec, tiny_llama_dir)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    print("\n" + done.stdout[-1500:])
+    assert lines[0] == f"starting {WORKERS} worker processes (fsdp)"
+    assert sum(line.startswith("step 10/40") for line in lines) == 1  # rank 0 logs, once
+    assert lines[-1] == "done"
+    run_dir = tmp_path / "out" / "default" / "demo"
+    summary = TrainerSummary.model_validate_json((run_dir / "summary.json").read_text())
+    assert summary.outcome == "succeeded" and summary.steps == 40
+    assert summary.eval_results is not None and summary.eval_results.delta is not None
+    assert summary.eval_results.delta["perplexity"] < 0  # the trained adapter, gathered, beats the base
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_bad_input_in_the_workers_fails_the_run_once(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = _merge(
+        _spec("lora", "ddp", 8),
+        {
+            "baseModel": {"pvc": {"claimName": "models", "path": ""}},
+            "resources": {"gpu": 0},
+            "distributed": {"processesPerNode": WORKERS},
+        },
+    )
+    spec["dataset"] = {"source": {"pvc": {"claimName": "out", "path": "missing.jsonl"}}}
+    done = _cli(tmp_path, spec, tiny_llama_dir)
+    assert done.returncode == EXIT_INVALID_INPUT, done.stderr[-4000:]
+    summary_file = tmp_path / "out" / "default" / "demo" / "summary.json"
+    summary = TrainerSummary.model_validate_json(summary_file.read_text())
+    assert summary.error is not None and "missing.jsonl" in summary.error.message
+    assert done.stderr.count(f"error: {summary.error.reason}") == 1  # said by rank 0 alone

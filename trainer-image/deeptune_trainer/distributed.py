@@ -1,0 +1,153 @@
+"""Several worker processes (one per GPU, or N on CPU) on PyTorch's own distributed engine.
+
+The container's entry point validates the config once, then starts the workers with
+torch.distributed's elastic launcher (what `torchrun` runs) and turns their outcome into one exit
+code: bad input in any worker is still EXIT_INVALID_INPUT, so the Job fails once instead of retrying.
+Every worker runs the same program; only rank 0 writes artifacts, metrics, logs and the summary.
+
+Strategies: `ddp` keeps a whole model in every worker and averages gradients (the Trainer does it
+when started under the launcher); `fsdp` shards the weights across the workers as they load
+(transformers' FSDP2 plan, `DistributedConfig(fsdp_size=world)`), so no worker ever holds the whole
+model, and the Trainer trains the sharded model as is. Accelerate's own FSDP plugin is not used: it
+refuses CPU workers (gloo), so it could not be tested here, and it loads a full copy per process first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from deeptune.api.finetunejob import FineTuneJobSpec
+from deeptune.api.trainer import EXIT_INVALID_INPUT
+
+ResolvedStrategy = Literal["ddp", "fsdp"]
+
+SHARDED_STATE_DIR = "sharded-state"
+"""Inside a checkpoint: the trainable weights, optimizer and scheduler state of an fsdp run (one file
+per rank, torch.distributed.checkpoint's format, which loads onto another number of workers too)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the workers, from the variables the launcher sets."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_env(cls) -> World:
+        return cls(
+            rank=int(os.environ.get("RANK", "0")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            size=int(os.environ.get("WORLD_SIZE", "1")),
+        )
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes logs, metrics, artifacts and the summary."""
+        return self.rank == 0
+
+
+def is_worker() -> bool:
+    """Whether this process was started by the launcher (or by torchrun)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def resolve_strategy(spec: FineTuneJobSpec) -> ResolvedStrategy:
+    """The strategy a run uses. `auto` is ddp until the memory planner says the model does not fit."""
+    return "fsdp" if spec.distributed.strategy == "fsdp" else "ddp"
+
+
+def shards_weights(spec: FineTuneJobSpec, world: World) -> bool:
+    """Whether the model is loaded sharded across the workers (fsdp with more than one)."""
+    return world.size > 1 and resolve_strategy(spec) == "fsdp"
+
+
+def _threads_per_worker(workers: int) -> str:
+    """Split the pod's CPU threads between its workers, so they do not oversubscribe the cores."""
+    available = int(os.environ.get("OMP_NUM_THREADS", "0")) or len(os.sched_getaffinity(0))
+    return str(max(1, available // workers))
+
+
+def launch(spec: FineTuneJobSpec, argv: Sequence[str]) -> int:
+    """Run `python -m deeptune_trainer ARGV` in `spec.processes_per_node` workers; their exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # noqa: PLC0415
+
+    workers = spec.processes_per_node
+    os.environ["OMP_NUM_THREADS"] = _threads_per_worker(workers)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=workers,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,  # the Job retries the pod, which resumes from the newest checkpoint
+        monitor_interval=1.0,
+        start_method="spawn",
+    )
+    print(f"starting {workers} worker processes ({resolve_strategy(spec)})", flush=True)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "deeptune_trainer", *argv)
+    except ChildFailedError as error:
+        codes = {failure.exitcode for failure in error.failures.values()}
+        return EXIT_INVALID_INPUT if EXIT_INVALID_INPUT in codes else 1
+    return 0
+
+
+def sharded_state_dir(checkpoint: Path) -> Path:
+    return checkpoint / SHARDED_STATE_DIR
+
+
+def _training_state(model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # noqa: PLC0415
+
+    # Frozen weights (all but the adapters under LoRA) never change: the base model has them.
+    weights, optimizer_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    )
+    return {"model": weights, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+
+
+def save_sharded_training_state(model: Any, optimizer: Any, scheduler: Any, checkpoint: Path) -> None:
+    """Write this worker's shard of the trainable weights and optimizer state, and the scheduler's.
+
+    Collective: every worker calls it at the same step. The Trainer can neither save the optimizer of
+    a model sharded at load time nor load full weights back into one, so an fsdp run checkpoints its
+    state here, in PyTorch's sharded format.
+    """
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+
+    dcp.save(_training_state(model, optimizer, scheduler), checkpoint_id=str(sharded_state_dir(checkpoint)))
+
+
+def load_sharded_training_state(model: Any, optimizer: Any, scheduler: Any, checkpoint: Path) -> None:
+    """Restore what `save_sharded_training_state` wrote, resharded onto this run's workers."""
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict  # noqa: PLC0415
+
+    state = _training_state(model, optimizer, scheduler)
+    dcp.load(state, checkpoint_id=str(sharded_state_dir(checkpoint)))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),  # the frozen weights are not in it
+    )
+    scheduler.load_state_dict(state["scheduler"])
+
+
+def barrier() -> None:
+    """Wait for every worker, when there are several."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
