@@ -72,7 +72,7 @@ def test_wire_form_round_trips_in_camel_case() -> None:
         ),
         (
             with_changes(resources__gpu=8, distributed={"processesPerNode": 4}),
-            "spec: distributed.processesPerNode must equal resources.gpu (one process per GPU); leave it "
+            "spec: distributed.processesPerNode must equal resources.gpu (one process per GPU), or be left "
             "unset to get that",
         ),
         (
@@ -144,7 +144,7 @@ def test_examples_are_valid(tiny_manifest: dict[str, Any], big_manifest: dict[st
     assert big.base_model.token_secret_ref is not None
 
 
-def test_world_size_is_one_process_per_gpu_on_every_node() -> None:
-    assert parse_spec(with_changes(resources__gpu=8, distributed={"nodes": 2})).world_size == 16
+def test_world_size_is_one_process_per_gpu() -> None:
+    assert parse_spec(with_changes(resources__gpu=8)).world_size == 8
     assert parse_spec(with_changes(resources__gpu=0, distributed={"processesPerNode": 2})).world_size == 2
     assert parse_spec(with_changes(resources__gpu=0)).world_size == 1

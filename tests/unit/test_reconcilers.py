@@ -419,3 +419,24 @@ def test_the_operator_leaves_a_queued_jobs_suspend_to_kueue(api: Api) -> None:
     reconcile_ftj(ftj({"phase": "Pending"}, spec=spec), [admitted], running)
     reconcile_ftj(ftj({"phase": "Running"}, spec=spec), [trainer_job(suspend=True)], [])
     assert api.named("patch") == []
+
+
+def test_a_known_model_that_cannot_fit_its_gpus_is_refused_before_any_child(api: Api) -> None:
+    spec = {**MINIMAL, "baseModel": {"name": "deepseek-ai/deepseek-llm-67b-base"}}
+    spec["resources"] = {"gpu": 1, "gpuMemory": "80Gi"}
+    reconcile_ftj(ftj({"phase": "Pending"}, spec=spec))
+    assert api.named("create") == []
+    (status,) = [call[1] for call in api.named("status")]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "deepseek-llm-67b-base does not fit resources.gpuMemory 80Gi per GPU" in failed["message"]
+    assert "would fit with" in failed["message"] and "fsdp" in failed["message"]
+
+
+def test_a_run_that_fits_gets_its_plan_in_status(api: Api) -> None:
+    spec = {**MINIMAL, "resources": {"gpu": 1, "gpuMemory": "24Gi"}}
+    reconcile_ftj(ftj({"phase": "Pending"}, spec=spec))
+    assert [c[1] for c in api.named("create")][-1] == "Job"
+    plan = api.named("status")[-1][1]["plan"]
+    assert plan["fits"] is True and plan["worldSize"] == 1 and plan["strategy"] == "ddp"
+    assert plan["summary"].startswith("lora on 1 GPU (ddp): ") and "of 24 GiB" in plan["summary"]

@@ -51,7 +51,8 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 """A LocalQueue's name, which must also be a label value (at most 63 characters)."""
 
 PROCESSES_PER_GPU_MESSAGE = (
-    "distributed.processesPerNode must equal resources.gpu (one process per GPU); leave it unset to get that"
+    "distributed.processesPerNode must equal resources.gpu (one process per GPU), "
+    "or be left unset to get that"
 )
 QLORA_FSDP_MESSAGE = (
     "distributed.strategy fsdp cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) with method "
@@ -388,6 +389,9 @@ class ResourcesSpec(ApiModel):
     """The extended resource GPUs are requested as: a domain, `/`, a name (`amd.com/gpu`)."""
     cpu: CpuQuantity | None = None
     memory: Quantity | None = None
+    gpu_memory: Quantity | None = None
+    """Memory of one GPU (e.g. `80Gi`). With it the operator refuses a run of a known DeepSeek model
+    that cannot fit, before any GPU is held, and says the cheapest change that would (`status.plan`)."""
     shared_memory: Quantity = "8Gi"
     """Size of /dev/shm (data loader workers and NCCL need more than the container default)."""
     node_selector: Annotated[dict[str, str], Field(max_length=64)] = {}
@@ -403,8 +407,8 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 class DistributedSpec(ApiModel):
     """How the run spreads over processes and nodes: PyTorch's own engine, one process per GPU.
 
-    The trainer starts `processesPerNode` workers with torch.distributed's elastic launcher; with
-    `nodes` > 1 every node runs as one pod of an Indexed Job and they meet at pod 0.
+    The trainer starts `processesPerNode` workers with torch.distributed's elastic launcher, in one
+    pod (several nodes are the next step).
     """
 
     strategy: Strategy = "auto"
@@ -412,9 +416,7 @@ class DistributedSpec(ApiModel):
     weights, gradients and optimizer state across all of them (FSDP2). `auto` picks ddp when the
     model and its training state fit one device, else fsdp."""
     processes_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
-    """Worker processes in each pod; default one per GPU (`resources.gpu`), or 1 without GPUs."""
-    nodes: Annotated[int, Field(ge=1, le=256)] = 1
-    """Pods (nodes) the run spans, each with `resources` of its own."""
+    """Worker processes in the pod; default one per GPU (`resources.gpu`), or 1 without GPUs."""
 
 
 class OutputSpec(ApiModel):
@@ -540,7 +542,7 @@ class FineTuneJobSpec(ApiModel):
     @property
     def world_size(self) -> int:
         """Worker processes in the whole run."""
-        return self.processes_per_node * self.distributed.nodes
+        return self.processes_per_node
 
     @property
     def learning_rate(self) -> float:
@@ -624,6 +626,18 @@ class FailureInfo(ApiModel):
     exit_code: int | None = None
 
 
+class MemoryPlan(ApiModel):
+    """The memory estimate per GPU, for models whose shape the operator knows."""
+
+    summary: str
+    """E.g. `lora on 8 GPUs (fsdp): 38.6 GiB per GPU of 80 GiB (weights ..., optimizer ..., ...)`."""
+    strategy: str
+    world_size: int
+    gib_per_gpu: float
+    fits: bool | None = None
+    """Unknown without `resources.gpuMemory`."""
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state of a FineTuneJob, written only by the operator."""
 
@@ -649,6 +663,8 @@ class FineTuneJobStatus(ApiModel):
     """What cleaning and augmentation did to the rows."""
     output: OutputStatus | None = None
     """Where the artifacts are."""
+    plan: MemoryPlan | None = None
+    """Will it fit? The estimate per GPU for a known DeepSeek model, made before the Job."""
     last_failure: FailureInfo | None = None
     """Why the last trainer pod failed: the trainer's own reason, or the container's (e.g. OOMKilled)."""
 

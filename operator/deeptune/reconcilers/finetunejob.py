@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from kubernetes.client.exceptions import ApiException
 
-from deeptune import children, events
+from deeptune import children, events, fitting
 from deeptune.api.base import API_VERSION
 from deeptune.api.finetunejob import (
     KIND,
@@ -128,17 +128,17 @@ class FineTuneJobReconciler:
         if job is not None:
             self._created.pop(uid, None)
         finished = previous.phase in TERMINAL_PHASES and not is_invalid_spec(previous)
+        plan = fitting.plan_for(spec) if job is None and not finished else None
+        if plan is not None and (refused := fitting.refusal(spec, plan)) is not None:
+            await self._refuse(obj, previous, refused)
+            return None
         try:
             if not finished and job is None:
                 blocked, again = await self._create(obj, owner, spec)
             elif not finished and job is not None and not job["metadata"].get("deletionTimestamp"):
                 await self._keep(owner, spec, job)
         except RejectedError as error:
-            message = f"the API server rejected a child: {error}"
-            self.verdicts.reject(obj, message)
-            await self.writer.write(
-                obj, _update(previous, _invalid_spec_status(previous, message, generation))
-            )
+            await self._refuse(obj, previous, f"the API server rejected a child: {error}")
             return None
         job_uid = job["metadata"]["uid"] if job else None
         run_pods = [p for p in pods if job_uid in children.owner_uids(p)]
@@ -152,10 +152,18 @@ class FineTuneJobReconciler:
             now=now(),
             blocked=blocked,
         )
+        if plan is not None:
+            new.plan = fitting.plan_status(plan)
         update = _update(previous, new)
         if await self.writer.write(obj, update):
             await self._release(_recorded(new, jobs, pods, settled=not update.changes))
         return again
+
+    async def _refuse(self, obj: Obj, previous: FineTuneJobStatus, message: str) -> None:
+        """This generation's spec cannot run: say why in status, until the spec changes."""
+        self.verdicts.reject(obj, message)
+        generation = obj["metadata"].get("generation")
+        await self.writer.write(obj, _update(previous, _invalid_spec_status(previous, message, generation)))
 
     # --- children ---------------------------------------------------------------------------
 

@@ -1,0 +1,77 @@
+"""Will this FineTuneJob fit its GPUs? The planner's estimate for a spec, before any GPU is held.
+
+Known only where the model's shape is: a Hugging Face id from the planner's catalogue of DeepSeek
+models (a model on a PVC or another id is checked by the trainer, which reads its config.json).
+Whether it fits needs the memory of one GPU, `resources.gpuMemory`; without it the plan is shown
+and nothing is refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+from deeptune.api.finetunejob import FineTuneJobSpec, MemoryPlan
+from deeptune.planner import GIB, KNOWN_MODELS, Plan, PlanRequest, estimate
+
+_QUANTITY = re.compile(r"^([0-9.]+)([A-Za-z]*)$")
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A memory quantity (`80Gi`, `81920Mi`, `85899345920`) in bytes."""
+    found = _QUANTITY.match(quantity)
+    if found is None or found.group(2) not in _UNITS:
+        raise ValueError(f"not a memory quantity: {quantity}")
+    return int(float(found.group(1)) * _UNITS[found.group(2)])
+
+
+def plan_for(spec: FineTuneJobSpec) -> Plan | None:
+    """The estimate for this spec, or None when the model's shape is unknown or there is no GPU."""
+    shape = KNOWN_MODELS.get(spec.base_model.name or "")
+    if shape is None or spec.resources.gpu == 0:
+        return None
+    hp = spec.hyperparameters
+    memory = spec.resources.gpu_memory
+    request = PlanRequest(
+        method=spec.method,
+        strategy=spec.distributed.strategy,
+        world_size=spec.world_size,
+        per_device_batch_size=hp.per_device_batch_size,
+        max_seq_length=hp.max_seq_length,
+        gradient_checkpointing=hp.gradient_checkpointing,
+        lora_r=spec.lora.r,
+        precision_bytes=4 if hp.precision == "fp32" else 2,
+        gpu_memory_bytes=quantity_bytes(memory) if memory else None,
+    )
+    return estimate(shape, request)
+
+
+def plan_status(plan: Plan) -> MemoryPlan:
+    return MemoryPlan(
+        summary=plan.summary(),
+        strategy=plan.strategy,
+        world_size=plan.request.world_size,
+        gib_per_gpu=round(plan.total_bytes / GIB, 1),
+        fits=plan.fits,
+    )
+
+
+def refusal(spec: FineTuneJobSpec, plan: Plan) -> str | None:
+    """Why the run cannot start, in the spec's terms, when the plan says it cannot fit."""
+    if plan.fits is not False:
+        return None
+    return (
+        f"{spec.base_model.name} does not fit resources.gpuMemory {spec.resources.gpu_memory} per GPU: "
+        f"{plan.summary()}; change the spec as advised (resources.gpu, distributed.strategy, method, "
+        "hyperparameters), or remove resources.gpuMemory to run unchecked"
+    )
