@@ -16,6 +16,7 @@ from deeptune.planner import GIB, KNOWN_MODELS, Plan, PlanRequest, estimate
 _QUANTITY = re.compile(r"^([0-9.]+)([A-Za-z]*)$")
 _UNITS = {
     "": 1,
+    "m": 10**-3,
     "k": 10**3,
     "M": 10**6,
     "G": 10**9,

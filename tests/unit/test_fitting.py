@@ -10,7 +10,8 @@ from tests.unit.test_finetunejob_model import with_changes
 
 
 @pytest.mark.parametrize(
-    ("quantity", "size"), [("80Gi", 80 * 2**30), ("81920Mi", 80 * 2**30), ("24G", 24 * 10**9), ("1024", 1024)]
+    ("quantity", "size"),
+    [("80Gi", 80 * 2**30), ("81920Mi", 80 * 2**30), ("24G", 24 * 10**9), ("1024", 1024), ("1500m", 1)],
 )
 def test_memory_quantities(quantity: str, size: int) -> None:
     assert quantity_bytes(quantity) == size
