@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainerControl, TrainerState
 
 from deeptune.api.finetunejob import FineTuneJobSpec
-from deeptune.api.trainer import TrainerPaths
+from deeptune.api.trainer import TrainerConfig, TrainerPaths
 from deeptune_trainer.distributed import World, shards_weights
 from deeptune_trainer.modeling import load_model
 from deeptune_trainer.synthetic import keyword_rows
@@ -45,7 +45,8 @@ def main(model_dir: str, output_dir: str, spec_json: str, kill_at: str = "0") ->
     world = World.from_env()
     spec = FineTuneJobSpec.model_validate(json.loads(spec_json))
     paths = TrainerPaths(output_dir=output_dir, base_model=model_dir)
-    loaded = load_model(spec, paths, sharded=shards_weights(spec, world))
+    config = TrainerConfig(name="test", spec=spec, paths=paths)
+    loaded = load_model(spec, paths, sharded=shards_weights(config, world))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     callbacks = [KillAfter(int(kill_at))] if int(kill_at) else []
     result = train(

@@ -207,3 +207,13 @@ def test_a_queued_job_is_made_suspended_with_kueues_label() -> None:
     assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
     assert "suspend" not in job_controls(parse_spec(with_changes(queueName="gpu-queue")))
     assert job_for(with_changes())["spec"]["suspend"] is False
+
+
+def test_auto_strategy_reaches_the_trainer_as_the_plan_decided() -> None:
+    big = with_changes(
+        baseModel={"name": "deepseek-ai/deepseek-llm-67b-base"}, resources={"gpu": 8, "gpuMemory": "80Gi"}
+    )
+    config = json.loads(build_config_map(OWNER, parse_spec(big))["data"]["config.json"])
+    assert config["strategy"] == "fsdp"  # replicated, 146 GiB per GPU would not fit
+    small = json.loads(build_config_map(OWNER, parse_spec(with_changes()))["data"]["config.json"])
+    assert small.get("strategy") is None  # the trainer's auto: ddp

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.reason}: {error.message}", file=sys.stderr)
         return EXIT_INVALID_INPUT
     if config.spec.processes_per_node > 1 and not distributed.is_worker():
-        return distributed.launch(config.spec, argv)
+        return distributed.launch(config, argv)
     from deeptune_trainer import run  # noqa: PLC0415  (torch and transformers load only for a real run)
 
     return run.main(config)

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deeptune.api.finetunejob import FineTuneJobSpec
-from deeptune.api.trainer import EXIT_INVALID_INPUT
+from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerConfig
 
 ResolvedStrategy = Literal["ddp", "fsdp"]
 
@@ -59,14 +58,17 @@ def is_worker() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def resolve_strategy(spec: FineTuneJobSpec) -> ResolvedStrategy:
-    """The strategy a run uses. `auto` is ddp until the memory planner says the model does not fit."""
-    return "fsdp" if spec.distributed.strategy == "fsdp" else "ddp"
+def resolve_strategy(config: TrainerConfig) -> ResolvedStrategy:
+    """The strategy a run uses: `auto` is what the operator's memory plan decided (fsdp when the
+    model and its training state do not fit one GPU), else ddp."""
+    if config.spec.distributed.strategy == "auto":
+        return config.strategy or "ddp"
+    return config.spec.distributed.strategy
 
 
-def shards_weights(spec: FineTuneJobSpec, world: World) -> bool:
+def shards_weights(config: TrainerConfig, world: World) -> bool:
     """Whether the model is loaded sharded across the workers (fsdp with more than one)."""
-    return world.size > 1 and resolve_strategy(spec) == "fsdp"
+    return world.size > 1 and resolve_strategy(config) == "fsdp"
 
 
 def _threads_per_worker(workers: int) -> str:
@@ -75,14 +77,14 @@ def _threads_per_worker(workers: int) -> str:
     return str(max(1, available // workers))
 
 
-def launch(spec: FineTuneJobSpec, argv: Sequence[str]) -> int:
-    """Run `python -m deeptune_trainer ARGV` in `spec.processes_per_node` workers; their exit code."""
+def launch(config: TrainerConfig, argv: Sequence[str]) -> int:
+    """Run `python -m deeptune_trainer ARGV` in `processes_per_node` workers; their exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # noqa: PLC0415
 
-    workers = spec.processes_per_node
+    workers = config.spec.processes_per_node
     os.environ["OMP_NUM_THREADS"] = _threads_per_worker(workers)
-    config = LaunchConfig(
+    launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=workers,
@@ -93,9 +95,9 @@ def launch(spec: FineTuneJobSpec, argv: Sequence[str]) -> int:
         monitor_interval=1.0,
         start_method="spawn",
     )
-    print(f"starting {workers} worker processes ({resolve_strategy(spec)})", flush=True)
+    print(f"starting {workers} worker processes ({resolve_strategy(config)})", flush=True)
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "deeptune_trainer", *argv)
+        elastic_launch(launch_config, entrypoint=sys.executable)("-m", "deeptune_trainer", *argv)
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
         return EXIT_INVALID_INPUT if EXIT_INVALID_INPUT in codes else 1

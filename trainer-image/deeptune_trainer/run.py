@@ -86,7 +86,7 @@ def run(
         write_data_report(prepared, output_dir / "data_report.json")
     log(f"dataset: {len(prepared.train)} train rows, {len(prepared.validation)} validation rows")
 
-    sharded = shards_weights(spec, world)
+    sharded = shards_weights(config, world)
     loaded = load_model(spec, paths, sharded=sharded)
     log(
         f"loaded {loaded.source} ({loaded.model.config.model_type}, {loaded.precision}, method {spec.method})"

@@ -47,6 +47,9 @@ class TrainerConfig(ApiModel):
     paths: TrainerPaths
     metrics_port: int = METRICS_PORT
     termination_message_path: str = TERMINATION_MESSAGE_PATH
+    strategy: Literal["ddp", "fsdp"] | None = None
+    """`distributed.strategy: auto` as the operator's memory plan decided it (`status.plan`), so the
+    trainer shards exactly when the plan said it must; None where there is no plan (auto is ddp)."""
 
 
 class TrainerError(ApiModel):

@@ -25,6 +25,7 @@ from deeptune.builders.common import (
     pod_security_context,
 )
 from deeptune.builders.pod import container_resources, cpu_threads, scheduling
+from deeptune.fitting import plan_for
 
 COMPONENT = "trainer"
 CONTAINER = "trainer"
@@ -89,8 +90,10 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
     output = spec.output.pvc
     output_dir = _pvc_path(output.claim_name, output.path or posixpath.join(owner.namespace, owner.name))
     base = spec.base_model.pvc
+    plan = plan_for(spec)
     return TrainerConfig(
         name=owner.name,
+        strategy="fsdp" if plan is not None and plan.strategy == "fsdp" else None,
         namespace=owner.namespace,
         uid=owner.uid,
         spec=spec,
