@@ -207,8 +207,13 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> Non
         for uid in _owners(body, FTJ_KIND):
             op.ftj_controller.enqueue(uid)
 
+    @kopf.index("", "v1", "services", labels={FTJ_UID: kopf.PRESENT}, registry=registry, id=ftj.SERVICES)
+    def trainer_services(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
+        return {labels[FTJ_UID]: record(body)}
+
     @kopf.on.event("", "v1", "pods", labels={FTJ_UID: kopf.PRESENT}, registry=registry)
     @kopf.on.event("", "v1", "configmaps", labels={FTJ_UID: kopf.PRESENT}, registry=registry)
+    @kopf.on.event("", "v1", "services", labels={FTJ_UID: kopf.PRESENT}, registry=registry)
     def trainer_child_changed(*, labels: kopf.Labels, **indexes: Any) -> None:
         op.fill(indexes)
         op.ftj_controller.enqueue(labels[FTJ_UID])

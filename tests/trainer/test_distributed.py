@@ -163,3 +163,10 @@ def test_bad_input_in_the_workers_fails_the_run_once(tiny_llama_dir: Path, tmp_p
     summary = TrainerSummary.model_validate_json(summary_file.read_text())
     assert summary.error is not None and "missing.jsonl" in summary.error.message
     assert done.stderr.count(f"error: {summary.error.reason}") == 1  # said by rank 0 alone
+
+
+def test_several_pods_need_a_cluster(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = _merge(_spec("lora", "ddp", 8), {"resources": {"gpu": 0}, "distributed": {"nodes": 2}})
+    done = _cli(tmp_path, spec, tiny_llama_dir)
+    assert done.returncode == EXIT_INVALID_INPUT
+    assert "distributed.nodes 2 runs as an Indexed Job in a cluster" in done.stderr

@@ -10,7 +10,13 @@ import pytest
 from deeptune.api.finetunejob import parse_spec
 from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerConfig
 from deeptune.builders.common import Owner, child_name
-from deeptune.builders.finetunejob import ChildSettings, build_config_map, build_job, job_controls
+from deeptune.builders.finetunejob import (
+    ChildSettings,
+    build_config_map,
+    build_job,
+    build_service,
+    job_controls,
+)
 from tests.unit.test_finetunejob_model import with_changes
 
 OWNER = Owner(kind="FineTuneJob", name="support-bot", namespace="team-a", uid="1234-abcd")
@@ -217,3 +223,24 @@ def test_auto_strategy_reaches_the_trainer_as_the_plan_decided() -> None:
     assert config["strategy"] == "fsdp"  # replicated, 146 GiB per GPU would not fit
     small = json.loads(build_config_map(OWNER, parse_spec(with_changes()))["data"]["config.json"])
     assert small.get("strategy") is None  # the trainer's auto: ddp
+
+
+def test_a_run_over_several_pods_is_an_indexed_job_behind_a_headless_service() -> None:
+    spec = parse_spec(with_changes(resources={"gpu": 8}, distributed={"nodes": 4}, backoffLimit=2))
+    job = build_job(OWNER, spec, SETTINGS)
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == (
+        "Indexed", 4, 4,
+    )  # fmt: skip
+    assert job["spec"]["backoffLimit"] == 8  # a failure restarts every pod: each pod's retry counts
+    assert pod_of(job)["subdomain"] == "support-bot-workers"
+    env = {e["name"]: e.get("value") for e in container_of(job)["env"]}
+    assert env["DEEPTUNE_RENDEZVOUS_ENDPOINT"] == "support-bot-train-0.support-bot-workers:29400"
+    assert {"name": "rendezvous", "containerPort": 29400, "protocol": "TCP"} in container_of(job)["ports"]
+    service = build_service(OWNER, spec)
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    selector = service["spec"]["selector"]
+    assert all(pod_of(job) is not None and job["spec"]["template"]["metadata"]["labels"][k] == v
+               for k, v in selector.items())  # fmt: skip
+    assert build_service(OWNER, parse_spec(with_changes())) is None
+    assert "completionMode" not in job_for(with_changes())["spec"]

@@ -379,3 +379,28 @@ def test_queued_by_kueue_is_pending_and_names_the_queue() -> None:
     assert (running.status, running.reason) == ("False", "Queued")
     assert "LocalQueue gpu-queue" in running.message
     assert conditions_of(status)["Suspended"][0] == "False"  # the user did not pause it
+
+
+def test_an_indexed_run_lists_the_newest_pod_of_each_index() -> None:
+    indexed = job()
+    indexed["spec"] = {"completionMode": "Indexed"}
+
+    def worker(name: str, index: str, created: str, phase: str) -> dict[str, Any]:
+        found = pod(phase)
+        found["metadata"].update(
+            name=name,
+            creationTimestamp=created,
+            annotations={"batch.kubernetes.io/job-completion-index": index},
+        )
+        return found
+
+    pods = [
+        worker("bot-train-1-a", "1", "2026-11-25T09:00:00Z", "Failed"),
+        worker("bot-train-0-a", "0", "2026-11-25T09:00:00Z", "Running"),
+        worker("bot-train-1-b", "1", "2026-11-25T09:05:00Z", "Running"),
+    ]
+    status = derive(indexed, pods)
+    assert [(w.index, w.name, w.phase) for w in status.workers] == [
+        (0, "bot-train-0-a", "Running"), (1, "bot-train-1-b", "Running"),
+    ]  # fmt: skip
+    assert derive(job(), [pod("Running")]).workers is None

@@ -86,6 +86,7 @@ def cache(**indexes: dict[Any, list[Obj]]) -> Cache:
     filled = Cache()
     names = [
         *("finetunejobs", "finetunejobs_by_name", "trainer_jobs", "trainer_pods", "trainer_config_maps"),
+        "trainer_services",
         *("modeldeployments", "serving_deployments", "serving_pods"),
         *(f"serving_{plural}" for _, _, plural in CHILD_RESOURCES),
     ]
@@ -440,3 +441,17 @@ def test_a_run_that_fits_gets_its_plan_in_status(api: Api) -> None:
     plan = api.named("status")[-1][1]["plan"]
     assert plan["fits"] is True and plan["worldSize"] == 1 and plan["strategy"] == "ddp"
     assert plan["summary"].startswith("lora on 1 GPU (ddp): ") and "of 24 GiB" in plan["summary"]
+
+
+def test_a_run_over_several_pods_gets_its_headless_service_before_the_job(api: Api) -> None:
+    spec = {**MINIMAL, "distributed": {"nodes": 2}}
+    reconcile_ftj(ftj({"phase": "Pending"}, spec=spec))
+    assert [c[1:] for c in api.named("create")] == [
+        ("Job", "bot-train", True), ("ConfigMap", "bot-config", False), ("Service", "bot-workers", False),
+        ("Job", "bot-train", False),
+    ]  # fmt: skip
+    api.calls.clear()
+    reconcile_ftj(
+        ftj({"phase": "Running"}, spec=spec), [trainer_job(backoffLimit=6)], [trainer_pod("Running")]
+    )
+    assert [c[1:3] for c in api.named("create")] == [("Service", "bot-workers")]  # deleted: made again

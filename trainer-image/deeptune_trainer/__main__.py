@@ -137,23 +137,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse(error: TrainerInputError, termination_message_path: str | None) -> int:
+    """Bad input found before any worker runs: said on stderr and, in a pod, to the operator."""
+    if termination_message_path:
+        from deeptune_trainer.artifacts import write_summary  # noqa: PLC0415  (loads torch)
+
+        failed = TrainerSummary(
+            outcome="failed", error=TrainerError(reason=error.reason, message=error.message)
+        )
+        write_summary(failed, termination_message_path)
+    print(f"error: {error.reason}: {error.message}", file=sys.stderr)
+    return EXIT_INVALID_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
         config = load_config(args)
     except TrainerInputError as error:
-        if args.config:  # in a pod: the operator still gets a reason
-            from deeptune_trainer.artifacts import write_summary  # noqa: PLC0415  (loads torch)
-
-            failed = TrainerSummary(
-                outcome="failed", error=TrainerError(reason=error.reason, message=error.message)
-            )
-            write_summary(failed, TERMINATION_MESSAGE_PATH)
-        print(f"error: {error.reason}: {error.message}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    if config.spec.processes_per_node > 1 and not distributed.is_worker():
-        return distributed.launch(config, argv)
+        # In a pod the operator still gets a reason; a local config's path is not known yet.
+        return _refuse(error, TERMINATION_MESSAGE_PATH if args.config else None)
+    if distributed.needs_launcher(config):
+        try:
+            return distributed.launch(config, argv)
+        except TrainerInputError as error:
+            return _refuse(error, config.termination_message_path)
     from deeptune_trainer import run  # noqa: PLC0415  (torch and transformers load only for a real run)
 
     return run.main(config)

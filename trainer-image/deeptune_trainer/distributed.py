@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerConfig
+from deeptune.api.trainer import EXIT_INVALID_INPUT, POD_IP_ENV, RENDEZVOUS_ENV, TrainerConfig
+from deeptune_trainer.errors import TrainerInputError
 
 ResolvedStrategy = Literal["ddp", "fsdp"]
 
@@ -58,6 +59,11 @@ def is_worker() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def needs_launcher(config: TrainerConfig) -> bool:
+    """Whether the run has more than this one process: several per pod, or several pods."""
+    return config.spec.world_size > 1 and not is_worker()
+
+
 def resolve_strategy(config: TrainerConfig) -> ResolvedStrategy:
     """The strategy a run uses: `auto` is what the operator's memory plan decided (fsdp when the
     model and its training state do not fit one GPU), else ddp."""
@@ -85,23 +91,49 @@ def launch(config: TrainerConfig, argv: Sequence[str]) -> int:
     workers = config.spec.processes_per_node
     os.environ["OMP_NUM_THREADS"] = _threads_per_worker(workers)
     launch_config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
         nproc_per_node=workers,
-        run_id=str(uuid.uuid4()),
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,  # the Job retries the pod, which resumes from the newest checkpoint
         monitor_interval=1.0,
         start_method="spawn",
+        **_placement(config),
     )
-    print(f"starting {workers} worker processes ({resolve_strategy(config)})", flush=True)
+    nodes = config.spec.distributed.nodes
+    where = f" on each of {nodes} pods" if nodes > 1 else ""
+    print(f"starting {workers} worker processes{where} ({resolve_strategy(config)})", flush=True)
     try:
         elastic_launch(launch_config, entrypoint=sys.executable)("-m", "deeptune_trainer", *argv)
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
         return EXIT_INVALID_INPUT if EXIT_INVALID_INPUT in codes else 1
     return 0
+
+
+def _placement(config: TrainerConfig) -> dict[str, Any]:
+    """Where the workers meet. One pod: a private rendezvous; the Job retries a failed pod, which
+    resumes from the newest checkpoint. Several pods: pod 0 hosts a c10d rendezvous under the
+    Indexed Job's DNS name; when a pod fails the survivors' launchers restart their workers and wait
+    for its replacement, and the whole gang resumes from the newest complete checkpoint."""
+    nodes = config.spec.distributed.nodes
+    if nodes == 1:
+        return {"min_nodes": 1, "max_nodes": 1, "run_id": str(uuid.uuid4()), "rdzv_endpoint": "localhost:0",
+                "max_restarts": 0}  # fmt: skip
+    endpoint = os.environ.get(RENDEZVOUS_ENV)
+    if not endpoint:
+        raise TrainerInputError(
+            "InvalidSpec",
+            f"distributed.nodes {nodes} runs as an Indexed Job in a cluster (the operator sets "
+            f"{RENDEZVOUS_ENV}); a run outside a cluster takes one pod: set distributed.nodes to 1",
+        )
+    index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    return {
+        "min_nodes": nodes,
+        "max_nodes": nodes,
+        "run_id": config.uid or config.name,
+        "rdzv_endpoint": endpoint,
+        "rdzv_configs": {"is_host": index == 0},
+        "max_restarts": config.spec.backoff_limit,
+        "local_addr": os.environ.get(POD_IP_ENV),
+    }
 
 
 def sharded_state_dir(checkpoint: Path) -> Path:

@@ -407,8 +407,10 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 class DistributedSpec(ApiModel):
     """How the run spreads over processes and nodes: PyTorch's own engine, one process per GPU.
 
-    The trainer starts `processesPerNode` workers with torch.distributed's elastic launcher, in one
-    pod (several nodes are the next step).
+    Every pod starts `processesPerNode` workers with torch.distributed's elastic launcher; with
+    `nodes` > 1 the pods are an Indexed Job behind a headless Service and meet at pod 0 (c10d
+    rendezvous). A failed pod is replaced and every pod's workers restart together from the newest
+    complete checkpoint.
     """
 
     strategy: Strategy = "auto"
@@ -416,7 +418,10 @@ class DistributedSpec(ApiModel):
     weights, gradients and optimizer state across all of them (FSDP2). `auto` picks ddp when the
     model and its training state fit one device, else fsdp."""
     processes_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
-    """Worker processes in the pod; default one per GPU (`resources.gpu`), or 1 without GPUs."""
+    """Worker processes in each pod; default one per GPU (`resources.gpu`), or 1 without GPUs."""
+    nodes: Annotated[int, Field(ge=1, le=64)] = 1
+    """Pods the run spans, each with `resources` of its own (one per node: spread them with
+    `resources.affinity`)."""
 
 
 class OutputSpec(ApiModel):
@@ -542,7 +547,7 @@ class FineTuneJobSpec(ApiModel):
     @property
     def world_size(self) -> int:
         """Worker processes in the whole run."""
-        return self.processes_per_node
+        return self.processes_per_node * self.distributed.nodes
 
     @property
     def learning_rate(self) -> float:
@@ -638,6 +643,15 @@ class MemoryPlan(ApiModel):
     """Unknown without `resources.gpuMemory`."""
 
 
+class WorkerPod(ApiModel):
+    """One pod of a run over several pods: its index in the Indexed Job and where it stands."""
+
+    index: int
+    name: str
+    phase: str
+    """The pod's phase: Pending, Running, Succeeded or Failed."""
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state of a FineTuneJob, written only by the operator."""
 
@@ -663,6 +677,10 @@ class FineTuneJobStatus(ApiModel):
     """What cleaning and augmentation did to the rows."""
     output: OutputStatus | None = None
     """Where the artifacts are."""
+    world_size: int | None = None
+    """Worker processes of the run: processes per pod × pods."""
+    workers: list[WorkerPod] | None = None
+    """The newest pod of each index, for a run over several pods."""
     plan: MemoryPlan | None = None
     """Will it fit? The estimate per GPU for a known DeepSeek model, made before the Job."""
     last_failure: FailureInfo | None = None

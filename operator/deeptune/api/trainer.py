@@ -18,6 +18,13 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 SUMMARY_LIMIT_BYTES = 4096
 """Kubernetes truncates termination messages at 4 KiB."""
 
+RENDEZVOUS_PORT = 29400
+"""Where pod 0's launcher hosts the c10d rendezvous of a run over several pods."""
+RENDEZVOUS_ENV = "DEEPTUNE_RENDEZVOUS_ENDPOINT"
+"""`host:port` of pod 0's rendezvous, set by the operator on the pods of a run over several pods."""
+
+POD_IP_ENV = "POD_IP"
+
 EXIT_INVALID_INPUT = 3
 """Trainer exit code for bad input (spec, dataset, model): retrying cannot help, so the Job fails fast."""
 

@@ -12,6 +12,9 @@ from deeptune.api.trainer import (
     CONFIG_PATH,
     EXIT_INVALID_INPUT,
     METRICS_PORT,
+    POD_IP_ENV,
+    RENDEZVOUS_ENV,
+    RENDEZVOUS_PORT,
     TERMINATION_MESSAGE_PATH,
     TrainerConfig,
     TrainerPaths,
@@ -23,6 +26,7 @@ from deeptune.builders.common import (
     container_security_context,
     metadata,
     pod_security_context,
+    uid_label,
 )
 from deeptune.builders.pod import container_resources, cpu_threads, scheduling
 from deeptune.fitting import plan_for
@@ -60,6 +64,16 @@ def config_map_name(owner: Owner) -> str:
 
 def job_name(owner: Owner) -> str:
     return child_name(owner.name, "train")
+
+
+def service_name(owner: Owner) -> str:
+    """The headless Service that names the pods of a run over several pods (`<job>-<index>.<this>`)."""
+    return child_name(owner.name, "workers")
+
+
+def rendezvous_endpoint(owner: Owner) -> str:
+    """Pod 0 of the Indexed Job: its hostname is `<job>-0`, its DNS name that under the Service."""
+    return f"{job_name(owner)}-0.{service_name(owner)}:{RENDEZVOUS_PORT}"
 
 
 def _pvc_path(claim: str, path: str) -> str:
@@ -159,7 +173,7 @@ def _volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[Manifest], list[
     return volumes, mounts
 
 
-def _env(spec: FineTuneJobSpec) -> list[Manifest]:
+def _env(owner: Owner, spec: FineTuneJobSpec) -> list[Manifest]:
     env: list[Manifest] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -171,6 +185,10 @@ def _env(spec: FineTuneJobSpec) -> list[Manifest]:
         env.append(
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
         )
+    if spec.distributed.nodes > 1:
+        env.append({"name": RENDEZVOUS_ENV, "value": rendezvous_endpoint(owner)})
+        # The address the launcher advertises to the other pods (its hostname may not resolve there).
+        env.append({"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     user_names = {var.name for var in spec.env}
     threads = cpu_threads(spec.resources.cpu)
     if threads and "OMP_NUM_THREADS" not in user_names:
@@ -181,6 +199,13 @@ def _env(spec: FineTuneJobSpec) -> list[Manifest]:
     return env
 
 
+def _ports(spec: FineTuneJobSpec) -> list[Manifest]:
+    ports: list[Manifest] = [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+    if spec.distributed.nodes > 1:
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
+    return ports
+
+
 def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> Manifest:
     volumes, mounts = _volumes(owner, spec)
     container: Manifest = {
@@ -188,8 +213,8 @@ def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> M
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
         "command": ["python", "-m", "deeptune_trainer", "--config", CONFIG_PATH],
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-        "env": _env(spec),
+        "ports": _ports(spec),
+        "env": _env(owner, spec),
         "resources": container_resources(spec.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
@@ -205,6 +230,8 @@ def _pod_spec(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> M
         "volumes": volumes,
     }
     pod.update(scheduling(spec.resources))
+    if spec.distributed.nodes > 1:
+        pod["subdomain"] = service_name(owner)  # with the Indexed Job's hostname: a DNS name per pod
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [s.to_wire() for s in spec.image_pull_secrets]
     return pod
@@ -222,9 +249,10 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> M
     template_labels = {**meta["labels"]}
     if spec.queue_name:
         meta["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
+    nodes = spec.distributed.nodes
     job_spec: Manifest = {
-        "completions": 1,
-        "parallelism": 1,
+        "completions": nodes,
+        "parallelism": nodes,
         "podFailurePolicy": {
             "rules": [
                 {
@@ -250,9 +278,30 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> M
             "spec": _pod_spec(owner, spec, settings),
         },
     }
+    if nodes > 1:
+        job_spec["completionMode"] = "Indexed"  # JOB_COMPLETION_INDEX and hostname <job>-<index>
     job_spec.update({key: value for key, value in job_controls(spec).items() if value is not None})
     job_spec["suspend"] = spec.suspend or bool(spec.queue_name)  # queued: Kueue starts it
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def build_service(owner: Owner, spec: FineTuneJobSpec) -> Manifest | None:
+    """The headless Service of a run over several pods (None for one pod): it gives each pod a DNS
+    name, so pod 0's rendezvous is found before any pod is ready."""
+    if spec.distributed.nodes == 1:
+        return None
+    meta = metadata(owner, service_name(owner), COMPONENT)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {uid_label(owner.kind): owner.uid, "app.kubernetes.io/component": COMPONENT},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
 
 
 def job_controls(spec: FineTuneJobSpec) -> Manifest:
@@ -260,7 +309,8 @@ def job_controls(spec: FineTuneJobSpec) -> Manifest:
     change); everything else is fixed with the run (immutable in the CRD). A queued Job's `suspend`
     is Kueue's: the operator patching it back would fight Kueue's admission."""
     controls: Manifest = {
-        "backoffLimit": spec.backoff_limit,
+        # Over several pods one failure restarts them all: each pod's retry counts.
+        "backoffLimit": spec.backoff_limit * spec.distributed.nodes,
         "activeDeadlineSeconds": spec.active_deadline_seconds,
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
     }

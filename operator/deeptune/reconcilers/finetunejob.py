@@ -71,6 +71,7 @@ OBJECTS = "finetunejobs"
 JOBS = "trainer_jobs"
 PODS = "trainer_pods"
 CONFIG_MAPS = "trainer_config_maps"
+SERVICES = "trainer_services"
 
 
 class RejectedError(Exception):
@@ -152,6 +153,7 @@ class FineTuneJobReconciler:
             now=now(),
             blocked=blocked,
         )
+        new.world_size = spec.world_size
         if plan is not None:
             new.plan = fitting.plan_status(plan)
         update = _update(previous, new)
@@ -176,7 +178,9 @@ class FineTuneJobReconciler:
             return None, CREATION_GRACE  # made a moment ago; the cache has not caught up
         job = build.build_job(owner, spec, self.settings.builder)
         try:
-            await asyncio.to_thread(_create_children, build.build_config_map(owner, spec), job)
+            await asyncio.to_thread(
+                _create_children, build.build_config_map(owner, spec), build.build_service(owner, spec), job
+            )
         except children.NotOursError as error:
             return RunState("Pending", "JobConflict", str(error)), CONFLICT_RETRY
         except children.OwnerGoingError as error:
@@ -188,7 +192,8 @@ class FineTuneJobReconciler:
         return None, None
 
     async def _keep(self, owner: Owner, spec: FineTuneJobSpec, job: Obj) -> None:
-        """Bring an unfinished Job's mutable fields in line with the spec, and its ConfigMap back."""
+        """Bring an unfinished Job's mutable fields in line with the spec, and its ConfigMap and
+        Service back."""
         if _finished(job):
             return
         wanted = build.job_controls(spec)
@@ -199,6 +204,9 @@ class FineTuneJobReconciler:
             LOG.info("patched Job %s/%s: %s", owner.namespace, name, sorted(drift))
         if not self.cache.all(CONFIG_MAPS, owner.uid):
             await asyncio.to_thread(_create, build.build_config_map(owner, spec))
+        service = build.build_service(owner, spec)
+        if service is not None and not self.cache.all(SERVICES, owner.uid):
+            await asyncio.to_thread(_create, service)
 
     async def _release(self, objects: list[Obj]) -> None:
         for obj in objects:
@@ -242,8 +250,9 @@ def _create(manifest: Obj) -> None:
         raise
 
 
-def _create_children(config_map: Obj, job: Obj) -> None:
-    """The Job is dry-run first, so one the API server refuses leaves no ConfigMap behind."""
+def _create_children(config_map: Obj, service: Obj | None, job: Obj) -> None:
+    """The Job is dry-run first, so one the API server refuses leaves no ConfigMap behind; the
+    Service (a run over several pods) comes before the Job, so pod 0's name resolves from the start."""
     try:
         children.create(job, dry_run=True)
     except ApiException as error:
@@ -251,6 +260,8 @@ def _create_children(config_map: Obj, job: Obj) -> None:
             raise RejectedError(children.rejection(error)) from error
         raise
     _create(config_map)
+    if service is not None:
+        _create(service)
     _create(job)
 
 

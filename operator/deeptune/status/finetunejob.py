@@ -20,6 +20,7 @@ from deeptune.api.finetunejob import (
     OutputStatus,
     Phase,
     Progress,
+    WorkerPod,
 )
 from deeptune.api.trainer import TrainerSummary
 from deeptune.status.conditions import set_conditions
@@ -242,6 +243,8 @@ def derive_status(
         status.completion_time = job_status.get("completionTime") or status.completion_time
         status.retries = int(job_status.get("failed") or 0)
     status.last_failure = last_failure(pods) or status.last_failure
+    indexed = job is not None and "completionMode" in job.get("spec", {})
+    status.workers = worker_pods(pods) if indexed else None
     if (
         observation.phase == "Running"
         and progress is not None
@@ -254,6 +257,24 @@ def derive_status(
     if observation.phase == "Succeeded":
         _apply_summary(status, _succeeded_summary(pods), output, now)
     return status
+
+
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def worker_pods(pods: list[Obj]) -> list[WorkerPod]:
+    """The newest pod of each index of an Indexed Job, by index."""
+    newest: dict[int, Obj] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+        index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX)
+        if index is not None and index.isdigit():
+            newest[int(index)] = pod
+    return [
+        WorkerPod(
+            index=index, name=pod["metadata"]["name"], phase=pod.get("status", {}).get("phase", "Pending")
+        )
+        for index, pod in sorted(newest.items())
+    ]
 
 
 def _apply_summary(
