@@ -314,12 +314,23 @@ def install_crds(cluster: Cluster) -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
 
+def cluster_dns(cluster: Cluster) -> dict[str, str]:
+    """The local cluster's DNS as up.sh started it (`cluster-dns.env`): CLUSTER_DNS, the address of
+    its CoreDNS on the pods' bridge, and CLUSTER_DOMAIN; empty when it runs none."""
+    path = cluster.state_dir / "cluster-dns.env"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
 def start_node_agent(cluster: Cluster) -> Process:
     state = cluster.state_dir / "node-agent"
+    dns = cluster_dns(cluster)
+    dns_args = ["--cluster-dns", dns["CLUSTER_DNS"], "--cluster-domain", dns["CLUSTER_DOMAIN"]] if dns else []
     agent = start_process(
         [
             sys.executable, "-m", "tests.cluster.node_agent",
             "--kubeconfig", str(cluster.kubeconfig), "--name", NODE_NAME, "--state-dir", str(state),
+            *dns_args,
         ],
         cluster.state_dir / "node-agent.log",
         dict(os.environ),

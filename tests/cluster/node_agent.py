@@ -12,6 +12,10 @@ pods bound to it and runs each container's command as a local process:
 - Each pod gets its own network namespace with an address on a bridge (its pod IP), and its own
   mount namespace where volumes appear at their mount paths: a PVC as the directory of its bound
   hostPath PersistentVolume, a ConfigMap or Secret as files, an emptyDir as a fresh directory.
+- DNS as a kubelet sets it up: the pod's own UTS namespace with its hostname (`spec.hostname` or
+  the pod's name), a managed `/etc/hosts` that names it (with its `subdomain`'s FQDN), and for
+  dnsPolicy ClusterFirst an `/etc/resolv.conf` that points at the cluster DNS (`--cluster-dns`:
+  the CoreDNS that tests/localcluster/up.sh starts) with the namespace's search list and ndots:5.
 - It reports phase, container states, exit codes and termination messages to the pod status, and
   stops the processes of deleted pods. Users of real clusters never meet it.
 - A pod left Running by an agent that is gone (a node lost and back, as after a reboot) has what is
@@ -35,6 +39,7 @@ import fnmatch
 import ipaddress
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -183,6 +188,95 @@ class PodNetwork:
                 self._used.discard(ipaddress.ip_address(ip))  # type: ignore[arg-type]
 
 
+def pod_hostname(pod: Any, cluster_domain: str) -> tuple[str, str | None]:
+    """The pod's hostname and domain as the kubelet derives them: `spec.hostname` or the pod's name
+    (cut to 63 characters), and `<subdomain>.<namespace>.svc.<cluster domain>` when the pod has a
+    `spec.subdomain` (what a headless Service of that name publishes it under), else None."""
+    hostname = pod.spec.hostname or pod.metadata.name
+    if len(hostname) > 63:
+        hostname = hostname[:63].rstrip("-.")
+    subdomain = pod.spec.subdomain
+    domain = f"{subdomain}.{pod.metadata.namespace}.svc.{cluster_domain}" if subdomain else None
+    return hostname, domain
+
+
+def hosts_file(pod: Any, ip: str, cluster_domain: str) -> str:
+    """The kubelet's managed /etc/hosts: localhost, the pod's own name (and FQDN) at its IP, and
+    `spec.hostAliases`."""
+    hostname, domain = pod_hostname(pod, cluster_domain)
+    names = f"{hostname}.{domain}\t{hostname}" if domain else hostname
+    lines = [
+        "# Kubernetes-managed hosts file.",
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "fe00::0\tip6-localnet",
+        "fe00::0\tip6-mcastprefix",
+        "fe00::1\tip6-allnodes",
+        "fe00::2\tip6-allrouters",
+        f"{ip}\t{names}",
+    ]
+    aliases = pod.spec.host_aliases or []
+    if aliases:
+        lines += ["", "# Entries added by HostAliases."]
+        lines += ["\t".join([alias.ip, *(alias.hostnames or [])]) for alias in aliases]
+    return "\n".join(lines) + "\n"
+
+
+def _host_resolver(
+    path: Path = Path("/etc/resolv.conf"),
+) -> tuple[list[str], list[str], dict[str, str | None]]:
+    """Nameservers, search domains and options of this machine's resolv.conf."""
+    servers: list[str] = []
+    searches: list[str] = []
+    options: dict[str, str | None] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            words = line.split("#", 1)[0].split()
+            if len(words) > 1 and words[0] == "nameserver":
+                servers.append(words[1])
+            elif words and words[0] in ("search", "domain"):
+                searches = words[1:]
+            elif words and words[0] == "options":
+                for option in words[1:]:
+                    name, _, value = option.partition(":")
+                    options[name] = value or None
+    return servers, searches, options
+
+
+def resolv_conf(pod: Any, cluster_dns: str | None, cluster_domain: str) -> str | None:
+    """The pod's /etc/resolv.conf as the kubelet writes it for its dnsPolicy and dnsConfig, or None
+    where it is this machine's own (dnsPolicy Default without dnsConfig)."""
+    policy = pod.spec.dns_policy or "ClusterFirst"
+    config = pod.spec.dns_config
+    if policy in ("ClusterFirst", "ClusterFirstWithHostNet") and not cluster_dns:
+        policy = "Default"  # as the kubelet does with no --cluster-dns (it logs a warning)
+    if policy == "Default" and config is None:
+        return None
+    servers: list[str]
+    searches: list[str]
+    options: dict[str, str | None]
+    if policy == "None":
+        servers, searches, options = [], [], {}
+    elif policy == "Default":
+        servers, searches, options = _host_resolver()
+    else:
+        namespace = pod.metadata.namespace
+        servers = [str(cluster_dns)]
+        searches = [f"{namespace}.svc.{cluster_domain}", f"svc.{cluster_domain}", cluster_domain]
+        options = {"ndots": "5"}
+    if config is not None:
+        servers += [server for server in config.nameservers or [] if server not in servers]
+        searches += [search for search in config.searches or [] if search not in searches]
+        for option in config.options or []:
+            options[option.name] = option.value
+    lines = [f"nameserver {server}" for server in servers]
+    if searches:
+        lines.append("search " + " ".join(searches))
+    if options:
+        lines.append("options " + " ".join(k if v is None else f"{k}:{v}" for k, v in options.items()))
+    return "\n".join(lines) + "\n"
+
+
 def _hiding_mounts_last(mounts: list[Any], sources: dict[str, Path]) -> list[Any]:
     """Mounts over a directory that holds other mounts' sources (e.g. an emptyDir at /tmp while
     the sources live under /tmp) must come after those, or they would hide them."""
@@ -208,6 +302,9 @@ class PodRunner(threading.Thread):
         self.netns: str | None = None
         self.ip: str | None = None
         self.start_time: str | None = None
+        hostname, domain = pod_hostname(pod, agent.cluster_domain)
+        self.hostname = f"{hostname}.{domain}" if domain and pod.spec.set_hostname_as_fqdn else hostname
+        """The pod's hostname (UTS namespace and HOSTNAME), as the kubelet sets it."""
 
     # --- status reporting -------------------------------------------------------------------
 
@@ -326,15 +423,20 @@ class PodRunner(threading.Thread):
             return str(var.value)
         source, ns = var.value_from, self.pod.metadata.namespace
         if source.field_ref is not None:
+            path = source.field_ref.field_path
+            keyed = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+            if keyed:  # e.g. the Job controller's JOB_COMPLETION_INDEX
+                return str((getattr(self.pod.metadata, keyed[1]) or {}).get(keyed[2], ""))
             fields = {
                 "metadata.name": self.pod.metadata.name,
                 "metadata.namespace": ns,
                 "metadata.uid": self.pod.metadata.uid,
                 "spec.nodeName": self.agent.name,
+                "spec.serviceAccountName": self.pod.spec.service_account_name or "",
                 "status.podIP": self.ip or "",
                 "status.hostIP": str(GATEWAY),
             }
-            return fields[source.field_ref.field_path]
+            return fields[path]
         if source.secret_key_ref is not None:
             import base64
 
@@ -349,7 +451,7 @@ class PodRunner(threading.Thread):
     def _environment(self, image_env: ImageEnvironment) -> dict[str, str]:
         env = {
             "PATH": ":".join([*image_env.path, "/usr/local/bin", "/usr/bin", "/bin"]),
-            "HOSTNAME": self.pod.metadata.name,
+            "HOSTNAME": self.hostname,
             "LANG": "C.UTF-8",
             **image_env.extra_env,
         }
@@ -360,14 +462,19 @@ class PodRunner(threading.Thread):
     def _launcher(
         self, sources: dict[str, Path], image_env: ImageEnvironment, env: dict[str, str], termination: Path
     ) -> list[str]:
-        """The shell that builds the pod's mount namespace and then execs the container command."""
+        """The shell that builds the pod's mount and UTS namespaces and then execs the container
+        command."""
         container = self._container()
         path = shlex.quote(container.termination_message_path or "/dev/termination-log")
         lines = [
             "set -e",
             "mount --make-rprivate /",
             f"touch {path} && mount --bind {shlex.quote(str(termination))} {path}",
+            f"printf %s {shlex.quote(self.hostname)} > /proc/sys/kernel/hostname",
         ]
+        for name, target in (("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf")):
+            if (self.dir / name).exists():
+                lines.append(f"mount --bind {shlex.quote(str(self.dir / name))} {target}")
         for target, source in image_env.mounts.items():
             lines.append(f"mkdir -p {shlex.quote(target)}")
             lines.append(f"mount -o bind,ro {shlex.quote(source)} {shlex.quote(target)}")
@@ -393,7 +500,7 @@ class PodRunner(threading.Thread):
         (self.dir / "launch.sh").write_text(script)  # for a person debugging the agent
         assert self.netns is not None
         # Passed inline: a script file under a directory that a mount hides could not be read on.
-        return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--", "sh", "-c", script]
+        return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--uts", "--", "sh", "-c", script]
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -416,7 +523,9 @@ class PodRunner(threading.Thread):
             self.stopping.wait()
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "hostname").write_text(self.hostname)  # its processes' HOSTNAME, for down.sh
         self.netns, self.ip = self.agent.network.create(self.key)
+        self._write_dns_files()
         sources = self._volume_sources()
         env = self._environment(image_env)
         restarts, last = 0, None
@@ -442,6 +551,17 @@ class PodRunner(threading.Thread):
             LOG.info("pod %s: %s", self.pod.metadata.name, message)
             if self.stopping.wait(delay):
                 return
+
+    def _write_dns_files(self) -> None:
+        """The pod's /etc/hosts and /etc/resolv.conf (none where it keeps this machine's), which
+        the launcher mounts over the machine's in the pod's mount namespace."""
+        assert self.ip is not None
+        (self.dir / "hosts").write_text(hosts_file(self.pod, self.ip, self.agent.cluster_domain))
+        resolv = resolv_conf(self.pod, self.agent.cluster_dns, self.agent.cluster_domain)
+        if resolv is None:
+            (self.dir / "resolv.conf").unlink(missing_ok=True)
+        else:
+            (self.dir / "resolv.conf").write_text(resolv)
 
     def _restarts_after(self, code: int) -> bool:
         policy = self.pod.spec.restart_policy or "Always"
@@ -558,7 +678,7 @@ class PodRunner(threading.Thread):
         with contextlib.suppress(OSError, ValueError):
             group = int((self.dir / "pid").read_text())
             environ = Path(f"/proc/{group}/environ").read_bytes().split(b"\0")
-            if f"HOSTNAME={self.pod.metadata.name}".encode() in environ:  # not a recycled pid
+            if f"HOSTNAME={self.hostname}".encode() in environ:  # not a recycled pid
                 os.killpg(group, signal.SIGKILL)
         self.agent.network.delete(f"dt-{self.key}", None)
         message = "The container could not be located when the pod was terminated"
@@ -592,6 +712,8 @@ class NodeAgent:
         images: ImageMap,
         capacity: dict[str, str],
         max_grace: float = 10.0,
+        cluster_dns: str | None = None,
+        cluster_domain: str = "cluster.local",
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
@@ -600,6 +722,10 @@ class NodeAgent:
         self.images = images
         self.capacity = capacity
         self.max_grace = max_grace
+        self.cluster_dns = cluster_dns
+        """The cluster DNS server's address (the kubelet's --cluster-dns); None: pods keep this
+        machine's resolv.conf."""
+        self.cluster_domain = cluster_domain
         self.network = PodNetwork()
         self.runners: dict[str, PodRunner] = {}
         self.started: set[str] = set()
@@ -806,6 +932,13 @@ def main() -> None:
     parser.add_argument("--name", default="deeptune-test-node")
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--gpus", default="4")
+    parser.add_argument(
+        "--cluster-dns",
+        help="the cluster DNS server's address, for pods with dnsPolicy ClusterFirst (the kubelet's "
+        "--cluster-dns; tests/localcluster/up.sh writes CoreDNS's to cluster-dns.env); without it "
+        "pods keep this machine's resolv.conf",
+    )
+    parser.add_argument("--cluster-domain", default="cluster.local")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api = config.new_client_from_config(args.kubeconfig)
@@ -825,7 +958,10 @@ def main() -> None:
             "nvidia.com/gpu": args.gpus,
             "ephemeral-storage": "100Gi",
         },
+        cluster_dns=args.cluster_dns,
+        cluster_domain=args.cluster_domain,
     )
+    LOG.info("cluster DNS: %s", args.cluster_dns or "none (pods keep this machine's resolv.conf)")
     agent.register()
 
     def stop(*_: object) -> None:

@@ -7,8 +7,9 @@
 #     trainers, Triton servers, ...), with their network namespaces, in case
 #     the agent could not stop them itself, and the pods' bridge once no node
 #     agent is left on the machine;
-#   - the control plane up.sh started (*.pid: scheduler, controller manager,
-#     API server, etcd).
+#   - what up.sh started (*.pid: CoreDNS, scheduler, controller manager, API
+#     server, etcd), with CoreDNS's address; the service range's blackhole route
+#     goes with the last cluster DNS on the machine.
 # Nothing else is touched: another state dir's cluster keeps running.
 #   down.sh [--keep-state]   --keep-state: stop the processes, keep certs/logs/etcd data
 # State dir: ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}
@@ -20,7 +21,7 @@ keep=false
 case "${1:-}" in
   "") ;;
   --keep-state) keep=true ;;
-  -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "down.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
@@ -107,13 +108,15 @@ rm -rf "$STATE/processes"
 # 2. Whatever is left of the pods the node agent ran (it was killed, or could not
 #    stop them): every process in the pod's network namespace, and its process
 #    group's members that carry the pod's HOSTNAME (as the agent itself checks).
-#    The pod's directory is NAMESPACE_NAME_KEY, its network namespace dt-KEY.
+#    The pod's directory is NAMESPACE_NAME_KEY, its network namespace dt-KEY;
+#    its hostname is in the file `hostname` there (the pod's name when missing).
 netns=()
 pgids=$(ps -e -o pid= -o pgid= 2>/dev/null || true)   # "pid pgid" of every process
 for f in "$STATE"/node-agent/pods/*/pid; do
   [ -f "$f" ] || continue
   dir=$(basename "$(dirname "$f")")
   name=${dir#*_}; name=${name%_*}; key=${dir##*_}
+  if [ -s "$(dirname "$f")/hostname" ]; then name=$(cat "$(dirname "$f")/hostname"); fi
   pids=()
   if [ -e "/run/netns/dt-$key" ] && command -v ip >/dev/null; then
     netns+=("dt-$key")
@@ -148,7 +151,7 @@ if command -v ip >/dev/null && ip link show dtbr0 >/dev/null 2>&1 \
 fi
 
 # 3. The control plane, in reverse start order: clients first, etcd last.
-for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
+for name in coredns kube-scheduler kube-controller-manager kube-apiserver etcd; do
   f="$STATE/$name.pid"
   [ -f "$f" ] || continue
   pid=$(cat "$f")
@@ -160,6 +163,24 @@ for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
   rm -f "$f"
 done
 stop_all 10
+
+# 4. The cluster DNS's address on the loopback device (cluster-dns.env; up.sh
+#    gives each cluster on the machine its own, 10.96.0.10 and up), and any other
+#    such address that no CoreDNS listens on (its cluster was killed), under
+#    up.sh's lock for them; the blackhole route for the service range with the
+#    last one.
+if [ -f "$STATE/cluster-dns.env" ] && command -v ip >/dev/null && command -v ss >/dev/null; then
+  if { exec 7>>/run/lock/deeptune-cluster-dns.lock; } 2>/dev/null; then flock 7; fi
+  listening=$(ss -Hlntu 2>/dev/null | awk '{ print $5 }' | sed -n 's/:53$//p')
+  for address in $(ip -o -4 addr show dev lo | awk '{ print $4 }' | sed -n 's|^\(10\.96\.0\.[0-9]*\)/32$|\1|p'); do
+    grep -qxF "$address" <<< "$listening" || ip addr del "$address/32" dev lo 2>/dev/null || true
+  done
+  if ! grep -q '^10\.96\.0\.' <<< "$listening" && [ -n "$(ip route show type blackhole 10.96.0.0/16)" ]; then
+    log "removing the blackhole route for the service range 10.96.0.0/16 (no cluster DNS left)"
+    ip route del blackhole 10.96.0.0/16 2>/dev/null || true
+  fi
+  exec 7>&-
+fi
 
 if $keep; then
   log "stopped; state kept in $STATE"

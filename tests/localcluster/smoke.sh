@@ -2,7 +2,8 @@
 # End-to-end check of a running local test cluster (start it with up.sh):
 # server version, /readyz, a CRD with a CEL validation rule, the Job
 # controller, the scheduler (pod stays Pending without nodes, is bound once a
-# Node object exists), the garbage collector, and helm. Cleans up after itself.
+# Node object exists), the garbage collector, helm, and the cluster DNS (when
+# up.sh started one). Cleans up after itself.
 # Uses KUBECONFIG if set, else ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}/kubeconfig.
 set -euo pipefail
 
@@ -151,6 +152,31 @@ kubectl -n "$NS" delete pod gpu-pod --grace-period=0 --force >/dev/null 2>&1 || 
 command -v helm >/dev/null || log "helm not found in $LC_HELM_BIN: run build.sh"
 if hv=$(helm version --short 2>&1) && [[ "$hv" == "$LC_HELM_VERSION"* ]]; then ok "helm version $hv"; else bad "helm version: $hv"; fi
 if out=$(helm list -A 2>&1); then ok "helm can talk to the cluster"; else bad "helm list -A: $out"; fi
+
+# 7. cluster DNS: CoreDNS follows the API server, and names outside the cluster get
+#    NXDOMAIN (nothing is forwarded off this machine)
+if [ -f "$STATE/cluster-dns.env" ]; then
+  # shellcheck disable=SC1091
+  . "$STATE/cluster-dns.env"
+  dns() { python3 "$HERE/dns_query.py" "$CLUSTER_DNS" "$@" 2>&1 || true; }
+  api_ip=$(kubectl -n default get service kubernetes -o jsonpath='{.spec.clusterIP}')
+  if [ "$(dns "kubernetes.default.svc.$CLUSTER_DOMAIN")" = "NOERROR $api_ip" ]; then
+    ok "CoreDNS at $CLUSTER_DNS resolves kubernetes.default.svc.$CLUSTER_DOMAIN to $api_ip"
+  else
+    bad "kubernetes.default.svc.$CLUSTER_DOMAIN at $CLUSTER_DNS: $(dns "kubernetes.default.svc.$CLUSTER_DOMAIN")"
+  fi
+  kubectl -n "$NS" create service clusterip smoke-dns --tcp=80 >/dev/null
+  svc_ip=$(kubectl -n "$NS" get service smoke-dns -o jsonpath='{.spec.clusterIP}')
+  svc_resolves() { [ "$(dns "smoke-dns.$NS.svc.$CLUSTER_DOMAIN")" = "NOERROR $svc_ip" ]; }
+  if poll 30 svc_resolves; then ok "a new Service resolves (smoke-dns.$NS.svc.$CLUSTER_DOMAIN)"; else
+    bad "smoke-dns.$NS.svc.$CLUSTER_DOMAIN: $(dns "smoke-dns.$NS.svc.$CLUSTER_DOMAIN"), expected $svc_ip"
+  fi
+  if [ "$(dns example.com)" = NXDOMAIN ]; then ok "example.com: NXDOMAIN (not forwarded)"; else
+    bad "example.com: $(dns example.com)"
+  fi
+else
+  log "no cluster DNS in $STATE (DEEPTUNE_CLUSTER_DNS=off, or up.sh not run as root): skipped"
+fi
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

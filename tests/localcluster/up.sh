@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Start a single-host Kubernetes control plane on 127.0.0.1 for the test suite:
-# etcd, kube-apiserver, kube-controller-manager and kube-scheduler, each a
-# detached background process (it outlives this script). No kubelet, no
-# container runtime, no cloud provider: pods get scheduled (onto Node objects
-# created by hand) but never run.
+# etcd, kube-apiserver, kube-controller-manager and kube-scheduler, and the
+# cluster DNS (CoreDNS), each a detached background process (it outlives this
+# script). No kubelet, no container runtime, no cloud provider: pods get
+# scheduled (onto Node objects created by hand) but never run, unless a node
+# agent (tests/cluster/node_agent.py) runs them.
 #
 #   up.sh          start (building the binaries first if needed; see build.sh)
 #                  and print `export KUBECONFIG=...`; if the cluster in the
@@ -17,6 +18,14 @@
 #   DEEPTUNE_SCHEDULER_PORT (10259)
 # Two clusters run side by side with different state dirs and ports; the test
 # suite and the demo start theirs in a private dir on free ports.
+# Cluster DNS (needs root): CoreDNS serves cluster.local from the API server on
+#   port 53 of an address of its own on the loopback device, 10.96.0.10 (the
+#   kube-dns Service's ClusterIP, as on kubeadm clusters) or the next free one
+#   of a cluster beside; written to cluster-dns.env as CLUSTER_DNS for the node
+#   agent's resolv.conf. The rest of the service range is made unroutable
+#   (blackhole route). DEEPTUNE_CLUSTER_DNS=off starts none (the default, auto,
+#   skips it with a warning when not root). Names outside the cluster get
+#   NXDOMAIN: nothing is forwarded off this machine.
 # Other knobs: DEEPTUNE_CLUSTER_VERBOSITY (klog -v, default 2),
 #   DEEPTUNE_CLUSTER_TIMEOUT (seconds to wait for readiness, default 180).
 set -euo pipefail
@@ -30,11 +39,19 @@ TIMEOUT="${DEEPTUNE_CLUSTER_TIMEOUT:-180}"
 VERBOSITY="${DEEPTUNE_CLUSTER_VERBOSITY:-2}"
 SERVICE_CIDR=10.96.0.0/16
 SERVICE_IP=10.96.0.1    # first address of SERVICE_CIDR: the `kubernetes` Service
+CLUSTER_DOMAIN=cluster.local
+# CoreDNS's addresses, one per cluster on this machine: 10.96.0.10 to
+# 10.96.0.254, in the band at the bottom of SERVICE_CIDR that the API server
+# keeps for ClusterIPs asked for by address (kubeadm's kube-dns is 10.96.0.10).
+DNS_PREFIX=10.96.0.
+# Held while an address is chosen and its CoreDNS starts, and by down.sh while it
+# removes one: shared by every cluster on this machine.
+DNS_LOCK=/run/lock/deeptune-cluster-dns.lock
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "up.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
@@ -44,6 +61,23 @@ die() { log "error: $*"; exit 1; }
 for tool in openssl curl setsid nohup; do
   command -v "$tool" >/dev/null || die "$tool is required (apt-get install $tool)"
 done
+
+case "${DEEPTUNE_CLUSTER_DNS:-auto}" in
+  off) WANT_DNS=false ;;
+  auto)
+    WANT_DNS=true
+    if [ "$(id -u)" != 0 ]; then
+      log "warning: not root, so no cluster DNS (CoreDNS binds port 53 on the pods' bridge); DEEPTUNE_CLUSTER_DNS=off silences this"
+      WANT_DNS=false
+    fi ;;
+  *) die "DEEPTUNE_CLUSTER_DNS must be auto or off, got '$DEEPTUNE_CLUSTER_DNS'" ;;
+esac
+if $WANT_DNS; then
+  for tool in ip ss; do
+    command -v "$tool" >/dev/null || die "$tool is required for the cluster DNS (apt-get install iproute2), or set DEEPTUNE_CLUSTER_DNS=off"
+  done
+  COMPONENTS+=(coredns)
+fi
 
 KUBECONFIG_PATH="$STATE/kubeconfig"
 
@@ -61,15 +95,33 @@ api_get() {  # api_get PATH: GET from the apiserver as admin, body on stdout
     "https://127.0.0.1:$APISERVER_PORT$1"
 }
 
-healthy() {  # every process alive, apiserver ready, kcm and scheduler healthy
+# dns_answers SERVER NAME IP: SERVER's answer for NAME (A) is IP, and only IP.
+dns_answers() {
+  [ "$(python3 "$HERE/dns_query.py" "$1" "$2" 2>/dev/null)" = "NOERROR $3" ]
+}
+
+# dns_listener ADDRESS: something listens on ADDRESS port 53 (UDP or TCP).
+dns_listener() {
+  ss -Hlntu 2>/dev/null | awk -v a="$1:53" '$5 == a { found = 1 } END { exit !found }'
+}
+
+healthy() {  # every process alive, apiserver ready, kcm and scheduler healthy, DNS answers
   local c
   [ -f "$STATE/ports.env" ] && [ -f "$KUBECONFIG_PATH" ] || return 1
   # shellcheck disable=SC1091
   . "$STATE/ports.env"
+  if $WANT_DNS; then
+    [ -f "$STATE/cluster-dns.env" ] || return 1
+    # shellcheck disable=SC1091
+    . "$STATE/cluster-dns.env"
+  fi
   for c in "${COMPONENTS[@]}"; do pid_alive "$c" || return 1; done
   [ "$(api_get /readyz 2>/dev/null)" = ok ] || return 1
   curl -skf --max-time 5 "https://127.0.0.1:$KCM_PORT/healthz" >/dev/null || return 1
   curl -skf --max-time 5 "https://127.0.0.1:$SCHEDULER_PORT/healthz" >/dev/null || return 1
+  if $WANT_DNS; then
+    dns_answers "$CLUSTER_DNS" "kubernetes.default.svc.$CLUSTER_DOMAIN" "$SERVICE_IP" || return 1
+  fi
 }
 
 port_in_use() {
@@ -129,6 +181,7 @@ START=$(date +%s)
 # the next up.sh clears it.
 on_exit() {
   local rc=$?
+  exec 7>&-   # DNS_LOCK, if held: down.sh takes it
   if [ "$rc" -ne 0 ]; then
     log "failed; stopping the processes started so far (logs kept in $STATE)"
     bash "$HERE/down.sh" --keep-state || true
@@ -173,6 +226,7 @@ log "generating certificates in $PKI"
   sign admin "/O=system:masters/CN=kubernetes-admin" "$client_ext"
   sign kube-controller-manager "/CN=system:kube-controller-manager" "$client_ext"
   sign kube-scheduler "/CN=system:kube-scheduler" "$client_ext"
+  sign coredns "/CN=system:coredns" "$client_ext"   # see "cluster DNS" below
 
   # Front-proxy (request-header) CA and client: published by the apiserver in
   # kube-system/extension-apiserver-authentication, which the controller
@@ -222,6 +276,7 @@ EOF
 }
 write_kubeconfig "$STATE/kube-controller-manager.kubeconfig" kube-controller-manager system:kube-controller-manager
 write_kubeconfig "$STATE/kube-scheduler.kubeconfig" kube-scheduler system:kube-scheduler
+write_kubeconfig "$STATE/coredns.kubeconfig" coredns system:coredns
 
 cat > "$STATE/ports.env" <<EOF
 APISERVER_PORT=$APISERVER_PORT
@@ -238,8 +293,8 @@ start() {  # start NAME ARGS...: run NAME detached, logging to NAME.log
   # setsid: own session, so the process survives this script, its terminal and
   # its process group; nohup: ignore SIGHUP. $! is the component's pid since
   # both exec (a background job of a non-interactive shell is no group leader).
-  # 8>&-: the component must not inherit (and so hold) up.sh's lock.
-  nohup setsid "$name" "$@" > "$STATE/$name.log" 2>&1 < /dev/null 8>&- &
+  # 8>&- 7>&-: the component must not inherit (and so hold) up.sh's locks.
+  nohup setsid "$name" "$@" > "$STATE/$name.log" 2>&1 < /dev/null 8>&- 7>&- &
   echo $! > "$STATE/$name.pid"
   log "started $name (pid $!, log $STATE/$name.log)"
 }
@@ -334,8 +389,110 @@ wait_for "kube-controller-manager /healthz" curl -skf --max-time 2 "https://127.
 wait_for "kube-scheduler /healthz" curl -skf --max-time 2 "https://127.0.0.1:$SCHEDULER_PORT/healthz"
 wait_for "the default ServiceAccount in namespace default" api_get /api/v1/namespaces/default/serviceaccounts/default
 
-# The admin kubeconfig is written last: its presence means "up" to healthy().
 write_kubeconfig "$KUBECONFIG_PATH.tmp" admin kubernetes-admin
+
+# --- cluster DNS ----------------------------------------------------------------
+# CoreDNS as kubeadm deploys it, but as a process: the kubernetes plugin reads
+# Services, EndpointSlices and Namespaces from the API server as system:coredns
+# (a client certificate, bound to a ClusterRole that may only list and watch
+# those). There is no kube-proxy, so a ClusterIP leads nowhere by itself: the
+# kube-dns Service's ClusterIP is made a real address instead, on the loopback
+# device, where CoreDNS listens. Pods reach it through their default route (the
+# bridge's gateway is this machine) and find it through CLUSTER_DNS in
+# cluster-dns.env, which the node agent writes into their /etc/resolv.conf.
+# Every other address of the service range gets a blackhole route, so that
+# nothing dialling a ClusterIP leaves the machine through the default route.
+if $WANT_DNS; then
+  exec 7>"$DNS_LOCK"
+  flock 7
+  [ -n "$(ip route show type blackhole "$SERVICE_CIDR")" ] || ip route add blackhole "$SERVICE_CIDR"
+  # An address where no CoreDNS listens: unused, or left by a cluster that was
+  # killed without down.sh.
+  CLUSTER_DNS=''
+  for i in $(seq 10 254); do
+    dns_listener "$DNS_PREFIX$i" || { CLUSTER_DNS=$DNS_PREFIX$i; break; }
+  done
+  [ -n "$CLUSTER_DNS" ] || die "no address left for CoreDNS in ${DNS_PREFIX}10-254"
+  grep -qF " $CLUSTER_DNS/32 " <<< "$(ip -o addr show dev lo)" || ip addr add "$CLUSTER_DNS/32" dev lo
+  printf 'CLUSTER_DNS=%s\nCLUSTER_DOMAIN=%s\n' "$CLUSTER_DNS" "$CLUSTER_DOMAIN" > "$STATE/cluster-dns.env"
+
+  kubectl --kubeconfig "$KUBECONFIG_PATH.tmp" apply -f - >/dev/null <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: system:coredns
+rules:
+- apiGroups: [""]
+  resources: [services, namespaces]
+  verbs: [list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: system:coredns
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: system:coredns
+subjects:
+- apiGroup: rbac.authorization.k8s.io
+  kind: User
+  name: system:coredns
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  labels:
+    k8s-app: kube-dns
+    kubernetes.io/name: CoreDNS
+spec:
+  clusterIP: $CLUSTER_DNS
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+YAML
+
+  # The cluster's zones are the kubernetes plugin's alone (a name it does not know
+  # gets NXDOMAIN from it); every other name gets NXDOMAIN from the template in
+  # the root zone's block. No forward plugin: nothing leaves this machine. No
+  # cache: a new pod's name resolves at once.
+  cat > "$STATE/Corefile" <<COREFILE
+$CLUSTER_DOMAIN:53 in-addr.arpa:53 ip6.arpa:53 {
+    bind $CLUSTER_DNS
+    errors
+    log . {
+        class denial error
+    }
+    kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
+        kubeconfig $STATE/coredns.kubeconfig
+        pods insecure
+        ttl 5
+    }
+}
+.:53 {
+    bind $CLUSTER_DNS
+    errors
+    log . {
+        class denial error
+    }
+    template ANY ANY {
+        rcode NXDOMAIN
+    }
+}
+COREFILE
+  start coredns -conf "$STATE/Corefile"
+  wait_for "CoreDNS at $CLUSTER_DNS to answer kubernetes.default.svc.$CLUSTER_DOMAIN" \
+    dns_answers "$CLUSTER_DNS" "kubernetes.default.svc.$CLUSTER_DOMAIN" "$SERVICE_IP"
+  exec 7>&-
+  log "cluster DNS: CoreDNS $LC_COREDNS_VERSION on $CLUSTER_DNS:53 ($CLUSTER_DOMAIN)"
+fi
+
+# The admin kubeconfig is moved into place last: its presence means "up" to healthy().
 mv "$KUBECONFIG_PATH.tmp" "$KUBECONFIG_PATH"
 
 log "Kubernetes $LC_K8S_VERSION control plane up in $(( $(date +%s) - START ))s: https://127.0.0.1:$APISERVER_PORT (state and logs: $STATE)"

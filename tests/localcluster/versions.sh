@@ -20,8 +20,16 @@ LC_ETCD_VERSION=v3.5.21
 # Helm 3.17 is the Helm release whose supported range targets Kubernetes 1.32.
 LC_HELM_VERSION=v3.17.4
 
+# CoreDNS (cluster DNS: the kubernetes plugin reading the API server), the
+# stock `coredns` command with its default plugins, built from
+# github.com/coredns/coredns. 1.14 is the newest minor line that builds with
+# Go 1.25 (1.15 needs Go 1.26); Kubernetes 1.32 ships CoreDNS 1.11, and the
+# kubernetes plugin only needs the GA discovery.k8s.io/v1 EndpointSlices.
+LC_COREDNS_VERSION=v1.14.7
+
 # Root of the binary cache (outside the repository).
 LC_CACHE="${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}"
 LC_K8S_BIN="$LC_CACHE/k8s-$LC_K8S_VERSION/bin"
 LC_ETCD_BIN="$LC_CACHE/etcd-$LC_ETCD_VERSION/bin"
 LC_HELM_BIN="$LC_CACHE/helm-$LC_HELM_VERSION/bin"
+LC_COREDNS_BIN="$LC_CACHE/coredns-$LC_COREDNS_VERSION/bin"
