@@ -15,6 +15,7 @@ refuses CPU workers (gloo), so it could not be tested here, and it loads a full 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import uuid
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deeptune.api.trainer import EXIT_INVALID_INPUT, POD_IP_ENV, RENDEZVOUS_ENV, TrainerConfig
+from deeptune.api.trainer import EXIT_INVALID_INPUT, RENDEZVOUS_ENV, TrainerConfig
 from deeptune_trainer.errors import TrainerInputError
 
 ResolvedStrategy = Literal["ddp", "fsdp"]
@@ -109,10 +110,15 @@ def launch(config: TrainerConfig, argv: Sequence[str]) -> int:
 
 
 def _placement(config: TrainerConfig) -> dict[str, Any]:
-    """Where the workers meet. One pod: a private rendezvous; the Job retries a failed pod, which
-    resumes from the newest checkpoint. Several pods: pod 0 hosts a c10d rendezvous under the
-    Indexed Job's DNS name; when a pod fails the survivors' launchers restart their workers and wait
-    for its replacement, and the whole gang resumes from the newest complete checkpoint."""
+    """Where the workers meet. One pod: a private rendezvous. Several pods: pod 0 hosts a c10d
+    rendezvous under the Indexed Job's DNS name.
+
+    No launcher restarts its workers (max_restarts 0): when one pod fails, the others' collectives
+    fail, their launchers exit, and the Job replaces every failed pod; the new gang meets afresh and
+    resumes from the newest complete checkpoint. The elastic alternative (survivors restart their
+    workers and wait for the replacement in a second rendezvous round) deadlocked here with torch
+    2.15: both launchers waited on each other's round-1 keys until the store's 60 s timeout.
+    """
     nodes = config.spec.distributed.nodes
     if nodes == 1:
         return {"min_nodes": 1, "max_nodes": 1, "run_id": str(uuid.uuid4()), "rdzv_endpoint": "localhost:0",
@@ -131,9 +137,18 @@ def _placement(config: TrainerConfig) -> dict[str, Any]:
         "run_id": config.uid or config.name,
         "rdzv_endpoint": endpoint,
         "rdzv_configs": {"is_host": index == 0},
-        "max_restarts": config.spec.backoff_limit,
-        "local_addr": os.environ.get(POD_IP_ENV),
+        "max_restarts": 0,
+        "local_addr": _pod_address(endpoint),
     }
+
+
+def _pod_address(endpoint: str) -> str:
+    """This pod's DNS name under the run's headless Service (`<job>-<index>.<service>`), which the
+    other pods resolve. The launchers rank the pods by it, so pod 0 is rank 0 in every round (the one
+    whose metrics the operator reads and whose summary it records), and rank 0's is the address the
+    workers of every pod connect to."""
+    service = endpoint.rsplit(":", 1)[0].split(".", 1)[1]
+    return f"{socket.gethostname()}.{service}"
 
 
 def sharded_state_dir(checkpoint: Path) -> Path:

@@ -409,8 +409,8 @@ class DistributedSpec(ApiModel):
 
     Every pod starts `processesPerNode` workers with torch.distributed's elastic launcher; with
     `nodes` > 1 the pods are an Indexed Job behind a headless Service and meet at pod 0 (c10d
-    rendezvous). A failed pod is replaced and every pod's workers restart together from the newest
-    complete checkpoint.
+    rendezvous). When one pod fails they all stop, the Job replaces them, and the run resumes from
+    the newest complete checkpoint.
     """
 
     strategy: Strategy = "auto"

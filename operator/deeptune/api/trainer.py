@@ -23,8 +23,6 @@ RENDEZVOUS_PORT = 29400
 RENDEZVOUS_ENV = "DEEPTUNE_RENDEZVOUS_ENDPOINT"
 """`host:port` of pod 0's rendezvous, set by the operator on the pods of a run over several pods."""
 
-POD_IP_ENV = "POD_IP"
-
 EXIT_INVALID_INPUT = 3
 """Trainer exit code for bad input (spec, dataset, model): retrying cannot help, so the Job fails fast."""
 

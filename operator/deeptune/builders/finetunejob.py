@@ -12,7 +12,6 @@ from deeptune.api.trainer import (
     CONFIG_PATH,
     EXIT_INVALID_INPUT,
     METRICS_PORT,
-    POD_IP_ENV,
     RENDEZVOUS_ENV,
     RENDEZVOUS_PORT,
     TERMINATION_MESSAGE_PATH,
@@ -187,8 +186,6 @@ def _env(owner: Owner, spec: FineTuneJobSpec) -> list[Manifest]:
         )
     if spec.distributed.nodes > 1:
         env.append({"name": RENDEZVOUS_ENV, "value": rendezvous_endpoint(owner)})
-        # The address the launcher advertises to the other pods (its hostname may not resolve there).
-        env.append({"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     user_names = {var.name for var in spec.env}
     threads = cpu_threads(spec.resources.cpu)
     if threads and "OMP_NUM_THREADS" not in user_names:

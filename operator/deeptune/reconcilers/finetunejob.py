@@ -46,6 +46,7 @@ from deeptune.status.conditions import now, set_conditions
 from deeptune.status.finetunejob import (
     TERMINAL_PHASES,
     RunState,
+    completion_index,
     derive_status,
     is_invalid_spec,
     same_progress,
@@ -221,7 +222,8 @@ class FineTuneJobReconciler:
         if not running:
             self.progress.forget(uid)
             return None
-        return self.progress.latest(uid, running[0]["status"]["podIP"])
+        rank_zero = min(running, key=lambda pod: completion_index(pod) or 0)  # pod 0 over several
+        return self.progress.latest(uid, rank_zero["status"]["podIP"])
 
     async def _scrape(self, pod_ip: str) -> Progress | None:
         url = f"http://{pod_ip}:{METRICS_PORT}/metrics"

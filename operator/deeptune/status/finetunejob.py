@@ -191,9 +191,12 @@ def same_progress(a: Progress | None, b: Progress | None) -> bool:
 
 
 def _succeeded_summary(pods: list[Obj]) -> TrainerSummary | None:
+    """The summary rank 0 wrote (over several pods, the others' termination messages are empty)."""
     for pod in pods:
         if pod.get("status", {}).get("phase") == "Succeeded":
-            return parse_summary((_terminated(pod) or {}).get("message"))
+            summary = parse_summary((_terminated(pod) or {}).get("message"))
+            if summary is not None:
+                return summary
     return None
 
 
@@ -262,13 +265,19 @@ def derive_status(
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
+def completion_index(pod: Obj) -> int | None:
+    """The pod's index in an Indexed Job (None for a Job of one pod)."""
+    index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX)
+    return int(index) if index is not None and index.isdigit() else None
+
+
 def worker_pods(pods: list[Obj]) -> list[WorkerPod]:
     """The newest pod of each index of an Indexed Job, by index."""
     newest: dict[int, Obj] = {}
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
-        index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX)
-        if index is not None and index.isdigit():
-            newest[int(index)] = pod
+        index = completion_index(pod)
+        if index is not None:
+            newest[index] = pod
     return [
         WorkerPod(
             index=index, name=pod["metadata"]["name"], phase=pod.get("status", {}).get("phase", "Pending")
