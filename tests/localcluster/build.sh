@@ -5,12 +5,15 @@
 #   build.sh --print-path  build what is missing (progress on stderr), then print
 #                          only the colon-separated bin directories on stdout
 #   build.sh --check       exit 0 when every binary is already built, 1 otherwise
+#   build.sh --with-kueue  (with any of the above) Kueue's controller manager
+#                          too, which only the Kueue test needs (kueue.sh)
 #
 # Binaries go to ${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}:
 #   k8s-<version>/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}
 #   etcd-<version>/bin/etcd
 #   helm-<version>/bin/helm
 #   coredns-<version>/bin/coredns
+#   kueue-<version>/bin/kueue      (--with-kueue only)
 # Each group is built into a temporary directory and renamed into place only
 # when the whole build succeeded, so an interrupted build never leaves a
 # half-written binary behind. GOMODCACHE and GOCACHE keep Go's defaults unless
@@ -24,13 +27,16 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/versions.sh"
 
 mode=build
-case "${1:-}" in
-  "") ;;
-  --print-path) mode=print ;;
-  --check) mode=check ;;
-  -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  *) echo "build.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
-esac
+with_kueue=false
+for arg in "$@"; do
+  case "$arg" in
+    --print-path) mode=print ;;
+    --check) mode=check ;;
+    --with-kueue) with_kueue=true ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
 
 log() { printf '[build.sh] %s\n' "$*" >&2; }
 
@@ -46,7 +52,8 @@ built_k8s()  { have_all "$LC_K8S_BIN" "${K8S_CMDS[@]}"; }
 built_etcd() { have_all "$LC_ETCD_BIN" etcd; }
 built_helm() { have_all "$LC_HELM_BIN" helm; }
 built_coredns() { have_all "$LC_COREDNS_BIN" coredns; }
-built_all() { built_k8s && built_etcd && built_helm && built_coredns; }
+built_kueue() { ! $with_kueue || have_all "$LC_KUEUE_BIN" kueue; }
+built_all() { built_k8s && built_etcd && built_helm && built_coredns && built_kueue; }
 
 path_line() { printf '%s:%s:%s:%s\n' "$LC_K8S_BIN" "$LC_ETCD_BIN" "$LC_HELM_BIN" "$LC_COREDNS_BIN"; }
 
@@ -149,6 +156,14 @@ if ! built_coredns; then
   go_build "$LC_CACHE/coredns-$LC_COREDNS_VERSION" coredns \
     "-s -w -X github.com/coredns/coredns/coremain.GitCommit=go-module-$LC_COREDNS_VERSION" \
     "$HERE/gomod/coredns" github.com/coredns/coredns
+fi
+
+if ! built_kueue; then
+  check_pin kueue sigs.k8s.io/kueue "$LC_KUEUE_VERSION"
+  log "building Kueue $LC_KUEUE_VERSION (the controller manager; from a cold Go cache this downloads ~60 MB of modules and compiles for about 5 CPU-minutes)"
+  go_build "$LC_CACHE/kueue-$LC_KUEUE_VERSION" kueue \
+    "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$LC_KUEUE_VERSION -X sigs.k8s.io/kueue/pkg/version.GitCommit=go-module-$LC_KUEUE_VERSION" \
+    "$HERE/gomod/kueue" sigs.k8s.io/kueue/cmd/kueue
 fi
 
 if [ "$mode" = print ]; then

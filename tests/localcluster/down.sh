@@ -7,9 +7,9 @@
 #     trainers, Triton servers, ...), with their network namespaces, in case
 #     the agent could not stop them itself, and the pods' bridge once no node
 #     agent is left on the machine;
-#   - what up.sh started (*.pid: CoreDNS, scheduler, controller manager, API
-#     server, etcd), with CoreDNS's address; the service range's blackhole route
-#     goes with the last cluster DNS on the machine.
+#   - Kueue if kueue.sh started it (kueue.pid), then what up.sh started (*.pid:
+#     CoreDNS, scheduler, controller manager, API server, etcd), with CoreDNS's
+#     address; the service range's blackhole route goes with the last cluster DNS.
 # Nothing else is touched: another state dir's cluster keeps running.
 #   down.sh [--keep-state]   --keep-state: stop the processes, keep certs/logs/etcd data
 # State dir: ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}
@@ -150,8 +150,8 @@ if command -v ip >/dev/null && ip link show dtbr0 >/dev/null 2>&1 \
   ip link del dtbr0 2>/dev/null || true
 fi
 
-# 3. The control plane, in reverse start order: clients first, etcd last.
-for name in coredns kube-scheduler kube-controller-manager kube-apiserver etcd; do
+# 3. Kueue (kueue.sh's), then the control plane, in reverse start order: clients first, etcd last.
+for name in kueue coredns kube-scheduler kube-controller-manager kube-apiserver etcd; do
   f="$STATE/$name.pid"
   [ -f "$f" ] || continue
   pid=$(cat "$f")

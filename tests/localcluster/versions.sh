@@ -27,9 +27,16 @@ LC_HELM_VERSION=v3.17.4
 # kubernetes plugin only needs the GA discovery.k8s.io/v1 EndpointSlices.
 LC_COREDNS_VERSION=v1.14.7
 
+# Kueue (job queueing: quota, admission), its controller manager built from
+# sigs.k8s.io/kueue/cmd/kueue, only for the Kueue test (build.sh --with-kueue,
+# kueue.sh). 0.12 is the newest minor line built on the Kubernetes 1.32 client
+# libraries (k8s.io/* v0.32.5, controller-runtime v0.20); 0.13 moved to 1.33's.
+LC_KUEUE_VERSION=v0.12.10
+
 # Root of the binary cache (outside the repository).
 LC_CACHE="${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}"
 LC_K8S_BIN="$LC_CACHE/k8s-$LC_K8S_VERSION/bin"
 LC_ETCD_BIN="$LC_CACHE/etcd-$LC_ETCD_VERSION/bin"
 LC_HELM_BIN="$LC_CACHE/helm-$LC_HELM_VERSION/bin"
 LC_COREDNS_BIN="$LC_CACHE/coredns-$LC_COREDNS_VERSION/bin"
+LC_KUEUE_BIN="$LC_CACHE/kueue-$LC_KUEUE_VERSION/bin"
