@@ -76,6 +76,12 @@ def test_wire_form_round_trips_in_camel_case() -> None:
             "unset to get that",
         ),
         (
+            with_changes(queueName="gpu-queue", suspend=True),
+            "spec: suspend cannot hold a run queued in Kueue (queueName): Kueue starts every Job it admits. "
+            "To hold it, deactivate its Workload (kubectl patch workload NAME --type merge -p "
+            '\'{"spec":{"active":false}}\')',
+        ),
+        (
             with_changes(method="qlora", distributed={"strategy": "fsdp"}),
             "spec: distributed.strategy fsdp cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) "
             "with method qlora, or method lora with fsdp",

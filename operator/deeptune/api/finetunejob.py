@@ -54,6 +54,10 @@ PROCESSES_PER_GPU_MESSAGE = (
     "distributed.processesPerNode must equal resources.gpu (one process per GPU), "
     "or be left unset to get that"
 )
+QUEUED_SUSPEND_MESSAGE = (
+    "suspend cannot hold a run queued in Kueue (queueName): Kueue starts every Job it admits. To hold "
+    'it, deactivate its Workload (kubectl patch workload NAME --type merge -p \'{"spec":{"active":false}}\')'
+)
 QLORA_FSDP_MESSAGE = (
     "distributed.strategy fsdp cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) with method "
     "qlora, or method lora with fsdp"
@@ -457,6 +461,11 @@ class FineTuneJobSpec(ApiModel):
             field_path=".distributed.processesPerNode",
         ),
         cel(
+            "!has(self.queueName) || !has(self.suspend) || !self.suspend",
+            QUEUED_SUSPEND_MESSAGE,
+            field_path=".suspend",
+        ),
+        cel(
             "self.method != 'qlora' || !has(self.distributed) || !has(self.distributed.strategy)"
             " || self.distributed.strategy != 'fsdp'",
             QLORA_FSDP_MESSAGE,
@@ -497,7 +506,7 @@ class FineTuneJobSpec(ApiModel):
     output: Annotated[OutputSpec, Field(json_schema_extra=immutable("output"))]
     suspend: bool = False
     """Pause the run: the Job's pods are stopped; resuming continues from the newest checkpoint.
-    With `queueName` Kueue decides when the Job runs, and this applies only when the Job is made."""
+    Not with `queueName`: Kueue decides when a queued Job runs (hold it by deactivating its Workload)."""
     queue_name: (
         Annotated[
             str,
@@ -537,6 +546,8 @@ class FineTuneJobSpec(ApiModel):
             raise ValueError(PROCESSES_PER_GPU_MESSAGE)
         if self.method == "qlora" and self.distributed.strategy == "fsdp":
             raise ValueError(QLORA_FSDP_MESSAGE)
+        if self.queue_name and self.suspend:
+            raise ValueError(QUEUED_SUSPEND_MESSAGE)
         return self
 
     @property

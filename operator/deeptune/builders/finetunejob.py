@@ -278,7 +278,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> M
     if nodes > 1:
         job_spec["completionMode"] = "Indexed"  # JOB_COMPLETION_INDEX and hostname <job>-<index>
     job_spec.update({key: value for key, value in job_controls(spec).items() if value is not None})
-    job_spec["suspend"] = spec.suspend or bool(spec.queue_name)  # queued: Kueue starts it
+    job_spec["suspend"] = spec.suspend or bool(spec.queue_name)  # queued: Kueue starts it when admitted
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
