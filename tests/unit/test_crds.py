@@ -94,6 +94,7 @@ def test_cross_field_rules_are_cel_rules_with_the_models_messages() -> None:
         "resources",
         "distributed",
         "queueName",
+        "workloadPriorityClassName",
         "output",
     }
 

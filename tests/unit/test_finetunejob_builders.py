@@ -206,9 +206,10 @@ def test_users_thread_setting_wins() -> None:
     assert [v["value"] for v in env if v["name"] == "OMP_NUM_THREADS"] == ["4"]
 
 
-def test_a_queued_job_is_made_suspended_with_kueues_label() -> None:
-    job = job_for(with_changes(queueName="gpu-queue"))
+def test_a_queued_job_is_made_suspended_with_kueues_labels() -> None:
+    job = job_for(with_changes(queueName="gpu-queue", workloadPriorityClassName="urgent"))
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "urgent"
     assert job["spec"]["suspend"] is True  # Kueue unsuspends it when it admits the workload
     assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
     assert "suspend" not in job_controls(parse_spec(with_changes(queueName="gpu-queue")))

@@ -76,6 +76,10 @@ def test_wire_form_round_trips_in_camel_case() -> None:
             "unset to get that",
         ),
         (
+            with_changes(workloadPriorityClassName="urgent"),
+            "spec: workloadPriorityClassName is Kueue's: set queueName too (the LocalQueue the run waits in)",
+        ),
+        (
             with_changes(queueName="gpu-queue", suspend=True),
             "spec: suspend cannot hold a run queued in Kueue (queueName): Kueue starts every Job it admits. "
             "To hold it, deactivate its Workload (kubectl patch workload NAME --type merge -p "

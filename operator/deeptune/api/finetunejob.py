@@ -47,6 +47,8 @@ DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2.0e-4, "qlora": 2.0e-4, "ful
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 """How a Job asks Kueue to admit it: Kueue then flips its `suspend` when quota allows."""
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+"""A Kueue WorkloadPriorityClass for the Job's Workload: its priority in the queue and for preemption."""
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 """A LocalQueue's name, which must also be a label value (at most 63 characters)."""
 
@@ -57,6 +59,9 @@ PROCESSES_PER_GPU_MESSAGE = (
 QUEUED_SUSPEND_MESSAGE = (
     "suspend cannot hold a run queued in Kueue (queueName): Kueue starts every Job it admits. To hold "
     'it, deactivate its Workload (kubectl patch workload NAME --type merge -p \'{"spec":{"active":false}}\')'
+)
+WORKLOAD_PRIORITY_MESSAGE = (
+    "workloadPriorityClassName is Kueue's: set queueName too (the LocalQueue the run waits in)"
 )
 QLORA_FSDP_MESSAGE = (
     "distributed.strategy fsdp cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) with method "
@@ -461,6 +466,11 @@ class FineTuneJobSpec(ApiModel):
             field_path=".distributed.processesPerNode",
         ),
         cel(
+            "!has(self.workloadPriorityClassName) || has(self.queueName)",
+            WORKLOAD_PRIORITY_MESSAGE,
+            field_path=".workloadPriorityClassName",
+        ),
+        cel(
             "!has(self.queueName) || !has(self.suspend) || !self.suspend",
             QUEUED_SUSPEND_MESSAGE,
             field_path=".suspend",
@@ -516,7 +526,20 @@ class FineTuneJobSpec(ApiModel):
     ) = None
     """A Kueue LocalQueue in this namespace: the Job is made suspended with Kueue's
     `kueue.x-k8s.io/queue-name` label and runs when Kueue admits it (quota, priority). Kueue then owns
-    the Job's `suspend`; `resources.priorityClassName` is the priority Kueue sees."""
+    the Job's `suspend`."""
+    workload_priority_class_name: (
+        Annotated[
+            str,
+            Field(
+                max_length=63,
+                pattern=DNS_LABEL_PATTERN,
+                json_schema_extra=immutable("workloadPriorityClassName"),
+            ),
+        ]
+        | None
+    ) = None
+    """A Kueue WorkloadPriorityClass: the run's priority in its queue (and for preemption), apart from
+    the pods' own `resources.priorityClassName`, which Kueue uses when this is not set."""
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
     """Pod retries before the run is marked Failed."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
@@ -548,6 +571,8 @@ class FineTuneJobSpec(ApiModel):
             raise ValueError(QLORA_FSDP_MESSAGE)
         if self.queue_name and self.suspend:
             raise ValueError(QUEUED_SUSPEND_MESSAGE)
+        if self.workload_priority_class_name and not self.queue_name:
+            raise ValueError(WORKLOAD_PRIORITY_MESSAGE)
         return self
 
     @property

@@ -7,7 +7,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 from deeptune.api.base import ConfigMapKeyRef
-from deeptune.api.finetunejob import KUEUE_QUEUE_LABEL, DataSource, FineTuneJobSpec
+from deeptune.api.finetunejob import KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, DataSource, FineTuneJobSpec
 from deeptune.api.trainer import (
     CONFIG_PATH,
     EXIT_INVALID_INPUT,
@@ -246,6 +246,8 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, settings: ChildSettings) -> M
     template_labels = {**meta["labels"]}
     if spec.queue_name:
         meta["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
+    if spec.workload_priority_class_name:
+        meta["labels"][KUEUE_PRIORITY_LABEL] = spec.workload_priority_class_name
     nodes = spec.distributed.nodes
     job_spec: Manifest = {
         "completions": nodes,
