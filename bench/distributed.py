@@ -77,10 +77,9 @@ from transformers.utils import logging as hf_logging
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
-from deeptune_trainer.data.sample import Message, Sample
 from deeptune_trainer.distributed import World, shards_weights
 from deeptune_trainer.modeling import load_model
-from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts
+from deeptune_trainer.synthetic import as_samples, keyword_rows, tokenizer_texts
 from deeptune_trainer.tinymodels import train_tokenizer
 from deeptune_trainer.training import train
 
@@ -173,13 +172,6 @@ def current_rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def as_samples(rows: list[dict[str, str]]) -> list[Sample]:
-    return [
-        Sample(messages=(Message("user", row["prompt"]), Message("assistant", row["completion"])), line=i + 1)
-        for i, row in enumerate(rows)
-    ]
 
 
 def run_worker(run: dict[str, Any]) -> None:

@@ -79,9 +79,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from deeptune.api.finetunejob import FineTuneJobSpec
-from deeptune_trainer.data.sample import Message, Sample
 from deeptune_trainer.formatting import IGNORE_INDEX, Example, pack, tokenize_samples
-from deeptune_trainer.synthetic import FILLER_WORDS, keyword_rows, tokenizer_texts
+from deeptune_trainer.synthetic import FILLER_WORDS, as_samples, keyword_rows, tokenizer_texts
 from deeptune_trainer.tinymodels import build_tiny_model, tiny_config, train_tokenizer
 from deeptune_trainer.training import train
 
@@ -162,13 +161,6 @@ def varied_rows(count: int, seed: int = 1) -> list[dict[str, str]]:
             words.insert(rng.randrange(1, len(words) + 1), rng.choice(FILLER_WORDS))
         row["prompt"] = " ".join(words)
     return rows
-
-
-def as_samples(rows: Sequence[dict[str, str]]) -> list[Sample]:
-    return [
-        Sample(messages=(Message("user", row["prompt"]), Message("assistant", row["completion"])), line=i + 1)
-        for i, row in enumerate(rows)
-    ]
 
 
 def our_spec(settings: Settings, steps: int, packing: bool) -> FineTuneJobSpec:

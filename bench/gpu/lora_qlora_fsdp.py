@@ -38,7 +38,7 @@ Per configuration, after --warmup-steps that are not counted:
   logits at the labelled positions only. Peak FLOP/s from PEAK_BF16_TFLOPS by GPU name, or --peak-tflops;
 - peak memory per GPU: torch.cuda.max_memory_allocated during training (the highest rank), and
   max_memory_reserved (what the caching allocator held);
-- the planner's estimate per GPU (`deeptune.planner.estimate`, as the operator computes it before a
+- the planner's estimate per GPU (`deeptune.fitting.plan_for_shape`, as the operator computes it before a
   run): its total includes a fixed 1.5 GiB for the CUDA context and allocator slack, which
   max_memory_allocated does not see, so the table shows it without that allowance too.
 
@@ -80,12 +80,12 @@ from transformers.utils import logging as hf_logging
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
-from deeptune.planner import CUDA_OVERHEAD_BYTES, GIB, ModelShape, PlanRequest, estimate, shape_from_config
-from deeptune_trainer.data.sample import Message, Sample
+from deeptune.fitting import plan_for_shape
+from deeptune.planner import CUDA_OVERHEAD_BYTES, GIB, ModelShape, shape_from_config
 from deeptune_trainer.distributed import World, barrier, shards_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.modeling import check_qlora_quantizes_the_model, load_model
-from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts
+from deeptune_trainer.synthetic import as_samples, keyword_rows, tokenizer_texts
 from deeptune_trainer.tinymodels import train_tokenizer
 from deeptune_trainer.training import train
 
@@ -223,13 +223,6 @@ class StepClock(TrainerCallback):
         raise StopAfterMeasuringError
 
 
-def as_samples(rows: list[dict[str, str]]) -> list[Sample]:
-    return [
-        Sample(messages=(Message("user", row["prompt"]), Message("assistant", row["completion"])), line=i + 1)
-        for i, row in enumerate(rows)
-    ]
-
-
 def run_worker(run: dict[str, Any]) -> None:
     """One rank of a configuration: load as a pod does, train, record, leave."""
     hf_logging.set_verbosity_error()
@@ -323,17 +316,8 @@ def spec_of(configuration: Configuration, settings: Settings) -> dict[str, Any]:
 
 def plan_bytes(shape: ModelShape, configuration: Configuration, settings: Settings) -> float:
     """The planner's estimate per GPU, as the operator makes it for this run."""
-    request = PlanRequest(
-        method=configuration.method,
-        strategy=configuration.strategy,
-        world_size=configuration.gpus,
-        per_device_batch_size=settings.batch,
-        max_seq_length=settings.seq,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        lora_r=settings.lora_r,
-        precision_bytes=2,
-    )
-    return estimate(shape, request).total_bytes
+    spec = FineTuneJobSpec.model_validate(spec_of(configuration, settings))
+    return plan_for_shape(spec, shape, gpu_memory_bytes=None).total_bytes
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from deeptune.api.finetunejob import FineTuneJobSpec, MemoryPlan
-from deeptune.planner import GIB, KNOWN_MODELS, Plan, PlanRequest, estimate
+from deeptune.planner import GIB, KNOWN_MODELS, ModelShape, Plan, PlanRequest, estimate
 
 _QUANTITY = re.compile(r"^([0-9.]+)([A-Za-z]*)$")
 _UNITS = {
@@ -41,8 +41,13 @@ def plan_for(spec: FineTuneJobSpec) -> Plan | None:
     shape = KNOWN_MODELS.get(spec.base_model.name or "")
     if shape is None or spec.resources.gpu == 0:
         return None
-    hp = spec.hyperparameters
     memory = spec.resources.gpu_memory
+    return plan_for_shape(spec, shape, quantity_bytes(memory) if memory else None)
+
+
+def plan_for_shape(spec: FineTuneJobSpec, shape: ModelShape, gpu_memory_bytes: int | None) -> Plan:
+    """The estimate for this spec on a model of this shape (a benchmark's, say, built from a config)."""
+    hp = spec.hyperparameters
     request = PlanRequest(
         method=spec.method,
         strategy=spec.distributed.strategy,
@@ -52,7 +57,7 @@ def plan_for(spec: FineTuneJobSpec) -> Plan | None:
         gradient_checkpointing=hp.gradient_checkpointing,
         lora_r=spec.lora.r,
         precision_bytes=4 if hp.precision == "fp32" else 2,
-        gpu_memory_bytes=quantity_bytes(memory) if memory else None,
+        gpu_memory_bytes=gpu_memory_bytes,
     )
     return estimate(shape, request)
 

@@ -36,7 +36,6 @@ Method = Literal["lora", "qlora", "full"]
 Strategy = Literal["auto", "ddp", "fsdp", "deepspeed"]
 
 GIB = 2**30
-MIB = 2**20
 
 CUDA_OVERHEAD_BYTES = 1.5 * GIB
 """CUDA context and kernels (≈0.5-1 GiB on recent GPUs), cuBLAS/cuDNN workspaces, NCCL buffers and
@@ -695,15 +694,3 @@ changes little of it; a smaller batch keeps it with more accumulation; shorter s
 
 def _advice(shape: ModelShape, request: PlanRequest) -> Advice | None:
     return next((advice for change in _ADVICE_ORDER if (advice := change(shape, request))), None)
-
-
-GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
-"""GPU feature discovery's node label: each GPU's memory in MiB (e.g. "81920")."""
-
-
-def gpu_memory_from_labels(labels: Mapping[str, str]) -> int | None:
-    """A GPU's memory in bytes from a node's labels; None when they do not say."""
-    value = labels.get(GPU_MEMORY_LABEL, "")
-    if not (value.isascii() and value.isdigit()) or int(value) == 0:
-        return None
-    return int(value) * MIB

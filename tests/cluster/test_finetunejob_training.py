@@ -79,9 +79,10 @@ def test_tiny_finetune_end_to_end(
     assert {"JobCreated", "Running", "Succeeded"} <= reasons
 
 
-def _kill_trainers(namespace: str) -> int:
-    """SIGKILL the trainer processes of pods in `namespace` (found by the env the Job gives them),
-    leaving any other session's trainers alone."""
+def kill_trainers(namespace: str, *env: str) -> int:
+    """SIGKILL the trainer processes of pods in `namespace` (found by the env the Job gives them,
+    narrowed by `env` entries such as `JOB_COMPLETION_INDEX=1`), leaving any other session's alone."""
+    marks = [f"POD_NAMESPACE={namespace}".encode(), *(entry.encode() for entry in env)]
     killed = 0
     for proc in Path("/proc").iterdir():
         try:
@@ -89,7 +90,7 @@ def _kill_trainers(namespace: str) -> int:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"deeptune_trainer" in cmdline and f"POD_NAMESPACE={namespace}".encode() in environ:
+        if b"deeptune_trainer" in cmdline and all(mark in environ for mark in marks):
             os.kill(int(proc.name), signal.SIGKILL)
             killed += 1
     return killed
@@ -109,7 +110,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
         timeout=300,
         interval=0.05,
     )
-    assert _kill_trainers(namespace) == 1
+    assert kill_trainers(namespace) == 1
     final = follow(crds, namespace, timeout=600)[-1]
     assert final["phase"] == "Succeeded", final
     assert final["retries"] == 1

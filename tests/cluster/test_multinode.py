@@ -4,8 +4,6 @@ from the newest complete checkpoint."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ import pytest
 
 from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster.harness import Cluster, Process, wait_for
-from tests.cluster.test_finetunejob_training import NAME, follow, tiny_manifest
+from tests.cluster.test_finetunejob_training import NAME, follow, kill_trainers, tiny_manifest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
 PODS = 2
@@ -55,22 +53,6 @@ def test_two_pods_rendezvous_and_train_as_one(
         assert "step " not in second  # rank 0 alone reports
 
 
-def _kill_pod(namespace: str, index: int) -> int:
-    """SIGKILL every process of one pod of the run (launcher and workers), as a lost node would."""
-    killed = 0
-    marks = (f"POD_NAMESPACE={namespace}".encode(), f"JOB_COMPLETION_INDEX={index}".encode())
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"deeptune_trainer" in cmdline and all(mark in environ for mark in marks):
-            os.kill(int(proc.name), signal.SIGKILL)
-            killed += 1
-    return killed
-
-
 def test_a_killed_pod_is_replaced_and_the_gang_resumes_from_its_checkpoint(
     operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
 ) -> None:
@@ -85,7 +67,9 @@ def test_a_killed_pod_is_replaced_and_the_gang_resumes_from_its_checkpoint(
         timeout=300,
         interval=0.05,
     )
-    assert _kill_pod(namespace, 1) >= 1
+    assert (
+        kill_trainers(namespace, "JOB_COMPLETION_INDEX=1") >= 1
+    )  # pod 1's launcher and worker, as a lost node
     final = follow(crds, namespace, timeout=900)[-1]
     assert final["phase"] == "Succeeded", final
     assert final["progress"]["step"] == steps

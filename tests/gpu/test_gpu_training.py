@@ -31,9 +31,10 @@ from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import perplexity
 from deeptune_trainer.formatting import prompt_ids
 from deeptune_trainer.modeling import load_model
+from deeptune_trainer.synthetic import as_samples
 from deeptune_trainer.training import train
 from tests.conftest import ROOT
-from tests.trainer.conftest import TINY_SPEC, _merge, as_samples
+from tests.trainer.conftest import TINY_SPEC, _merge
 from tests.trainer.test_cli import _manifest
 from tests.trainer.test_distributed import GLOBAL_BATCH, STEPS, WORKERS, _losses, _spec
 

@@ -11,15 +11,8 @@ from typing import Any
 import pytest
 
 from deeptune.api.finetunejob import FineTuneJobSpec
-from deeptune_trainer.data.sample import Message, Sample
-from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts
-
-
-def as_samples(rows: list[dict[str, str]]) -> list[Sample]:
-    return [
-        Sample(messages=(Message("user", row["prompt"]), Message("assistant", row["completion"])), line=i + 1)
-        for i, row in enumerate(rows)
-    ]
+from deeptune_trainer.data.sample import Sample
+from deeptune_trainer.synthetic import as_samples, keyword_rows, tokenizer_texts
 
 
 @pytest.fixture(scope="session")

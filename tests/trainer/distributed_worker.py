@@ -23,9 +23,8 @@ from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
 from deeptune_trainer.distributed import World, shards_weights
 from deeptune_trainer.modeling import load_model
-from deeptune_trainer.synthetic import keyword_rows
+from deeptune_trainer.synthetic import as_samples, keyword_rows
 from deeptune_trainer.training import train
-from tests.trainer.conftest import as_samples
 
 LOSSES = "losses.json"
 KILLED_EXIT_CODE = 9

@@ -23,7 +23,6 @@ from deeptune.planner import (
     PlanRequest,
     Strategy,
     estimate,
-    gpu_memory_from_labels,
     shape_from_config,
 )
 
@@ -350,22 +349,6 @@ def test_the_parts_add_up() -> None:
     plan = estimate(V2_LITE, PlanRequest("lora", gpu_memory_bytes=GPU_80))
     parts = plan.weights_bytes + plan.optimizer_bytes + plan.activations_bytes + plan.overhead_bytes
     assert plan.total_bytes == parts
-
-
-@pytest.mark.parametrize(
-    ("labels", "expected"),
-    [
-        ({"nvidia.com/gpu.memory": "81920"}, 80 * GIB),
-        ({"nvidia.com/gpu.memory": "24576", "nvidia.com/gpu.count": "8"}, 24 * GIB),
-        ({}, None),
-        ({"nvidia.com/gpu.memory": ""}, None),
-        ({"nvidia.com/gpu.memory": "0"}, None),
-        ({"nvidia.com/gpu.memory": "80Gi"}, None),
-        ({"nvidia.com/gpu.memory": "-1"}, None),
-    ],
-)
-def test_gpu_memory_from_feature_discovery_labels(labels: dict[str, str], expected: int | None) -> None:
-    assert gpu_memory_from_labels(labels) == expected
 
 
 @pytest.mark.parametrize(

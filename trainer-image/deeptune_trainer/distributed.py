@@ -38,14 +38,12 @@ class World:
     """This process's place among the workers, from the variables the launcher sets."""
 
     rank: int = 0
-    local_rank: int = 0
     size: int = 1
 
     @classmethod
     def from_env(cls) -> World:
         return cls(
             rank=int(os.environ.get("RANK", "0")),
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
             size=int(os.environ.get("WORLD_SIZE", "1")),
         )
 

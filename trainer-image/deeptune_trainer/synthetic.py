@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
+
+from deeptune_trainer.data.sample import Message, Sample
 
 KEYWORD_ANSWERS = {"猫": "the cat sleeps", "dog": "狗在跑", "雨": "bring an umbrella", "sun": "天气很好"}
 FILLER_WORDS = [
@@ -38,6 +40,14 @@ FILLER_WORDS = [
     "happy",
     "桥",
 ]
+
+
+def as_samples(rows: Sequence[dict[str, str]]) -> list[Sample]:
+    """Prompt/completion rows (the keyword task's) as the data pipeline's Samples, numbered from 1."""
+    return [
+        Sample(messages=(Message("user", row["prompt"]), Message("assistant", row["completion"])), line=i + 1)
+        for i, row in enumerate(rows)
+    ]
 
 
 def keyword_prompt(rng: random.Random) -> tuple[str, str]:
