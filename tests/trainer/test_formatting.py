@@ -12,6 +12,7 @@ from deeptune_trainer.data.sample import Message, Sample
 from deeptune_trainer.formatting import (
     IGNORE_INDEX,
     Collator,
+    ensure_chat_template,
     first_fit_decreasing,
     pack,
     prompt_ids,
@@ -65,11 +66,20 @@ def test_chat_template_renders_system_and_generation_prompt(tokenizer: PreTraine
     assert rendered == "<|begin|>be brief\n\nUser: 你好\n\nAssistant:"
 
 
-def test_fallback_layout_without_chat_template(plain_tokenizer: PreTrainedTokenizerBase) -> None:
-    sample = _sample("what is 2+2?", "4")
-    assert render_prompt(sample, plain_tokenizer) == "<|begin|>### User:\nwhat is 2+2?\n\n### Assistant:\n"
+def test_fallback_layout_without_chat_template(
+    plain_tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    ensure_chat_template(plain_tokenizer)
+    sample = _sample("what is 2+2?", "4", system="be brief")
+    expected = "<|begin|>### System:\nbe brief\n\n### User:\nwhat is 2+2?\n\n### Assistant:\n"
+    assert render_prompt(sample, plain_tokenizer) == expected
     example = tokenize_sample(sample, plain_tokenizer, max_length=128)
     assert _completion(plain_tokenizer, example.input_ids, example.labels) == "4<|end|>"
+    # The template travels with the tokenizer, so a server renders chat messages as training did.
+    plain_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2+2?"}]
+    assert reloaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
 
 
 def test_truncation_cuts_the_prompt_first(tokenizer: PreTrainedTokenizerBase) -> None:

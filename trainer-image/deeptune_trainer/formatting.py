@@ -2,8 +2,8 @@
 
 The loss is taken only on the completion (the final assistant turn and its end-of-sequence token):
 the prompt is given, not learned. Prompts are rendered with the tokenizer's chat template, so the
-model is trained on the exact layout it will be prompted with; a tokenizer without one gets the plain
-fallback layout
+model is trained on the exact layout it will be prompted with. A tokenizer without one is given
+FALLBACK_CHAT_TEMPLATE when it is loaded, the plain layout
 
     ### User:
     {user turn}
@@ -11,7 +11,9 @@ fallback layout
     ### Assistant:
     {assistant turn}<eos>
 
-Evaluation builds its generation prompts with the same functions, so training and scoring agree.
+and saved with it, so every artifact carries the template it was trained with and a server that
+applies it prompts the model exactly as training did. Evaluation builds its generation prompts with the
+same functions, so training and scoring agree.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from deeptune_trainer.data.sample import Message, Sample
 IGNORE_INDEX = -100
 """Label value that the loss ignores (PyTorch's cross-entropy default)."""
 
-_FALLBACK_HEADINGS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token or '' }}"
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+"""The layout for tokenizers that have no chat template (a Jinja chat template, as Hugging Face saves)."""
 
 Feature = dict[str, list[int]]
 
@@ -59,27 +69,26 @@ def _chat(messages: Iterable[Message]) -> list[dict[str, str]]:
     return [{"role": message.role, "content": message.content} for message in messages]
 
 
-def _fallback(messages: Iterable[Message]) -> str:
-    return "".join(f"{_FALLBACK_HEADINGS[m.role]}{m.content}\n\n" for m in messages)
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a chat template the fallback one (it is saved with the tokenizer)."""
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
 
 def render_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> str:
     """The text before the target, ending where the model starts to answer."""
-    if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template(
-            _chat(sample.prompt_messages), add_generation_prompt=True, tokenize=False
-        )
-        assert isinstance(rendered, str)
-        return rendered
-    return (tokenizer.bos_token or "") + _fallback(sample.prompt_messages) + _FALLBACK_HEADINGS["assistant"]
+    rendered = tokenizer.apply_chat_template(
+        _chat(sample.prompt_messages), add_generation_prompt=True, tokenize=False
+    )
+    assert isinstance(rendered, str)
+    return rendered
 
 
 def _render_completion(sample: Sample, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The target as the template writes it (with its end-of-turn marker) when the prompt is a prefix."""
-    if tokenizer.chat_template:
-        full = tokenizer.apply_chat_template(_chat(sample.messages), tokenize=False)
-        if isinstance(full, str) and full.startswith(prompt):
-            return full[len(prompt) :]
+    full = tokenizer.apply_chat_template(_chat(sample.messages), tokenize=False)
+    if isinstance(full, str) and full.startswith(prompt):
+        return full[len(prompt) :]
     return sample.target
 
 

@@ -33,6 +33,7 @@ from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerPaths
 from deeptune_trainer.distributed import World
 from deeptune_trainer.errors import TrainerInputError
+from deeptune_trainer.formatting import ensure_chat_template
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -318,6 +319,7 @@ def load_model(spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = Fa
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id will do; eos always exists.
         tokenizer.pad_token = tokenizer.eos_token
+    ensure_chat_template(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, precision=precision, source=source)
 
 
