@@ -51,6 +51,6 @@ DEEPTUNE_VENV="$(deeptune_venv)"
 export DEEPTUNE_ROOT DEEPTUNE_CACHE DEEPTUNE_VENV
 export VIRTUAL_ENV="$DEEPTUNE_VENV"
 export PATH="$DEEPTUNE_VENV/bin:$PATH"
-export PYTHONPATH="$DEEPTUNE_ROOT/operator:$DEEPTUNE_ROOT/trainer-image${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$DEEPTUNE_ROOT/operator:$DEEPTUNE_ROOT/trainer-image:$DEEPTUNE_ROOT/serving-image${PYTHONPATH:+:$PYTHONPATH}"
 # Nothing is ever fetched from a model hub here; fail fast instead of hanging on the network.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -26,17 +28,30 @@ def test_defaults_batch_dynamically_on_the_cpu() -> None:
     text = config_pbtxt(cpu_spec(), MERGED, "support-bot")
     assert 'name: "support-bot"' in text and 'backend: "python"' in text
     assert "max_batch_size: 8" in text
-    assert '{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }' in text
     for name, kind in (
+        ("text_input", "TYPE_STRING"),
+        ("messages", "TYPE_STRING"),
         ("max_new_tokens", "TYPE_INT32"),
         ("temperature", "TYPE_FP32"),
         ("top_p", "TYPE_FP32"),
+        ("seed", "TYPE_INT64"),
+        ("stop", "TYPE_STRING"),
     ):
         assert f'{{ name: "{name}" data_type: {kind} dims: [ 1 ] optional: true }}' in text
-    assert 'output [ { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] } ]' in text
-    assert "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}" in text
+    for name, kind in (
+        ("text_output", "TYPE_STRING"),
+        ("finish_reason", "TYPE_STRING"),
+        ("prompt_tokens", "TYPE_INT32"),
+        ("completion_tokens", "TYPE_INT32"),
+    ):
+        assert f'{{ name: "{name}" data_type: {kind} dims: [ 1 ] }}' in text
+    assert (
+        "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n  default_queue_policy {\n"
+        "    timeout_action: REJECT\n    default_timeout_microseconds: 60000000\n"
+        "    max_queue_size: 256\n  }\n}"
+    ) in text
     assert "kind: KIND_CPU" in text
-    assert "response_cache" not in text and "decoupled" not in text
+    assert "response_cache {" not in text and "decoupled" not in text
 
 
 def test_batching_cache_and_streaming_follow_the_spec() -> None:
@@ -78,18 +93,23 @@ def test_parameters_carry_the_location_and_generation_defaults() -> None:
     assert params["trust_remote_code"] == "true" and params["quantization"] == "none"
     assert (params["max_new_tokens"], params["temperature"], params["top_p"]) == ("64", "0.7", "0.9")
     assert json.loads(params["stop_sequences"]) == stops
+    assert (params["max_new_tokens_limit"], params["response_cache"]) == ("2048", "false")
 
 
-def test_the_repository_ships_the_model_and_its_generation_module(tmp_path: Path) -> None:
+def test_the_repository_names_the_serving_images_model(tmp_path: Path) -> None:
     files = repository_files(cpu_spec(), MERGED, "bot")
-    assert set(files) == {"bot/config.pbtxt", "bot/1/model.py", "bot/1/deeptune/serving/generation.py"}
-    assert "class TritonPythonModel" in files["bot/1/model.py"]
+    assert set(files) == {"bot/config.pbtxt", "bot/1/model.py"}
     root = write_repository(files, tmp_path)
-    assert (
-        (root / "bot" / "1" / "deeptune" / "serving" / "generation.py")
-        .read_text()
-        .startswith('"""Text generation')
+    shim = ast.parse((root / "bot" / "1" / "model.py").read_text())  # what Triton's Python backend loads
+    (imported,) = [node for node in shim.body if isinstance(node, ast.ImportFrom)]
+    assert (imported.module, [alias.name for alias in imported.names]) == (
+        "deeptune_serving.triton_model",
+        ["TritonPythonModel"],
     )
+    spec = importlib.util.find_spec("deeptune_serving.triton_model")  # Triton's stub alone can import it
+    assert spec is not None and spec.origin is not None
+    defined = ast.parse(Path(spec.origin).read_text())
+    assert "TritonPythonModel" in {node.name for node in defined.body if isinstance(node, ast.ClassDef)}
 
 
 def test_the_command_line() -> None:

@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from deeptune.serving.repository import ModelLocation, model_parameters
+from deeptune_serving.generation import Sampling
 from tests.serving.conftest import cpu_spec
 from tests.serving.tiny import TinyModels
+
+GREEDY = Sampling(max_new_tokens=8, temperature=0.0, top_p=1.0)
 
 
 class _Tensor:
@@ -42,10 +45,14 @@ class _Error:
         self.message = message
 
 
+def _strings(values: list[str]) -> np.ndarray:
+    return np.array([[value.encode()] for value in values], dtype=np.object_)
+
+
 class _Request:
-    def __init__(self, prompts: list[str], **optional: np.ndarray) -> None:
-        text = np.array([[p.encode()] for p in prompts], dtype=np.object_)
-        self._inputs = [_Tensor("text_input", text), *(_Tensor(k, v) for k, v in optional.items())]
+    def __init__(self, prompts: list[str] | None = None, **optional: np.ndarray) -> None:
+        given = [] if prompts is None else [_Tensor("text_input", _strings(prompts))]
+        self._inputs = [*given, *(_Tensor(k, v) for k, v in optional.items())]
 
     def inputs(self) -> list[_Tensor]:
         return self._inputs
@@ -58,29 +65,37 @@ def model_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     utils = importlib.import_module("triton_python_backend_utils")
     for name, stand_in in (("Tensor", _Tensor), ("InferenceResponse", _Response), ("TritonError", _Error)):
         monkeypatch.setattr(utils, name, stand_in, raising=False)
-    monkeypatch.delitem(sys.modules, "deeptune.serving.model", raising=False)
-    return importlib.import_module("deeptune.serving.model")
+    monkeypatch.delitem(sys.modules, "deeptune_serving.triton_model", raising=False)
+    return importlib.import_module("deeptune_serving.triton_model")
+
+
+def _outputs(response: _Response) -> dict[str, list[Any]]:
+    assert response.error is None, response.error.message
+    return {tensor.name(): tensor.as_numpy().reshape(-1).tolist() for tensor in response.output_tensors}
 
 
 def _texts(response: _Response) -> list[str]:
-    (tensor,) = response.output_tensors
-    assert tensor.name() == "text_output"
-    return [item.decode() for item in tensor.as_numpy().reshape(-1)]
+    return [item.decode() for item in _outputs(response)["text_output"]]
 
 
-def test_all_requests_of_an_execute_share_one_generate_call(
-    model_module: ModuleType, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    params = model_parameters(cpu_spec(), ModelLocation(model=str(tiny_models.merged)))
+def _model(model_module: ModuleType, location: ModelLocation, **spec: Any) -> Any:
+    params = model_parameters(cpu_spec(**spec), location)
     config = {"parameters": {key: {"string_value": value} for key, value in params.items()}}
     model = model_module.TritonPythonModel()
     model.initialize(
         {"model_config": json.dumps(config), "model_instance_kind": "CPU", "model_instance_device_id": "0"}
     )
+    return model
+
+
+def test_all_requests_of_an_execute_share_one_generate_call(
+    model_module: ModuleType, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model(model_module, ModelLocation(model=str(tiny_models.merged)))
     calls: list[int] = []
     generate = model._generator.generate
 
-    def counting(prompts: list[Any], on_text: Any = None) -> list[str]:
+    def counting(prompts: list[Any], on_text: Any = None) -> list[Any]:
         calls.append(len(prompts))
         return generate(prompts, on_text)
 
@@ -100,3 +115,40 @@ def test_all_requests_of_an_execute_share_one_generate_call(
     short, full = _texts(responses[2])
     assert full.strip() == tiny_models.answers[3] and len(short) <= len(tiny_models.answers[2]) + 1
     assert responses[3].error.message == "top_p has 2 values for 1 prompts: give one, or one per prompt"
+
+
+def test_chat_messages_token_counts_and_finish_reasons(
+    model_module: ModuleType, tiny_models: TinyModels
+) -> None:
+    model = _model(model_module, ModelLocation(model=str(tiny_models.merged)))
+    chat = json.dumps([{"role": "user", "content": tiny_models.questions[0]}])
+    responses = model.execute(
+        [
+            _Request(messages=_strings([chat])),
+            _Request([tiny_models.prompts[1]], max_new_tokens=np.array([[1]], dtype=np.int32)),
+            _Request([tiny_models.prompts[2]], messages=_strings([chat])),
+            _Request(messages=_strings(['[{"role": "user"}]'])),
+        ]
+    )
+    answered = _outputs(responses[0])
+    assert answered["text_output"][0].decode().strip() == tiny_models.answers[0]
+    assert answered["finish_reason"] == [b"stop"] and answered["completion_tokens"][0] >= 1
+    assert answered["prompt_tokens"] == [len(model._generator.prompt(tiny_models.prompts[0], GREEDY).ids)]
+    cut = _outputs(responses[1])
+    assert (cut["finish_reason"], cut["completion_tokens"]) == ([b"length"], [1])
+    assert responses[2].error.message.startswith("send text_input (a prompt) or messages")
+    assert responses[3].error.message == "messages[0].content must be text"
+
+
+def test_the_response_cache_refuses_sampling(model_module: ModuleType, tiny_models: TinyModels) -> None:
+    model = _model(
+        model_module, ModelLocation(model=str(tiny_models.merged)), responseCache={"enabled": True}
+    )
+    greedy, sampled = model.execute(
+        [
+            _Request([tiny_models.prompts[0]]),
+            _Request([tiny_models.prompts[0]], temperature=np.array([[0.7]], dtype=np.float32)),
+        ]
+    )
+    assert _texts(greedy)[0].strip() == tiny_models.answers[0]
+    assert "caches responses (spec.responseCache), so it serves greedy decoding only" in sampled.error.message

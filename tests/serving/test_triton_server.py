@@ -22,13 +22,13 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from deeptune.serving.generation import Generator, LoadSettings, Sampling
 from deeptune.serving.repository import (
     ModelLocation,
     repository_files,
     tritonserver_command,
     write_repository,
 )
+from deeptune_serving.generation import Generator, LoadSettings, Sampling
 from tests.serving.conftest import cpu_spec
 from tests.serving.tiny import TinyModels
 from tests.serving.wheel_server import RunningServer, WheelTriton, free_ports, start

@@ -38,8 +38,10 @@ class TinyModels:
     base: Path
     adapter: Path
     merged: Path
+    questions: list[str]
+    """Held-out user messages as a user writes them (`topic: ...`)."""
     prompts: list[str]
-    """Prompts as the chat template renders them (`<|begin|>User: topic: ...\\n\\nAssistant:`)."""
+    """The same as the chat template renders them (`<|begin|>User: topic: ...\\n\\nAssistant:`)."""
     answers: list[str]
     """What the fine-tuned model should answer (the served text starts with a space, as trained)."""
 
@@ -78,6 +80,7 @@ def build_tiny_models(out_dir: Path, held_out: int = 32) -> TinyModels:
         base=base,
         adapter=out_dir / "run" / paths.adapter,
         merged=out_dir / "run" / paths.merged,
+        questions=[sample.messages[0].content for sample in held],
         prompts=[render_prompt(sample, tokenizer) for sample in held],
         answers=[sample.target for sample in held],
     )

@@ -6,8 +6,9 @@ the backend is copied into a work directory (site-packages stays untouched) with
 running Python. The stub links against `libpython3.11.so.1.0`: the running interpreter's own library
 directory goes first on LD_LIBRARY_PATH (the system's patch release differs from pyenv's, and `_ssl`
 fails with undefined symbols), and the environment's `bin` first on PATH (the stub finds its
-site-packages through the `python3` there). PYTHONPATH is dropped, as in Triton's image, so the model
-imports the code the repository ships, not this checkout.
+site-packages through the `python3` there). PYTHONPATH holds only the serving package, as in the
+serving image (serving-image/Dockerfile), so the model imports `deeptune_serving` and nothing else of
+this checkout.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from pathlib import Path
 
 READY_TIMEOUT = 240.0
 """Seconds to wait for readiness: each model's stub imports torch and transformers, slowly on a busy CPU."""
+
+SERVING_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "serving-image"
+"""Where `deeptune_serving` is in this checkout (the image has it at /opt/deeptune/serving)."""
 
 _METRIC_LINE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$")
 
@@ -57,6 +61,7 @@ def install(work_dir: Path) -> WheelTriton:
         dist.parent.parent / "nvidia_pytriton.libs"
     )  # what the stub's RPATH reached from its old place
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(SERVING_PACKAGE_ROOT)
     library_path = [sysconfig.get_config_var("LIBDIR"), str(wheel_libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(part for part in library_path if part)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"

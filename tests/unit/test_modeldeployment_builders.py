@@ -57,17 +57,27 @@ def config_pbtxt(built: ServingChildren) -> str:
     return str(built.config_map["data"]["support-bot__config.pbtxt"])
 
 
-def test_triton_runs_the_generated_command_on_the_spec_ports() -> None:
-    container = container_of(children(spec_with(service={"httpPort": 9000})))
+def test_the_openai_frontend_runs_triton_on_the_spec_ports() -> None:
+    container = container_of(children(spec_with(service={"httpPort": 9100, "openaiPort": 8080})))
     assert container["image"] == "ghcr.io/deeptune/serving:0.1.0"
     command = container["command"]
-    assert command[0] == "tritonserver"
-    assert "--model-repository=/models" in command and "--http-port=9000" in command
-    assert not [arg for arg in command if arg.startswith(("--backend-directory", "--http-address"))], (
+    split = command.index("--")
+    assert command[:split] == [
+        "python3",
+        "-m",
+        "deeptune_serving",
+        "--model=support-bot",
+        "--openai-port=8080",
+        "--triton-http=http://127.0.0.1:9100",
+    ]
+    triton = command[split + 1 :]
+    assert triton[0] == "tritonserver"
+    assert "--model-repository=/models" in triton and "--http-port=9100" in triton
+    assert not [arg for arg in triton if arg.startswith(("--backend-directory", "--http-address"))], (
         "the image's own defaults (/opt/tritonserver/backends, all interfaces) apply"
     )
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 9000, "grpc": 8001, "metrics": 8002}
+    assert ports == {"http": 9100, "grpc": 8001, "metrics": 8002, "openai": 8080}
 
 
 def test_probes_use_tritons_health_endpoints_and_wait_long_for_loading() -> None:
@@ -163,7 +173,6 @@ def test_repository_config_map_keys_map_back_to_their_paths() -> None:
     assert set(paths.values()) == {
         "support-bot/config.pbtxt",
         "support-bot/1/model.py",
-        "support-bot/1/deeptune/serving/generation.py",
     }
     assert {"name": "repository", "mountPath": "/models", "readOnly": True} in container_of(built)[
         "volumeMounts"
@@ -211,7 +220,12 @@ def test_service_ports_and_type() -> None:
     service = children(spec_with(service={"type": "LoadBalancer", "grpcPort": 9001})).service
     assert service["spec"]["type"] == "LoadBalancer"
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
-    assert ports == {"http": (8000, "http"), "grpc": (9001, "grpc"), "metrics": (8002, "metrics")}
+    assert ports == {
+        "http": (8000, "http"),
+        "grpc": (9001, "grpc"),
+        "metrics": (8002, "metrics"),
+        "openai": (9000, "openai"),
+    }
     assert children().service["spec"]["type"] == "ClusterIP"
 
 
@@ -351,7 +365,7 @@ def test_network_policy_admits_the_namespace_and_the_operator_by_default() -> No
     assert policy["spec"]["podSelector"] == built.deployment["spec"]["selector"]
     assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: hub downloads
     assert policy["spec"]["ingress"] == [
-        {"from": [{"podSelector": {}}], "ports": tcp(8000, 8001)},  # this namespace's pods
+        {"from": [{"podSelector": {}}], "ports": tcp(8000, 8001, 9000)},  # this namespace's pods
         {"from": [OPERATOR_PEER], "ports": tcp(8000)},  # the operator's model check, HTTP only
     ]
     kinds = [m["kind"] for m in built.manifests()]
@@ -366,10 +380,10 @@ def test_network_policy_follows_the_peers_and_ports_of_the_spec() -> None:
     }
     spec = spec_with(
         networkPolicy={"enabled": True, "allowFrom": [clients], "metricsFrom": [monitoring]},
-        service={"httpPort": 9000, "grpcPort": 9001, "metricsPort": 9002},
+        service={"httpPort": 9000, "grpcPort": 9001, "metricsPort": 9002, "openaiPort": 8080},
     )
     assert policy_of(spec)["spec"]["ingress"] == [
-        {"from": [clients], "ports": tcp(9000, 9001)},
+        {"from": [clients], "ports": tcp(9000, 9001, 8080)},
         {"from": [OPERATOR_PEER], "ports": tcp(9000)},
         {"from": [monitoring], "ports": tcp(9002)},
     ]

@@ -101,7 +101,9 @@ QUOTED = [
 def test_troubleshooting_quotes_messages_the_code_still_prints() -> None:
     doc = " ".join((ROOT / "docs" / "troubleshooting.md").read_text().split())
     sources = "".join(
-        path.read_text() for tree in ("operator", "trainer-image") for path in (ROOT / tree).rglob("*.py")
+        path.read_text()
+        for tree in ("operator", "trainer-image", "serving-image")
+        for path in (ROOT / tree).rglob("*.py")
     )
     for fragment in QUOTED:
         assert fragment in doc, f"troubleshooting.md no longer quotes: {fragment}"

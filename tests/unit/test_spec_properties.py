@@ -114,7 +114,7 @@ RICH_MDEP: dict[str, Any] = {
     "quantization": "int8",
     "streaming": True,
     "resources": {"gpu": 1, "memory": "16Gi"},
-    "service": {"type": "NodePort", "httpPort": 9000},
+    "service": {"type": "NodePort", "httpPort": 9100},
     "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t"}}}],
     "networkPolicy": {
         "enabled": True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import posixpath
 from typing import Annotated, Any, Literal
 
@@ -110,12 +111,30 @@ class RuntimeSpec(ApiModel):
 
 
 class GenerationDefaults(GenerationSpec):
-    """Decoding settings used when a request does not set its own (max_new_tokens, temperature, top_p)."""
+    """Decoding settings used when a request does not set its own (max_new_tokens, temperature, top_p),
+    and the most new tokens a request may ask for."""
+
+    model_config = cel_rules(
+        cel(
+            "!has(self.maxNewTokens) || !has(self.maxNewTokensLimit)"
+            " || self.maxNewTokens <= self.maxNewTokensLimit",
+            "maxNewTokens (the default) must not exceed maxNewTokensLimit",
+            field_path=".maxNewTokens",
+        )
+    )
 
     stop_sequences: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=SHORT_TEXT)]], Field(max_length=16)
     ] = []
     """Text at which generation stops; the stop sequence itself is not returned."""
+    max_new_tokens_limit: Annotated[int, Field(ge=1, le=32_768)] = 2048
+    """The most new tokens one request may ask for (`max_tokens`); a request over it is refused."""
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> GenerationDefaults:
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("maxNewTokens (the default) must not exceed maxNewTokensLimit")
+        return self
 
 
 class BatchingSpec(ApiModel):
@@ -136,6 +155,11 @@ class BatchingSpec(ApiModel):
     """How long a request may wait for others to join its batch: latency traded for throughput."""
     preferred_batch_sizes: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(max_length=16)] = []
     """Batch sizes Triton sends without waiting for the queue delay to pass."""
+    max_queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    """Requests that may wait for the model; more are refused at once (HTTP 429 from the OpenAI
+    endpoint) rather than queued without bound."""
+    queue_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
+    """A request still waiting after this long is refused (HTTP 503) instead of answered late."""
 
     @model_validator(mode="after")
     def _preferred_fit(self) -> BatchingSpec:
@@ -145,7 +169,8 @@ class BatchingSpec(ApiModel):
 
 
 class ResponseCacheSpec(ApiModel):
-    """Triton's response cache: repeated requests are answered from memory (apt for greedy decoding)."""
+    """Triton's response cache: repeated requests are answered from memory. Only greedy decoding gives
+    one answer per request, so with the cache on, requests that sample (temperature > 0) are refused."""
 
     model_config = cel_rules(
         cel(
@@ -192,14 +217,15 @@ class AutoscalingSpec(ApiModel):
 
 
 class ServiceSpec(ApiModel):
-    """The Service in front of the serving pods, with Triton's three ports."""
+    """The Service in front of the serving pods: Triton's three ports and the OpenAI-compatible API."""
 
     model_config = cel_rules(
         cel(
-            "!has(self.httpPort) || !has(self.grpcPort) || !has(self.metricsPort)"
-            " || (self.httpPort != self.grpcPort && self.httpPort != self.metricsPort"
-            " && self.grpcPort != self.metricsPort)",
-            "httpPort, grpcPort and metricsPort must differ",
+            " && ".join(
+                f"(!has(self.{a}) || !has(self.{b}) || self.{a} != self.{b})"
+                for a, b in itertools.combinations(("httpPort", "grpcPort", "metricsPort", "openaiPort"), 2)
+            ),
+            "httpPort, grpcPort, metricsPort and openaiPort must differ",
         )
     )
 
@@ -207,11 +233,13 @@ class ServiceSpec(ApiModel):
     http_port: Port = 8000
     grpc_port: Port = 8001
     metrics_port: Port = 8002
+    openai_port: Port = 9000
+    """The OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`, `/v1/models`)."""
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServiceSpec:
-        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
-            raise ValueError("httpPort, grpcPort and metricsPort must differ")
+        if len({self.http_port, self.grpc_port, self.metrics_port, self.openai_port}) != 4:
+            raise ValueError("httpPort, grpcPort, metricsPort and openaiPort must differ")
         return self
 
 
@@ -279,6 +307,15 @@ class ModelDeploymentSpec(ApiModel):
             " responses): turn one of them off",
             field_path=".responseCache.enabled",
         ),
+        cel(
+            "!has(self.responseCache) || !has(self.responseCache.enabled) || !self.responseCache.enabled"
+            " || !has(self.generation) || !has(self.generation.temperature)"
+            " || self.generation.temperature == 0.0",
+            "responseCache needs greedy decoding (generation.temperature 0): a cached answer to a"
+            " sampled request would be returned to every later one; set the temperature to 0 or turn"
+            " the cache off",
+            field_path=".responseCache.enabled",
+        ),
     )
 
     model: ModelSource
@@ -297,7 +334,8 @@ class ModelDeploymentSpec(ApiModel):
         default_factory=ResponseCacheSpec
     )
     streaming: bool = False
-    """Stream text as it is generated (Triton's decoupled mode; clients use gRPC streaming)."""
+    """Stream text as it is generated (Triton's decoupled mode): gRPC streaming, Triton's
+    `generate_stream`, and `stream: true` on the OpenAI API (without it, a stream is one piece)."""
     replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     """Serving pods when autoscaling is off."""
     autoscaling: Annotated[AutoscalingSpec, Field(json_schema_extra=nested_default())] = Field(
@@ -332,6 +370,12 @@ class ModelDeploymentSpec(ApiModel):
                 "responseCache cannot be combined with streaming (Triton does not cache streamed"
                 " responses): turn one of them off"
             )
+        if self.response_cache.enabled and self.generation.temperature != 0:
+            raise ValueError(
+                "responseCache needs greedy decoding (generation.temperature 0): a cached answer to a"
+                " sampled request would be returned to every later one; set the temperature to 0 or turn"
+                " the cache off"
+            )
         return self
 
 
@@ -356,8 +400,10 @@ class Endpoints(ApiModel):
     http: str | None = None
     grpc: str | None = None
     metrics: str | None = None
+    openai: str | None = None
+    """The OpenAI-compatible API's base URL (`.../v1`), for the `openai` client's `base_url`."""
     model_name: str | None = None
-    """The Triton model name to use in requests, e.g. `/v2/models/<modelName>/infer`."""
+    """The model name to use in requests: `/v2/models/<modelName>/infer`, and `model` on the OpenAI API."""
 
 
 class ProbeResult(ApiModel):

@@ -29,7 +29,7 @@ from deeptune.builders.common import (
 )
 from deeptune.builders.finetunejob import PVC_ROOT, ChildSettings
 from deeptune.builders.pod import container_resources, cpu_threads, scheduling
-from deeptune.serving.repository import REPOSITORY_PATH, ModelLocation, repository_files, tritonserver_command
+from deeptune.serving.repository import REPOSITORY_PATH, ModelLocation, repository_files, serving_command
 
 COMPONENT = "serving"
 CONTAINER = "triton"
@@ -105,14 +105,15 @@ def _labelled_metadata(owner: Owner, name: str, settings: ChildSettings) -> Mani
 
 
 def endpoints(owner: Owner, spec: ModelDeploymentSpec) -> Endpoints:
-    """In-cluster addresses of the Service: URLs for HTTP and metrics, `host:port` for gRPC (the form
-    gRPC clients such as `tritonclient.grpc` take)."""
+    """In-cluster addresses of the Service: URLs for HTTP, metrics and the OpenAI API (its base URL, as
+    the `openai` client takes it), `host:port` for gRPC (the form `tritonclient.grpc` takes)."""
     host = f"{server_name(owner)}.{owner.namespace}.svc"
     ports = spec.service
     return Endpoints(
         http=f"http://{host}:{ports.http_port}",
         grpc=f"{host}:{ports.grpc_port}",
         metrics=f"http://{host}:{ports.metrics_port}/metrics",
+        openai=f"http://{host}:{ports.openai_port}/v1",
         model_name=model_name(owner),
     )
 
@@ -229,18 +230,24 @@ def _http_probe(path: str, period: int, failures: int) -> Manifest:
 
 
 def _container(
-    spec: ModelDeploymentSpec, resolved: ResolvedModel, mounts: list[Manifest], settings: ChildSettings
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    resolved: ResolvedModel,
+    mounts: list[Manifest],
+    settings: ChildSettings,
 ) -> Manifest:
     ports = spec.service
     return {
         "name": CONTAINER,
         "image": spec.runtime.image,
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
-        "command": tritonserver_command(spec),
+        # The OpenAI frontend starts Triton and ends with it (deeptune_serving.__main__).
+        "command": serving_command(spec, model_name(owner)),
         "ports": [
             {"name": "http", "containerPort": ports.http_port, "protocol": "TCP"},
             {"name": "grpc", "containerPort": ports.grpc_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": ports.metrics_port, "protocol": "TCP"},
+            {"name": "openai", "containerPort": ports.openai_port, "protocol": "TCP"},
         ],
         "env": _env(spec, resolved),
         "resources": container_resources(spec.resources),
@@ -268,7 +275,7 @@ def _pod_spec(
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "containers": [_container(spec, resolved, mounts, settings)],
+        "containers": [_container(owner, spec, resolved, mounts, settings)],
         "volumes": volumes,
         **scheduling(spec.resources),
     }
@@ -338,6 +345,13 @@ def build_service(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSettin
                     "appProtocol": "grpc",
                 },
                 {"name": "metrics", "port": ports.metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+                {
+                    "name": "openai",
+                    "port": ports.openai_port,
+                    "targetPort": "openai",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
             ],
         },
     }
@@ -434,7 +448,12 @@ def build_network_policy(owner: Owner, spec: ModelDeploymentSpec, settings: Chil
     ports = spec.service
     operator = _operator_peer(settings)
     rules = [
-        *_port_rule([peer.to_wire() for peer in policy.allow_from], ports.http_port, ports.grpc_port),
+        *_port_rule(
+            [peer.to_wire() for peer in policy.allow_from],
+            ports.http_port,
+            ports.grpc_port,
+            ports.openai_port,
+        ),
         *_port_rule([operator] if operator else [], ports.http_port),
         *_port_rule([peer.to_wire() for peer in policy.metrics_from], ports.metrics_port),
     ]

@@ -1,7 +1,3 @@
-"""Serving fine-tuned models on Triton Inference Server.
-
-`repository` writes the Triton model repository and the server's command line from a ModelDeployment;
-`model` is the Triton Python-backend model and `generation` the text generation it runs. The last two
-are copied into the repository and run inside Triton, so they import nothing else from DeepTune and
-this package imports nothing here.
-"""
+"""Serving fine-tuned models on Triton Inference Server: the model repository and server command line
+the operator writes for a ModelDeployment (`repository`). The code that runs inside the serving
+container is the serving image's own package, `serving-image/deeptune_serving`."""

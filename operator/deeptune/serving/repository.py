@@ -18,11 +18,13 @@ MODEL_VERSION = "1"
 REPOSITORY_PATH = "/models"
 """Where the serving container finds the repository."""
 
-_HERE = Path(__file__).parent
-SHIPPED_CODE = {"model.py": "model.py", "deeptune/serving/generation.py": "generation.py"}
-"""Files of a model version directory → their source here. `generation.py` keeps its module path, so
-model.py's `from deeptune.serving.generation import ...` works both in this checkout and in Triton,
-whose Python backend puts the version directory on sys.path."""
+MODEL_PY = (
+    '"""DeepTune\'s Triton Python-backend model, from the serving image\'s deeptune_serving package."""\n\n'
+    "from deeptune_serving.triton_model import TritonPythonModel\n\n"
+    '__all__ = ["TritonPythonModel"]\n'
+)
+"""The model version's `model.py`: the code itself is installed in the serving image (serving-image/),
+so an operator and an image of different releases agree on the repository's inputs and parameters only."""
 
 _UNITS = {
     "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -69,6 +71,8 @@ def model_parameters(spec: ModelDeploymentSpec, location: ModelLocation) -> dict
         "temperature": repr(generation.temperature),
         "top_p": repr(generation.top_p),
         "stop_sequences": json.dumps(generation.stop_sequences, ensure_ascii=False),
+        "max_new_tokens_limit": str(generation.max_new_tokens_limit),
+        "response_cache": "true" if spec.response_cache.enabled else "false",
     }
 
 
@@ -79,20 +83,29 @@ def _instance_kind(gpus: int) -> str:
 
 
 def config_pbtxt(spec: ModelDeploymentSpec, location: ModelLocation, model_name: str) -> str:
-    """The model's config.pbtxt: text in and out, optional per-request decoding settings, batching,
-    caching and streaming as the spec says."""
+    """The model's config.pbtxt: a prompt or chat messages in, text, token counts and finish reason out,
+    optional per-request decoding settings, batching (with a bounded queue), caching and streaming as
+    the spec says."""
     batching = spec.batching
     lines = [
         f"name: {_quote(model_name)}",
         'backend: "python"',
         f"max_batch_size: {batching.max_batch_size}",
         "input [",
-        '  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] },',
+        '  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
+        '  { name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
         '  { name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
         '  { name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true },',
-        '  { name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true }',
+        '  { name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true },',
+        '  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true },',
+        '  { name: "stop" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
         "]",
-        'output [ { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] } ]',
+        "output [",
+        '  { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] },',
+        '  { name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] },',
+        '  { name: "prompt_tokens" data_type: TYPE_INT32 dims: [ 1 ] },',
+        '  { name: "completion_tokens" data_type: TYPE_INT32 dims: [ 1 ] }',
+        "]",
         f"instance_group [ {{ count: 1 kind: {_instance_kind(spec.resources.gpu)} }} ]",
     ]
     if batching.enabled:
@@ -101,6 +114,11 @@ def config_pbtxt(spec: ModelDeploymentSpec, location: ModelLocation, model_name:
         if batching.preferred_batch_sizes:
             sizes = ", ".join(str(size) for size in batching.preferred_batch_sizes)
             lines.append(f"  preferred_batch_size: [ {sizes} ]")
+        lines.append("  default_queue_policy {")
+        lines.append("    timeout_action: REJECT")
+        lines.append(f"    default_timeout_microseconds: {batching.queue_timeout_seconds * 1_000_000}")
+        lines.append(f"    max_queue_size: {batching.max_queue_size}")
+        lines.append("  }")
         lines.append("}")
     if spec.response_cache.enabled:
         lines.append("response_cache { enable: true }")
@@ -113,10 +131,10 @@ def config_pbtxt(spec: ModelDeploymentSpec, location: ModelLocation, model_name:
 
 def repository_files(spec: ModelDeploymentSpec, location: ModelLocation, model_name: str) -> dict[str, str]:
     """Path inside the repository → file content, for the one model a ModelDeployment serves."""
-    files = {f"{model_name}/config.pbtxt": config_pbtxt(spec, location, model_name)}
-    for target, source in SHIPPED_CODE.items():
-        files[f"{model_name}/{MODEL_VERSION}/{target}"] = (_HERE / source).read_text(encoding="utf-8")
-    return files
+    return {
+        f"{model_name}/config.pbtxt": config_pbtxt(spec, location, model_name),
+        f"{model_name}/{MODEL_VERSION}/model.py": MODEL_PY,
+    }
 
 
 def write_repository(files: dict[str, str], root: Path) -> Path:
@@ -166,3 +184,19 @@ def tritonserver_command(
     if cache_directory is not None:
         command.append(f"--cache-directory={cache_directory}")
     return command
+
+
+def serving_command(spec: ModelDeploymentSpec, model_name: str, triton: list[str] | None = None) -> list[str]:
+    """The serving container's command: the OpenAI frontend (`deeptune_serving`), which starts Triton
+    (`triton`, by default `tritonserver_command(spec)`) and exits with it."""
+    service = spec.service
+    return [
+        "python3",
+        "-m",
+        "deeptune_serving",
+        f"--model={model_name}",
+        f"--openai-port={service.openai_port}",
+        f"--triton-http=http://127.0.0.1:{service.http_port}",
+        "--",
+        *(tritonserver_command(spec) if triton is None else triton),
+    ]

@@ -1,19 +1,20 @@
-"""Text generation behind the Triton model: load a causal LM, answer many prompts with one generate call.
+"""Text generation behind the Triton model: load a causal LM, answer many prompts with few generate calls.
 
-It knows nothing of Triton, so it is tested in-process. The model repository ships it next to
-`model.py` under this same module path, and Triton's Python backend imports it from there: the
-serving image needs torch, transformers and peft, not DeepTune.
+It knows nothing of Triton, so it is tested in-process. The serving image installs this package
+(`deeptune_serving`); the model repository's `model.py` only imports `deeptune_serving.triton_model`.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import torch
+from jinja2 import TemplateError
 from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
@@ -28,6 +29,11 @@ from transformers.generation.streamers import BaseStreamer
 TextCallback = Callable[[int, str], None]
 """Called with (prompt index, new text) while generating, for streaming."""
 
+FinishReason = Literal["stop", "length"]
+"""Why a row ended, in the OpenAI API's words: eos or a stop sequence, or its token limit."""
+
+CHAT_ROLES = ("system", "user", "assistant")
+
 
 class RequestError(ValueError):
     """A problem with one request (a bad parameter, a prompt too long): only that request fails."""
@@ -40,15 +46,38 @@ class Sampling:
     max_new_tokens: int
     temperature: float
     top_p: float
+    seed: int | None = None
+    """Sampling from this seed: the prompt is generated alone, so its answer does not depend on its batch."""
+    stop: tuple[str, ...] = ()
+    """This request's stop sequences, besides the deployment's."""
 
-    def check(self) -> None:
-        """The bounds of the ModelDeployment's generation defaults, applied to per-request values."""
-        if not 1 <= self.max_new_tokens <= 32_768:
-            raise RequestError(f"max_new_tokens must be between 1 and 32768, got {self.max_new_tokens}")
+    def check(self, max_new_tokens_limit: int) -> None:
+        """The bounds of the ModelDeployment's generation settings, applied to per-request values."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise RequestError(
+                f"max_new_tokens (max_tokens in the OpenAI API) must be between 1 and"
+                f" this deployment's limit of {max_new_tokens_limit} (spec.generation.maxNewTokensLimit),"
+                f" got {self.max_new_tokens}"
+            )
         if not 0 <= self.temperature <= 5:
             raise RequestError(f"temperature must be between 0 and 5, got {self.temperature:g}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be above 0 and at most 1, got {self.top_p:g}")
+        if len(self.stop) > 16 or any(not stop for stop in self.stop):
+            raise RequestError("stop takes at most 16 sequences, none of them empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def batch_key(self, index: int) -> tuple[object, ...]:
+        """Prompts with equal keys can share one generate call: greedy ones ignore top_p and seed,
+        a seeded one runs alone."""
+        if self.greedy:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", index)
+        return ("sampled", self.temperature, self.top_p)
 
 
 @dataclass(frozen=True)
@@ -73,6 +102,17 @@ class Prompt:
 
     ids: list[int]
     sampling: Sampling
+
+
+@dataclass
+class Completion:
+    """What one prompt produced: its text, token counts and why it ended, or why it failed."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason = "length"
+    error: str | None = None
 
 
 def _dtype(device: str) -> torch.dtype:
@@ -187,10 +227,13 @@ class TextAssembler:
         self._tokens: list[int] = []
         self._emitted = ""
         self.done = False
+        self.finish_reason: FinishReason = "length"
 
-    def _decode(self) -> str:
+    def _decode(self, tokens: Sequence[int] | None = None) -> str:
         text = self._tokenizer.decode(
-            self._tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            self._tokens if tokens is None else tokens,
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,
         )
         assert isinstance(text, str)  # one sequence in, one string out
         return text
@@ -200,12 +243,13 @@ class TextAssembler:
         if self.done:
             return ""
         if token in self._eos:
-            self.done = True
+            self.done, self.finish_reason = True, "stop"
             return self._flush()
         self._tokens.append(token)
         text, stopped = _cut_at_stop(self._decode(), self._stops)
         if stopped or len(self._tokens) >= self._limit:
             self.done = True
+            self.finish_reason = "stop" if stopped else "length"
             return self._flush(text)
         safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD
         safe = safe[: len(safe) - _stop_prefix_length(safe, self._stops)]
@@ -224,11 +268,29 @@ class TextAssembler:
     def complete(self, tokens: Sequence[int]) -> str:
         """Take all of a row's tokens at once (no streaming), with a single decode; return its text."""
         for token in tokens:
-            if token in self._eos or len(self._tokens) >= self._limit:
+            if token in self._eos:
+                self.finish_reason = "stop"
+                break
+            if len(self._tokens) >= self._limit:
                 break
             self._tokens.append(token)
+        text, stopped = _cut_at_stop(self._decode(), self._stops)
+        if stopped:
+            self.finish_reason = "stop"
+            self._tokens = self._tokens[: self._tokens_through_stop()]
         self.done = True
-        return self._flush()
+        return self._flush(text)
+
+    def _tokens_through_stop(self) -> int:
+        """The fewest leading tokens whose text holds a stop sequence (a binary search: few decodes)."""
+        low, high = 1, len(self._tokens)
+        while low < high:
+            middle = (low + high) // 2
+            if _cut_at_stop(self._decode(self._tokens[:middle]), self._stops)[1]:
+                high = middle
+            else:
+                low = middle + 1
+        return high
 
     def finish(self) -> str:
         """End the row (generation is over); return the text not handed out yet."""
@@ -240,6 +302,11 @@ class TextAssembler:
     @property
     def text(self) -> str:
         return self._emitted
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated for this row, up to where its text ends."""
+        return len(self._tokens)
 
 
 class _BatchStreamer(BaseStreamer):
@@ -264,22 +331,50 @@ class _BatchStreamer(BaseStreamer):
                 self._on_text(row, delta)
 
 
+def chat_messages(raw: str) -> list[dict[str, str]]:
+    """A request's `messages` (JSON: [{"role": ..., "content": ...}, ...]) checked, naming what is wrong."""
+    try:
+        messages = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise RequestError(f"messages is not valid JSON: {error}") from error
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content} objects")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{index}] must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise RequestError(f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{index}].content must be text")
+        checked.append({"role": role, "content": content})
+    return checked
+
+
 class Generator:
     """A loaded model and tokenizer that generate for a batch of prompts at once."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stop_sequences: Sequence[str] = ()
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_sequences: Sequence[str] = (),
+        max_new_tokens_limit: int = 32_768,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.stop_sequences = tuple(stop_sequences)
+        self.max_new_tokens_limit = max_new_tokens_limit
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id: int = tokenizer.pad_token_id
         self.context: int | None = getattr(model.config, "max_position_embeddings", None)
 
     @classmethod
-    def load(cls, settings: LoadSettings, stop_sequences: Sequence[str] = ()) -> Generator:
-        return cls(_load_model(settings), _load_tokenizer(settings), stop_sequences)
+    def load(
+        cls, settings: LoadSettings, stop_sequences: Sequence[str] = (), max_new_tokens_limit: int = 32_768
+    ) -> Generator:
+        return cls(_load_model(settings), _load_tokenizer(settings), stop_sequences, max_new_tokens_limit)
 
     def prompt(self, text: str, sampling: Sampling) -> Prompt:
         """Check one prompt and its settings; raise RequestError naming what is wrong.
@@ -287,13 +382,29 @@ class Generator:
         The tokenizer adds its special tokens (DeepSeek's add BOS), except to a prompt that already
         starts with BOS, as one rendered by the chat template does: a second BOS confuses models.
         """
-        sampling.check()
         bos = self.tokenizer.bos_token
-        ids: list[int] = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))[
-            "input_ids"
-        ]
+        return self._checked(text, add_special_tokens=not (bos and text.startswith(bos)), sampling=sampling)
+
+    def chat_prompt(self, messages: list[dict[str, str]], sampling: Sampling) -> Prompt:
+        """Chat messages rendered with the model's own chat template (the one it was fine-tuned with:
+        DeepTune saves it with every artifact), ending where the assistant answers."""
+        if not self.tokenizer.chat_template:
+            raise RequestError(
+                "the model has no chat template, so chat messages cannot be rendered: send text_input "
+                "(/v1/completions) with the prompt as the model was trained on it"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as error:  # e.g. a template that insists on alternating roles
+            raise RequestError(f"the model's chat template refused these messages: {error}") from error
+        # The template wrote every special token it wants (as apply_chat_template(tokenize=True) does).
+        return self._checked(str(text), add_special_tokens=False, sampling=sampling)
+
+    def _checked(self, text: str, *, add_special_tokens: bool, sampling: Sampling) -> Prompt:
+        sampling.check(self.max_new_tokens_limit)
+        ids: list[int] = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         if not ids:
-            raise RequestError("text_input is empty")
+            raise RequestError("the prompt is empty")
         if self.context is not None and len(ids) + sampling.max_new_tokens > self.context:
             raise RequestError(
                 f"the prompt's {len(ids)} tokens plus max_new_tokens {sampling.max_new_tokens} exceed the "
@@ -301,36 +412,62 @@ class Generator:
             )
         return Prompt(ids=ids, sampling=sampling)
 
-    def generate(self, prompts: Sequence[Prompt], on_text: TextCallback | None = None) -> list[str]:
-        """Generated text for every prompt: one generate call per distinct (temperature, top_p), which
-        is one call when requests use the defaults, whatever their max_new_tokens."""
-        groups: dict[tuple[float, float], list[int]] = defaultdict(list)
+    def generate(self, prompts: Sequence[Prompt], on_text: TextCallback | None = None) -> list[Completion]:
+        """What every prompt produced, with as few generate calls as their settings allow: greedy prompts
+        share one whatever their top_p and max_new_tokens, sampled ones one per (temperature, top_p), a
+        seeded one runs alone. A call that fails (e.g. out of memory) is split in halves and retried, so
+        only a prompt that fails alone gets the error; a streamed call is not retried (its text was sent).
+        """
+        groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
         for index, prompt in enumerate(prompts):
-            groups[(prompt.sampling.temperature, prompt.sampling.top_p)].append(index)
-        texts = [""] * len(prompts)
+            groups[prompt.sampling.batch_key(index)].append(index)
+        completions = [Completion() for _ in prompts]
         for indices in groups.values():
-            batch = [prompts[i] for i in indices]
-            for index, text in zip(indices, self._generate(batch, _relay(on_text, indices)), strict=True):
-                texts[index] = text
-        return texts
+            outcomes = self._generate_or_split(prompts, indices, on_text)
+            for index, completion in zip(indices, outcomes, strict=True):
+                completions[index] = completion
+        return completions
 
-    def _generate(self, batch: Sequence[Prompt], on_text: TextCallback | None) -> list[str]:
+    def _generate_or_split(
+        self, prompts: Sequence[Prompt], indices: Sequence[int], on_text: TextCallback | None
+    ) -> list[Completion]:
+        batch = [prompts[i] for i in indices]
+        try:
+            return self._generate(batch, _relay(on_text, indices))
+        except Exception as error:
+            if on_text is not None or len(indices) == 1:
+                failure = f"generation failed: {type(error).__name__}: {error}"
+                return [Completion(error=failure) for _ in batch]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(indices) // 2
+            return [
+                *self._generate_or_split(prompts, indices[:half], on_text),
+                *self._generate_or_split(prompts, indices[half:], on_text),
+            ]
+
+    def _generate(self, batch: Sequence[Prompt], on_text: TextCallback | None) -> list[Completion]:
         width = max(len(prompt.ids) for prompt in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, prompt in enumerate(batch):  # left padding: every row's next token is at the end
             input_ids[row, width - len(prompt.ids) :] = torch.tensor(prompt.ids)
             attention_mask[row, width - len(prompt.ids) :] = 1
+        stops = [(*self.stop_sequences, *prompt.sampling.stop) for prompt in batch]
         assemblers = [
-            TextAssembler(self.tokenizer, prompt.sampling.max_new_tokens, self.stop_sequences, self.eos_ids)
-            for prompt in batch
+            TextAssembler(self.tokenizer, prompt.sampling.max_new_tokens, row_stops, self.eos_ids)
+            for prompt, row_stops in zip(batch, stops, strict=True)
         ]
         sampling = batch[0].sampling
-        options: dict[str, object] = {"do_sample": sampling.temperature > 0}
-        if sampling.temperature > 0:
+        options: dict[str, object] = {"do_sample": not sampling.greedy}
+        if not sampling.greedy:
             options |= {"temperature": sampling.temperature, "top_p": sampling.top_p}
-        if self.stop_sequences:  # lets finished rows stop early; the assemblers cut the text
-            options |= {"stop_strings": list(self.stop_sequences), "tokenizer": self.tokenizer}
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+        if shared := sorted(set.intersection(*(set(row_stops) for row_stops in stops))):
+            # Lets rows stop early on the stops every row has (another row's own stop must not end
+            # this one); each row's assembler cuts its text at its own stops.
+            options |= {"stop_strings": shared, "tokenizer": self.tokenizer}
         with torch.inference_mode():
             output = cast(GenerationMixin, self.model).generate(
                 input_ids=input_ids.to(self.model.device),
@@ -344,7 +481,15 @@ class Generator:
         if on_text is None:
             for assembler, tokens in zip(assemblers, output[:, width:].tolist(), strict=True):
                 assembler.complete(tokens)
-        return [assembler.text for assembler in assemblers]
+        return [
+            Completion(
+                text=assembler.text,
+                prompt_tokens=len(prompt.ids),
+                completion_tokens=assembler.tokens,
+                finish_reason=assembler.finish_reason,
+            )
+            for prompt, assembler in zip(batch, assemblers, strict=True)
+        ]
 
 
 def _relay(on_text: TextCallback | None, indices: Sequence[int]) -> TextCallback | None:

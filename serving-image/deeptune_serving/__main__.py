@@ -1,0 +1,69 @@
+"""`python -m deeptune_serving [options] -- tritonserver ...`: Triton and its OpenAI-compatible API.
+
+The serving container's entrypoint. It starts the Triton command line given after `--` (the operator
+writes it) and serves the OpenAI frontend beside it until either ends. Triton's exit ends the
+container with Triton's exit code, so the pod's status says what Triton said (a model that failed to
+load leaves its reason in the termination message); SIGTERM is passed on to Triton, which drains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+
+import uvicorn
+
+from deeptune_serving.openai_api import FrontendSettings, create_app
+
+STOP_GRACE_SECONDS = 25.0
+"""How long Triton may take to finish in-flight requests after SIGTERM (the pod's grace is 30 s)."""
+
+
+def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    if "--" not in argv:
+        raise SystemExit("usage: python -m deeptune_serving [options] -- tritonserver [triton options]")
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="python -m deeptune_serving", description=__doc__)
+    parser.add_argument("--model", required=True, help="the model's name in Triton and on the OpenAI API")
+    parser.add_argument("--openai-port", type=int, default=9000)
+    parser.add_argument("--openai-address", default="0.0.0.0")
+    parser.add_argument("--triton-http", default="http://127.0.0.1:8000", help="Triton's HTTP endpoint")
+    return parser.parse_args(argv[:split]), argv[split + 1 :]
+
+
+async def _serve(options: argparse.Namespace, triton_command: list[str]) -> int:
+    triton = subprocess.Popen(triton_command)
+    settings = FrontendSettings(model=options.model, triton_url=options.triton_http)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=options.openai_address,
+        port=options.openai_port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(STOP_GRACE_SECONDS),
+    )
+    server = uvicorn.Server(config)
+    frontend = asyncio.create_task(server.serve())  # handles SIGTERM/SIGINT: sets should_exit
+    triton_done = asyncio.create_task(asyncio.to_thread(triton.wait))
+    await asyncio.wait({frontend, triton_done}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    if triton.poll() is None:  # the frontend stopped (SIGTERM): let Triton drain, then stop
+        triton.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(triton_done), STOP_GRACE_SECONDS)
+        except TimeoutError:
+            triton.kill()
+    code = await triton_done
+    await frontend
+    return code if code >= 0 else 128 - code
+
+
+def main() -> None:
+    options, triton_command = _arguments(sys.argv[1:])
+    sys.exit(asyncio.run(_serve(options, triton_command)))
+
+
+if __name__ == "__main__":
+    main()
