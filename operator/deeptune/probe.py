@@ -7,6 +7,7 @@ would: server ready, model ready, then one inference of a single token, timed. I
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import aiohttp
@@ -16,14 +17,18 @@ from tritonclient.utils import InferenceServerException
 
 from deeptune.api.modeldeployment import ProbeResult
 
-PROMPT = "Hello"
 MESSAGE_LIMIT = 1024
 
 
+def probe_prompt() -> str:
+    """A prompt no earlier request sent, so Triton's response cache cannot answer for a dead model."""
+    return f"Hello {secrets.token_hex(4)}"
+
+
 def _inputs() -> list[triton.InferInput]:
-    """One prompt, one new token: the cheapest request that still runs the model end to end."""
+    """One new prompt, one new token: the cheapest request that still runs the model end to end."""
     text = triton.InferInput("text_input", [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=np.object_))
+    text.set_data_from_numpy(np.array([[probe_prompt().encode()]], dtype=np.object_))
     tokens = triton.InferInput("max_new_tokens", [1, 1], "INT32")
     tokens.set_data_from_numpy(np.array([[1]], dtype=np.int32))
     return [text, tokens]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -34,6 +36,15 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handling, which re-raises SIGTERM once the server has
+    stopped (killing this process before Triton has drained): `_serve` handles the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def _serve(options: argparse.Namespace, triton_command: list[str]) -> int:
     triton = subprocess.Popen(triton_command)
     settings = FrontendSettings(model=options.model, triton_url=options.triton_http)
@@ -44,8 +55,10 @@ async def _serve(options: argparse.Namespace, triton_command: list[str]) -> int:
         log_level="warning",
         timeout_graceful_shutdown=int(STOP_GRACE_SECONDS),
     )
-    server = uvicorn.Server(config)
-    frontend = asyncio.create_task(server.serve())  # handles SIGTERM/SIGINT: sets should_exit
+    server = _Server(config)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(stop, setattr, server, "should_exit", True)
+    frontend = asyncio.create_task(server.serve())
     triton_done = asyncio.create_task(asyncio.to_thread(triton.wait))
     await asyncio.wait({frontend, triton_done}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True

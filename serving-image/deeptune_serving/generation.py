@@ -229,7 +229,7 @@ class TextAssembler:
         self.done = False
         self.finish_reason: FinishReason = "length"
 
-    def _decode(self, tokens: Sequence[int] | None = None) -> str:
+    def _decode(self, tokens: list[int] | None = None) -> str:
         text = self._tokenizer.decode(
             self._tokens if tokens is None else tokens,
             skip_special_tokens=True,

@@ -4,9 +4,10 @@ Why a layer of our own: Triton's own OpenAI frontend drives the server through t
 `tritonserver` Python bindings, which the Triton images carry but the `nvidia-pytriton` wheel (the
 Triton this project can test with) does not, and PyPI offers only a placeholder. So this frontend stays
 thin: it checks an OpenAI request, hands the messages (or prompt) and decoding settings to Triton's
-`/v2/models/<model>/generate` or `generate_stream` on loopback, and turns the answer — text, token
-counts, finish reason — into OpenAI's shapes. The chat template is applied in the model, next to the
-tokenizer it was saved with, so a chat request is rendered exactly as training rendered it.
+`/v2/models/<model>/generate_stream` on loopback (one event from a batched model, one per piece from
+a streaming one), and turns the answer — text, token counts, finish reason — into OpenAI's shapes.
+The chat template is applied in the model, next to the tokenizer it was saved with, so a chat request
+is rendered exactly as training rendered it.
 """
 
 from __future__ import annotations
@@ -130,6 +131,16 @@ def _triton_error(status: int, message: str) -> ApiError:
     return ApiError(400, message)
 
 
+def _error_text(body: bytes) -> str:
+    """The message of Triton's refusal: `{"error": ...}`, as JSON or as one server-sent event."""
+    text = body.decode("utf-8", errors="replace").strip().removeprefix("data:").strip()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return str(parsed.get("error", parsed)) if isinstance(parsed, dict) else text
+
+
 def _usage(answer: dict[str, Any]) -> dict[str, int]:
     prompt, completion = int(answer.get("prompt_tokens", 0)), int(answer.get("completion_tokens", 0))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -151,14 +162,13 @@ class Frontend:
             )
 
     async def generate(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await self.client.post(f"/v2/models/{self.settings.model}/generate", json=inputs)
-        except httpx.HTTPError as error:
-            raise ApiError(503, f"the model server is not reachable: {error}", "server_error") from error
-        body = response.json()
-        if response.status_code != 200 or "error" in body:
-            raise _triton_error(response.status_code, str(body.get("error", body)))
-        return dict(body)
+        """The whole answer: the stream's text joined, with the last event's counts and finish reason.
+        (Triton's `generate` refuses decoupled models, which send one response per piece.)"""
+        pieces, last = [], {}
+        async for event in self.stream(inputs):
+            pieces.append(event.get("text_output", ""))
+            last = event
+        return last | {"text_output": "".join(pieces)}
 
     async def stream(self, inputs: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Triton's server-sent events, each a dict of the model's outputs; an error event raises."""
@@ -166,8 +176,7 @@ class Frontend:
         try:
             async with self.client.stream("POST", url, json=inputs) as response:
                 if response.status_code != 200:
-                    body = json.loads(await response.aread())
-                    raise _triton_error(response.status_code, str(body.get("error", body)))
+                    raise _triton_error(response.status_code, _error_text(await response.aread()))
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue

@@ -16,6 +16,7 @@ the serving image's `deeptune_serving` package.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,9 +200,9 @@ class TritonPythonModel:
 
         completions = self._generator.generate([prompt for _, prompt in served], on_text=send)
         for (sender, _), completion in zip(served, completions, strict=True):
-            final = (
-                _error_response(completion.error) if completion.error else _completion_response([completion])
-            )
+            # The text went out in pieces; the final response adds the counts and the finish reason.
+            ended = dataclasses.replace(completion, text="")
+            final = _error_response(completion.error) if completion.error else _completion_response([ended])
             sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self) -> None:

@@ -56,7 +56,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from tests.serving.wheel_server import SERVING_PACKAGE_ROOT, install
+from tests.serving.wheel_server import SERVING_PACKAGE_ROOT, install, serving_environment
 
 LOG = logging.getLogger("node-agent")
 BRIDGE = "dtbr0"
@@ -884,28 +884,31 @@ TRITON_ENV_KEYS = (
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
 )  # fmt: skip
 SERVING_PACKAGE_PATH = "/opt/deeptune/serving"
-"""Where the serving image has `deeptune_serving` (on its PYTHONPATH)."""
+"""The directory that holds `deeptune_serving` in the serving image."""
+SERVING_ENV_PATH = "/opt/deeptune/serving-env"
+"""Where pods see the serving environment (fixed: a pod's /tmp emptyDir must not hide it)."""
 
 
 def triton_environment(work_dir: Path, venv: Path) -> ImageEnvironment | None:
     """The nvidia-pytriton wheel's Triton as Triton's image: `tritonserver` on PATH (after the
     environment's `bin`, whose `python3` the backend stub finds its packages with), the environment
-    tests/serving/wheel_server.py prepares (library path, thread counts, PYTHONPATH with only the
-    serving package), the Python backend and caches mounted at /opt/tritonserver, where the image has
-    them and where `tritonserver` looks by default, and this checkout's serving package where the
-    image has it. None when the serving extra is not installed."""
+    tests/serving/wheel_server.py prepares (library path, thread counts; no PYTHONPATH), the Python
+    backend and caches mounted at /opt/tritonserver, where the image has them and where `tritonserver`
+    looks by default, and this checkout's serving package where the image has it, in a serving
+    environment of its own. None when the serving extra is not installed."""
     try:
         triton = install(work_dir)
     except ImportError:  # no pytriton in this environment
         return None
+    serving_env = serving_environment(work_dir / "serving-env", SERVING_PACKAGE_PATH).parent
     return ImageEnvironment(
-        path=(str(venv / "bin"), str(triton.executable.parent)),
-        extra_env={key: triton.env[key] for key in TRITON_ENV_KEYS if key in triton.env}
-        | {"PYTHONPATH": SERVING_PACKAGE_PATH},
+        path=(f"{SERVING_ENV_PATH}/bin", str(venv / "bin"), str(triton.executable.parent)),
+        extra_env={key: triton.env[key] for key in TRITON_ENV_KEYS if key in triton.env},
         mounts={
             "/opt/tritonserver/backends": str(triton.backend_directory),
             "/opt/tritonserver/caches": str(triton.cache_directory),
             SERVING_PACKAGE_PATH: str(SERVING_PACKAGE_ROOT),
+            SERVING_ENV_PATH: str(serving_env),
         },
     )
 

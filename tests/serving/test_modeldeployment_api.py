@@ -121,7 +121,7 @@ def test_a_realistic_spec_is_accepted() -> None:
         ),
         (
             with_changes(service={"grpcPort": 8000}),
-            "spec.service: httpPort, grpcPort and metricsPort must differ",
+            "spec.service: httpPort, grpcPort, metricsPort and openaiPort must differ",
         ),
         (
             with_changes(responseCache={"size": "100m"}),
@@ -131,6 +131,18 @@ def test_a_realistic_spec_is_accepted() -> None:
         (
             with_changes(generation={"temperature": 9}),
             "spec.generation.temperature: Input should be less than",
+        ),
+        (
+            with_changes(service={"openaiPort": 8002}),
+            "spec.service: httpPort, grpcPort, metricsPort and openaiPort must differ",
+        ),
+        (
+            with_changes(generation={"maxNewTokens": 512, "maxNewTokensLimit": 256}),
+            "spec.generation: maxNewTokens (the default) must not exceed maxNewTokensLimit",
+        ),
+        (
+            with_changes(generation={"temperature": 0.7}, responseCache={"enabled": True}),
+            "spec: responseCache needs greedy decoding",
         ),
     ],
 )
@@ -243,8 +255,10 @@ def test_every_cross_field_rule_reaches_the_crd_with_the_models_message() -> Non
         "responseCache cannot be combined with streaming",
         "preferredBatchSizes must not exceed maxBatchSize",
         "minReplicas must not exceed maxReplicas",
-        "httpPort, grpcPort and metricsPort must differ",
+        "httpPort, grpcPort, metricsPort and openaiPort must differ",
         "size must be in bytes such as 64Mi",
+        "maxNewTokens (the default) must not exceed maxNewTokensLimit",
+        "responseCache needs greedy decoding (generation.temperature 0)",
     ):
         assert message in text, message
 

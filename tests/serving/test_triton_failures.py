@@ -13,7 +13,7 @@ from deeptune.serving.repository import (
     write_repository,
 )
 from tests.serving.conftest import cpu_spec
-from tests.serving.wheel_server import WheelTriton, free_ports, start
+from tests.serving.wheel_server import SERVING_PACKAGE_ROOT, WheelTriton, free_ports, start
 
 pytestmark = pytest.mark.serving
 
@@ -43,5 +43,5 @@ def test_a_missing_model_directory_stops_the_server_with_the_path_in_its_log(
     assert code != 0
     assert f"no model at {missing}: the directory does not exist" in log
     assert "failed to load 'broken'" in log
-    # Triton ran the repository's copy of the generation module (as in Triton's image, without DeepTune).
-    assert f"{root}/broken/1/deeptune/serving/generation.py" in log
+    # Triton ran the serving package's generation module, installed as in the serving image.
+    assert f"{SERVING_PACKAGE_ROOT}/deeptune_serving/generation.py" in log

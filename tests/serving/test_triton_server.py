@@ -113,7 +113,7 @@ def test_the_fine_tuned_model_answers_held_out_prompts_over_http(stack: Stack) -
     merged = http_infer(stack, MERGED, prompts)
     adapter = http_infer(stack, ADAPTER, prompts)
     base = Generator.load(LoadSettings(model=str(stack.tiny.base)))
-    baseline = base.generate([base.prompt(p, Sampling(8, 0.0, 1.0)) for p in prompts])
+    baseline = [c.text for c in base.generate([base.prompt(p, Sampling(8, 0.0, 1.0)) for p in prompts])]
     print(f"\nserved: {merged[:3]}; base model: {baseline[:3]}")
     assert _exact_match(merged, answers) >= 0.85
     assert adapter == merged  # the adapter, merged at load, computes what the trainer's merged copy does
@@ -222,6 +222,12 @@ def test_streaming_sends_the_answer_in_pieces(stack: Stack) -> None:
     print(f"\nstreamed pieces: {pieces}")
     assert len(pieces) >= 2
     assert "".join(pieces) == http_infer(stack, ADAPTER, [prompt])[0]
+    final = responses[-1]  # the counts and the finish reason come last, with no more text
+    assert (_texts(final), final.as_numpy("finish_reason").reshape(-1).tolist()) == ([""], [b"stop"])
+    assert final.as_numpy("completion_tokens").item() >= len([piece for piece in pieces if piece])
+    final = responses[-1]  # the counts and the finish reason come last, with no more text
+    assert (_texts(final), final.as_numpy("finish_reason").reshape(-1).tolist()) == ([""], [b"stop"])
+    assert final.as_numpy("completion_tokens").item() >= len([piece for piece in pieces if piece])
 
 
 def test_a_bad_streamed_request_ends_with_an_error(stack: Stack) -> None:

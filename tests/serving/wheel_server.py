@@ -6,9 +6,10 @@ the backend is copied into a work directory (site-packages stays untouched) with
 running Python. The stub links against `libpython3.11.so.1.0`: the running interpreter's own library
 directory goes first on LD_LIBRARY_PATH (the system's patch release differs from pyenv's, and `_ssl`
 fails with undefined symbols), and the environment's `bin` first on PATH (the stub finds its
-site-packages through the `python3` there). PYTHONPATH holds only the serving package, as in the
-serving image (serving-image/Dockerfile), so the model imports `deeptune_serving` and nothing else of
-this checkout.
+site-packages through the `python3` there). The stub's interpreter ignores PYTHONPATH, so that `bin`
+is a small environment of its own (`serving_environment`): this environment's packages plus
+`deeptune_serving` through a `.pth` file, as the serving image installs it (serving-image/Dockerfile).
+The model imports nothing else of this checkout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+import venv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ READY_TIMEOUT = 240.0
 """Seconds to wait for readiness: each model's stub imports torch and transformers, slowly on a busy CPU."""
 
 SERVING_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "serving-image"
-"""Where `deeptune_serving` is in this checkout (the image has it at /opt/deeptune/serving)."""
+"""The directory that holds `deeptune_serving` in this checkout (the image's is /opt/deeptune/serving)."""
 
 _METRIC_LINE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$")
 
@@ -45,8 +47,23 @@ class WheelTriton:
     env: dict[str, str]
 
 
+def serving_environment(target: Path, package_root: str) -> Path:
+    """A Python environment at `target` that sees this one's packages and `deeptune_serving` at
+    `package_root` (a path as the processes using it see it), both through `.pth` files, which the
+    backend stub's interpreter reads though it ignores PYTHONPATH. Returns its `bin` directory."""
+    if not (target / "pyvenv.cfg").is_file():
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(target)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    packages = sysconfig.get_paths()["purelib"]
+    (target / "lib" / version / "site-packages" / "deeptune-serving.pth").write_text(
+        f"import site; site.addsitedir({packages!r})\n{package_root}\n"
+    )
+    return target / "bin"
+
+
 def install(work_dir: Path) -> WheelTriton:
-    """Prepare the wheel's server to run from `work_dir` (the Python backend plus this Python's stub)."""
+    """Prepare the wheel's server to run from `work_dir` (the Python backend plus this Python's stub,
+    and the serving environment the stub finds through PATH)."""
     import pytriton
 
     dist = Path(pytriton.__file__).parent / "tritonserver"
@@ -61,10 +78,10 @@ def install(work_dir: Path) -> WheelTriton:
         dist.parent.parent / "nvidia_pytriton.libs"
     )  # what the stub's RPATH reached from its old place
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(SERVING_PACKAGE_ROOT)
     library_path = [sysconfig.get_config_var("LIBDIR"), str(wheel_libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(part for part in library_path if part)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    python_bin = serving_environment(work_dir / "python", str(SERVING_PACKAGE_ROOT))
+    env["PATH"] = f"{python_bin}:{env.get('PATH', '')}"
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     return WheelTriton(
