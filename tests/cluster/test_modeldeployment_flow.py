@@ -4,6 +4,7 @@ nvidia-pytriton wheel's tritonserver) for the pod the Deployment asks for."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def test_a_merged_model_is_served_end_to_end(
         "http": f"http://tiny-triton.{namespace}.svc:8000",
         "grpc": f"tiny-triton.{namespace}.svc:8001",
         "metrics": f"http://tiny-triton.{namespace}.svc:8002/metrics",
+        "openai": f"http://tiny-triton.{namespace}.svc:9000/v1",
         "modelName": "tiny",
     }
     row = crds.kubectl("get", "mdep", "tiny", "-n", namespace, "--no-headers").stdout.split()
@@ -240,9 +242,20 @@ def test_a_bad_model_path_fails_to_load_with_the_servers_message(
 @pytest.mark.trainer
 def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Cluster, namespace: str) -> None:
     """The whole product: the ModelDeployment waits for its FineTuneJob, then serves the adapter the
-    job saved on the base model it trained (examples/finetune-tiny.yaml, shortened)."""
+    job saved on the base model it trained (examples/finetune-tiny.yaml, shortened), and a user's
+    `openai` client, asking held-out questions as a person writes them, gets answers that score no
+    lower than the trainer's own evaluation of the same rows (train/serve parity)."""
     pytest.importorskip("pytriton", reason="the serving extra (nvidia-pytriton) is not installed")
-    harness.seed_tiny_volumes(harness.provision_claims(crds, namespace, harness.TINY_CLAIMS))
+    import openai
+
+    from deeptune_trainer.synthetic import keyword_rows
+
+    claims = harness.provision_claims(crds, namespace, harness.TINY_CLAIMS)
+    harness.seed_tiny_volumes(claims)
+    trained = {json.loads(line)["prompt"] for line in (claims["deeptune-data"] / "keywords.jsonl").open()}
+    held_out = keyword_rows(16, seed=2, exclude=trained)
+    lines = [json.dumps(row, ensure_ascii=False) for row in held_out]
+    (claims["deeptune-data"] / "held-out.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     job = load_example("finetune-tiny.yaml")
     name = job["metadata"]["name"]
     crds.apply(
@@ -259,8 +272,16 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
     )
 
     job["metadata"]["namespace"] = namespace
-    job["spec"]["hyperparameters"].update(maxSteps=20)
-    job["spec"]["evaluation"] = {"metrics": ["perplexity"], "baseline": False, "maxSamples": 8}
+    job["spec"]["hyperparameters"].update(maxSteps=40)
+    job["spec"]["dataset"]["validation"] = {
+        "source": {"pvc": {"claimName": "deeptune-data", "path": "held-out.jsonl"}}
+    }
+    job["spec"]["evaluation"] = {
+        "metrics": ["exactMatch"],
+        "baseline": False,
+        "maxSamples": len(held_out),
+        "generation": {"maxNewTokens": 8},
+    }
     crds.apply(job)
     waiting = wait_for(
         "WaitingForFineTuneJob",
@@ -283,8 +304,37 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
     assert resolved["fineTuneJob"] == name
     assert resolved["adapter"] == {"claimName": "deeptune-output", "path": f"{name}/adapter"}
     assert resolved["baseModel"]["pvc"] == {"claimName": "deeptune-models", "path": "tiny-llama"}
+    assert status["endpoints"]["openai"] == f"http://keywords-triton.{namespace}.svc:9000/v1"
+    trainer_score = crds.get("finetunejob", name, namespace)["status"]["evalResults"]["fineTuned"][
+        "exactMatch"
+    ]
+
     (pod,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
-    answer = infer(pod["status"]["podIP"], "keywords", "User: topic: weather\n\nAssistant:")
-    print(f"\nserved by the fine-tuned adapter: {answer!r}")
-    assert answer
+    # The pod's address: this cluster has no kube-proxy, so the Service's name does not route.
+    client = openai.OpenAI(
+        base_url=f"http://{pod['status']['podIP']}:9000/v1", api_key="unused", max_retries=0
+    )
+    assert [model.id for model in client.models.list()] == ["keywords"]
+    answers = []
+    for row in held_out:
+        reply = client.chat.completions.create(
+            model="keywords",
+            messages=[{"role": "user", "content": row["prompt"]}],
+            max_tokens=8,
+            temperature=0,
+        )
+        answers.append((reply.choices[0].message.content or "").strip())
+    served_score = sum(a == row["completion"] for a, row in zip(answers, held_out, strict=True)) / len(
+        held_out
+    )
+    print(f"\nexact match: trainer {trainer_score}, served over the OpenAI API {served_score}; {answers[:4]}")
+    assert served_score >= trainer_score > 0
+    streamed = client.chat.completions.create(
+        model="keywords",
+        messages=[{"role": "user", "content": held_out[0]["prompt"]}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed).strip() == answers[0]
     delete_and_wait(crds, namespace, "keywords")
