@@ -1,8 +1,11 @@
-"""The DeepTune demo: a real FineTuneJob on a real (local) Kubernetes control plane, on CPU.
+"""The DeepTune demo: a real FineTuneJob and its ModelDeployment on a real (local) Kubernetes control
+plane, on CPU.
 
 Brings up the local control plane, installs the CRDs, starts the operator and the test node agent,
 builds a tiny random-weight model and a learnable dataset on "PVCs", applies
-examples/finetune-tiny.yaml and follows it to the end, then prints the status and the results.
+examples/finetune-tiny.yaml and follows it to the end, prints the status and the results, then
+serves the result (examples/deployment-tiny.yaml, Triton from the nvidia-pytriton wheel) and chats
+with it through the OpenAI API with the `openai` client, asking questions it was not trained on.
 
 The control plane is the demo's own (a private state directory, free ports), stopped at the end with
 everything the demo started; `--keep` (or DEEPTUNE_KEEP_CLUSTER=1) leaves it all running and prints
@@ -22,10 +25,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import openai  # noqa: E402
+
+from deeptune_trainer.synthetic import keyword_rows  # noqa: E402
 from tests.cluster import harness  # noqa: E402
 
 NAMESPACE = "deeptune-demo"
 NAME = "tiny-keywords"
+"""The FineTuneJob's name, and the ModelDeployment's that serves it."""
+SERVE_TIMEOUT = 300.0
+"""Seconds for the serving pod to start Triton and load the model (torch imports are slow on 2 cores)."""
 
 
 def say(message: str) -> None:
@@ -72,6 +81,44 @@ def report(status: dict[str, Any], output_dir: Path) -> None:
         print("    files:  ", ", ".join(sorted(p.name for p in output_dir.iterdir())))
 
 
+def serve_and_chat(cluster: harness.Cluster, trained: set[str]) -> bool:
+    """Apply the ModelDeployment, wait until it is Ready, and ask it questions it was not trained on."""
+    cluster.kubectl("delete", "mdep", NAME, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
+    say("kubectl apply -f examples/deployment-tiny.yaml")
+    applied = cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/deployment-tiny.yaml"))
+    print("    " + applied.stdout.strip())
+    say("Waiting until it is Ready (kubectl get mdep)")
+    deadline = time.monotonic() + SERVE_TIMEOUT
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = (cluster.get("modeldeployment", NAME, NAMESPACE) or {}).get("status") or {}
+        ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+        if ready.get("status") == "True":
+            break
+        time.sleep(1)
+    print(cluster.kubectl("get", "mdep", NAME, "-n", NAMESPACE).stdout)
+    if not status.get("endpoints") or not status.get("readyReplicas"):
+        print(json.dumps(status, indent=2))
+        return False
+    print(f"    status.endpoints.openai: {status['endpoints']['openai']}")
+    (pod,) = cluster.list("pods", NAMESPACE, "app.kubernetes.io/component=serving")
+    # This local cluster has no kube-proxy: the client talks to the pod's address directly.
+    base_url = f"http://{pod['status']['podIP']}:9000/v1"
+    say(f"Chatting with it through the OpenAI API: openai.OpenAI(base_url={base_url!r})")
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    right = 0
+    questions = keyword_rows(5, seed=7, exclude=trained)
+    for row in questions:
+        reply = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": row["prompt"]}], temperature=0
+        )
+        answer = (reply.choices[0].message.content or "").strip()
+        right += answer == row["completion"]
+        print(f"    user: {row['prompt']!r:<34} assistant: {answer!r}  (expected {row['completion']!r})")
+    print(f"    {right} of {len(questions)} held-out questions answered as trained")
+    return right > 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -113,7 +160,8 @@ def main() -> int:
         if status["phase"] != "Succeeded":
             print(json.dumps(status, indent=2))
             return 1
-        return 0
+        trained = {json.loads(line)["prompt"] for line in (dirs["deeptune-data"] / "keywords.jsonl").open()}
+        return 0 if serve_and_chat(cluster, trained) else 1
     finally:
         if keep:
             print(f"\nLeft running: the operator and the node agent (their logs: {state}/*.log).")

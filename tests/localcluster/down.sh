@@ -125,7 +125,7 @@ for f in "$STATE"/node-agent/pods/*/pid; do
   group=$(cat "$f" 2>/dev/null || true)
   if [[ "$group" =~ ^[0-9]+$ ]]; then
     while read -r pid; do
-      if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qxF "HOSTNAME=$name"; then
+      if { tr '\0' '\n' < "/proc/$pid/environ"; } 2>/dev/null | grep -qxF "HOSTNAME=$name"; then
         pids+=("$pid")
       fi
     done < <(awk -v g="$group" '$2 == g {print $1}' <<< "$pgids")
