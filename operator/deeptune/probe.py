@@ -1,12 +1,15 @@
 """The operator's own check that a serving pod answers, with tritonclient over HTTP.
 
 The kubelet's readiness probe only knows that Triton says it is ready. This check does what a client
-would: server ready, model ready, then one inference of a single token, timed. Its result becomes
-`status.lastProbe` and gates the `Ready` condition.
+would: server ready, model ready, then one generation of a single token, timed: KServe-v2 `infer` for
+a model that is not decoupled, Triton's `generate_stream` for one that is (continuous batching or
+streaming; Triton's `infer` refuses those). Its result becomes `status.lastProbe` and gates the
+`Ready` condition.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 
@@ -34,10 +37,28 @@ def _inputs() -> list[triton.InferInput]:
     return [text, tokens]
 
 
-async def probe_server(address: str, model: str, *, infer: bool, timeout: float, now: str) -> ProbeResult:
+async def _generate_once(address: str, model: str, timeout: float) -> bool:
+    """One token from a decoupled model through Triton's generate_stream; True when text came back."""
+    body = {"text_input": probe_prompt(), "max_new_tokens": 1}
+    url = f"http://{address}/v2/models/{model}/generate_stream"
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        session.post(url, json=body) as response,
+    ):
+        events = [
+            json.loads(line.removeprefix("data:"))
+            for line in (await response.text()).splitlines()
+            if line.startswith("data:")
+        ]
+    errors = [str(event["error"]) for event in events if "error" in event]
+    if response.status != 200 or errors:
+        raise InferenceServerException(errors[0] if errors else f"generate_stream answered {response.status}")
+    return any("text_output" in event for event in events)
+
+
+async def probe_server(address: str, model: str, *, decoupled: bool, timeout: float, now: str) -> ProbeResult:
     """Check the Triton server at `address` (`host:port` of its HTTP endpoint) and its `model`.
 
-    `infer` is False for streaming (decoupled) models, which Triton does not serve over HTTP inference.
     Failures become the result's message; the probe itself never raises for an unhealthy server.
     """
     server_ready = model_ready = inference_ok = False
@@ -49,12 +70,14 @@ async def probe_server(address: str, model: str, *, infer: bool, timeout: float,
         model_ready = server_ready and await client.is_model_ready(model)
         if not model_ready:
             message = "the server is not ready" if not server_ready else f"model {model} is not ready"
-        elif infer:
+        else:
             started = time.perf_counter()
-            result = await client.infer(model, _inputs())
+            if decoupled:
+                inference_ok = await _generate_once(address, model, timeout)
+            else:
+                output = (await client.infer(model, _inputs())).as_numpy("text_output")
+                inference_ok = output is not None and output.size == 1
             latency_ms = round((time.perf_counter() - started) * 1000, 1)
-            output = result.as_numpy("text_output")
-            inference_ok = output is not None and output.size == 1
             message = "" if inference_ok else "the inference returned no text_output"
     except (InferenceServerException, aiohttp.ClientError, TimeoutError, OSError) as error:
         message = f"{type(error).__name__}: {error}"

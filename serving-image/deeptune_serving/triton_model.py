@@ -1,9 +1,12 @@
 """The Triton Python-backend model: a prompt or chat messages in, generated text out, for a causal LM.
 
-Triton hands `execute` every request its dynamic batcher gathered; their prompts go through as few
-generate calls as their settings allow, so batching pays off. A bad request gets its own error
-response and the rest of the batch is still served. In decoupled mode (ModelDeployment `streaming`),
-text is sent as it is generated, one response per piece, then a final one with the token counts.
+With continuous batching (the default, `batching.mode: continuous`) each request goes to the
+`ContinuousEngine` and is answered through its response sender when it is done (or piece by piece
+with `streaming`); the model is decoupled. With Triton's dynamic batching (`mode: dynamic`), `execute`
+gets every request the batcher gathered and their prompts go through as few generate calls as their
+settings allow; in decoupled mode (`streaming`) text is sent as it is generated, one response per
+piece, then a final one with the token counts. Either way a bad request gets its own error response
+and the others are still served.
 
 Each prompt is `text_input` (a prompt as the model reads it) or `messages` (JSON chat messages, rendered
 with the model's own chat template). Outputs: `text_output`, `prompt_tokens`, `completion_tokens` and
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
+from deeptune_serving.engine import CANCELLED, ContinuousEngine, Listener
 from deeptune_serving.generation import (
     Completion,
     Generator,
@@ -131,10 +135,15 @@ class TritonPythonModel:
         self._defaults = default_sampling(params)
         self._decoupled = bool(pb_utils.using_decoupled_model_transaction_policy(config))
         self._cached = params.get("response_cache", "false") == "true"
+        self._pieces = params.get("streaming", "false") == "true"
         stop_sequences = json.loads(params.get("stop_sequences", "[]"))
         limit = int(params.get("max_new_tokens_limit", "32768"))
+        self._engine: ContinuousEngine | None = None
         try:
             self._generator = Generator.load(load_settings(params, args), stop_sequences, limit)
+            if params.get("batching_mode") == "continuous":
+                running, waiting = int(params["max_running"]), int(params["max_queue_size"])
+                self._engine = ContinuousEngine(self._generator, running, waiting)
         except Exception as error:
             _report_load_failure(error)
             raise
@@ -175,6 +184,10 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Request]) -> list[Any] | None:
         parsed = [self._parse(request) for request in requests]
+        if self._engine is not None:
+            for request, item in zip(requests, parsed, strict=True):
+                self._submit(self._engine, request.get_response_sender(), item)
+            return None
         if self._decoupled:
             self._stream(requests, parsed)
             return None
@@ -185,6 +198,31 @@ class TritonPythonModel:
             failed = item.error or next((completion.error for completion in done if completion.error), None)
             responses.append(_error_response(failed) if failed else _completion_response(done))
         return responses
+
+    def _submit(self, engine: ContinuousEngine, sender: Any, item: _Parsed) -> None:
+        """Hand one request to the continuous engine, which answers through its response sender: text
+        as it is generated when streaming, else one response at the end."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+        def on_text(text: str) -> None:
+            if self._pieces:
+                sender.send(_completion_response([Completion(text=text)], final=False))
+
+        def on_done(completion: Completion) -> None:
+            if completion.error == CANCELLED:  # nobody to answer; Triton still needs the final flag
+                sender.send(flags=final)
+            elif completion.error:
+                sender.send(_error_response(completion.error), flags=final)
+            else:
+                ended = dataclasses.replace(completion, text="") if self._pieces else completion
+                sender.send(_completion_response([ended]), flags=final)
+
+        try:
+            if item.error:
+                raise RequestError(item.error)
+            engine.submit(item.prompts[0], Listener(on_text, on_done, sender.is_cancelled))
+        except RequestError as error:
+            sender.send(_error_response(str(error)), flags=final)
 
     def _stream(self, requests: list[Request], parsed: list[_Parsed]) -> None:
         senders = [request.get_response_sender() for request in requests]
@@ -207,6 +245,8 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         """Free the weights now, not at interpreter exit, so an unloaded instance gives GPU memory back."""
+        if self._engine is not None:
+            self._engine.close()
         del self._generator
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from tests.cluster import harness
@@ -59,15 +58,13 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
 
 
-def infer(pod_ip: str, model: str, prompt: str) -> str:
-    """One request as a client sends it, to the pod's address (this cluster has no kube-proxy)."""
-    import tritonclient.http as httpclient
+def complete(pod_ip: str, model: str, prompt: str) -> str:
+    """One request as a client sends it (the OpenAI API's completions), to the pod's address: this
+    cluster has no kube-proxy."""
+    import openai
 
-    client = httpclient.InferenceServerClient(f"{pod_ip}:8000", network_timeout=120)
-    text = httpclient.InferInput("text_input", [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
-    result = client.infer(model, [text])
-    return str(result.as_numpy("text_output").reshape(-1)[0].decode())
+    client = openai.OpenAI(base_url=f"http://{pod_ip}:9000/v1", api_key="unused", max_retries=0)
+    return client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0).choices[0].text
 
 
 def test_a_merged_model_is_served_end_to_end(
@@ -109,7 +106,7 @@ def test_a_merged_model_is_served_end_to_end(
     print(f"\nprobe: {probe}")
 
     (pod,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
-    answer = infer(pod["status"]["podIP"], "tiny", "User: topic: weather\n\nAssistant:")
+    answer = complete(pod["status"]["podIP"], "tiny", "User: topic: weather\n\nAssistant:")
     print(f"served text: {answer!r}")
     assert isinstance(answer, str) and answer
     wait_for(

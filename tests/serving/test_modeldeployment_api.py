@@ -37,7 +37,7 @@ REALISTIC: dict[str, Any] = {
     },
     "quantization": "int8",
     "generation": {"maxNewTokens": 256, "stopSequences": ["\n\nUser:"]},
-    "batching": {"maxBatchSize": 16, "preferredBatchSizes": [8, 16]},
+    "batching": {"mode": "dynamic", "maxBatchSize": 16, "preferredBatchSizes": [8, 16]},
     "responseCache": {"enabled": True, "size": "256Mi"},
     "autoscaling": {"enabled": True, "maxReplicas": 4, "queueTimeMicroseconds": 50000},
     "resources": {"gpu": 1, "memory": "48Gi"},
@@ -108,7 +108,7 @@ def test_a_realistic_spec_is_accepted() -> None:
             " or set quantization to none",
         ),
         (
-            with_changes(streaming=True, responseCache={"enabled": True}),
+            with_changes(streaming=True, responseCache={"enabled": True}, batching={"mode": "dynamic"}),
             "spec: responseCache cannot be combined with streaming",
         ),
         (
@@ -141,8 +141,14 @@ def test_a_realistic_spec_is_accepted() -> None:
             "spec.generation: maxNewTokens (the default) must not exceed maxNewTokensLimit",
         ),
         (
-            with_changes(generation={"temperature": 0.7}, responseCache={"enabled": True}),
+            with_changes(
+                generation={"temperature": 0.7}, responseCache={"enabled": True}, batching={"mode": "dynamic"}
+            ),
             "spec: responseCache needs greedy decoding",
+        ),
+        (
+            with_changes(responseCache={"enabled": True}),
+            "spec: responseCache needs batching.mode dynamic",
         ),
     ],
 )
@@ -259,6 +265,7 @@ def test_every_cross_field_rule_reaches_the_crd_with_the_models_message() -> Non
         "size must be in bytes such as 64Mi",
         "maxNewTokens (the default) must not exceed maxNewTokensLimit",
         "responseCache needs greedy decoding (generation.temperature 0)",
+        "responseCache needs batching.mode dynamic",
     ):
         assert message in text, message
 

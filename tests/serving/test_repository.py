@@ -24,7 +24,7 @@ from tests.serving.conftest import cpu_spec
 MERGED = ModelLocation(model="/mnt/pvc/out/run/merged")
 
 
-def test_defaults_batch_dynamically_on_the_cpu() -> None:
+def test_defaults_batch_continuously_on_the_cpu() -> None:
     text = config_pbtxt(cpu_spec(), MERGED, "support-bot")
     assert 'name: "support-bot"' in text and 'backend: "python"' in text
     assert "max_batch_size: 8" in text
@@ -51,7 +51,17 @@ def test_defaults_batch_dynamically_on_the_cpu() -> None:
         "    max_queue_size: 256\n  }\n}"
     ) in text
     assert "kind: KIND_CPU" in text
-    assert "response_cache {" not in text and "decoupled" not in text
+    assert "response_cache {" not in text
+    # Continuous batching answers through response senders: the model is decoupled.
+    assert "model_transaction_policy { decoupled: true }" in text
+    params = _parameters(text)
+    assert (params["batching_mode"], params["max_running"], params["max_queue_size"]) == (
+        "continuous",
+        "8",
+        "256",
+    )
+    dynamic = config_pbtxt(cpu_spec(batching={"mode": "dynamic"}), MERGED, "m")
+    assert "decoupled" not in dynamic and _parameters(dynamic)["batching_mode"] == "static"
 
 
 def test_batching_cache_and_streaming_follow_the_spec() -> None:
@@ -59,7 +69,7 @@ def test_batching_cache_and_streaming_follow_the_spec() -> None:
     assert "preferred_batch_size: [ 4, 8 ]" in batched
     assert "dynamic_batching" not in config_pbtxt(cpu_spec(batching={"enabled": False}), MERGED, "m")
     assert "response_cache { enable: true }" in config_pbtxt(
-        cpu_spec(responseCache={"enabled": True}), MERGED, "m"
+        cpu_spec(responseCache={"enabled": True}, batching={"mode": "dynamic"}), MERGED, "m"
     )
     streaming = config_pbtxt(cpu_spec(streaming=True), MERGED, "m")
     assert "model_transaction_policy { decoupled: true }" in streaming
@@ -124,7 +134,9 @@ def test_the_command_line() -> None:
         "--exit-on-error=true",
         "--model-control-mode=none",
     ]
-    cached = tritonserver_command(cpu_spec(responseCache={"enabled": True, "size": "1Gi"}))
+    cached = tritonserver_command(
+        cpu_spec(responseCache={"enabled": True, "size": "1Gi"}, batching={"mode": "dynamic"})
+    )
     assert "--cache-config=local,size=1073741824" in cached
 
 

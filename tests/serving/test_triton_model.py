@@ -79,6 +79,9 @@ def _texts(response: _Response) -> list[str]:
 
 
 def _model(model_module: ModuleType, location: ModelLocation, **spec: Any) -> Any:
+    """The model with Triton's dynamic batching: `execute` answers with responses (the continuous
+    engine answers through response senders, which need Triton's stub: test_openai_api.py)."""
+    spec = {"batching": {"mode": "dynamic"}, **spec}
     params = model_parameters(cpu_spec(**spec), location)
     config = {"parameters": {key: {"string_value": value} for key, value in params.items()}}
     model = model_module.TritonPythonModel()

@@ -1,7 +1,8 @@
 """The generated repository served by a real Triton (from the nvidia-pytriton wheel) on CPU.
 
-One server for the module, with the three ways a ModelDeployment serves: a merged model (dynamic
-batching and the response cache on), base + LoRA adapter, and a streaming (decoupled) model.
+One server for the module, with Triton's dynamic batching (`batching.mode: dynamic`, the mode that
+serves KServe-v2 `infer`) three ways: a merged model (the response cache on), base + LoRA adapter, and
+a streaming (decoupled) model. Continuous batching is served in test_openai_api.py.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def stack(
     service = {"httpPort": http, "grpcPort": grpc, "metricsPort": metrics}
     merged_spec = cpu_spec(
         service=service,
-        batching={"maxQueueDelayMicroseconds": 200_000},  # generous: 2 busy cores deliver requests slowly
+        # Triton's dynamic batcher (KServe-v2 infer, the response cache); generous delay: 2 busy cores
+        # deliver requests slowly.
+        batching={"mode": "dynamic", "maxQueueDelayMicroseconds": 200_000},
         responseCache={"enabled": True},
         generation={"stopSequences": STOP_SEQUENCES},
     )
@@ -62,8 +65,8 @@ def stack(
     adapter = ModelLocation(model=str(tiny_models.base), adapter=str(tiny_models.adapter))
     files = {
         **repository_files(merged_spec, merged, MERGED),
-        **repository_files(cpu_spec(), adapter, ADAPTER),
-        **repository_files(cpu_spec(streaming=True), merged, STREAM),
+        **repository_files(cpu_spec(batching={"mode": "dynamic"}), adapter, ADAPTER),
+        **repository_files(cpu_spec(batching={"mode": "dynamic"}, streaming=True), merged, STREAM),
     }
     root = write_repository(files, tmp_path_factory.mktemp("repository"))
     command = tritonserver_command(

@@ -273,7 +273,9 @@ def test_config_hash_follows_what_the_server_runs() -> None:
     base = template_hash(children().deployment)
     assert base and base == template_hash(children().deployment), "deterministic"
     changed_repository = template_hash(children(spec_with(generation={"maxNewTokens": 7})).deployment)
-    changed_command = template_hash(children(spec_with(responseCache={"enabled": True})).deployment)
+    changed_command = template_hash(
+        children(spec_with(responseCache={"enabled": True}, batching={"mode": "dynamic"})).deployment
+    )
     changed_model = template_hash(
         children(resolved=ResolvedModel(merged=PvcLocation(claim_name="out", path="other"))).deployment
     )

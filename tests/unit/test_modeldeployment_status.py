@@ -106,7 +106,6 @@ def derive(
     pods: list[dict[str, Any]],
     probe_result: ProbeResult | None = None,
     previous: ModelDeploymentStatus | None = None,
-    streaming: bool = False,
 ) -> ModelDeploymentStatus:
     return derive_status(
         previous=previous or ModelDeploymentStatus(),
@@ -117,7 +116,6 @@ def derive(
         probe=probe_result,
         endpoints=ENDPOINTS,
         deployment_name="bot-triton",
-        streaming=streaming,
         now=NOW,
     )
 
@@ -288,13 +286,13 @@ def test_a_failed_probe_keeps_it_not_ready() -> None:
     assert next(c.message for c in status.conditions if c.type == "Ready") == failed.message
 
 
-def test_a_streaming_model_is_ready_without_an_http_inference() -> None:
-    checked = probe(ok=False, message="")
-    assert conditions_of(derive(deployment(ready=1), [pod(ready=True)], checked, streaming=True))[
-        "Ready"
-    ] == (
-        "True",
-        "Ready",
+def test_every_model_must_answer_the_probe_to_be_ready() -> None:
+    """Decoupled models too (continuous batching, streaming): the probe asks them through
+    generate_stream, so readiness never rests on Triton's word alone."""
+    unanswered = probe(ok=False, message="")
+    assert conditions_of(derive(deployment(ready=1), [pod(ready=True)], unanswered))["Ready"] == (
+        "False",
+        "ProbeFailed",
     )
 
 
@@ -424,7 +422,6 @@ def test_transition_times_move_only_when_a_condition_flips() -> None:
         probe=None,
         endpoints=ENDPOINTS,
         deployment_name="bot-triton",
-        streaming=False,
         now="2026-11-25T11:00:00Z",
     )
     assert status_changes(first.to_wire(), later.to_wire()) == {}

@@ -442,7 +442,14 @@ CONFLICTS: dict[str, list[tuple[Path, dict[Path, Any]]]] = {
     ],
     "ModelDeployment": [
         (("quantization",), {("quantization",): "int4", ("resources", "gpu"): 0}),
-        (("responseCache",), {("streaming",): True, ("responseCache", "enabled"): True}),
+        (
+            ("responseCache",),
+            {("streaming",): True, ("responseCache", "enabled"): True, ("batching", "mode"): "dynamic"},
+        ),
+        (
+            ("responseCache", "enabled"),
+            {("responseCache", "enabled"): True, ("batching", "mode"): "continuous"},
+        ),
         (
             ("model",),
             {("model", "fineTuneJobRef"): {"name": "a"}, ("model", "merged"): {"pvc": {"claimName": "o"}}},

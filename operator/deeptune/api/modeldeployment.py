@@ -138,7 +138,12 @@ class GenerationDefaults(GenerationSpec):
 
 
 class BatchingSpec(ApiModel):
-    """Triton's dynamic batching: requests that arrive close together run as one generate call."""
+    """How requests share the model. `continuous` (the default): requests join and leave the running
+    batch at every decoding step (transformers' continuous batching, a paged KV cache), so a short
+    answer never waits for a long one; the Triton model is decoupled, so clients use the OpenAI API,
+    Triton's generate endpoints or gRPC streaming. `dynamic`: Triton's dynamic batcher gathers requests
+    that arrive close together into one generate call, which waits for its longest answer; it also
+    serves KServe-v2 `/infer`, and the response cache needs it."""
 
     model_config = cel_rules(
         cel(
@@ -149,10 +154,14 @@ class BatchingSpec(ApiModel):
     )
 
     enabled: bool = True
+    """Off: one request at a time."""
+    mode: Literal["continuous", "dynamic"] = "continuous"
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
-    """Most prompts in one generate call (also the most one request may carry)."""
+    """Most requests generating at once (`continuous`), or most prompts in one generate call
+    (`dynamic`, also the most one request may carry)."""
     max_queue_delay_microseconds: Annotated[int, Field(ge=0, le=10_000_000)] = 2000
-    """How long a request may wait for others to join its batch: latency traded for throughput."""
+    """How long a request may wait for others to join its batch: latency traded for throughput
+    (`dynamic`; with `continuous`, how long Triton gathers arrivals before handing them over)."""
     preferred_batch_sizes: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(max_length=16)] = []
     """Batch sizes Triton sends without waiting for the queue delay to pass."""
     max_queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 256
@@ -309,6 +318,13 @@ class ModelDeploymentSpec(ApiModel):
         ),
         cel(
             "!has(self.responseCache) || !has(self.responseCache.enabled) || !self.responseCache.enabled"
+            " || (has(self.batching) && has(self.batching.mode) && self.batching.mode == 'dynamic')",
+            "responseCache needs batching.mode dynamic: Triton caches only whole responses of models that"
+            " are not decoupled, and continuous batching is",
+            field_path=".responseCache.enabled",
+        ),
+        cel(
+            "!has(self.responseCache) || !has(self.responseCache.enabled) || !self.responseCache.enabled"
             " || !has(self.generation) || !has(self.generation.temperature)"
             " || self.generation.temperature == 0.0",
             "responseCache needs greedy decoding (generation.temperature 0): a cached answer to a"
@@ -334,8 +350,8 @@ class ModelDeploymentSpec(ApiModel):
         default_factory=ResponseCacheSpec
     )
     streaming: bool = False
-    """Stream text as it is generated (Triton's decoupled mode): gRPC streaming, Triton's
-    `generate_stream`, and `stream: true` on the OpenAI API (without it, a stream is one piece)."""
+    """Send text as it is generated (a decoupled Triton model): `stream: true` on the OpenAI API,
+    Triton's `generate_stream` and gRPC streaming get it piece by piece; without it, in one piece."""
     replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     """Serving pods when autoscaling is off."""
     autoscaling: Annotated[AutoscalingSpec, Field(json_schema_extra=nested_default())] = Field(
@@ -369,6 +385,11 @@ class ModelDeploymentSpec(ApiModel):
             raise ValueError(
                 "responseCache cannot be combined with streaming (Triton does not cache streamed"
                 " responses): turn one of them off"
+            )
+        if self.response_cache.enabled and self.batching.mode != "dynamic":
+            raise ValueError(
+                "responseCache needs batching.mode dynamic: Triton caches only whole responses of models that"
+                " are not decoupled, and continuous batching is"
             )
         if self.response_cache.enabled and self.generation.temperature != 0:
             raise ValueError(

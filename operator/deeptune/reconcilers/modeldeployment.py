@@ -37,6 +37,7 @@ from deeptune.cache import Cache
 from deeptune.config import Settings
 from deeptune.probe import probe_server
 from deeptune.samples import Samples
+from deeptune.serving.repository import decoupled
 from deeptune.status.conditions import now
 from deeptune.status.modeldeployment import (
     FINETUNEJOB_FAILED,
@@ -114,7 +115,7 @@ class ProbeTarget:
     pod: str
     address: str
     model: str
-    infer: bool
+    decoupled: bool
 
 
 class ModelDeploymentReconciler:
@@ -193,7 +194,6 @@ class ModelDeploymentReconciler:
             probe=probe,
             endpoints=build.endpoints(owner, spec),
             deployment_name=build.server_name(owner),
-            streaming=spec.streaming,
             now=now(),
         )
         await self.writer.write(obj, _update(previous, new))
@@ -298,12 +298,16 @@ class ModelDeploymentReconciler:
             pod=pod["metadata"]["name"],
             address=f"{pod['status']['podIP']}:{spec.service.http_port}",
             model=build.model_name(owner),
-            infer=not spec.streaming,
+            decoupled=decoupled(spec),
         )
 
     async def _probe(self, target: ProbeTarget) -> ProbeResult:
         return await probe_server(
-            target.address, target.model, infer=target.infer, timeout=self.settings.probe_timeout, now=now()
+            target.address,
+            target.model,
+            decoupled=target.decoupled,
+            timeout=self.settings.probe_timeout,
+            now=now(),
         )
 
     def _forget(self, uid: str) -> None:

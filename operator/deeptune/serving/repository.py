@@ -73,7 +73,22 @@ def model_parameters(spec: ModelDeploymentSpec, location: ModelLocation) -> dict
         "stop_sequences": json.dumps(generation.stop_sequences, ensure_ascii=False),
         "max_new_tokens_limit": str(generation.max_new_tokens_limit),
         "response_cache": "true" if spec.response_cache.enabled else "false",
+        "streaming": "true" if spec.streaming else "false",
+        "batching_mode": "continuous" if continuous(spec) else "static",
+        "max_running": str(spec.batching.max_batch_size),
+        "max_queue_size": str(spec.batching.max_queue_size),
     }
+
+
+def continuous(spec: ModelDeploymentSpec) -> bool:
+    """Whether the model batches continuously (and so is decoupled)."""
+    return spec.batching.enabled and spec.batching.mode == "continuous"
+
+
+def decoupled(spec: ModelDeploymentSpec) -> bool:
+    """Whether the model answers through response senders: with continuous batching or streaming.
+    Triton's HTTP and gRPC `infer` refuse such models; the generate endpoints and streams serve them."""
+    return continuous(spec) or spec.streaming
 
 
 def _instance_kind(gpus: int) -> str:
@@ -122,7 +137,7 @@ def config_pbtxt(spec: ModelDeploymentSpec, location: ModelLocation, model_name:
         lines.append("}")
     if spec.response_cache.enabled:
         lines.append("response_cache { enable: true }")
-    if spec.streaming:
+    if decoupled(spec):
         lines.append("model_transaction_policy { decoupled: true }")
     for key, value in model_parameters(spec, location).items():
         lines.append(f"parameters {{ key: {_quote(key)} value: {{ string_value: {_quote(value)} }} }}")

@@ -254,10 +254,9 @@ def observe(deployment: Obj | None, pods: list[Obj]) -> Observation:
 # --- the probe ------------------------------------------------------------------------------
 
 
-def probe_passed(probe: ProbeResult, streaming: bool) -> bool:
-    """Server and model ready, and the inference answered. A streaming (decoupled) model cannot be
-    asked over HTTP inference, so for it the readiness checks are the whole probe."""
-    return probe.server_ready and probe.model_ready and (probe.inference_ok or streaming)
+def probe_passed(probe: ProbeResult) -> bool:
+    """Server and model ready, and the model generated."""
+    return probe.server_ready and probe.model_ready and probe.inference_ok
 
 
 def _parse_time(text: str) -> dt.datetime:
@@ -281,7 +280,7 @@ def record_probe(recorded: ProbeResult | None, latest: ProbeResult | None) -> Pr
 
 
 def _readiness(
-    observation: Observation, deployment: Obj | None, probe: ProbeResult | None, streaming: bool
+    observation: Observation, deployment: Obj | None, probe: ProbeResult | None
 ) -> tuple[bool, str, str]:
     if observation.state != "Loaded":
         return False, observation.reason, observation.message
@@ -290,11 +289,10 @@ def _readiness(
         return False, available.get("reason") or "DeploymentUnavailable", available.get("message", "")
     if probe is None:
         return False, "Probing", "waiting for the operator's inference check of a serving pod"
-    if not probe_passed(probe, streaming):
+    if not probe_passed(probe):
         return False, "ProbeFailed", probe.message
     latency = f" in {probe.latency_ms:.0f} ms" if probe.latency_ms is not None else ""
-    what = "answered an inference" if probe.inference_ok else "is ready (streaming: no HTTP inference)"
-    return True, "Ready", f"the model {what}{latency}"
+    return True, "Ready", f"the model answered an inference{latency}"
 
 
 def _model_loaded(observation: Observation) -> tuple[bool, str, str]:
@@ -315,7 +313,6 @@ def derive_status(
     probe: ProbeResult | None,
     endpoints: Endpoints,
     deployment_name: str,
-    streaming: bool,
     now: str,
 ) -> ModelDeploymentStatus:
     """The status to write, given the cluster's objects, the latest probe of a current ready pod (None
@@ -328,7 +325,7 @@ def derive_status(
         previous.conditions,
         {
             "ModelLoaded": _model_loaded(observation),
-            "Ready": _readiness(observation, deployment, probe, streaming),
+            "Ready": _readiness(observation, deployment, probe),
         },
         generation,
         now,

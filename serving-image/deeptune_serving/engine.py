@@ -1,0 +1,167 @@
+"""Continuous batching: transformers' `ContinuousBatchingManager` behind the Triton model.
+
+With static batching (`Generator.generate`) every request of a batch waits for the longest one, and a
+request that arrives during a batch waits for the whole batch. Here requests join and leave the
+running batch at every decoding step (a paged KV cache; prompts are prefilled in chunks beside the
+decoding ones), so a short answer is sent as soon as it is done. The manager runs its own thread;
+`submit` hands it a checked prompt, and one dispatcher thread turns its outputs into text for each
+request's listener.
+
+The manager samples every request with one shared setting (`do_sample`), taking temperature and
+top_p per request. A greedy request (temperature 0) is sampled at GREEDY_TEMPERATURE, which picks the
+most likely token unless two are tied to within float precision. Seeds are not per request here (the
+manager draws from one generator): a seeded request is answered, but not reproducibly.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+from deeptune_serving.generation import Completion, Generator, Prompt, RequestError, TextAssembler
+
+GREEDY_TEMPERATURE = 1e-6
+PAGE_SIZE = 32
+"""Tokens per KV-cache page: small pages waste little on short requests."""
+POLL_SECONDS = 0.2
+CANCELLED = "cancelled: the client went away"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Where one request's results go: text as it becomes final, then the finished completion."""
+
+    on_text: Callable[[str], None]
+    on_done: Callable[[Completion], None]
+    cancelled: Callable[[], bool] = lambda: False
+    """True once the client has gone away (Triton's response sender knows): generation stops."""
+
+
+@dataclass
+class _Running:
+    prompt: Prompt
+    listener: Listener
+    assembler: TextAssembler
+    seen: int = 0
+    """Generated tokens already given to the assembler."""
+
+
+class ContinuousEngine:
+    """A model serving many requests at once, each leaving the batch when it is done."""
+
+    def __init__(self, generator: Generator, max_running: int, max_waiting: int) -> None:
+        self._generator = generator
+        self._capacity = max_running + max_waiting
+        self._max_waiting = max_waiting
+        context = generator.context or 4096
+        model = cast(Any, generator.model)
+        self._manager = model.init_continuous_batching(
+            # Placeholders: every request brings its own temperature and top_p. A value of 1 would
+            # leave the manager without the per-request processor for it.
+            generation_config=GenerationConfig(
+                do_sample=True, temperature=0.5, top_p=0.99, max_new_tokens=generator.max_new_tokens_limit
+            ),
+            continuous_batching_config=ContinuousBatchingConfig(
+                page_size=PAGE_SIZE,
+                num_blocks=max_running * math.ceil(context / PAGE_SIZE),
+                max_batch_tokens=min(context, 2048),
+                max_requests_per_batch=max_running,
+                per_request_processors=True,
+            ),
+        )
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._counter = 0
+        with torch.inference_mode():
+            self._manager.start()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="deeptune-dispatch", daemon=True)
+        self._dispatcher.start()
+
+    def submit(self, prompt: Prompt, listener: Listener) -> None:
+        """Queue a checked prompt; RequestError when the queue is full (the caller should retry later)."""
+        sampling = prompt.sampling
+        with self._lock:
+            if len(self._running) >= self._capacity:
+                raise RequestError(
+                    f"exceeds the maximum queue size of {self._max_waiting} waiting requests "
+                    "(spec.batching.maxQueueSize): retry later"
+                )
+            self._counter += 1
+            request_id = f"r{self._counter}"
+            stops = (*self._generator.stop_sequences, *sampling.stop)
+            assembler = TextAssembler(
+                self._generator.tokenizer, sampling.max_new_tokens, stops, self._generator.eos_ids
+            )
+            self._running[request_id] = _Running(prompt, listener, assembler)
+        self._manager.add_request(
+            prompt.ids,
+            request_id=request_id,
+            max_new_tokens=sampling.max_new_tokens,
+            streaming=True,
+            eos_token_id=self._generator.eos_ids,
+            temperature=GREEDY_TEMPERATURE if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p,
+        )
+
+    def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            output = self._manager.get_result(timeout=POLL_SECONDS)
+            if output is not None:
+                self._deliver(output)
+            self._drop_cancelled()
+
+    def _deliver(self, output: Any) -> None:
+        with self._lock:
+            running = self._running.get(output.request_id)
+        if running is None:  # finished early (a stop sequence) or cancelled: late outputs are dropped
+            return
+        if output.error:
+            self._finish(output.request_id, Completion(error=f"generation failed: {output.error}"))
+            return
+        assembler = running.assembler
+        for token in output.generated_tokens[running.seen :]:
+            if delta := assembler.push(token):
+                running.listener.on_text(delta)
+        running.seen = len(output.generated_tokens)
+        if output.is_finished() and (delta := assembler.finish()):
+            running.listener.on_text(delta)
+        if assembler.done:
+            completion = Completion(
+                text=assembler.text,
+                prompt_tokens=len(running.prompt.ids),
+                completion_tokens=assembler.tokens,
+                finish_reason=assembler.finish_reason,
+            )
+            self._finish(output.request_id, completion, cancel=not output.is_finished())
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [rid for rid, running in self._running.items() if running.listener.cancelled()]
+        for request_id in gone:  # still ended: Triton holds a request until its final response
+            self._finish(request_id, Completion(error=CANCELLED), cancel=True)
+
+    def _finish(self, request_id: str, completion: Completion, *, cancel: bool = False) -> None:
+        with self._lock:
+            running = self._running.pop(request_id, None)
+        if cancel:
+            self._manager.cancel_request(request_id)
+        if running is not None:
+            running.listener.on_done(completion)
+
+    def close(self) -> None:
+        """Stop generating; requests still running end with an error."""
+        self._stopping.set()
+        self._dispatcher.join(timeout=10)
+        self._manager.stop(block=True, timeout=30)
+        with self._lock:
+            left, self._running = list(self._running.values()), {}
+        for running in left:
+            running.listener.on_done(Completion(error="the model is being unloaded"))
