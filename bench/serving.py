@@ -7,8 +7,9 @@ from the response cache without touching the model.
 
 What runs: the generated model repository (`deeptune.serving.repository`) served by the tritonserver
 of the nvidia-pytriton wheel on CPU (tests/serving/wheel_server.py), with three models of the same
-tiny random-weight Llama: `batched` (the spec's defaults: dynamic batching, max batch 8, 2 ms queue
-delay), `unbatched` (batching.enabled false) and `cached` (defaults plus the response cache). Every
+tiny random-weight Llama: `batched` (`batching.mode: dynamic`, max batch 8, 2 ms queue delay),
+`unbatched` (batching.enabled false) and `cached` (dynamic plus the response cache). Continuous
+batching, the default mode, is compared with it in bench/llm_serving.py. Every
 request asks for exactly `--tokens` new tokens (a random-weight model seldom stops early), with
 distinct prompts except in the cache-hit run. Clients are threads with one HTTP client each, closed
 loop: each sends its next request when the previous one returns. Per configuration it measures:
@@ -92,10 +93,11 @@ def start_server(model_dir: Path, work: Path, tokens: int) -> RunningServer:
     http, grpc, metrics = free_ports(3)
     service = {"httpPort": http, "grpcPort": grpc, "metricsPort": metrics}
     generation = {"maxNewTokens": tokens}
+    dynamic = {"mode": "dynamic"}  # Triton's dynamic batcher: what this benchmark measures
     specs = {
-        "batched": _spec(service, generation=generation),
+        "batched": _spec(service, generation=generation, batching=dynamic),
         "unbatched": _spec(service, generation=generation, batching={"enabled": False}),
-        "cached": _spec(service, generation=generation, responseCache={"enabled": True}),
+        "cached": _spec(service, generation=generation, batching=dynamic, responseCache={"enabled": True}),
     }
     location = ModelLocation(model=str(model_dir))
     files: dict[str, str] = {}

@@ -82,6 +82,10 @@ def test_constraints_read_as_the_schema_says() -> None:
 
 
 QUOTED = [
+    "the model has no chat template, so chat messages cannot be rendered",
+    "caches responses (spec.responseCache), so it serves greedy decoding",
+    "exceeds the maximum queue size",
+    "the request waited too long in the model's queue",
     "the trainer ran out of memory: raise resources.memory, or lower batch size or max length",
     "lower hyperparameters.perDeviceBatchSize or maxSeqLength",
     "dataset.maxBadRowRatio allows",

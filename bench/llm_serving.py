@@ -1,0 +1,262 @@
+"""Benchmark: continuous batching against static batching, as LLM clients see it (the OpenAI API).
+
+Why: with static batching (`batching.mode: dynamic`: Triton's dynamic batcher, one `generate()` per
+batch) every request of a batch waits for the longest answer, and a request that arrives while a batch
+runs waits for all of it; continuous batching (the default mode) lets requests join and leave at
+every decoding step. The difference shows in time to first token (TTFT) under load and in how fast
+short answers come back when long ones share the server.
+
+What runs: the serving container's own command (`python3 -m deeptune_serving … -- tritonserver …`,
+Triton from the nvidia-pytriton wheel, CPU) with a tiny random-weight Llama, once per mode, both with
+`streaming: true` (text sent as generated, so TTFT is measurable) and `maxBatchSize` 32. Clients are
+threads with the `openai` client, closed loop, `stream=True` with usage; each request asks for a
+`max_tokens` drawn from 8–256 (the same draw for both modes) and the tokens are counted from the
+server's `usage`, not assumed (a random-weight model may stop early at its end-of-sequence token).
+Per mode and concurrency (1, 8, 32): TTFT p50/p99, inter-token latency (first to last piece, per
+further token), output tokens/s over the run, and requests/s.
+
+The server's torch runs on one thread and the clients share the same 2 cores, so the absolute figures
+are of this machine only; the ratios are the point. vLLM on CPU, the third column a user would
+compare with, needs an environment of its own (it pins its own torch) and is not in this run yet.
+
+    python bench/llm_serving.py            # a few minutes
+    python bench/llm_serving.py --smoke    # a few requests per configuration: what CI runs
+
+Prints a table and writes JSON to bench/results/llm-serving-<host>.json (llm-serving-smoke.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import openai
+import torch
+import transformers
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the tests' wheel-server helper
+
+from machine import machine_info  # noqa: E402  (bench/machine.py; scripts run from bench/)
+
+from deeptune.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
+from deeptune.serving.repository import (  # noqa: E402
+    ModelLocation,
+    repository_files,
+    serving_command,
+    tritonserver_command,
+    write_repository,
+)
+from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts  # noqa: E402
+from deeptune_trainer.tinymodels import build_tiny_model  # noqa: E402
+from tests.serving.wheel_server import RunningServer, free_ports, install, start  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+MODES = {"static": {"mode": "dynamic"}, "continuous": {"mode": "continuous"}}
+"""This benchmark's names for the two `batching.mode`s."""
+MODEL = "bench"
+
+
+@dataclass
+class Measured:
+    mode: str
+    concurrency: int
+    requests: int
+    seconds: float
+    output_tokens: int
+    tokens_per_second: float
+    requests_per_second: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_ms: float
+
+
+@dataclass
+class Timing:
+    ttft: float
+    seconds: float
+    tokens: int
+
+
+def start_server(mode: str, model_dir: Path, work: Path) -> tuple[RunningServer, str]:
+    triton = install(work / "triton")
+    http, grpc, metrics, api = free_ports(4)
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "model": {"merged": {"pvc": {"claimName": "bench"}}},
+            "resources": {"gpu": 0},
+            "streaming": True,
+            "generation": {"maxNewTokensLimit": 256},
+            "batching": {**MODES[mode], "maxBatchSize": 32},
+            "service": {"httpPort": http, "grpcPort": grpc, "metricsPort": metrics, "openaiPort": api},
+        }
+    )
+    files = repository_files(spec, ModelLocation(model=str(model_dir)), MODEL)
+    root = write_repository(files, work / f"repository-{mode}")
+    command = serving_command(
+        spec,
+        MODEL,
+        tritonserver_command(
+            spec,
+            str(root),
+            executable=str(triton.executable),
+            address="127.0.0.1",
+            backend_directory=str(triton.backend_directory),
+            cache_directory=str(triton.cache_directory),
+        ),
+    )
+    command.insert(command.index("--"), "--openai-address=127.0.0.1")
+    server = start(triton, command, work / f"serving-{mode}.log", (http, grpc, metrics)).wait_ready()
+    return server, f"http://127.0.0.1:{api}/v1"
+
+
+def one_request(client: openai.OpenAI, prompt: str, max_tokens: int) -> Timing:
+    started = time.perf_counter()
+    first = last = None
+    tokens = 0
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            last = time.perf_counter()
+            first = first or last
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = last or time.perf_counter()
+    return Timing(ttft=(first or end) - started, seconds=end - started, tokens=tokens)
+
+
+def run_load(base_url: str, mode: str, work: list[tuple[str, int]], concurrency: int) -> Measured:
+    """`concurrency` closed-loop clients share the requests in `work`; returns what they measured."""
+    pending = list(reversed(work))
+    timings: list[Timing] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+        while True:
+            with lock:
+                if not pending:
+                    return
+                prompt, max_tokens = pending.pop()
+            timing = one_request(api, prompt, max_tokens)
+            with lock:
+                timings.append(timing)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    ttfts = sorted(1000 * t.ttft for t in timings)
+    gaps = [1000 * (t.seconds - t.ttft) / (t.tokens - 1) for t in timings if t.tokens > 1]
+    output = sum(t.tokens for t in timings)
+    return Measured(
+        mode=mode,
+        concurrency=concurrency,
+        requests=len(timings),
+        seconds=round(seconds, 3),
+        output_tokens=output,
+        tokens_per_second=round(output / seconds, 1),
+        requests_per_second=round(len(timings) / seconds, 2),
+        ttft_p50_ms=round(statistics.median(ttfts), 1),
+        ttft_p99_ms=round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1),
+        itl_ms=round(statistics.mean(gaps), 2) if gaps else 0.0,
+    )
+
+
+HEADER = (
+    f"{'mode':<11} {'conc':>4} {'req':>4} {'tok/s':>7} {'req/s':>6} "
+    f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL ms':>7}"
+)
+
+
+def row_line(m: Measured) -> str:
+    return (
+        f"{m.mode:<11} {m.concurrency:>4} {m.requests:>4} {m.tokens_per_second:>7.0f} "
+        f"{m.requests_per_second:>6.2f} {m.ttft_p50_ms:>9.1f} {m.ttft_p99_ms:>9.1f} {m.itl_ms:>7.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--requests", type=int, default=64, help="requests per configuration")
+    parser.add_argument("--smoke", action="store_true", help="a few short requests per configuration (CI)")
+    args = parser.parse_args()
+    requests = 8 if args.smoke else max(args.requests, 2 * max(CONCURRENCY))
+    concurrency = (1, 4) if args.smoke else CONCURRENCY
+    lengths = (8, 16) if args.smoke else (8, 32, 64, 128, 256)
+    rng = random.Random(7)
+    prompts = [row["prompt"] for row in keyword_rows(requests * len(concurrency), seed=7)]
+    work = [(prompt, rng.choice(lengths)) for prompt in prompts]
+    started_load = os.getloadavg()
+    results: list[Measured] = []
+    print(HEADER)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model("llama", Path(tmp) / "model", tokenizer_texts())
+        for mode in MODES:
+            server, base_url = start_server(mode, model_dir, Path(tmp))
+            try:
+                run_load(base_url, mode, work[:4], 2)  # warm-up
+                for index, clients in enumerate(concurrency):
+                    batch = work[index * requests : (index + 1) * requests]
+                    results.append(run_load(base_url, mode, batch, clients))
+                    print(row_line(results[-1]), flush=True)
+            finally:
+                server.stop()
+    by = {(r.mode, r.concurrency): r for r in results}
+    ratios = {
+        str(c): {
+            "tokens_per_second": round(
+                by["continuous", c].tokens_per_second / by["static", c].tokens_per_second, 2
+            ),
+            "ttft_p99": round(by["continuous", c].ttft_p99_ms / by["static", c].ttft_p99_ms, 2),
+        }
+        for c in concurrency
+    }
+    top = max(concurrency)
+    ttft_growth = {mode: round(by[mode, top].ttft_p99_ms / by[mode, 1].ttft_p50_ms, 1) for mode in MODES}
+    print("continuous / static: " + "; ".join(f"c={c}: {r}" for c, r in ratios.items()))
+    print(f"TTFT p99 at c={top} over single-request TTFT p50: {ttft_growth}")
+    finished_load = os.getloadavg()
+    report = {
+        "machine": {
+            **machine_info(
+                torch=torch.__version__,
+                transformers=transformers.__version__,
+                triton="2.51 (nvidia-pytriton wheel, CPU, Python backend)",
+            ),
+            "load_average_start": started_load,
+            "load_average_end": finished_load,
+        },
+        "settings": {"requests": requests, "concurrency": list(concurrency), "max_tokens": list(lengths)},
+        "results": [asdict(r) for r in results],
+        "continuous_over_static": ratios,
+        "ttft_p99_at_top_over_single": ttft_growth,
+    }
+    out = HERE / "results" / f"llm-serving-{'smoke' if args.smoke else platform.node()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
