@@ -4,8 +4,9 @@ With static batching (`Generator.generate`) every request of a batch waits for t
 request that arrives during a batch waits for the whole batch. Here requests join and leave the
 running batch at every decoding step (a paged KV cache; prompts are prefilled in chunks beside the
 decoding ones), so a short answer is sent as soon as it is done. The manager runs its own thread;
-`submit` hands it a checked prompt, and one dispatcher thread turns its outputs into text for each
-request's listener.
+`submit` queues a checked prompt here, at most `max_running` are handed to the manager at once (so
+the queue, its bound and its timeout are this engine's, exactly), and one dispatcher thread turns
+the manager's outputs into text for each request's listener.
 
 The manager samples every request with one shared setting (`do_sample`), taking temperature and
 top_p per request. A greedy request (temperature 0) is sampled at GREEDY_TEMPERATURE, which picks the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -49,6 +51,9 @@ class _Running:
     prompt: Prompt
     listener: Listener
     assembler: TextAssembler
+    submitted: float
+    admitted: bool = False
+    """Handed to the manager (at most `max_running` are at once); until then it waits here."""
     seen: int = 0
     """Generated tokens already given to the assembler."""
 
@@ -56,10 +61,13 @@ class _Running:
 class ContinuousEngine:
     """A model serving many requests at once, each leaving the batch when it is done."""
 
-    def __init__(self, generator: Generator, max_running: int, max_waiting: int) -> None:
+    def __init__(
+        self, generator: Generator, max_running: int, max_waiting: int, queue_timeout: float = 60.0
+    ) -> None:
         self._generator = generator
-        self._capacity = max_running + max_waiting
+        self._max_running = max_running
         self._max_waiting = max_waiting
+        self._queue_timeout = queue_timeout
         context = generator.context or 4096
         model = cast(Any, generator.model)
         self._manager = model.init_continuous_batching(
@@ -77,6 +85,7 @@ class ContinuousEngine:
             ),
         )
         self._running: dict[str, _Running] = {}
+        """Every request not finished yet, admitted or waiting, in arrival order."""
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._counter = 0
@@ -89,27 +98,42 @@ class ContinuousEngine:
         """Queue a checked prompt; RequestError when the queue is full (the caller should retry later)."""
         sampling = prompt.sampling
         with self._lock:
-            if len(self._running) >= self._capacity:
+            waiting = sum(not running.admitted for running in self._running.values())
+            if waiting >= self._max_waiting:
                 raise RequestError(
                     f"exceeds the maximum queue size of {self._max_waiting} waiting requests "
                     "(spec.batching.maxQueueSize): retry later"
                 )
             self._counter += 1
-            request_id = f"r{self._counter}"
             stops = (*self._generator.stop_sequences, *sampling.stop)
             assembler = TextAssembler(
                 self._generator.tokenizer, sampling.max_new_tokens, stops, self._generator.eos_ids
             )
-            self._running[request_id] = _Running(prompt, listener, assembler)
-        self._manager.add_request(
-            prompt.ids,
-            request_id=request_id,
-            max_new_tokens=sampling.max_new_tokens,
-            streaming=True,
-            eos_token_id=self._generator.eos_ids,
-            temperature=GREEDY_TEMPERATURE if sampling.greedy else sampling.temperature,
-            top_p=1.0 if sampling.greedy else sampling.top_p,
-        )
+            self._running[f"r{self._counter}"] = _Running(prompt, listener, assembler, time.monotonic())
+        self._admit()
+
+    def _admit(self) -> None:
+        """Hand waiting requests to the manager, oldest first, while fewer than max_running run."""
+        with self._lock:
+            admitted = sum(running.admitted for running in self._running.values())
+            chosen = []
+            for request_id, running in self._running.items():
+                if admitted >= self._max_running:
+                    break
+                if not running.admitted:
+                    running.admitted, admitted = True, admitted + 1
+                    chosen.append((request_id, running.prompt))
+        for request_id, prompt in chosen:
+            sampling = prompt.sampling
+            self._manager.add_request(
+                prompt.ids,
+                request_id=request_id,
+                max_new_tokens=sampling.max_new_tokens,
+                streaming=True,
+                eos_token_id=self._generator.eos_ids,
+                temperature=GREEDY_TEMPERATURE if sampling.greedy else sampling.temperature,
+                top_p=1.0 if sampling.greedy else sampling.top_p,
+            )
 
     def _dispatch(self) -> None:
         while not self._stopping.is_set():
@@ -117,6 +141,7 @@ class ContinuousEngine:
             if output is not None:
                 self._deliver(output)
             self._drop_cancelled()
+            self._drop_expired()
 
     def _deliver(self, output: Any) -> None:
         with self._lock:
@@ -148,13 +173,29 @@ class ContinuousEngine:
         for request_id in gone:  # still ended: Triton holds a request until its final response
             self._finish(request_id, Completion(error=CANCELLED), cancel=True)
 
+    def _drop_expired(self) -> None:
+        """Requests that waited past the queue timeout without being admitted are refused, as Triton's
+        queue policy refuses the requests it holds (the engine's queue is past Triton's)."""
+        deadline = time.monotonic() - self._queue_timeout
+        with self._lock:
+            expired = [
+                request_id
+                for request_id, running in self._running.items()
+                if not running.admitted and running.submitted < deadline
+            ]
+        message = f"Request timeout expired: not started after {self._queue_timeout:g} s in the queue"
+        for request_id in expired:
+            self._finish(request_id, Completion(error=message))
+
     def _finish(self, request_id: str, completion: Completion, *, cancel: bool = False) -> None:
         with self._lock:
             running = self._running.pop(request_id, None)
-        if cancel:
+        if running is None:
+            return
+        if cancel and running.admitted:
             self._manager.cancel_request(request_id)
-        if running is not None:
-            running.listener.on_done(completion)
+        running.listener.on_done(completion)
+        self._admit()
 
     def close(self) -> None:
         """Stop generating; requests still running end with an error."""

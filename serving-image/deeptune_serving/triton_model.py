@@ -143,7 +143,8 @@ class TritonPythonModel:
             self._generator = Generator.load(load_settings(params, args), stop_sequences, limit)
             if params.get("batching_mode") == "continuous":
                 running, waiting = int(params["max_running"]), int(params["max_queue_size"])
-                self._engine = ContinuousEngine(self._generator, running, waiting)
+                timeout = float(params["queue_timeout_seconds"])
+                self._engine = ContinuousEngine(self._generator, running, waiting, timeout)
         except Exception as error:
             _report_load_failure(error)
             raise

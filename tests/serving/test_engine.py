@@ -127,3 +127,20 @@ def test_a_full_queue_refuses_and_a_gone_client_is_dropped(
     engine.submit(merged.prompt(tiny_models.prompts[9], GREEDY), again.listener("next"))
     again.wait("next")
     assert again.done["next"].text.strip() == tiny_models.answers[9]
+
+
+def test_a_request_that_waits_past_the_queue_timeout_is_refused(
+    merged: Generator, tiny_models: TinyModels
+) -> None:
+    """One running slot, taken: the next request waits in the engine's queue, past its (tiny) timeout.
+    The dispatcher looks after every output, so the first token of the running request is enough."""
+    engine = ContinuousEngine(merged, max_running=1, max_waiting=4, queue_timeout=0.001)
+    try:
+        collected = Collected()
+        engine.submit(merged.prompt(tiny_models.prompts[0], GREEDY), collected.listener("running"))
+        engine.submit(merged.prompt(tiny_models.prompts[1], GREEDY), collected.listener("late"))
+        collected.wait("running", "late")
+    finally:
+        engine.close()
+    assert collected.done["running"].text.strip() == tiny_models.answers[0]
+    assert str(collected.done["late"].error).startswith("Request timeout expired: not started after 0.001 s")

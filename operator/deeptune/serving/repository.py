@@ -77,6 +77,7 @@ def model_parameters(spec: ModelDeploymentSpec, location: ModelLocation) -> dict
         "batching_mode": "continuous" if continuous(spec) else "static",
         "max_running": str(spec.batching.max_batch_size),
         "max_queue_size": str(spec.batching.max_queue_size),
+        "queue_timeout_seconds": str(spec.batching.queue_timeout_seconds),
     }
 
 
