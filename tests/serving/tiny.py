@@ -46,8 +46,9 @@ class TinyModels:
     """What the fine-tuned model should answer (the served text starts with a space, as trained)."""
 
 
-def build_tiny_models(out_dir: Path, held_out: int = 32) -> TinyModels:
-    """Build, fine-tune and save the tiny model under `out_dir` (a few seconds on one CPU core)."""
+def build_tiny_models(out_dir: Path, held_out: int = 32, head_dim: int | None = None) -> TinyModels:
+    """Build, fine-tune and save the tiny model under `out_dir` (a few seconds on one CPU core);
+    `head_dim` 32 makes one vLLM can serve on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deeptune_trainer.artifacts import save_model_artifacts
@@ -63,7 +64,7 @@ def build_tiny_models(out_dir: Path, held_out: int = 32) -> TinyModels:
             for i, r in enumerate(rows)
         ]
 
-    base = build_tiny_model("llama", out_dir / "base", tokenizer_texts())
+    base = build_tiny_model("llama", out_dir / "base", tokenizer_texts(), head_dim=head_dim)
     spec = FineTuneJobSpec.model_validate(TRAIN_SPEC)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     train_rows = keyword_rows(160, seed=1)

@@ -98,8 +98,11 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     }
 
 
-def tiny_config(kind: ModelKind, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
-    """A config of the real architecture at toy size (hidden 64, a few layers)."""
+def tiny_config(
+    kind: ModelKind, tokenizer: PreTrainedTokenizerFast, head_dim: int | None = None
+) -> PretrainedConfig:
+    """A config of the real architecture at toy size (hidden 64, a few layers). `head_dim` (Llama
+    only) widens the attention heads: vLLM's CPU attention refuses heads narrower than 32."""
     ids = {**_special_ids(tokenizer), "initializer_range": INIT_STD}
     if kind == "llama":
         return LlamaConfig(
@@ -108,6 +111,7 @@ def tiny_config(kind: ModelKind, tokenizer: PreTrainedTokenizerFast) -> Pretrain
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
+            head_dim=head_dim or HIDDEN // 4,
             max_position_embeddings=512,
             **ids,
         )
@@ -136,14 +140,19 @@ def tiny_config(kind: ModelKind, tokenizer: PreTrainedTokenizerFast) -> Pretrain
 
 
 def build_tiny_model(
-    kind: ModelKind, out_dir: str | Path, texts: Iterable[str] = (), *, seed: int = 0
+    kind: ModelKind,
+    out_dir: str | Path,
+    texts: Iterable[str] = (),
+    *,
+    seed: int = 0,
+    head_dim: int | None = None,
 ) -> Path:
     """Write a random-weight model of `kind` and a tokenizer fitted to `texts` into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(texts)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, tokenizer))
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, tokenizer, head_dim))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
