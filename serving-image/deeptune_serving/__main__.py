@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import uvicorn
 
 from deeptune_serving.openai_api import FrontendSettings, create_app
 
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal a process gets when its parent dies."""
 STOP_GRACE_SECONDS = 25.0
 """How long Triton may take to finish in-flight requests after SIGTERM (the pod's grace is 30 s)."""
 
@@ -45,8 +48,14 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _die_with_parent() -> None:
+    """In Triton's process, before it starts: be killed when the frontend dies, however it dies (a
+    container ends both anyway; a bare process, as in the tests, would leave Triton running)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 async def _serve(options: argparse.Namespace, triton_command: list[str]) -> int:
-    triton = subprocess.Popen(triton_command)
+    triton = subprocess.Popen(triton_command, preexec_fn=_die_with_parent)  # noqa: PLW1509
     settings = FrontendSettings(model=options.model, triton_url=options.triton_http)
     config = uvicorn.Config(
         create_app(settings),

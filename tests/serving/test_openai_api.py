@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -243,3 +244,31 @@ def test_sigterm_lets_triton_drain_and_ends_with_it(served: Served) -> None:
     served.server.process.send_signal(signal.SIGTERM)
     assert served.server.process.wait(timeout=60) == 0
     assert not served.server.ready()  # Triton is gone too, not left running without the frontend
+
+
+def test_triton_does_not_outlive_a_killed_frontend(
+    wheel_triton: WheelTriton, tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGKILL leaves the frontend no time to stop Triton: the kernel does it (PR_SET_PDEATHSIG)."""
+    http, grpc, metrics, api = free_ports(4)
+    spec = cpu_spec(service={"httpPort": http, "grpcPort": grpc, "metricsPort": metrics, "openaiPort": api})
+    location = ModelLocation(model=str(tiny_models.merged))
+    root = write_repository(repository_files(spec, location, MODEL), tmp_path_factory.mktemp("killed"))
+    triton = tritonserver_command(
+        spec,
+        str(root),
+        executable=str(wheel_triton.executable),
+        address="127.0.0.1",
+        backend_directory=str(wheel_triton.backend_directory),
+        cache_directory=str(wheel_triton.cache_directory),
+    )
+    log = tmp_path_factory.mktemp("logs") / "killed.log"
+    server = start(
+        wheel_triton, serving_command(spec, MODEL, triton), log, (http, grpc, metrics)
+    ).wait_ready()
+    server.process.kill()
+    server.process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while server.ready() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not server.ready(), "Triton kept running without its frontend"
