@@ -50,16 +50,16 @@ sys.path.insert(0, str(HERE.parent))  # the tests' wheel-server helper
 from machine import machine_info  # noqa: E402  (bench/machine.py; scripts run from bench/)
 
 from deeptune.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
-from deeptune.serving.repository import (  # noqa: E402
-    ModelLocation,
-    repository_files,
-    serving_command,
-    tritonserver_command,
-    write_repository,
-)
+from deeptune.serving.repository import ModelLocation, repository_files, write_repository  # noqa: E402
 from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts  # noqa: E402
 from deeptune_trainer.tinymodels import build_tiny_model  # noqa: E402
-from tests.serving.wheel_server import RunningServer, free_ports, install, start  # noqa: E402
+from tests.serving.wheel_server import (  # noqa: E402
+    RunningServer,
+    free_ports,
+    install,
+    loopback_serving_command,
+    start,
+)
 
 CONCURRENCY = (1, 8, 32)
 MODES = {"static": {"mode": "dynamic"}, "continuous": {"mode": "continuous"}}
@@ -103,19 +103,7 @@ def start_server(mode: str, model_dir: Path, work: Path) -> tuple[RunningServer,
     )
     files = repository_files(spec, ModelLocation(model=str(model_dir)), MODEL)
     root = write_repository(files, work / f"repository-{mode}")
-    command = serving_command(
-        spec,
-        MODEL,
-        tritonserver_command(
-            spec,
-            str(root),
-            executable=str(triton.executable),
-            address="127.0.0.1",
-            backend_directory=str(triton.backend_directory),
-            cache_directory=str(triton.cache_directory),
-        ),
-    )
-    command.insert(command.index("--"), "--openai-address=127.0.0.1")
+    command = loopback_serving_command(triton, spec, root, MODEL)
     server = start(triton, command, work / f"serving-{mode}.log", (http, grpc, metrics)).wait_ready()
     return server, f"http://127.0.0.1:{api}/v1"
 

@@ -55,15 +55,16 @@ sys.path.insert(0, str(HERE.parent))  # the tests' wheel-server helper
 from machine import machine_info  # noqa: E402  (bench/machine.py; scripts run from bench/)
 
 from deeptune.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
-from deeptune.serving.repository import (  # noqa: E402
-    ModelLocation,
-    repository_files,
-    tritonserver_command,
-    write_repository,
-)
+from deeptune.serving.repository import ModelLocation, repository_files, write_repository  # noqa: E402
 from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts  # noqa: E402
 from deeptune_trainer.tinymodels import build_tiny_model  # noqa: E402
-from tests.serving.wheel_server import RunningServer, free_ports, install, start  # noqa: E402
+from tests.serving.wheel_server import (  # noqa: E402
+    RunningServer,
+    free_ports,
+    install,
+    loopback_command,
+    start,
+)
 
 CONCURRENCY = (1, 8, 32)
 
@@ -104,14 +105,8 @@ def start_server(model_dir: Path, work: Path, tokens: int) -> RunningServer:
     for name, spec in specs.items():
         files |= repository_files(spec, location, name)
     root = write_repository(files, work / "repository")
-    command = tritonserver_command(
-        specs["cached"],  # the server-wide flags: the cache's size and the ports
-        str(root),
-        executable=str(triton.executable),
-        address="127.0.0.1",
-        backend_directory=str(triton.backend_directory),
-        cache_directory=str(triton.cache_directory),
-    )
+    # The server-wide flags (the cache's size and the ports) from the cached model's spec.
+    command = loopback_command(triton, specs["cached"], root)
     return start(triton, command, work / "tritonserver.log", (http, grpc, metrics)).wait_ready()
 
 

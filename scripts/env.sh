@@ -24,30 +24,36 @@ _deeptune_uv() {
   printf '%s\n' "$tools/bin/uv"
 }
 
-deeptune_venv() {
-  local py_version key venv uv
+# A virtual environment built from a lock file, cached under a name keyed by the lock and the
+# interpreter; extra packages (arguments after the lock) go in with --no-deps. Prints its path.
+deeptune_cached_venv() {
+  local name="$1" lock="$2" py_version key venv uv
+  shift 2
   py_version="$("$DEEPTUNE_PYTHON_BOOTSTRAP" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
-  key="$(cat "$DEEPTUNE_ROOT/requirements.lock" | sha256sum | cut -c1-16)"
-  venv="$DEEPTUNE_CACHE/venv-py$py_version-$key"
+  key="$({ cat "$lock"; [ "$#" -eq 0 ] || printf '%s\n' "$@"; } | sha256sum | cut -c1-16)"
+  venv="$DEEPTUNE_CACHE/$name-py$py_version-$key"
   if [ ! -f "$venv/.complete" ]; then
     mkdir -p "$DEEPTUNE_CACHE"
-    exec 9>"$DEEPTUNE_CACHE/venv.lock"
+    exec 9>"$DEEPTUNE_CACHE/$name.lock"
     flock 9
     if [ ! -f "$venv/.complete" ]; then
       uv="$(_deeptune_uv)"
-      _deeptune_log "building the Python environment (first run only; torch is large): $venv"
+      _deeptune_log "building the Python environment $name (first run only): $venv"
       rm -rf "$venv"
       "$uv" venv --quiet --python "$(command -v "$DEEPTUNE_PYTHON_BOOTSTRAP")" "$venv"
-      VIRTUAL_ENV="$venv" "$uv" pip sync --quiet "$DEEPTUNE_ROOT/requirements.lock"
+      VIRTUAL_ENV="$venv" "$uv" pip sync --quiet "$lock"
+      if [ "$#" -gt 0 ]; then
+        VIRTUAL_ENV="$venv" "$uv" pip install --quiet --no-deps "$@"
+      fi
       touch "$venv/.complete"
-      _deeptune_log "environment ready"
+      _deeptune_log "environment $name ready"
     fi
     exec 9>&-
   fi
   printf '%s\n' "$venv"
 }
 
-DEEPTUNE_VENV="$(deeptune_venv)"
+DEEPTUNE_VENV="$(deeptune_cached_venv venv "$DEEPTUNE_ROOT/requirements.lock")"
 export DEEPTUNE_ROOT DEEPTUNE_CACHE DEEPTUNE_VENV
 export VIRTUAL_ENV="$DEEPTUNE_VENV"
 export PATH="$DEEPTUNE_VENV/bin:$PATH"

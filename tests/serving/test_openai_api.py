@@ -20,17 +20,17 @@ import httpx
 import openai
 import pytest
 
-from deeptune.serving.repository import (
-    ModelLocation,
-    repository_files,
-    serving_command,
-    tritonserver_command,
-    write_repository,
-)
+from deeptune.serving.repository import ModelLocation, repository_files, write_repository
 from deeptune_serving.openai_api import _triton_error
 from tests.serving.conftest import cpu_spec
 from tests.serving.tiny import TinyModels
-from tests.serving.wheel_server import RunningServer, WheelTriton, free_ports, start
+from tests.serving.wheel_server import (
+    RunningServer,
+    WheelTriton,
+    free_ports,
+    loopback_serving_command,
+    start,
+)
 
 pytestmark = pytest.mark.serving
 
@@ -74,18 +74,7 @@ def served(
     )
     location = ModelLocation(model=str(tiny_models.base), adapter=str(tiny_models.adapter))
     root = write_repository(repository_files(spec, location, MODEL), tmp_path_factory.mktemp("repository"))
-    triton = tritonserver_command(
-        spec,
-        str(root),
-        executable=str(wheel_triton.executable),
-        address="127.0.0.1",
-        backend_directory=str(wheel_triton.backend_directory),
-        cache_directory=str(wheel_triton.cache_directory),
-    )
-    command = [
-        *serving_command(spec, MODEL, triton),
-    ]
-    command.insert(command.index("--"), "--openai-address=127.0.0.1")
+    command = loopback_serving_command(wheel_triton, spec, root, MODEL)
     log = tmp_path_factory.mktemp("logs") / "serving.log"
     server = start(wheel_triton, command, log, (http, grpc, metrics))
     base_url = f"http://127.0.0.1:{api}/v1"
@@ -220,16 +209,8 @@ def test_the_frontend_exits_with_tritons_code(
     spec = cpu_spec(service={"httpPort": http, "grpcPort": grpc, "metricsPort": metrics, "openaiPort": api})
     location = ModelLocation(model="/nonexistent/merged")
     root = write_repository(repository_files(spec, location, MODEL), tmp_path_factory.mktemp("broken"))
-    triton = tritonserver_command(
-        spec,
-        str(root),
-        executable=str(wheel_triton.executable),
-        address="127.0.0.1",
-        backend_directory=str(wheel_triton.backend_directory),
-        cache_directory=str(wheel_triton.cache_directory),
-    )
     process = subprocess.run(
-        serving_command(spec, MODEL, triton),
+        loopback_serving_command(wheel_triton, spec, root, MODEL),
         env=wheel_triton.env,
         capture_output=True,
         timeout=240,
@@ -254,17 +235,9 @@ def test_triton_does_not_outlive_a_killed_frontend(
     spec = cpu_spec(service={"httpPort": http, "grpcPort": grpc, "metricsPort": metrics, "openaiPort": api})
     location = ModelLocation(model=str(tiny_models.merged))
     root = write_repository(repository_files(spec, location, MODEL), tmp_path_factory.mktemp("killed"))
-    triton = tritonserver_command(
-        spec,
-        str(root),
-        executable=str(wheel_triton.executable),
-        address="127.0.0.1",
-        backend_directory=str(wheel_triton.backend_directory),
-        cache_directory=str(wheel_triton.cache_directory),
-    )
     log = tmp_path_factory.mktemp("logs") / "killed.log"
     server = start(
-        wheel_triton, serving_command(spec, MODEL, triton), log, (http, grpc, metrics)
+        wheel_triton, loopback_serving_command(wheel_triton, spec, root, MODEL), log, (http, grpc, metrics)
     ).wait_ready()
     server.process.kill()
     server.process.wait(timeout=30)

@@ -23,16 +23,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from deeptune.serving.repository import (
-    ModelLocation,
-    repository_files,
-    tritonserver_command,
-    write_repository,
-)
+from deeptune.serving.repository import ModelLocation, repository_files, write_repository
 from deeptune_serving.generation import Generator, LoadSettings, Sampling
 from tests.serving.conftest import cpu_spec
 from tests.serving.tiny import TinyModels
-from tests.serving.wheel_server import RunningServer, WheelTriton, free_ports, start
+from tests.serving.wheel_server import RunningServer, WheelTriton, free_ports, loopback_command, start
 
 pytestmark = pytest.mark.serving
 
@@ -69,14 +64,7 @@ def stack(
         **repository_files(cpu_spec(batching={"mode": "dynamic"}, streaming=True), merged, STREAM),
     }
     root = write_repository(files, tmp_path_factory.mktemp("repository"))
-    command = tritonserver_command(
-        merged_spec,
-        str(root),
-        executable=str(wheel_triton.executable),
-        address="127.0.0.1",
-        backend_directory=str(wheel_triton.backend_directory),
-        cache_directory=str(wheel_triton.cache_directory),
-    )
+    command = loopback_command(wheel_triton, merged_spec, root)
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     server = start(wheel_triton, command, log, (http, grpc, metrics))
     try:

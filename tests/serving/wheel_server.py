@@ -28,6 +28,9 @@ import venv
 from dataclasses import dataclass
 from pathlib import Path
 
+from deeptune.api.modeldeployment import ModelDeploymentSpec
+from deeptune.serving.repository import serving_command, tritonserver_command
+
 READY_TIMEOUT = 240.0
 """Seconds to wait for readiness: each model's stub imports torch and transformers, slowly on a busy CPU."""
 
@@ -90,6 +93,27 @@ def install(work_dir: Path) -> WheelTriton:
         cache_directory=dist / "caches",
         env=env,
     )
+
+
+def loopback_command(triton: WheelTriton, spec: ModelDeploymentSpec, repository: Path) -> list[str]:
+    """The operator's tritonserver command line, run with this wheel's server on loopback."""
+    return tritonserver_command(
+        spec,
+        str(repository),
+        executable=str(triton.executable),
+        address="127.0.0.1",
+        backend_directory=str(triton.backend_directory),
+        cache_directory=str(triton.cache_directory),
+    )
+
+
+def loopback_serving_command(
+    triton: WheelTriton, spec: ModelDeploymentSpec, repository: Path, model: str
+) -> list[str]:
+    """The serving container's command (the OpenAI frontend starting Triton), every port on loopback."""
+    command = serving_command(spec, model, loopback_command(triton, spec, repository))
+    command.insert(command.index("--"), "--openai-address=127.0.0.1")
+    return command
 
 
 def free_ports(count: int) -> list[int]:
