@@ -7,7 +7,7 @@ On a GPU machine, all of them at once:
 
 Without a GPU every test here is skipped, and `-ra` (pyproject's addopts) prints why. The multi-GPU
 test also needs a second GPU, and says so when there is one only. One test runs only without a GPU:
-the prepared GPU benchmark (bench/gpu/lora_qlora_fsdp.py) must import and exit 0 there, saying why.
+each prepared GPU benchmark (bench/gpu/) must import and exit 0 there, saying why.
 """
 
 from __future__ import annotations
@@ -200,8 +200,9 @@ def test_fsdp_on_two_gpus_follows_the_single_gpu_loss_curve(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-def test_the_gpu_benchmark_says_it_needs_a_gpu_and_exits_0_without_one() -> None:
-    script = ROOT / "bench" / "gpu" / "lora_qlora_fsdp.py"
+@pytest.mark.parametrize("name", ["lora_qlora_fsdp.py", "serving.py"])
+def test_the_gpu_benchmarks_say_they_need_a_gpu_and_exit_0_without_one(name: str) -> None:
+    script = ROOT / "bench" / "gpu" / name
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
     )

@@ -1,0 +1,192 @@
+"""Benchmark on a GPU: continuous against static batching in DeepTune's serving code, at LLM size.
+
+Run as is on a machine with a CUDA GPU (elsewhere it says so and exits 0):
+
+    source scripts/env.sh
+    python bench/gpu/serving.py                       # a deepseek-llm-7b-shaped model, bf16
+    python bench/gpu/serving.py --layers 4 --requests 64   # a quick look
+
+What runs, in this process (no Triton: the figures are the engines', not the transport's): a model of
+deepseek-llm-7b's shape (the Llama architecture) with random weights, built on the GPU in bf16, behind
+
+- `static`: `deeptune_serving.generation.Generator.generate`, what `batching.mode: dynamic` runs per
+  Triton batch: requests are taken in batches of the concurrency, each batch waits for its longest;
+- `continuous`: `deeptune_serving.engine.ContinuousEngine` (transformers' continuous batching, paged
+  KV cache), what `batching.mode: continuous` runs: `concurrency` requests in flight, a new one
+  submitted as each finishes.
+
+The workload: --requests prompts of 100–400 tokens, each asking for a `max_new_tokens` drawn from
+8–256 (the same draw for both), greedy; a random-weight model may stop early at its end-of-sequence
+token, so tokens are counted from what came back. Per engine and concurrency (1, 8, 32): output
+tokens/s, TTFT p50/p99 (continuous: the first piece of text; static: a request's whole answer arrives
+at once when its batch ends, so its TTFT is its batch's time), and peak GPU memory. vLLM's column (the
+engine a user would otherwise run) is not in this script yet: the GPU machine would need vLLM carried
+to it as wheels.
+
+Writes JSON to bench/results/gpu-serving-<host>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from machine import machine_info  # noqa: E402
+
+from deeptune_serving.engine import ContinuousEngine, Listener  # noqa: E402
+from deeptune_serving.generation import Completion, Generator, LoadSettings, Sampling  # noqa: E402
+from deeptune_trainer.synthetic import tokenizer_texts  # noqa: E402
+from deeptune_trainer.tinymodels import train_tokenizer  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+LENGTHS = (8, 32, 64, 128, 256)
+
+
+def build_model(work: Path, layers: int) -> Path:
+    """A deepseek-llm-7b-shaped Llama (hidden 4096, 32 heads, 11008 MLP) with random bf16 weights."""
+    tokenizer = train_tokenizer(tokenizer_texts())
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        vocab_size=102_400,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    del model
+    torch.cuda.empty_cache()
+    return work / "model"
+
+
+def workload(generator: Generator, count: int) -> list[Any]:
+    rng = random.Random(7)
+    vocab = len(generator.tokenizer)
+    prompts = []
+    for _ in range(count):
+        ids = [rng.randrange(3, vocab) for _ in range(rng.randrange(100, 400))]
+        text = generator.tokenizer.decode(ids)
+        prompts.append(generator.prompt(text, Sampling(rng.choice(LENGTHS), 0.0, 1.0)))
+    return prompts
+
+
+def summarize(
+    engine: str, concurrency: int, seconds: float, ttfts: list[float], tokens: int
+) -> dict[str, Any]:
+    ttfts = sorted(ttfts)
+    return {
+        "engine": engine,
+        "concurrency": concurrency,
+        "seconds": round(seconds, 2),
+        "output_tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 1),
+        "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
+        "ttft_p99_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
+
+
+def run_static(generator: Generator, prompts: list[Any], concurrency: int) -> dict[str, Any]:
+    torch.cuda.reset_peak_memory_stats()
+    started, ttfts, tokens = time.perf_counter(), [], 0
+    for first in range(0, len(prompts), concurrency):
+        batch_started = time.perf_counter()
+        done = generator.generate(prompts[first : first + concurrency])
+        ttfts += [time.perf_counter() - batch_started] * len(done)
+        tokens += sum(completion.completion_tokens for completion in done)
+    return summarize("static", concurrency, time.perf_counter() - started, ttfts, tokens)
+
+
+def run_continuous(engine: ContinuousEngine, prompts: list[Any], concurrency: int) -> dict[str, Any]:
+    torch.cuda.reset_peak_memory_stats()
+    pending = list(reversed(prompts))
+    ttfts: list[float] = []
+    tokens = 0
+    slots = threading.Semaphore(concurrency)
+    finished = threading.Event()
+    lock = threading.Lock()
+    left = [len(prompts)]
+    started = time.perf_counter()
+
+    def submit(prompt: Any) -> None:
+        sent = time.perf_counter()
+        first: list[float] = []
+
+        def on_text(_: str) -> None:
+            if not first:
+                first.append(time.perf_counter() - sent)
+
+        def on_done(completion: Completion) -> None:
+            nonlocal tokens
+            with lock:
+                ttfts.append(first[0] if first else time.perf_counter() - sent)
+                tokens += completion.completion_tokens
+                left[0] -= 1
+                if not left[0]:
+                    finished.set()
+            slots.release()
+
+        engine.submit(prompt, Listener(on_text, on_done))
+
+    while pending:
+        slots.acquire()
+        submit(pending.pop())
+    finished.wait()
+    return summarize("continuous", concurrency, time.perf_counter() - started, ttfts, tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--layers", type=int, default=30, help="deepseek-llm-7b has 30")
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/deeptune-gpu-serving"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/gpu/serving.py needs a CUDA GPU; none is visible, so there is nothing to measure")
+        return
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model(args.work_dir, args.layers)
+    generator = Generator.load(LoadSettings(model=str(model_dir), device="cuda:0"), max_new_tokens_limit=256)
+    prompts = workload(generator, args.requests)
+    results = [run_static(generator, prompts, c) for c in CONCURRENCY]
+    engine = ContinuousEngine(generator, max_running=max(CONCURRENCY), max_waiting=args.requests)
+    try:
+        results += [run_continuous(engine, prompts, c) for c in CONCURRENCY]
+    finally:
+        engine.close()
+    for row in results:
+        print(json.dumps(row))
+    report = {
+        "machine": machine_info(torch=torch.__version__, gpu=torch.cuda.get_device_name(0)),
+        "settings": {"layers": args.layers, "requests": args.requests, "max_new_tokens": list(LENGTHS)},
+        "results": results,
+    }
+    out = HERE.parent / "results" / f"gpu-serving-{platform.node()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
