@@ -99,7 +99,7 @@ def test_a_merged_model_is_served_end_to_end(
         "modelName": "tiny",
     }
     row = crds.kubectl("get", "mdep", "tiny", "-n", namespace, "--no-headers").stdout.split()
-    assert row[1:5] == ["True", "Loaded", "1", f"http://tiny-triton.{namespace}.svc:8000"]
+    assert row[1:5] == ["True", "Loaded", "1", f"http://tiny-triton.{namespace}.svc:9000/v1"]
     probe = status["lastProbe"]
     assert probe["serverReady"] and probe["modelReady"] and probe["inferenceOk"], probe
     assert probe["latencyMs"] > 0

@@ -283,5 +283,6 @@ def test_status_and_printer_columns() -> None:
     assert set(status["endpoints"]["properties"]) >= {"http", "grpc", "metrics"}
     columns = {c["name"]: c["jsonPath"] for c in PRINTER_COLUMNS}
     assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
-    assert columns["Model State"] == ".status.modelState" and columns["URL"] == ".status.endpoints.http"
+    assert columns["Model State"] == ".status.modelState"
+    assert columns["OpenAI URL"] == ".status.endpoints.openai"
     assert CRD["spec"]["names"]["shortNames"] == ["mdep"]

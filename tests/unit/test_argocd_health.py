@@ -215,6 +215,16 @@ def test_every_modeldeployment_fixture_has_its_expected_health() -> None:
     assert on_disk == {f"modeldeployment-{name}.json" for name in MODELDEPLOYMENT_HEALTH}
 
 
+def test_a_healthy_modeldeployment_names_its_openai_url() -> None:
+    """Recorded before the OpenAI API existed: its status had the HTTP endpoint only."""
+    obj = fixture("modeldeployment-loaded.json")
+    obj["status"]["endpoints"]["openai"] = "http://tiny-triton.recording.svc:9000/v1"
+    assert health("ModelDeployment", obj) == (
+        "Healthy",
+        "Model loaded, 1/1 replicas ready, OpenAI API at http://tiny-triton.recording.svc:9000/v1",
+    )
+
+
 def test_a_modeldeployment_without_status_or_with_an_unseen_spec_is_progressing() -> None:
     obj = fixture("modeldeployment-loaded.json")
     obj["metadata"]["generation"] = 2

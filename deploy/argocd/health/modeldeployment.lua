@@ -68,7 +68,9 @@ elseif ready ~= nil and ready.status == "True" then
   if status.readyReplicas ~= nil and status.replicas ~= nil then
     hs.message = hs.message .. ", " .. status.readyReplicas .. "/" .. status.replicas .. " replicas ready"
   end
-  if status.endpoints ~= nil and status.endpoints.http ~= nil then
+  if status.endpoints ~= nil and status.endpoints.openai ~= nil then
+    hs.message = hs.message .. ", OpenAI API at " .. status.endpoints.openai
+  elseif status.endpoints ~= nil and status.endpoints.http ~= nil then
     hs.message = hs.message .. ", serving at " .. status.endpoints.http
   end
 elseif status.modelState == "Loaded" then

@@ -461,7 +461,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Model State", "type": "string", "jsonPath": ".status.modelState"},
     {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
-    {"name": "URL", "type": "string", "jsonPath": ".status.endpoints.http"},
+    {"name": "OpenAI URL", "type": "string", "jsonPath": ".status.endpoints.openai"},
     {"name": "Quantization", "type": "string", "jsonPath": ".spec.quantization", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
