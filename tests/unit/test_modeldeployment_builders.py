@@ -428,3 +428,18 @@ def test_every_child_kind_can_be_applied_and_removed_server_side() -> None:
     spec = spec_with(networkPolicy={"enabled": True}, autoscaling={"enabled": True}, serviceMonitor=True)
     kinds = {(m["apiVersion"], m["kind"]) for m in children(spec).manifests()}
     assert kinds <= set(PLURALS)
+
+
+def test_a_gpu_deployment_rolls_out_without_a_spare_gpu() -> None:
+    """Kubernetes' default (25% surge) would start the new pod first: on a full GPU node it would wait
+    for a GPU that never frees. Unless the spec says otherwise, one old pod goes first."""
+    gpu = children(spec_with(resources={"gpu": 1})).deployment["spec"]
+    assert gpu["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert "strategy" not in children(spec_with(resources={"gpu": 0})).deployment["spec"]
+    chosen = children(spec_with(resources={"gpu": 2}, rollout={"maxSurge": "50%", "maxUnavailable": 0}))
+    assert chosen.deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": "50%", "maxUnavailable": 0}
+
+
+def test_a_rollout_that_could_never_progress_is_refused() -> None:
+    with pytest.raises(ValueError, match="maxSurge and maxUnavailable cannot both be 0"):
+        spec_with(rollout={"maxSurge": 0, "maxUnavailable": "0%"})

@@ -458,6 +458,7 @@ CONFLICTS: dict[str, list[tuple[Path, dict[Path, Any]]]] = {
         (("autoscaling",), {("autoscaling", "minReplicas"): 5, ("autoscaling", "maxReplicas"): 2}),
         (("service",), {("service", "httpPort"): 8001, ("service", "grpcPort"): 8001}),
         (("responseCache", "size"), {("responseCache", "size"): "500m"}),
+        (("rollout",), {("rollout", "maxSurge"): 0, ("rollout", "maxUnavailable"): "0%"}),
     ],
 }
 """Pairs of fields that are fine alone and wrong together; the path is the one a message must name."""

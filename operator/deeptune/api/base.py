@@ -130,6 +130,16 @@ Quantity = Annotated[
 ]
 """A Kubernetes resource quantity such as `4`, `500m` or `64Gi`."""
 
+SCALE_PATTERN = r"^([0-9]+|([0-9]|[1-9][0-9]|100)%)$"
+
+PodCountOrPercent = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(pattern=SCALE_PATTERN, max_length=4),
+    _int_or_string(SCALE_PATTERN),
+]
+"""A number of pods or a percentage of the replicas, such as `1` or `25%` (a Deployment's maxSurge)."""
+
 CpuQuantity = Annotated[
     str,
     BeforeValidator(_quantity_to_str),

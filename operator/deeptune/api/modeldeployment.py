@@ -17,6 +17,7 @@ from deeptune.api.base import (
     ImageReference,
     LabelSelector,
     ObjectName,
+    PodCountOrPercent,
     PullSecrets,
     PvcLocation,
     Quantity,
@@ -200,6 +201,34 @@ class ResponseCacheSpec(ApiModel):
         return self
 
 
+class RolloutSpec(ApiModel):
+    """How pods of a new spec replace the old ones (the Deployment's rolling update). Left unset, a GPU
+    deployment takes one old pod down before its replacement starts (maxSurge 0, maxUnavailable 1: no
+    spare GPU needed, one replica fewer for the while), and a CPU one keeps Kubernetes' defaults
+    (25%, 25%: a new pod first)."""
+
+    model_config = cel_rules(
+        cel(
+            "!has(self.maxSurge) || !has(self.maxUnavailable)"
+            " || !(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])",
+            "maxSurge and maxUnavailable cannot both be 0: the rollout could never replace a pod",
+        )
+    )
+
+    max_surge: PodCountOrPercent | None = None
+    """Pods above the replica count during a rollout; 0 needs no spare GPU."""
+    max_unavailable: PodCountOrPercent | None = None
+    """Pods below the replica count during a rollout."""
+
+    @model_validator(mode="after")
+    def _some_progress(self) -> RolloutSpec:
+        if self.max_surge in ("0", "0%") and self.max_unavailable in ("0", "0%"):
+            raise ValueError(
+                "maxSurge and maxUnavailable cannot both be 0: the rollout could never replace a pod"
+            )
+        return self
+
+
 class AutoscalingSpec(ApiModel):
     """A HorizontalPodAutoscaler for the serving Deployment; when enabled it owns the replica count."""
 
@@ -356,6 +385,9 @@ class ModelDeploymentSpec(ApiModel):
     """Serving pods when autoscaling is off."""
     autoscaling: Annotated[AutoscalingSpec, Field(json_schema_extra=nested_default())] = Field(
         default_factory=AutoscalingSpec
+    )
+    rollout: Annotated[RolloutSpec, Field(json_schema_extra=nested_default())] = Field(
+        default_factory=RolloutSpec
     )
     resources: Annotated[ResourcesSpec, Field(json_schema_extra=nested_default())] = Field(
         default_factory=ResourcesSpec

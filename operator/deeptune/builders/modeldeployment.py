@@ -292,6 +292,25 @@ def config_hash(files: dict[str, str], pod_spec: Manifest) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _pods_or_percent(value: str) -> int | str:
+    return value if value.endswith("%") else int(value)
+
+
+def rollout_strategy(spec: ModelDeploymentSpec) -> Manifest | None:
+    """The Deployment's rolling update: the spec's, else no spare GPU on GPUs (one pod down at a
+    time), else Kubernetes' defaults (None)."""
+    rollout = spec.rollout
+    gpu = spec.resources.gpu > 0
+    surge = rollout.max_surge or ("0" if gpu else None)
+    unavailable = rollout.max_unavailable or ("1" if gpu and surge in ("0", "0%") else None)
+    rolling = {
+        key: _pods_or_percent(value)
+        for key, value in (("maxSurge", surge), ("maxUnavailable", unavailable))
+        if value is not None
+    }
+    return {"type": "RollingUpdate", "rollingUpdate": rolling} if rolling else None
+
+
 def build_deployment(
     owner: Owner,
     spec: ModelDeploymentSpec,
@@ -320,6 +339,8 @@ def build_deployment(
     }
     if not spec.autoscaling.enabled:
         deployment_spec["replicas"] = spec.replicas
+    if strategy := rollout_strategy(spec):
+        deployment_spec["strategy"] = strategy
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": deployment_spec}
 
 
