@@ -50,7 +50,7 @@ def merged(tiny_models: TinyModels) -> Generator:
 
 @pytest.fixture
 def engine(merged: Generator) -> Iterator[ContinuousEngine]:
-    running = ContinuousEngine(merged, max_running=4, max_waiting=4)
+    running = ContinuousEngine(merged, max_running=4, max_waiting=4, check_interval=0)
     yield running
     running.close()
 
@@ -134,7 +134,7 @@ def test_a_request_that_waits_past_the_queue_timeout_is_refused(
 ) -> None:
     """One running slot, taken: the next request waits in the engine's queue, past its (tiny) timeout.
     The dispatcher looks after every output, so the first token of the running request is enough."""
-    engine = ContinuousEngine(merged, max_running=1, max_waiting=4, queue_timeout=0.001)
+    engine = ContinuousEngine(merged, max_running=1, max_waiting=4, queue_timeout=0.001, check_interval=0)
     try:
         collected = Collected()
         engine.submit(merged.prompt(tiny_models.prompts[0], GREEDY), collected.listener("running"))
