@@ -73,9 +73,10 @@ async def _serve(options: argparse.Namespace, triton_command: list[str]) -> int:
     server.should_exit = True
     if triton.poll() is None:  # the frontend stopped (SIGTERM): let Triton drain, then stop
         triton.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(triton_done), STOP_GRACE_SECONDS)
-        except TimeoutError:
+        # asyncio.wait, not wait_for: the image's Python 3.10 raises asyncio.TimeoutError, which is
+        # not yet the builtin TimeoutError.
+        drained, _ = await asyncio.wait({triton_done}, timeout=STOP_GRACE_SECONDS)
+        if not drained:
             triton.kill()
     code = await triton_done
     await frontend
