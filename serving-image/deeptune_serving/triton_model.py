@@ -161,7 +161,10 @@ class TritonPythonModel:
             raise RequestError("send text_input (a prompt) or messages (chat messages as JSON), not both")
         inputs: list[str] = texts if texts is not None else messages  # type: ignore[assignment]
         if self._decoupled and len(inputs) != 1:
-            raise RequestError(f"streaming takes one prompt per request, got {len(inputs)}")
+            raise RequestError(
+                "a decoupled model (continuous batching or streaming) takes one prompt per request,"
+                f" got {len(inputs)}"
+            )
         rows = len(inputs)
         defaults = self._defaults
         max_new = _per_row(request, "max_new_tokens", rows, int) or [defaults.max_new_tokens] * rows
