@@ -40,42 +40,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from lora_qlora_fsdp import model_config, write_model  # noqa: E402  (bench/gpu/, the script's directory)
 from machine import machine_info  # noqa: E402
 
 from deeptune_serving.engine import ContinuousEngine, Listener  # noqa: E402
 from deeptune_serving.generation import Completion, Generator, LoadSettings, Sampling  # noqa: E402
-from deeptune_trainer.synthetic import tokenizer_texts  # noqa: E402
-from deeptune_trainer.tinymodels import train_tokenizer  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 LENGTHS = (8, 32, 64, 128, 256)
 
 
 def build_model(work: Path, layers: int) -> Path:
-    """A deepseek-llm-7b-shaped Llama (hidden 4096, 32 heads, 11008 MLP) with random bf16 weights."""
-    tokenizer = train_tokenizer(tokenizer_texts())
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        vocab_size=102_400,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    del model
+    """deepseek-llm-7b's architecture (the Llama one) with random bf16 weights, as the training GPU
+    benchmark writes it."""
+    write_model(model_config("dense-7b", layers), work / "model")
     torch.cuda.empty_cache()
     return work / "model"
 

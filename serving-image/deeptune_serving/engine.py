@@ -32,6 +32,8 @@ from deeptune_serving.generation import Completion, Generator, Prompt, RequestEr
 GREEDY_TEMPERATURE = 1e-6
 PAGE_SIZE = 32
 """Tokens per KV-cache page: small pages waste little on short requests."""
+CPU_CONTEXT_CAP = 4096
+"""Tokens of KV cache per running request on CPU, at most (the model's context when shorter)."""
 POLL_SECONDS = 0.2
 CANCELLED = "cancelled: the client went away"
 
@@ -76,8 +78,9 @@ class ContinuousEngine:
         self._max_running = max_running
         self._max_waiting = max_waiting
         self._queue_timeout = queue_timeout
-        context = generator.context or 4096
         model = cast(Any, generator.model)
+        on_cpu = model.device.type == "cpu"
+        per_request = min(generator.context or CPU_CONTEXT_CAP, CPU_CONTEXT_CAP)
         self._manager = model.init_continuous_batching(
             # Placeholders: every request brings its own temperature and top_p. A value of 1 would
             # leave the manager without the per-request processor for it.
@@ -86,8 +89,10 @@ class ContinuousEngine:
             ),
             continuous_batching_config=ContinuousBatchingConfig(
                 page_size=PAGE_SIZE,
-                num_blocks=max_running * math.ceil(context / PAGE_SIZE),
-                max_batch_tokens=min(context, 2048),
+                # On a GPU the manager sizes its KV cache from the memory left after the weights; on
+                # CPU it would take a share of the machine's RAM, so the cache is sized here.
+                num_blocks=max_running * math.ceil(per_request / PAGE_SIZE) if on_cpu else None,
+                max_batch_tokens=min(per_request, 2048) if on_cpu else None,
                 max_requests_per_batch=max_running,
                 per_request_processors=True,
             ),
