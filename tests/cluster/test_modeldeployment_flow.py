@@ -97,7 +97,9 @@ def test_a_merged_model_is_served_end_to_end(
         "metrics": f"http://tiny-triton.{namespace}.svc:8002/metrics",
         "openai": f"http://tiny-triton.{namespace}.svc:9000/v1",
         "modelName": "tiny",
+        "models": ["tiny"],
     }
+    assert status["backend"] == "python", "auto serves on the Python backend without a GPU"
     row = crds.kubectl("get", "mdep", "tiny", "-n", namespace, "--no-headers").stdout.split()
     assert row[1:5] == ["True", "Loaded", "1", f"http://tiny-triton.{namespace}.svc:9000/v1"]
     probe = status["lastProbe"]

@@ -24,6 +24,8 @@ from deeptune.api.modeldeployment import (
     ModelSource,
     parse_spec,
     resolve_model,
+    serving_backend,
+    serving_image,
 )
 from tests.specs import changed
 
@@ -68,7 +70,11 @@ def error_of(spec: dict[str, Any]) -> str:
 
 def test_defaults_a_user_expects() -> None:
     spec = parse_spec(MINIMAL)
-    assert spec.runtime.image == "ghcr.io/deeptune/serving:0.1.0" and spec.runtime.backend == "python"
+    assert spec.runtime.image is None and spec.runtime.backend == "auto"
+    assert spec.resources.gpu == 1 and serving_backend(spec) == "vllm", "vLLM serves on GPUs"
+    assert serving_image(spec) == "nvcr.io/nvidia/tritonserver:25.12-vllm-python-py3"
+    on_cpu = parse_spec(with_changes(resources={"gpu": 0}))
+    assert serving_backend(on_cpu) == "python" and serving_image(on_cpu) == "ghcr.io/deeptune/serving:0.1.0"
     assert spec.quantization == "none" and spec.streaming is False and spec.replicas == 1
     assert (spec.generation.max_new_tokens, spec.generation.temperature, spec.generation.top_p) == (
         128,
@@ -127,7 +133,19 @@ def test_a_realistic_spec_is_accepted() -> None:
             with_changes(responseCache={"size": "100m"}),
             "spec.responseCache: size must be in bytes such as 64Mi",
         ),
-        (with_changes(runtime={"backend": "vllm"}), "spec.runtime.backend: Input should be 'python'"),
+        (with_changes(runtime={"backend": "tensorrtllm"}), "spec.runtime.backend: Input should be 'auto',"),
+        (
+            with_changes(runtime={"backend": "vllm"}, quantization="int8"),
+            "spec: runtime.backend vllm needs resources.gpu of 1 or more, quantization none or int4",
+        ),
+        (
+            with_changes(adapters=[{"name": "b", "fineTuneJobRef": {"name": "b"}}], resources={"gpu": 0}),
+            "spec: adapters are served by the vLLM backend only",
+        ),
+        (
+            with_changes(adapters=[{"name": "B!", "fineTuneJobRef": {"name": "b"}}]),
+            "spec.adapters.0.name: String should match pattern",
+        ),
         (
             with_changes(generation={"temperature": 9}),
             "spec.generation.temperature: Input should be less than",
@@ -245,7 +263,8 @@ def test_the_schema_accepts_what_the_model_accepts_and_rejects_bad_values() -> N
     _validate(REALISTIC)
     for bad in (
         with_changes(quantization="fp8"),
-        with_changes(runtime={"backend": "vllm"}),
+        with_changes(runtime={"backend": "tensorrtllm"}),
+        with_changes(adapters=[{"name": "Upper", "fineTuneJobRef": {"name": "b"}}]),
         with_changes(service={"type": "Ingress"}),
         with_changes(replicas=-1),
     ):
@@ -266,6 +285,10 @@ def test_every_cross_field_rule_reaches_the_crd_with_the_models_message() -> Non
         "maxNewTokens (the default) must not exceed maxNewTokensLimit",
         "responseCache needs greedy decoding (generation.temperature 0)",
         "responseCache needs batching.mode dynamic",
+        "runtime.backend vllm needs resources.gpu of 1 or more",
+        "adapters are served by the vLLM backend only",
+        "adapters share model's base model",
+        "name 'adapter' is model's own adapter's",
     ):
         assert message in text, message
 

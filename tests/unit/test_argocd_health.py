@@ -258,6 +258,15 @@ def test_a_failed_finetunejob_is_degraded_whatever_the_replicas_and_recovers_whe
     assert health("ModelDeployment", obj)[0] == "Progressing"
 
 
+def test_an_adapter_of_another_base_is_degraded_with_both_bases_named() -> None:
+    obj = fixture("modeldeployment-pending-waitingforfinetunejob.json")
+    message = "adapters[0] (billing): FineTuneJob b was trained on x@main, but model's base model is y@main"
+    for c in obj["status"]["conditions"]:
+        if c["type"] == "Ready":
+            c.update(reason="AdapterBaseMismatch", message=message)
+    assert health("ModelDeployment", obj) == ("Degraded", f"AdapterBaseMismatch: {message}")
+
+
 def test_a_rejected_spec_names_no_deployment_that_was_never_created() -> None:
     status = fixture("modeldeployment-failedtoload-invalidspec.json")["status"]
     assert not {"deploymentName", "endpoints", "replicas", "resolvedModel"} & set(status), status

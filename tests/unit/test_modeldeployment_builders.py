@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from deeptune.api.base import PvcLocation, describe_validation_error
 from deeptune.api.finetunejob import BaseModelSpec
-from deeptune.api.modeldeployment import ModelDeploymentSpec, ResolvedModel, parse_spec
+from deeptune.api.modeldeployment import ModelDeploymentSpec, ResolvedAdapter, ResolvedModel, parse_spec
 from deeptune.builders.common import Owner
 from deeptune.builders.finetunejob import ChildSettings
 from deeptune.builders.modeldeployment import (
@@ -181,7 +181,7 @@ def test_repository_config_map_keys_map_back_to_their_paths() -> None:
 
 @pytest.mark.parametrize(("gpus", "kind"), [(1, "KIND_GPU"), (2, "KIND_MODEL")])
 def test_gpu_request_and_instance_kind(gpus: int, kind: str) -> None:
-    built = children(spec_with(resources={"gpu": gpus, "memory": "48Gi"}))
+    built = children(spec_with(resources={"gpu": gpus, "memory": "48Gi"}, runtime={"backend": "python"}))
     assert container_of(built)["resources"]["limits"] == {"nvidia.com/gpu": str(gpus), "memory": "48Gi"}
     assert f"kind: {kind}" in config_pbtxt(built)
 
@@ -295,11 +295,11 @@ def test_names_are_valid_service_names_and_endpoints_use_them() -> None:
         == "mdep-7b-bot-triton"
     )
     assert len(server_name(Owner(kind="ModelDeployment", name="x" * 200, namespace="ns", uid="u"))) <= 63
-    urls = endpoints(OWNER, spec_with())
+    urls = endpoints(OWNER, spec_with(), MERGED)
     assert urls.http == "http://support-bot-triton.team-a.svc:8000"
     assert urls.grpc == "support-bot-triton.team-a.svc:8001"
     assert urls.metrics == "http://support-bot-triton.team-a.svc:8002/metrics"
-    assert urls.model_name == "support-bot"
+    assert urls.model_name == "support-bot" and urls.models == ["support-bot"]
 
 
 def test_scheduling_and_pull_settings_reach_the_pod() -> None:
@@ -325,7 +325,7 @@ def test_the_example_deployment_builds() -> None:
     built = build_children(owner, spec, MERGED, SETTINGS)
     assert built.autoscaler is not None and built.service_monitor is not None
     assert container_of(built)["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert "max_batch_size: 16" in built.config_map["data"]["support-bot-7b__config.pbtxt"]
+    assert json.loads(built.config_map["data"]["support-bot-7b__1__model.json"])["max_num_seqs"] == 16
 
 
 # --- the optional NetworkPolicy ------------------------------------------------------------------
@@ -443,3 +443,92 @@ def test_a_gpu_deployment_rolls_out_without_a_spare_gpu() -> None:
 def test_a_rollout_that_could_never_progress_is_refused() -> None:
     with pytest.raises(ValueError, match="maxSurge and maxUnavailable cannot both be 0"):
         spec_with(rollout={"maxSurge": 0, "maxUnavailable": "0%"})
+
+
+# --- the vLLM backend ----------------------------------------------------------------------------
+
+BASE = BaseModelSpec(name="deepseek-ai/deepseek-llm-7b-base")
+ADAPTED = ResolvedModel(
+    base_model=BASE,
+    adapter=PvcLocation(claim_name="out", path="team-a/bot/adapter"),
+    adapter_rank=16,
+    fine_tune_job="bot",
+    adapters=[
+        ResolvedAdapter(
+            name="billing",
+            adapter=PvcLocation(claim_name="runs", path="team-a/billing/adapter"),
+            rank=32,
+            fine_tune_job="billing-run-3",
+        )
+    ],
+)
+VLLM_SPEC = {
+    "resources": {"gpu": 1},
+    "adapters": [{"name": "billing", "fineTuneJobRef": {"name": "billing-run-3"}}],
+}
+
+
+def test_on_gpus_auto_serves_with_vllm_behind_tritons_openai_frontend() -> None:
+    built = children(spec_with(**VLLM_SPEC), ADAPTED)
+    container = container_of(built)
+    assert container["image"] == "nvcr.io/nvidia/tritonserver:25.12-vllm-python-py3"
+    assert container["command"][1] == "/opt/tritonserver/python/openai/openai_frontend/main.py"
+    assert "--tokenizer=/mnt/pvc/out/team-a/bot/adapter" in container["command"], (
+        "the adapter's tokenizer carries the chat template it was trained with"
+    )
+    files = built.config_map["data"]
+    assert set(files) == {
+        "support-bot__config.pbtxt",
+        "support-bot__1__model.json",
+        "support-bot__1__multi_lora.json",
+    }
+    assert json.loads(files["support-bot__1__multi_lora.json"]) == {
+        "adapter": "/mnt/pvc/out/team-a/bot/adapter",
+        "billing": "/mnt/pvc/runs/team-a/billing/adapter",
+    }
+    engine = json.loads(files["support-bot__1__model.json"])
+    assert (engine["max_loras"], engine["max_lora_rank"]) == (2, 32), "a slot per adapter, the largest rank"
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/mnt/pvc/out", "/mnt/pvc/runs"} <= mounted
+
+
+def test_vllm_metrics_are_scraped_from_the_openai_port() -> None:
+    """Triton's OpenAI frontend opens no metrics port: it serves Triton's metrics at /metrics."""
+    built = children(spec_with(**VLLM_SPEC, networkPolicy={"enabled": True}), ADAPTED)
+    ports = {p["name"]: p["containerPort"] for p in container_of(built)["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "openai": 9000}
+    service_ports = {p["name"]: p["targetPort"] for p in built.service["spec"]["ports"]}
+    assert service_ports["metrics"] == "openai"
+    annotations = built.deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9000"
+    assert container_of(built)["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+
+
+def test_every_adapter_is_its_own_model_name() -> None:
+    urls = endpoints(OWNER, spec_with(**VLLM_SPEC), ADAPTED)
+    assert urls.model_name == "support-bot:adapter"
+    assert urls.models == ["support-bot:adapter", "support-bot:billing"]
+    merged = endpoints(OWNER, spec_with(resources={"gpu": 1}), MERGED)
+    assert merged.models == ["support-bot"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "complaint"),
+    [
+        ({"resources": {"gpu": 0}}, "adapters are served by the vLLM backend only"),
+        ({"runtime": {"backend": "python"}}, "adapters are served by the vLLM backend only"),
+        ({"quantization": "int8"}, "adapters are served by the vLLM backend only"),
+        ({"model": {"merged": {"pvc": {"claimName": "out"}}}}, "model must be a base model with an adapter"),
+        ({"adapters": [{"name": "adapter", "fineTuneJobRef": {"name": "x"}}]}, "must differ"),
+    ],
+)
+def test_adapters_that_could_not_be_served_are_refused(changes: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ValidationError, match=complaint):
+        spec_with(**{**VLLM_SPEC, **changes})
+
+
+def test_vllm_where_it_cannot_serve_is_refused_and_auto_falls_back() -> None:
+    with pytest.raises(ValidationError, match=r"runtime.backend vllm needs resources.gpu of 1 or more"):
+        spec_with(runtime={"backend": "vllm"})  # SPEC has no GPU
+    eight_bit = spec_with(resources={"gpu": 1}, quantization="int8")
+    assert container_of(children(eight_bit))["image"] == "ghcr.io/deeptune/serving:0.1.0"

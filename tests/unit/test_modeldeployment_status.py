@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from deeptune.api.base import PvcLocation
 from deeptune.api.modeldeployment import (
     Endpoints,
+    ModelDeploymentSpec,
     ModelDeploymentStatus,
     ProbeResult,
     ResolvedModel,
@@ -115,6 +117,7 @@ def derive(
         pods=pods,
         probe=probe_result,
         endpoints=ENDPOINTS,
+        backend="python",
         deployment_name="bot-triton",
         now=NOW,
     )
@@ -127,6 +130,12 @@ def fixture(name: str) -> dict[str, Any]:
 
 def conditions_of(status: ModelDeploymentStatus) -> dict[str, tuple[str, str]]:
     return {c.type: (c.status, c.reason) for c in status.conditions}
+
+
+def resolve(spec: ModelDeploymentSpec, found: dict[str, Any] | None, previous: ResolvedModel | None) -> Any:
+    """resolve_source with `found` (or nothing) as the FineTuneJob the spec's model refers to."""
+    ref = spec.model.fine_tune_job_ref
+    return resolve_source(spec, {ref.name: found} if ref and found else {}, previous)
 
 
 def job(phase: str | None, **output: Any) -> dict[str, Any]:
@@ -148,12 +157,12 @@ def job(phase: str | None, **output: Any) -> dict[str, Any]:
 
 
 def test_a_missing_finetunejob_is_named() -> None:
-    result = resolve_source(REF_SPEC, None, None)
+    result = resolve(REF_SPEC, None, None)
     assert result == Waiting("FineTuneJobNotFound", "model.fineTuneJobRef: FineTuneJob bot not found")
 
 
 def test_a_running_finetunejob_is_waited_for() -> None:
-    result = resolve_source(REF_SPEC, job("Running"), None)
+    result = resolve(REF_SPEC, job("Running"), None)
     assert isinstance(result, Waiting) and result.reason == "WaitingForFineTuneJob"
     assert "FineTuneJob bot" in result.message and "Running" in result.message
     status = waiting_status(ModelDeploymentStatus(), 1, result, NOW)
@@ -165,33 +174,33 @@ def test_a_running_finetunejob_is_waited_for() -> None:
 
 
 def test_a_succeeded_finetunejob_resolves_to_its_merged_model_else_its_adapter() -> None:
-    merged = resolve_source(REF_SPEC, job("Succeeded", mergedPath="merged", adapterPath="adapter"), None)
+    merged = resolve(REF_SPEC, job("Succeeded", mergedPath="merged", adapterPath="adapter"), None)
     assert merged == ResolvedModel(
         merged=PvcLocation(claim_name="out", path="ns/bot/merged"), fine_tune_job="bot"
     )
-    adapter = resolve_source(REF_SPEC, job("Succeeded", adapterPath="adapter"), None)
+    adapter = resolve(REF_SPEC, job("Succeeded", adapterPath="adapter"), None)
     assert isinstance(adapter, ResolvedModel) and adapter.adapter == PvcLocation(
         claim_name="out", path="ns/bot/adapter"
     )
     assert adapter.base_model is not None and adapter.base_model.name == "deepseek-ai/deepseek-llm-7b-base"
-    nothing = resolve_source(REF_SPEC, job("Succeeded"), None)
+    nothing = resolve(REF_SPEC, job("Succeeded"), None)
     assert isinstance(nothing, Waiting) and nothing.reason == "FineTuneJobSavedNoModel"
 
 
 def test_a_served_model_stays_resolved_when_its_job_goes_away() -> None:
-    assert resolve_source(REF_SPEC, None, RESOLVED) == RESOLVED
-    assert resolve_source(REF_SPEC, job("Running"), RESOLVED) == RESOLVED
+    assert resolve(REF_SPEC, None, RESOLVED) == RESOLVED
+    assert resolve(REF_SPEC, job("Running"), RESOLVED) == RESOLVED
     other = RESOLVED.model_copy(update={"fine_tune_job": "another"})
-    assert isinstance(resolve_source(REF_SPEC, None, other), Waiting)
+    assert isinstance(resolve(REF_SPEC, None, other), Waiting)
 
 
 def test_a_finetunejob_without_status_has_not_started() -> None:
-    result = resolve_source(REF_SPEC, job(None), None)
+    result = resolve(REF_SPEC, job(None), None)
     assert result == Waiting(
         "WaitingForFineTuneJob",
         "model.fineTuneJobRef: waiting for FineTuneJob bot to succeed (it has not started yet)",
     )
-    assert isinstance(waiting := resolve_source(REF_SPEC, job("Pending"), None), Waiting)
+    assert isinstance(waiting := resolve(REF_SPEC, job("Pending"), None), Waiting)
     assert waiting.message.endswith("(phase Pending)")
 
 
@@ -199,7 +208,7 @@ def test_a_failed_finetunejob_is_named_with_its_own_failure() -> None:
     """Not a wait like any other: Argo CD's health check reads the reason as Degraded. The recorded
     job's Failed condition gives the trainer's reason and message (the Job's words after them)."""
     failed = fixture("finetunejob-failed-invaliddataset.json")
-    result = resolve_source(REF_SPEC, failed, None)
+    result = resolve(REF_SPEC, failed, None)
     assert isinstance(result, Waiting) and result.reason == "FineTuneJobFailed"
     assert result.message.startswith(
         "model.fineTuneJobRef: FineTuneJob broken-dataset failed, so there is no model to serve until it"
@@ -217,34 +226,34 @@ def test_a_failed_finetunejob_is_named_with_its_own_failure() -> None:
 def test_a_failed_finetunejob_without_a_failed_condition_says_what_it_can() -> None:
     failed = job("Failed")
     failed["status"]["lastFailure"] = {"reason": "OOMKilled", "message": "the trainer ran out of memory"}
-    result = resolve_source(REF_SPEC, failed, None)
+    result = resolve(REF_SPEC, failed, None)
     assert isinstance(result, Waiting)
     assert result.message.endswith("succeeds: OOMKilled: the trainer ran out of memory")
-    bare = resolve_source(REF_SPEC, job("Failed"), None)
+    bare = resolve(REF_SPEC, job("Failed"), None)
     assert isinstance(bare, Waiting) and bare.message.endswith("until it is rerun")
 
 
 def test_a_failed_finetunejob_rerun_under_its_name_is_served_once_it_succeeds() -> None:
-    failed = resolve_source(REF_SPEC, job("Failed"), None)
+    failed = resolve(REF_SPEC, job("Failed"), None)
     assert isinstance(failed, Waiting)
     previous = waiting_status(ModelDeploymentStatus(), 1, failed, NOW)
-    rerun = resolve_source(REF_SPEC, job("Running"), previous.resolved_model)
+    rerun = resolve(REF_SPEC, job("Running"), previous.resolved_model)
     assert isinstance(rerun, Waiting) and rerun.reason == "WaitingForFineTuneJob"
-    succeeded = resolve_source(REF_SPEC, job("Succeeded", mergedPath="merged"), previous.resolved_model)
+    succeeded = resolve(REF_SPEC, job("Succeeded", mergedPath="merged"), previous.resolved_model)
     assert isinstance(succeeded, ResolvedModel) and succeeded.fine_tune_job == "bot"
     assert derive(None, [], previous=previous).model_state == "Pending"
     assert conditions_of(derive(None, [], previous=previous))["Ready"] == ("False", "Creating")
 
 
 def test_a_served_model_keeps_serving_when_a_rerun_of_its_job_fails() -> None:
-    assert resolve_source(REF_SPEC, job("Failed"), RESOLVED) == RESOLVED
+    assert resolve(REF_SPEC, job("Failed"), RESOLVED) == RESOLVED
 
 
 def test_a_direct_source_needs_no_job() -> None:
     spec = parse_spec(
         {"model": {"merged": {"pvc": {"claimName": "m", "path": "x"}}}, "resources": {"gpu": 0}}
     )
-    assert resolve_source(spec, None, None) == ResolvedModel(merged=PvcLocation(claim_name="m", path="x"))
+    assert resolve(spec, None, None) == ResolvedModel(merged=PvcLocation(claim_name="m", path="x"))
 
 
 # --- model state ------------------------------------------------------------------------------
@@ -421,6 +430,7 @@ def test_transition_times_move_only_when_a_condition_flips() -> None:
         pods=[pod()],
         probe=None,
         endpoints=ENDPOINTS,
+        backend="python",
         deployment_name="bot-triton",
         now="2026-11-25T11:00:00Z",
     )
@@ -437,3 +447,70 @@ def test_log_tails_and_plain_messages() -> None:
     )
     assert load_error("FileNotFoundError: no model at /x\n") == "FileNotFoundError: no model at /x"
     assert len(load_error("x" * 5000)) == 1024
+
+
+# --- adapters on the model's base ------------------------------------------------------------------
+
+ADAPTERS_SPEC = parse_spec(
+    {
+        "model": {"fineTuneJobRef": {"name": "bot"}},
+        "adapters": [{"name": "billing", "fineTuneJobRef": {"name": "billing-run"}}],
+        "resources": {"gpu": 1},
+    }
+)
+
+
+def named(found: dict[str, Any], name: str, base: str | None = None) -> dict[str, Any]:
+    """`found` as the FineTuneJob `name`, trained on the hub model `base` when given."""
+    renamed = copy.deepcopy(found)
+    renamed["metadata"]["name"] = name
+    if base:
+        renamed["spec"]["baseModel"] = {"name": base}
+    return renamed
+
+
+def test_adapters_share_the_models_base_and_keep_its_adapter_unmerged() -> None:
+    own = job("Succeeded", mergedPath="merged", adapterPath="adapter")
+    billing = named(job("Succeeded", adapterPath="adapter"), "billing-run")
+    result = resolve_source(ADAPTERS_SPEC, {"bot": own, "billing-run": billing}, None)
+    assert isinstance(result, ResolvedModel)
+    assert result.merged is None and result.adapter == PvcLocation(claim_name="out", path="ns/bot/adapter")
+    assert result.adapter_rank == 16
+    assert result.adapters is not None and [(a.name, a.fine_tune_job) for a in result.adapters] == [
+        ("billing", "billing-run")
+    ]
+
+
+def test_an_adapter_of_another_base_is_named_with_both_bases() -> None:
+    own = job("Succeeded", adapterPath="adapter")
+    other = named(
+        job("Succeeded", adapterPath="adapter"), "billing-run", "deepseek-ai/deepseek-coder-6.7b-base"
+    )
+    result = resolve_source(ADAPTERS_SPEC, {"bot": own, "billing-run": other}, None)
+    assert isinstance(result, Waiting) and result.reason == "AdapterBaseMismatch"
+    assert result.message.startswith("adapters[0] (billing): FineTuneJob billing-run was trained on")
+    assert "deepseek-coder-6.7b-base" in result.message and "deepseek-llm-7b-base" in result.message
+
+
+def test_an_adapter_still_training_is_waited_for_and_a_served_one_stays_while_its_job_reruns() -> None:
+    own = job("Succeeded", adapterPath="adapter")
+    running = named(job("Running"), "billing-run")
+    waiting = resolve_source(ADAPTERS_SPEC, {"bot": own, "billing-run": running}, None)
+    assert isinstance(waiting, Waiting) and waiting.reason == "WaitingForFineTuneJob"
+    assert waiting.message.startswith("adapters[0] (billing): waiting for FineTuneJob billing-run")
+    served = resolve_source(
+        ADAPTERS_SPEC,
+        {"bot": own, "billing-run": named(job("Succeeded", adapterPath="adapter"), "billing-run")},
+        None,
+    )
+    assert isinstance(served, ResolvedModel)
+    assert resolve_source(ADAPTERS_SPEC, {"bot": own, "billing-run": running}, served) == served
+    assert (
+        resolve_source(ADAPTERS_SPEC, {"bot": own}, served) == served
+    )  # deleted: the weights are still there
+
+
+def test_a_full_fine_tune_cannot_lend_its_base_to_adapters() -> None:
+    full = job("Succeeded", mergedPath="model")
+    result = resolve_source(ADAPTERS_SPEC, {"bot": full}, None)
+    assert isinstance(result, Waiting) and "saved no adapter" in result.message

@@ -134,6 +134,7 @@ SEEDS: dict[str, list[dict[str, Any]]] = {
         {"model": {"fineTuneJobRef": {"name": "bot"}}, "resources": {"gpu": 0}},
         {"model": {"merged": {"pvc": {"claimName": "out", "path": "bot/merged"}}}},
         load_example("deployment.yaml")["spec"],
+        load_example("deployment-adapters.yaml")["spec"],
         RICH_MDEP,
     ],
 }

@@ -52,6 +52,10 @@ elseif ready ~= nil and ready.status == "False" and ready.reason == "FineTuneJob
   -- no model to serve until the referenced FineTuneJob is rerun and succeeds
   hs.status = "Degraded"
   hs.message = explain(ready, "FineTuneJobFailed")
+elseif ready ~= nil and ready.status == "False" and ready.reason == "AdapterBaseMismatch" then
+  -- an adapter trained on another base model: the spec must change
+  hs.status = "Degraded"
+  hs.message = explain(ready, "AdapterBaseMismatch")
 elseif scaled_to_zero then
   hs.status = "Healthy"
   hs.message = "Scaled to zero: spec.replicas is 0"

@@ -32,6 +32,7 @@ from deeptune.api.finetunejob import (
     FineTuneJobSpec,
     FineTuneJobStatus,
     GenerationSpec,
+    OutputStatus,
     ResourcesSpec,
 )
 
@@ -40,13 +41,33 @@ PLURAL = "modeldeployments"
 SHORT_NAME = "mdep"
 
 DEFAULT_SERVING_IMAGE = "ghcr.io/deeptune/serving:0.1.0"
-"""Triton 24.10 with torch, transformers, peft and bitsandbytes (serving-image/Dockerfile): NVIDIA's
-own image has no torch, so it cannot run the Python backend's model."""
-"""Triton 2.51, the release whose server and Python backend the tests run (from the nvidia-pytriton wheel)."""
+"""The Python backend's image: Triton 24.10 (Triton 2.51, the release whose server and Python backend
+the tests run) with torch, transformers, peft and bitsandbytes (serving-image/Dockerfile): NVIDIA's own
+image has no torch, so it cannot run the Python backend's model."""
+DEFAULT_VLLM_IMAGE = "nvcr.io/nvidia/tritonserver:25.12-vllm-python-py3"
+"""The vLLM backend's image: NVIDIA's Triton with vLLM and Triton's own OpenAI frontend (in the images
+since 25.01)."""
 
-Backend = Literal["python"]
-"""How Triton runs the model. Only the Python backend (transformers) exists now; vllm and tensorrtllm
-would be further values, each with its own repository generator."""
+Backend = Literal["auto", "python", "vllm"]
+"""How Triton runs the model: `python` (DeepTune's model on transformers, continuous or dynamic
+batching, CPU or GPU), `vllm` (Triton's vLLM backend: paged attention, continuous batching, prefix
+caching, LoRA adapters loaded beside one base; GPU only), or `auto` (see `serving_backend`)."""
+ADAPTER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+PRIMARY_ADAPTER = "adapter"
+"""The LoRA name of `spec.model`'s own adapter on the vLLM backend; `spec.adapters` cannot use it."""
+VLLM_NEEDS = (
+    "runtime.backend vllm needs resources.gpu of 1 or more, quantization none or int4, and the response"
+    " cache off (vLLM runs on NVIDIA GPUs and keeps no response cache); use runtime.backend python otherwise"
+)
+ADAPTERS_NEED_VLLM = (
+    "adapters are served by the vLLM backend only (the Python backend serves one model): set"
+    " resources.gpu to 1 or more, runtime.backend to vllm or auto, quantization to none or int4, and"
+    " the response cache off"
+)
+ADAPTERS_NEED_A_BASE = (
+    "adapters share model's base model: model must be a base model with an adapter (fineTuneJobRef or"
+    " adapter), not merged"
+)
 Quantization = Literal["none", "int8", "int4"]
 ModelState = Literal["Pending", "Loading", "Loaded", "FailedToLoad"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
@@ -105,10 +126,28 @@ class ModelSource(ApiModel):
 class RuntimeSpec(ApiModel):
     """The serving runtime: Triton's image and the backend that runs the model in it."""
 
-    image: ImageReference = DEFAULT_SERVING_IMAGE
-    """Triton image; it must also hold torch, transformers and peft (and bitsandbytes to quantize), as
-    DeepTune's serving image (serving-image/Dockerfile) does."""
-    backend: Backend = "python"
+    image: ImageReference | None = None
+    """Triton image. Default: DeepTune's serving image for the Python backend (it must hold torch,
+    transformers and peft, and bitsandbytes to quantize: serving-image/Dockerfile), NVIDIA's
+    `-vllm-python-py3` image for vLLM."""
+    backend: Backend = "auto"
+    """`auto`: vLLM on GPUs, the Python backend on CPU and wherever vLLM cannot serve the spec (8-bit
+    weights, the response cache)."""
+
+
+class ServedAdapter(ApiModel):
+    """Another FineTuneJob's LoRA adapter, served on the same base model as `model` (vLLM loads every
+    adapter once beside one copy of the base weights)."""
+
+    model_config = cel_rules(
+        cel(f"self.name != '{PRIMARY_ADAPTER}'", f"name {PRIMARY_ADAPTER!r} is model's own adapter's")
+    )
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=ADAPTER_NAME_PATTERN)]
+    """Its name in requests: `model: <ModelDeployment>:<name>` on the OpenAI API. It stays when the
+    FineTuneJob behind it changes, so clients need no change when a new run replaces an old one."""
+    fine_tune_job_ref: FineTuneJobRef
+    """A succeeded FineTuneJob with an adapter (a LoRA or QLoRA run) on `model`'s base model."""
 
 
 class GenerationDefaults(GenerationSpec):
@@ -361,9 +400,42 @@ class ModelDeploymentSpec(ApiModel):
             " the cache off",
             field_path=".responseCache.enabled",
         ),
+        cel(
+            "!has(self.runtime) || !has(self.runtime.backend) || self.runtime.backend != 'vllm'"
+            " || (has(self.resources) && has(self.resources.gpu) && self.resources.gpu > 0"
+            " && (!has(self.quantization) || self.quantization != 'int8')"
+            " && (!has(self.responseCache) || !has(self.responseCache.enabled)"
+            " || !self.responseCache.enabled))",
+            VLLM_NEEDS,
+            field_path=".runtime.backend",
+        ),
+        cel(
+            "!has(self.adapters) || size(self.adapters) == 0"
+            " || (has(self.resources) && has(self.resources.gpu) && self.resources.gpu > 0"
+            " && (!has(self.runtime) || !has(self.runtime.backend) || self.runtime.backend != 'python')"
+            " && (!has(self.quantization) || self.quantization != 'int8')"
+            " && (!has(self.responseCache) || !has(self.responseCache.enabled)"
+            " || !self.responseCache.enabled))",
+            ADAPTERS_NEED_VLLM,
+            field_path=".adapters",
+        ),
+        cel(
+            "!has(self.adapters) || size(self.adapters) == 0 || !has(self.model.merged)",
+            ADAPTERS_NEED_A_BASE,
+            field_path=".adapters",
+        ),
     )
 
     model: ModelSource
+    adapters: Annotated[
+        list[ServedAdapter],
+        Field(
+            max_length=16,
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        ),
+    ] = []
+    """More LoRA adapters on `model`'s base model, each its own model name (vLLM backend). Adding or
+    swapping one rolls the pods out: Triton's OpenAI frontend lists its models once, at start."""
     runtime: Annotated[RuntimeSpec, Field(json_schema_extra=nested_default())] = Field(
         default_factory=RuntimeSpec
     )
@@ -429,10 +501,48 @@ class ModelDeploymentSpec(ApiModel):
                 " sampled request would be returned to every later one; set the temperature to 0 or turn"
                 " the cache off"
             )
+        if self.runtime.backend == "vllm" and not vllm_can_serve(self):
+            raise ValueError(VLLM_NEEDS)
+        if self.adapters:
+            if serving_backend(self) != "vllm":
+                raise ValueError(ADAPTERS_NEED_VLLM)
+            if self.model.merged is not None:
+                raise ValueError(ADAPTERS_NEED_A_BASE)
+            names = [adapter.name for adapter in self.adapters]
+            if PRIMARY_ADAPTER in names or len(set(names)) != len(names):
+                raise ValueError(f"adapters: names must differ from each other and from {PRIMARY_ADAPTER!r}")
         return self
 
 
+def vllm_can_serve(spec: ModelDeploymentSpec) -> bool:
+    """vLLM serves on GPUs, loads 4-bit bitsandbytes weights but not 8-bit, and has no response cache."""
+    return spec.resources.gpu > 0 and spec.quantization != "int8" and not spec.response_cache.enabled
+
+
+def serving_backend(spec: ModelDeploymentSpec) -> Literal["python", "vllm"]:
+    """The backend that serves the spec: the one it names, else vLLM where it can serve it."""
+    if spec.runtime.backend != "auto":
+        return spec.runtime.backend
+    return "vllm" if vllm_can_serve(spec) else "python"
+
+
+def serving_image(spec: ModelDeploymentSpec) -> str:
+    """The spec's image, else the backend's default."""
+    if spec.runtime.image:
+        return spec.runtime.image
+    return DEFAULT_VLLM_IMAGE if serving_backend(spec) == "vllm" else DEFAULT_SERVING_IMAGE
+
+
 # --- status ---------------------------------------------------------------------------------
+
+
+class ResolvedAdapter(ApiModel):
+    """One of `spec.adapters`, after following its fineTuneJobRef."""
+
+    name: Annotated[str, Field(max_length=63)]
+    adapter: PvcLocation
+    rank: int | None = None
+    fine_tune_job: Annotated[str, Field(max_length=SHORT_TEXT)]
 
 
 class ResolvedModel(ApiModel):
@@ -443,8 +553,12 @@ class ResolvedModel(ApiModel):
     base_model: BaseModelSpec | None = None
     """The base model an adapter is applied to."""
     adapter: PvcLocation | None = None
+    adapter_rank: int | None = None
+    """The adapter's LoRA rank, when its FineTuneJob says (vLLM sizes its adapter slots by it)."""
     fine_tune_job: str | None = None
     """The FineTuneJob whose output this is, when the spec names one."""
+    adapters: Annotated[list[ResolvedAdapter], Field(max_length=16)] | None = None
+    """`spec.adapters`, each where its FineTuneJob saved it."""
 
 
 class Endpoints(ApiModel):
@@ -456,7 +570,10 @@ class Endpoints(ApiModel):
     openai: str | None = None
     """The OpenAI-compatible API's base URL (`.../v1`), for the `openai` client's `base_url`."""
     model_name: str | None = None
-    """The model name to use in requests: `/v2/models/<modelName>/infer`, and `model` on the OpenAI API."""
+    """The model name to use in requests: `model` on the OpenAI API (and, on the Python backend,
+    `/v2/models/<modelName>/infer`)."""
+    models: Annotated[list[Annotated[str, Field(max_length=SHORT_TEXT)]], Field(max_length=17)] | None = None
+    """Every model name the deployment answers to: `modelName`, then one per `spec.adapters`."""
 
 
 class ProbeResult(ApiModel):
@@ -476,6 +593,8 @@ class ModelDeploymentStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
     model_state: ModelState | None = None
+    backend: Literal["python", "vllm"] | None = None
+    """The Triton backend serving the model (`spec.runtime.backend`, with `auto` decided)."""
     observed_generation: int | None = None
     conditions: list[Condition] = []
     """ModelLoaded (every serving pod has loaded the model) and Ready (the Service answers)."""
@@ -494,6 +613,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Model State", "type": "string", "jsonPath": ".status.modelState"},
     {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
     {"name": "OpenAI URL", "type": "string", "jsonPath": ".status.endpoints.openai"},
+    {"name": "Backend", "type": "string", "jsonPath": ".status.backend", "priority": 1},
     {"name": "Quantization", "type": "string", "jsonPath": ".spec.quantization", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
@@ -509,25 +629,22 @@ class ModelNotReadyError(ValueError):
 
 
 def resolve_model(
-    source: ModelSource, job: tuple[FineTuneJobSpec, FineTuneJobStatus] | None = None
+    source: ModelSource,
+    job: tuple[FineTuneJobSpec, FineTuneJobStatus] | None = None,
+    *,
+    adapter_needed: bool = False,
 ) -> ResolvedModel:
     """Where to load from. A fineTuneJobRef needs the job (spec and status): its merged model wins over
-    its adapter, because a merged model loads faster and serves without the adapter's extra matmuls."""
+    its adapter, because a merged model loads faster and serves without the adapter's extra matmuls;
+    unless `adapter_needed` (other adapters share its base model, so it must stay base + adapter)."""
     if source.merged is not None:
         return ResolvedModel(merged=source.merged.pvc)
     if source.adapter is not None:
         return ResolvedModel(base_model=source.adapter.base_model, adapter=source.adapter.adapter.pvc)
     assert source.fine_tune_job_ref is not None  # the validator guarantees one source
     name = source.fine_tune_job_ref.name
-    if job is None:
-        raise ModelNotReadyError(f"model.fineTuneJobRef: FineTuneJob {name} not found")
-    job_spec, job_status = job
-    output = job_status.output
-    if job_status.phase != "Succeeded" or output is None:
-        raise ModelNotReadyError(
-            f"model.fineTuneJobRef: FineTuneJob {name} has not succeeded yet (phase {job_status.phase})"
-        )
-    if output.merged_path:
+    job_spec, output = _succeeded_output(f"model.fineTuneJobRef: FineTuneJob {name}", job)
+    if output.merged_path and not adapter_needed:
         merged = PvcLocation(
             claim_name=output.claim_name, path=posixpath.join(output.path, output.merged_path)
         )
@@ -536,5 +653,63 @@ def resolve_model(
         adapter = PvcLocation(
             claim_name=output.claim_name, path=posixpath.join(output.path, output.adapter_path)
         )
-        return ResolvedModel(base_model=job_spec.base_model, adapter=adapter, fine_tune_job=name)
+        return ResolvedModel(
+            base_model=job_spec.base_model, adapter=adapter, adapter_rank=job_spec.lora.r, fine_tune_job=name
+        )
+    if adapter_needed:
+        raise ModelNotReadyError(
+            f"model.fineTuneJobRef: FineTuneJob {name} saved no adapter (method {job_spec.method}), so"
+            " adapters cannot share its base model: serve it alone, or serve a LoRA or QLoRA run"
+        )
     raise ModelNotReadyError(f"model.fineTuneJobRef: FineTuneJob {name} saved no model")
+
+
+def _succeeded_output(
+    what: str, job: tuple[FineTuneJobSpec, FineTuneJobStatus] | None
+) -> tuple[FineTuneJobSpec, OutputStatus]:
+    if job is None:
+        raise ModelNotReadyError(f"{what} not found")
+    job_spec, job_status = job
+    if job_status.phase != "Succeeded" or job_status.output is None:
+        raise ModelNotReadyError(f"{what} has not succeeded yet (phase {job_status.phase})")
+    return job_spec, job_status.output
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter of `spec.adapters` was trained on another base model than `spec.model`'s."""
+
+
+def _same_base(a: BaseModelSpec, b: BaseModelSpec) -> bool:
+    return (a.name, a.pvc, a.revision) == (b.name, b.pvc, b.revision)
+
+
+def _describe_base(base: BaseModelSpec) -> str:
+    if base.pvc is not None:
+        return f"PVC {base.pvc.claim_name}:{base.pvc.path or '/'}"
+    return f"{base.name}@{base.revision}"
+
+
+def resolve_adapter(
+    index: int,
+    entry: ServedAdapter,
+    job: tuple[FineTuneJobSpec, FineTuneJobStatus] | None,
+    base: BaseModelSpec,
+) -> ResolvedAdapter:
+    """Where one of `spec.adapters` is, after checking that it was trained on `base` (`spec.model`'s)."""
+    ref = entry.fine_tune_job_ref.name
+    what = f"adapters[{index}] ({entry.name}): FineTuneJob {ref}"
+    job_spec, output = _succeeded_output(what, job)
+    if not output.adapter_path:
+        raise ModelNotReadyError(
+            f"{what} saved no adapter (method {job_spec.method}): only LoRA and QLoRA runs can share a"
+            " base model"
+        )
+    if not _same_base(job_spec.base_model, base):
+        raise AdapterMismatchError(
+            f"{what} was trained on {_describe_base(job_spec.base_model)}, but model's base model is"
+            f" {_describe_base(base)}: one deployment serves adapters of one base model"
+        )
+    location = PvcLocation(
+        claim_name=output.claim_name, path=posixpath.join(output.path, output.adapter_path)
+    )
+    return ResolvedAdapter(name=entry.name, adapter=location, rank=job_spec.lora.r, fine_tune_job=ref)

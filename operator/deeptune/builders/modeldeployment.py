@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 from deeptune.api.base import PvcLocation
 from deeptune.api.finetunejob import BaseModelSpec
-from deeptune.api.modeldeployment import Endpoints, ModelDeploymentSpec, ResolvedModel
+from deeptune.api.modeldeployment import (
+    PRIMARY_ADAPTER,
+    Endpoints,
+    ModelDeploymentSpec,
+    ResolvedModel,
+    serving_backend,
+    serving_image,
+)
 from deeptune.builders.common import (
     Manifest,
     Owner,
@@ -29,7 +36,8 @@ from deeptune.builders.common import (
 )
 from deeptune.builders.finetunejob import PVC_ROOT, ChildSettings
 from deeptune.builders.pod import container_resources, cpu_threads, scheduling
-from deeptune.serving.repository import REPOSITORY_PATH, ModelLocation, repository_files, serving_command
+from deeptune.serving import repository, vllm
+from deeptune.serving.repository import REPOSITORY_PATH, ModelLocation
 
 COMPONENT = "serving"
 CONTAINER = "triton"
@@ -84,8 +92,19 @@ def repository_name(owner: Owner) -> str:
 
 
 def model_name(owner: Owner) -> str:
-    """The Triton model name clients put in `/v2/models/<name>/infer`: the ModelDeployment's name."""
+    """The Triton model's name (`/v2/models/<name>/...`): the ModelDeployment's name."""
     return owner.name
+
+
+def served_models(owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel) -> list[str]:
+    """The names clients put in `model` on the OpenAI API: `spec.model`'s first, then one per adapter.
+    The Python backend serves one model under the Triton model's name; on vLLM the Triton model is the
+    base (or merged) model and each adapter is `<name>:<adapter>` (Triton's OpenAI frontend)."""
+    name = model_name(owner)
+    if serving_backend(spec) == "python":
+        return [name]
+    own = vllm.served_name(name, PRIMARY_ADAPTER if resolved.adapter else None)
+    return [own, *(vllm.served_name(name, adapter.name) for adapter in resolved.adapters or [])]
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:
@@ -104,17 +123,20 @@ def _labelled_metadata(owner: Owner, name: str, settings: ChildSettings) -> Mani
     return meta
 
 
-def endpoints(owner: Owner, spec: ModelDeploymentSpec) -> Endpoints:
+def endpoints(owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel) -> Endpoints:
     """In-cluster addresses of the Service: URLs for HTTP, metrics and the OpenAI API (its base URL, as
-    the `openai` client takes it), `host:port` for gRPC (the form `tritonclient.grpc` takes)."""
+    the `openai` client takes it), `host:port` for gRPC (the form `tritonclient.grpc` takes), and the
+    model names to ask for."""
     host = f"{server_name(owner)}.{owner.namespace}.svc"
     ports = spec.service
+    models = served_models(owner, spec, resolved)
     return Endpoints(
         http=f"http://{host}:{ports.http_port}",
         grpc=f"{host}:{ports.grpc_port}",
         metrics=f"http://{host}:{ports.metrics_port}/metrics",
         openai=f"http://{host}:{ports.openai_port}/v1",
-        model_name=model_name(owner),
+        model_name=models[0],
+        models=models,
     )
 
 
@@ -141,11 +163,61 @@ def model_location(resolved: ResolvedModel) -> ModelLocation:
     )
 
 
+def extra_adapters(resolved: ResolvedModel) -> dict[str, str]:
+    """`spec.adapters` as the serving container sees them: name → directory."""
+    return {adapter.name: _mounted(adapter.adapter) for adapter in resolved.adapters or []}
+
+
 def _claims(resolved: ResolvedModel) -> list[str]:
-    """Every claim holding weights, once each (base model and adapter often share one)."""
+    """Every claim holding weights, once each (base model and adapters often share one)."""
     base_pvc = resolved.base_model.pvc if resolved.base_model else None
-    locations = [resolved.merged, base_pvc, resolved.adapter]
+    locations = [resolved.merged, base_pvc, resolved.adapter, *(a.adapter for a in resolved.adapters or [])]
     return list(dict.fromkeys(loc.claim_name for loc in locations if loc is not None))
+
+
+def _lora_rank(resolved: ResolvedModel) -> int | None:
+    """The largest rank of the adapters served, when every one is known."""
+    ranks = [resolved.adapter_rank] if resolved.adapter else []
+    ranks += [adapter.rank for adapter in resolved.adapters or []]
+    known = [rank for rank in ranks if rank is not None]
+    return max(known) if known and len(known) == len(ranks) else None
+
+
+def serving_files(owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel) -> dict[str, str]:
+    """The model repository the spec's backend reads."""
+    location = model_location(resolved)
+    if serving_backend(spec) == "python":
+        return repository.repository_files(spec, location, model_name(owner))
+    adapters = vllm.lora_adapters(location, extra_adapters(resolved))
+    return vllm.repository_files(spec, location, model_name(owner), adapters, _lora_rank(resolved))
+
+
+def _command(owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel) -> list[str]:
+    """Each backend's OpenAI frontend, which starts Triton and ends with it: DeepTune's for the Python
+    backend (deeptune_serving.__main__), Triton's own for vLLM (its chat template from the artifact's
+    tokenizer: the adapter's, which the trainer saved with the template it trained with)."""
+    if serving_backend(spec) == "python":
+        return repository.serving_command(spec, model_name(owner))
+    location = model_location(resolved)
+    return vllm.frontend_command(spec, tokenizer=location.adapter or location.model)
+
+
+def metrics_port_name(spec: ModelDeploymentSpec) -> str:
+    """The container port Prometheus scrapes: Triton's metrics port, or on vLLM the OpenAI port, where
+    Triton's OpenAI frontend serves Triton's metrics (`/metrics`; it opens no metrics port)."""
+    return "metrics" if serving_backend(spec) == "python" else "openai"
+
+
+def _pod_metrics_port(spec: ModelDeploymentSpec) -> int:
+    ports = spec.service
+    return ports.metrics_port if metrics_port_name(spec) == "metrics" else ports.openai_port
+
+
+def probe_port(spec: ModelDeploymentSpec) -> int:
+    """The port the operator checks the model through: Triton's HTTP endpoint on the Python backend,
+    the OpenAI API on vLLM (the API clients use, and the one both frontends share)."""
+    ports = spec.service
+    return ports.http_port if serving_backend(spec) == "python" else ports.openai_port
 
 
 # --- the ConfigMap -----------------------------------------------------------------------------
@@ -237,17 +309,19 @@ def _container(
     settings: ChildSettings,
 ) -> Manifest:
     ports = spec.service
+    container_ports = [
+        {"name": "http", "containerPort": ports.http_port, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": ports.grpc_port, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": ports.metrics_port, "protocol": "TCP"},
+        {"name": "openai", "containerPort": ports.openai_port, "protocol": "TCP"},
+    ]
     return {
         "name": CONTAINER,
-        "image": spec.runtime.image,
+        "image": serving_image(spec),
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
-        # The OpenAI frontend starts Triton and ends with it (deeptune_serving.__main__).
-        "command": serving_command(spec, model_name(owner)),
+        "command": _command(owner, spec, resolved),
         "ports": [
-            {"name": "http", "containerPort": ports.http_port, "protocol": "TCP"},
-            {"name": "grpc", "containerPort": ports.grpc_port, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": ports.metrics_port, "protocol": "TCP"},
-            {"name": "openai", "containerPort": ports.openai_port, "protocol": "TCP"},
+            p for p in container_ports if p["name"] != "metrics" or metrics_port_name(spec) == "metrics"
         ],
         "env": _env(spec, resolved),
         "resources": container_resources(spec.resources),
@@ -330,7 +404,7 @@ def build_deployment(
                 "annotations": {
                     CONFIG_HASH: config_hash(files, pod_spec),
                     "prometheus.io/scrape": "true",
-                    "prometheus.io/port": str(spec.service.metrics_port),
+                    "prometheus.io/port": str(_pod_metrics_port(spec)),
                     "prometheus.io/path": "/metrics",
                 },
             },
@@ -365,7 +439,12 @@ def build_service(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSettin
                     "protocol": "TCP",
                     "appProtocol": "grpc",
                 },
-                {"name": "metrics", "port": ports.metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+                {
+                    "name": "metrics",
+                    "port": ports.metrics_port,
+                    "targetPort": metrics_port_name(spec),
+                    "protocol": "TCP",
+                },
                 {
                     "name": "openai",
                     "port": ports.openai_port,
@@ -459,8 +538,9 @@ def _port_rule(peers: list[Manifest], *ports: int) -> list[Manifest]:
 
 
 def build_network_policy(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSettings) -> Manifest | None:
-    """Ingress to the serving pods: HTTP and gRPC from `allowFrom`, HTTP from the operator (its model
-    check), metrics from `metricsFrom`; nothing else. The kubelet's probes come from the node, which
+    """Ingress to the serving pods: HTTP, gRPC and the OpenAI API from `allowFrom`, the probe port from
+    the operator (its model check), metrics from `metricsFrom` (on vLLM that is the OpenAI port, where
+    Triton's OpenAI frontend serves them); nothing else. The kubelet's probes come from the node, which
     network plugins admit. Egress is left alone (a base model named by its Hugging Face id is
     downloaded)."""
     policy = spec.network_policy
@@ -475,8 +555,8 @@ def build_network_policy(owner: Owner, spec: ModelDeploymentSpec, settings: Chil
             ports.grpc_port,
             ports.openai_port,
         ),
-        *_port_rule([operator] if operator else [], ports.http_port),
-        *_port_rule([peer.to_wire() for peer in policy.metrics_from], ports.metrics_port),
+        *_port_rule([operator] if operator else [], probe_port(spec)),
+        *_port_rule([peer.to_wire() for peer in policy.metrics_from], _pod_metrics_port(spec)),
     ]
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -494,7 +574,7 @@ def build_children(
     owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel, settings: ChildSettings
 ) -> ServingChildren:
     """Every child of a ModelDeployment whose model is resolved (a fineTuneJobRef followed)."""
-    files = repository_files(spec, model_location(resolved), model_name(owner))
+    files = serving_files(owner, spec, resolved)
     return ServingChildren(
         config_map=build_config_map(owner, files, settings),
         deployment=build_deployment(owner, spec, resolved, files, settings),

@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from kubernetes.client.exceptions import ApiException
 
@@ -30,12 +30,13 @@ from deeptune.api.modeldeployment import (
     ProbeResult,
     ResolvedModel,
     parse_spec,
+    serving_backend,
 )
 from deeptune.builders import modeldeployment as build
 from deeptune.builders.common import Manifest, Owner
 from deeptune.cache import Cache
 from deeptune.config import Settings
-from deeptune.probe import probe_server
+from deeptune.probe import probe_openai, probe_server
 from deeptune.samples import Samples
 from deeptune.serving.repository import decoupled
 from deeptune.status.conditions import now
@@ -115,6 +116,8 @@ class ProbeTarget:
     pod: str
     address: str
     model: str
+    api: Literal["triton", "openai"]
+    """Triton's KServe-v2 HTTP endpoint, or an OpenAI-compatible API."""
     decoupled: bool
 
 
@@ -182,8 +185,12 @@ class ModelDeploymentReconciler:
         deployment = deployment or applied
         pods = self.cache.all(PODS, uid)
         ready = ready_pods(deployment, pods)
-        probe = self._latest_probe(uid, ready, owner, spec)
-        if ready and probe is None and self.probes.pending(uid, self._probe_target(ready[0], owner, spec)):
+        probe = self._latest_probe(uid, ready, owner, spec, resolved)
+        if (
+            ready
+            and probe is None
+            and self.probes.pending(uid, self._probe_target(ready[0], owner, spec, resolved))
+        ):
             return None  # the first check of this pod is on its way; its news reconciles again
         new = derive_status(
             previous=previous,
@@ -192,7 +199,8 @@ class ModelDeploymentReconciler:
             deployment=deployment,
             pods=pods,
             probe=probe,
-            endpoints=build.endpoints(owner, spec),
+            endpoints=build.endpoints(owner, spec, resolved),
+            backend=serving_backend(spec),
             deployment_name=build.server_name(owner),
             now=now(),
         )
@@ -209,10 +217,15 @@ class ModelDeploymentReconciler:
     def _resolve(
         self, obj: Obj, spec: ModelDeploymentSpec, previous: ModelDeploymentStatus
     ) -> ResolvedModel | Waiting:
-        """The model to serve: the referenced FineTuneJob's output (from the cache), or the spec's own."""
-        ref = spec.model.fine_tune_job_ref
-        job = self.cache.one(FINETUNEJOBS_BY_NAME, (obj["metadata"]["namespace"], ref.name)) if ref else None
-        return resolve_source(spec, job, previous.resolved_model)
+        """The model to serve: the referenced FineTuneJobs' outputs (from the cache), or the spec's own."""
+        namespace = obj["metadata"]["namespace"]
+        refs = [spec.model.fine_tune_job_ref, *(adapter.fine_tune_job_ref for adapter in spec.adapters)]
+        jobs = {
+            ref.name: job
+            for ref in refs
+            if ref is not None and (job := self.cache.one(FINETUNEJOBS_BY_NAME, (namespace, ref.name)))
+        }
+        return resolve_source(spec, jobs, previous.resolved_model)
 
     # --- children ---------------------------------------------------------------------------
 
@@ -282,7 +295,7 @@ class ModelDeploymentReconciler:
     # --- the probe --------------------------------------------------------------------------
 
     def _latest_probe(
-        self, uid: str, ready: list[Obj], owner: Owner, spec: ModelDeploymentSpec
+        self, uid: str, ready: list[Obj], owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel
     ) -> ProbeResult | None:
         """The latest check of a ready pod of the current spec (None until there is one). The pod's
         own address, not the Service's: that needs no kube-proxy and checks the server the pods run,
@@ -290,24 +303,27 @@ class ModelDeploymentReconciler:
         if not ready:
             self.probes.forget(uid)
             return None
-        return self.probes.latest(uid, self._probe_target(ready[0], owner, spec))
+        return self.probes.latest(uid, self._probe_target(ready[0], owner, spec, resolved))
 
     @staticmethod
-    def _probe_target(pod: Obj, owner: Owner, spec: ModelDeploymentSpec) -> ProbeTarget:
+    def _probe_target(
+        pod: Obj, owner: Owner, spec: ModelDeploymentSpec, resolved: ResolvedModel
+    ) -> ProbeTarget:
+        backend = serving_backend(spec)
         return ProbeTarget(
             pod=pod["metadata"]["name"],
-            address=f"{pod['status']['podIP']}:{spec.service.http_port}",
-            model=build.model_name(owner),
+            address=f"{pod['status']['podIP']}:{build.probe_port(spec)}",
+            model=build.served_models(owner, spec, resolved)[0],
+            api="triton" if backend == "python" else "openai",
             decoupled=decoupled(spec),
         )
 
     async def _probe(self, target: ProbeTarget) -> ProbeResult:
+        timeout, at = self.settings.probe_timeout, now()
+        if target.api == "openai":
+            return await probe_openai(target.address, target.model, timeout=timeout, now=at)
         return await probe_server(
-            target.address,
-            target.model,
-            decoupled=target.decoupled,
-            timeout=self.settings.probe_timeout,
-            now=now(),
+            target.address, target.model, decoupled=target.decoupled, timeout=timeout, now=at
         )
 
     def _forget(self, uid: str) -> None:

@@ -12,20 +12,24 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from deeptune.api.base import describe_validation_error
 from deeptune.api.finetunejob import FailureInfo, FineTuneJobSpec, FineTuneJobStatus
 from deeptune.api.modeldeployment import (
+    AdapterMismatchError,
     Endpoints,
     ModelDeploymentSpec,
     ModelDeploymentStatus,
     ModelNotReadyError,
     ModelState,
     ProbeResult,
+    ResolvedAdapter,
     ResolvedModel,
+    ServedAdapter,
+    resolve_adapter,
     resolve_model,
 )
 from deeptune.builders.modeldeployment import CONFIG_HASH, template_hash
@@ -34,8 +38,15 @@ from deeptune.status.conditions import set_conditions
 Obj = dict[str, Any]
 INVALID_SPEC = "InvalidSpec"
 FINETUNEJOB_FAILED = "FineTuneJobFailed"
+ADAPTER_BASE_MISMATCH = "AdapterBaseMismatch"
 WAITING_REASONS = frozenset(
-    {"FineTuneJobNotFound", "WaitingForFineTuneJob", "FineTuneJobSavedNoModel", FINETUNEJOB_FAILED}
+    {
+        "FineTuneJobNotFound",
+        "WaitingForFineTuneJob",
+        "FineTuneJobSavedNoModel",
+        FINETUNEJOB_FAILED,
+        ADAPTER_BASE_MISMATCH,
+    }
 )
 """Ready reasons of a spec whose model is not there yet: no children follow it until it is. A failed
 FineTuneJob is one of them (it may be rerun under the same name); Argo CD's health check reads that
@@ -66,28 +77,25 @@ class Waiting:
     message: str
 
 
-def _job_failed(name: str, status: FineTuneJobStatus) -> Waiting:
+def _job_failed(field: str, name: str, status: FineTuneJobStatus) -> Waiting:
     """A failed FineTuneJob, in its own Failed condition's words (the trainer's reason and message
     first, the Job's after them). Still a wait: a rerun under the same name may yet succeed."""
     failed = next((c for c in status.conditions if c.type == "Failed" and c.status == "True"), None)
     said = failed or status.last_failure
     detail = ": ".join(part for part in (said.reason, said.message) if part) if said else ""
-    message = (
-        f"model.fineTuneJobRef: FineTuneJob {name} failed, so there is no model to serve until it is rerun"
-    )
+    message = f"{field}: FineTuneJob {name} failed, so there is no model to serve until it is rerun"
     return Waiting(FINETUNEJOB_FAILED, f"{message} and succeeds: {detail}" if detail else message)
 
 
-def _job_models(job: Obj) -> tuple[FineTuneJobSpec, FineTuneJobStatus] | Waiting:
+def _job_models(field: str, job: Obj) -> tuple[FineTuneJobSpec, FineTuneJobStatus] | Waiting:
     status = FineTuneJobStatus.model_validate(job.get("status") or {})
     name = job.get("metadata", {}).get("name", "")
     if status.phase == "Failed":
-        return _job_failed(name, status)
+        return _job_failed(field, name, status)
     if status.phase != "Succeeded":
         where = f"phase {status.phase}" if status.phase else "it has not started yet"
         return Waiting(
-            "WaitingForFineTuneJob",
-            f"model.fineTuneJobRef: waiting for FineTuneJob {name} to succeed ({where})",
+            "WaitingForFineTuneJob", f"{field}: waiting for FineTuneJob {name} to succeed ({where})"
         )
     try:
         return FineTuneJobSpec.model_validate(job.get("spec") or {}), status
@@ -96,25 +104,71 @@ def _job_models(job: Obj) -> tuple[FineTuneJobSpec, FineTuneJobStatus] | Waiting
 
 
 def resolve_source(
-    spec: ModelDeploymentSpec, job: Obj | None, previous: ResolvedModel | None
+    spec: ModelDeploymentSpec, jobs: dict[str, Obj], previous: ResolvedModel | None
 ) -> ResolvedModel | Waiting:
-    """Where to load the model from, given the referenced FineTuneJob (as the API returns it) if any.
+    """Where to load the model and its adapters from, given the FineTuneJobs the spec references (by
+    name, as the API returns them; a missing one is not there).
 
     A model resolved earlier from the same FineTuneJob stays resolved when the job is later deleted
-    or re-run: the weights are on the volume, and a serving deployment must not stop for that.
+    or re-run: the weights are on the volume, and a serving deployment must not stop for that. So does
+    each adapter.
     """
     ref = spec.model.fine_tune_job_ref
+    job = jobs.get(ref.name) if ref else None
     models: tuple[FineTuneJobSpec, FineTuneJobStatus] | None = None
     if ref is not None and job is not None:
-        found = _job_models(job)
+        found = _job_models("model.fineTuneJobRef", job)
         if isinstance(found, Waiting):
             return _keep(previous, ref.name) or found
         models = found
     try:
-        return resolve_model(spec.model, models)
+        resolved = resolve_model(spec.model, models, adapter_needed=bool(spec.adapters))
     except ModelNotReadyError as error:
         reason = "FineTuneJobNotFound" if job is None else "FineTuneJobSavedNoModel"
-        return _keep(previous, ref.name if ref else None) or Waiting(reason, str(error))
+        kept = _keep(previous, ref.name if ref else None)
+        if kept is None:
+            return Waiting(reason, str(error))
+        resolved = kept
+    if spec.adapters and resolved.base_model is None:  # served merged before adapters were added
+        return Waiting(
+            "FineTuneJobSavedNoModel",
+            "adapters need model's adapter on its base model, and FineTuneJob"
+            f" {ref.name if ref else ''} is gone: only its merged model was resolved before",
+        )
+    adapters: list[ResolvedAdapter] = []
+    for index, entry in enumerate(spec.adapters):
+        adapter = _resolve_adapter(index, entry, jobs.get(entry.fine_tune_job_ref.name), resolved, previous)
+        if isinstance(adapter, Waiting):
+            return adapter
+        adapters.append(adapter)
+    return resolved.model_copy(update={"adapters": adapters or None})
+
+
+def _resolve_adapter(
+    index: int, entry: ServedAdapter, job: Obj | None, resolved: ResolvedModel, previous: ResolvedModel | None
+) -> ResolvedAdapter | Waiting:
+    """One of `spec.adapters`, or why it cannot be served (yet); as resolved before, while its
+    FineTuneJob is gone or being re-run."""
+    kept = next(
+        (
+            adapter
+            for adapter in ((previous.adapters if previous else None) or [])
+            if adapter.name == entry.name and adapter.fine_tune_job == entry.fine_tune_job_ref.name
+        ),
+        None,
+    )
+    field = f"adapters[{index}] ({entry.name})"
+    found = _job_models(field, job) if job is not None else None
+    if isinstance(found, Waiting):
+        return kept or found
+    assert resolved.base_model is not None  # resolve_source checked
+    try:
+        return resolve_adapter(index, entry, found, resolved.base_model)
+    except AdapterMismatchError as error:
+        return Waiting(ADAPTER_BASE_MISMATCH, str(error))
+    except ModelNotReadyError as error:
+        reason = "FineTuneJobNotFound" if job is None else "FineTuneJobSavedNoModel"
+        return kept or Waiting(reason, str(error))
 
 
 def _keep(previous: ResolvedModel | None, job_name: str | None) -> ResolvedModel | None:
@@ -312,6 +366,7 @@ def derive_status(
     pods: list[Obj],
     probe: ProbeResult | None,
     endpoints: Endpoints,
+    backend: Literal["python", "vllm"],
     deployment_name: str,
     now: str,
 ) -> ModelDeploymentStatus:
@@ -335,6 +390,7 @@ def derive_status(
     status.ready_replicas = int(counts.get("readyReplicas") or 0)
     status.last_failure = observation.failure or previous.last_failure
     status.endpoints = endpoints
+    status.backend = backend
     status.resolved_model = resolved
     status.deployment_name = deployment_name
     status.last_probe = record_probe(previous.last_probe, probe)
