@@ -13,7 +13,7 @@ from pathlib import Path
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import ArtifactPaths
 from deeptune_trainer.data.sample import Message, Sample
-from deeptune_trainer.synthetic import KEYWORD_ANSWERS, keyword_rows, tokenizer_texts
+from deeptune_trainer.synthetic import ROTATED_ANSWERS, keyword_rows, tokenizer_texts
 
 TRAIN_SPEC = {
     "baseModel": {"pvc": {"claimName": "models", "path": "tiny"}},
@@ -32,11 +32,6 @@ TRAIN_SPEC = {
     "output": {"pvc": {"claimName": "out"}, "mergeAdapter": True},
 }
 """The trainer tests' CPU-sized LoRA run on the keyword task, with the merged model saved too."""
-
-
-_PHRASES = list(KEYWORD_ANSWERS.values())
-ROTATED_ANSWERS = {phrase: _PHRASES[(i + 1) % len(_PHRASES)] for i, phrase in enumerate(_PHRASES)}
-"""A second task on the same prompts: each keyword answered with the next keyword's phrase."""
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,11 @@ def test_a_whole_run_from_a_manifest(
     spec = _spec(
         tiny_spec,
         baseModel={"pvc": {"claimName": "models"}},
-        dataset={"source": {"inline": train_rows}, "validation": {"source": {"inline": held_out_rows}}},
+        dataset={
+            "source": {"inline": train_rows},
+            "validation": {"source": {"inline": held_out_rows[:20]}},
+            "test": {"source": {"inline": held_out_rows[20:]}},
+        },
         output={"pvc": {"claimName": "out", "path": "runs/demo"}, "mergeAdapter": True},
     )
     out = tmp_path / "out"
@@ -160,7 +164,14 @@ def test_a_whole_run_from_a_manifest(
     assert summary.eval_results is not None and summary.eval_results.delta is not None
     assert summary.eval_results.fine_tuned["exactMatch"] >= 0.9
     assert summary.eval_results.delta["exactMatch"] >= 0.9
-    assert summary.dataset is not None and summary.dataset.validation_rows == len(held_out_rows)
+    assert (summary.eval_results.split, summary.eval_results.step, summary.eval_results.samples) == (
+        "test",
+        120,
+        20,
+    )
+    assert summary.dataset is not None
+    assert (summary.dataset.validation_rows, summary.dataset.test_rows) == (20, 20)
+    assert "Scores on the test split: 20 rows" in (run_dir / "README.md").read_text()
     assert summary.artifacts is not None and summary.artifacts.merged == "merged"
     for name in (
         "adapter",

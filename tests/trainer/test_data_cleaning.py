@@ -25,15 +25,40 @@ def _clean(rows: list[Sample], **overrides: Any) -> tuple[list[tuple[str, str]],
     return [(sample.messages[0].content, sample.target) for sample in kept], stats
 
 
-def test_normalization_happens_before_exact_dedup() -> None:
+def test_exact_dedup_compares_normalized_rows_and_answers_stay_as_written() -> None:
     rows = [
         _sample("你好", "您好，有什么可以帮您？"),
         _sample("你好 ", "您好,有什么可以帮您?"),
         _sample("Hi", "Hello！"),
     ]
     kept, stats = _clean(rows)
-    assert kept == [("你好", "您好，有什么可以帮您？"), ("Hi", "Hello!")]
+    assert kept == [("你好", "您好，有什么可以帮您？"), ("Hi", "Hello！")]
     assert (stats.rows_in, stats.exact_duplicates) == (3, 1)
+    assert _clean(rows, normalization={"targets": True})[0][1] == ("Hi", "Hello!")
+
+
+def test_answers_keep_what_normalization_would_change_in_meaning() -> None:
+    """Found by a fine-tuning engineer: NFKC (on by default) rewrote targets."""
+    answers = ["E=mc²", "x₁ + x₂", "面积 30㎡", "共１，２００元", "def f(a,  b):\n    return  a"]
+    kept, _ = _clean([_sample(f"q{n}", answer) for n, answer in enumerate(answers)])
+    assert [answer for _, answer in kept] == answers
+
+
+def test_rows_differing_only_in_punctuation_case_or_width_are_duplicates() -> None:
+    rows = [
+        _sample("解释量子计算的基本原理", "量子比特可以处于叠加态。"),
+        _sample("解释量子计算的基本原理？", "量子比特可以处于叠加态。"),
+        _sample("What is a qubit?", "A unit of quantum information."),
+        _sample("WHAT IS A QUBIT", "A unit of quantum information."),
+        _sample("What is a qubit?", "The basic unit of quantum information."),  # another answer: kept
+    ]
+    kept, stats = _clean(rows)
+    assert [question for question, _ in kept] == [
+        "解释量子计算的基本原理",
+        "What is a qubit?",
+        "What is a qubit?",
+    ]
+    assert stats.exact_duplicates == 2
 
 
 def test_exact_dedup_can_be_turned_off() -> None:
@@ -104,6 +129,58 @@ def test_near_dedup_runs_last_and_keeps_the_first_row() -> None:
     assert [sample.line for sample in kept] == [1]
     assert stats.near_duplicates == 1
     assert stats.near_comparisons == 1
+
+
+SYSTEM_PROMPT = (
+    "You are the support assistant of Example Bank. Answer in the customer's language, be brief and"
+    " polite, never ask for passwords or card numbers, and point to the branch finder for anything that"
+    " needs a signature. "
+) * 10  # ~2,000 characters, the same in every row
+
+
+def test_a_long_shared_system_prompt_does_not_make_distinct_rows_near_duplicates() -> None:
+    """Found by a fine-tuning engineer: seven distinct Q/A rows sharing a ~2,000-character system
+    prompt lost 3 or 4 rows to near dedup, which fingerprinted the whole row."""
+    pairs = [
+        ("How do I reset my password?", "Use 'Forgot password' on the sign-in page."),
+        ("Where is the nearest branch?", "The branch finder on our website lists them by postcode."),
+        ("Can I raise my card limit?", "Yes, in the app under Cards, then Limits."),
+        ("Is there a fee for transfers abroad?", "Transfers within the EU are free; others cost 5 EUR."),
+        ("How do I close my account?", "Visit a branch with your ID; closing needs a signature."),
+        ("What are your opening hours?", "Branches open 9 to 17 on weekdays."),
+        ("Can I change my address online?", "Yes, under Profile, then Address, in the app."),
+    ]
+    rows = [
+        Sample((Message("system", SYSTEM_PROMPT), Message("user", q), Message("assistant", a)), line=n + 1)
+        for n, (q, a) in enumerate(pairs)
+    ]
+    kept, stats = Cleaner(Cleaning()).clean(rows)  # the defaults: near dedup on at 0.85
+    assert len(kept) == 7 and stats.near_duplicates == 0
+
+
+def test_a_shared_context_with_different_answers_is_kept_and_a_repeat_is_reported() -> None:
+    context = (
+        "Context: "
+        + "The 2026 price list: basic plan 10 EUR, family plan 25 EUR, business plan 80 EUR. " * 12
+    )
+    rows = [
+        _sample(context + "Question: what does the basic plan cost?", "10 EUR a month.", 1),
+        _sample(
+            context + "Question: what does the family plan cost?", "25 EUR a month for up to five people.", 2
+        ),
+        _sample(context + "Question: what does the basic plan cost, please?", "10 EUR a month.", 3),
+    ]
+    cleaner = Cleaner(Cleaning())
+    kept, stats = cleaner.clean(rows, "dataset.source")
+    assert [sample.line for sample in kept] == [1, 2]
+    (example,) = stats.near_examples
+    assert (example.source, example.line, example.kept_source, example.kept_line) == (
+        "dataset.source",
+        3,
+        "dataset.source",
+        1,
+    )
+    assert example.similarity >= 0.85 and example.preview.endswith("→ 10 EUR a month.")
 
 
 def test_dedup_state_carries_over_between_batches() -> None:

@@ -50,7 +50,7 @@ def test_near_duplicates_are_dropped_and_distinct_rows_kept() -> None:
         "A completely different sentence about training language models on Kubernetes clusters.",
         "完全不同的一句话：如何在 Kubernetes 集群上微调大语言模型。",
     ]
-    assert [index.admit(row) for row in rows] == [True, False, True, False, True, True]
+    assert [index.match((row,)) is None for row in rows] == [True, False, True, False, True, True]
 
 
 def test_candidate_pairs_stay_far_below_all_pairs() -> None:
@@ -58,12 +58,20 @@ def test_candidate_pairs_stay_far_below_all_pairs() -> None:
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
     index = NearDuplicateIndex(threshold=0.85, ngram=5)
     rows = [" ".join(rng.choice(words) for _ in range(30)) for _ in range(2000)]
-    kept = sum(index.admit(row) for row in rows)
+    kept = sum(index.match((row,)) is None for row in rows)
     assert kept == 2000
     assert index.comparisons < 2000 * 1999 / 2 / 100
 
 
 def test_empty_text_is_admitted_and_not_indexed() -> None:
     index = NearDuplicateIndex(threshold=0.85, ngram=5)
-    assert index.admit("") and index.admit("")
-    assert index.comparisons == 0
+    assert index.match(("", "")) is None and index.match(("",)) is None
+    assert index.comparisons == 0 and len(index) == 0
+
+
+def test_every_part_must_nearly_repeat_for_a_near_duplicate() -> None:
+    index = NearDuplicateIndex(threshold=0.8, ngram=5)
+    assert index.match((EN, "the answer is yes, with a long explanation of why it is yes")) is None
+    assert index.match((EN, "a different answer entirely, about clouds and about rain")) is None
+    repeat = index.match((EN, "the answer is yes, with a long explanation of why it is yes!"))
+    assert repeat is not None and repeat.position == 0 and repeat.similarity >= 0.8

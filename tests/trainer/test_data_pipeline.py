@@ -117,6 +117,40 @@ def test_separate_validation_source_loses_rows_that_repeat_train_rows(tmp_path: 
     assert (prepared.report.rows_read, prepared.report.duplicates_removed) == (4, 1)
 
 
+def test_a_test_split_is_held_out_apart_from_the_validation_split(tmp_path: Path) -> None:
+    rows = [{"prompt": f"问题{n}：一加{n}等于几？", "completion": f"答案是{n + 1}。"} for n in range(40)]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    spec = _spec(validation={"ratio": 0.1}, test={"ratio": 0.2})
+    prepared = prepare_dataset(spec, _paths(tmp_path, data), seed=3)
+    train, validation, test = (
+        {s.line for s in part} for part in (prepared.train, prepared.validation, prepared.test)
+    )
+    assert (len(train), len(validation), len(test)) == (29, 3, 8)
+    assert not (train & validation or train & test or validation & test)
+    assert (prepared.report.validation_rows, prepared.report.test_rows, prepared.report.rows_kept) == (
+        3,
+        8,
+        40,
+    )
+    again = prepare_dataset(spec, _paths(tmp_path, data), seed=3)
+    assert [s.line for s in again.test] == [s.line for s in prepared.test]
+    without = prepare_dataset(_spec(validation={"ratio": 0.1}), _paths(tmp_path, data), seed=3)
+    assert without.test == [] and len(without.validation) == 4
+
+
+def test_a_test_source_left_empty_says_so(tmp_path: Path) -> None:
+    data = _write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?", "completion": "6"}],
+    )
+    spec = _spec(test={"source": {"inline": [{"prompt": "2+2?", "completion": "4"}]}})
+    with pytest.raises(TrainerInputError) as raised:
+        prepare_dataset(spec, _paths(tmp_path, data), seed=1)
+    assert (
+        raised.value.message == "dataset.test.source: no rows left after cleaning: 1 read, 1 exact duplicates"
+    )
+
+
 def test_validation_source_left_empty_says_so(tmp_path: Path) -> None:
     data = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "2+2?", "completion": "4"}])
     held = _write_jsonl(tmp_path / "valid.jsonl", [{"prompt": "2+2?", "completion": "4"}])

@@ -20,6 +20,7 @@ from deeptune_trainer.evaluation import (
     evaluate,
     exact_match,
     generate,
+    generation_rows,
     macro_f1,
     normalize,
     perplexity,
@@ -137,3 +138,19 @@ def test_compare_gives_the_delta() -> None:
     assert results.delta == {"bleu": 30.0, "exactMatch": 0.5}
     assert results.samples == 20
     assert compare({"bleu": 1.0}, None, samples=3).delta is None
+
+
+def test_generation_metrics_sample_the_split_with_the_seed_not_its_first_rows(make_spec: Any) -> None:
+    """A validation file sorted by topic would otherwise be scored on its first topic only."""
+    rows = [
+        Sample(messages=(Message("user", f"q{n}"), Message("assistant", "a" if n < 50 else "b")), line=n + 1)
+        for n in range(100)
+    ]
+    spec = make_spec(evaluation={"maxSamples": 20}, hyperparameters={"seed": 7})
+    chosen = generation_rows(rows, spec)
+    assert len(chosen) == 20 and chosen == generation_rows(rows, spec)  # the same for both models
+    assert [row.line for row in chosen] == sorted(row.line for row in chosen)
+    assert {row.target for row in chosen} == {"a", "b"}, "both halves of the sorted file"
+    other_seed = generation_rows(rows, make_spec(evaluation={"maxSamples": 20}, hyperparameters={"seed": 8}))
+    assert other_seed != chosen
+    assert generation_rows(rows[:10], spec) == rows[:10]

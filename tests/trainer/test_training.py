@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainerControl, TrainerState
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import MetricNames, TrainerPaths
-from deeptune_trainer.data.sample import Sample
+from deeptune_trainer.data.sample import Message, Sample
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import evaluate
 from deeptune_trainer.metrics_server import ProgressSnapshot, TrainerMetrics
@@ -28,6 +29,7 @@ from deeptune_trainer.modeling import (
     resolve_precision,
     resolve_target_modules,
 )
+from deeptune_trainer.synthetic import ROTATED_ANSWERS
 from deeptune_trainer.training import (
     COMPLETE_MARKER,
     TrainResult,
@@ -317,6 +319,47 @@ def test_early_stopping_ends_training_when_eval_loss_stalls(
     )
     assert result.steps == 4  # evaluated at 2 (best so far) and 4 (no real improvement): stop
     assert (tmp_path / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER).is_file()
+
+
+@pytest.mark.trainer
+def test_early_stopping_exports_the_best_checkpoint_not_the_last(
+    tiny_llama_dir: Path, keyword_task: Task, make_spec: MakeSpec, tmp_path: Path
+) -> None:
+    """Found by a fine-tuning engineer: eval loss went down, then up, and the last model was exported.
+    Validation rows answered with another keyword's phrase make that happen at once here: the model
+    first learns the phrases (eval loss falls), then the train mapping (it rises)."""
+    train_rows, held_out = keyword_task
+    rotated = [
+        Sample(messages=(row.messages[0], Message("assistant", ROTATED_ANSWERS[row.target])), line=row.line)
+        for row in held_out[:8]
+    ]
+    spec = make_spec(
+        hyperparameters={"learningRate": 1e-2, "maxSteps": 40, "warmupRatio": 0.0, "scheduler": "constant"},
+        evaluation={"evalSteps": 4},
+        earlyStopping={"patience": 2},
+    )
+    model, tokenizer = _load(tiny_llama_dir)
+    result = train(
+        model,
+        tokenizer,
+        train_rows,
+        rotated,
+        spec=spec,
+        output_dir=tmp_path,
+        precision="fp32",
+        log=lambda _: None,
+    )
+    evaluations = {entry["step"]: entry["eval_loss"] for entry in result.log_history if "eval_loss" in entry}
+    best = min(evaluations, key=lambda step: evaluations[step])
+    assert best < result.steps and evaluations[best] < evaluations[result.steps], evaluations  # it got worse
+    assert result.best_step == best and result.best_eval_loss == pytest.approx(evaluations[best])
+    assert result.final_checkpoint == tmp_path / "checkpoints" / f"checkpoint-{best}"
+    saved = load_file(result.final_checkpoint / "adapter_model.safetensors")
+    held = {name: tensor for name, tensor in result.model.state_dict().items() if "lora_" in name}
+    assert len(saved) == len(held) > 0
+    for name, tensor in held.items():
+        key = name.replace(".default", "")
+        assert torch.equal(tensor, saved[key]), f"{name} is not the best checkpoint's"
 
 
 def test_early_stopping_needs_validation_rows(

@@ -134,6 +134,25 @@ def test_config_map_dataset_is_mounted_and_resolved() -> None:
     assert config.paths.output_dir == "/mnt/pvc/out/team-a/support-bot"
 
 
+def test_a_test_source_is_mounted_and_resolved() -> None:
+    spec = with_changes(
+        dataset={
+            "source": {"pvc": {"claimName": "data", "path": "train.jsonl"}},
+            "test": {"source": {"pvc": {"claimName": "exams", "path": "test.jsonl"}}},
+        }
+    )
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_of(job_for(spec))["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert "exams" in claims
+    config = TrainerConfig.model_validate_json(
+        build_config_map(OWNER, parse_spec(spec))["data"]["config.json"]
+    )
+    assert config.paths.test_dataset == "/mnt/pvc/exams/test.jsonl"
+
+
 def test_token_is_referenced_never_copied() -> None:
     spec = with_changes(baseModel={"name": "org/private", "tokenSecretRef": {"name": "hf", "key": "tok"}})
     env = container_of(job_for(spec))["env"]

@@ -709,6 +709,7 @@ DEFAULTED: list[tuple[str, Path]] = [
 
 PARENTS: dict[Path, Any] = {
     ("dataset", "validation", "source"): {"pvc": {"claimName": "held-out"}},
+    ("dataset", "test", "source"): {"pvc": {"claimName": "held-out"}},
     ("model", "adapter", "baseModel"): {"pvc": {"claimName": "models"}},
 }
 """Objects holding defaulted fields that no seed has (and that `{}` cannot stand for)."""

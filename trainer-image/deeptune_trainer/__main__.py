@@ -96,6 +96,9 @@ def local_config(manifest: dict[str, Any], volumes: dict[str, Path], metrics_por
         output_dir=str(output_dir),
         dataset=_source_path(spec.dataset.source, volumes, "dataset.source"),
         validation_dataset=_source_path(spec.dataset.validation.source, volumes, "dataset.validation.source"),
+        test_dataset=_source_path(
+            spec.dataset.test.source if spec.dataset.test else None, volumes, "dataset.test.source"
+        ),
         base_model=str(_local(base, volumes, "baseModel.pvc")) if base else None,
     )
     return TrainerConfig(

@@ -147,12 +147,26 @@ def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
         "## Evaluation",
         "",
     ]
-    if facts.eval_results.fine_tuned:
+    results = facts.eval_results
+    if results.fine_tuned:
+        split = results.split or "validation"
+        chosen = (
+            f"the weights of step {results.step}, the lowest validation loss (early stopping)"
+            if spec.early_stopping and results.step is not None
+            else f"the weights of the last step ({results.step or facts.steps})"
+        )
+        picked_by = (
+            " — the same rows early stopping chose the checkpoint by"
+            if split == "validation" and spec.early_stopping
+            else ""
+        )
         lines += [
-            f"Held-out rows: {facts.eval_results.samples} for generation metrics (perplexity uses the whole "
-            "validation split). BLEU is 0–100, other generation metrics 0–1.",
+            f"Scored and exported: {chosen}. Scores on the {split} split{picked_by}: {results.samples} rows"
+            f" (drawn with the run's seed) for generation metrics, the whole split for perplexity. BLEU is"
+            " 0–100, other generation metrics 0–1; F1 is macro-F1 over the answers as labels (classification"
+            " data), exact match compares whole answers.",
             "",
-            *_metrics_table(facts.eval_results),
+            *_metrics_table(results),
         ]
     else:
         lines.append("Not evaluated: the validation split was empty.")

@@ -8,6 +8,7 @@ generation metric 0-1, perplexity ≥ 1.
 from __future__ import annotations
 
 import math
+import random
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -202,8 +203,14 @@ def text_metrics(
 
 
 def generation_rows(samples: Sequence[Sample], spec: FineTuneJobSpec) -> list[Sample]:
-    """The held-out rows that generation metrics use: the first maxSamples, the same for both models."""
-    return list(samples[: spec.evaluation.max_samples])
+    """The held-out rows that generation metrics use: maxSamples of them drawn with the run's seed (not
+    the first ones: a file sorted by topic or length would bias the scores), the same for both models,
+    in source order."""
+    count = spec.evaluation.max_samples
+    if len(samples) <= count:
+        return list(samples)
+    chosen = sorted(random.Random(spec.hyperparameters.seed).sample(range(len(samples)), count))
+    return [samples[index] for index in chosen]
 
 
 def evaluate(

@@ -84,14 +84,16 @@ def run(
     prepared = prepare_dataset(spec.dataset, paths, seed=spec.hyperparameters.seed)
     if world.is_main:
         write_data_report(prepared, output_dir / "data_report.json")
-    log(f"dataset: {len(prepared.train)} train rows, {len(prepared.validation)} validation rows")
+    test_rows = f", {len(prepared.test)} test rows" if spec.dataset.test else ""
+    log(f"dataset: {len(prepared.train)} train rows, {len(prepared.validation)} validation rows{test_rows}")
 
     sharded = shards_weights(config, world)
     loaded = load_model(spec, paths, sharded=sharded)
     log(
         f"loaded {loaded.source} ({loaded.model.config.model_type}, {loaded.precision}, method {spec.method})"
     )
-    held_out = prepared.validation
+    # The final scores come from rows nothing was chosen by, when the spec keeps some apart.
+    held_out, split = (prepared.test, "test") if spec.dataset.test else (prepared.validation, "validation")
     baseline = None
     if spec.evaluation.baseline and held_out:
         baseline = evaluate(loaded.model, loaded.tokenizer, held_out, spec)
@@ -101,7 +103,7 @@ def run(
         loaded.model,
         loaded.tokenizer,
         prepared.train,
-        held_out,
+        prepared.validation,
         spec=spec,
         output_dir=output_dir,
         precision=loaded.precision,
@@ -118,7 +120,9 @@ def run(
     if held_out:
         fine_tuned = evaluate(result.model, loaded.tokenizer, held_out, spec)
         log(f"fine-tuned: {_scores(fine_tuned)}")
-        results = compare(fine_tuned, baseline, samples=len(generation_rows(held_out, spec)))
+        results = compare(fine_tuned, baseline, samples=len(generation_rows(held_out, spec))).model_copy(
+            update={"split": split, "step": result.best_step or result.steps}
+        )
         write_eval_results(results, output_dir)
     report = prepared.report.model_copy(update={"truncated": result.truncated})
     artifacts = _export(config, loaded, result, results, report)

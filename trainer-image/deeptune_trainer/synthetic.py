@@ -18,6 +18,14 @@ from pathlib import Path
 from deeptune_trainer.data.sample import Message, Sample
 
 KEYWORD_ANSWERS = {"猫": "the cat sleeps", "dog": "狗在跑", "雨": "bring an umbrella", "sun": "天气很好"}
+ROTATED_ANSWERS = {
+    "the cat sleeps": "狗在跑",
+    "狗在跑": "bring an umbrella",
+    "bring an umbrella": "天气很好",
+    "天气很好": "the cat sleeps",
+}
+"""A second task on the same prompts: each keyword answered with the next keyword's phrase (a second
+adapter to tell apart from the first; validation rows that make eval loss rise once the first is learnt)."""
 FILLER_WORDS = [
     "apple",
     "river",

@@ -276,14 +276,26 @@ class TrainResult:
     padding_waste: float
     """Share of the batched tokens that were padding (training and in-training evaluation batches)."""
     final_checkpoint: Path | None
-    """The checkpoint of the last step (the trained weights, gathered from every worker)."""
+    """The checkpoint of the weights `model` holds (gathered from every worker): the last step's, or
+    with early stopping the best evaluation's."""
+    best_step: int | None = None
+    """With early stopping: the step of the lowest validation loss, whose weights `model` holds."""
+    best_eval_loss: float | None = None
 
 
 def _training_arguments(
     spec: FineTuneJobSpec, precision: Precision, output_dir: Path, has_eval: bool, sharded: bool
 ) -> TrainingArguments:
+    """The Trainer's arguments. With early stopping a checkpoint is saved at every evaluation, so the
+    best one is on disk to be restored at the end (the Trainer's rotation never deletes it): the
+    Trainer loads it back itself, except into a sharded model (`train` reloads that one)."""
     hp = spec.hyperparameters
     eval_strategy = ("steps" if spec.evaluation.eval_steps else "epoch") if has_eval else "no"
+    selecting = spec.early_stopping is not None
+    save_strategy = eval_strategy if selecting else "steps"
+    save_steps = (
+        spec.evaluation.eval_steps if selecting and spec.evaluation.eval_steps else hp.checkpoint_steps
+    )
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=hp.per_device_batch_size,
@@ -300,8 +312,8 @@ def _training_arguments(
         fp16=precision == "fp16",
         activation_checkpointing=hp.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        save_strategy="steps",
-        save_steps=hp.checkpoint_steps,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
         save_total_limit=KEEP_CHECKPOINTS,
         restore_callback_states_from_checkpoint=True,
         logging_strategy="steps",
@@ -310,8 +322,9 @@ def _training_arguments(
         eval_strategy=eval_strategy,
         eval_steps=spec.evaluation.eval_steps,
         prediction_loss_only=True,
-        metric_for_best_model="eval_loss" if spec.early_stopping else None,
-        greater_is_better=False if spec.early_stopping else None,
+        metric_for_best_model="eval_loss" if selecting else None,
+        greater_is_better=False if selecting else None,
+        load_best_model_at_end=selecting and not sharded,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         label_names=["labels"],
@@ -403,6 +416,11 @@ def train(
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the reporter writes the log lines
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     history = trainer.state.log_history
+    final = next(iter(_checkpoints_newest_first(checkpoints)), None)
+    best = Path(trainer.state.best_model_checkpoint) if trainer.state.best_model_checkpoint else None
+    if spec.early_stopping and best is not None:
+        log(f"restored the best checkpoint: {best.name} (eval loss {trainer.state.best_metric:.4g})")
+        final = best
     return TrainResult(
         model=wrapped,  # trained in place, resumed weights included
         steps=trainer.state.global_step,
@@ -412,8 +430,16 @@ def train(
         log_history=history,
         truncated=train_truncated + eval_truncated,
         padding_waste=collator.padding_waste,
-        final_checkpoint=next(iter(_checkpoints_newest_first(checkpoints)), None),
+        final_checkpoint=final,
+        best_step=_step_of(best) if spec.early_stopping and best else None,
+        best_eval_loss=trainer.state.best_metric if spec.early_stopping else None,
     )
+
+
+def _step_of(checkpoint: Path) -> int:
+    match = _CHECKPOINT_NAME.match(checkpoint.name)
+    assert match is not None, checkpoint
+    return int(match[1])
 
 
 def is_sharded(model: PreTrainedModel) -> bool:

@@ -172,8 +172,21 @@ class ValidationSplit(ApiModel):
     """A separate validation dataset (same format and field mapping)."""
 
 
+class TestSplit(ApiModel):
+    """Rows kept for the final scores only: the validation split picks the checkpoint (early stopping),
+    so scores on it flatter the model; scores on rows nothing was chosen by do not."""
+
+    ratio: Annotated[float, Field(gt=0, lt=1), null_means_default(DEFAULT_VALIDATION_RATIO)] = (
+        DEFAULT_VALIDATION_RATIO
+    )
+    """Share of rows held out when no separate source is given (taken before the validation share)."""
+    source: DataSource | None = None
+    """A separate test dataset (same format and field mapping)."""
+
+
 class Normalization(ApiModel):
-    """Text normalization applied before deduplication and training."""
+    """Text normalization of the prompts (and, with `targets`, the answers) before training. Dedup
+    always compares a folded form of every turn (NFKC, case, punctuation and spacing ignored)."""
 
     unicode: bool = True
     """Unicode NFKC normalization (unifies full-width letters and digits, ligatures, ...)."""
@@ -183,6 +196,10 @@ class Normalization(ApiModel):
     """Collapse runs of spaces and tabs, trim lines, drop zero-width characters."""
     case_fold: bool = False
     """Lower-case everything (off by default: case often matters for code and names)."""
+    targets: bool = False
+    """Also rewrite the answers (assistant turns), which the model learns to write. Off by default:
+    NFKC turns `E=mc²` into `E=mc2` and `x₁` into `x1`, and collapsing spaces changes code. Dedup
+    compares normalized answers either way. Fenced code blocks are never normalized."""
 
 
 class NearDedup(ApiModel):
@@ -297,6 +314,9 @@ class DatasetSpec(ApiModel):
     validation: Annotated[ValidationSplit, Field(json_schema_extra=nested_default())] = Field(
         default_factory=ValidationSplit
     )
+    test: TestSplit | None = None
+    """Off unless given: the final scores (`status.evalResults`) then come from the validation split,
+    and `evalResults.split` says so."""
     max_bad_row_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
     """Malformed rows are skipped and counted; past this share of all rows the run fails."""
     cleaning: Annotated[Cleaning, Field(json_schema_extra=nested_default())] = Field(default_factory=Cleaning)
@@ -350,7 +370,10 @@ class Hyperparameters(ApiModel):
 
 
 class EarlyStopping(ApiModel):
-    """Stop when the evaluation metric stops improving."""
+    """Stop when the validation loss stops improving, and export the checkpoint where it was lowest (not
+    the last one). A checkpoint is saved at every evaluation (`evaluation.evalSteps`, else every epoch)
+    instead of every `checkpointSteps`, so the best one is on disk to restore. The validation split then
+    chose the model: give `dataset.test` for scores on rows that did not."""
 
     patience: Annotated[int, Field(ge=1, le=1000)] = 3
     """Evaluations without improvement before training stops."""
@@ -629,6 +652,12 @@ class EvalResults(ApiModel):
     baseline: MetricScores | None = None
     delta: MetricScores | None = None
     samples: int | None = None
+    split: Literal["validation", "test"] | None = None
+    """The held-out rows scored: `test` when `dataset.test` is given, else `validation` (which early
+    stopping also chose the checkpoint by)."""
+    step: int | None = None
+    """The training step whose weights were scored and exported: with early stopping, that of the
+    lowest validation loss, not the last one."""
 
 
 class DatasetReport(ApiModel):
@@ -646,6 +675,8 @@ class DatasetReport(ApiModel):
     augmented: int = 0
     train_rows: int = 0
     validation_rows: int = 0
+    test_rows: int | None = None
+    """Only when `dataset.test` is given."""
     truncated: int = 0
 
 

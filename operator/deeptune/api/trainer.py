@@ -34,6 +34,7 @@ class TrainerPaths(ApiModel):
     dataset: str | None = None
     """The dataset file, for PVC and ConfigMap sources (URL and inline sources need none)."""
     validation_dataset: str | None = None
+    test_dataset: str | None = None
     synonym_dictionary: str | None = None
     """The mounted file of `dataset.augmentation.synonyms.dictionaryConfigMap`."""
     base_model: str | None = None

@@ -114,6 +114,7 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
             output_dir=output_dir,
             dataset=_source_path(spec.dataset.source),
             validation_dataset=_source_path(spec.dataset.validation.source),
+            test_dataset=_source_path(_test_source(spec)),
             synonym_dictionary=_config_map_path(_synonym_config_map(spec)),
             base_model=_pvc_path(base.claim_name, base.path) if base else None,
             hf_home=_pvc_path(output.claim_name, ".cache/huggingface"),
@@ -132,12 +133,17 @@ def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> Manifest:
     }
 
 
+def _test_source(spec: FineTuneJobSpec) -> DataSource | None:
+    return spec.dataset.test.source if spec.dataset.test else None
+
+
 def _claims(spec: FineTuneJobSpec) -> list[str]:
     """Every PVC the trainer needs, once each (the dataset and output may share a claim)."""
     locations = [
         spec.base_model.pvc,
         spec.dataset.source.pvc,
         spec.dataset.validation.source.pvc if spec.dataset.validation.source else None,
+        test.pvc if (test := _test_source(spec)) else None,
         spec.output.pvc,
     ]
     return list(dict.fromkeys(loc.claim_name for loc in locations if loc is not None))
@@ -145,7 +151,7 @@ def _claims(spec: FineTuneJobSpec) -> list[str]:
 
 def _dataset_config_maps(spec: FineTuneJobSpec) -> list[str]:
     """ConfigMaps with data the trainer reads: dataset sources and the synonym dictionary."""
-    sources = [spec.dataset.source, spec.dataset.validation.source]
+    sources = [spec.dataset.source, spec.dataset.validation.source, _test_source(spec)]
     refs = [s.config_map for s in sources if s is not None] + [_synonym_config_map(spec)]
     return list(dict.fromkeys(ref.name for ref in refs if ref is not None))
 

@@ -3,18 +3,35 @@ near dedup. PII comes before dedup because redaction can make rows identical."""
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 
 from deeptune.api.finetunejob import Cleaning, PiiType
 from deeptune_trainer.data import pii
 from deeptune_trainer.data.dedup import NearDuplicateIndex, exact_key
-from deeptune_trainer.data.normalize import normalize_sample
+from deeptune_trainer.data.normalize import comparison_text, normalize_sample
 from deeptune_trainer.data.sample import Message, Sample
 
+NEAR_EXAMPLES = 10
+"""Near-duplicate pairs the data report lists, so a user can see what the rule removed."""
+PREVIEW_CHARS = 120
 REPEATED_CHAR_MIN = 3
 """A target of one character repeated this often is degenerate ("!!!", "哈哈哈"); shorter ones such
 as "嗯嗯" are real replies, and repeated digits ("111") are numbers."""
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    """A row near dedup removed, and the earlier row it nearly repeats."""
+
+    source: str
+    line: int
+    kept_source: str
+    kept_line: int
+    similarity: float
+    preview: str
+    """The start of the removed row's prompt and answer."""
 
 
 @dataclass
@@ -33,9 +50,12 @@ class CleaningStats:
     exact_duplicates: int = 0
     near_duplicates: int = 0
     near_comparisons: int = 0
+    near_examples: list[NearDuplicate] = field(default_factory=list)
+    """The first NEAR_EXAMPLES near duplicates removed."""
 
     def __add__(self, other: CleaningStats) -> CleaningStats:
-        return CleaningStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        return CleaningStats(**{**summed, "near_examples": summed["near_examples"][:NEAR_EXAMPLES]})
 
     def removals(self, rules: Cleaning) -> list[str]:
         """What removed rows, in rule order, e.g. `40 too short (minChars=5)`; idle rules left out."""
@@ -50,8 +70,18 @@ class CleaningStats:
         return [f"{count} {what}" for count, what in counts if count]
 
 
-def sample_text(sample: Sample) -> str:
-    return "\n".join(message.content for message in sample.messages)
+def near_dedup_parts(sample: Sample) -> tuple[str, str]:
+    """What near dedup compares, part for part: what the user asked and what the assistant answered, in
+    their comparison form. System prompts are left out: a long one shared by every row would make
+    every row look alike."""
+    asked = "\n".join(comparison_text(m.content) for m in sample.messages if m.role == "user")
+    answered = "\n".join(comparison_text(m.content) for m in sample.messages if m.role == "assistant")
+    return asked, answered
+
+
+def _preview(sample: Sample) -> str:
+    asked = next((m.content for m in sample.messages if m.role == "user"), "")
+    return f"{asked[:PREVIEW_CHARS]} → {sample.target[:PREVIEW_CHARS]}"
 
 
 def _prompt(sample: Sample) -> str | None:
@@ -88,15 +118,26 @@ class Cleaner:
         self._seen: set[bytes] = set()
         near = rules.near_dedup
         self._near = NearDuplicateIndex(near.threshold, near.ngram) if near.enabled else None
+        self._sources: list[str] = []
+        # Where each row near dedup indexed came from, by its position there: compact at a million rows.
+        self._indexed_lines = array("q")
+        self._indexed_sources = array("B")
 
-    def clean(self, samples: list[Sample]) -> tuple[list[Sample], CleaningStats]:
+    def clean(
+        self, samples: list[Sample], source: str = "dataset.source"
+    ) -> tuple[list[Sample], CleaningStats]:
+        """The rows of `source` that every rule keeps, and what each rule did."""
+        if source not in self._sources:
+            self._sources.append(source)
         stats = CleaningStats(rows_in=len(samples))
         comparisons_before = self._near.comparisons if self._near else 0
-        kept = [cleaned for sample in samples if (cleaned := self._clean_one(sample, stats)) is not None]
+        kept = [
+            cleaned for sample in samples if (cleaned := self._clean_one(sample, source, stats)) is not None
+        ]
         stats.near_comparisons = (self._near.comparisons if self._near else 0) - comparisons_before
         return kept, stats
 
-    def _clean_one(self, sample: Sample, stats: CleaningStats) -> Sample | None:
+    def _clean_one(self, sample: Sample, source: str, stats: CleaningStats) -> Sample | None:
         rules = self.rules
         sample = normalize_sample(sample, rules.normalization)
         if len(sample.target) < rules.min_chars:
@@ -117,19 +158,35 @@ class Cleaner:
             if found:
                 stats.pii_redacted += 1
                 sample = redacted
-        return sample if self._is_new(sample, stats) else None
+        return sample if self._is_new(sample, source, stats) else None
 
-    def _is_new(self, sample: Sample, stats: CleaningStats) -> bool:
+    def _is_new(self, sample: Sample, source: str, stats: CleaningStats) -> bool:
         if self.rules.exact_dedup:
             # Roles and the label are part of the identity: the same words as a different turn, or
-            # with a different label, are a different example.
-            turns = "\x1e".join(f"{m.role}\x1f{m.content}" for m in sample.messages)
+            # with a different label, are a different example. Case, width, punctuation and spacing
+            # are not (comparison_text).
+            turns = "\x1e".join(f"{m.role}\x1f{comparison_text(m.content)}" for m in sample.messages)
             key = exact_key(f"{turns}\x1d{sample.label or ''}")
             if key in self._seen:
                 stats.exact_duplicates += 1
                 return False
             self._seen.add(key)
-        if self._near is not None and not self._near.admit(sample_text(sample)):
-            stats.near_duplicates += 1
-            return False
-        return True
+        if self._near is None:
+            return True
+        indexed = len(self._near)
+        match = self._near.match(near_dedup_parts(sample))
+        if match is None:
+            if len(self._near) > indexed:
+                self._indexed_lines.append(sample.line)
+                self._indexed_sources.append(self._sources.index(source))
+            return True
+        stats.near_duplicates += 1
+        if len(stats.near_examples) < NEAR_EXAMPLES:
+            kept_source = self._sources[self._indexed_sources[match.position]]
+            stats.near_examples.append(
+                NearDuplicate(
+                    source, sample.line, kept_source, self._indexed_lines[match.position],
+                    round(match.similarity, 3), _preview(sample),
+                )
+            )  # fmt: skip
+        return False

@@ -7,6 +7,8 @@ the cost grows about linearly with the number of rows instead of with its square
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -21,6 +23,7 @@ _PRIME = _U64(1_000_003)
 
 U64Array = npt.NDArray[np.uint64]
 U32Array = npt.NDArray[np.uint32]
+U16Array = npt.NDArray[np.uint16]
 
 
 def exact_key(text: str) -> bytes:
@@ -67,6 +70,18 @@ class MinHasher:
             minimum = np.minimum(minimum, hashed.min(axis=1))
         return (minimum >> _U64(32)).astype(np.uint32)
 
+    def signatures(self, texts: Sequence[str]) -> list[U32Array]:
+        """One signature per text; short texts are hashed together, in one product (every text has
+        at least one shingle, so each is a non-empty run of columns)."""
+        shingles = [shingle_hashes(text, self.ngram) for text in texts]
+        sizes = [len(part) for part in shingles]
+        if sum(sizes) > _CHUNK:
+            return [self.signature(text) for text in texts]
+        hashed = np.outer(self._a, np.concatenate(shingles)) + self._b[:, None]
+        starts = np.cumsum([0, *sizes[:-1]])
+        minimum = np.minimum.reduceat(hashed, starts, axis=1)
+        return list((minimum.T >> _U64(32)).astype(np.uint32))
+
 
 @cache
 def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
@@ -88,37 +103,61 @@ def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     return best[1], best[2]
 
 
+@dataclass(frozen=True)
+class NearMatch:
+    """An indexed row that a new one nearly repeats."""
+
+    position: int
+    """The indexed row's position, in the order rows were admitted."""
+    similarity: float
+    """The lowest estimated Jaccard similarity over the parts compared."""
+
+
 class NearDuplicateIndex:
-    """Rows seen so far, bucketed by LSH band; `admit` keeps a row unless it nearly repeats one."""
+    """Rows seen so far, bucketed by LSH band. A row is a near duplicate of an indexed one when every
+    part of it (e.g. what was asked, and what was answered) nearly repeats the same part of that row:
+    rows that share a long context or instruction but answer differently are not duplicates.
+
+    Banding uses the signature of all parts together (the element-wise minimum of the parts'
+    signatures: MinHash of the union of their shingles); each part's signature is kept in 16 bits
+    per hash for the check (a chance agreement of 1 in 65,536 hardly moves the estimate), so a row
+    costs as many bytes as one 32-bit signature would.
+    """
 
     def __init__(self, threshold: float, ngram: int, num_perm: int = NUM_PERM) -> None:
         self.threshold = threshold
         self.bands, self.rows = lsh_bands(threshold, num_perm)
         self._hasher = MinHasher(ngram, num_perm)
         self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
-        self._signatures: list[U32Array] = []
+        self._signatures: list[U16Array] = []
         self.comparisons = 0
         """Candidate pairs whose signatures were compared (the cost LSH keeps far below n²/2)."""
+
+    def __len__(self) -> int:
+        """Rows indexed so far."""
+        return len(self._signatures)
 
     def _band_keys(self, signature: U32Array) -> list[bytes]:
         return [signature[band * self.rows : (band + 1) * self.rows].tobytes() for band in range(self.bands)]
 
-    def admit(self, text: str) -> bool:
-        """Index the text and return True, or return False if an indexed text's estimated Jaccard
-        similarity to it reaches the threshold."""
-        if not text:
-            return True
-        signature = self._hasher.signature(text)
-        keys = self._band_keys(signature)
+    def match(self, parts: Sequence[str]) -> NearMatch | None:
+        """The indexed row this one nearly repeats, part for part; None after indexing this row.
+        Rows with no text at all are never indexed nor matched."""
+        if not any(parts):
+            return None
+        signatures = self._hasher.signatures(parts)
+        keys = self._band_keys(np.minimum.reduce(signatures))
+        checked = np.stack([(signature >> np.uint32(16)).astype(np.uint16) for signature in signatures])
         candidates: set[int] = set()
         for buckets, key in zip(self._buckets, keys, strict=True):
             candidates.update(buckets.get(key, ()))
         for index in sorted(candidates):
             self.comparisons += 1
-            if float(np.mean(self._signatures[index] == signature)) >= self.threshold:
-                return False
+            similarity = float((self._signatures[index] == checked).mean(axis=1).min())
+            if similarity >= self.threshold:
+                return NearMatch(index, similarity)
         position = len(self._signatures)
-        self._signatures.append(signature)
+        self._signatures.append(checked)
         for buckets, key in zip(self._buckets, keys, strict=True):
             buckets.setdefault(key, []).append(position)
-        return True
+        return None

@@ -1,14 +1,19 @@
 """Text normalization: Unicode NFKC, punctuation unified per script, whitespace, optional case folding.
 
-Normalized text is what dedup compares and what the model trains on, so two rows that differ only
-in full-width digits, stray zero-width characters or spacing count as the same row.
+Two forms, for two jobs. What the model trains on: prompts normalized as the spec says, answers kept
+exactly as written unless `normalization.targets` (NFKC would teach `E=mc2` for `E=mc²`), and fenced
+code blocks never touched. What dedup compares (`comparison_text`): every turn folded further —
+NFKC, case, punctuation and spacing dropped — so two rows that differ only in full-width digits,
+stray zero-width characters, a question mark or upper case count as the same row.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import unicodedata
 from dataclasses import replace
+from functools import cache
 
 from deeptune.api.finetunejob import Normalization
 from deeptune_trainer.data.sample import Message, Sample
@@ -109,7 +114,29 @@ def collapse_whitespace(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
+_CODE_FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.MULTILINE | re.DOTALL)
+"""A Markdown fenced code block, fences included: its spacing and punctuation are the code's."""
+_PLACEHOLDER = 0xF0000
+"""Code blocks stand in as characters of Supplementary Private Use Area-A while the prose around them
+is normalized: no rule changes those characters."""
+
+
 def normalize_text(text: str, options: Normalization) -> str:
+    """`text` normalized as `options` say, fenced code blocks left exactly as they are."""
+    blocks: list[str] = []
+
+    def hide(block: re.Match[str]) -> str:
+        blocks.append(block.group())
+        return chr(_PLACEHOLDER + len(blocks) - 1)
+
+    prose = _normalize_prose(_CODE_FENCE.sub(hide, text), options)
+    if not blocks:
+        return prose
+    placeholders = f"[{chr(_PLACEHOLDER)}-{chr(_PLACEHOLDER + len(blocks) - 1)}]"
+    return re.sub(placeholders, lambda found: blocks[ord(found.group()) - _PLACEHOLDER], prose)
+
+
+def _normalize_prose(text: str, options: Normalization) -> str:
     if options.whitespace:
         text = ZERO_WIDTH.sub("", text)
     if options.unicode:
@@ -124,5 +151,29 @@ def normalize_text(text: str, options: Normalization) -> str:
 
 
 def normalize_sample(sample: Sample, options: Normalization) -> Sample:
-    messages = tuple(Message(m.role, normalize_text(m.content, options)) for m in sample.messages)
+    """The form the model trains on: assistant turns only when `options.targets` says so."""
+    messages = tuple(
+        m
+        if m.role == "assistant" and not options.targets
+        else Message(m.role, normalize_text(m.content, options))
+        for m in sample.messages
+    )
     return replace(sample, messages=messages)
+
+
+def comparison_text(text: str) -> str:
+    """The form dedup compares: NFKC, case folded, without punctuation, spacing or control characters.
+    Rows that differ only in those are the same row to a reader (`解释量子计算的基本原理` and
+    `解释量子计算的基本原理？`, a question in upper case)."""
+    return unicodedata.normalize("NFKC", text).casefold().translate(_ignored_characters())
+
+
+@cache
+def _ignored_characters() -> dict[int, None]:
+    """Punctuation (P*), separators (Z*), control (Cc) and format characters such as zero-width
+    spaces (Cf): a deletion table for str.translate, built once (about 0.3 s)."""
+    return {
+        code: None
+        for code in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(code))[0] in "PZ" or unicodedata.category(chr(code)) in ("Cc", "Cf")
+    }

@@ -26,6 +26,8 @@ class PreparedData:
     train: list[Sample]
     """Cleaned train rows followed by their augmented copies."""
     validation: list[Sample]
+    test: list[Sample]
+    """Empty unless `dataset.test` is given."""
     report: DatasetReport
     bad_rows: list[BadRow]
     """The first `BAD_ROWS_LISTED` malformed rows (`report.bad_rows` counts all of them)."""
@@ -73,6 +75,17 @@ def _nothing_left(where: str, source: _Source, stats: CleaningStats, spec: Datas
     return TrainerInputError("EmptyDataset", f"{where}no rows left after cleaning: {', '.join(parts)}")
 
 
+def _clean_held_out(
+    cleaner: Cleaner, source: _Source, where: str, spec: DatasetSpec
+) -> tuple[list[Sample], CleaningStats]:
+    """A held-out split from a source of its own, cleaned after the train rows with the same dedup
+    state: rows repeating train rows go."""
+    rows, stats = cleaner.clean(source.samples, where)
+    if not rows:
+        raise _nothing_left(f"{where}: ", source, stats, spec)
+    return rows, stats
+
+
 def _synonym_dictionary(spec: Augmentation, path: str | None) -> dict[str, list[str]]:
     if spec.synonyms is None:
         return {}
@@ -96,7 +109,7 @@ def prepare_dataset(
     seed: int,
     translator_factory: TranslatorFactory | None = None,
 ) -> PreparedData:
-    """Read, clean, split and augment the dataset. `seed` fixes the validation split;
+    """Read, clean, split and augment the dataset. `seed` fixes the test and validation splits;
     `translator_factory` replaces the transformers models used for back-translation;"""
     train_source = _read(spec.source, paths.dataset, spec, "dataset.source", None)
     cleaner = Cleaner(spec.cleaning)
@@ -104,20 +117,22 @@ def prepare_dataset(
     if not train:
         raise _nothing_left("", train_source, stats, spec)
     sources = [train_source]
+    test: list[Sample] = []
+    if spec.test is not None and spec.test.source is not None:
+        where = "dataset.test.source"
+        read = _read(spec.test.source, paths.test_dataset, spec, where, train_source.style)
+        test, test_stats = _clean_held_out(cleaner, read, where, spec)
+        sources, stats = [*sources, read], stats + test_stats
+    elif spec.test is not None:
+        train, test = split_by_ratio(train, spec.test.ratio, seed + 1)
     if spec.validation.source is not None:
         where = "dataset.validation.source"
-        validation_source = _read(
-            spec.validation.source, paths.validation_dataset, spec, where, train_source.style
-        )
-        sources.append(validation_source)
-        # Cleaned after the train rows with the same dedup state: rows repeating train rows go.
-        validation, validation_stats = cleaner.clean(validation_source.samples)
-        if not validation:
-            raise _nothing_left(f"{where}: ", validation_source, validation_stats, spec)
-        stats = stats + validation_stats
+        read = _read(spec.validation.source, paths.validation_dataset, spec, where, train_source.style)
+        validation, validation_stats = _clean_held_out(cleaner, read, where, spec)
+        sources, stats = [*sources, read], stats + validation_stats
     else:
         train, validation = split_by_ratio(train, spec.validation.ratio, seed)
-    kept = len(train) + len(validation)
+    kept = len(train) + len(validation) + len(test)
     augmented = Augmented([], Counter())
     if spec.augmentation is not None:
         dictionary = _synonym_dictionary(spec.augmentation, paths.synonym_dictionary)
@@ -139,10 +154,12 @@ def prepare_dataset(
         augmented=len(augmented.copies),
         train_rows=len(train),
         validation_rows=len(validation),
+        test_rows=len(test) if spec.test is not None else None,
     )
     return PreparedData(
         train=train,
         validation=validation,
+        test=test,
         report=report,
         bad_rows=bad[:BAD_ROWS_LISTED],
         style=train_source.style,

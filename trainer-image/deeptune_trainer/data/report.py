@@ -25,6 +25,15 @@ def data_report(prepared: PreparedData) -> dict[str, Any]:
             "nearDuplicates": stats.near_duplicates,
             "nearDuplicateComparisons": stats.near_comparisons,
         },
+        "nearDuplicateExamples": [
+            {
+                "removed": {"source": ex.source, "line": ex.line},
+                "nearlyRepeats": {"source": ex.kept_source, "line": ex.kept_line},
+                "similarity": ex.similarity,
+                "preview": ex.preview,
+            }
+            for ex in stats.near_examples
+        ],
         "piiFound": dict(sorted(stats.pii_found.items())),
         "augmentedBy": prepared.augmented_by,
         "badRows": [
