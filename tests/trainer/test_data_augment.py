@@ -123,24 +123,38 @@ def test_back_translation_goes_through_both_translators_in_batches() -> None:
     calls: list[tuple[str, list[str]]] = []
 
     def factory(model_name: str) -> Translator:
-        def translate(texts: list[str]) -> list[str]:
+        def translate(texts: list[str]) -> list[str | None]:
             calls.append((model_name, list(texts)))
-            return [f"{model_name}({text})" for text in texts]
+            return [f"{text}>" if model_name == "zh-en" else f"{text.removesuffix('>')}呀" for text in texts]
 
         return translate
 
     train = [_sample("你好吗"), _sample("今天天气如何")]
     spec = _augmentation(fraction=1.0, backTranslation={"forwardModel": "zh-en", "backwardModel": "en-zh"})
     result = augment_train(train, spec, dictionary={}, translator_factory=factory)
-    assert calls == [
-        ("zh-en", ["你好吗", "今天天气如何"]),
-        ("en-zh", ["zh-en(你好吗)", "zh-en(今天天气如何)"]),
-    ]
-    assert [copy.messages[0].content for copy in result.copies] == [
-        "en-zh(zh-en(你好吗))",
-        "en-zh(zh-en(今天天气如何))",
-    ]
+    assert calls == [("zh-en", ["你好吗", "今天天气如何"]), ("en-zh", ["你好吗>", "今天天气如何>"])]
+    assert [copy.messages[0].content for copy in result.copies] == ["你好吗呀", "今天天气如何呀"]
     assert result.by_method == Counter({"backTranslation": 2})
+
+
+def test_back_translations_that_lost_or_changed_the_meaning_are_counted_not_kept() -> None:
+    """Found by a fine-tuning engineer: the paraphrase of the part of a long prompt that fit the model
+    was stored with the whole prompt's answer, and nothing checked what came back."""
+    prompts = {
+        "请问我的快递现在到哪里了？": "请问我的快递现在在哪里？",  # a paraphrase: kept
+        "LONG " + "很长的问题" * 200: None,  # the model could not take it whole
+        "我的订单什么时候发货？": "我的订单什么时候发货",  # only punctuation changed
+        "怎样修改收货地址？": "怎样",  # lost most of it
+        "退款多久到账？": "今天天气很好啊",  # another meaning
+    }
+
+    def factory(model_name: str) -> Translator:
+        return lambda texts: [prompts[text] if model_name == "back" else text for text in texts]
+
+    spec = _augmentation(fraction=1.0, backTranslation={"forwardModel": "there", "backwardModel": "back"})
+    result = augment_train([_sample(p) for p in prompts], spec, dictionary={}, translator_factory=factory)
+    assert [copy.messages[0].content for copy in result.copies] == ["请问我的快递现在在哪里？"]
+    assert result.rejected == Counter({"tooLong": 1, "unchanged": 1, "lengthRatio": 1, "dissimilar": 1})
 
 
 def test_translation_models_are_not_built_when_no_row_needs_them() -> None:
@@ -171,7 +185,7 @@ def test_methods_are_mixed_when_several_are_enabled() -> None:
         train,
         spec,
         dictionary={"parcel": ["package"]},
-        translator_factory=lambda name: lambda t: [s + "!" for s in t],
+        translator_factory=lambda name: lambda t: [s.replace("Where", "Where exactly") for s in t],
     )
     assert len(result.copies) == 30
     assert set(result.by_method) == {"synonyms", "instructionPerturbation", "backTranslation"}

@@ -70,6 +70,16 @@ def test_default_translator_loads_a_local_model_offline(
     assert all(len(output.split()) == 4 for output in outputs)
 
 
+def test_a_text_the_model_cannot_take_whole_is_not_translated(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut to the model's input length, its paraphrase would have lost the end of the prompt."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    translate = transformers_translator(str(tiny_model), max_new_tokens=4)
+    too_long, fits = translate(["where is my parcel " * 200, "hello world"])
+    assert too_long is None and fits is not None and len(fits.split()) == 4
+
+
 def test_unknown_model_is_a_clear_error_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TrainerInputError) as raised:

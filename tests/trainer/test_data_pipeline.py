@@ -10,7 +10,7 @@ import pytest
 
 from deeptune.api.finetunejob import DatasetReport, DatasetSpec
 from deeptune.api.trainer import TrainerPaths
-from deeptune_trainer.data.pipeline import prepare_dataset
+from deeptune_trainer.data.pipeline import PreparedData, prepare_dataset
 from deeptune_trainer.data.report import write_data_report
 from deeptune_trainer.errors import TrainerInputError
 
@@ -149,6 +149,24 @@ def test_a_test_source_left_empty_says_so(tmp_path: Path) -> None:
     assert (
         raised.value.message == "dataset.test.source: no rows left after cleaning: 1 read, 1 exact duplicates"
     )
+
+
+def test_reasoning_traces_are_kept_or_stripped_as_asked(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "2+2?", "completion": "<think>two plus two is four</think>\n4"},
+        {"prompt": "3+3?", "completion": "6"},
+    ]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    kept = prepare_dataset(_spec(validation={"ratio": 0.5}), _paths(tmp_path, data), seed=1)
+    stripped = prepare_dataset(
+        _spec(validation={"ratio": 0.5}, reasoningTraces="strip"), _paths(tmp_path, data), seed=1
+    )
+    assert _targets(kept) == ["6", "<think>two plus two is four</think>\n4"]
+    assert _targets(stripped) == ["4", "6"]
+
+
+def _targets(prepared: PreparedData) -> list[str]:
+    return sorted(sample.target for sample in prepared.train + prepared.validation)
 
 
 def test_validation_source_left_empty_says_so(tmp_path: Path) -> None:

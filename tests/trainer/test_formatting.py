@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -159,3 +160,84 @@ def test_packed_rows_give_the_same_logits_as_separate_rows(tiny_llama_dir: Path)
     for row, members in zip(together, bins, strict=True):
         expected = torch.cat([alone[i] for i in members])
         torch.testing.assert_close(row[: len(expected)], expected, rtol=1e-4, atol=1e-4)
+
+
+# --- conversations and reasoning traces ---------------------------------------------------------
+
+CONVERSATION = Sample(
+    messages=(
+        Message("system", "be brief"),
+        Message("user", "topic: 猫"),
+        Message("assistant", "the cat sleeps"),
+        Message("user", "topic: dog"),
+        Message("assistant", "狗在跑"),
+    )
+)
+
+
+def _trained_pieces(tokenizer: PreTrainedTokenizerBase, example: Any) -> list[str]:
+    """The labelled runs of tokens, decoded: what the loss is taken on, piece by piece."""
+    pieces, run = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            pieces, run = [*pieces, tokenizer.decode(run)], []
+    return [*pieces, tokenizer.decode(run)] if run else pieces
+
+
+def test_every_assistant_turn_is_trained_and_no_user_turn(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Found by a fine-tuning engineer: multi-turn chat trained only the final assistant turn."""
+    every = tokenize_sample(CONVERSATION, tokenizer, max_length=256, all_turns=True)
+    assert _trained_pieces(tokenizer, every) == [" the cat sleeps<|end|>", " 狗在跑<|end|>"]
+    assert not every.last_turn_only
+    last = tokenize_sample(CONVERSATION, tokenizer, max_length=256)
+    assert _trained_pieces(tokenizer, last) == [" 狗在跑<|end|>"]
+    assert every.input_ids == last.input_ids, "the same tokens, only the labels differ"
+
+
+R1_LIKE_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{% set content = m['content'].split('</think>')[-1] %}"
+    "{{ 'Assistant: ' + content + eos_token }}"
+    "{% else %}{{ 'User: ' + m['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+"""Like DeepSeek-R1's: an answer's reasoning is dropped when the conversation is rendered."""
+
+
+def test_reasoning_traces_are_trained_as_written_even_where_the_template_drops_them(
+    tiny_llama_dir: Path,
+) -> None:
+    r1 = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    r1.chat_template = R1_LIKE_TEMPLATE
+    sample = _sample("topic: 猫", "<think>the keyword is 猫</think>the cat sleeps")
+    (trained,) = _trained_pieces(r1, tokenize_sample(sample, r1, max_length=128))
+    assert trained.replace(" ", "") == "<think>thekeywordis猫</think>thecatsleeps<|end|>"
+    # An earlier turn is trained as the template renders a conversation's history: without its
+    # reasoning, as the model will see it there; the final turn with it.
+    conversation = Sample(
+        messages=(*sample.messages, Message("user", "topic: dog"), Message("assistant", "狗在跑"))
+    )
+    split = tokenize_samples([conversation], r1, max_length=128, all_turns=True)
+    assert split.last_turn_only == 0
+    earlier, final = _trained_pieces(r1, split.examples[0])
+    assert "think" not in earlier and earlier.replace(" ", "").startswith("thecatsleeps")
+    assert final.replace(" ", "") == "狗在跑<|end|>"
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_the_final_turn_and_says_so(
+    tiny_llama_dir: Path,
+) -> None:
+    changing = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    changing.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+        "{% if loop.last %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    split = tokenize_samples([CONVERSATION], changing, max_length=256, all_turns=True)
+    assert split.last_turn_only == 1
+    assert [piece.replace(" ", "") for piece in _trained_pieces(changing, split.examples[0])] == [
+        "狗在跑<|end|>"
+    ]

@@ -1,8 +1,10 @@
 """Samples → token ids and labels, and batches of them.
 
-The loss is taken only on the completion (the final assistant turn and its end-of-sequence token):
-the prompt is given, not learned. Prompts are rendered with the tokenizer's chat template, so the
-model is trained on the exact layout it will be prompted with. A tokenizer without one is given
+The loss is taken only on what the assistant says: the final assistant turn and its end-of-sequence
+token, and with `dataset.trainOn: allAssistantTurns` (the default, as Axolotl and LLaMA-Factory do)
+every earlier assistant turn of a conversation too; user and system turns are given, not learned.
+Prompts are rendered with the tokenizer's chat template, so the model is trained on the exact layout
+it will be prompted with. A tokenizer without one is given
 FALLBACK_CHAT_TEMPLATE when it is loaded, the plain layout
 
     ### User:
@@ -49,6 +51,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    last_turn_only: bool = False
+    """All assistant turns were asked for, but the template allowed the final one only."""
 
     def feature(self) -> Feature:
         return {"input_ids": self.input_ids, "labels": self.labels}
@@ -59,6 +63,10 @@ class TokenizedSplit:
     examples: list[Example]
     truncated: int
     """Rows cut to max_seq_length (the dataset report's `truncated`)."""
+    last_turn_only: int = 0
+    """Conversations trained on their final turn only although all assistant turns were asked for: the
+    chat template renders earlier turns differently once later ones follow (DeepSeek-R1's drops
+    earlier reasoning), so the earlier turns' trained form does not exist."""
 
     @property
     def tokens(self) -> int:
@@ -84,11 +92,18 @@ def render_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> str:
     return rendered
 
 
+TARGET_MARK = "\U000f0000DEEPTUNE_TARGET\U000f0000"
+"""Rendered in the target's place, then replaced by the target: the template decides what surrounds an
+answer, never what it says (DeepSeek-R1's template would drop the `<think>` part of it)."""
+
+
 def _render_completion(sample: Sample, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The target as the template writes it (with its end-of-turn marker) when the prompt is a prefix."""
-    full = tokenizer.apply_chat_template(_chat(sample.messages), tokenize=False)
-    if isinstance(full, str) and full.startswith(prompt):
-        return full[len(prompt) :]
+    """The target as written, wrapped as the template wraps an answer (its end-of-turn marker), when
+    the prompt is a prefix of the rendering; else the target alone."""
+    marked = [*_chat(sample.prompt_messages), {"role": "assistant", "content": TARGET_MARK}]
+    full = tokenizer.apply_chat_template(marked, tokenize=False)
+    if isinstance(full, str) and full.startswith(prompt) and full.count(TARGET_MARK) == 1:
+        return full[len(prompt) :].replace(TARGET_MARK, sample.target)
     return sample.target
 
 
@@ -103,37 +118,81 @@ def prompt_ids(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return _ids(tokenizer, render_prompt(sample, tokenizer))
 
 
-def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Cut a row to max_length, keeping the completion whole when it can be.
+def _fit(prompt: int, completion: int, max_length: int) -> tuple[int, int]:
+    """How many prompt tokens (from its end) and completion tokens (from its start) a row cut to
+    max_length keeps: the completion whole when it can be.
 
     The prompt loses its beginning (the question right before the answer matters most) but keeps at
     least half of max_length when the completion alone is that long; the completion loses its end.
     """
-    if len(prompt) + len(completion) <= max_length:
+    if prompt + completion <= max_length:
         return prompt, completion
-    keep_prompt = max(max_length - len(completion), min(len(prompt), max_length // 2))
-    return prompt[len(prompt) - keep_prompt :], completion[: max_length - keep_prompt]
+    keep_prompt = max(max_length - completion, min(prompt, max_length // 2))
+    return keep_prompt, max_length - keep_prompt
 
 
-def tokenize_sample(sample: Sample, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Example:
+def _earlier_turns(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]] | None:
+    """The conversation up to the final assistant turn's prompt, in pieces (text, whether it is an
+    assistant turn to train on); None when the template does not render each turn as a prefix of the
+    next (then only the final turn can be trained)."""
+    pieces: list[tuple[str, bool]] = []
+    rendered = ""
+    messages = _chat(sample.messages)
+    for index, message in enumerate(messages[:-1]):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:index], add_generation_prompt=True, tokenize=False)
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (isinstance(before, str) and isinstance(through, str)):
+            return None
+        if not (before.startswith(rendered) and through.startswith(before)):
+            return None
+        pieces += [(before[len(rendered) :], False), (through[len(before) :], True)]
+        rendered = through
+    return pieces
+
+
+def tokenize_sample(
+    sample: Sample, tokenizer: PreTrainedTokenizerBase, max_length: int, *, all_turns: bool = False
+) -> Example:
+    """Token ids and labels of a sample: labels on the final assistant turn, and with `all_turns` on
+    every assistant turn (where the template allows: `_earlier_turns`)."""
     prompt_text = render_prompt(sample, tokenizer)
-    prompt = _ids(tokenizer, prompt_text)
+    several = all_turns and sum(m.role == "assistant" for m in sample.messages) > 1
+    earlier = _earlier_turns(sample, tokenizer) if several else None
+    split = earlier is not None and prompt_text.startswith(rendered := "".join(text for text, _ in earlier))
+    if earlier is not None and split:
+        earlier.append((prompt_text[len(rendered) :], False))
+        prompt, prompt_labels = [], []
+        for text, trained in earlier:
+            ids = _ids(tokenizer, text)
+            prompt += ids
+            prompt_labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    else:
+        prompt = _ids(tokenizer, prompt_text)
+        prompt_labels = [IGNORE_INDEX] * len(prompt)
     completion = _ids(tokenizer, _render_completion(sample, tokenizer, prompt_text))
     if tokenizer.eos_token_id not in completion:
         completion.append(tokenizer.eos_token_id)
-    kept_prompt, kept_completion = _fit(prompt, completion, max_length)
+    keep_prompt, keep_completion = _fit(len(prompt), len(completion), max_length)
+    start = len(prompt) - keep_prompt
     return Example(
-        input_ids=kept_prompt + kept_completion,
-        labels=[IGNORE_INDEX] * len(kept_prompt) + kept_completion,
-        truncated=len(kept_prompt) + len(kept_completion) < len(prompt) + len(completion),
+        input_ids=prompt[start:] + completion[:keep_completion],
+        labels=prompt_labels[start:] + completion[:keep_completion],
+        truncated=keep_prompt + keep_completion < len(prompt) + len(completion),
+        last_turn_only=several and not split,
     )
 
 
 def tokenize_samples(
-    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, max_length: int
+    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, max_length: int, *, all_turns: bool = False
 ) -> TokenizedSplit:
-    examples = [tokenize_sample(sample, tokenizer, max_length) for sample in samples]
-    return TokenizedSplit(examples=examples, truncated=sum(example.truncated for example in examples))
+    examples = [tokenize_sample(sample, tokenizer, max_length, all_turns=all_turns) for sample in samples]
+    return TokenizedSplit(
+        examples=examples,
+        truncated=sum(example.truncated for example in examples),
+        last_turn_only=sum(example.last_turn_only for example in examples),
+    )
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

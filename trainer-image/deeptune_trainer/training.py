@@ -337,9 +337,19 @@ def _training_arguments(
 
 
 def _features(
-    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, spec: FineTuneJobSpec, packing: bool
+    samples: Sequence[Sample],
+    tokenizer: PreTrainedTokenizerBase,
+    spec: FineTuneJobSpec,
+    packing: bool,
+    log: Log,
 ) -> tuple[list[Feature], int]:
-    split = tokenize_samples(samples, tokenizer, spec.hyperparameters.max_seq_length)
+    all_turns = spec.dataset.train_on == "allAssistantTurns"
+    split = tokenize_samples(samples, tokenizer, spec.hyperparameters.max_seq_length, all_turns=all_turns)
+    if split.last_turn_only:
+        log(
+            f"{split.last_turn_only} conversations trained on their final assistant turn only: the chat"
+            " template renders earlier turns differently once later ones follow"
+        )
     if packing:
         return pack(split.examples, spec.hyperparameters.max_seq_length), split.truncated
     return [example.feature() for example in split.examples], split.truncated
@@ -386,8 +396,10 @@ def train(
     if resume:
         log(f"resuming from {resume.name}")
 
-    train_features, train_truncated = _features(train_samples, tokenizer, spec, spec.hyperparameters.packing)
-    eval_features, eval_truncated = _features(validation_samples, tokenizer, spec, packing=False)
+    train_features, train_truncated = _features(
+        train_samples, tokenizer, spec, spec.hyperparameters.packing, log
+    )
+    eval_features, eval_truncated = _features(validation_samples, tokenizer, spec, False, log)
     hp = spec.hyperparameters
     samples_per_step = hp.per_device_batch_size * hp.gradient_accumulation_steps * world.size
     reporter = ProgressReporter(metrics, samples_per_step, log)

@@ -273,13 +273,23 @@ class SynonymReplacement(ApiModel):
 
 
 class BackTranslation(ApiModel):
-    """Paraphrase by translating to a pivot language and back with seq2seq models."""
+    """Paraphrase by translating to a pivot language and back with seq2seq models. A paraphrase is kept
+    only when the models took the whole prompt, it changed more than punctuation or case, its length
+    stays within the ratios and it shares enough with the original; the data report counts the rest
+    by reason."""
 
     forward_model: Name
     """Translation model into the pivot language, e.g. `Helsinki-NLP/opus-mt-zh-en`."""
     backward_model: Name
     """Translation model back from the pivot language, e.g. `Helsinki-NLP/opus-mt-en-zh`."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 256
+    min_length_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """A paraphrase shorter than this share of the original is dropped (a translation that lost part)."""
+    max_length_ratio: Annotated[float, Field(ge=1, le=10)] = 2.0
+    """A paraphrase longer than this multiple of the original is dropped (a translation that rambled)."""
+    min_similarity: Annotated[float, Field(ge=0, le=1)] = 0.2
+    """Least share of character bigrams a paraphrase shares with the original (Jaccard): below it, the
+    round trip changed the meaning or produced noise."""
 
 
 class InstructionPerturbation(ApiModel):
@@ -314,6 +324,13 @@ class DatasetSpec(ApiModel):
     validation: Annotated[ValidationSplit, Field(json_schema_extra=nested_default())] = Field(
         default_factory=ValidationSplit
     )
+    train_on: Literal["allAssistantTurns", "lastTurn"] = "allAssistantTurns"
+    """Which turns of a conversation the loss is taken on: every assistant turn (as Axolotl and
+    LLaMA-Factory do), or only the final one. Prompt/completion and instruction rows have one."""
+    reasoning_traces: Literal["keep", "strip"] = "keep"
+    """`<think>…</think>` in answers (DeepSeek-R1-style data): `keep` trains on them as written (even
+    where the chat template drops them from its rendering), `strip` removes them, to train answers
+    without the reasoning."""
     test: TestSplit | None = None
     """Off unless given: the final scores (`status.evalResults`) then come from the validation split,
     and `evalResults.split` says so."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from deeptune.api.finetunejob import Augmentation
 from deeptune_trainer.data.backtranslation import BackTranslator, TranslatorFactory
@@ -26,6 +26,8 @@ class Augmented:
     copies: list[Sample]
     """New samples, each marked with meta["augmented"] = the method that made it."""
     by_method: Counter[str]
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Back-translations not kept, by reason (BackTranslator.verdict)."""
 
 
 def last_user_turn(sample: Sample) -> int | None:
@@ -82,9 +84,15 @@ def augment_train(
         text = augmenters[method](sample.messages[turn].content, rng)
         if text != sample.messages[turn].content:
             copies.append(_copy(sample, turn, text, method))
+    rejected: Counter[str] = Counter()
     if back is not None and to_translate:
         originals = [sample.messages[turn].content for sample, turn in to_translate]
-        for (sample, turn), original, text in zip(to_translate, originals, back(originals), strict=True):
-            if text.strip() and text != original:
-                copies.append(_copy(sample, turn, text, BACK_TRANSLATION))
-    return Augmented(copies, Counter(copy.meta["augmented"] for copy in copies))
+        for (sample, turn), original, paraphrase in zip(
+            to_translate, originals, back(originals), strict=True
+        ):
+            reason = back.verdict(original, paraphrase)
+            if reason is None and paraphrase is not None:
+                copies.append(_copy(sample, turn, paraphrase, BACK_TRANSLATION))
+            else:
+                rejected[reason or ""] += 1
+    return Augmented(copies, Counter(copy.meta["augmented"] for copy in copies), rejected)

@@ -12,6 +12,7 @@ from deeptune_trainer.data.backtranslation import TranslatorFactory
 from deeptune_trainer.data.cleaning import Cleaner, CleaningStats
 from deeptune_trainer.data.loading import load_rows
 from deeptune_trainer.data.mapping import Style, check_columns, columns_of, map_rows, resolve_style
+from deeptune_trainer.data.reasoning import strip_reasoning
 from deeptune_trainer.data.rows import BAD_ROWS_LISTED, BadRow, check_bad_row_ratio
 from deeptune_trainer.data.sample import Sample
 from deeptune_trainer.data.split import split_by_ratio
@@ -34,6 +35,8 @@ class PreparedData:
     style: Style = "promptCompletion"
     cleaning: CleaningStats = field(default_factory=CleaningStats)
     augmented_by: dict[str, int] = field(default_factory=dict)
+    augmentation_rejected: dict[str, int] = field(default_factory=dict)
+    """Back-translations not kept, by reason."""
 
 
 @dataclass
@@ -57,6 +60,8 @@ def _read(
         resolved = resolve_style(style or spec.style, columns, spec.fields)
         check_columns(resolved, columns, spec.fields, loaded.source)
         samples, mapping_bad = map_rows(loaded, resolved, spec.fields)
+        if spec.reasoning_traces == "strip":
+            samples = [strip_reasoning(sample) for sample in samples]
         bad = sorted(bad + mapping_bad, key=lambda row: row.line)
     check_bad_row_ratio(loaded.source, loaded.read, bad, spec.max_bad_row_ratio)
     if not samples:
@@ -165,4 +170,5 @@ def prepare_dataset(
         style=train_source.style,
         cleaning=stats,
         augmented_by=dict(augmented.by_method),
+        augmentation_rejected=dict(augmented.rejected),
     )
