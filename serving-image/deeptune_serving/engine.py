@@ -60,6 +60,22 @@ class _Running:
     """Generated tokens already given to the assembler."""
 
 
+WAITING_METRIC = "deeptune_engine_requests_waiting"
+RUNNING_METRIC = "deeptune_engine_requests_running"
+"""The engine's load as Triton exports it (triton_model.py), by model: what autoscaling reads."""
+
+
+@dataclass(frozen=True)
+class Load:
+    """Requests in the engine: what an autoscaler scales on (Triton's own queue is empty: the model
+    takes every request at once and queues it here)."""
+
+    waiting: int
+    """Queued, not generating yet."""
+    running: int
+    """Generating."""
+
+
 class ContinuousEngine:
     """A model serving many requests at once, each leaving the batch when it is done."""
 
@@ -69,10 +85,14 @@ class ContinuousEngine:
         max_running: int,
         max_waiting: int,
         queue_timeout: float = 60.0,
+        *,
         check_interval: float = POLL_SECONDS,
+        on_load: Callable[[Load], None] | None = None,
     ) -> None:
         """`check_interval`: how often to look for requests cancelled by their client or waiting past
-        the queue timeout (asking Triton about a client is a round trip to the server process)."""
+        the queue timeout (asking Triton about a client is a round trip to the server process), and to
+        tell `on_load` how many requests wait and run."""
+        self._on_load = on_load
         self._generator = generator
         self._check_interval = check_interval
         self._max_running = max_running
@@ -160,6 +180,13 @@ class ContinuousEngine:
                 checked = time.monotonic()
                 self._drop_cancelled()
                 self._drop_expired()
+                if self._on_load is not None:
+                    self._on_load(self.load())
+
+    def load(self) -> Load:
+        with self._lock:
+            running = sum(request.admitted for request in self._running.values())
+            return Load(waiting=len(self._running) - running, running=running)
 
     def _deliver(self, output: Any) -> None:
         with self._lock:

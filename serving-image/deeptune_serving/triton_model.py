@@ -30,7 +30,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
-from deeptune_serving.engine import CANCELLED, ContinuousEngine, Listener
+from deeptune_serving.engine import (
+    CANCELLED,
+    RUNNING_METRIC,
+    WAITING_METRIC,
+    ContinuousEngine,
+    Listener,
+    Load,
+)
 from deeptune_serving.generation import (
     Completion,
     Generator,
@@ -126,6 +133,28 @@ def _report_load_failure(error: Exception) -> None:
         TERMINATION_LOG.write_text(f"{type(error).__name__}: {error}"[:4096], encoding="utf-8")
 
 
+def _load_gauges(model: str, version: str) -> Callable[[Load], None]:
+    """Gauges on Triton's metrics endpoint for the continuous engine's load, by model: the queue signal
+    an autoscaler needs (Triton's own pending-request count stays at zero, the engine queues instead)."""
+    labels = {"model": model, "version": version}
+    families = [
+        pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
+        for name, description in (
+            (WAITING_METRIC, "Requests queued in DeepTune's continuous-batching engine, not generating yet"),
+            (RUNNING_METRIC, "Requests generating in DeepTune's continuous-batching engine"),
+        )
+    ]
+    waiting, running = (family.Metric(labels=labels) for family in families)
+
+    def report(load: Load) -> None:
+        waiting.set(load.waiting)
+        running.set(load.running)
+
+    report.families = families  # type: ignore[attr-defined]  # a family unreferenced is unregistered
+
+    return report
+
+
 class TritonPythonModel:
     """The model object Triton's Python backend creates once per model instance."""
 
@@ -144,7 +173,8 @@ class TritonPythonModel:
             if params.get("batching_mode") == "continuous":
                 running, waiting = int(params["max_running"]), int(params["max_queue_size"])
                 timeout = float(params["queue_timeout_seconds"])
-                self._engine = ContinuousEngine(self._generator, running, waiting, timeout)
+                report = _load_gauges(args["model_name"], args["model_version"])
+                self._engine = ContinuousEngine(self._generator, running, waiting, timeout, on_load=report)
         except Exception as error:
             _report_load_failure(error)
             raise

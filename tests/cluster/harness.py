@@ -13,6 +13,7 @@ became of the run that started it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,3 +451,21 @@ def seed_tiny_volumes(dirs: dict[str, Path], rows: int = 240) -> None:
         build_tiny_model("llama", model_dir, tokenizer_texts())
     lines = (json.dumps(row, ensure_ascii=False) for row in keyword_rows(rows, seed=1))
     (dirs["deeptune-data"] / "keywords.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def keda_crd(cluster: Cluster) -> Iterator[Path]:
+    """KEDA's ScaledObject CRD (from KEDA's Go module: tests/localcluster/keda_crds.sh), installed for
+    the `with` block and removed after it. KEDA's operator is not run."""
+    found = subprocess.run(
+        ["bash", str(LOCALCLUSTER / "keda_crds.sh")],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert found.returncode == 0, f"KEDA's CRDs could not be fetched (keda_crds.sh):\n{found.stderr[-2000:]}"
+    crd = Path(found.stdout.strip()) / "keda.sh_scaledobjects.yaml"
+    cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+    try:
+        yield crd
+    finally:
+        cluster.kubectl("delete", "-f", str(crd), "--wait=true", check=False)

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from deeptune import children
 from deeptune.api.base import GROUP, VERSION, describe_validation_error
-from tests.cluster.harness import Cluster
+from tests.cluster.harness import Cluster, keda_crd
 from tests.conftest import ROOT
 from tests.unit.test_spec_properties import (
     PARSERS,
@@ -109,8 +109,11 @@ TALLY = Tally()
 
 @pytest.fixture(scope="module")
 def api(crds: Cluster) -> Iterator[client.ApiClient]:
+    """The client, with KEDA's ScaledObject CRD installed meanwhile: the ScaledObjects built for
+    generated specs meet KEDA's own schema and rules."""
     api_client = config.new_client_from_config(str(crds.kubeconfig))
-    yield api_client
+    with keda_crd(crds):
+        yield api_client
     print(f"\n{TALLY.summary()}")
     (crds.state_dir / "spec-fuzz.json").write_text(
         json.dumps({k: {str(key): v for key, v in c.items()} for k, c in vars(TALLY).items()}, indent=2)

@@ -40,3 +40,5 @@ LC_ETCD_BIN="$LC_CACHE/etcd-$LC_ETCD_VERSION/bin"
 LC_HELM_BIN="$LC_CACHE/helm-$LC_HELM_VERSION/bin"
 LC_COREDNS_BIN="$LC_CACHE/coredns-$LC_COREDNS_VERSION/bin"
 LC_KUEUE_BIN="$LC_CACHE/kueue-$LC_KUEUE_VERSION/bin"
+# KEDA's CRDs (ScaledObject), from its Go module; only the KEDA test applies them (keda_crds.sh).
+LC_KEDA_VERSION=v2.20.2

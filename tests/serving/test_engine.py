@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from deeptune_serving.engine import CANCELLED, ContinuousEngine, Listener
+from deeptune_serving.engine import CANCELLED, ContinuousEngine, Listener, Load
 from deeptune_serving.generation import Completion, Generator, LoadSettings, RequestError, Sampling
 from tests.serving.tiny import TinyModels
 
@@ -119,10 +119,11 @@ def test_a_full_queue_refuses_and_a_gone_client_is_dropped(
         engine.submit(merged.prompt(tiny_models.prompts[index], long), collected.listener(str(index), gone))
     with pytest.raises(RequestError, match=r"exceeds the maximum queue size of 4 waiting requests"):
         engine.submit(merged.prompt(tiny_models.prompts[8], GREEDY), collected.listener("refused"))
+    assert engine.load() == Load(waiting=4, running=4), "what the autoscaler's gauges report"
     gone.set()  # every client goes away: their requests stop, each ended as cancelled
     collected.wait(*map(str, range(8)))
     assert {done.error for done in collected.done.values()} == {CANCELLED}
-    assert not engine._running
+    assert not engine._running and engine.load() == Load(waiting=0, running=0)
     again = Collected()  # and the engine serves the next one
     engine.submit(merged.prompt(tiny_models.prompts[9], GREEDY), again.listener("next"))
     again.wait("next")

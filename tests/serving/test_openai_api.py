@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from deeptune.serving.repository import ModelLocation, repository_files, write_repository
+from deeptune_serving.engine import RUNNING_METRIC, WAITING_METRIC
 from deeptune_serving.openai_api import _triton_error
 from tests.serving.conftest import cpu_spec
 from tests.serving.tiny import TinyModels
@@ -149,6 +150,19 @@ def test_stop_and_seed(served: Served) -> None:
 
 def test_models_lists_the_served_model(served: Served) -> None:
     assert [model.id for model in served.client.models.list()] == [MODEL]
+
+
+def test_the_engines_load_is_on_tritons_metrics_endpoint(served: Served) -> None:
+    """The queue signal an autoscaler reads: with continuous batching Triton's own pending count stays
+    at zero (the model takes every request at once), so the engine reports what waits and runs."""
+    _ask(served, served.tiny.questions[0], max_tokens=2)
+    time.sleep(0.5)  # the engine reports every 0.2 s
+    metrics = served.server.metrics()
+    gauges = {name: metrics.get((name, MODEL)) for name in (WAITING_METRIC, RUNNING_METRIC)}
+    if served.mode == "dynamic":
+        assert gauges == {WAITING_METRIC: None, RUNNING_METRIC: None}  # no engine: Triton's queue
+    else:
+        assert gauges == {WAITING_METRIC: 0.0, RUNNING_METRIC: 0.0}, "idle after the answer"
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served: Served) -> None:

@@ -63,6 +63,7 @@ SERVED_NAMESPACE_RULES = [
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["monitoring.coreos.com"], "resources": ["servicemonitors"],
      "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
@@ -78,9 +79,9 @@ LEASE_RULES = [
 ]  # fmt: skip
 """Leader election (deeptune/leadership.py): read, create, and take/renew/release by replace. Create
 cannot be restricted by name; the rest is this release's Lease only."""
-DELETABLE = {"horizontalpodautoscalers", "servicemonitors", "networkpolicies"}
-"""What the operator deletes itself: an HPA, ServiceMonitor or NetworkPolicy the spec no longer asks
-for. Everything else goes by garbage collection (owner references)."""
+DELETABLE = {"horizontalpodautoscalers", "servicemonitors", "networkpolicies", "scaledobjects"}
+"""What the operator deletes itself: an HPA, ServiceMonitor, NetworkPolicy or ScaledObject the spec no
+longer asks for. Everything else goes by garbage collection (owner references)."""
 
 
 def helm(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -16,6 +16,7 @@ from deeptune.builders.common import Owner
 from deeptune.builders.finetunejob import ChildSettings
 from deeptune.builders.modeldeployment import (
     CONFIG_HASH,
+    ENGINE_WAITING_METRIC,
     QUEUE_TIME_METRIC,
     ServingChildren,
     build_children,
@@ -323,7 +324,7 @@ def test_the_example_deployment_builds() -> None:
     spec = parse_spec(manifest["spec"])
     owner = Owner(kind="ModelDeployment", name=manifest["metadata"]["name"], namespace="default", uid="u")
     built = build_children(owner, spec, MERGED, SETTINGS)
-    assert built.autoscaler is not None and built.service_monitor is not None
+    assert built.scaled_object is not None and built.autoscaler is None and built.service_monitor is not None
     assert container_of(built)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert json.loads(built.config_map["data"]["support-bot-7b__1__model.json"])["max_num_seqs"] == 16
 
@@ -532,3 +533,59 @@ def test_vllm_where_it_cannot_serve_is_refused_and_auto_falls_back() -> None:
         spec_with(runtime={"backend": "vllm"})  # SPEC has no GPU
     eight_bit = spec_with(resources={"gpu": 1}, quantization="int8")
     assert container_of(children(eight_bit))["image"] == "ghcr.io/deeptune/serving:0.1.0"
+
+
+# --- KEDA -----------------------------------------------------------------------------------------
+
+KEDA = {"prometheusAddress": "http://prometheus.monitoring.svc:9090"}
+
+
+def test_keda_scales_the_python_backend_on_the_engines_queue_instead_of_an_hpa() -> None:
+    built = children(
+        spec_with(autoscaling={"enabled": True, "maxReplicas": 5, "keda": {**KEDA, "waitingRequests": 3}})
+    )
+    assert built.autoscaler is None and "replicas" not in built.deployment["spec"]
+    scaled = built.scaled_object
+    assert scaled is not None and scaled["kind"] == "ScaledObject"
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "support-bot-triton",
+    }
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 5)
+    (load,) = scaled["spec"]["triggers"]
+    assert load["type"] == "prometheus" and load["metricType"] == "AverageValue"
+    assert load["metadata"] == {
+        "serverAddress": "http://prometheus.monitoring.svc:9090",
+        "query": 'sum(deeptune_engine_requests_waiting{namespace="team-a",model="support-bot"})',
+        "threshold": "3",
+    }
+
+
+def test_the_operator_queries_the_gauge_the_serving_engine_exports() -> None:
+    from deeptune_serving.engine import WAITING_METRIC  # imports torch: only this test needs it
+
+    assert ENGINE_WAITING_METRIC == WAITING_METRIC
+
+
+def test_keda_scales_vllm_on_time_to_first_token_and_wakes_from_zero_on_the_users_query() -> None:
+    wake = 'sum(rate(gateway_requests_total{route="support-bot"}[1m]))'
+    spec = spec_with(
+        resources={"gpu": 1},
+        autoscaling={"enabled": True, "minReplicas": 0, "keda": {**KEDA, "wakeUpQuery": wake}},
+    )
+    scaled = children(spec).scaled_object
+    assert scaled is not None and scaled["spec"]["minReplicaCount"] == 0
+    load, wake_up = scaled["spec"]["triggers"]
+    assert load["metricType"] == "Value" and load["metadata"]["threshold"] == "2"
+    assert load["metadata"]["query"].startswith(
+        "histogram_quantile(0.9, sum by (le) (rate(vllm:time_to_first_token"
+    )
+    assert wake_up["metadata"]["query"] == wake and wake_up["metadata"]["activationThreshold"] == "0"
+
+
+def test_scale_to_zero_without_a_wake_up_signal_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"minReplicas 0 needs keda\.wakeUpQuery"):
+        spec_with(autoscaling={"enabled": True, "minReplicas": 0, "keda": KEDA})
+    with pytest.raises(ValidationError, match=r"minReplicas 0 needs keda\.wakeUpQuery"):
+        spec_with(autoscaling={"enabled": True, "minReplicas": 0})

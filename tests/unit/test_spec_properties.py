@@ -711,6 +711,7 @@ PARENTS: dict[Path, Any] = {
     ("dataset", "validation", "source"): {"pvc": {"claimName": "held-out"}},
     ("dataset", "test", "source"): {"pvc": {"claimName": "held-out"}},
     ("model", "adapter", "baseModel"): {"pvc": {"claimName": "models"}},
+    ("autoscaling", "keda"): {"prometheusAddress": "http://prometheus.monitoring.svc:9090"},
 }
 """Objects holding defaulted fields that no seed has (and that `{}` cannot stand for)."""
 

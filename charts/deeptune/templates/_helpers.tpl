@@ -86,11 +86,12 @@ and indexes; children.py: every write to a child; reconcilers/: which child gets
   create because an apply that creates an object is authorized as one); list and watch: indexes of
   both, so a deleted one is noticed and made again;
 - serving children of a ModelDeployment, applied server-side (children.apply): Deployments,
-  Services, HorizontalPodAutoscalers, NetworkPolicies and Prometheus Operator ServiceMonitors: get,
-  create, patch. All but ServiceMonitors are also listed and watched (indexes by owner: a child
-  deleted or edited by hand is put back); a ServiceMonitor's kind may not be installed, so it is not
-  watched. HPAs, ServiceMonitors and NetworkPolicies also delete, when a spec switches autoscaling,
-  serviceMonitor or networkPolicy off (children.remove: only objects this ModelDeployment owns);
+  Services, HorizontalPodAutoscalers, NetworkPolicies, Prometheus Operator ServiceMonitors and KEDA
+  ScaledObjects: get, create, patch. All but ServiceMonitors and ScaledObjects are also listed and
+  watched (indexes by owner: a child deleted or edited by hand is put back); those two kinds may not
+  be installed, so they are not watched. HPAs, ServiceMonitors, ScaledObjects and NetworkPolicies also
+  delete, when a spec switches autoscaling (or keda), serviceMonitor or networkPolicy off
+  (children.remove: only objects this ModelDeployment owns);
   everything else goes by garbage collection (owner references), never by the operator;
 - Events: create and patch (the operator posts core/v1 Events, events.py; events.k8s.io is the same
   data in the newer API, which other client libraries use).
@@ -124,6 +125,9 @@ The leader Lease is not here: it lives in the release's namespace only (deeptune
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
   resources: [servicemonitors]
+  verbs: [get, create, patch, delete]
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
   verbs: [get, create, patch, delete]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]

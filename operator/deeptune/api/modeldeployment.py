@@ -34,6 +34,7 @@ from deeptune.api.finetunejob import (
     GenerationSpec,
     OutputStatus,
     ResourcesSpec,
+    Url,
 )
 
 KIND = "ModelDeployment"
@@ -67,6 +68,10 @@ ADAPTERS_NEED_VLLM = (
 ADAPTERS_NEED_A_BASE = (
     "adapters share model's base model: model must be a base model with an adapter (fineTuneJobRef or"
     " adapter), not merged"
+)
+SCALE_TO_ZERO_NEEDS = (
+    "minReplicas 0 needs keda.wakeUpQuery: a deployment scaled to zero has no pods to report load, so"
+    " something outside them (your gateway's request count) must wake it; or set minReplicas to 1"
 )
 Quantization = Literal["none", "int8", "int4"]
 ModelState = Literal["Pending", "Loading", "Loaded", "FailedToLoad"]
@@ -268,28 +273,60 @@ class RolloutSpec(ApiModel):
         return self
 
 
+class KedaScaling(ApiModel):
+    """Scale on the model's own load with a KEDA ScaledObject (KEDA must be installed), read from your
+    Prometheus; KEDA then owns the replica count and may scale to zero. The queries select the serving
+    pods' series by their `namespace` and `model` labels: have Prometheus scrape them with those (the
+    Prometheus Operator does, with `serviceMonitor: true`)."""
+
+    prometheus_address: Url
+    """Your Prometheus server, e.g. `http://prometheus-operated.monitoring.svc:9090`."""
+    waiting_requests: Annotated[int, Field(ge=1, le=100_000)] = 4
+    """Python backend: requests waiting in each pod's continuous-batching engine
+    (`deeptune_engine_requests_waiting`) that call for another pod."""
+    time_to_first_token_seconds: Annotated[float, Field(gt=0, le=600)] = 2.0
+    """vLLM backend: the 90th percentile of time to first token (vLLM's
+    `vllm:time_to_first_token_seconds`, over two minutes) above which pods are added."""
+    wake_up_query: Annotated[str, Field(min_length=1, max_length=LONG_TEXT)] | None = None
+    """A PromQL query that is above 0 when requests arrive for this model, counted outside its pods
+    (your gateway's or ingress controller's request rate): what wakes a deployment scaled to zero,
+    which has no pods to report load. Needed for `minReplicas: 0`."""
+
+
 class AutoscalingSpec(ApiModel):
-    """A HorizontalPodAutoscaler for the serving Deployment; when enabled it owns the replica count."""
+    """Autoscaling of the serving Deployment; when enabled it owns the replica count. Without `keda`: a
+    HorizontalPodAutoscaler on CPU use (and Triton's queue time); with it, a KEDA ScaledObject on the
+    LLM's load."""
 
     model_config = cel_rules(
         cel(
             "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
             "minReplicas must not exceed maxReplicas",
-        )
+        ),
+        cel(
+            "!has(self.minReplicas) || self.minReplicas > 0"
+            " || (has(self.keda) && has(self.keda.wakeUpQuery))",
+            SCALE_TO_ZERO_NEEDS,
+            field_path=".minReplicas",
+        ),
     )
 
     enabled: bool = False
-    min_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
+    min_replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    """0 scales to zero when idle (KEDA only: give `keda.wakeUpQuery`)."""
     max_replicas: Annotated[int, Field(ge=1, le=1000)] = 3
     target_cpu_utilization: Annotated[int, Field(ge=1, le=1000)] = 80
     """Average CPU use (percent of the request) the autoscaler aims for."""
     queue_time_microseconds: Annotated[int, Field(ge=1)] | None = None
     """Also scale on Triton's queue time per request (needs a custom-metrics adapter for Prometheus)."""
+    keda: KedaScaling | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError("minReplicas must not exceed maxReplicas")
+        if self.min_replicas == 0 and (self.keda is None or self.keda.wake_up_query is None):
+            raise ValueError(SCALE_TO_ZERO_NEEDS)
         return self
 
 

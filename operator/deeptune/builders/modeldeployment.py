@@ -49,6 +49,9 @@ QUEUE_TIME_METRIC = "triton_queue_time_microseconds"
 """The per-pod custom metric the autoscaler reads for `queueTimeMicroseconds`. Triton exports only
 cumulative counters, so a metrics adapter (e.g. prometheus-adapter) must define it, per pod, as
 `rate(nv_inference_queue_duration_us[1m]) / rate(nv_inference_request_success[1m])`."""
+ENGINE_WAITING_METRIC = "deeptune_engine_requests_waiting"
+"""The Python backend's continuous engine's queue length, on Triton's metrics endpoint (the serving
+package's WAITING_METRIC; a test checks they agree)."""
 STARTUP_SECONDS = 1800
 """How long Triton may take to load the model before the kubelet restarts it: the HTTP endpoint
 opens only after loading, and a 70B model read from a network volume takes many minutes."""
@@ -68,12 +71,13 @@ class ServingChildren:
     autoscaler: Manifest | None
     service_monitor: Manifest | None
     network_policy: Manifest | None = None
+    scaled_object: Manifest | None = None
 
     def manifests(self) -> list[Manifest]:
         """The policy goes before the Deployment, so that new pods are never reachable without it;
         the Service too, so that whoever sees the Deployment finds its Service."""
         policy = [self.network_policy] if self.network_policy is not None else []
-        optional = [m for m in (self.autoscaler, self.service_monitor) if m is not None]
+        optional = [m for m in (self.autoscaler, self.scaled_object, self.service_monitor) if m is not None]
         return [self.config_map, *policy, self.service, self.deployment, *optional]
 
 
@@ -461,7 +465,7 @@ def build_autoscaler(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSet
     """An autoscaling/v2 HPA on CPU use (which needs `resources.cpu`: utilization is a share of the
     request), and on Triton's queue time when `queueTimeMicroseconds` is set."""
     scaling = spec.autoscaling
-    if not scaling.enabled:
+    if not scaling.enabled or scaling.keda is not None:
         return None
     metrics: list[Manifest] = [
         {
@@ -499,6 +503,62 @@ def build_autoscaler(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSet
             "minReplicas": scaling.min_replicas,
             "maxReplicas": scaling.max_replicas,
             "metrics": metrics,
+        },
+    }
+
+
+def load_query(owner: Owner, spec: ModelDeploymentSpec) -> tuple[str, str, str]:
+    """The PromQL query of the model's load, its threshold and KEDA's metric type: waiting requests per
+    pod on the Python backend (the engine's gauge, averaged over the pods), vLLM's 90th-percentile time
+    to first token (a latency: compared as it is)."""
+    keda = spec.autoscaling.keda
+    assert keda is not None
+    selector = f'namespace="{owner.namespace}",model="{model_name(owner)}"'
+    if serving_backend(spec) == "python":
+        return f"sum({ENGINE_WAITING_METRIC}{{{selector}}})", str(keda.waiting_requests), "AverageValue"
+    ttft = f"sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{{{selector}}}[2m]))"
+    return f"histogram_quantile(0.9, {ttft})", f"{keda.time_to_first_token_seconds:g}", "Value"
+
+
+def build_scaled_object(owner: Owner, spec: ModelDeploymentSpec, settings: ChildSettings) -> Manifest | None:
+    """A KEDA ScaledObject on the model's load (`load_query`), and on `wakeUpQuery` when given: the
+    trigger that can take a deployment scaled to zero back to one pod."""
+    scaling = spec.autoscaling
+    if not scaling.enabled or scaling.keda is None:
+        return None
+    keda = scaling.keda
+    query, threshold, metric_type = load_query(owner, spec)
+    triggers: list[Manifest] = [
+        {
+            "type": "prometheus",
+            "name": "load",
+            "metricType": metric_type,
+            "metadata": {"serverAddress": keda.prometheus_address, "query": query, "threshold": threshold},
+        }
+    ]
+    if keda.wake_up_query is not None:
+        triggers.append(
+            {
+                "type": "prometheus",
+                "name": "wake-up",
+                "metricType": "Value",
+                "metadata": {
+                    "serverAddress": keda.prometheus_address,
+                    "query": keda.wake_up_query,
+                    "threshold": "1",
+                    "activationThreshold": "0",
+                },
+            }
+        )
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _labelled_metadata(owner, server_name(owner), settings),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": server_name(owner)},
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
+            "triggers": triggers,
         },
     }
 
@@ -580,6 +640,7 @@ def build_children(
         deployment=build_deployment(owner, spec, resolved, files, settings),
         service=build_service(owner, spec, settings),
         autoscaler=build_autoscaler(owner, spec, settings),
+        scaled_object=build_scaled_object(owner, spec, settings),
         service_monitor=build_service_monitor(owner, spec, settings),
         network_policy=build_network_policy(owner, spec, settings),
     )

@@ -80,14 +80,28 @@ CHILD_RESOURCES = [
     ("networking.k8s.io", "v1", "networkpolicies"),
 ]
 """The children watched besides the Deployment and pods, each an index `serving_<plural>` by owner
-uid. Not a ServiceMonitor: its kind may not be installed, so it is applied after a spec change or a
-restart and not put back when deleted."""
+uid. Not a ServiceMonitor or a ScaledObject: their kinds may not be installed, so they are applied after
+a spec change or a restart and not put back when deleted."""
 WATCHED = frozenset({"ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy"})
 OPTIONAL = {
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
 }
+NOT_INSTALLED = {
+    "ServiceMonitor": (
+        "ServiceMonitorUnavailable",
+        "spec.serviceMonitor is set, but the ServiceMonitor kind (Prometheus Operator) is not installed",
+    ),
+    "ScaledObject": (
+        "KedaUnavailable",
+        "spec.autoscaling.keda is set, but KEDA's ScaledObject kind is not installed: nothing scales the"
+        " Deployment, which keeps its replicas; install KEDA, or remove keda for a HorizontalPodAutoscaler",
+    ),
+}
+"""Children of kinds that another project installs, and what a ModelDeployment that asks for one is told
+(an Event) when it is missing."""
 
 
 @dataclass(frozen=True)
@@ -258,7 +272,7 @@ class ModelDeploymentReconciler:
                 applied_deployment = result
         name = build.server_name(owner)
         optional = {"HorizontalPodAutoscaler": wanted.autoscaler, "ServiceMonitor": wanted.service_monitor,
-                    "NetworkPolicy": wanted.network_policy}  # fmt: skip
+                    "NetworkPolicy": wanted.network_policy, "ScaledObject": wanted.scaled_object}  # fmt: skip
         for kind, asked in optional.items():
             key = (kind, name)
             if asked is not None:
@@ -272,18 +286,14 @@ class ModelDeploymentReconciler:
         return applied_deployment
 
     def _apply_one(self, obj: Obj, manifest: Manifest) -> Obj | None:
-        """Apply one child; None for a ServiceMonitor whose kind is not installed (said in an Event)."""
+        """Apply one child; None for a child whose kind is not installed (said in an Event)."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         try:
             outcome, after = children.apply(manifest)
         except ApiException as error:
-            if kind != "ServiceMonitor" or error.status != 404:
+            if kind not in NOT_INSTALLED or error.status != 404:
                 raise
-            message = (
-                "spec.serviceMonitor is set, but the ServiceMonitor kind (Prometheus Operator) is not"
-                " installed"
-            )
-            events.post(obj, events.Event("Warning", "ServiceMonitorUnavailable", message))
+            events.post(obj, events.Event("Warning", *NOT_INSTALLED[kind]))
             return None
         if outcome != "unchanged":
             LOG.info("%s %s %s/%s", outcome, kind, manifest["metadata"]["namespace"], name)
