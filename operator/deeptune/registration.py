@@ -186,6 +186,25 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> Non
     def trainer_jobs(*, body: kopf.Body, **_: Any) -> dict[str, Obj]:
         return {uid: record(body, "spec", "status") for uid in _owners(body, FTJ_KIND)}
 
+    @kopf.index(
+        "batch", "v1", "jobs", labels={FTJ_NAME_LABEL: kopf.PRESENT}, registry=registry, id=ftj.JOB_OWNERS
+    )
+    def trainer_job_owners(*, body: kopf.Body, uid: str, **_: Any) -> dict[str, Obj]:
+        owners = _owners(body, FTJ_KIND)
+        return {uid: {"uid": owners[0]}} if owners else {}
+
+    # Kueue's Workloads: watched only where Kueue's CRD is installed (kopf follows CRDs as they come).
+    @kopf.index("kueue.x-k8s.io", "v1beta1", "workloads", registry=registry, id=ftj.WORKLOADS)
+    def kueue_workloads(*, body: kopf.Body, **_: Any) -> dict[str, Obj]:
+        return {job: record(body, "status") for job in _owners(body, "Job")}
+
+    @kopf.on.event("kueue.x-k8s.io", "v1beta1", "workloads", registry=registry)
+    def kueue_workload_changed(*, body: kopf.Body, **indexes: Any) -> None:
+        op.fill(indexes)
+        for job in _owners(body, "Job"):
+            for owner in op.cache.all(ftj.JOB_OWNERS, job):
+                op.ftj_controller.enqueue(owner["uid"])
+
     @kopf.index("", "v1", "pods", labels={FTJ_UID: kopf.PRESENT}, registry=registry, id=ftj.PODS)
     def trainer_pods(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
         return {labels[FTJ_UID]: record(body, "status")}

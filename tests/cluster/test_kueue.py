@@ -188,6 +188,7 @@ def _run_two(cluster: Cluster, operator: Process, namespace: str) -> None:
     # Each round reads the second run first: when the first is still training after that, it was
     # training while the second was seen.
     queued: dict[str, Any] = {}
+    said: set[str] = set()
     deadline = time.monotonic() + 600
     while True:
         second, second_job = _status(cluster, SECOND, namespace), _job(cluster, SECOND, namespace)
@@ -202,6 +203,7 @@ def _run_two(cluster: Cluster, operator: Process, namespace: str) -> None:
                 )
             if _condition(second, "Ready").get("reason") == "Queued":
                 queued = second
+                said.add(_condition(second, "Ready")["message"])
         assert time.monotonic() < deadline, f"the first run did not finish; last status: {first}"
         time.sleep(0.5)
     assert first["phase"] == "Succeeded", first
@@ -209,6 +211,8 @@ def _run_two(cluster: Cluster, operator: Process, namespace: str) -> None:
     waiting = _condition(queued, "Ready")
     assert waiting["status"] == "False"
     assert f"LocalQueue {QUEUE}" in waiting["message"], waiting
+    # ... and why, in Kueue's words, from the second run's Workload.
+    assert any("insufficient" in message and "nvidia.com/gpu" in message for message in said), said
 
     final = wait_for(
         "the second run to succeed",

@@ -64,6 +64,7 @@ SERVED_NAMESPACE_RULES = [
     {"apiGroups": ["monitoring.coreos.com"], "resources": ["servicemonitors"],
      "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},

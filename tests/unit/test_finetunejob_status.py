@@ -6,7 +6,7 @@ from typing import Any
 
 from deeptune.api.finetunejob import FineTuneJobStatus, OutputStatus
 from deeptune.api.trainer import ArtifactPaths, TrainerError, TrainerSummary
-from deeptune.status.finetunejob import derive_status, is_invalid_spec
+from deeptune.status.finetunejob import derive_status, is_invalid_spec, waiting_reason
 from deeptune.status.progress import format_duration, parse_progress
 
 NOW = "2026-11-25T10:00:00Z"
@@ -379,6 +379,34 @@ def test_queued_by_kueue_is_pending_and_names_the_queue() -> None:
     assert (running.status, running.reason) == ("False", "Queued")
     assert "LocalQueue gpu-queue" in running.message
     assert conditions_of(status)["Suspended"][0] == "False"  # the user did not pause it
+
+
+def test_a_queued_run_says_why_kueue_has_not_admitted_it() -> None:
+    queued = job([condition("Suspended", "JobSuspended")])
+    queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+    queued["spec"] = {"suspend": True}
+    why = (
+        "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor"
+        " gpus, 1 more needed"
+    )
+    workload = {
+        "status": {
+            "conditions": [{"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": why}]
+        }
+    }
+    status = derive_status(
+        previous=FineTuneJobStatus(),
+        generation=2,
+        job=queued,
+        pods=[],
+        progress=None,
+        output=OUTPUT,
+        now=NOW,
+        workload=workload,
+    )
+    running = next(c for c in status.conditions if c.type == "Running")
+    assert running.message == f"waiting in Kueue's LocalQueue gpu-queue: {why}"
+    assert waiting_reason({"status": {"conditions": [{"type": "QuotaReserved", "status": "True"}]}}) is None
 
 
 def test_an_indexed_run_lists_the_newest_pod_of_each_index() -> None:

@@ -86,7 +86,7 @@ def cache(**indexes: dict[Any, list[Obj]]) -> Cache:
     filled = Cache()
     names = [
         *("finetunejobs", "finetunejobs_by_name", "trainer_jobs", "trainer_pods", "trainer_config_maps"),
-        "trainer_services",
+        *("trainer_services", "trainer_job_owners", "kueue_workloads"),
         *("modeldeployments", "serving_deployments", "serving_pods"),
         *(f"serving_{plural}" for _, _, plural in CHILD_RESOURCES),
     ]

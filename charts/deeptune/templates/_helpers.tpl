@@ -93,6 +93,7 @@ and indexes; children.py: every write to a child; reconcilers/: which child gets
   delete, when a spec switches autoscaling (or keda), serviceMonitor or networkPolicy off
   (children.remove: only objects this ModelDeployment owns);
   everything else goes by garbage collection (owner references), never by the operator;
+- Kueue's Workloads: list and watch, read only (where Kueue is installed): why a queued run waits;
 - Events: create and patch (the operator posts core/v1 Events, events.py; events.k8s.io is the same
   data in the newer API, which other client libraries use).
 No Secrets: the trainer and Triton read tokens through secretKeyRef; the operator never does.
@@ -129,6 +130,9 @@ The leader Lease is not here: it lives in the release's namespace only (deeptune
 - apiGroups: [keda.sh]
   resources: [scaledobjects]
   verbs: [get, create, patch, delete]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, delete]

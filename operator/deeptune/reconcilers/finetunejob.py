@@ -70,6 +70,10 @@ CREATION_GRACE = 30.0
 # The cache's indexes (kopf index functions of these names, in deeptune.registration).
 OBJECTS = "finetunejobs"
 JOBS = "trainer_jobs"
+JOB_OWNERS = "trainer_job_owners"
+"""Trainer Jobs' uids → their FineTuneJobs' uids: which run a Kueue Workload's news is about."""
+WORKLOADS = "kueue_workloads"
+"""Kueue's Workloads by the uid of the Job they hold (when Kueue is installed)."""
 PODS = "trainer_pods"
 CONFIG_MAPS = "trainer_config_maps"
 SERVICES = "trainer_services"
@@ -153,6 +157,7 @@ class FineTuneJobReconciler:
             output=_output_status(owner, spec),
             now=now(),
             blocked=blocked,
+            workload=self.cache.one(WORKLOADS, job_uid) if job_uid else None,
         )
         new.world_size = spec.world_size
         if plan is not None:

@@ -143,25 +143,45 @@ def _failed(job_failed: Obj, failure: FailureInfo | None) -> RunState:
     return RunState("Failed", failure.reason, f"{failure.message} (Job: {context})")
 
 
-def _suspended(job: Obj) -> RunState:
-    """Paused by the user, or waiting for Kueue to admit it (its label says which queue)."""
+def waiting_reason(workload: Obj | None) -> str | None:
+    """Why Kueue has not admitted a Workload yet, in its own words (its QuotaReserved condition's
+    message, e.g. "couldn't assign flavors to pod set main: insufficient unused quota for
+    nvidia.com/gpu in flavor gpus, 1 more needed"); None when it has not said."""
+    conditions = ((workload or {}).get("status") or {}).get("conditions") or []
+    reserved = next((c for c in conditions if c.get("type") == "QuotaReserved"), None)
+    if reserved is None or reserved.get("status") != "False" or not reserved.get("message"):
+        return None
+    return str(reserved["message"])
+
+
+def _suspended(job: Obj, workload: Obj | None) -> RunState:
+    """Paused by the user, or waiting for Kueue to admit it (its label says which queue; its Workload,
+    when the operator sees it, why)."""
     queue = job["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL)
     if queue is None:
         return RunState("Suspended", "Suspended", "suspended; set spec.suspend to false to resume")
+    waiting = f"waiting in Kueue's LocalQueue {queue}"
+    if (why := waiting_reason(workload)) is not None:
+        return RunState("Pending", "Queued", f"{waiting}: {why}")
     return RunState(
         "Pending",
         "Queued",
-        f"waiting in Kueue's LocalQueue {queue}: the Job starts when Kueue admits it (quota and priority; "
+        f"{waiting}: the Job starts when Kueue admits it (quota and priority; "
         f"`kubectl get workloads -n {job['metadata'].get('namespace', '')}` says why it waits)",
     )
 
 
 def observe(
-    job: Obj | None, pods: list[Obj], blocked: RunState | None = None, known: FailureInfo | None = None
+    job: Obj | None,
+    pods: list[Obj],
+    blocked: RunState | None = None,
+    known: FailureInfo | None = None,
+    workload: Obj | None = None,
 ) -> RunState:
     """The phase of an unfinished run, with a CamelCase reason and a human message. `blocked` says
     why there is no Job (one of that name that is not ours, say) when the operator knows; `known` is
-    the trainer's failure recorded before, for when its pod is gone from view."""
+    the trainer's failure recorded before, for when its pod is gone from view; `workload` is Kueue's
+    Workload of the Job, when it is queued."""
     if job is None:
         return blocked or RunState("Pending", "JobNotCreated", "the trainer Job is being created")
     if (cond := _job_condition(job, "Complete")) is not None:
@@ -169,7 +189,7 @@ def observe(
     if (cond := _job_condition(job, "Failed")) is not None:
         return _failed(cond, last_failure(pods) or known)
     if _job_condition(job, "Suspended") is not None or job.get("spec", {}).get("suspend"):
-        return _suspended(job)
+        return _suspended(job, workload)
     phases = {p.get("status", {}).get("phase") for p in pods}
     if "Running" in phases:
         return RunState("Running", "Training", "the trainer is running")
@@ -227,6 +247,7 @@ def derive_status(
     output: OutputStatus,
     now: str,
     blocked: RunState | None = None,
+    workload: Obj | None = None,
 ) -> FineTuneJobStatus:
     """The status to write, given what the cluster shows now and what the status said before.
 
@@ -234,7 +255,7 @@ def derive_status(
     operator's finalizer keeps it until the outcome is in status), nothing changes."""
     if job is None and previous.phase in TERMINAL_PHASES and not is_invalid_spec(previous):
         return previous
-    observation = observe(job, pods, blocked, previous.last_failure)
+    observation = observe(job, pods, blocked, previous.last_failure, workload)
     job_status = (job or {}).get("status", {})
     status = previous.model_copy(deep=True)
     status.phase = observation.phase
