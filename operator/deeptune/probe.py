@@ -58,83 +58,72 @@ async def _generate_once(address: str, model: str, timeout: float) -> bool:
     return any("text_output" in event for event in events)
 
 
+def _truncated(result: ProbeResult) -> ProbeResult:
+    result.message = result.message[:MESSAGE_LIMIT]
+    return result
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
 async def probe_server(address: str, model: str, *, decoupled: bool, timeout: float, now: str) -> ProbeResult:
     """Check the Triton server at `address` (`host:port` of its HTTP endpoint) and its `model`.
 
     Failures become the result's message; the probe itself never raises for an unhealthy server.
     """
-    server_ready = model_ready = inference_ok = False
-    latency_ms: float | None = None
-    message = ""
+    result = ProbeResult(time=now)
     client = triton.InferenceServerClient(address, conn_timeout=timeout)
     try:
-        server_ready = await client.is_server_ready()
-        model_ready = server_ready and await client.is_model_ready(model)
-        if not model_ready:
-            message = "the server is not ready" if not server_ready else f"model {model} is not ready"
+        result.server_ready = await client.is_server_ready()
+        result.model_ready = result.server_ready and await client.is_model_ready(model)
+        if not result.model_ready:
+            result.message = (
+                "the server is not ready" if not result.server_ready else f"model {model} is not ready"
+            )
         else:
             started = time.perf_counter()
             if decoupled:
-                inference_ok = await _generate_once(address, model, timeout)
+                result.inference_ok = await _generate_once(address, model, timeout)
             else:
                 output = (await client.infer(model, _inputs())).as_numpy("text_output")
-                inference_ok = output is not None and output.size == 1
-            latency_ms = round((time.perf_counter() - started) * 1000, 1)
-            message = "" if inference_ok else "the inference returned no text_output"
+                result.inference_ok = output is not None and output.size == 1
+            result.latency_ms = _elapsed_ms(started)
+            result.message = "" if result.inference_ok else "the inference returned no text_output"
     except (InferenceServerException, aiohttp.ClientError, TimeoutError, OSError) as error:
-        message = f"{type(error).__name__}: {error}"
+        result.message = f"{type(error).__name__}: {error}"
     finally:
         await client.close()
-    return ProbeResult(
-        time=now,
-        latency_ms=latency_ms,
-        server_ready=server_ready,
-        model_ready=model_ready,
-        inference_ok=inference_ok,
-        message=message[:MESSAGE_LIMIT],
-    )
+    return _truncated(result)
 
 
 async def probe_openai(address: str, model: str, *, timeout: float, now: str) -> ProbeResult:
     """Check the OpenAI-compatible API at `address` (`host:port`) and its `model`: listed by
     `/v1/models`, and one greedy token from `/v1/completions`. Never raises for an unhealthy server."""
-    server_ready = model_ready = inference_ok = False
-    latency_ms: float | None = None
-    message = ""
+    result = ProbeResult(time=now)
     base = f"http://{address}/v1"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
             async with session.get(f"{base}/models") as listed:
-                server_ready = listed.status == 200
-                ids = (
-                    [entry.get("id") for entry in (await listed.json()).get("data", [])]
-                    if server_ready
-                    else []
-                )
-            model_ready = model in ids
-            if not server_ready:
-                message = f"/v1/models answered {listed.status}"
-            elif not model_ready:
-                message = (
-                    f"model {model} is not served (the server lists {', '.join(map(str, ids)) or 'none'})"
-                )
+                result.server_ready = listed.status == 200
+                listing = await listed.json() if result.server_ready else {}
+            entries = listing.get("data", []) if isinstance(listing, dict) else []
+            ids = [str(entry.get("id")) for entry in entries if isinstance(entry, dict)]
+            result.model_ready = model in ids
+            if not result.server_ready:
+                result.message = f"/v1/models answered {listed.status}"
+            elif not result.model_ready:
+                result.message = f"model {model} is not served (the server lists {', '.join(ids) or 'none'})"
             else:
                 started = time.perf_counter()
                 body = {"model": model, "prompt": probe_prompt(), "max_tokens": 1, "temperature": 0}
                 async with session.post(f"{base}/completions", json=body) as answered:
                     reply = await answered.json(content_type=None)
-                latency_ms = round((time.perf_counter() - started) * 1000, 1)
+                result.latency_ms = _elapsed_ms(started)
                 choices = (reply.get("choices") if answered.status == 200 else None) or [{}]
-                inference_ok = isinstance(choices[0].get("text"), str)
-                if not inference_ok:
-                    message = f"/v1/completions answered {answered.status}: {json.dumps(reply)}"
+                result.inference_ok = isinstance(choices[0].get("text"), str)
+                if not result.inference_ok:
+                    result.message = f"/v1/completions answered {answered.status}: {json.dumps(reply)}"
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as error:
-        message = f"{type(error).__name__}: {error}"
-    return ProbeResult(
-        time=now,
-        latency_ms=latency_ms,
-        server_ready=server_ready,
-        model_ready=model_ready,
-        inference_ok=inference_ok,
-        message=message[:MESSAGE_LIMIT],
-    )
+        result.message = f"{type(error).__name__}: {error}"
+    return _truncated(result)

@@ -21,7 +21,7 @@ import openai
 
 from deeptune.serving.repository import MODEL_VERSION
 from deeptune.serving.vllm import served_name
-from tests.serving.wheel_server import free_ports
+from tests.serving.wheel_server import free_ports, stop_process
 
 
 def api_server_arguments(repository: Path, model_name: str) -> list[str]:
@@ -103,9 +103,4 @@ class VllmServer:
                 time.sleep(1)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
