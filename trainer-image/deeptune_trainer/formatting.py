@@ -131,10 +131,12 @@ def _fit(prompt: int, completion: int, max_length: int) -> tuple[int, int]:
     return keep_prompt, max_length - keep_prompt
 
 
-def _earlier_turns(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]] | None:
-    """The conversation up to the final assistant turn's prompt, in pieces (text, whether it is an
-    assistant turn to train on); None when the template does not render each turn as a prefix of the
-    next (then only the final turn can be trained)."""
+def _turn_pieces(
+    sample: Sample, tokenizer: PreTrainedTokenizerBase, prompt_text: str
+) -> list[tuple[str, bool]] | None:
+    """The final answer's prompt in pieces (text, whether it is an earlier assistant turn to train on);
+    None when the template does not render each turn as a prefix of the next (then only the final turn
+    can be trained)."""
     pieces: list[tuple[str, bool]] = []
     rendered = ""
     messages = _chat(sample.messages)
@@ -149,28 +151,25 @@ def _earlier_turns(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> list[t
             return None
         pieces += [(before[len(rendered) :], False), (through[len(before) :], True)]
         rendered = through
-    return pieces
+    if not prompt_text.startswith(rendered):
+        return None
+    return [*pieces, (prompt_text[len(rendered) :], False)]
 
 
 def tokenize_sample(
     sample: Sample, tokenizer: PreTrainedTokenizerBase, max_length: int, *, all_turns: bool = False
 ) -> Example:
     """Token ids and labels of a sample: labels on the final assistant turn, and with `all_turns` on
-    every assistant turn (where the template allows: `_earlier_turns`)."""
+    every assistant turn (where the template allows: `_turn_pieces`)."""
     prompt_text = render_prompt(sample, tokenizer)
     several = all_turns and sum(m.role == "assistant" for m in sample.messages) > 1
-    earlier = _earlier_turns(sample, tokenizer) if several else None
-    split = earlier is not None and prompt_text.startswith(rendered := "".join(text for text, _ in earlier))
-    if earlier is not None and split:
-        earlier.append((prompt_text[len(rendered) :], False))
-        prompt, prompt_labels = [], []
-        for text, trained in earlier:
-            ids = _ids(tokenizer, text)
-            prompt += ids
-            prompt_labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    else:
-        prompt = _ids(tokenizer, prompt_text)
-        prompt_labels = [IGNORE_INDEX] * len(prompt)
+    pieces = _turn_pieces(sample, tokenizer, prompt_text) if several else None
+    prompt: list[int] = []
+    prompt_labels: list[int] = []
+    for text, trained in pieces or [(prompt_text, False)]:
+        ids = _ids(tokenizer, text)
+        prompt += ids
+        prompt_labels += ids if trained else [IGNORE_INDEX] * len(ids)
     completion = _ids(tokenizer, _render_completion(sample, tokenizer, prompt_text))
     if tokenizer.eos_token_id not in completion:
         completion.append(tokenizer.eos_token_id)
@@ -180,7 +179,7 @@ def tokenize_sample(
         input_ids=prompt[start:] + completion[:keep_completion],
         labels=prompt_labels[start:] + completion[:keep_completion],
         truncated=keep_prompt + keep_completion < len(prompt) + len(completion),
-        last_turn_only=several and not split,
+        last_turn_only=several and pieces is None,
     )
 
 

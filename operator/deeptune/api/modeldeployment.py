@@ -53,6 +53,8 @@ Backend = Literal["auto", "python", "vllm"]
 """How Triton runs the model: `python` (DeepTune's model on transformers, continuous or dynamic
 batching, CPU or GPU), `vllm` (Triton's vLLM backend: paged attention, continuous batching, prefix
 caching, LoRA adapters loaded beside one base; GPU only), or `auto` (see `serving_backend`)."""
+ServingBackend = Literal["python", "vllm"]
+"""A backend as decided for a spec (`auto` resolved)."""
 ADAPTER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
 PRIMARY_ADAPTER = "adapter"
 """The LoRA name of `spec.model`'s own adapter on the vLLM backend; `spec.adapters` cannot use it."""
@@ -556,7 +558,7 @@ def vllm_can_serve(spec: ModelDeploymentSpec) -> bool:
     return spec.resources.gpu > 0 and spec.quantization != "int8" and not spec.response_cache.enabled
 
 
-def serving_backend(spec: ModelDeploymentSpec) -> Literal["python", "vllm"]:
+def serving_backend(spec: ModelDeploymentSpec) -> ServingBackend:
     """The backend that serves the spec: the one it names, else vLLM where it can serve it."""
     if spec.runtime.backend != "auto":
         return spec.runtime.backend
@@ -630,7 +632,7 @@ class ModelDeploymentStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
     model_state: ModelState | None = None
-    backend: Literal["python", "vllm"] | None = None
+    backend: ServingBackend | None = None
     """The Triton backend serving the model (`spec.runtime.backend`, with `auto` decided)."""
     observed_generation: int | None = None
     conditions: list[Condition] = []

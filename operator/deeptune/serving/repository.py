@@ -52,7 +52,7 @@ def cache_size_bytes(quantity: str) -> int:
     return int(float(match[1]) * _UNITS[match[2] or ""])
 
 
-def _quote(text: str) -> str:
+def pbtxt_string(text: str) -> str:
     """A protobuf text-format string literal (UTF-8 stays as is; quotes, backslashes and newlines escaped)."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
@@ -104,7 +104,7 @@ def config_pbtxt(spec: ModelDeploymentSpec, location: ModelLocation, model_name:
     the spec says."""
     batching = spec.batching
     lines = [
-        f"name: {_quote(model_name)}",
+        f"name: {pbtxt_string(model_name)}",
         'backend: "python"',
         f"max_batch_size: {batching.max_batch_size}",
         "input [",
@@ -141,7 +141,9 @@ def config_pbtxt(spec: ModelDeploymentSpec, location: ModelLocation, model_name:
     if decoupled(spec):
         lines.append("model_transaction_policy { decoupled: true }")
     for key, value in model_parameters(spec, location).items():
-        lines.append(f"parameters {{ key: {_quote(key)} value: {{ string_value: {_quote(value)} }} }}")
+        lines.append(
+            f"parameters {{ key: {pbtxt_string(key)} value: {{ string_value: {pbtxt_string(value)} }} }}"
+        )
     return "\n".join(lines) + "\n"
 
 

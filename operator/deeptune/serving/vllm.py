@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from deeptune.api.modeldeployment import PRIMARY_ADAPTER, ModelDeploymentSpec
-from deeptune.serving.repository import MODEL_VERSION, REPOSITORY_PATH, ModelLocation
+from deeptune.serving.repository import MODEL_VERSION, REPOSITORY_PATH, ModelLocation, pbtxt_string
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The LoRA ranks vLLM sizes its adapter slots to (`max_lora_rank` must be one of them)."""
@@ -75,7 +75,7 @@ def config_pbtxt(model_name: str) -> str:
     return (
         "\n".join(
             [
-                f"name: {json.dumps(model_name)}",
+                f"name: {pbtxt_string(model_name)}",
                 'backend: "vllm"',
                 "instance_group [ { count: 1 kind: KIND_MODEL } ]",
                 "model_transaction_policy { decoupled: true }",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -29,6 +29,7 @@ from deeptune.api.modeldeployment import (
     ResolvedAdapter,
     ResolvedModel,
     ServedAdapter,
+    ServingBackend,
     resolve_adapter,
     resolve_model,
 )
@@ -124,10 +125,9 @@ def resolve_source(
     try:
         resolved = resolve_model(spec.model, models, adapter_needed=bool(spec.adapters))
     except ModelNotReadyError as error:
-        reason = "FineTuneJobNotFound" if job is None else "FineTuneJobSavedNoModel"
         kept = _keep(previous, ref.name if ref else None)
         if kept is None:
-            return Waiting(reason, str(error))
+            return _unservable(error, job)
         resolved = kept
     if spec.adapters and resolved.base_model is None:  # served merged before adapters were added
         return Waiting(
@@ -167,8 +167,12 @@ def _resolve_adapter(
     except AdapterMismatchError as error:
         return Waiting(ADAPTER_BASE_MISMATCH, str(error))
     except ModelNotReadyError as error:
-        reason = "FineTuneJobNotFound" if job is None else "FineTuneJobSavedNoModel"
-        return kept or Waiting(reason, str(error))
+        return kept or _unservable(error, job)
+
+
+def _unservable(error: ModelNotReadyError, job: Obj | None) -> Waiting:
+    """A referenced FineTuneJob that is not there, or that saved nothing this deployment can serve."""
+    return Waiting("FineTuneJobNotFound" if job is None else "FineTuneJobSavedNoModel", str(error))
 
 
 def _keep(previous: ResolvedModel | None, job_name: str | None) -> ResolvedModel | None:
@@ -366,7 +370,7 @@ def derive_status(
     pods: list[Obj],
     probe: ProbeResult | None,
     endpoints: Endpoints,
-    backend: Literal["python", "vllm"],
+    backend: ServingBackend,
     deployment_name: str,
     now: str,
 ) -> ModelDeploymentStatus:
