@@ -198,3 +198,13 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def release_process_group() -> None:
+    """Shut this worker's process group down before the interpreter exits. A gloo group left to the
+    interpreter's finalizer can abort the process ("terminate called without an active exception",
+    pytorch/pytorch#190489): seen in CI as a finished worker's SIGABRT that failed the whole run."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

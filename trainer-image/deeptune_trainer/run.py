@@ -38,7 +38,7 @@ from deeptune_trainer.artifacts import (
     write_resolved_config,
     write_summary,
 )
-from deeptune_trainer.distributed import World, shards_weights
+from deeptune_trainer.distributed import World, release_process_group, shards_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import compare, evaluate, generation_rows
 from deeptune_trainer.metrics_server import TrainerMetrics
@@ -201,6 +201,8 @@ def main(config: TrainerConfig, *, log: Log = _say) -> int:
         traceback.print_exc()
         _report(_failure("TrainingFailed", f"{type(error).__name__}: {error}"), config, log)
         return 1
+    finally:
+        release_process_group()
     assert summary is not None  # rank 0 always has one
     _report(summary, config, log)
     log("done")
@@ -213,4 +215,6 @@ def _worker(config: TrainerConfig, world: World) -> int:
         run(config, log=_quiet, world=world)
     except TrainerInputError:
         return EXIT_INVALID_INPUT  # rank 0 meets the same input and says what is wrong with it
+    finally:
+        release_process_group()
     return 0
