@@ -2,13 +2,14 @@
 
 Why: a FineTuneJob with `distributed.processesPerNode: 2` (or two GPUs) starts two workers under
 torch.distributed's elastic launcher. This measures what that buys on the machine it runs on, through
-the trainer's own code path: each worker loads the model with `deeptune_trainer.modeling.load_model`
+the trainer's own code path: each worker loads the model with `deeptune_trainer.modeling.load_for_training`
 (sharded across the workers for fsdp, as a pod does) and trains with `deeptune_trainer.training.train`,
 like tests/trainer/distributed_worker.py. Side by side, with the same global batch:
 
 - `1 process`: one process, no launcher (what a pod with one worker runs);
 - `2 DDP`: 2 workers, each with the whole model, gradients averaged;
-- `2 FSDP`: 2 workers, weights (and for full fine-tuning gradients and Adam state) sharded.
+- `2 FSDP`: 2 workers, weights (and for full fine-tuning gradients and Adam state) sharded;
+- `2 ZeRO-3`: 2 workers, the same sharded by DeepSpeed's ZeRO stage 3 (`distributed.strategy: deepspeed`).
 
 Each for `lora` (adapters on frozen weights) and `full` fine-tuning. Per configuration:
 
@@ -77,8 +78,8 @@ from transformers.utils import logging as hf_logging
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
-from deeptune_trainer.distributed import World, shards_weights
-from deeptune_trainer.modeling import load_model
+from deeptune_trainer.distributed import World
+from deeptune_trainer.modeling import load_for_training
 from deeptune_trainer.synthetic import as_samples, keyword_rows, tokenizer_texts
 from deeptune_trainer.tinymodels import train_tokenizer
 from deeptune_trainer.training import train
@@ -102,7 +103,9 @@ CONFIGURATIONS = (
     Configuration("1 process", 1, "ddp"),
     Configuration(f"{WORKERS} DDP", WORKERS, "ddp"),
     Configuration(f"{WORKERS} FSDP", WORKERS, "fsdp"),
+    Configuration(f"{WORKERS} ZeRO-3", WORKERS, "deepspeed"),
 )
+SHARDING = ("fsdp", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def run_worker(run: dict[str, Any]) -> None:
     spec = FineTuneJobSpec.model_validate(run["spec"])
     paths = TrainerPaths(output_dir=run["output_dir"], base_model=run["model_dir"])
     config = TrainerConfig(name="bench", spec=spec, paths=paths)
-    loaded = load_model(spec, paths, sharded=shards_weights(config, world))
+    loaded = load_for_training(config, world)
     clock = StepClock()
     result = train(
         loaded.model,
@@ -368,10 +371,14 @@ def row_line(result: Measured) -> str:
     )
 
 
-def sharding_saving(results: list[Measured]) -> dict[str, float]:
-    """Per method: the highest rank's training peak RSS under DDP minus under FSDP, in bytes."""
+def sharding_saving(results: list[Measured]) -> dict[str, dict[str, float]]:
+    """Per sharding strategy and method: the highest rank's training peak RSS under DDP minus under
+    that strategy, in bytes."""
     by_name = {(r.method, r.strategy): max(r.training_peak_rss_per_rank) for r in results if r.processes > 1}
-    return {method: by_name[(method, "ddp")] - by_name[(method, "fsdp")] for method in METHODS}
+    return {
+        strategy: {method: by_name[(method, "ddp")] - by_name[(method, strategy)] for method in METHODS}
+        for strategy in SHARDING
+    }
 
 
 def run_all(size: Size, fixed_mmap_threshold: bool) -> tuple[int, list[Measured]]:
@@ -413,8 +420,9 @@ def main() -> None:
     print(f"{load_average_line()}; 1 torch thread a rank; malloc: {malloc}")
     parameters, results = run_all(SIZES[size_name], fixed_mmap_threshold=not args.adaptive_malloc)
     saving = sharding_saving(results)
-    print("FSDP's saving of peak RSS per rank against DDP (highest rank): "
-          + ", ".join(f"{method} {value / 1e6:,.0f} MB" for method, value in saving.items()))  # fmt: skip
+    for strategy, by_method in saving.items():
+        savings = ", ".join(f"{method} {value / 1e6:,.0f} MB" for method, value in by_method.items())
+        print(f"{strategy}'s saving of peak RSS per rank against DDP (highest rank): {savings}")
     print(load_average_line())
     report = {
         "machine": machine_info(
@@ -426,7 +434,7 @@ def main() -> None:
         "settings": asdict(SIZES[size_name])
         | {"size": size_name, "parameters": parameters, "workers": WORKERS, "malloc": malloc},
         "results": [asdict(result) for result in results],
-        "fsdp_peak_rss_saving_per_rank_bytes": saving,
+        "peak_rss_saving_per_rank_bytes": saving,
     }
     suffix = "-adaptive-malloc" if args.adaptive_malloc else ""
     out = HERE / "results" / f"distributed-{size_name}{suffix}.json"

@@ -9,7 +9,7 @@ Run as is on a machine with one or more CUDA GPUs (elsewhere it says so and exit
     python bench/gpu/lora_qlora_fsdp.py --models v2-lite --batch 2 --seq 4096
 
 What runs, each configuration in fresh processes (so peak memory is its own), through the code a
-FineTuneJob's pod runs: `deeptune_trainer.modeling.load_model` (4-bit for qlora, sharded at load
+FineTuneJob's pod runs: `deeptune_trainer.modeling.load_for_training` (4-bit for qlora, sharded at load
 for fsdp) and `deeptune_trainer.training.train`, bf16 mixed precision, gradient checkpointing on as
 by default, LoRA r 16 on the `auto` targets:
 
@@ -17,10 +17,13 @@ by default, LoRA r 16 on the `auto` targets:
 - `qlora`: 1 GPU, NF4 weights; dense model only: on DeepSeek-V2/V3 `check_qlora_quantizes_the_model`
   refuses it (transformers keeps the routed experts as fused 3-D parameters bitsandbytes cannot
   quantize), and the table prints the refusal instead;
-- `lora fsdp` and `full fsdp`: every visible GPU (only with more than one), the script started again
-  under torch.distributed's elastic launcher, one worker per GPU, weights sharded as they load. Full
-  fine-tuning keeps fp32 master weights and Adam state (16 bytes a parameter, sharded): it runs only
-  when the planner says it fits the GPUs, else the table says what the planner estimated.
+- `full zero3 offload`: 1 GPU, DeepSpeed ZeRO-3 with the fp32 master weights and Adam state in host
+  memory (DeepSpeed's CPU Adam): run only where they take at most `HOST_SHARE` of the machine's memory;
+- `lora fsdp`, `full fsdp`, `lora zero3` and `full zero3`: every visible GPU (only with more than one),
+  the script started again under torch.distributed's elastic launcher, one worker per GPU, weights
+  sharded (fsdp) or partitioned (ZeRO-3) as they load. Full fine-tuning keeps fp32 master weights and
+  Adam state (16 bytes a parameter, sharded): it runs only when the planner says it fits the GPUs,
+  else the table says what the planner estimated.
 
 The model is written once per model (random weights, built on the GPU in bf16, saved to --work-dir:
 V2-Lite takes 31 GB of disk, the dense 7B 14 GB) and removed after its configurations. The data is
@@ -82,9 +85,9 @@ from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
 from deeptune.fitting import plan_for_shape
 from deeptune.planner import CUDA_OVERHEAD_BYTES, GIB, ModelShape, shape_from_config
-from deeptune_trainer.distributed import World, barrier, shards_weights
+from deeptune_trainer.distributed import World, barrier, release_process_group
 from deeptune_trainer.errors import TrainerInputError
-from deeptune_trainer.modeling import check_qlora_quantizes_the_model, load_model
+from deeptune_trainer.modeling import check_qlora_quantizes_the_model, load_for_training
 from deeptune_trainer.synthetic import as_samples, keyword_rows, tokenizer_texts
 from deeptune_trainer.tinymodels import train_tokenizer
 from deeptune_trainer.training import train
@@ -230,7 +233,7 @@ def run_worker(run: dict[str, Any]) -> None:
     spec = FineTuneJobSpec.model_validate(run["spec"])
     paths = TrainerPaths(output_dir=run["output_dir"], base_model=run["model_dir"])
     config = TrainerConfig(name="bench", spec=spec, paths=paths)
-    loaded = load_model(spec, paths, sharded=shards_weights(config, world))
+    loaded = load_for_training(config, world)
     load_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     clock = StepClock(Path(run["output_dir"]), run["warmup_steps"], world, load_peak)
@@ -249,6 +252,8 @@ def run_worker(run: dict[str, Any]) -> None:
         )
     except StopAfterMeasuringError:
         return
+    finally:
+        release_process_group()
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -275,16 +280,29 @@ class Configuration:
     method: str
     gpus: int
     strategy: str
+    offload: str = "none"
+
+    @property
+    def launched(self) -> bool:
+        """Whether the workers run under the launcher (several GPUs, or ZeRO at all)."""
+        return self.gpus > 1 or self.strategy == "deepspeed"
 
 
 def configurations(gpus: int) -> list[Configuration]:
-    """One GPU: lora and qlora. Several: also lora and full fine-tuning sharded over all of them."""
-    single = [Configuration("lora", "lora", 1, "ddp"), Configuration("qlora", "qlora", 1, "ddp")]
+    """One GPU: lora, qlora, and full fine-tuning with ZeRO-Offload. Several: also lora and full
+    fine-tuning sharded over all of them, by FSDP and by DeepSpeed ZeRO-3."""
+    single = [
+        Configuration("lora", "lora", 1, "ddp"),
+        Configuration("qlora", "qlora", 1, "ddp"),
+        Configuration("full zero3 offload", "full", 1, "deepspeed", "optimizer"),
+    ]
     if gpus < 2:
         return single
     sharded = [
         Configuration("lora fsdp", "lora", gpus, "fsdp"),
         Configuration("full fsdp", "full", gpus, "fsdp"),
+        Configuration("lora zero3", "lora", gpus, "deepspeed"),
+        Configuration("full zero3", "full", gpus, "deepspeed"),
     ]
     return single + sharded
 
@@ -310,7 +328,7 @@ def spec_of(configuration: Configuration, settings: Settings) -> dict[str, Any]:
         "evaluation": {"baseline": False},
         "output": {"pvc": {"claimName": "out"}},
         "resources": {"gpu": configuration.gpus},
-        "distributed": {"strategy": configuration.strategy},
+        "distributed": {"strategy": configuration.strategy, "offload": configuration.offload},
     }
 
 
@@ -344,7 +362,7 @@ def launch(configuration: Configuration, run: dict[str, Any]) -> None:
     """This script as the configuration's workers: alone on GPU 0, or one per GPU under the launcher."""
     worker = [str(Path(__file__).resolve()), "--worker", json.dumps(run)]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={configuration.gpus}"]
-    command = [sys.executable, *(launcher if configuration.gpus > 1 else []), *worker]
+    command = [sys.executable, *(launcher if configuration.launched else []), *worker]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{configuration.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -394,6 +412,19 @@ def measure(
     row.load_peak_allocated_gib_per_gpu = max(r["load_peak_allocated_bytes"] for r in ranks) / GIB
 
 
+HOST_SHARE = 0.7
+"""Of the machine's memory, what offloaded optimizer state may take (the rest: the data, the workers)."""
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def offloaded_bytes(subject: Subject) -> float:
+    """ZeRO-Offload's host share of a full fine-tune: fp32 master weights and two Adam moments."""
+    return 12 * subject.shape.total_params
+
+
 def refusal(config: PretrainedConfig) -> str | None:
     """Why qlora is refused on this model, as the trainer says it; None when it is not."""
     try:
@@ -414,6 +445,10 @@ def row_for(
         row.note, row.detail = f"refused: {refused.split(':', 1)[0]}", refused
     elif planned > torch.cuda.get_device_properties(0).total_memory:
         row.note = f"not run: the planner says it does not fit ({planned / GIB:.0f} GiB per GPU)"
+    elif configuration.offload != "none" and (host := offloaded_bytes(subject)) > HOST_SHARE * host_memory():
+        row.note = (
+            f"not run: the offloaded fp32 weights and Adam state take {host / GIB:.0f} GiB of host memory"
+        )
     else:
         measure(subject, configuration, settings, peak_flops, row)
     return row

@@ -58,26 +58,43 @@ def plan_for_shape(spec: FineTuneJobSpec, shape: ModelShape, gpu_memory_bytes: i
         lora_r=spec.lora.r,
         precision_bytes=4 if hp.precision == "fp32" else 2,
         gpu_memory_bytes=gpu_memory_bytes,
+        offload=spec.distributed.offload,
     )
     return estimate(shape, request)
 
 
-def plan_status(plan: Plan) -> MemoryPlan:
+def host_bytes_per_pod(spec: FineTuneJobSpec, plan: Plan) -> float:
+    """What offload keeps in each pod's memory: its workers' shares."""
+    return plan.host_bytes * spec.processes_per_node
+
+
+def plan_status(plan: Plan, spec: FineTuneJobSpec) -> MemoryPlan:
+    host = host_bytes_per_pod(spec, plan)
     return MemoryPlan(
         summary=plan.summary(),
         strategy=plan.strategy,
         world_size=plan.request.world_size,
         gib_per_gpu=round(plan.total_bytes / GIB, 1),
         fits=plan.fits,
+        offloaded_gib_per_pod=round(host / GIB, 1) if host else None,
     )
 
 
 def refusal(spec: FineTuneJobSpec, plan: Plan) -> str | None:
-    """Why the run cannot start, in the spec's terms, when the plan says it cannot fit."""
-    if plan.fits is not False:
+    """Why the run cannot start, in the spec's terms: it does not fit the GPUs, or what it offloads
+    does not fit the pod's memory. Only with resources.gpuMemory: the user's say that runs are checked."""
+    if plan.fits is False:
+        return (
+            f"{spec.base_model.name} does not fit resources.gpuMemory {spec.resources.gpu_memory} per GPU: "
+            f"{plan.summary()}; change the spec as advised (resources.gpu, distributed.strategy, method, "
+            "hyperparameters), or remove resources.gpuMemory to run unchecked"
+        )
+    host, memory = host_bytes_per_pod(spec, plan), spec.resources.memory
+    if spec.resources.gpu_memory is None or memory is None or host <= quantity_bytes(memory):
         return None
     return (
-        f"{spec.base_model.name} does not fit resources.gpuMemory {spec.resources.gpu_memory} per GPU: "
-        f"{plan.summary()}; change the spec as advised (resources.gpu, distributed.strategy, method, "
-        "hyperparameters), or remove resources.gpuMemory to run unchecked"
+        f"{spec.base_model.name} with distributed.offload {spec.distributed.offload} keeps "
+        f"{host / GIB:.1f} GiB in each pod's memory, more than resources.memory {memory}: raise "
+        "resources.memory, offload less (or nothing) with more GPUs (resources.gpu), or remove "
+        "resources.gpuMemory to run unchecked"
     )

@@ -20,6 +20,9 @@ Bytes per GPU, per part:
   gradient at the compute precision, an fp32 master copy when that precision is 16-bit, and two fp32
   moments: 2 + 4 + 8 = 14 bytes per parameter on top of the 2 bytes of weights (16 in all, the usual
   mixed-precision Adam figure: ≈112 GB for a 7B model). FSDP and ZeRO-3 divide it by the world size.
+- offload (DeepSpeed's ZeRO-Offload): `optimizer` moves the fp32 copies and Adam moments to host
+  memory, leaving the gradients on the GPU; `optimizerAndParameters` moves the weights' shards too,
+  leaving only the units gathered for compute.
 - activations: see `_activation_bytes`; they are per GPU and not divided by sharding.
 - overhead: `CUDA_OVERHEAD_BYTES`.
 """
@@ -34,6 +37,7 @@ from typing import Any, Literal, get_args
 
 Method = Literal["lora", "qlora", "full"]
 Strategy = Literal["auto", "ddp", "fsdp", "deepspeed"]
+Offload = Literal["none", "optimizer", "optimizerAndParameters"]
 
 GIB = 2**30
 
@@ -491,10 +495,14 @@ class PlanRequest:
     """Bytes of the compute precision: 2 for bf16/fp16, 4 for fp32."""
     gpu_memory_bytes: int | None = None
     """None when unknown: the plan then says nothing of fitting."""
+    offload: Offload = "none"
+    """What DeepSpeed keeps in host memory instead (strategy deepspeed only)."""
 
     def __post_init__(self) -> None:
         if self.method not in get_args(Method) or self.strategy not in get_args(Strategy):
             raise ValueError(f"unknown method {self.method!r} or strategy {self.strategy!r}")
+        if self.offload not in get_args(Offload) or (self.offload != "none" and self.strategy != "deepspeed"):
+            raise ValueError(f"offload {self.offload!r} needs strategy deepspeed, not {self.strategy!r}")
         counts = (self.world_size, self.per_device_batch_size, self.max_seq_length, self.lora_r)
         if min(counts) < 1:
             raise ValueError(f"world size, batch size, sequence length and lora r must be positive: {counts}")
@@ -513,6 +521,8 @@ class Plan:
     """Trainable parameters' own copies, their gradients and Adam state."""
     activations_bytes: float
     overhead_bytes: float
+    host_bytes: float = 0.0
+    """What offload keeps in the pod's memory instead, per GPU (not part of the total)."""
     advice: Advice | None = None
     """When it does not fit: the cheapest change that would."""
 
@@ -540,7 +550,10 @@ class Plan:
             f"activations {_gib(self.activations_bytes)}, overhead {_gib(self.overhead_bytes)}"
         )
         total = _gib(self.total_bytes)
-        line = f"{request.method} on {gpus} ({self.strategy}): {total} GiB per GPU {of} ({parts})"
+        how = self.strategy if request.offload == "none" else f"{self.strategy}, offload {request.offload}"
+        line = f"{request.method} on {gpus} ({how}): {total} GiB per GPU {of} ({parts})"
+        if self.host_bytes:
+            line = f"{line}, and {_gib(self.host_bytes)} GiB per GPU in host memory"
         if self.fits is not False:
             return line
         if self.advice is None:
@@ -588,7 +601,18 @@ def _breakdown(shape: ModelShape, request: PlanRequest) -> Plan:
         optimizer_bytes=_optimizer_bytes(shape, request) / shards,
         activations_bytes=_activation_bytes(shape, request),
         overhead_bytes=CUDA_OVERHEAD_BYTES,
+        host_bytes=_host_bytes(shape, request) / shards,
     )
+
+
+def _host_bytes(shape: ModelShape, request: PlanRequest) -> float:
+    """All that offload moves to host memory: the optimizer's share, and the weights with parameters."""
+    if request.offload == "none":
+        return 0.0
+    optimizer = _optimizer_bytes(shape, replace(request, offload="none")) - _optimizer_bytes(shape, request)
+    if request.offload == "optimizerAndParameters":
+        return optimizer + shape.params.weight_bytes(request.method, request.precision_bytes)
+    return optimizer
 
 
 def _weight_bytes(shape: ModelShape, request: PlanRequest, shards: int) -> float:
@@ -596,14 +620,20 @@ def _weight_bytes(shape: ModelShape, request: PlanRequest, shards: int) -> float
     whole = shape.params.weight_bytes(request.method, request.precision_bytes)
     unit = shape.largest_unit.weight_bytes(request.method, request.precision_bytes)
     gathered = min(FSDP_GATHERED_UNITS * unit, whole)
+    if request.offload == "optimizerAndParameters":  # the shards live in host memory
+        return gathered
     return whole / shards + gathered * (1 - 1 / shards)
 
 
 def _optimizer_bytes(shape: ModelShape, request: PlanRequest) -> float:
+    """Gradients, and (unless offloaded) the trainable parameters' own copies and Adam moments."""
+    offloaded = request.offload != "none"
     if request.method != "full":
-        return shape.lora_params(request.lora_r) * (2 * ADAPTER_BYTES + ADAM_MOMENTS_BYTES)
+        kept_on_gpu = ADAPTER_BYTES if offloaded else 2 * ADAPTER_BYTES + ADAM_MOMENTS_BYTES
+        return shape.lora_params(request.lora_r) * kept_on_gpu
     master = FP32_BYTES if request.precision_bytes < FP32_BYTES else 0
-    return shape.total_params * (request.precision_bytes + master + ADAM_MOMENTS_BYTES)
+    kept_on_gpu = 0 if offloaded else master + ADAM_MOMENTS_BYTES
+    return shape.total_params * (request.precision_bytes + kept_on_gpu)
 
 
 def _activation_bytes(shape: ModelShape, request: PlanRequest) -> float:
@@ -643,12 +673,31 @@ def _more_gpus(shape: ModelShape, request: PlanRequest) -> Advice | None:
     return None if plan is None else Advice(f"{plan.request.world_size} GPUs and strategy {sharding}", plan)
 
 
+def _offload(shape: ModelShape, request: PlanRequest) -> Advice | None:
+    """DeepSpeed on the GPUs asked for, with the optimizer state (then the weights too) in host memory."""
+    if request.method == "qlora":
+        return None
+    levels: tuple[Offload, ...] = ("optimizer", "optimizerAndParameters")
+    more = levels[levels.index(request.offload) + 1 :] if request.offload in levels else levels
+    plan = _first_fitting(shape, [replace(request, strategy="deepspeed", offload=level) for level in more])
+    if plan is None:
+        return None
+    return Advice(f"strategy deepspeed and offload {plan.request.offload}", plan)
+
+
 def _qlora(shape: ModelShape, request: PlanRequest) -> Advice | None:
-    """QLoRA on dense models only: on MoE it would leave the routed experts unquantized (in fp32)."""
+    """QLoRA on dense models only: on MoE it would leave the routed experts unquantized (in fp32).
+    Its 4-bit weights are not sharded, so it runs replicated (ddp)."""
     if request.method != "lora" or shape.is_moe:
         return None
-    plan = _first_fitting(shape, [replace(request, method="qlora")])
-    return None if plan is None else Advice("method qlora instead of lora", plan)
+    replicated = request.strategy in SHARDING_STRATEGIES
+    candidate = replace(
+        request, method="qlora", strategy="ddp" if replicated else request.strategy, offload="none"
+    )
+    plan = _first_fitting(shape, [candidate])
+    if plan is None:
+        return None
+    return Advice("method qlora and strategy ddp" if replicated else "method qlora instead of lora", plan)
 
 
 def _smaller_batch(shape: ModelShape, request: PlanRequest) -> Advice | None:
@@ -683,13 +732,15 @@ def _gradient_checkpointing(shape: ModelShape, request: PlanRequest) -> Advice |
 
 _ADVICE_ORDER: tuple[Callable[[ModelShape, PlanRequest], Advice | None], ...] = (
     _more_gpus,
+    _offload,
     _qlora,
     _smaller_batch,
     _shorter_sequences,
     _gradient_checkpointing,
 )
-"""Changes in the order a user would accept them: more hardware keeps the training as asked; qlora
-changes little of it; a smaller batch keeps it with more accumulation; shorter sequences cut data."""
+"""Changes in the order a user would accept them: more hardware keeps the training as asked;
+offloading keeps it too, at slower steps; qlora changes little of it; a smaller batch keeps it with
+more accumulation; shorter sequences cut data."""
 
 
 def _advice(shape: ModelShape, request: PlanRequest) -> Advice | None:

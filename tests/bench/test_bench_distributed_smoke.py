@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-CONFIGURATIONS = ["1 process", "2 DDP", "2 FSDP"]
+CONFIGURATIONS = ["1 process", "2 DDP", "2 FSDP", "2 ZeRO-3"]
 
 
 @pytest.mark.trainer
@@ -39,9 +39,9 @@ def test_distributed_benchmark_runs_at_smoke_size() -> None:
         assert result["final_loss"] == pytest.approx(alone["final_loss"], rel=1e-3), (method, name)
         if result["processes"] > 1:
             assert result["scaling_efficiency"] > 0, (method, name)
-    fsdp, ddp = results[("full", "2 FSDP")], results[("full", "2 DDP")]
-    for rank, (sharded, replicated) in enumerate(
-        zip(fsdp["training_peak_rss_per_rank"], ddp["training_peak_rss_per_rank"], strict=True)
-    ):
-        assert sharded <= replicated, f"rank {rank}: FSDP full {sharded} bytes > DDP full {replicated}"
+    replicated_rss = results[("full", "2 DDP")]["training_peak_rss_per_rank"]
+    for name in ("2 FSDP", "2 ZeRO-3"):
+        sharded_rss = results[("full", name)]["training_peak_rss_per_rank"]
+        for rank, (sharded, replicated) in enumerate(zip(sharded_rss, replicated_rss, strict=True)):
+            assert sharded <= replicated, f"rank {rank}: {name} full {sharded} bytes > DDP full {replicated}"
     assert report["machine"]["cores"] >= 1

@@ -142,8 +142,9 @@ def server_path(text: str) -> Path:
     """`spec.env[0].name` → ("env", 0, "name")."""
     parts: list[str | int] = []
     for piece in re.findall(r"[^.\[\]]+|\[[^\]]*\]", text.removeprefix(".")):
-        inner = piece[1:-1] if piece.startswith("[") else piece
-        parts.append(int(inner) if inner.isdigit() else inner)
+        index = piece[1:-1] if piece.startswith("[") else None
+        # A list index is a bracketed run of ASCII digits ("¹".isdigit() is true, and a key may be "¹")
+        parts.append(int(index) if index is not None and re.fullmatch(r"[0-9]+", index) else index or piece)
     return tuple(parts[1:]) if parts[:1] == ["spec"] else tuple(parts)
 
 

@@ -10,6 +10,7 @@ from tests.trainer.conftest import (
     single_threaded_torch,
     tiny_deepseek_dir,
     tiny_llama_dir,
+    tiny_model_dirs,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "single_threaded_torch",
     "tiny_deepseek_dir",
     "tiny_llama_dir",
+    "tiny_model_dirs",
 ]

@@ -181,19 +181,20 @@ def test_the_quantized_export_of_a_lora_run_loads_with_bitsandbytes_and_generate
 
 @pytest.mark.skipif(
     torch.cuda.device_count() < WORKERS,
-    reason=f"needs {WORKERS} or more CUDA GPUs (FSDP over NCCL): run `python -m pytest -m gpu` on one",
+    reason=f"needs {WORKERS} or more CUDA GPUs (FSDP and ZeRO-3 over NCCL): run `pytest -m gpu` on one",
 )
 @gpu_test
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 @pytest.mark.parametrize(("model", "method"), [("llama", "full"), ("deepseek_v3", "lora")])
-def test_fsdp_on_two_gpus_follows_the_single_gpu_loss_curve(
-    model: str, method: str, tiny_llama_dir: Path, tiny_deepseek_dir: Path, tmp_path: Path
+def test_sharding_on_two_gpus_follows_the_single_gpu_loss_curve(
+    strategy: str, model: str, method: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    model_dir = {"llama": tiny_llama_dir, "deepseek_v3": tiny_deepseek_dir}[model]
+    model_dir = tiny_model_dirs[model]
     alone = _losses(model_dir, tmp_path / "alone", _spec(method, "ddp", GLOBAL_BATCH, precision="fp32"), 1)
-    spec = _spec(method, "fsdp", GLOBAL_BATCH // WORKERS, precision="fp32")
+    spec = _spec(method, strategy, GLOBAL_BATCH // WORKERS, precision="fp32")
     together = _losses(model_dir, tmp_path / "together", spec, WORKERS)
     print(f"\n{model} {method}: 1 GPU {alone['losses'][-1]:.4f}, "
-          f"{WORKERS} GPUs (fsdp) {together['losses'][-1]:.4f} after {STEPS} steps")  # fmt: skip
+          f"{WORKERS} GPUs ({strategy}) {together['losses'][-1]:.4f} after {STEPS} steps")  # fmt: skip
     assert len(together["losses"]) == len(alone["losses"]) == STEPS
     assert together["losses"] == pytest.approx(alone["losses"], rel=GPU_LOSS_TOLERANCE)
     assert alone["losses"][-1] < alone["losses"][0] / 2

@@ -54,6 +54,12 @@ def tiny_deepseek_dir(tmp_path_factory: pytest.TempPathFactory, single_threaded_
     return build_tiny_model("deepseek_v3", tmp_path_factory.mktemp("tiny-deepseek-v3"), tokenizer_texts())
 
 
+@pytest.fixture
+def tiny_model_dirs(tiny_llama_dir: Path, tiny_deepseek_dir: Path) -> dict[str, Path]:
+    """Both tiny models by model type, for tests parametrized over them."""
+    return {"llama": tiny_llama_dir, "deepseek_v3": tiny_deepseek_dir}
+
+
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overrides.items():

@@ -21,8 +21,8 @@ from transformers import AutoTokenizer, TrainerCallback, TrainerControl, Trainer
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
-from deeptune_trainer.distributed import World, release_process_group, shards_weights
-from deeptune_trainer.modeling import load_model
+from deeptune_trainer.distributed import World, release_process_group
+from deeptune_trainer.modeling import load_for_training
 from deeptune_trainer.synthetic import as_samples, keyword_rows
 from deeptune_trainer.training import train
 
@@ -45,7 +45,7 @@ def main(model_dir: str, output_dir: str, spec_json: str, kill_at: str = "0") ->
     spec = FineTuneJobSpec.model_validate(json.loads(spec_json))
     paths = TrainerPaths(output_dir=output_dir, base_model=model_dir)
     config = TrainerConfig(name="test", spec=spec, paths=paths)
-    loaded = load_model(spec, paths, sharded=shards_weights(config, world))
+    loaded = load_for_training(config, world)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     callbacks = [KillAfter(int(kill_at))] if int(kill_at) else []
     result = train(

@@ -30,7 +30,9 @@ LOSS_TOLERANCE = 1e-4
 into per-worker batches in order), so the losses differ only by float summation order: ~1e-7 measured."""
 
 
-def _spec(method: str, strategy: str, batch: int, **hyperparameters: Any) -> dict[str, Any]:
+def _spec(
+    method: str, strategy: str, batch: int, offload: str = "none", **hyperparameters: Any
+) -> dict[str, Any]:
     return _merge(
         TINY_SPEC,
         {
@@ -42,7 +44,7 @@ def _spec(method: str, strategy: str, batch: int, **hyperparameters: Any) -> dic
                 "checkpointSteps": 5,
                 **hyperparameters,
             },
-            "distributed": {"strategy": strategy},
+            "distributed": {"strategy": strategy, "offload": offload},
         },
     )
 
@@ -66,39 +68,49 @@ def _losses(model_dir: Path, output: Path, spec: dict[str, Any], workers: int) -
     return record
 
 
-@pytest.fixture
-def tiny_models(tiny_llama_dir: Path, tiny_deepseek_dir: Path) -> dict[str, Path]:
-    return {"llama": tiny_llama_dir, "deepseek_v3": tiny_deepseek_dir}
-
-
 @pytest.mark.parametrize(
-    ("model", "method", "strategy"),
-    [("llama", "lora", "ddp"), ("deepseek_v3", "lora", "fsdp"), ("llama", "full", "fsdp")],
+    ("model", "method", "distributed"),
+    [
+        ("llama", "lora", {"strategy": "ddp"}),
+        ("deepseek_v3", "lora", {"strategy": "fsdp"}),
+        ("llama", "full", {"strategy": "fsdp"}),
+        ("deepseek_v3", "lora", {"strategy": "deepspeed"}),
+        ("llama", "full", {"strategy": "deepspeed"}),
+        ("llama", "full", {"strategy": "deepspeed", "offload": "optimizer"}),
+    ],
+    ids=lambda value: "-".join(value.values()) if isinstance(value, dict) else value,
 )
 def test_workers_follow_the_single_process_loss_curve(
-    model: str, method: str, strategy: str, tiny_models: dict[str, Path], tmp_path: Path
+    model: str, method: str, distributed: dict[str, str], tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    model_dir = tiny_models[model]
+    model_dir = tiny_model_dirs[model]
     alone = _losses(model_dir, tmp_path / "alone", _spec(method, "ddp", GLOBAL_BATCH), workers=1)
-    together = _losses(
-        model_dir, tmp_path / "together", _spec(method, strategy, GLOBAL_BATCH // WORKERS), workers=WORKERS
-    )
-    print(f"\n{model} {method} {strategy}: 1 process {alone['losses'][-1]:.4f}, "
+    offload = distributed.get("offload", "none")
+    split = _spec(method, distributed["strategy"], GLOBAL_BATCH // WORKERS, offload)
+    together = _losses(model_dir, tmp_path / "together", split, workers=WORKERS)
+    print(f"\n{model} {method} {distributed}: 1 process {alone['losses'][-1]:.4f}, "
           f"{WORKERS} workers {together['losses'][-1]:.4f} after {STEPS} steps")  # fmt: skip
     assert len(together["losses"]) == len(alone["losses"]) == STEPS
     assert together["losses"] == pytest.approx(alone["losses"], rel=LOSS_TOLERANCE)
     assert alone["losses"][-1] < alone["losses"][0] / 2  # it learned: the curves compared are not flat
 
 
+@pytest.mark.parametrize(
+    ("strategy", "optimizer_shards"),
+    [
+        ("fsdp", f"{SHARDED_STATE_DIR}/*.distcp"),  # torch.distributed.checkpoint's, written by the trainer
+        ("deepspeed", "global_step10/*optim_states.pt"),  # ZeRO's, written by the Trainer through DeepSpeed
+    ],
+)
 def test_a_killed_sharded_run_resumes_from_its_sharded_checkpoint(
-    tiny_deepseek_dir: Path, tmp_path: Path
+    strategy: str, optimizer_shards: str, tiny_deepseek_dir: Path, tmp_path: Path
 ) -> None:
-    spec = _spec("lora", "fsdp", GLOBAL_BATCH // WORKERS)
+    spec = _spec("lora", strategy, GLOBAL_BATCH // WORKERS)
     killed = _run_workers(tiny_deepseek_dir, tmp_path / "run", spec, WORKERS, kill_at=13)
     assert killed.returncode != 0 and f"exitcode  : {KILLED_EXIT_CODE}" in killed.stderr
     checkpoints = tmp_path / "run" / CHECKPOINTS_DIR
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-5"]
-    shards = sorted(p.name for p in (checkpoints / "checkpoint-10" / SHARDED_STATE_DIR).glob("*.distcp"))
+    shards = sorted(p.name for p in (checkpoints / "checkpoint-10").glob(optimizer_shards))
     assert len(shards) == WORKERS  # one shard of the optimizer state per worker
     assert (checkpoints / "checkpoint-10" / COMPLETE_MARKER).is_file()
 
@@ -115,12 +127,16 @@ def _cli(tmp_path: Path, spec: dict[str, Any], model_dir: Path) -> subprocess.Co
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_a_whole_run_in_two_workers_is_reported_once(
-    tiny_llama_dir: Path, tmp_path: Path, keyword_task_rows: tuple[list[dict[str, str]], list[dict[str, str]]]
+    strategy: str,
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    keyword_task_rows: tuple[list[dict[str, str]], list[dict[str, str]]],
 ) -> None:
     train_rows, held_out_rows = keyword_task_rows
     spec = _merge(
-        _spec("lora", "fsdp", 8, maxSteps=40, loggingSteps=10),
+        _spec("lora", strategy, 8, maxSteps=40, loggingSteps=10),
         {
             "baseModel": {"pvc": {"claimName": "models", "path": ""}},
             "dataset": {
@@ -136,7 +152,7 @@ def test_a_whole_run_in_two_workers_is_reported_once(
     assert done.returncode == 0, done.stderr[-4000:]
     lines = done.stdout.splitlines()
     print("\n" + done.stdout[-1500:])
-    assert lines[0] == f"starting {WORKERS} worker processes (fsdp)"
+    assert lines[0] == f"starting {WORKERS} worker processes ({strategy})"
     assert sum(line.startswith("step 10/40") for line in lines) == 1  # rank 0 logs, once
     assert lines[-1] == "done"
     run_dir = tmp_path / "out" / "default" / "demo"
@@ -144,6 +160,7 @@ def test_a_whole_run_in_two_workers_is_reported_once(
     assert summary.outcome == "succeeded" and summary.steps == 40
     assert summary.eval_results is not None and summary.eval_results.delta is not None
     assert summary.eval_results.delta["perplexity"] < 0  # the trained adapter, gathered, beats the base
+    assert summary.eval_results.baseline["exactMatch"] < summary.eval_results.fine_tuned["exactMatch"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -87,8 +87,18 @@ def test_wire_form_round_trips_in_camel_case() -> None:
         ),
         (
             with_changes(method="qlora", distributed={"strategy": "fsdp"}),
-            "spec: distributed.strategy fsdp cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) "
-            "with method qlora, or method lora with fsdp",
+            "spec: distributed.strategy fsdp or deepspeed cannot shard QLoRA's 4-bit weights: use strategy "
+            "ddp (or auto) with method qlora, or method lora with fsdp or deepspeed",
+        ),
+        (
+            with_changes(method="qlora", distributed={"strategy": "deepspeed"}),
+            "spec: distributed.strategy fsdp or deepspeed cannot shard QLoRA's 4-bit weights: use strategy "
+            "ddp (or auto) with method qlora, or method lora with fsdp or deepspeed",
+        ),
+        (
+            with_changes(distributed={"strategy": "fsdp", "offload": "optimizer"}),
+            "spec: distributed.offload is DeepSpeed's ZeRO-Offload: set distributed.strategy to deepspeed, "
+            "or offload to none",
         ),
         (
             with_changes(baseModel={"name": "a/b", "pvc": {"claimName": "m"}}),

@@ -421,3 +421,33 @@ def test_auto_is_ddp_exactly_when_ddp_fits(shape: ModelShape, request: PlanReque
     plan = estimate(shape, replace(request, strategy="auto"))
     ddp = estimate(shape, replace(request, strategy="ddp"))
     assert plan.strategy == ("fsdp" if ddp.fits is False and request.world_size > 1 else "ddp")
+
+
+def test_offload_keeps_only_gradients_and_gathered_units_on_the_gpu() -> None:
+    on_gpu = PlanRequest("full", strategy="deepspeed", world_size=8)
+    optimizer = estimate(LLM_7B, replace(on_gpu, offload="optimizer"))
+    everything = estimate(LLM_7B, replace(on_gpu, offload="optimizerAndParameters"))
+    kept = estimate(LLM_7B, on_gpu)
+    assert optimizer.optimizer_bytes == pytest.approx(2 * LLM_7B.total_params / 8)  # bf16 gradients
+    assert kept.optimizer_bytes == pytest.approx(14 * LLM_7B.total_params / 8)
+    assert optimizer.weights_bytes == kept.weights_bytes
+    assert everything.weights_bytes < kept.weights_bytes  # the units gathered for compute only
+    one_gpu = replace(on_gpu, world_size=1)
+    whole = estimate(LLM_7B, one_gpu).weights_bytes
+    assert estimate(LLM_7B, replace(one_gpu, offload="optimizerAndParameters")).weights_bytes < whole / 4
+
+
+def test_offload_is_advised_where_more_gpus_are_not() -> None:
+    at_most = PlanRequest("full", strategy="fsdp", world_size=MAX_ADVISED_WORLD_SIZE, max_seq_length=512)
+    offloaded = estimate(LLM_67B, replace(at_most, strategy="deepspeed", offload="optimizer")).total_bytes
+    plan = estimate(LLM_67B, replace(at_most, gpu_memory_bytes=int(offloaded) + 1))
+    assert plan.fits is False
+    assert plan.advice is not None
+    assert plan.advice.change == "strategy deepspeed and offload optimizer"
+    assert plan.advice.plan.fits is True
+    assert f"on {MAX_ADVISED_WORLD_SIZE} GPUs (deepspeed, offload optimizer)" in plan.advice.plan.summary()
+
+
+def test_offload_needs_deepspeed() -> None:
+    with pytest.raises(ValueError, match="offload 'optimizer' needs strategy deepspeed"):
+        PlanRequest("lora", strategy="fsdp", offload="optimizer")

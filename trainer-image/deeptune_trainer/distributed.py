@@ -10,6 +10,8 @@ when started under the launcher); `fsdp` shards the weights across the workers a
 (transformers' FSDP2 plan, `DistributedConfig(fsdp_size=world)`), so no worker ever holds the whole
 model, and the Trainer trains the sharded model as is. Accelerate's own FSDP plugin is not used: it
 refuses CPU workers (gloo), so it could not be tested here, and it loads a full copy per process first.
+`deepspeed` partitions the weights as they load too, and trains them with DeepSpeed's ZeRO stage 3
+(`zero`); it runs under the launcher even as one process, since ZeRO needs a process group.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Literal
 from deeptune.api.trainer import EXIT_INVALID_INPUT, RENDEZVOUS_ENV, TrainerConfig
 from deeptune_trainer.errors import TrainerInputError
 
-ResolvedStrategy = Literal["ddp", "fsdp"]
+ResolvedStrategy = Literal["ddp", "fsdp", "deepspeed"]
 
 SHARDED_STATE_DIR = "sharded-state"
 """Inside a checkpoint: the trainable weights, optimizer and scheduler state of an fsdp run (one file
@@ -59,8 +61,8 @@ def is_worker() -> bool:
 
 
 def needs_launcher(config: TrainerConfig) -> bool:
-    """Whether the run has more than this one process: several per pod, or several pods."""
-    return config.spec.world_size > 1 and not is_worker()
+    """Whether this process starts the workers: the run has several (per pod, or pods), or uses ZeRO."""
+    return (config.spec.world_size > 1 or resolve_strategy(config) == "deepspeed") and not is_worker()
 
 
 def resolve_strategy(config: TrainerConfig) -> ResolvedStrategy:
@@ -74,6 +76,12 @@ def resolve_strategy(config: TrainerConfig) -> ResolvedStrategy:
 def shards_weights(config: TrainerConfig, world: World) -> bool:
     """Whether the model is loaded sharded across the workers (fsdp with more than one)."""
     return world.size > 1 and resolve_strategy(config) == "fsdp"
+
+
+def splits_weights(config: TrainerConfig, world: World) -> bool:
+    """Whether no worker holds the whole model while it trains (fsdp's shards, ZeRO's partitions):
+    rank 0 then reloads the trained model whole from the final checkpoint."""
+    return shards_weights(config, world) or resolve_strategy(config) == "deepspeed"
 
 
 def _threads_per_worker(workers: int) -> str:

@@ -30,10 +30,11 @@ from transformers import (
 from transformers.distributed import DistributedConfig
 
 from deeptune.api.finetunejob import FineTuneJobSpec
-from deeptune.api.trainer import TrainerPaths
-from deeptune_trainer.distributed import World
+from deeptune.api.trainer import TrainerConfig, TrainerPaths
+from deeptune_trainer.distributed import World, resolve_strategy, shards_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.formatting import ensure_chat_template
+from deeptune_trainer.zero import partitioned_loading, zero3_config
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -283,6 +284,25 @@ def _weight_options(spec: FineTuneJobSpec, precision: Precision, sharded: bool) 
     }
 
 
+def _hub_options(spec: FineTuneJobSpec, paths: TrainerPaths) -> dict[str, str | None]:
+    """from_pretrained's options for a model from the Hub (none for one on a PVC)."""
+    if spec.base_model.pvc is not None:
+        return {}
+    return {
+        "revision": spec.base_model.revision,
+        "token": os.environ.get("HF_TOKEN") or None,
+        "cache_dir": os.path.join(paths.hf_home, "hub") if paths.hf_home else None,
+    }
+
+
+def _hidden_size(spec: FineTuneJobSpec, paths: TrainerPaths) -> int:
+    """The model's hidden size, from its config alone (before any weight is read)."""
+    options = _hub_options(spec, paths)
+    source, trust_remote_code = model_source(spec, paths), spec.base_model.trust_remote_code
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **options)
+    return int(config.get_text_config().hidden_size)
+
+
 def load_model(spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = False) -> LoadedModel:
     """The base model and its tokenizer, in the dtype the method trains in; `sharded` spreads the
     weights over the workers (fsdp), every one of which must call this."""
@@ -292,15 +312,7 @@ def load_model(spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = Fa
         _check_local_model(spec, source)
     precision = resolve_precision(spec.hyperparameters.precision)
     trust_remote_code = spec.base_model.trust_remote_code
-    hub_options = (
-        {}
-        if local
-        else {
-            "revision": spec.base_model.revision,
-            "token": os.environ.get("HF_TOKEN") or None,
-            "cache_dir": os.path.join(paths.hf_home, "hub") if paths.hf_home else None,
-        }
-    )
+    hub_options = _hub_options(spec, paths)
     try:
         if spec.method == "qlora":
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options)
@@ -321,6 +333,17 @@ def load_model(spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = Fa
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, precision=precision, source=source)
+
+
+def load_for_training(config: TrainerConfig, world: World) -> LoadedModel:
+    """The base model laid out as the run's strategy trains it: whole in every worker (ddp), sharded
+    (fsdp) or partitioned (deepspeed) across them. Every worker must call it."""
+    spec, paths = config.spec, config.paths
+    if resolve_strategy(config) == "deepspeed":
+        precision = resolve_precision(spec.hyperparameters.precision)
+        with partitioned_loading(zero3_config(spec, precision, _hidden_size(spec, paths))):
+            return load_model(spec, paths)
+    return load_model(spec, paths, sharded=shards_weights(config, world))
 
 
 def _linear_module_names(model: torch.nn.Module) -> list[str]:

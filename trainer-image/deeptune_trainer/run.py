@@ -38,12 +38,19 @@ from deeptune_trainer.artifacts import (
     write_resolved_config,
     write_summary,
 )
-from deeptune_trainer.distributed import World, release_process_group, shards_weights
+from deeptune_trainer.distributed import World, release_process_group, resolve_strategy, splits_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import compare, evaluate, generation_rows
 from deeptune_trainer.metrics_server import TrainerMetrics
-from deeptune_trainer.modeling import LoadedModel, check_gpu_requirements, load_model, load_trained
+from deeptune_trainer.modeling import (
+    LoadedModel,
+    check_gpu_requirements,
+    load_for_training,
+    load_model,
+    load_trained,
+)
 from deeptune_trainer.training import TrainResult, train
+from deeptune_trainer.zero import forget_zero3
 
 Log = Callable[[str], None]
 
@@ -87,15 +94,16 @@ def run(
     test_rows = f", {len(prepared.test)} test rows" if spec.dataset.test else ""
     log(f"dataset: {len(prepared.train)} train rows, {len(prepared.validation)} validation rows{test_rows}")
 
-    sharded = shards_weights(config, world)
-    loaded = load_model(spec, paths, sharded=sharded)
+    loaded = load_for_training(config, world)
     log(
         f"loaded {loaded.source} ({loaded.model.config.model_type}, {loaded.precision}, method {spec.method})"
     )
     # The final scores come from rows nothing was chosen by, when the spec keeps some apart.
     held_out, split = (prepared.test, "test") if spec.dataset.test else (prepared.validation, "validation")
+    # ZeRO's partitions compute only inside its engine: rank 0 scores the base model after training.
+    zero = resolve_strategy(config) == "deepspeed"
     baseline = None
-    if spec.evaluation.baseline and held_out:
+    if spec.evaluation.baseline and held_out and not zero:
         baseline = evaluate(loaded.model, loaded.tokenizer, held_out, spec)
         log(f"base model: {_scores(baseline)}")
 
@@ -111,9 +119,15 @@ def run(
         log=log,
         world=world,
     )
+    if zero:
+        forget_zero3()
+    release_process_group()  # training was the last step the workers take together
     if not world.is_main:
         return None
-    if sharded:  # the weights gathered into the final checkpoint, whole, in this one process
+    if spec.evaluation.baseline and held_out and zero:
+        baseline = evaluate(load_model(spec, paths).model, loaded.tokenizer, held_out, spec)
+        log(f"base model: {_scores(baseline)}")
+    if splits_weights(config, world):  # the weights gathered into the final checkpoint, whole, here
         assert result.final_checkpoint is not None  # CheckpointMarker saves the last step
         result = replace(result, model=load_trained(spec, paths, result.final_checkpoint))
     results = EvalResults()

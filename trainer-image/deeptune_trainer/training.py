@@ -48,6 +48,7 @@ from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.formatting import Collator, Feature, pack, tokenize_samples
 from deeptune_trainer.metrics_server import ProgressSnapshot, TrainerMetrics
 from deeptune_trainer.modeling import Precision, apply_method, computes_logits_at_targets_only
+from deeptune_trainer.zero import zero3_config
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "deeptune-complete.json"
@@ -284,11 +285,17 @@ class TrainResult:
 
 
 def _training_arguments(
-    spec: FineTuneJobSpec, precision: Precision, output_dir: Path, has_eval: bool, sharded: bool
+    spec: FineTuneJobSpec,
+    precision: Precision,
+    output_dir: Path,
+    *,
+    has_eval: bool,
+    sharded: bool,
+    deepspeed: dict[str, Any] | None,
 ) -> TrainingArguments:
     """The Trainer's arguments. With early stopping a checkpoint is saved at every evaluation, so the
     best one is on disk to be restored at the end (the Trainer's rotation never deletes it): the
-    Trainer loads it back itself, except into a sharded model (`train` reloads that one)."""
+    Trainer loads it back itself, except into a model in pieces (rank 0 reloads that one whole)."""
     hp = spec.hyperparameters
     eval_strategy = ("steps" if spec.evaluation.eval_steps else "epoch") if has_eval else "no"
     selecting = spec.early_stopping is not None
@@ -324,13 +331,14 @@ def _training_arguments(
         prediction_loss_only=True,
         metric_for_best_model="eval_loss" if selecting else None,
         greater_is_better=False if selecting else None,
-        load_best_model_at_end=selecting and not sharded,
+        load_best_model_at_end=selecting and not sharded and deepspeed is None,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # CPU workers then meet over gloo
         save_only_model=sharded,  # ShardedTrainingState saves the optimizer of a sharded model
+        deepspeed=deepspeed,
         report_to="none",
         disable_tqdm=True,
     )
@@ -412,7 +420,11 @@ def train(
         trainer_callbacks.append(ShardedTrainingState(resume))
     trainer_callbacks.append(CheckpointMarker(fingerprint))  # after early stopping, to see its decision
 
-    args = _training_arguments(spec, precision, checkpoints, has_eval=bool(eval_features), sharded=sharded)
+    zero = spec.distributed.strategy == "deepspeed"
+    deepspeed = zero3_config(spec, precision, model.config.get_text_config().hidden_size) if zero else None
+    args = _training_arguments(
+        spec, precision, checkpoints, has_eval=bool(eval_features), sharded=sharded, deepspeed=deepspeed
+    )
     collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=logits_at_targets_only(model, args))
     set_seed(hp.seed)  # the adapter's initial weights are random too: same seed, same run
     wrapped = apply_method(model, spec)

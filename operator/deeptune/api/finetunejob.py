@@ -63,9 +63,13 @@ QUEUED_SUSPEND_MESSAGE = (
 WORKLOAD_PRIORITY_MESSAGE = (
     "workloadPriorityClassName is Kueue's: set queueName too (the LocalQueue the run waits in)"
 )
-QLORA_FSDP_MESSAGE = (
-    "distributed.strategy fsdp cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) with method "
-    "qlora, or method lora with fsdp"
+QLORA_SHARDING_MESSAGE = (
+    "distributed.strategy fsdp or deepspeed cannot shard QLoRA's 4-bit weights: use strategy ddp (or auto) "
+    "with method qlora, or method lora with fsdp or deepspeed"
+)
+OFFLOAD_STRATEGY_MESSAGE = (
+    "distributed.offload is DeepSpeed's ZeRO-Offload: set distributed.strategy to deepspeed, "
+    "or offload to none"
 )
 
 
@@ -450,7 +454,8 @@ class ResourcesSpec(ApiModel):
     priority_class_name: ObjectName | None = None
 
 
-Strategy = Literal["auto", "ddp", "fsdp"]
+Strategy = Literal["auto", "ddp", "fsdp", "deepspeed"]
+Offload = Literal["none", "optimizer", "optimizerAndParameters"]
 
 
 class DistributedSpec(ApiModel):
@@ -464,8 +469,12 @@ class DistributedSpec(ApiModel):
 
     strategy: Strategy = "auto"
     """`ddp` replicates the model on every process (fastest when it fits one device); `fsdp` shards
-    weights, gradients and optimizer state across all of them (FSDP2). `auto` picks ddp when the
-    model and its training state fit one device, else fsdp."""
+    weights, gradients and optimizer state across all of them (FSDP2); `deepspeed` shards the same
+    with DeepSpeed's ZeRO stage 3, and can offload to host memory. `auto` picks ddp when the model
+    and its training state fit one device, else fsdp."""
+    offload: Offload = "none"
+    """With strategy deepspeed: keep the optimizer state (ZeRO-Offload), or the parameters too, in the
+    pod's memory instead of the GPUs'. Slower steps; fits a larger model on the same GPUs."""
     processes_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
     """Worker processes in each pod; default one per GPU (`resources.gpu`), or 1 without GPUs."""
     nodes: Annotated[int, Field(ge=1, le=64)] = 1
@@ -517,9 +526,15 @@ class FineTuneJobSpec(ApiModel):
         ),
         cel(
             "self.method != 'qlora' || !has(self.distributed) || !has(self.distributed.strategy)"
-            " || self.distributed.strategy != 'fsdp'",
-            QLORA_FSDP_MESSAGE,
+            " || !(self.distributed.strategy in ['fsdp', 'deepspeed'])",
+            QLORA_SHARDING_MESSAGE,
             field_path=".distributed.strategy",
+        ),
+        cel(
+            "!has(self.distributed) || !has(self.distributed.offload) || self.distributed.offload == 'none'"
+            " || (has(self.distributed.strategy) && self.distributed.strategy == 'deepspeed')",
+            OFFLOAD_STRATEGY_MESSAGE,
+            field_path=".distributed.offload",
         ),
         cel(
             "!has(self.output.quantizedExport) || self.output.quantizedExport == 'none'"
@@ -607,8 +622,10 @@ class FineTuneJobSpec(ApiModel):
         requested = self.distributed.processes_per_node
         if requested is not None and self.resources.gpu and requested != self.resources.gpu:
             raise ValueError(PROCESSES_PER_GPU_MESSAGE)
-        if self.method == "qlora" and self.distributed.strategy == "fsdp":
-            raise ValueError(QLORA_FSDP_MESSAGE)
+        if self.method == "qlora" and self.distributed.strategy in ("fsdp", "deepspeed"):
+            raise ValueError(QLORA_SHARDING_MESSAGE)
+        if self.distributed.offload != "none" and self.distributed.strategy != "deepspeed":
+            raise ValueError(OFFLOAD_STRATEGY_MESSAGE)
         if self.queue_name and self.suspend:
             raise ValueError(QUEUED_SUSPEND_MESSAGE)
         if self.workload_priority_class_name and not self.queue_name:
@@ -725,6 +742,9 @@ class MemoryPlan(ApiModel):
     gib_per_gpu: float
     fits: bool | None = None
     """Unknown without `resources.gpuMemory`."""
+    offloaded_gib_per_pod: float | None = None
+    """With `distributed.offload`: what each pod keeps in its own memory (with `resources.gpuMemory`,
+    a run whose `resources.memory` is smaller is refused)."""
 
 
 class WorkerPod(ApiModel):

@@ -161,7 +161,7 @@ class FineTuneJobReconciler:
         )
         new.world_size = spec.world_size
         if plan is not None:
-            new.plan = fitting.plan_status(plan)
+            new.plan = fitting.plan_status(plan, spec)
         update = _update(previous, new)
         if await self.writer.write(obj, update):
             await self._release(_recorded(new, jobs, pods, settled=not update.changes))
