@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import machine_info  # bench/machine.py (scripts run from bench/)
+from rss import peak_rss_bytes
 
 HERE = Path(__file__).resolve().parent
 STAGES: dict[str, dict[str, Any]] = {
@@ -89,7 +89,7 @@ def run_one(rows_file: Path, stage: str) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "kept": prepared.report.rows_kept,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
     }
 
 

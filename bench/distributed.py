@@ -16,7 +16,7 @@ Each for `lora` (adapters on frozen weights) and `full` fine-tuning. Per configu
 - real tokens/s: non-padding tokens of the global batch (the Trainer's `num_input_tokens_seen`, summed
   over the workers) over the timed optimizer steps, after warm-up steps that are not counted;
 - scaling efficiency: 2-worker tokens/s ÷ (2 × 1-process tokens/s);
-- peak RSS of each rank during training (`getrusage` at the last step, before the final checkpoint is
+- peak RSS of each rank during training (VmHWM at the last step, before the final checkpoint is
   written: saving gathers the whole model on rank 0, a cost of the checkpoint, not of training), the
   peak including that checkpoint, and the RSS before the model was loaded (Python and its imports,
   ~530 MB of it torch's libraries, and the data);
@@ -53,11 +53,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +67,6 @@ import transformers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
-    TrainerCallback,
     TrainerControl,
     TrainerState,
     TrainingArguments,
@@ -86,6 +83,8 @@ from deeptune_trainer.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # bench/machine.py (scripts run from bench/)
+from rss import current_rss_bytes, peak_rss_bytes
+from step_clock import StepClock
 
 HERE = Path(__file__).resolve().parent
 WORKERS = 2
@@ -144,37 +143,19 @@ FIXED_MMAP_THRESHOLD = "131072"
 # --- the worker (one rank) -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tick:
-    wall: float
-    cpu: float
-    tokens: int
-
-
-class StepClock(TrainerCallback):
-    """Wall time, CPU time and global real tokens at every optimizer step's end, and this process's
-    peak RSS at the last step: before the Trainer writes the final checkpoint."""
+class RankClock(StepClock):
+    """The step clock (global real tokens), and this process's peak RSS at the last step: before the
+    Trainer writes the final checkpoint."""
 
     def __init__(self) -> None:
-        self.ticks: list[Tick] = []
+        super().__init__()
         self.training_peak_rss = 0
 
     def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.ticks.append(Tick(time.perf_counter(), time.process_time(), state.num_input_tokens_seen))
+        super().on_step_end(args, state, control, **kwargs)
         self.training_peak_rss = peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def current_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def run_worker(run: dict[str, Any]) -> None:
@@ -188,7 +169,7 @@ def run_worker(run: dict[str, Any]) -> None:
     paths = TrainerPaths(output_dir=run["output_dir"], base_model=run["model_dir"])
     config = TrainerConfig(name="bench", spec=spec, paths=paths)
     loaded = load_for_training(config, world)
-    clock = StepClock()
+    clock = RankClock()
     result = train(
         loaded.model,
         loaded.tokenizer,
@@ -201,13 +182,13 @@ def run_worker(run: dict[str, Any]) -> None:
         log=lambda _: None,
         world=world,
     )
-    start, end = clock.ticks[run["warmup_steps"] - 1], clock.ticks[-1]
+    seconds, cpu_seconds, tokens = clock.window(run["warmup_steps"])
     record = {
         "rank": world.rank,
         "world_size": world.size,
-        "seconds": end.wall - start.wall,
-        "cpu_seconds": end.cpu - start.cpu,
-        "real_tokens": end.tokens - start.tokens,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "real_tokens": tokens,
         "rss_before_load_bytes": before_load,
         "training_peak_rss_bytes": clock.training_peak_rss,
         "peak_rss_with_checkpoint_bytes": peak_rss_bytes(),

@@ -55,7 +55,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -71,10 +70,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PrinterCallback,
-    TrainerCallback,
-    TrainerControl,
-    TrainerState,
-    TrainingArguments,
 )
 from transformers.utils import logging as hf_logging
 
@@ -87,6 +82,7 @@ from deeptune_trainer.training import train
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # bench/machine.py (scripts run from bench/)
 from plain_hf_baseline import LORA_TARGETS, plain_lora_trainer
+from step_clock import StepClock
 
 HERE = Path(__file__).resolve().parent
 CONFIGURATIONS = ("plain", "ours", "ours+packing")
@@ -201,25 +197,6 @@ def our_spec(settings: Settings, steps: int, packing: bool) -> FineTuneJobSpec:
 # --- measuring ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tick:
-    wall: float
-    cpu: float
-    tokens: int
-
-
-class StepClock(TrainerCallback):
-    """Wall time, process CPU time and real tokens seen at the end of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.ticks: list[Tick] = []
-
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
-    ) -> None:
-        self.ticks.append(Tick(time.perf_counter(), time.process_time(), state.num_input_tokens_seen))
-
-
 class PaddingCounter:
     """Wraps a collator that returns an attention_mask and counts the padding it adds."""
 
@@ -277,9 +254,7 @@ def measure(
     configuration: str,
     round_: int,
 ) -> Measured:
-    start, end = clock.ticks[warmup - 1], clock.ticks[-1]
-    seconds = end.wall - start.wall
-    tokens = end.tokens - start.tokens
+    seconds, cpu_seconds, tokens = clock.window(warmup)
     steps = [b.wall - a.wall for a, b in itertools.pairwise(clock.ticks[warmup - 1 :])]
     rate = tokens / seconds
     return Measured(
@@ -296,8 +271,8 @@ def measure(
         dataset_tokens=dataset_tokens,
         epoch_seconds=dataset_tokens / rate,
         median_step_seconds=statistics.median(steps),
-        cpu_share=(end.cpu - start.cpu) / seconds,
-        tokens_per_cpu_second=tokens / (end.cpu - start.cpu),
+        cpu_share=cpu_seconds / seconds,
+        tokens_per_cpu_second=tokens / cpu_seconds,
         final_loss=final_loss,
         load_average=os.getloadavg(),
     )

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import resource
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -176,10 +175,12 @@ class ShardedTrainer(Trainer):
 
 
 def peak_memory_bytes() -> int:
-    """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU: VmHWM, the image's
+    own (getrusage's ru_maxrss carries a parent's peak across fork and exec)."""
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
 
 
 def format_progress(snapshot: ProgressSnapshot) -> str:

@@ -1,0 +1,34 @@
+"""The benchmarks' clock for a Hugging Face Trainer: wall time, CPU time and real tokens at the end of
+every optimizer step. Needs transformers only, so the TRL worker (in its own environment) uses it too."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+@dataclass(frozen=True)
+class Tick:
+    wall: float
+    cpu: float
+    tokens: int
+
+
+class StepClock(TrainerCallback):
+    """Wall time, process CPU time and real tokens seen at the end of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.ticks: list[Tick] = []
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        self.ticks.append(Tick(time.perf_counter(), time.process_time(), state.num_input_tokens_seen))
+
+    def window(self, warmup: int) -> tuple[float, float, int]:
+        """Wall seconds, CPU seconds and real tokens of the steps after the first `warmup`."""
+        start, end = self.ticks[warmup - 1], self.ticks[-1]
+        return end.wall - start.wall, end.cpu - start.cpu, end.tokens - start.tokens

@@ -1,0 +1,40 @@
+"""The TRL comparison (bench/versus_trl.py) must keep working: run it at its smoke size, TRL in its own
+environment (scripts/trl_env.sh).
+
+No wall-clock or memory-ratio assertions: CI machines are shared and slow, and the figures belong to
+docs/benchmarks.md. Only what holds on any machine: each trainer trained, in its own process, on real
+tokens of both shapes of data, reported its memory above what its imports took, and the ratios are
+against TRL on the same data."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.trainer
+def test_versus_trl_benchmark_runs_at_smoke_size() -> None:
+    report_file = ROOT / "bench" / "results" / "versus-trl-smoke.json"
+    report_file.unlink(missing_ok=True)
+    subprocess.run([sys.executable, "bench/versus_trl.py", "--smoke"], cwd=ROOT, check=True, timeout=900)
+    report = json.loads(report_file.read_text())
+
+    results = {(r["data"], r["configuration"]): r for r in report["results"]}
+    shapes, configurations = ("long prompts", "long answers"), ("trl", "ours", "plain")
+    assert list(results) == [(data, name) for data in shapes for name in configurations]
+    assert results[("long prompts", "trl")]["library"].startswith("trl ")
+    for key, result in results.items():
+        assert result["real_tokens"] > 0 and result["tokens_per_second"] > 0, key
+        assert result["peak_rss_bytes"] > result["rss_before_load_bytes"] > 0, key
+        assert result["final_loss"] is not None and math.isfinite(result["final_loss"]), key
+        trl = results[(key[0], "trl")]
+        assert result["tokens_per_second_vs_trl"] == pytest.approx(
+            result["tokens_per_second"] / trl["tokens_per_second"]
+        ), key
+    assert report["machine"]["cores"] >= 1
