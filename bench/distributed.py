@@ -75,7 +75,7 @@ from transformers.utils import logging as hf_logging
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
-from deeptune_trainer.distributed import World
+from deeptune_trainer.distributed import World, end_worker
 from deeptune_trainer.modeling import load_for_training
 from deeptune_trainer.synthetic import as_samples, keyword_rows, tokenizer_texts
 from deeptune_trainer.tinymodels import train_tokenizer
@@ -392,7 +392,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         run_worker(json.loads(args.worker))
-        return
+        end_worker(0)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     size_name = "smoke" if args.smoke else "58m"

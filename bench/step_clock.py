@@ -1,5 +1,6 @@
 """The benchmarks' clock for a Hugging Face Trainer: wall time, CPU time and real tokens at the end of
-every optimizer step. Needs transformers only, so the TRL worker (in its own environment) uses it too."""
+every optimizer step, and the record a worker process writes from it. Needs transformers only, so
+the TRL worker (in its own environment) uses it too."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from rss import peak_rss_bytes
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
@@ -32,3 +34,20 @@ class StepClock(TrainerCallback):
         """Wall seconds, CPU seconds and real tokens of the steps after the first `warmup`."""
         start, end = self.ticks[warmup - 1], self.ticks[-1]
         return end.wall - start.wall, end.cpu - start.cpu, end.tokens - start.tokens
+
+
+def worker_record(
+    clock: StepClock, warmup: int, history: list[dict[str, float]], rss_before_load: int, library: str
+) -> dict[str, Any]:
+    """What one benchmark worker measured: the timed window, its peak RSS and its last loss."""
+    seconds, cpu_seconds, tokens = clock.window(warmup)
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    return {
+        "library": library,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "real_tokens": tokens,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_before_load_bytes": rss_before_load,
+        "final_loss": losses[-1] if losses else None,
+    }

@@ -28,7 +28,7 @@ from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rss import peak_rss_bytes
-from step_clock import StepClock  # bench/step_clock.py
+from step_clock import StepClock, worker_record  # bench/step_clock.py
 
 
 def main(run_file: str) -> None:
@@ -78,18 +78,10 @@ def main(run_file: str) -> None:
             callbacks=[clock],
         )
         trainer.train()
-    seconds, cpu_seconds, tokens = clock.window(run["warmup_steps"])
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    result = {
-        "library": f"trl {trl.__version__}",
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "real_tokens": tokens,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "rss_before_load_bytes": before_load,
-        "final_loss": losses[-1] if losses else None,
-    }
-    Path(run["result"]).write_text(json.dumps(result))
+    record = worker_record(
+        clock, run["warmup_steps"], trainer.state.log_history, before_load, f"trl {trl.__version__}"
+    )
+    Path(run["result"]).write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

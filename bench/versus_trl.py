@@ -55,7 +55,7 @@ from distributed import SIZES, build_model  # bench/distributed.py (scripts run 
 from machine import machine_info
 from plain_hf_baseline import LORA_TARGETS, plain_lora_trainer
 from rss import peak_rss_bytes
-from step_clock import StepClock
+from step_clock import StepClock, worker_record
 
 from trainer import Settings, our_spec
 
@@ -167,18 +167,10 @@ def run_worker(configuration: str, run: Run) -> None:
             )  # fmt: skip
             trainer.train()
             history = trainer.state.log_history
-    seconds, cpu_seconds, tokens = clock.window(run.warmup_steps)
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    result = {
-        "library": f"transformers {transformers.__version__}",
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "real_tokens": tokens,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "rss_before_load_bytes": before_load,
-        "final_loss": losses[-1] if losses else None,
-    }
-    Path(run.result).write_text(json.dumps(result))
+    record = worker_record(
+        clock, run.warmup_steps, history, before_load, f"transformers {transformers.__version__}"
+    )
+    Path(run.result).write_text(json.dumps(record))
 
 
 # --- the driver --------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
 from deeptune.fitting import plan_for_shape
 from deeptune.planner import CUDA_OVERHEAD_BYTES, GIB, ModelShape, shape_from_config
-from deeptune_trainer.distributed import World, barrier, release_process_group
+from deeptune_trainer.distributed import World, barrier, end_worker
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.modeling import check_qlora_quantizes_the_model, load_for_training
 from deeptune_trainer.synthetic import as_samples, keyword_rows, tokenizer_texts
@@ -252,8 +252,6 @@ def run_worker(run: dict[str, Any]) -> None:
         )
     except StopAfterMeasuringError:
         return
-    finally:
-        release_process_group()
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -519,7 +517,7 @@ def main() -> None:
         return
     if args.worker:
         run_worker(json.loads(args.worker))
-        return
+        end_worker(0)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     settings = Settings(args.batch, args.seq, args.warmup_steps, args.timed_steps, args.lora_r,

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, TrainerCallback, TrainerControl, Trainer
 
 from deeptune.api.finetunejob import FineTuneJobSpec
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
-from deeptune_trainer.distributed import World, release_process_group
+from deeptune_trainer.distributed import World, end_worker
 from deeptune_trainer.modeling import load_for_training
 from deeptune_trainer.synthetic import as_samples, keyword_rows
 from deeptune_trainer.training import train
@@ -64,7 +64,7 @@ def main(model_dir: str, output_dir: str, spec_json: str, kill_at: str = "0") ->
         losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
         record = {"losses": losses, "resumedFrom": result.resumed_from, "worldSize": world.size}
         (Path(output_dir) / LOSSES).write_text(json.dumps(record))
-    release_process_group()
+    end_worker(0)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             return _refuse(error, config.termination_message_path)
     from deeptune_trainer import run  # noqa: PLC0415  (torch and transformers load only for a real run)
 
-    return run.main(config)
+    code = run.main(config)
+    if distributed.is_worker():
+        distributed.end_worker(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from deeptune.api.trainer import EXIT_INVALID_INPUT, RENDEZVOUS_ENV, TrainerConfig
 from deeptune_trainer.errors import TrainerInputError
@@ -209,10 +209,24 @@ def barrier() -> None:
 
 
 def release_process_group() -> None:
-    """Shut this worker's process group down before the interpreter exits. A gloo group left to the
-    interpreter's finalizer can abort the process ("terminate called without an active exception",
-    pytorch/pytorch#190489): seen in CI as a finished worker's SIGABRT that failed the whole run."""
+    """Shut this worker's process group down once it has no more collectives to run."""
     import torch.distributed as dist  # noqa: PLC0415
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_worker(code: int) -> NoReturn:
+    """Leave a worker process with `code`, skipping the interpreter's finalization.
+
+    A finished worker's C++ threads can be destroyed unjoined while the interpreter tears down
+    (gloo's, most likely, kept alive by the device meshes the model still refers to: not confirmed),
+    which aborts the process
+    ("terminate called without an active exception", pytorch/pytorch#190489) and the launcher then
+    fails the whole run. Seen twice in CI, the second time after `destroy_process_group()`. Every
+    file a worker writes is closed by now; only the standard streams need flushing.
+    """
+    release_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

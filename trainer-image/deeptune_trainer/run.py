@@ -215,8 +215,6 @@ def main(config: TrainerConfig, *, log: Log = _say) -> int:
         traceback.print_exc()
         _report(_failure("TrainingFailed", f"{type(error).__name__}: {error}"), config, log)
         return 1
-    finally:
-        release_process_group()
     assert summary is not None  # rank 0 always has one
     _report(summary, config, log)
     log("done")
@@ -229,6 +227,4 @@ def _worker(config: TrainerConfig, world: World) -> int:
         run(config, log=_quiet, world=world)
     except TrainerInputError:
         return EXIT_INVALID_INPUT  # rank 0 meets the same input and says what is wrong with it
-    finally:
-        release_process_group()
     return 0
