@@ -221,10 +221,10 @@ def end_worker(code: int) -> NoReturn:
 
     A finished worker's C++ threads can be destroyed unjoined while the interpreter tears down
     (gloo's, most likely, kept alive by the device meshes the model still refers to: not confirmed),
-    which aborts the process
-    ("terminate called without an active exception", pytorch/pytorch#190489) and the launcher then
-    fails the whole run. Seen twice in CI, the second time after `destroy_process_group()`. Every
-    file a worker writes is closed by now; only the standard streams need flushing.
+    which aborts the process ("terminate called without an active exception",
+    pytorch/pytorch#190489), and the launcher then fails the whole run. Seen twice in CI, the second
+    time after `destroy_process_group()`. Every file a worker writes is closed by now; only the
+    standard streams need flushing.
     """
     release_process_group()
     sys.stdout.flush()
