@@ -42,7 +42,7 @@ def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> N
             spec_with(baseModel={"name": "a/b", "pvc": {"claimName": "m"}}),
             "set exactly one of name (a Hugging Face id) or pvc",
         ),
-        (spec_with(dataset={"source": {}}), "set exactly one of pvc, configMap, url or inline"),
+        (spec_with(dataset={"source": {}}), "set exactly one of pvc, configMap, url, hub or inline"),
         (spec_with(method="dpo"), 'Unsupported value: "dpo"'),
         (spec_with(hyperparameters={"learningRate": 0}), "should be greater than 0"),
         (

@@ -233,6 +233,19 @@ def test_wrong_field_mapping_names_field_and_columns(tmp_path: Path) -> None:
     )
 
 
+def test_a_parquet_file_with_other_columns_names_them(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow", exc_type=ImportError)
+    pq = pytest.importorskip("pyarrow.parquet", exc_type=ImportError)
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "1+1", "answer": "2", "id": 7}]), data)
+    with pytest.raises(TrainerInputError) as raised:
+        prepare_dataset(_spec(), _paths(tmp_path, data), seed=1)
+    assert raised.value.reason == "InvalidDataset"
+    assert raised.value.message.startswith(
+        "dataset.style: cannot tell the sample style from the columns (question, answer, id); expected"
+    )
+
+
 def test_chat_style_is_detected_for_inline_rows(tmp_path: Path) -> None:
     conversation = [
         {"role": "user", "content": "你好"},

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from deeptune.api.finetunejob import parse_spec
-from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerConfig
+from deeptune.api.trainer import DATASET_TOKEN_ENV, EXIT_INVALID_INPUT, TrainerConfig
 from deeptune.builders.common import Owner, child_name
 from deeptune.builders.finetunejob import (
     ChildSettings,
@@ -264,3 +264,20 @@ def test_a_run_over_several_pods_is_an_indexed_job_behind_a_headless_service() -
                for k, v in selector.items())  # fmt: skip
     assert build_service(OWNER, parse_spec(with_changes())) is None
     assert "completionMode" not in job_for(with_changes())["spec"]
+
+
+def test_each_hub_datasets_token_is_referenced_by_the_variable_the_trainer_reads() -> None:
+    private = {"name": "org/chats", "tokenSecretRef": {"name": "hub", "key": "data"}}
+    spec = with_changes(
+        dataset={
+            "source": {"hub": private},
+            "validation": {"source": {"hub": {**private, "split": "validation"}}},
+            "test": {"source": {"hub": {"name": "org/public", "split": "test"}}},
+        }
+    )
+    env = container_of(job_for(spec))["env"]
+    reference = {"secretKeyRef": {"name": "hub", "key": "data"}}
+    assert [var for var in env if var["name"] in DATASET_TOKEN_ENV.values()] == [
+        {"name": DATASET_TOKEN_ENV["dataset.source"], "valueFrom": reference},
+        {"name": DATASET_TOKEN_ENV["dataset.validation.source"], "valueFrom": reference},
+    ]

@@ -106,7 +106,7 @@ def test_wire_form_round_trips_in_camel_case() -> None:
         ),
         (
             with_changes(dataset={"source": {}}),
-            "spec.dataset.source: set exactly one of pvc, configMap, url, inline (found 0)",
+            "spec.dataset.source: set exactly one of pvc, configMap, url, hub, inline (found 0)",
         ),
         (
             with_changes(hyperparameters__learningRate=0),

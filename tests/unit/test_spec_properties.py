@@ -714,12 +714,20 @@ PARENTS: dict[Path, Any] = {
     ("autoscaling", "keda"): {"prometheusAddress": "http://prometheus.monitoring.svc:9090"},
 }
 """Objects holding defaulted fields that no seed has (and that `{}` cannot stand for)."""
+ALTERNATIVES: dict[Path, Any] = {
+    (*source, "hub"): {"name": "org/chats", "tokenSecretRef": {"name": "hub-token"}}
+    for source in [("dataset", "source"), ("dataset", "validation", "source"), ("dataset", "test", "source")]
+}
+"""Members of one-of groups whose fields no seed has: the object holding one holds it alone."""
 
 
 def spec_holding(kind: str, path: Path) -> dict[str, Any]:
     """A valid spec, from the seeds, with the object that holds `path` but without `path` itself."""
     parents = {where: value for where, value in PARENTS.items() if path[: len(where)] == where}
-    for seed, changes in itertools.product(SEEDS[kind], [{}, parents]):
+    chosen = {
+        where[:-1]: {where[-1]: value} for where, value in ALTERNATIVES.items() if path[: len(where)] == where
+    }
+    for seed, changes in itertools.product(SEEDS[kind], [{}, parents, {**parents, **chosen}]):
         spec = copy.deepcopy(seed)
         for where, value in changes.items():
             put(spec, where, copy.deepcopy(value))

@@ -124,13 +124,40 @@ class BaseModelSpec(ApiModel):
         return self
 
 
+SPLIT_PATTERN = r"^[A-Za-z0-9_]+$"
+"""A split's name as the Hub's file-naming convention uses it (`train`, `validation`, `test`)."""
+FileGlob = Annotated[str, Field(max_length=SHORT_TEXT, pattern=r"^[^/ \t\r\n][^ \t\r\n]*$")]
+"""A glob relative to a repository's root, e.g. `en/*.parquet` (fnmatch: `*` also crosses `/`)."""
+
+
+class HubDataset(ApiModel):
+    """A dataset repository on the Hugging Face Hub, read at one revision; the trainer caches it on the
+    output volume (HF_HOME), so a retried run does not download it again."""
+
+    name: Annotated[str, Field(max_length=SHORT_TEXT, pattern=HUB_ID_PATTERN)]
+    """The dataset's repository id, e.g. `org/support-chats`."""
+    revision: Annotated[str, Field(max_length=SHORT_TEXT)] = "main"
+    """Branch, tag or commit; the commit it resolved to is recorded in the data report."""
+    split: Annotated[str, Field(max_length=SHORT_TEXT, pattern=SPLIT_PATTERN)] = "train"
+    """Which files to read, by the Hub's naming convention: those whose path has the split's name as a
+    word (`data/train-00000-of-00002.parquet`, `train.jsonl`, `train/part-1.csv`); when no file names
+    any split, every data file is `train`."""
+    files: Annotated[list[FileGlob], Field(min_length=1, max_length=100)] | None = None
+    """Globs of the files to read instead of choosing them by split, e.g. `["en/*.parquet"]`."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret key holding a Hugging Face token, for private or gated datasets. Without it the base
+    model's token (baseModel.tokenSecretRef), if any, is used."""
+
+
 class DataSource(ApiModel):
-    """Where rows come from: a file on a PVC, a ConfigMap key, an http(s) URL, or inline rows."""
+    """Where rows come from: a file on a PVC, a ConfigMap key, an http(s) URL, a Hugging Face Hub
+    dataset, or inline rows."""
 
     model_config = cel_rules(
         cel(
-            "[has(self.pvc), has(self.configMap), has(self.url), has(self.inline)].filter(x, x).size() == 1",
-            "set exactly one of pvc, configMap, url or inline",
+            "[has(self.pvc), has(self.configMap), has(self.url), has(self.hub), has(self.inline)]"
+            ".filter(x, x).size() == 1",
+            "set exactly one of pvc, configMap, url, hub or inline",
         )
     )
 
@@ -140,12 +167,14 @@ class DataSource(ApiModel):
     """A key of a ConfigMap in the same namespace (small datasets)."""
     url: Url | None = None
     """An http(s) URL the trainer downloads: printable ASCII (percent-encode anything else)."""
+    hub: HubDataset | None = None
+    """A dataset on the Hugging Face Hub, by name, revision and split."""
     inline: Annotated[list[dict[str, JsonValue]], Field(max_length=1000)] | None = None
     """Rows written in the manifest itself (at most 1000; for demos and tests)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
-        exactly_one(self, ("pvc", "config_map", "url", "inline"))
+        exactly_one(self, ("pvc", "config_map", "url", "hub", "inline"))
         return self
 
 

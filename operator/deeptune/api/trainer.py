@@ -23,6 +23,14 @@ RENDEZVOUS_PORT = 29400
 RENDEZVOUS_ENV = "DEEPTUNE_RENDEZVOUS_ENDPOINT"
 """`host:port` of pod 0's rendezvous, set by the operator on the pods of a run over several pods."""
 
+DATASET_TOKEN_ENV: dict[str, str] = {
+    "dataset.source": "DEEPTUNE_DATASET_HUB_TOKEN",
+    "dataset.validation.source": "DEEPTUNE_VALIDATION_HUB_TOKEN",
+    "dataset.test.source": "DEEPTUNE_TEST_HUB_TOKEN",
+}
+"""The variable each data source's `hub.tokenSecretRef` reaches the trainer as (from the Secret, by
+reference), by the source's spec path."""
+
 EXIT_INVALID_INPUT = 3
 """Trainer exit code for bad input (spec, dataset, model): retrying cannot help, so the Job fails fast."""
 

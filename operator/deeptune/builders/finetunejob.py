@@ -6,10 +6,11 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
-from deeptune.api.base import ConfigMapKeyRef
+from deeptune.api.base import ConfigMapKeyRef, SecretKeyRef
 from deeptune.api.finetunejob import KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, DataSource, FineTuneJobSpec
 from deeptune.api.trainer import (
     CONFIG_PATH,
+    DATASET_TOKEN_ENV,
     EXIT_INVALID_INPUT,
     METRICS_PORT,
     RENDEZVOUS_ENV,
@@ -137,6 +138,24 @@ def _test_source(spec: FineTuneJobSpec) -> DataSource | None:
     return spec.dataset.test.source if spec.dataset.test else None
 
 
+def _secret_env(name: str, ref: SecretKeyRef) -> Manifest:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _dataset_token_env(spec: FineTuneJobSpec) -> list[Manifest]:
+    """Each Hub data source's token, from its Secret by reference (DATASET_TOKEN_ENV names them)."""
+    sources = {
+        "dataset.source": spec.dataset.source,
+        "dataset.validation.source": spec.dataset.validation.source,
+        "dataset.test.source": _test_source(spec),
+    }
+    return [
+        _secret_env(DATASET_TOKEN_ENV[where], source.hub.token_secret_ref)
+        for where, source in sources.items()
+        if source is not None and source.hub is not None and source.hub.token_secret_ref is not None
+    ]
+
+
 def _claims(spec: FineTuneJobSpec) -> list[str]:
     """Every PVC the trainer needs, once each (the dataset and output may share a claim)."""
     locations = [
@@ -187,9 +206,8 @@ def _env(owner: Owner, spec: FineTuneJobSpec) -> list[Manifest]:
     ]
     token = spec.base_model.token_secret_ref
     if token is not None:
-        env.append(
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
-        )
+        env.append(_secret_env("HF_TOKEN", token))
+    env += _dataset_token_env(spec)
     if spec.distributed.nodes > 1:
         env.append({"name": RENDEZVOUS_ENV, "value": rendezvous_endpoint(owner)})
     user_names = {var.name for var in spec.env}

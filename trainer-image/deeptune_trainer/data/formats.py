@@ -11,10 +11,22 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from deeptune_trainer.data.rows import BadRow, LoadedRows, RawRow
 from deeptune_trainer.errors import TrainerInputError
+
+Format = Literal["auto", "jsonl", "json", "csv", "parquet"]
+
+EXTENSIONS: dict[str, Format] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+"""The file names each format is told by, for `dataset.format: auto`."""
 
 CSV_FIELD_LIMIT = 2**31 - 1
 """The csv module refuses cells over 128 KiB by default; long documents are normal training rows."""

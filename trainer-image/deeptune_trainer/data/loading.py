@@ -1,4 +1,4 @@
-"""Reading a data source (PVC or ConfigMap file, URL, or inline rows) into raw rows.
+"""Reading a data source (PVC or ConfigMap file, URL, Hub dataset, or inline rows) into raw rows.
 
 The whole file is decoded at once: the samples built from it are held in memory anyway, and it lets
 an encoding error name its line.
@@ -9,24 +9,21 @@ from __future__ import annotations
 import codecs
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Literal
 
-from deeptune.api.finetunejob import DataSource
+from deeptune.api.finetunejob import DataSource, HubDataset
+from deeptune.api.trainer import DATASET_TOKEN_ENV
 from deeptune_trainer.data.download import download
-from deeptune_trainer.data.formats import parse_csv, parse_json, parse_jsonl, parse_parquet
+from deeptune_trainer.data.formats import (
+    EXTENSIONS,
+    Format,
+    parse_csv,
+    parse_json,
+    parse_jsonl,
+    parse_parquet,
+)
+from deeptune_trainer.data.hub import fetch_split
 from deeptune_trainer.data.rows import LoadedRows, RawRow
 from deeptune_trainer.errors import TrainerInputError
-
-Format = Literal["auto", "jsonl", "json", "csv", "parquet"]
-
-EXTENSIONS: dict[str, Format] = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
 
 
 def resolve_format(fmt: Format, name: str, where: str) -> Format:
@@ -88,10 +85,30 @@ def _local_file(path: str | None, where: str) -> Path:
     return file
 
 
-def load_rows(source: DataSource, path: str | None, fmt: Format, *, where: str) -> LoadedRows:
+def _hub_rows(hub: HubDataset, fmt: Format, where: str, cache_dir: str | None) -> LoadedRows:
+    """A Hub split's rows, file after file (in name order), numbered as records across the split;
+    a malformed row is reported by its file and line."""
+    fetched = fetch_split(hub, where=where, token_env=DATASET_TOKEN_ENV[where.removesuffix(".hub")],
+                          cache_dir=cache_dir)  # fmt: skip
+    loaded = LoadedRows(where, "record")
+    for file, name in zip(fetched.files, fetched.names, strict=True):
+        part = _parse_file(file, fmt, f"{where} ({name})", name)
+        loaded.rows += [RawRow(len(loaded.rows) + n, row.values) for n, row in enumerate(part.rows, 1)]
+        loaded.bad += part.bad
+    loaded.commit = fetched.commit
+    return loaded
+
+
+def load_rows(
+    source: DataSource, path: str | None, fmt: Format, *, where: str, hub_cache: str | None = None
+) -> LoadedRows:
     """All rows of one source. `path` is the local file the operator resolved for PVC and ConfigMap
-    sources; `where` is the source's spec path (e.g. `dataset.source`), used in every message."""
-    if source.inline is not None:
+    sources; `where` is the source's spec path (e.g. `dataset.source`), used in every message;
+    `hub_cache` is where Hub datasets are kept (None: huggingface_hub's default)."""
+    if source.hub is not None:
+        loaded = _hub_rows(source.hub, fmt, f"{where}.hub", hub_cache)
+        where = loaded.source
+    elif source.inline is not None:
         where = f"{where}.inline"
         loaded = LoadedRows(where, "record", [RawRow(n, dict(row)) for n, row in enumerate(source.inline, 1)])
     elif source.url is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ class PreparedData:
     augmented_by: dict[str, int] = field(default_factory=dict)
     augmentation_rejected: dict[str, int] = field(default_factory=dict)
     """Back-translations not kept, by reason."""
+    hub_commits: dict[str, str] = field(default_factory=dict)
+    """The commit each Hub source was read at, by its spec path (e.g. `dataset.source.hub`)."""
 
 
 @dataclass
@@ -45,13 +48,21 @@ class _Source:
     bad: list[BadRow]
     read: int
     style: Style
+    where: str
+    commit: str | None
 
 
 def _read(
-    source: DataSource, path: str | None, spec: DatasetSpec, where: str, style: Style | None
+    source: DataSource,
+    path: str | None,
+    spec: DatasetSpec,
+    where: str,
+    *,
+    style: Style | None,
+    hub_cache: str | None,
 ) -> _Source:
     """One source's samples; the validation source must have the style the train source resolved to."""
-    loaded = load_rows(source, path, spec.format, where=where)
+    loaded = load_rows(source, path, spec.format, where=where, hub_cache=hub_cache)
     samples: list[Sample] = []
     bad = list(loaded.bad)
     resolved: Style = style or "promptCompletion"
@@ -70,7 +81,7 @@ def _read(
             f"{loaded.source}: none of the {loaded.read} rows is usable; first: "
             + "; ".join(row.describe() for row in bad[:3]),
         )
-    return _Source(samples, bad, loaded.read, resolved)
+    return _Source(samples, bad, loaded.read, resolved, loaded.source, loaded.commit)
 
 
 def _nothing_left(where: str, source: _Source, stats: CleaningStats, spec: DatasetSpec) -> TrainerInputError:
@@ -116,7 +127,8 @@ def prepare_dataset(
 ) -> PreparedData:
     """Read, clean, split and augment the dataset. `seed` fixes the test and validation splits;
     `translator_factory` replaces the transformers models used for back-translation;"""
-    train_source = _read(spec.source, paths.dataset, spec, "dataset.source", None)
+    hub_cache = os.path.join(paths.hf_home, "hub") if paths.hf_home else None
+    train_source = _read(spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache)
     cleaner = Cleaner(spec.cleaning)
     train, stats = cleaner.clean(train_source.samples)
     if not train:
@@ -125,14 +137,23 @@ def prepare_dataset(
     test: list[Sample] = []
     if spec.test is not None and spec.test.source is not None:
         where = "dataset.test.source"
-        read = _read(spec.test.source, paths.test_dataset, spec, where, train_source.style)
+        read = _read(
+            spec.test.source, paths.test_dataset, spec, where, style=train_source.style, hub_cache=hub_cache
+        )
         test, test_stats = _clean_held_out(cleaner, read, where, spec)
         sources, stats = [*sources, read], stats + test_stats
     elif spec.test is not None:
         train, test = split_by_ratio(train, spec.test.ratio, seed + 1)
     if spec.validation.source is not None:
         where = "dataset.validation.source"
-        read = _read(spec.validation.source, paths.validation_dataset, spec, where, train_source.style)
+        read = _read(
+            spec.validation.source,
+            paths.validation_dataset,
+            spec,
+            where,
+            style=train_source.style,
+            hub_cache=hub_cache,
+        )
         validation, validation_stats = _clean_held_out(cleaner, read, where, spec)
         sources, stats = [*sources, read], stats + validation_stats
     else:
@@ -171,4 +192,5 @@ def prepare_dataset(
         cleaning=stats,
         augmented_by=dict(augmented.by_method),
         augmentation_rejected=dict(augmented.rejected),
+        hub_commits={source.where: source.commit for source in sources if source.commit is not None},
     )

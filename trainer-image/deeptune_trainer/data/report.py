@@ -15,6 +15,7 @@ def data_report(prepared: PreparedData) -> dict[str, Any]:
     return {
         "summary": prepared.report.to_wire(),
         "style": prepared.style,
+        "hubCommits": prepared.hub_commits,
         "rules": {
             "tooShort": stats.too_short,
             "tooLong": stats.too_long,

@@ -44,6 +44,8 @@ class LoadedRows:
     unit: Unit
     rows: list[RawRow] = field(default_factory=list)
     bad: list[BadRow] = field(default_factory=list)
+    commit: str | None = None
+    """For a Hub dataset, the commit its revision resolved to (lineage: the data report records it)."""
 
     @property
     def read(self) -> int:
