@@ -111,16 +111,20 @@ def _redact(sample: Sample, kinds: list[PiiType]) -> tuple[Sample, Counter[PiiTy
 
 class Cleaner:
     """Applies the rules to one batch of samples after another. Dedup state carries over between
-    batches, so a separate validation set cleaned after the train set loses the rows it shares with it."""
+    batches, so a separate validation set cleaned after the train set loses the rows it shares with it.
+
+    Every rule but near dedup looks at one row at a time; near dedup then runs over the batch's
+    survivors at once, as its index is built for (numpy over many rows, not one)."""
 
     def __init__(self, rules: Cleaning) -> None:
         self.rules = rules
         self._seen: set[bytes] = set()
         near = rules.near_dedup
-        self._near = NearDuplicateIndex(near.threshold, near.ngram) if near.enabled else None
+        self._near: NearDuplicateIndex[Sample] | None = (
+            NearDuplicateIndex(near.threshold, near.ngram, parts=near_dedup_parts) if near.enabled else None
+        )
         self._sources: list[str] = []
-        # Where each row near dedup indexed came from, by its position there: compact at a million rows.
-        self._indexed_lines = array("q")
+        # The source of each row near dedup indexed, by its position there: compact at a million rows.
         self._indexed_sources = array("B")
 
     def clean(
@@ -130,14 +134,12 @@ class Cleaner:
         if source not in self._sources:
             self._sources.append(source)
         stats = CleaningStats(rows_in=len(samples))
-        comparisons_before = self._near.comparisons if self._near else 0
-        kept = [
-            cleaned for sample in samples if (cleaned := self._clean_one(sample, source, stats)) is not None
-        ]
-        stats.near_comparisons = (self._near.comparisons if self._near else 0) - comparisons_before
+        kept = [cleaned for sample in samples if (cleaned := self._clean_one(sample, stats)) is not None]
+        if self._near is not None:
+            kept = self._near_dedup(kept, source, stats)
         return kept, stats
 
-    def _clean_one(self, sample: Sample, source: str, stats: CleaningStats) -> Sample | None:
+    def _clean_one(self, sample: Sample, stats: CleaningStats) -> Sample | None:
         rules = self.rules
         sample = normalize_sample(sample, rules.normalization)
         if len(sample.target) < rules.min_chars:
@@ -158,35 +160,41 @@ class Cleaner:
             if found:
                 stats.pii_redacted += 1
                 sample = redacted
-        return sample if self._is_new(sample, source, stats) else None
+        return sample if self._is_new(sample, stats) else None
 
-    def _is_new(self, sample: Sample, source: str, stats: CleaningStats) -> bool:
-        if self.rules.exact_dedup:
-            # Roles and the label are part of the identity: the same words as a different turn, or
-            # with a different label, are a different example. Case, width, punctuation and spacing
-            # are not (comparison_text).
-            turns = "\x1e".join(f"{m.role}\x1f{comparison_text(m.content)}" for m in sample.messages)
-            key = exact_key(f"{turns}\x1d{sample.label or ''}")
-            if key in self._seen:
-                stats.exact_duplicates += 1
-                return False
-            self._seen.add(key)
-        if self._near is None:
+    def _is_new(self, sample: Sample, stats: CleaningStats) -> bool:
+        if not self.rules.exact_dedup:
             return True
-        indexed = len(self._near)
-        match = self._near.match(near_dedup_parts(sample))
-        if match is None:
-            if len(self._near) > indexed:
-                self._indexed_lines.append(sample.line)
-                self._indexed_sources.append(self._sources.index(source))
-            return True
-        stats.near_duplicates += 1
-        if len(stats.near_examples) < NEAR_EXAMPLES:
-            kept_source = self._sources[self._indexed_sources[match.position]]
-            stats.near_examples.append(
-                NearDuplicate(
-                    source, sample.line, kept_source, self._indexed_lines[match.position],
-                    round(match.similarity, 3), _preview(sample),
-                )
-            )  # fmt: skip
-        return False
+        # Roles and the label are part of the identity: the same words as a different turn, or with a
+        # different label, are a different example. Case, width, punctuation and spacing are not
+        # (comparison_text).
+        turns = "\x1e".join(f"{m.role}\x1f{comparison_text(m.content)}" for m in sample.messages)
+        key = exact_key(f"{turns}\x1d{sample.label or ''}")
+        if key in self._seen:
+            stats.exact_duplicates += 1
+            return False
+        self._seen.add(key)
+        return True
+
+    def _near_dedup(self, samples: list[Sample], source: str, stats: CleaningStats) -> list[Sample]:
+        assert self._near is not None
+        index, comparisons_before = self._near, self._near.comparisons
+        indexed_before = len(index)
+        matches = index.admit(samples)
+        self._indexed_sources += array("B", [self._sources.index(source)]) * (len(index) - indexed_before)
+        stats.near_comparisons = index.comparisons - comparisons_before
+        kept = []
+        for sample, match in zip(samples, matches, strict=True):
+            if match is None:
+                kept.append(sample)
+                continue
+            stats.near_duplicates += 1
+            if len(stats.near_examples) < NEAR_EXAMPLES:
+                kept_source = self._sources[self._indexed_sources[match.position]]
+                stats.near_examples.append(
+                    NearDuplicate(
+                        source, sample.line, kept_source, index.row(match.position).line,
+                        round(match.similarity, 3), _preview(sample),
+                    )
+                )  # fmt: skip
+        return kept

@@ -1,15 +1,18 @@
 """Duplicate detection: exact (hash of the normalized text) and near (MinHash with LSH banding).
 
-Near-dedup compares each row only with the earlier rows that share an LSH band bucket with it, so
-the cost grows about linearly with the number of rows instead of with its square.
+Near-dedup compares each row only with the earlier rows that share an LSH band with it, so the cost
+grows about linearly with the number of rows instead of with its square; those candidates are then
+checked by their exact Jaccard similarity. The index holds eight bytes per band per row (a band's
+hash) and a reference to the row, not signatures: a million rows cost ~80 MB, not gigabytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -18,12 +21,17 @@ NUM_PERM = 128
 """MinHash signature length: the Jaccard estimate's standard error is at most sqrt(0.25/128) ≈ 0.044."""
 SIGNATURE_SEED = 20240601
 _CHUNK = 4096
+"""Shingles hashed in one (num_perm × chunk) product: 4 MB of uint64 at 128 permutations."""
+_SHINGLE_CACHE = 4096
+"""Indexed rows whose shingles are kept between comparisons (the first row of a cluster of near
+duplicates is compared with each of them)."""
 _U64 = np.uint64
 _PRIME = _U64(1_000_003)
 
 U64Array = npt.NDArray[np.uint64]
 U32Array = npt.NDArray[np.uint32]
-U16Array = npt.NDArray[np.uint16]
+I64Array = npt.NDArray[np.int64]
+Row = TypeVar("Row")
 
 
 def exact_key(text: str) -> bytes:
@@ -40,16 +48,48 @@ def _mix(values: U64Array) -> U64Array:
     return values ^ (values >> _U64(31))
 
 
+def window_hashes(text: str, ngram: int) -> U64Array:
+    """64-bit hashes of the text's character n-grams, repeats included (characters, so Chinese needs
+    no word segmentation); a text shorter than n is one shingle."""
+    hashes, _ = texts_window_hashes([text], ngram)
+    return hashes
+
+
+def texts_window_hashes(texts: Sequence[str], ngram: int) -> tuple[U64Array, I64Array]:
+    """The window hashes of many texts at once, one run after another, and how many each has: one
+    rolling hash over all the texts joined, keeping the windows that lie within one text (a text
+    shorter than n is one window, of its whole length)."""
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    count = max(len(codes) - ngram + 1, 0)
+    rolling = np.zeros(count, dtype=np.uint64)
+    for offset in range(ngram):
+        rolling = rolling * _PRIME + codes[offset : offset + count]
+    starts = np.cumsum(lengths) - lengths
+    sizes = np.maximum(lengths - ngram + 1, 1)
+    ends = np.cumsum(sizes)
+    # Where each window starts in the joined text: a run per text, from the text's own start.
+    source = np.repeat(starts - (ends - sizes), sizes) + np.arange(ends[-1] if len(ends) else 0)
+    hashes = np.zeros(len(source), dtype=np.uint64)
+    full = np.repeat(lengths >= ngram, sizes)
+    hashes[full] = rolling[source[full]]
+    for text_index in np.flatnonzero(lengths < ngram):  # short texts: one window of their own length
+        short = np.zeros(1, dtype=np.uint64)
+        for code in codes[starts[text_index] : starts[text_index] + lengths[text_index]]:
+            short = short * _PRIME + code
+        hashes[ends[text_index] - 1] = short[0]
+    return _mix(hashes), sizes
+
+
 def shingle_hashes(text: str, ngram: int) -> U64Array:
-    """Distinct 64-bit hashes of the text's character n-grams (characters, so Chinese needs no
-    word segmentation); a text shorter than n is one shingle."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    width = min(ngram, len(codes))
-    count = len(codes) - width + 1
-    hashes = np.zeros(count, dtype=np.uint64)
-    for offset in range(width):
-        hashes = hashes * _PRIME + codes[offset : offset + count]
-    return np.unique(_mix(hashes))
+    """The distinct shingles of the text, sorted: the set Jaccard similarity is computed on."""
+    return np.unique(window_hashes(text, ngram))
+
+
+def jaccard(a: U64Array, b: U64Array) -> float:
+    """Jaccard similarity of two shingle sets (sorted, distinct)."""
+    shared = len(np.intersect1d(a, b, assume_unique=True))
+    return shared / (len(a) + len(b) - shared)
 
 
 class MinHasher:
@@ -61,26 +101,39 @@ class MinHasher:
         self._a = (rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) << _U64(1)) | _U64(1)
         self._b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
 
-    def signature(self, text: str) -> U32Array:
-        shingles = shingle_hashes(text, self.ngram)
+    def _minimum(self, shingles: U64Array) -> U64Array:
         minimum = np.full(len(self._a), np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, len(shingles), _CHUNK):
             chunk = shingles[start : start + _CHUNK]
-            hashed = np.outer(self._a, chunk) + self._b[:, None]
-            minimum = np.minimum(minimum, hashed.min(axis=1))
-        return (minimum >> _U64(32)).astype(np.uint32)
+            minimum = np.minimum(minimum, (np.outer(self._a, chunk) + self._b[:, None]).min(axis=1))
+        return minimum
 
-    def signatures(self, texts: Sequence[str]) -> list[U32Array]:
-        """One signature per text; short texts are hashed together, in one product (every text has
-        at least one shingle, so each is a non-empty run of columns)."""
-        shingles = [shingle_hashes(text, self.ngram) for text in texts]
-        sizes = [len(part) for part in shingles]
-        if sum(sizes) > _CHUNK:
-            return [self.signature(text) for text in texts]
-        hashed = np.outer(self._a, np.concatenate(shingles)) + self._b[:, None]
-        starts = np.cumsum([0, *sizes[:-1]])
-        minimum = np.minimum.reduceat(hashed, starts, axis=1)
-        return list((minimum.T >> _U64(32)).astype(np.uint32))
+    def signature(self, text: str) -> U32Array:
+        return (self._minimum(window_hashes(text, self.ngram)) >> _U64(32)).astype(np.uint32)
+
+    def union_signatures(self, rows: Sequence[Sequence[str]]) -> U32Array:
+        """One signature per row (rows × num_perm) of the union of its texts' shingles: the MinHash of
+        all its parts together. Rows are hashed many at a time, in products of about _CHUNK shingles
+        (a row's shingles are a run of columns; a longer row is hashed alone)."""
+        hashes, text_sizes = texts_window_hashes([text for row in rows for text in row], self.ngram)
+        text_rows = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
+        offsets = np.concatenate(
+            [[0], np.cumsum(np.bincount(text_rows, text_sizes, len(rows)).astype(np.int64))]
+        )
+        minimum = np.empty((len(rows), len(self._a)), dtype=np.uint64)
+        start = 0
+        while start < len(rows):
+            end = max(start + 1, int(np.searchsorted(offsets, offsets[start] + _CHUNK, side="right")) - 1)
+            columns = hashes[offsets[start] : offsets[end]]
+            if end - start == 1:
+                minimum[start] = self._minimum(columns)
+            else:
+                hashed = np.outer(self._a, columns) + self._b[:, None]
+                minimum[start:end] = np.minimum.reduceat(
+                    hashed, offsets[start:end] - offsets[start], axis=1
+                ).T
+            start = end
+        return (minimum >> _U64(32)).astype(np.uint32)
 
 
 @cache
@@ -110,54 +163,137 @@ class NearMatch:
     position: int
     """The indexed row's position, in the order rows were admitted."""
     similarity: float
-    """The lowest estimated Jaccard similarity over the parts compared."""
+    """The lowest Jaccard similarity over the parts compared."""
 
 
-class NearDuplicateIndex:
-    """Rows seen so far, bucketed by LSH band. A row is a near duplicate of an indexed one when every
-    part of it (e.g. what was asked, and what was answered) nearly repeats the same part of that row:
-    rows that share a long context or instruction but answer differently are not duplicates.
+@dataclass
+class _BatchBands:
+    """Where each row of a batch meets other rows in some band: earlier batches' rows with the same
+    band hash (a slice of the band's sorted order), and its group of equal hashes in the batch."""
 
-    Banding uses the signature of all parts together (the element-wise minimum of the parts'
-    signatures: MinHash of the union of their shingles); each part's signature is kept in 16 bits
-    per hash for the check (a chance agreement of 1 in 65,536 hardly moves the estimate), so a row
-    costs as many bytes as one 32-bit signature would.
+    earlier_from: I64Array
+    earlier_to: I64Array
+    group: I64Array
+    group_size: I64Array
+
+    def shared(self, index: int) -> bool:
+        return bool((self.earlier_to[:, index] > self.earlier_from[:, index]).any()) or bool(
+            (self.group_size[:, index] > 1).any()
+        )
+
+
+class NearDuplicateIndex(Generic[Row]):
+    """Rows seen so far, banded by LSH. A row is a near duplicate of an indexed one when every part of
+    it (e.g. what was asked, and what was answered) nearly repeats the same part of that row: rows that
+    share a long context or instruction but answer differently are not duplicates.
+
+    Banding uses the signature of all parts together (MinHash of the union of their shingles), so a
+    candidate shares at least one band with the row; each candidate is then checked part for part
+    by exact Jaccard similarity, computed from the rows themselves (`parts` gives a row's texts).
+    Rows are admitted a batch at a time, in order: a row repeating an earlier row of its own batch
+    or of an earlier batch is not admitted.
     """
 
-    def __init__(self, threshold: float, ngram: int, num_perm: int = NUM_PERM) -> None:
+    def __init__(
+        self, threshold: float, ngram: int, parts: Callable[[Row], Sequence[str]], num_perm: int = NUM_PERM
+    ) -> None:
         self.threshold = threshold
+        self.ngram = ngram
         self.bands, self.rows = lsh_bands(threshold, num_perm)
+        self._parts = parts
         self._hasher = MinHasher(ngram, num_perm)
-        self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
-        self._signatures: list[U16Array] = []
+        rng = np.random.default_rng(SIGNATURE_SEED + 1)
+        self._band_mix = (rng.integers(0, 2**63, size=self.rows, dtype=np.uint64) << _U64(1)) | _U64(1)
+        self._indexed: list[Row] = []
+        self._keys = np.empty((self.bands, 0), dtype=np.uint64)
+        """Band hashes of the indexed rows, by band and position."""
+        self._order = np.empty((self.bands, 0), dtype=np.int64)
+        """Per band, the positions sorted by their band hash."""
+        self._shingles: dict[int, list[U64Array]] = {}
         self.comparisons = 0
-        """Candidate pairs whose signatures were compared (the cost LSH keeps far below n²/2)."""
+        """Candidate pairs compared (the cost LSH keeps far below n²/2)."""
 
     def __len__(self) -> int:
         """Rows indexed so far."""
-        return len(self._signatures)
+        return len(self._indexed)
 
-    def _band_keys(self, signature: U32Array) -> list[bytes]:
-        return [signature[band * self.rows : (band + 1) * self.rows].tobytes() for band in range(self.bands)]
+    def row(self, position: int) -> Row:
+        """The row indexed at `position`."""
+        return self._indexed[position]
 
-    def match(self, parts: Sequence[str]) -> NearMatch | None:
-        """The indexed row this one nearly repeats, part for part; None after indexing this row.
-        Rows with no text at all are never indexed nor matched."""
-        if not any(parts):
-            return None
-        signatures = self._hasher.signatures(parts)
-        keys = self._band_keys(np.minimum.reduce(signatures))
-        checked = np.stack([(signature >> np.uint32(16)).astype(np.uint16) for signature in signatures])
-        candidates: set[int] = set()
-        for buckets, key in zip(self._buckets, keys, strict=True):
-            candidates.update(buckets.get(key, ()))
-        for index in sorted(candidates):
+    def _band_keys(self, rows: Sequence[Row]) -> U64Array:
+        """(bands × rows) hashes of each band of each row's union signature, in chunks of rows."""
+        keys = np.empty((self.bands, len(rows)), dtype=np.uint64)
+        for start in range(0, len(rows), _CHUNK):
+            chunk = [self._parts(row) for row in rows[start : start + _CHUNK]]
+            signatures = self._hasher.union_signatures(chunk)[:, : self.bands * self.rows].astype(np.uint64)
+            banded = signatures.reshape(len(chunk), self.bands, self.rows) * self._band_mix
+            keys[:, start : start + len(chunk)] = _mix(banded.sum(axis=2, dtype=np.uint64)).T
+        return keys
+
+    def _meetings(self, keys: U64Array) -> _BatchBands:
+        sorted_keys = np.take_along_axis(self._keys, self._order, axis=1)
+        earlier_from = np.empty(keys.shape, dtype=np.int64)
+        earlier_to = np.empty(keys.shape, dtype=np.int64)
+        group = np.empty(keys.shape, dtype=np.int64)
+        group_size = np.empty(keys.shape, dtype=np.int64)
+        for band in range(self.bands):
+            earlier_from[band] = np.searchsorted(sorted_keys[band], keys[band], side="left")
+            earlier_to[band] = np.searchsorted(sorted_keys[band], keys[band], side="right")
+            _, group[band], counts = np.unique(keys[band], return_inverse=True, return_counts=True)
+            group_size[band] = counts[group[band]]
+        return _BatchBands(earlier_from, earlier_to, group, group_size)
+
+    def _indexed_shingles(self, position: int) -> list[U64Array]:
+        if position not in self._shingles:
+            if len(self._shingles) >= _SHINGLE_CACHE:
+                self._shingles.clear()
+            parts = self._parts(self._indexed[position])
+            self._shingles[position] = [shingle_hashes(text, self.ngram) for text in parts]
+        return self._shingles[position]
+
+    def _similarity(self, shingles: list[U64Array], position: int) -> float:
+        other = self._indexed_shingles(position)
+        if len(other) != len(shingles):
+            return 0.0
+        return min(jaccard(a, b) for a, b in zip(shingles, other, strict=True))
+
+    def _match(self, row: Row, candidates: set[int]) -> NearMatch | None:
+        shingles = [shingle_hashes(text, self.ngram) for text in self._parts(row)]
+        for position in sorted(candidates):
             self.comparisons += 1
-            similarity = float((self._signatures[index] == checked).mean(axis=1).min())
+            similarity = self._similarity(shingles, position)
             if similarity >= self.threshold:
-                return NearMatch(index, similarity)
-        position = len(self._signatures)
-        self._signatures.append(checked)
-        for buckets, key in zip(self._buckets, keys, strict=True):
-            buckets.setdefault(key, []).append(position)
+                return NearMatch(position, similarity)
         return None
+
+    def admit(self, rows: Sequence[Row]) -> list[NearMatch | None]:
+        """For each row, in order: the indexed row it nearly repeats, or None after indexing it. Rows
+        with no text at all are neither indexed nor matched."""
+        results: list[NearMatch | None] = [None] * len(rows)
+        batch = [index for index, row in enumerate(rows) if any(self._parts(row))]
+        keys = self._band_keys([rows[index] for index in batch])
+        meetings = self._meetings(keys)
+        members: list[dict[int, list[int]]] = [{} for _ in range(self.bands)]
+        admitted: list[int] = []
+        for local, index in enumerate(batch):
+            if meetings.shared(local):
+                candidates: set[int] = set()
+                for band in range(self.bands):
+                    low, high = meetings.earlier_from[band, local], meetings.earlier_to[band, local]
+                    candidates.update(self._order[band, low:high].tolist())
+                    candidates.update(members[band].get(int(meetings.group[band, local]), ()))
+                match = self._match(rows[index], candidates)
+                if match is not None:
+                    results[index] = match
+                    continue
+                for band in range(self.bands):
+                    if meetings.group_size[band, local] > 1:
+                        members[band].setdefault(int(meetings.group[band, local]), []).append(
+                            len(self._indexed)
+                        )
+            self._indexed.append(rows[index])
+            admitted.append(local)
+        self._keys = np.concatenate([self._keys, keys[:, admitted]], axis=1)
+        self._order = np.argsort(self._keys, axis=1, kind="stable")
+        return results

@@ -101,14 +101,22 @@ class Detector:
     kind: PiiType
     patterns: tuple[re.Pattern[str], ...]
     valid: Callable[[str], bool]
+    may_occur: Callable[[str, int], bool]
+    """Whether the text (with this many ASCII digits) could hold a match at all: what every match
+    needs, checked first because most rows hold no personal data and the patterns cost ~5 µs each."""
 
 
 DETECTORS: tuple[Detector, ...] = (
-    Detector("email", (EMAIL,), lambda _: True),
-    Detector("idCard", (ID_CARD,), valid_id_card),
-    Detector("phone", (PHONE,), _valid_phone),
-    Detector("bankCard", (BANK_CARD,), _valid_bank_card),
-    Detector("ipAddress", (IPV4, IPV6), lambda text: ":" not in text or _valid_ipv6(text)),
+    Detector("email", (EMAIL,), lambda _: True, lambda text, _: "@" in text),
+    Detector("idCard", (ID_CARD,), valid_id_card, lambda _, digits: digits >= 17),
+    Detector("phone", (PHONE,), _valid_phone, lambda _, digits: digits >= 3),
+    Detector("bankCard", (BANK_CARD,), _valid_bank_card, lambda _, digits: digits >= 13),
+    Detector(
+        "ipAddress",
+        (IPV4, IPV6),
+        lambda text: ":" not in text or _valid_ipv6(text),
+        lambda text, digits: digits >= 4 or text.count(":") >= 2,
+    ),
 )
 
 
@@ -116,8 +124,9 @@ def redact(text: str, kinds: Collection[PiiType]) -> tuple[str, Counter[PiiType]
     """The text with each detected item of the given kinds replaced by its placeholder, and how many
     items of each kind were found."""
     found: Counter[PiiType] = Counter()
+    digits = sum(map(text.count, "0123456789"))
     for detector in DETECTORS:
-        if detector.kind not in kinds:
+        if detector.kind not in kinds or not detector.may_occur(text, digits):
             continue
 
         def replace(match: re.Match[str], detector: Detector = detector) -> str:
