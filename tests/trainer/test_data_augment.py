@@ -108,7 +108,7 @@ def test_fraction_of_rows_get_one_copy_and_targets_never_change() -> None:
     for copy in result.copies:
         assert copy.target == originals[copy.line].target
         assert copy.messages[0].content != originals[copy.line].messages[0].content
-        assert copy.meta == {"augmented": "instructionPerturbation"}
+        assert copy.augmented_by == "instructionPerturbation"
     assert augment_train(train, spec, dictionary={}).copies == result.copies  # the seed fixes it
 
 

@@ -106,7 +106,7 @@ def test_pipeline_back_translates_with_the_default_factory(tiny_model: Path, tmp
     )
     prepared = prepare_dataset(spec, TrainerPaths(output_dir=str(tmp_path)), seed=1)
     original, copy = prepared.train
-    assert copy.meta == {"augmented": "backTranslation"}
+    assert copy.augmented_by == "backTranslation"
     assert copy.target == original.target == "It ships tomorrow."
     assert len(copy.messages[0].content.split()) == 3
     assert prepared.report.augmented == 1

@@ -16,6 +16,7 @@ from deeptune_trainer.data.dedup import (
     lsh_bands,
     shingle_hashes,
     texts_window_hashes,
+    window_hashes,
 )
 
 EN = "The quick brown fox jumps over the lazy dog near the river bank on a sunny afternoon."
@@ -65,6 +66,9 @@ def test_windows_of_many_texts_are_each_texts_windows() -> None:
     assert sizes.tolist() == [len(_one_text_windows(text, 5)) for text in texts]
     runs = np.split(hashes, np.cumsum(sizes)[:-1])
     assert [run.tolist() for run in runs] == [_one_text_windows(text, 5) for text in texts]
+    assert [window_hashes(text, 5).tolist() for text in texts] == [
+        _one_text_windows(text, 5) for text in texts
+    ]
 
 
 def test_signature_estimates_jaccard() -> None:

@@ -94,11 +94,11 @@ def test_augmentation_touches_train_rows_only(tmp_path: Path) -> None:
     )
     prepared = prepare_dataset(spec, _paths(tmp_path, data), seed=42)
     validation_lines = {s.line for s in prepared.validation}
-    copies = [s for s in prepared.train if "augmented" in s.meta]
+    copies = [s for s in prepared.train if s.augmented_by is not None]
     assert len(copies) == prepared.report.augmented == 8  # round(0.5 × 15 train rows)
     assert prepared.report.train_rows == 15 + 8
     assert not validation_lines & {s.line for s in copies}
-    assert all("augmented" not in s.meta for s in prepared.validation)
+    assert all(s.augmented_by is None for s in prepared.validation)
     assert sum(prepared.augmented_by.values()) == 8
 
 

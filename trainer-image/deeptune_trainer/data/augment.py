@@ -39,7 +39,7 @@ def last_user_turn(sample: Sample) -> int | None:
 def _copy(sample: Sample, turn: int, text: str, method: str) -> Sample:
     messages = list(sample.messages)
     messages[turn] = Message("user", text)
-    return replace(sample, messages=tuple(messages), meta={**sample.meta, "augmented": method})
+    return replace(sample, messages=tuple(messages), augmented_by=method)
 
 
 def _row_augmenters(spec: Augmentation, dictionary: Mapping[str, Sequence[str]]) -> dict[str, RowAugmenter]:
@@ -95,4 +95,4 @@ def augment_train(
                 copies.append(_copy(sample, turn, paraphrase, BACK_TRANSLATION))
             else:
                 rejected[reason or ""] += 1
-    return Augmented(copies, Counter(copy.meta["augmented"] for copy in copies), rejected)
+    return Augmented(copies, Counter(copy.augmented_by or "" for copy in copies), rejected)

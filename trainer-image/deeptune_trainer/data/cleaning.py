@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 
 from deeptune.api.finetunejob import Cleaning, PiiType
@@ -100,13 +101,17 @@ def is_degenerate(sample: Sample) -> bool:
 
 
 def _redact(sample: Sample, kinds: list[PiiType]) -> tuple[Sample, Counter[PiiType]]:
+    """The sample with personal data replaced (the same object when none was found), and what was found."""
     found: Counter[PiiType] = Counter()
-    messages = []
+    contents = []
     for message in sample.messages:
         content, counts = pii.redact(message.content, kinds)
         found.update(counts)
-        messages.append(Message(message.role, content))
-    return replace(sample, messages=tuple(messages)), found
+        contents.append(content)
+    if not found:
+        return sample, found
+    messages = tuple(Message(m.role, content) for m, content in zip(sample.messages, contents, strict=True))
+    return replace(sample, messages=messages), found
 
 
 class Cleaner:
@@ -128,13 +133,18 @@ class Cleaner:
         self._indexed_sources = array("B")
 
     def clean(
-        self, samples: list[Sample], source: str = "dataset.source"
+        self, samples: Iterable[Sample], source: str = "dataset.source"
     ) -> tuple[list[Sample], CleaningStats]:
         """The rows of `source` that every rule keeps, and what each rule did."""
         if source not in self._sources:
             self._sources.append(source)
-        stats = CleaningStats(rows_in=len(samples))
-        kept = [cleaned for sample in samples if (cleaned := self._clean_one(sample, stats)) is not None]
+        stats = CleaningStats()
+        kept = []
+        for sample in samples:
+            stats.rows_in += 1
+            cleaned = self._clean_one(sample, stats)
+            if cleaned is not None:
+                kept.append(cleaned)
         if self._near is not None:
             kept = self._near_dedup(kept, source, stats)
         return kept, stats

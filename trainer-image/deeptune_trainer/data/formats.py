@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,22 +40,37 @@ def _kind(value: Any) -> str:
     return KINDS.get(type(value), type(value).__name__)
 
 
+def _jsonl_line(loaded: LoadedRows, number: int, line: str) -> None:
+    if not line.strip():
+        return
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        loaded.bad.append(BadRow(loaded.source, number, f"invalid JSON: {error.msg} at column {error.colno}"))
+        return
+    if isinstance(value, dict):
+        loaded.rows.append(RawRow(number, value))
+    else:
+        loaded.bad.append(BadRow(loaded.source, number, f"expected a JSON object, found {_kind(value)}"))
+
+
 def parse_jsonl(text: str, source: str) -> LoadedRows:
     """One JSON object per line; blank lines are ignored."""
     loaded = LoadedRows(source, "line")
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other line separators.
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            loaded.bad.append(BadRow(source, number, f"invalid JSON: {error.msg} at column {error.colno}"))
-            continue
-        if isinstance(value, dict):
-            loaded.rows.append(RawRow(number, value))
-        else:
-            loaded.bad.append(BadRow(source, number, f"expected a JSON object, found {_kind(value)}"))
+        _jsonl_line(loaded, number, line)
+    return loaded
+
+
+def parse_jsonl_file(path: Path, source: str, decode: Callable[[bytes, int], str]) -> LoadedRows:
+    """JSON Lines read a line at a time, so a large file is never held whole (nor decoded whole):
+    at a million rows that was ~750 MB of bytes, text and lines next to the rows. `decode` turns a
+    line's bytes into text, or fails naming the line."""
+    loaded = LoadedRows(source, "line")
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):  # binary lines end at b"\n" only, as above
+            _jsonl_line(loaded, number, decode(raw, number))
     return loaded
 
 

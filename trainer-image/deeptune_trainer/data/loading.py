@@ -1,13 +1,14 @@
 """Reading a data source (PVC or ConfigMap file, URL, Hub dataset, or inline rows) into raw rows.
 
-The whole file is decoded at once: the samples built from it are held in memory anyway, and it lets
-an encoding error name its line.
+JSON Lines, the format of large datasets, is read a line at a time; other text formats are decoded
+whole (JSON must be, CSV quotes may span lines). An encoding error names its line either way.
 """
 
 from __future__ import annotations
 
 import codecs
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from deeptune.api.finetunejob import DataSource, HubDataset
@@ -19,6 +20,7 @@ from deeptune_trainer.data.formats import (
     parse_csv,
     parse_json,
     parse_jsonl,
+    parse_jsonl_file,
     parse_parquet,
 )
 from deeptune_trainer.data.hub import fetch_split
@@ -40,30 +42,56 @@ def resolve_format(fmt: Format, name: str, where: str) -> Format:
     )
 
 
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _not_utf8(data: bytes, error: UnicodeDecodeError, line: int, where: str, name: str) -> TrainerInputError:
+    try:
+        data.decode("gb18030")
+        hint = " It decodes as GB18030/GBK, common for Chinese files saved by Excel."
+    except UnicodeDecodeError:
+        hint = ""
+    return TrainerInputError(
+        "InvalidDataset",
+        f"{where}: '{name}' is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}).{hint} "
+        "Save it as UTF-8, e.g. `iconv -f GB18030 -t UTF-8 in.csv > out.csv`.",
+    )
+
+
 def decode_text(data: bytes, where: str, name: str) -> str:
     """UTF-8 (a BOM, as Excel writes, is dropped) or BOM-marked UTF-16; else a message on how to fix it."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    if data.startswith(UTF16_BOMS):
         return data.decode("utf-16")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
+        raise _not_utf8(data, error, data.count(b"\n", 0, error.start) + 1, where, name) from None
+
+
+def _line_decoder(where: str, name: str) -> Callable[[bytes, int], str]:
+    def decode(line: bytes, number: int) -> str:
         try:
-            data.decode("gb18030")
-            hint = " It decodes as GB18030/GBK, common for Chinese files saved by Excel."
-        except UnicodeDecodeError:
-            hint = ""
-        raise TrainerInputError(
-            "InvalidDataset",
-            f"{where}: '{name}' is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}).{hint} "
-            "Save it as UTF-8, e.g. `iconv -f GB18030 -t UTF-8 in.csv > out.csv`.",
-        ) from None
+            return line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise _not_utf8(line, error, number, where, name) from None
+
+    return decode
 
 
 def _parse_file(path: Path, fmt: Format, where: str, name: str) -> LoadedRows:
     chosen = resolve_format(fmt, name, where)
     if chosen == "parquet":
         return parse_parquet(path, where)
+    if chosen == "jsonl":
+        with path.open("rb") as file:
+            utf16 = file.read(2).startswith(UTF16_BOMS)
+        if not utf16:
+            loaded = parse_jsonl_file(path, where, _line_decoder(where, name))
+            if loaded.read == 0:
+                raise TrainerInputError(
+                    "EmptyDataset", f"{where}: '{name}' is empty; it must hold at least one row"
+                )
+            return loaded
     data = path.read_bytes()
     text = decode_text(data, where, name)
     if not text.strip():

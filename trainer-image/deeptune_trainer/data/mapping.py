@@ -10,7 +10,7 @@ import json
 from typing import Any, Literal, cast, get_args
 
 from deeptune.api.finetunejob import FieldMapping
-from deeptune_trainer.data.rows import BadRow, LoadedRows, RawRow
+from deeptune_trainer.data.rows import BadRow, LoadedRows, RawRow, drain
 from deeptune_trainer.data.sample import Message, Role, Sample
 from deeptune_trainer.errors import TrainerInputError
 
@@ -154,10 +154,11 @@ def _messages(row: RawRow, style: Style, fields: FieldMapping) -> tuple[Message,
 
 
 def map_rows(loaded: LoadedRows, style: Style, fields: FieldMapping) -> tuple[list[Sample], list[BadRow]]:
-    """Samples for the rows that fit the style, and bad-row records for those that do not."""
+    """Samples for the rows that fit the style, and bad-row records for those that do not. The rows
+    are taken out of `loaded` as they are mapped (`drain`)."""
     samples: list[Sample] = []
     bad: list[BadRow] = []
-    for row in loaded.rows:
+    for row in drain(loaded.rows):
         try:
             messages = _messages(row, style, fields)
             label = row.values.get(fields.label)

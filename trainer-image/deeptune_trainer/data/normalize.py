@@ -150,14 +150,19 @@ def _normalize_prose(text: str, options: Normalization) -> str:
     return text
 
 
+def _normalized(message: Message, options: Normalization) -> Message:
+    if message.role == "assistant" and not options.targets:
+        return message
+    content = normalize_text(message.content, options)
+    return message if content == message.content else Message(message.role, content)
+
+
 def normalize_sample(sample: Sample, options: Normalization) -> Sample:
-    """The form the model trains on: assistant turns only when `options.targets` says so."""
-    messages = tuple(
-        m
-        if m.role == "assistant" and not options.targets
-        else Message(m.role, normalize_text(m.content, options))
-        for m in sample.messages
-    )
+    """The form the model trains on: assistant turns only when `options.targets` says so. A row that
+    normalization leaves as it was is the same object (most rows: no copy of a million of them)."""
+    messages = tuple(_normalized(message, options) for message in sample.messages)
+    if all(new is old for new, old in zip(messages, sample.messages, strict=True)):
+        return sample
     return replace(sample, messages=messages)
 
 

@@ -14,7 +14,7 @@ from deeptune_trainer.data.cleaning import Cleaner, CleaningStats
 from deeptune_trainer.data.loading import load_rows
 from deeptune_trainer.data.mapping import Style, check_columns, columns_of, map_rows, resolve_style
 from deeptune_trainer.data.reasoning import strip_reasoning
-from deeptune_trainer.data.rows import BAD_ROWS_LISTED, BadRow, check_bad_row_ratio
+from deeptune_trainer.data.rows import BAD_ROWS_LISTED, BadRow, check_bad_row_ratio, drain
 from deeptune_trainer.data.sample import Sample
 from deeptune_trainer.data.split import split_by_ratio
 from deeptune_trainer.data.synonyms import load_dictionary
@@ -63,6 +63,7 @@ def _read(
 ) -> _Source:
     """One source's samples; the validation source must have the style the train source resolved to."""
     loaded = load_rows(source, path, spec.format, where=where, hub_cache=hub_cache)
+    read = loaded.read
     samples: list[Sample] = []
     bad = list(loaded.bad)
     resolved: Style = style or "promptCompletion"
@@ -74,14 +75,14 @@ def _read(
         if spec.reasoning_traces == "strip":
             samples = [strip_reasoning(sample) for sample in samples]
         bad = sorted(bad + mapping_bad, key=lambda row: row.line)
-    check_bad_row_ratio(loaded.source, loaded.read, bad, spec.max_bad_row_ratio)
+    check_bad_row_ratio(loaded.source, read, bad, spec.max_bad_row_ratio)
     if not samples:
         raise TrainerInputError(
             "EmptyDataset",
-            f"{loaded.source}: none of the {loaded.read} rows is usable; first: "
+            f"{loaded.source}: none of the {read} rows is usable; first: "
             + "; ".join(row.describe() for row in bad[:3]),
         )
-    return _Source(samples, bad, loaded.read, resolved, loaded.source, loaded.commit)
+    return _Source(samples, bad, read, resolved, loaded.source, loaded.commit)
 
 
 def _nothing_left(where: str, source: _Source, stats: CleaningStats, spec: DatasetSpec) -> TrainerInputError:
@@ -96,7 +97,7 @@ def _clean_held_out(
 ) -> tuple[list[Sample], CleaningStats]:
     """A held-out split from a source of its own, cleaned after the train rows with the same dedup
     state: rows repeating train rows go."""
-    rows, stats = cleaner.clean(source.samples, where)
+    rows, stats = cleaner.clean(drain(source.samples), where)
     if not rows:
         raise _nothing_left(f"{where}: ", source, stats, spec)
     return rows, stats
@@ -130,7 +131,7 @@ def prepare_dataset(
     hub_cache = os.path.join(paths.hf_home, "hub") if paths.hf_home else None
     train_source = _read(spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache)
     cleaner = Cleaner(spec.cleaning)
-    train, stats = cleaner.clean(train_source.samples)
+    train, stats = cleaner.clean(drain(train_source.samples))
     if not train:
         raise _nothing_left("", train_source, stats, spec)
     sources = [train_source]

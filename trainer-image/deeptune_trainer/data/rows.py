@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from deeptune_trainer.errors import TrainerInputError
 
 BAD_ROWS_LISTED = 100
 """Bad rows listed in the data report; the report's count covers all of them."""
 
+Item = TypeVar("Item")
+
 Unit = Literal["line", "record"]
 """Text formats number rows by line (what an editor shows); JSON arrays, Parquet and inline rows by record."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawRow:
     """One row's columns, with the 1-based line or record number it came from."""
 
@@ -22,7 +25,7 @@ class RawRow:
     values: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BadRow:
     """A row skipped as malformed: where it is and why, so the user can find and fix it."""
 
@@ -64,3 +67,11 @@ def check_bad_row_ratio(source: str, read: int, bad: list[BadRow], limit: float)
         f"dataset.maxBadRowRatio allows ({limit:.1%}); first: {examples}. "
         "Fix these rows, or raise dataset.maxBadRowRatio to skip them.",
     )
+
+
+def drain(items: list[Item]) -> Iterator[Item]:
+    """The list's items in order, each taken out as it is handed over, so a million rows can become a
+    million samples (or cleaned samples) without both being held whole."""
+    items.reverse()
+    while items:
+        yield items.pop()
