@@ -21,6 +21,16 @@ def test_data_pipeline_benchmark_runs_at_smoke_size() -> None:
     assert report["machine"]["cores"] >= 1
 
 
+def test_near_dedup_benchmark_runs_both_libraries_at_smoke_size() -> None:
+    subprocess.run([sys.executable, "bench/near_dedup.py", "--smoke"], cwd=ROOT, check=True, timeout=300)
+    report = json.loads((ROOT / "bench" / "results" / "near_dedup-smoke.json").read_text())
+    by_library = {row["library"]: row for row in report["results"]}
+    assert set(by_library) == {"ours", "datasketch"}
+    for row in by_library.values():
+        assert 0 < row["confirmed"] <= row["removed"] < row["rows"], row
+    assert by_library["ours"]["confirmed"] == by_library["ours"]["removed"], "ours checks exact Jaccard"
+
+
 def test_serving_benchmark_runs_at_smoke_size() -> None:
     subprocess.run([sys.executable, "bench/serving.py", "--smoke"], cwd=ROOT, check=True, timeout=600)
     report = json.loads((ROOT / "bench" / "results" / "serving-smoke.json").read_text())
