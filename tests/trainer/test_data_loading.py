@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from deeptune.api.finetunejob import DataSource
+from deeptune_trainer.data import formats
 from deeptune_trainer.data.download import download
 from deeptune_trainer.data.loading import load_rows
 from deeptune_trainer.data.rows import BadRow, check_bad_row_ratio
@@ -148,6 +149,17 @@ def test_parquet_with_nested_messages(tmp_path: Path) -> None:
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好"}]
     pq.write_table(pa.Table.from_pylist([{"messages": messages}]), path)
     assert _load(path) == [(1, {"messages": messages})]
+
+
+def test_parquet_is_read_a_batch_at_a_time_and_numbered_across_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pa = pytest.importorskip("pyarrow", exc_type=ImportError)
+    pq = pytest.importorskip("pyarrow.parquet", exc_type=ImportError)
+    monkeypatch.setattr(formats, "PARQUET_BATCH_ROWS", 2)
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"q{n}", "completion": "a"} for n in range(1, 6)]), path)
+    assert [(line, values["prompt"]) for line, values in _load(path)] == [(n, f"q{n}") for n in range(1, 6)]
 
 
 def test_not_a_parquet_file(tmp_path: Path) -> None:

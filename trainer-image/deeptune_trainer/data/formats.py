@@ -33,6 +33,8 @@ CSV_FIELD_LIMIT = 2**31 - 1
 """The csv module refuses cells over 128 KiB by default; long documents are normal training rows."""
 
 
+PARQUET_BATCH_ROWS = 65_536
+
 KINDS: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
 
 
@@ -180,11 +182,14 @@ def parse_parquet(path: Path, source: str) -> LoadedRows:
             f"{source}: reading Parquet needs pyarrow, which this trainer image cannot import ({error}); "
             "convert the data to JSON Lines or CSV",
         ) from None
+    loaded = LoadedRows(source, "record")
     try:
-        table = pq.read_table(path)
+        # A batch of rows at a time: the whole table in Arrow next to its rows in Python would double
+        # what a large file costs.
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            loaded.rows += [RawRow(len(loaded.rows) + n, row) for n, row in enumerate(batch.to_pylist(), 1)]
     except (pa.ArrowException, OSError) as error:
         raise TrainerInputError(
             "InvalidDataset", f"{source}: not a readable Parquet file ({error})"
         ) from None
-    rows = [RawRow(number, row) for number, row in enumerate(table.to_pylist(), start=1)]
-    return LoadedRows(source, "record", rows)
+    return loaded
