@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from deeptune.api.trainer import EXIT_INVALID_INPUT, TrainerSummary
 from deeptune_trainer.distributed import SHARDED_STATE_DIR
+from deeptune_trainer.synthetic import ROTATED_ANSWERS
 from deeptune_trainer.training import CHECKPOINTS_DIR, COMPLETE_MARKER
 from tests.trainer.conftest import TINY_SPEC, _merge
 from tests.trainer.distributed_worker import KILLED_EXIT_CODE, LOSSES
@@ -162,6 +165,44 @@ def test_a_whole_run_in_two_workers_is_reported_once(
     assert summary.eval_results.delta["perplexity"] < 0  # the trained adapter, gathered, beats the base
     assert summary.eval_results.baseline["exactMatch"] < summary.eval_results.fine_tuned["exactMatch"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_early_stopping_in_sharded_workers_exports_the_best_checkpoint(
+    strategy: str,
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    keyword_task_rows: tuple[list[dict[str, str]], list[dict[str, str]]],
+) -> None:
+    """Sharded, the Trainer cannot restore the best model itself (load_best_model_at_end needs the
+    whole model in one process): rank 0 loads the best checkpoint instead. Validation rows answered
+    with another keyword's phrase make eval loss fall, then rise (as in the one-process test)."""
+    train_rows, held_out_rows = keyword_task_rows
+    rotated = [{**row, "completion": ROTATED_ANSWERS[row["completion"]]} for row in held_out_rows[:8]]
+    spec = _merge(
+        _spec("lora", strategy, 8, maxSteps=40, learningRate=1e-2, warmupRatio=0.0, scheduler="constant"),
+        {
+            "baseModel": {"pvc": {"claimName": "models", "path": ""}},
+            "dataset": {"source": {"inline": train_rows}, "validation": {"source": {"inline": rotated}}},
+            "evaluation": {"metrics": ["perplexity"], "evalSteps": 4, "baseline": False},
+            "earlyStopping": {"patience": 2},
+            "resources": {"gpu": 0},
+            "distributed": {"processesPerNode": WORKERS},
+        },
+    )
+    done = _cli(tmp_path, spec, tiny_llama_dir)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_dir = tmp_path / "out" / "default" / "demo"
+    summary = TrainerSummary.model_validate_json((run_dir / "summary.json").read_text())
+    assert summary.eval_results is not None and summary.eval_results.step is not None
+    best = summary.eval_results.step
+    assert best < summary.steps < 40, (best, summary.steps)  # stopped early, after the best evaluation
+    exported = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    chosen = load_file(run_dir / CHECKPOINTS_DIR / f"checkpoint-{best}" / "adapter_model.safetensors")
+    last = load_file(run_dir / CHECKPOINTS_DIR / f"checkpoint-{summary.steps}" / "adapter_model.safetensors")
+    assert exported.keys() == chosen.keys() and len(exported) > 0
+    assert all(torch.equal(exported[name], chosen[name]) for name in exported)
+    assert not all(torch.equal(exported[name], last[name]) for name in exported)
 
 
 def test_bad_input_in_the_workers_fails_the_run_once(tiny_llama_dir: Path, tmp_path: Path) -> None:
