@@ -185,3 +185,57 @@ def test_a_whole_run_from_a_manifest(
     lines = done.stdout.splitlines()
     assert any(line.startswith("step 20/120 epoch") for line in lines)
     assert lines[-1] == "done"
+
+
+def _run_on_file(tmp_path: Path, spec: dict[str, Any], model_dir: Path, rows: list[dict[str, str]]) -> Path:
+    """One CLI run with the dataset as a file on the `data` volume; its run directory."""
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    command = [sys.executable, "-m", "deeptune_trainer", "--finetunejob", str(_manifest(tmp_path, spec)),
+               "--volume", f"models={model_dir}", "--volume", f"data={data}",
+               "--volume", f"out={tmp_path / 'out'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "out" / "default" / "demo"
+
+
+def test_lineage_follows_the_data_not_the_run(
+    tiny_spec: dict[str, Any], tmp_path: Path, tiny_llama_dir: Path, keyword_task_rows: Rows
+) -> None:
+    """Issue 19's check: change one row of the dataset and rerun the same spec — the dataset's digest
+    and the artifacts' change, the training config's does not."""
+    train_rows, held_out_rows = keyword_task_rows
+    spec = _spec(
+        tiny_spec,
+        baseModel={"pvc": {"claimName": "models"}},
+        dataset={
+            "source": {"pvc": {"claimName": "data", "path": "train.jsonl"}},
+            "validation": {"source": {"inline": held_out_rows[:8]}},
+        },
+        # One epoch (160 rows, 16 a step): every row is trained on, the changed one too.
+        hyperparameters={**tiny_spec["hyperparameters"], "maxSteps": 10},
+        evaluation={"metrics": ["perplexity"], "baseline": False},
+        output={"pvc": {"claimName": "out"}, "mergeAdapter": True},
+    )
+    changed = [*train_rows[:-1], {**train_rows[-1], "completion": train_rows[-1]["completion"] + " 谢谢"}]
+    runs = [_run_on_file(tmp_path / name, spec, tiny_llama_dir, rows) for name, rows in
+            (("first", train_rows), ("again", train_rows), ("changed", changed))]  # fmt: skip
+    first, again, other = (_summary(run_dir / "summary.json").lineage for run_dir in runs)
+    assert first is not None and again is not None and other is not None
+    assert first == again  # the same inputs: the same digests, artifacts included (training is seeded)
+    assert first.config == other.config
+    assert first.datasets["dataset.source"] != other.datasets["dataset.source"]
+    assert (
+        first.datasets["dataset.source"].startswith("sha256:") and len(first.datasets["dataset.source"]) == 71
+    )
+    assert first.artifacts.keys() == {"adapter", "merged"}
+    assert all(first.artifacts[kind] != other.artifacts[kind] for kind in first.artifacts)
+    assert first.base_model == other.base_model and first.base_model is not None
+    assert first.base_model.startswith("sha256:")  # a model directory on a PVC: its files' digest
+    card = (runs[0] / "README.md").read_text()
+    assert (
+        f"- training config: {first.config}" in card
+        and f"- adapter files: {first.artifacts['adapter']}" in card
+    )

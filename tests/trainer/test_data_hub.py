@@ -155,10 +155,9 @@ def test_the_pipeline_records_each_hub_sources_commit(hub: FakeHub, tmp_path: Pa
         spec, TrainerPaths(output_dir=str(tmp_path), hf_home=str(tmp_path / "hf")), seed=0
     )
     assert (prepared.report.train_rows, prepared.report.validation_rows) == (3, 1)
-    assert data_report(prepared)["hubCommits"] == {
-        "dataset.source.hub": MAIN,
-        "dataset.validation.source.hub": MAIN,
-    }
+    assert data_report(prepared)["hubCommits"] == {"dataset.source": MAIN, "dataset.validation.source": MAIN}
+    assert set(prepared.digests) == {"dataset.source", "dataset.validation.source"}
+    assert prepared.digests["dataset.source"] != prepared.digests["dataset.validation.source"]
     assert (tmp_path / "hf" / "hub" / "datasets--org--chats").is_dir()
 
 

@@ -158,6 +158,12 @@ def test_succeeded_carries_results_from_the_termination_message() -> None:
         },
         dataset={"rowsRead": 1000, "rowsKept": 950, "duplicatesRemoved": 50},
         artifacts=ArtifactPaths(adapter="adapter", merged="merged"),
+        lineage={
+            "config": "sha256:" + "c" * 64,
+            "datasets": {"dataset.source": "sha256:" + "d" * 64},
+            "baseModel": "deepseek-ai/deepseek-llm-7b-base@" + "e" * 40,
+            "artifacts": {"adapter": "sha256:" + "a" * 64},
+        },
     )
     done = pod(
         "Succeeded",
@@ -172,6 +178,8 @@ def test_succeeded_carries_results_from_the_termination_message() -> None:
     assert status.eval_results is not None and status.eval_results.delta == {"exactMatch": 0.8}
     assert status.dataset is not None and status.dataset.duplicates_removed == 50
     assert status.output is not None and status.output.merged_path == "merged"
+    assert status.lineage == summary.lineage and status.lineage is not None
+    assert status.to_wire()["lineage"]["datasets"] == {"dataset.source": "sha256:" + "d" * 64}
     assert status.progress is not None and (status.progress.percent, status.progress.step) == (100, 600)
     assert status.completion_time == "2026-11-25T09:59:00Z"
 

@@ -187,6 +187,25 @@ def test_a_succeeded_finetunejob_resolves_to_its_merged_model_else_its_adapter()
     assert isinstance(nothing, Waiting) and nothing.reason == "FineTuneJobSavedNoModel"
 
 
+def test_the_served_files_are_named_by_their_digest_and_their_runs_uid() -> None:
+    """Lineage: which run's output is serving, down to its files (FineTuneJob status.lineage)."""
+    succeeded = job("Succeeded", mergedPath="merged", adapterPath="adapter")
+    succeeded["metadata"]["uid"] = "6f1c-run-1"
+    digests = {"merged": "sha256:" + "m" * 64, "adapter": "sha256:" + "a" * 64}
+    succeeded["status"]["lineage"] = {"config": "sha256:" + "c" * 64, "artifacts": digests}
+    merged = resolve(REF_SPEC, succeeded, None)
+    assert isinstance(merged, ResolvedModel)
+    assert (merged.fine_tune_job, merged.fine_tune_job_uid, merged.digest) == (
+        "bot",
+        "6f1c-run-1",
+        digests["merged"],
+    )
+    del succeeded["status"]["output"]["mergedPath"]
+    adapter = resolve(REF_SPEC, succeeded, None)
+    assert isinstance(adapter, ResolvedModel) and adapter.digest == digests["adapter"]
+    assert resolve(REF_SPEC, None, merged) == merged  # the job deleted: what is served keeps its lineage
+
+
 def test_a_served_model_stays_resolved_when_its_job_goes_away() -> None:
     assert resolve(REF_SPEC, None, RESOLVED) == RESOLVED
     assert resolve(REF_SPEC, job("Running"), RESOLVED) == RESOLVED

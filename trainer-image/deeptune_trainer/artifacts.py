@@ -22,7 +22,7 @@ from typing import Any
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec
+from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec, Lineage
 from deeptune.api.trainer import SUMMARY_LIMIT_BYTES, ArtifactPaths, TrainerConfig, TrainerSummary
 from deeptune_trainer.modeling import peft_targets_as_resolved
 
@@ -34,9 +34,24 @@ ReloadBase = Callable[[], PreTrainedModel]
 """Loads the base model unquantized; QLoRA adapters are merged into that, not into 4-bit weights."""
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _sort_target_modules(directory: Path) -> None:
+    """PEFT writes `target_modules` from a set, in the order of the process's string hashing: sorted,
+    two identical runs write identical files (and the same digest in status.lineage)."""
+    path = directory / ADAPTER_CONFIG
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def _save(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    if (directory / ADAPTER_CONFIG).is_file():
+        _sort_target_modules(directory)
 
 
 def _merge(
@@ -115,6 +130,7 @@ class CardFacts:
     eval_results: EvalResults
     dataset: DatasetReport | None
     artifacts: ArtifactPaths
+    lineage: Lineage | None = None
 
 
 def _number(value: float | None) -> str:
@@ -189,6 +205,18 @@ def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
         training["LoRA"] = f"r {spec.lora.r}, alpha {spec.lora.alpha}, dropout {spec.lora.dropout}"
     lines += _key_values("Training", training)
     lines += _key_values("Files", {k: v for k, v in facts.artifacts.model_dump().items() if v})
+    if facts.lineage is not None:
+        lineage = facts.lineage
+        lines += _key_values(
+            "Lineage",
+            {
+                "training config": lineage.config,
+                "base model": lineage.base_model,
+                **{f"data ({where})": digest for where, digest in lineage.datasets.items()},
+                **{f"data commit ({where})": commit for where, commit in lineage.dataset_commits.items()},
+                **{f"{kind} files": digest for kind, digest in lineage.artifacts.items()},
+            },
+        )
     return "\n".join(lines)
 
 
@@ -230,7 +258,8 @@ def fit_summary(summary: TrainerSummary) -> str:
 
     Kubernetes cuts termination messages at 4 KiB, which would leave invalid JSON. So: round the
     scores, then keep fewer metrics (the full set is in eval_results.json), then drop the dataset
-    report (it is in data_report.json), and at last shorten an error message.
+    report (it is in data_report.json), then the lineage (it is in the model card), and at last
+    shorten an error message.
     """
     if _fits(summary):
         return _encode(summary)
@@ -250,6 +279,8 @@ def fit_summary(summary: TrainerSummary) -> str:
             summary = summary.model_copy(update={"eval_results": shrunk})
     if not _fits(summary):
         summary = summary.model_copy(update={"dataset": None})
+    if not _fits(summary):
+        summary = summary.model_copy(update={"lineage": None})
     while not _fits(summary) and summary.error is not None and summary.error.message:
         error = summary.error
         cut = error.message[: max(len(error.message) - 256, 0)]

@@ -291,7 +291,7 @@ def _hub_options(spec: FineTuneJobSpec, paths: TrainerPaths) -> dict[str, str | 
     return {
         "revision": spec.base_model.revision,
         "token": os.environ.get("HF_TOKEN") or None,
-        "cache_dir": os.path.join(paths.hf_home, "hub") if paths.hf_home else None,
+        "cache_dir": paths.hub_cache,
     }
 
 

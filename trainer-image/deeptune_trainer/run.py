@@ -17,12 +17,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from deeptune.api.finetunejob import DatasetReport, EvalResults
+from deeptune.api.finetunejob import DatasetReport, EvalResults, Lineage
 from deeptune.api.trainer import (
     EXIT_INVALID_INPUT,
     ArtifactPaths,
@@ -41,6 +42,7 @@ from deeptune_trainer.artifacts import (
 from deeptune_trainer.distributed import World, release_process_group, resolve_strategy, splits_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import compare, evaluate, generation_rows
+from deeptune_trainer.lineage import base_model_lineage, config_digest, directory_digest
 from deeptune_trainer.metrics_server import TrainerMetrics
 from deeptune_trainer.modeling import (
     LoadedModel,
@@ -51,6 +53,9 @@ from deeptune_trainer.modeling import (
 )
 from deeptune_trainer.training import TrainResult, train
 from deeptune_trainer.zero import forget_zero3
+
+if TYPE_CHECKING:
+    from deeptune_trainer.data.pipeline import PreparedData
 
 Log = Callable[[str], None]
 
@@ -139,7 +144,7 @@ def run(
         )
         write_eval_results(results, output_dir)
     report = prepared.report.model_copy(update={"truncated": result.truncated})
-    artifacts = _export(config, loaded, result, results, report)
+    artifacts, lineage = _export(config, loaded, result, results, report=report, prepared=prepared)
     log(f"artifacts written to {output_dir}")
     return TrainerSummary(
         outcome="succeeded",
@@ -148,6 +153,7 @@ def run(
         eval_results=results if held_out else None,
         dataset=report,
         artifacts=artifacts,
+        lineage=lineage,
     )
 
 
@@ -156,9 +162,11 @@ def _export(
     loaded: LoadedModel,
     result: TrainResult,
     results: EvalResults,
+    *,
     report: DatasetReport,
-) -> ArtifactPaths:
-    """Weights in the forms the spec asks for, and the model card that describes them."""
+    prepared: PreparedData,
+) -> tuple[ArtifactPaths, Lineage]:
+    """Weights in the forms the spec asks for, their lineage, and the model card that describes them."""
     spec, paths = config.spec, config.paths
     output_dir = Path(paths.output_dir)
 
@@ -166,6 +174,17 @@ def _export(
         return load_model(spec.model_copy(update={"method": "lora"}), paths, sharded=False).model
 
     artifacts = save_model_artifacts(result.model, loaded.tokenizer, spec, output_dir, reload_base)
+    lineage = Lineage(
+        config=config_digest(spec),
+        datasets=prepared.digests,
+        dataset_commits=prepared.hub_commits,
+        base_model=base_model_lineage(spec, loaded.source, paths.hub_cache),
+        artifacts={
+            kind: directory_digest(output_dir / location)
+            for kind, location in artifacts.model_dump().items()
+            if location is not None
+        },
+    )
     facts = CardFacts(
         name=config.name,
         base_model=spec.base_model.name or loaded.source,
@@ -174,9 +193,10 @@ def _export(
         eval_results=results,
         dataset=report,
         artifacts=artifacts,
+        lineage=lineage,
     )
     write_model_card(spec, facts, output_dir)
-    return artifacts
+    return artifacts, lineage
 
 
 def _failure(reason: str, message: str) -> TrainerSummary:

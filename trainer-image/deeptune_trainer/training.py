@@ -9,7 +9,6 @@ directory reused by a different configuration is refused instead of silently mix
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ from deeptune_trainer.distributed import (
 )
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.formatting import Collator, Feature, pack, tokenize_samples
+from deeptune_trainer.lineage import config_digest
 from deeptune_trainer.metrics_server import ProgressSnapshot, TrainerMetrics
 from deeptune_trainer.modeling import Precision, apply_method, computes_logits_at_targets_only
 from deeptune_trainer.zero import zero3_config
@@ -62,11 +62,8 @@ Log = Callable[[str], None]
 
 
 def config_fingerprint(spec: FineTuneJobSpec) -> str:
-    """A hash of everything that decides the training trajectory (not output or evaluation)."""
-    defining = spec.model_dump(
-        mode="json", include={"base_model", "dataset", "method", "lora", "hyperparameters"}
-    )
-    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+    """The start of `config_digest`: what a checkpoint records, so a changed spec does not resume it."""
+    return config_digest(spec).removeprefix("sha256:")[:16]
 
 
 def _checkpoints_newest_first(directory: Path) -> list[Path]:

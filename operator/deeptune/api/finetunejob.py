@@ -743,6 +743,23 @@ class DatasetReport(ApiModel):
     truncated: int = 0
 
 
+class Lineage(ApiModel):
+    """What produced a run's model, as digests: two runs with equal digests had the same inputs, and
+    a served model's digest names the run that made it."""
+
+    config: str
+    """`sha256:` of the spec's training-defining fields (base model, dataset spec, method, LoRA,
+    hyperparameters): what decides the trajectory; the same for a rerun on changed data."""
+    datasets: dict[str, str] = {}
+    """`sha256:` of each data source's content, by its spec path (e.g. `dataset.source`)."""
+    dataset_commits: dict[str, str] = {}
+    """The commit each Hugging Face Hub source was read at, by its spec path."""
+    base_model: str | None = None
+    """`name@commit` for a Hub model, or `sha256:` of the model directory's files on a PVC."""
+    artifacts: dict[str, str] = {}
+    """`sha256:` of each artifact directory written (`adapter`, `merged`, `quantized`)."""
+
+
 class OutputStatus(ApiModel):
     """Where the artifacts of a finished run are."""
 
@@ -810,6 +827,8 @@ class FineTuneJobStatus(ApiModel):
     """What cleaning and augmentation did to the rows."""
     output: OutputStatus | None = None
     """Where the artifacts are."""
+    lineage: Lineage | None = None
+    """Digests of what produced the model (config, data, base model) and of what was written."""
     world_size: int | None = None
     """Worker processes of the run: processes per pod × pods."""
     workers: list[WorkerPod] | None = None

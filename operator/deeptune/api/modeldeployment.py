@@ -596,6 +596,10 @@ class ResolvedModel(ApiModel):
     """The adapter's LoRA rank, when its FineTuneJob says (vLLM sizes its adapter slots by it)."""
     fine_tune_job: str | None = None
     """The FineTuneJob whose output this is, when the spec names one."""
+    fine_tune_job_uid: str | None = None
+    """That FineTuneJob's uid: a FineTuneJob deleted and made again under the same name is another run."""
+    digest: str | None = None
+    """`sha256:` of the files served (merged model or adapter), from the FineTuneJob's status.lineage."""
     adapters: Annotated[list[ResolvedAdapter], Field(max_length=16)] | None = None
     """`spec.adapters`, each where its FineTuneJob saved it."""
 
@@ -683,17 +687,22 @@ def resolve_model(
     assert source.fine_tune_job_ref is not None  # the validator guarantees one source
     name = source.fine_tune_job_ref.name
     job_spec, output = _succeeded_output(f"model.fineTuneJobRef: FineTuneJob {name}", job)
+    digests = job[1].lineage.artifacts if job is not None and job[1].lineage is not None else {}
     if output.merged_path and not adapter_needed:
         merged = PvcLocation(
             claim_name=output.claim_name, path=posixpath.join(output.path, output.merged_path)
         )
-        return ResolvedModel(merged=merged, fine_tune_job=name)
+        return ResolvedModel(merged=merged, fine_tune_job=name, digest=digests.get("merged"))
     if output.adapter_path:
         adapter = PvcLocation(
             claim_name=output.claim_name, path=posixpath.join(output.path, output.adapter_path)
         )
         return ResolvedModel(
-            base_model=job_spec.base_model, adapter=adapter, adapter_rank=job_spec.lora.r, fine_tune_job=name
+            base_model=job_spec.base_model,
+            adapter=adapter,
+            adapter_rank=job_spec.lora.r,
+            fine_tune_job=name,
+            digest=digests.get("adapter"),
         )
     if adapter_needed:
         raise ModelNotReadyError(

@@ -7,10 +7,11 @@ Both sides import these definitions, so they cannot drift apart.
 
 from __future__ import annotations
 
+import posixpath
 from typing import Literal
 
 from deeptune.api.base import ApiModel
-from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec
+from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec, Lineage
 
 METRICS_PORT = 9090
 CONFIG_PATH = "/etc/deeptune/config.json"
@@ -49,6 +50,11 @@ class TrainerPaths(ApiModel):
     """The model directory, for a base model on a PVC."""
     hf_home: str | None = None
     """Hugging Face cache, kept on the output volume so retries do not download again."""
+
+    @property
+    def hub_cache(self) -> str | None:
+        """huggingface_hub's cache of models and datasets under `hf_home`; None for its default."""
+        return posixpath.join(self.hf_home, "hub") if self.hf_home else None
 
 
 class TrainerConfig(ApiModel):
@@ -92,6 +98,7 @@ class TrainerSummary(ApiModel):
     eval_results: EvalResults | None = None
     dataset: DatasetReport | None = None
     artifacts: ArtifactPaths | None = None
+    lineage: Lineage | None = None
 
 
 class MetricNames:

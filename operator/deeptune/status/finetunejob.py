@@ -314,6 +314,7 @@ def _apply_summary(
         return
     status.eval_results = summary.eval_results
     status.dataset = summary.dataset
+    status.lineage = summary.lineage
     artifacts = summary.artifacts
     status.output = output.model_copy(
         update={

@@ -124,6 +124,8 @@ def resolve_source(
         models = found
     try:
         resolved = resolve_model(spec.model, models, adapter_needed=bool(spec.adapters))
+        if job is not None:
+            resolved = resolved.model_copy(update={"fine_tune_job_uid": job["metadata"].get("uid")})
     except ModelNotReadyError as error:
         kept = _keep(previous, ref.name if ref else None)
         if kept is None:

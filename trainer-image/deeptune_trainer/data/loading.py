@@ -26,6 +26,7 @@ from deeptune_trainer.data.formats import (
 from deeptune_trainer.data.hub import fetch_split
 from deeptune_trainer.data.rows import LoadedRows, RawRow
 from deeptune_trainer.errors import TrainerInputError
+from deeptune_trainer.lineage import file_digest, files_digest, rows_digest
 
 
 def resolve_format(fmt: Format, name: str, where: str) -> Format:
@@ -124,6 +125,7 @@ def _hub_rows(hub: HubDataset, fmt: Format, where: str, cache_dir: str | None) -
         loaded.rows += [RawRow(len(loaded.rows) + n, row.values) for n, row in enumerate(part.rows, 1)]
         loaded.bad += part.bad
     loaded.commit = fetched.commit
+    loaded.digest = files_digest(zip(fetched.names, fetched.files, strict=True))
     return loaded
 
 
@@ -139,15 +141,18 @@ def load_rows(
     elif source.inline is not None:
         where = f"{where}.inline"
         loaded = LoadedRows(where, "record", [RawRow(n, dict(row)) for n, row in enumerate(source.inline, 1)])
+        loaded.digest = rows_digest(source.inline)
     elif source.url is not None:
         where = f"{where}.url"
         with tempfile.TemporaryDirectory(prefix="deeptune-data-") as directory:
             file = download(source.url, Path(directory), where=where)
             loaded = _parse_file(file, fmt, where, file.name)
+            loaded.digest = file_digest(file)
     else:
         where = f"{where}.{'pvc' if source.pvc is not None else 'configMap'}"
         file = _local_file(path, where)
         loaded = _parse_file(file, fmt, where, file.name)
+        loaded.digest = file_digest(file)
     if loaded.read == 0:
         raise TrainerInputError("EmptyDataset", f"{where}: the source holds no rows")
     return loaded

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -39,7 +38,9 @@ class PreparedData:
     augmentation_rejected: dict[str, int] = field(default_factory=dict)
     """Back-translations not kept, by reason."""
     hub_commits: dict[str, str] = field(default_factory=dict)
-    """The commit each Hub source was read at, by its spec path (e.g. `dataset.source.hub`)."""
+    """The commit each Hub source was read at, by its spec path (e.g. `dataset.source`)."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """`sha256:` of each source's content, by its spec path."""
 
 
 @dataclass
@@ -49,7 +50,9 @@ class _Source:
     read: int
     style: Style
     where: str
+    """The source's spec path, e.g. `dataset.source`."""
     commit: str | None
+    digest: str | None
 
 
 def _read(
@@ -82,7 +85,7 @@ def _read(
             f"{loaded.source}: none of the {read} rows is usable; first: "
             + "; ".join(row.describe() for row in bad[:3]),
         )
-    return _Source(samples, bad, read, resolved, loaded.source, loaded.commit)
+    return _Source(samples, bad, read, resolved, where, loaded.commit, loaded.digest)
 
 
 def _nothing_left(where: str, source: _Source, stats: CleaningStats, spec: DatasetSpec) -> TrainerInputError:
@@ -128,7 +131,7 @@ def prepare_dataset(
 ) -> PreparedData:
     """Read, clean, split and augment the dataset. `seed` fixes the test and validation splits;
     `translator_factory` replaces the transformers models used for back-translation;"""
-    hub_cache = os.path.join(paths.hf_home, "hub") if paths.hf_home else None
+    hub_cache = paths.hub_cache
     train_source = _read(spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache)
     cleaner = Cleaner(spec.cleaning)
     train, stats = cleaner.clean(drain(train_source.samples))
@@ -194,4 +197,5 @@ def prepare_dataset(
         augmented_by=dict(augmented.by_method),
         augmentation_rejected=dict(augmented.rejected),
         hub_commits={source.where: source.commit for source in sources if source.commit is not None},
+        digests={source.where: source.digest for source in sources if source.digest is not None},
     )

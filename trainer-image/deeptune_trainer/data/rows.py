@@ -49,6 +49,8 @@ class LoadedRows:
     bad: list[BadRow] = field(default_factory=list)
     commit: str | None = None
     """For a Hub dataset, the commit its revision resolved to (lineage: the data report records it)."""
+    digest: str | None = None
+    """`sha256:` of the source's content as read (the file, the Hub split's files, the inline rows)."""
 
     @property
     def read(self) -> int:
