@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import subprocess
 import sys
@@ -25,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import machine_info  # bench/machine.py (scripts run from bench/)
+from machine import machine_info, save_report  # bench/machine.py (scripts run from bench/)
 from rss import peak_rss_bytes
 
-HERE = Path(__file__).resolve().parent
 STAGES: dict[str, dict[str, Any]] = {
     "load+map": {
         "normalization": {"unicode": False, "punctuation": False, "whitespace": False},
@@ -93,10 +91,6 @@ def run_one(rows_file: Path, stage: str) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    return machine_info()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, action="append", help="row counts (repeatable)")
@@ -127,10 +121,7 @@ def main() -> None:
                     f" {result['kept']:>9} {result['peak_rss_mb']:>12.0f}",
                     flush=True,
                 )
-    out = HERE / "results" / f"data_pipeline-{'smoke' if args.smoke else platform.node()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report("data_pipeline", {"machine": machine_info(), "results": results}, smoke=args.smoke)
 
 
 if __name__ == "__main__":

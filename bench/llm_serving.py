@@ -31,9 +31,7 @@ Prints a table and writes JSON to bench/results/llm-serving-<host>.json (llm-ser
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -50,7 +48,7 @@ import transformers
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the tests' wheel-server helper
 
-from machine import machine_info  # noqa: E402  (bench/machine.py; scripts run from bench/)
+from machine import machine_info, save_report  # noqa: E402  (bench/machine.py; scripts run from bench/)
 
 from deeptune.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
 from deeptune.serving import vllm  # noqa: E402
@@ -273,10 +271,7 @@ def main() -> None:
         "continuous_over_vllm": over_vllm,
         "ttft_p99_at_top_over_single": ttft_growth,
     }
-    out = HERE / "results" / f"llm-serving-{'smoke' if args.smoke else platform.node()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report("llm-serving", report, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""What a benchmark ran on: recorded next to every figure, since figures mean nothing without it."""
+"""What a benchmark ran on, recorded next to every figure (figures mean nothing without it), and where
+its report goes."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -25,3 +27,16 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         "load_average": list(os.getloadavg()),
         **extra,
     }
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_report(name: str, report: dict[str, Any], *, smoke: bool) -> Path:
+    """Write a benchmark's report as bench/results/<name>-<host>.json (`-smoke` for CI's small runs)
+    and say where."""
+    out = RESULTS / f"{name}-{'smoke' if smoke else platform.node()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import synthetic_rows  # bench/data_pipeline.py (scripts run from bench/)
-from machine import machine_info
+from machine import machine_info, save_report
 from rss import peak_rss_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -160,10 +159,7 @@ def main() -> None:
                 f" {result['peak_rss_mb']:>8.0f}",
                 flush=True,
             )
-    out = HERE / "results" / f"near_dedup-{'smoke' if args.smoke else platform.node()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": machine_info(), "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report("near_dedup", {"machine": machine_info(), "results": results}, smoke=args.smoke)
 
 
 if __name__ == "__main__":

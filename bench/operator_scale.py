@@ -39,9 +39,7 @@ Prints a table and writes JSON to bench/results/operator_scale-<host>.json (…-
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -60,7 +58,7 @@ from urllib3.exceptions import ProtocolError
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import machine_info, save_report  # noqa: E402
 
 from tests.cluster import harness  # noqa: E402
 
@@ -408,9 +406,7 @@ def main() -> None:
         "warm_apply_to_job_ms": warm,
         "results": [asdict(size) for size in results],
     }
-    out = HERE / "results" / f"operator_scale-{'smoke' if args.smoke else platform.node()}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report("operator_scale", report, smoke=args.smoke)
 
 
 def _listening(operator: harness.Process) -> bool:

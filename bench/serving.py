@@ -31,9 +31,7 @@ Prints a table and writes JSON to bench/results/serving-<host>.json (serving-smo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,7 +50,7 @@ import tritonclient.http as httpclient
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the tests' wheel-server helper
 
-from machine import machine_info  # noqa: E402  (bench/machine.py; scripts run from bench/)
+from machine import machine_info, save_report  # noqa: E402  (bench/machine.py; scripts run from bench/)
 
 from deeptune.api.modeldeployment import ModelDeploymentSpec  # noqa: E402
 from deeptune.serving.repository import ModelLocation, repository_files, write_repository  # noqa: E402
@@ -265,10 +263,7 @@ def main() -> None:
         "throughput_batched_over_unbatched": speedups,
         "cache": cache,
     }
-    out = HERE / "results" / f"serving-{'smoke' if args.smoke else platform.node()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report("serving", report, smoke=args.smoke)
 
 
 if __name__ == "__main__":

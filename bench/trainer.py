@@ -48,9 +48,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -80,11 +78,10 @@ from deeptune_trainer.tinymodels import build_tiny_model, tiny_config, train_tok
 from deeptune_trainer.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # bench/machine.py (scripts run from bench/)
+from machine import machine_info, save_report  # bench/machine.py (scripts run from bench/)
 from plain_hf_baseline import LORA_TARGETS, plain_lora_trainer
 from step_clock import StepClock
 
-HERE = Path(__file__).resolve().parent
 CONFIGURATIONS = ("plain", "ours", "ours+packing")
 
 SIZES: dict[str, dict[str, int]] = {
@@ -490,10 +487,7 @@ def main() -> None:
         "packing_waste_estimate": packing_estimate,
         "all_rounds": [asdict(r) for r in all_rounds],
     }
-    out = HERE / "results" / f"trainer-{'smoke' if args.smoke else platform.node()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_report("trainer", report, smoke=args.smoke)
 
 
 if __name__ == "__main__":
