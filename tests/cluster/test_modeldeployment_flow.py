@@ -304,9 +304,15 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
     assert resolved["adapter"] == {"claimName": "deeptune-output", "path": f"{name}/adapter"}
     assert resolved["baseModel"]["pvc"] == {"claimName": "deeptune-models", "path": "tiny-llama"}
     assert status["endpoints"]["openai"] == f"http://keywords-triton.{namespace}.svc:9000/v1"
-    trainer_score = crds.get("finetunejob", name, namespace)["status"]["evalResults"]["fineTuned"][
-        "exactMatch"
-    ]
+    finetunejob = crds.get("finetunejob", name, namespace)
+    trainer_score = finetunejob["status"]["evalResults"]["fineTuned"]["exactMatch"]
+    # Lineage through the API server: which run's files, by digest, the deployment serves.
+    lineage = finetunejob["status"]["lineage"]
+    assert lineage["config"].startswith("sha256:") and lineage["datasets"]["dataset.source"].startswith(
+        "sha256:"
+    )
+    assert resolved["digest"] == lineage["artifacts"]["adapter"]
+    assert resolved["fineTuneJobUid"] == finetunejob["metadata"]["uid"]
 
     (pod,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
     # The pod's address: this cluster has no kube-proxy, so the Service's name does not route.
