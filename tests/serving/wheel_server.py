@@ -152,8 +152,14 @@ class RunningServer:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def ready(self) -> bool:
+        """The model is ready and the metrics endpoint answers too: a CI run once found the HTTP
+        endpoint ready and the metrics port refusing connections (on a loaded machine), and the
+        benchmarks read metrics at once."""
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                if response.status != 200:
+                    return False
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
