@@ -2,8 +2,9 @@
 
 Near-dedup compares each row only with the earlier rows that share an LSH band with it, so the cost
 grows about linearly with the number of rows instead of with its square; those candidates are then
-checked by their exact Jaccard similarity. The index holds eight bytes per band per row (a band's
-hash) and a reference to the row, not signatures: a million rows cost ~80 MB, not gigabytes.
+checked by their exact Jaccard similarity. The index holds, per band and row, a 32-bit hash and the
+row's place in the band's sorted order, and a reference to the row, not signatures: a million rows
+cost ~120 MiB (measured), not gigabytes.
 """
 
 from __future__ import annotations
@@ -56,13 +57,21 @@ def _mix(values: U64Array) -> U64Array:
 def window_hashes(text: str, ngram: int) -> U64Array:
     """64-bit hashes of the text's character n-grams, repeats included (characters, so Chinese needs
     no word segmentation); a text shorter than n is one shingle."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    width = min(ngram, len(codes))
-    count = len(codes) - width + 1
+    codes = _codes(text)
+    return _mix(_rolling(codes, min(ngram, len(codes))))
+
+
+def _codes(text: str) -> U64Array:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+
+
+def _rolling(codes: U64Array, width: int) -> U64Array:
+    """The polynomial hash of every run of `width` codes (one, of nothing, when width is 0)."""
+    count = max(len(codes) - width + 1, 0)
     hashes = np.zeros(count, dtype=np.uint64)
     for offset in range(width):
         hashes = hashes * _PRIME + codes[offset : offset + count]
-    return _mix(hashes)
+    return hashes
 
 
 def texts_window_hashes(texts: Sequence[str], ngram: int) -> tuple[U64Array, I64Array]:
@@ -71,11 +80,8 @@ def texts_window_hashes(texts: Sequence[str], ngram: int) -> tuple[U64Array, I64
     shorter than n is one window, of its whole length). One call for thousands of texts, where
     `window_hashes`' own numpy calls would cost ~20 µs a text."""
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    count = max(len(codes) - ngram + 1, 0)
-    rolling = np.zeros(count, dtype=np.uint64)
-    for offset in range(ngram):
-        rolling = rolling * _PRIME + codes[offset : offset + count]
+    codes = _codes("".join(texts))
+    rolling = _rolling(codes, ngram)
     starts = np.cumsum(lengths) - lengths
     sizes = np.maximum(lengths - ngram + 1, 1)
     ends = np.cumsum(sizes)
@@ -85,10 +91,8 @@ def texts_window_hashes(texts: Sequence[str], ngram: int) -> tuple[U64Array, I64
     full = np.repeat(lengths >= ngram, sizes)
     hashes[full] = rolling[source[full]]
     for text_index in np.flatnonzero(lengths < ngram):  # short texts: one window of their own length
-        short = np.zeros(1, dtype=np.uint64)
-        for code in codes[starts[text_index] : starts[text_index] + lengths[text_index]]:
-            short = short * _PRIME + code
-        hashes[ends[text_index] - 1] = short[0]
+        start, length = starts[text_index], lengths[text_index]
+        hashes[ends[text_index] - 1] = _rolling(codes[start : start + length], int(length))[0]
     return _mix(hashes), sizes
 
 

@@ -114,11 +114,10 @@ def _local_file(path: str | None, where: str) -> Path:
     return file
 
 
-def _hub_rows(hub: HubDataset, fmt: Format, where: str, cache_dir: str | None) -> LoadedRows:
+def _hub_rows(hub: HubDataset, fmt: Format, where: str, token_env: str, cache_dir: str | None) -> LoadedRows:
     """A Hub split's rows, file after file (in name order), numbered as records across the split;
     a malformed row is reported by its file and line."""
-    fetched = fetch_split(hub, where=where, token_env=DATASET_TOKEN_ENV[where.removesuffix(".hub")],
-                          cache_dir=cache_dir)  # fmt: skip
+    fetched = fetch_split(hub, where=where, token_env=token_env, cache_dir=cache_dir)
     loaded = LoadedRows(where, "record")
     for file, name in zip(fetched.files, fetched.names, strict=True):
         part = _parse_file(file, fmt, f"{where} ({name})", name)
@@ -136,7 +135,7 @@ def load_rows(
     sources; `where` is the source's spec path (e.g. `dataset.source`), used in every message;
     `hub_cache` is where Hub datasets are kept (None: huggingface_hub's default)."""
     if source.hub is not None:
-        loaded = _hub_rows(source.hub, fmt, f"{where}.hub", hub_cache)
+        loaded = _hub_rows(source.hub, fmt, f"{where}.hub", DATASET_TOKEN_ENV[where], hub_cache)
         where = loaded.source
     elif source.inline is not None:
         where = f"{where}.inline"
