@@ -286,9 +286,14 @@ class Configuration:
         return self.gpus > 1 or self.strategy == "deepspeed"
 
 
-def configurations(gpus: int) -> list[Configuration]:
+def configurations(gpus: int, chosen: list[str] | None = None) -> list[Configuration]:
     """One GPU: lora, qlora, and full fine-tuning with ZeRO-Offload. Several: also lora and full
-    fine-tuning sharded over all of them, by FSDP and by DeepSpeed ZeRO-3."""
+    fine-tuning sharded over all of them, by FSDP and by DeepSpeed ZeRO-3. `chosen` names a subset."""
+    every = all_configurations(gpus)
+    return every if chosen is None else [c for c in every if c.name in chosen]
+
+
+def all_configurations(gpus: int) -> list[Configuration]:
     single = [
         Configuration("lora", "lora", 1, "ddp"),
         Configuration("qlora", "qlora", 1, "ddp"),
@@ -448,7 +453,10 @@ def row_for(
             f"not run: the offloaded fp32 weights and Adam state take {host / GIB:.0f} GiB of host memory"
         )
     else:
-        measure(subject, configuration, settings, peak_flops, row)
+        try:
+            measure(subject, configuration, settings, peak_flops, row)
+        except RuntimeError as error:  # a worker that failed: recorded, and the next configuration runs
+            row.note, row.detail = f"failed: {str(error).splitlines()[0]}", str(error)
     return row
 
 
@@ -460,7 +468,7 @@ def run_model(name: str, args: argparse.Namespace, settings: Settings, peak_flop
     rows: list[Row] = []
     try:
         write_model(subject.config, subject.directory)
-        for configuration in configurations(torch.cuda.device_count()):
+        for configuration in configurations(torch.cuda.device_count(), args.configurations):
             rows.append(row_for(subject, configuration, settings, peak_flops))
             print(row_line(rows[-1]) + (f"\n    {rows[-1].detail}" if rows[-1].detail else ""), flush=True)
     finally:
@@ -498,6 +506,12 @@ def parse_args() -> argparse.Namespace:
     models = ["v2-lite", "dense-7b"]
     parser.add_argument("--models", nargs="+", choices=models, default=models)
     parser.add_argument("--layers", type=int, help="fewer decoder layers, for a smaller GPU or a quick run")
+    parser.add_argument(
+        "--configurations",
+        nargs="+",
+        choices=[c.name for c in all_configurations(gpus=2)],
+        help="a subset (default: every one that applies to the GPUs visible)",
+    )
     parser.add_argument("--batch", type=int, default=4, help="rows per GPU per step")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per row (packed)")
     parser.add_argument("--warmup-steps", type=int, default=3)
@@ -543,7 +557,8 @@ def main() -> None:
             torch=torch.__version__,
             transformers=transformers.__version__,
         ),
-        "settings": asdict(settings) | {"models": args.models, "layers": args.layers},
+        "settings": asdict(settings)
+        | {"models": args.models, "layers": args.layers, "configurations": args.configurations},
         "results": [asdict(row) for row in rows],
     }
     out = RESULTS / f"gpu-{report['machine']['host']}.json"

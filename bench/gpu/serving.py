@@ -52,6 +52,7 @@ from deeptune_serving.generation import Completion, Generator, LoadSettings, Sam
 
 CONCURRENCY = (1, 8, 32)
 LENGTHS = (8, 32, 64, 128, 256)
+ENGINES = ("static", "continuous")
 
 
 def build_model(work: Path, layers: int) -> Path:
@@ -138,10 +139,18 @@ def run_continuous(engine: ContinuousEngine, prompts: list[Any], concurrency: in
     return summarize("continuous", concurrency, time.perf_counter() - started, ttfts, tokens)
 
 
+def shown(row: dict[str, Any]) -> dict[str, Any]:
+    """Printed as soon as it is measured, so a run stopped at its time limit still shows its rows."""
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--layers", type=int, default=30, help="deepseek-llm-7b has 30")
     parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/deeptune-gpu-serving"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -151,17 +160,27 @@ def main() -> None:
     model_dir = build_model(args.work_dir, args.layers)
     generator = Generator.load(LoadSettings(model=str(model_dir), device="cuda:0"), max_new_tokens_limit=256)
     prompts = workload(generator, args.requests)
-    results = [run_static(generator, prompts, c) for c in CONCURRENCY]
-    engine = ContinuousEngine(generator, max_running=max(CONCURRENCY), max_waiting=args.requests)
-    try:
-        results += [run_continuous(engine, prompts, c) for c in CONCURRENCY]
-    finally:
-        engine.close()
-    for row in results:
-        print(json.dumps(row))
+    results = []
+    if "static" in args.engines:
+        run_static(generator, prompts[: max(args.concurrency)], max(args.concurrency))  # warm-up
+        results += [shown(run_static(generator, prompts, c)) for c in args.concurrency]
+    if "continuous" in args.engines:
+        engine = ContinuousEngine(generator, max_running=max(args.concurrency), max_waiting=args.requests)
+        try:
+            # Warm-up, not counted: the manager captures CUDA graphs for the shapes it first meets.
+            run_continuous(engine, prompts[: max(args.concurrency)], max(args.concurrency))
+            results += [shown(run_continuous(engine, prompts, c)) for c in args.concurrency]
+        finally:
+            engine.close()
     report = {
         "machine": machine_info(torch=torch.__version__, gpu=torch.cuda.get_device_name(0)),
-        "settings": {"layers": args.layers, "requests": args.requests, "max_new_tokens": list(LENGTHS)},
+        "settings": {
+            "layers": args.layers,
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "engines": args.engines,
+            "max_new_tokens": list(LENGTHS),
+        },
         "results": results,
     }
     out = HERE.parent / "results" / f"gpu-serving-{platform.node()}.json"

@@ -23,7 +23,8 @@ Bytes per GPU, per part:
 - offload (DeepSpeed's ZeRO-Offload): `optimizer` moves the fp32 copies and Adam moments to host
   memory, leaving the gradients on the GPU; `optimizerAndParameters` moves the weights' shards too,
   leaving only the units gathered for compute.
-- activations: see `_activation_bytes`; they are per GPU and not divided by sharding.
+- activations: see `_activation_bytes`; they are per GPU and not divided by sharding. Checked against
+  the peaks measured on an H200 (bench/results/gpu-vm.json; tests/unit/test_planner.py reads them).
 - overhead: `CUDA_OVERHEAD_BYTES`.
 """
 
@@ -54,6 +55,12 @@ QLORA_UNQUANTIZED_BYTES = 4
 that is not 4-bit to fp32; on DeepSeek-V2/V3 that includes the fused routed experts."""
 
 FP32_BYTES = 4
+QLORA_ACTIVATION_BYTES = FP32_BYTES
+"""Under qlora the hidden states are fp32: the norms that `prepare_model_for_kbit_training` upcast
+multiply them by fp32 weights, and bitsandbytes' 4-bit layers hand back their input's dtype. Measured
+on an H200 (bench/results/gpu-vm.json, deepseek-llm-7b's shape, 4 x 2048 tokens, checkpointing): the
+peak was 2.1 GiB above a 16-bit activation estimate, about the fp32 layer inputs kept for backward
+(+1.9 GiB); counting every activation at 4 bytes stays above the peak, by 0.9 GiB."""
 ADAPTER_BYTES = FP32_BYTES
 """peft's `autocast_adapter_dtype` keeps LoRA weights in fp32 even on a 16-bit model."""
 
@@ -641,14 +648,15 @@ def _activation_bytes(shape: ModelShape, request: PlanRequest) -> float:
 
     Without gradient checkpointing every layer keeps 34·s·b·h bytes (`ACTIVATION_BYTES_PER_TOKEN_HIDDEN`,
     scaled from 16-bit to the compute precision). With it, each layer keeps only its input (s·b·h at
-    the compute precision) and one layer at a time is recomputed whole. Plus the fp32 logits: at the
-    labelled positions only (taken as half the sequence) for the model types where the trainer asks
-    for no more, at every position otherwise.
+    the compute precision; fp32 under qlora, `QLORA_ACTIVATION_BYTES`) and one layer at a time is
+    recomputed whole. Plus the fp32 logits: at the labelled positions only (taken as half the
+    sequence) for the model types where the trainer asks for no more, at every position otherwise.
     """
     tokens, hidden = request.per_device_batch_size * request.max_seq_length, shape.hidden_size
-    full_layer = tokens * hidden * ACTIVATION_BYTES_PER_TOKEN_HIDDEN * request.precision_bytes / 2
+    precision = QLORA_ACTIVATION_BYTES if request.method == "qlora" else request.precision_bytes
+    full_layer = tokens * hidden * ACTIVATION_BYTES_PER_TOKEN_HIDDEN * precision / 2
     if request.gradient_checkpointing:
-        layers = shape.num_hidden_layers * tokens * hidden * request.precision_bytes + full_layer
+        layers = shape.num_hidden_layers * tokens * hidden * precision + full_layer
     else:
         layers = shape.num_hidden_layers * full_layer
     labelled = LABELLED_SHARE if shape.model_type in LOGITS_AT_TARGETS_MODEL_TYPES else 1

@@ -5,6 +5,7 @@ every catalogued model (more GPUs never cost memory per GPU, longer sequences ne
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from typing import Any
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deeptune.planner import (
+    CUDA_OVERHEAD_BYTES,
     GIB,
     KNOWN_MODELS,
     MAX_ADVISED_WORLD_SIZE,
@@ -25,6 +27,7 @@ from deeptune.planner import (
     estimate,
     shape_from_config,
 )
+from tests.conftest import ROOT
 
 GPU_80 = 80 * GIB
 GPU_24 = 24 * GIB
@@ -451,3 +454,31 @@ def test_offload_is_advised_where_more_gpus_are_not() -> None:
 def test_offload_needs_deepspeed() -> None:
     with pytest.raises(ValueError, match="offload 'optimizer' needs strategy deepspeed"):
         PlanRequest("lora", strategy="fsdp", offload="optimizer")
+
+
+GPU_PEAKS = json.loads((ROOT / "bench" / "results" / "gpu-vm.json").read_text())
+"""bench/gpu/lora_qlora_fsdp.py's figures from an H200: peak memory of real training steps."""
+BENCH_SHAPES = {"dense-7b": LLM_7B}
+"""The benchmark's models by name (random weights of these architectures, all their layers)."""
+PLAN_MARGIN = 1.1
+"""How far above a measured peak the plan may be: more refuses runs that would fit."""
+
+
+@pytest.mark.parametrize(
+    "measured", GPU_PEAKS["results"], ids=lambda row: f"{row['model']}-{row['configuration']}"
+)
+def test_the_plan_covers_the_peak_measured_on_a_gpu_by_at_most_a_tenth(measured: dict[str, Any]) -> None:
+    settings = GPU_PEAKS["settings"]
+    assert settings["layers"] is None, "the figures must come from the whole model"
+    request = PlanRequest(
+        measured["configuration"],
+        per_device_batch_size=settings["batch"],
+        max_seq_length=settings["seq"],
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        lora_r=settings["lora_r"],
+    )
+    planned = estimate(BENCH_SHAPES[measured["model"]], request).total_bytes - CUDA_OVERHEAD_BYTES
+    peak = measured["peak_allocated_gib_per_gpu"] * GIB
+    assert peak <= planned <= PLAN_MARGIN * peak, (
+        f"planned {planned / GIB:.2f} GiB, measured {peak / GIB:.2f}"
+    )
