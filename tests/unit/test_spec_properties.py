@@ -712,6 +712,7 @@ PARENTS: dict[Path, Any] = {
     ("dataset", "test", "source"): {"pvc": {"claimName": "held-out"}},
     ("model", "adapter", "baseModel"): {"pvc": {"claimName": "models"}},
     ("autoscaling", "keda"): {"prometheusAddress": "http://prometheus.monitoring.svc:9090"},
+    ("promotion",): {"rules": [{"metric": "exactMatch", "threshold": 0.5}]},
 }
 """Objects holding defaulted fields that no seed has (and that `{}` cannot stand for)."""
 ALTERNATIVES: dict[Path, Any] = {

@@ -39,6 +39,7 @@ local scaled_to_zero = spec.replicas == 0 and not (spec.autoscaling or {}).enabl
 local generation = (obj.metadata or {}).generation
 local ready = condition("Ready")
 local loaded = condition("ModelLoaded")
+local promoted = condition("Promoted")
 if status.modelState == nil and status.conditions == nil then
   hs.status = "Progressing"
   hs.message = "Waiting for the DeepTune operator to report a status"
@@ -48,6 +49,10 @@ elseif generation ~= nil and (status.observedGeneration or 0) < generation then
 elseif invalid_spec() ~= nil then
   hs.status = "Degraded"
   hs.message = explain(invalid_spec(), "InvalidSpec")
+elseif promoted ~= nil and promoted.status == "False" then
+  -- the referenced run missed spec.promotion: it is not served; a run served before keeps serving
+  hs.status = "Degraded"
+  hs.message = explain(promoted, "PromotionGateFailed")
 elseif ready ~= nil and ready.status == "False" and ready.reason == "FineTuneJobFailed" then
   -- no model to serve until the referenced FineTuneJob is rerun and succeeds
   hs.status = "Degraded"

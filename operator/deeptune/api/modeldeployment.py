@@ -32,6 +32,8 @@ from deeptune.api.finetunejob import (
     FineTuneJobSpec,
     FineTuneJobStatus,
     GenerationSpec,
+    Metric,
+    MetricScores,
     OutputStatus,
     ResourcesSpec,
     Url,
@@ -60,7 +62,7 @@ PRIMARY_ADAPTER = "adapter"
 """The LoRA name of `spec.model`'s own adapter on the vLLM backend; `spec.adapters` cannot use it."""
 VLLM_NEEDS = (
     "runtime.backend vllm needs resources.gpu of 1 or more, quantization none or int4, and the response"
-    " cache off (vLLM runs on NVIDIA GPUs and keeps no response cache); use runtime.backend python otherwise"
+    " cache off (vLLM runs on NVIDIA GPUs and keeps no response cache): use runtime.backend python otherwise"
 )
 ADAPTERS_NEED_VLLM = (
     "adapters are served by the vLLM backend only (the Python backend serves one model): set"
@@ -70,6 +72,10 @@ ADAPTERS_NEED_VLLM = (
 ADAPTERS_NEED_A_BASE = (
     "adapters share model's base model: model must be a base model with an adapter (fineTuneJobRef or"
     " adapter), not merged"
+)
+PROMOTION_NEEDS_A_RUN = (
+    "promotion judges a FineTuneJob's evaluation: it needs model.fineTuneJobRef, not a merged model or"
+    " an adapter by path"
 )
 SCALE_TO_ZERO_NEEDS = (
     "minReplicas 0 needs keda.wakeUpQuery: a deployment scaled to zero has no pods to report load, so"
@@ -128,6 +134,48 @@ class ModelSource(ApiModel):
     def _one_source(self) -> ModelSource:
         exactly_one(self, ("fine_tune_job_ref", "merged", "adapter"))
         return self
+
+
+LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
+"""Metrics where a smaller score is the better one; every other metric is better higher."""
+
+
+class PromotionRule(ApiModel):
+    """One metric a FineTuneJob's run must reach, from its `status.evalResults`, before it is served."""
+
+    model_config = cel_rules(
+        cel(
+            "has(self.minImprovement) || has(self.threshold)",
+            "set minImprovement (over the base model), threshold, or both",
+        )
+    )
+
+    metric: Metric
+    min_improvement: float | None = None
+    """How much better than the base model on the same rows, in the metric's own units: fine-tuned
+    minus base (base minus fine-tuned for perplexity). Needs the run's `evaluation.baseline`."""
+    threshold: float | None = None
+    """The score the run must reach: at least this, or at most this for perplexity."""
+
+    @model_validator(mode="after")
+    def _something_to_check(self) -> PromotionRule:
+        if self.min_improvement is None and self.threshold is None:
+            raise ValueError("set minImprovement (over the base model), threshold, or both")
+        return self
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in LOWER_IS_BETTER
+
+
+class PromotionSpec(ApiModel):
+    """The gate a FineTuneJob's run passes before it is served: a run that misses is not rolled out,
+    and the run served before it keeps serving."""
+
+    rules: Annotated[list[PromotionRule], Field(min_length=1, max_length=6)]
+    beat_served: bool = False
+    """Also require each rule's metric to be no worse than that of the run served now (when there is
+    one: its scores are kept in `status.promotion.servedScores`)."""
 
 
 class RuntimeSpec(ApiModel):
@@ -463,9 +511,16 @@ class ModelDeploymentSpec(ApiModel):
             ADAPTERS_NEED_A_BASE,
             field_path=".adapters",
         ),
+        cel(
+            "!has(self.promotion) || has(self.model.fineTuneJobRef)",
+            PROMOTION_NEEDS_A_RUN,
+            field_path=".promotion",
+        ),
     )
 
     model: ModelSource
+    promotion: PromotionSpec | None = None
+    """Serve a FineTuneJob's run only if its evaluation passes these rules (model.fineTuneJobRef)."""
     adapters: Annotated[
         list[ServedAdapter],
         Field(
@@ -550,6 +605,8 @@ class ModelDeploymentSpec(ApiModel):
             names = [adapter.name for adapter in self.adapters]
             if PRIMARY_ADAPTER in names or len(set(names)) != len(names):
                 raise ValueError(f"adapters: names must differ from each other and from {PRIMARY_ADAPTER!r}")
+        if self.promotion is not None and self.model.fine_tune_job_ref is None:
+            raise ValueError(PROMOTION_NEEDS_A_RUN)
         return self
 
 
@@ -630,6 +687,33 @@ class ProbeResult(ApiModel):
     message: Annotated[str, Field(max_length=LONG_TEXT)] = ""
 
 
+class PromotionCheck(ApiModel):
+    """One rule of `spec.promotion` applied to a run's scores."""
+
+    metric: Metric
+    passed: bool
+    fine_tuned: float | None = None
+    baseline: float | None = None
+    served: float | None = None
+    """The score of the run served when this one was judged (`beatServed`)."""
+    required: float | None = None
+    """The score the run needed, the strictest of the rule's bounds (None: a score was missing)."""
+    shortfall: float | None = None
+    """How far the run's score was from `required`, when it missed."""
+
+
+class PromotionStatus(ApiModel):
+    """The gate's verdict on the run `spec.model.fineTuneJobRef` names now."""
+
+    fine_tune_job: Annotated[str, Field(max_length=SHORT_TEXT)]
+    fine_tune_job_uid: Annotated[str, Field(max_length=SHORT_TEXT)] | None = None
+    passed: bool
+    checks: Annotated[list[PromotionCheck], Field(max_length=6)] = []
+    served_scores: MetricScores | None = None
+    """The evaluation scores of the run now served, as it was promoted: what `beatServed` compares
+    against, even after that FineTuneJob is deleted."""
+
+
 class ModelDeploymentStatus(ApiModel):
     """Observed state of a ModelDeployment, written only by the operator."""
 
@@ -648,6 +732,8 @@ class ModelDeploymentStatus(ApiModel):
     endpoints: Endpoints | None = None
     last_probe: ProbeResult | None = None
     resolved_model: ResolvedModel | None = None
+    promotion: PromotionStatus | None = None
+    """`spec.promotion`'s verdict on the referenced run; its condition is `Promoted`."""
     deployment_name: Annotated[str, Field(max_length=SHORT_TEXT)] | None = None
 
 
@@ -657,6 +743,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
     {"name": "OpenAI URL", "type": "string", "jsonPath": ".status.endpoints.openai"},
     {"name": "Backend", "type": "string", "jsonPath": ".status.backend", "priority": 1},
+    {
+        "name": "Promoted",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Promoted")].status',
+        "priority": 1,
+    },
     {"name": "Quantization", "type": "string", "jsonPath": ".spec.quantization", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -22,12 +22,14 @@ from kubernetes.client.exceptions import ApiException
 
 from deeptune import children, events
 from deeptune.api.base import API_VERSION
+from deeptune.api.finetunejob import EvalResults, FineTuneJobStatus
 from deeptune.api.modeldeployment import (
     KIND,
     PLURAL,
     ModelDeploymentSpec,
     ModelDeploymentStatus,
     ProbeResult,
+    PromotionStatus,
     ResolvedModel,
     parse_spec,
     serving_backend,
@@ -39,6 +41,7 @@ from deeptune.config import Settings
 from deeptune.probe import probe_openai, probe_server
 from deeptune.samples import Samples
 from deeptune.serving.repository import decoupled
+from deeptune.status import promotion
 from deeptune.status.conditions import now
 from deeptune.status.modeldeployment import (
     FINETUNEJOB_FAILED,
@@ -174,11 +177,11 @@ class ModelDeploymentReconciler:
             return None
         if is_invalid_spec(previous) and previous.observed_generation == generation:
             return None  # reported already; a spec change gets a fresh start
-        resolved = self._resolve(obj, spec, previous)
+        resolved, verdict = self._resolve(obj, spec, previous)
         if isinstance(resolved, Waiting):
-            await self.writer.write(
-                obj, _update(previous, waiting_status(previous, generation, resolved, now()))
-            )
+            waiting = waiting_status(previous, generation, resolved, now())
+            waiting = promotion.with_verdict(waiting, previous, verdict, generation, now())
+            await self.writer.write(obj, _update(previous, waiting))
             return None
         manifests = build.build_children(owner, spec, resolved, self.settings.builder)
         try:
@@ -218,6 +221,7 @@ class ModelDeploymentReconciler:
             deployment_name=build.server_name(owner),
             now=now(),
         )
+        new = promotion.with_verdict(new, previous, verdict, generation, now())
         await self.writer.write(obj, _update(previous, new))
         return None
 
@@ -230,8 +234,9 @@ class ModelDeploymentReconciler:
 
     def _resolve(
         self, obj: Obj, spec: ModelDeploymentSpec, previous: ModelDeploymentStatus
-    ) -> ResolvedModel | Waiting:
-        """The model to serve: the referenced FineTuneJobs' outputs (from the cache), or the spec's own."""
+    ) -> tuple[ResolvedModel | Waiting, PromotionStatus | None]:
+        """The model to serve: the referenced FineTuneJobs' outputs (from the cache), or the spec's own;
+        with `spec.promotion`, the referenced run only if it passes the gate, and the gate's verdict."""
         namespace = obj["metadata"]["namespace"]
         refs = [spec.model.fine_tune_job_ref, *(adapter.fine_tune_job_ref for adapter in spec.adapters)]
         jobs = {
@@ -239,7 +244,12 @@ class ModelDeploymentReconciler:
             for ref in refs
             if ref is not None and (job := self.cache.one(FINETUNEJOBS_BY_NAME, (namespace, ref.name)))
         }
-        return resolve_source(spec, jobs, previous.resolved_model)
+        resolved = resolve_source(spec, jobs, previous.resolved_model)
+        if isinstance(resolved, Waiting):
+            return resolved, previous.promotion if spec.promotion else None
+        job = jobs.get(resolved.fine_tune_job or "")
+        candidate = promotion.Candidate(resolved, _scores_of(job, resolved))
+        return promotion.gate(spec.promotion, candidate, previous.resolved_model, previous.promotion)
 
     # --- children ---------------------------------------------------------------------------
 
@@ -343,6 +353,14 @@ class ModelDeploymentReconciler:
         self._applied.pop(uid, None)
 
 
+def _scores_of(job: Obj | None, resolved: ResolvedModel) -> EvalResults | None:
+    """The evaluation of the run `resolved` comes from, while its FineTuneJob is that run (None when
+    it is gone or re-created under the same name); a run that evaluated nothing has no scores."""
+    if job is None or job["metadata"].get("uid") != resolved.fine_tune_job_uid:
+        return None
+    return FineTuneJobStatus.model_validate(job.get("status") or {}).eval_results or EvalResults()
+
+
 def _digest(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
@@ -389,7 +407,15 @@ def _transitions(previous: ModelDeploymentStatus, new: ModelDeploymentStatus) ->
             if is_ready(new)
             else events.Event("Warning", "NotReady", ready.message)
         )
+    if new.promotion is not None and _verdict(new) != _verdict(previous):
+        gate = conditions[promotion.PROMOTED]
+        found.append(events.Event("Normal" if new.promotion.passed else "Warning", gate.reason, gate.message))
     reasons = [next((c.reason for c in s.conditions if c.type == "Ready"), None) for s in (previous, new)]
     if reasons[1] == FINETUNEJOB_FAILED != reasons[0]:  # Pending either way: say it went wrong
         found.append(events.Event("Warning", FINETUNEJOB_FAILED, conditions["Ready"].message))
     return found
+
+
+def _verdict(status: ModelDeploymentStatus) -> tuple[str | None, bool] | None:
+    """Which run the gate judged, and whether it passed: an Event each time this changes."""
+    return (status.promotion.fine_tune_job_uid, status.promotion.passed) if status.promotion else None
