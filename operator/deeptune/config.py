@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from deeptune.builders.finetunejob import DEFAULT_TRAINER_IMAGE, ChildSettings
@@ -32,6 +33,8 @@ class Settings:
     container keeps, so it takes its own Lease back at once)."""
     lease_namespace: str = "default"
     lease_name: str = "deeptune-operator"
+    gpu_hour_prices: Mapping[str, float] = field(default_factory=dict)
+    """Price of one GPU-hour by resource name (`nvidia.com/gpu=2.5`): FineTuneJobs' estimated cost."""
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -61,4 +64,17 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
         identity=env.get("DEEPTUNE_OPERATOR_IDENTITY") or Settings().identity,
         lease_namespace=env.get("DEEPTUNE_OPERATOR_NAMESPACE") or "default",
         lease_name=env.get("DEEPTUNE_LEASE_NAME", "deeptune-operator"),
+        gpu_hour_prices=_prices(env.get("DEEPTUNE_GPU_HOUR_PRICES", "")),
     )
+
+
+def _prices(text: str) -> dict[str, float]:
+    """`nvidia.com/gpu=2.5,amd.com/gpu=1.9` → prices by resource; a bad one stops the operator at
+    start, naming it, rather than costing runs wrongly."""
+    prices = {}
+    for resource, price in _labels(text).items():
+        try:
+            prices[resource] = float(price)
+        except ValueError:
+            raise ValueError(f"DEEPTUNE_GPU_HOUR_PRICES: {resource}={price!r} is not a number") from None
+    return prices

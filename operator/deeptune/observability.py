@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from deeptune.api.finetunejob import Attempt
+
 RECONCILES = Counter(
     "deeptune_operator_reconciles_total", "Reconcile handler runs.", ["kind", "handler", "result"]
 )
@@ -27,6 +29,26 @@ LEADER = Gauge("deeptune_operator_leader", "1 while this replica holds the leade
 STATUS_WRITES = Counter(
     "deeptune_operator_status_writes_total", "Status patches (only written when something changed).", ["kind"]
 )
+
+GPU_SECONDS = Counter(
+    "deeptune_gpu_seconds_total",
+    "GPU-seconds of finished trainer pods (retries included), by namespace and GPU resource: show-back.",
+    ["namespace", "resource"],
+)
+NODE_SECONDS = Counter(
+    "deeptune_node_seconds_total",
+    "Seconds of finished trainer pods on their nodes, by namespace.",
+    ["namespace"],
+)
+
+
+def count_usage(namespace: str, finished: list[Attempt]) -> None:
+    """Add trainer pods that finished since the last status (each is counted once: the status that
+    records it is the one that was written)."""
+    for attempt in finished:
+        NODE_SECONDS.labels(namespace).inc(attempt.seconds or 0)
+        if attempt.gpus:
+            GPU_SECONDS.labels(namespace, attempt.gpu_resource or "").inc(attempt.gpu_seconds or 0)
 
 
 class PhaseBook:

@@ -46,6 +46,17 @@ def record(body: kopf.Body, *fields: str) -> Obj:
     return kept
 
 
+def record_pod(body: kopf.Body) -> Obj:
+    """A trainer pod as the cache keeps it: its status, and of its spec the node and each
+    container's resources, which a run's usage is counted by (GPU-seconds)."""
+    spec = body.get("spec") or {}
+    containers = [
+        {"name": c.get("name"), "resources": dict(c.get("resources") or {})}
+        for c in spec.get("containers") or []
+    ]
+    return record(body, "status") | {"spec": {"nodeName": spec.get("nodeName"), "containers": containers}}
+
+
 def _owners(body: kopf.Body, kind: str) -> list[str]:
     return [ref["uid"] for ref in body.meta.get("ownerReferences") or [] if ref.get("kind") == kind]
 
@@ -207,7 +218,7 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> Non
 
     @kopf.index("", "v1", "pods", labels={FTJ_UID: kopf.PRESENT}, registry=registry, id=ftj.PODS)
     def trainer_pods(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
-        return {labels[FTJ_UID]: record(body, "status")}
+        return {labels[FTJ_UID]: record_pod(body)}
 
     @kopf.index("", "v1", "configmaps", labels={FTJ_UID: kopf.PRESENT}, registry=registry, id=ftj.CONFIG_MAPS)
     def trainer_config_maps(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:

@@ -102,6 +102,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
     if not crds.local:
         pytest.skip("kills the trainer process through the local node agent")
     steps, interval = 1500, 20
+    applied = time.time()
     crds.apply(tiny_manifest(namespace, maxSteps=steps, checkpointSteps=interval))
     checkpoints = tiny_volumes["deeptune-output"] / NAME / "checkpoints"
     wait_for(
@@ -130,3 +131,19 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
         "lost more than a checkpoint interval (+ a logging step)"
     )
     assert final["progress"]["step"] == steps
+
+    # Usage: both attempts, each from its pod's own start and finish times, summed.
+    waited = time.time() - applied
+    pods = {p["metadata"]["name"]: p for p in crds.list("pods", namespace, f"job-name={final['jobName']}")}
+    attempts = final["usage"]["attempts"]
+    assert sorted(a["pod"] for a in attempts) == sorted(pods)
+    for attempt in attempts:
+        pod = pods[attempt["pod"]]
+        (container,) = pod["status"]["containerStatuses"]
+        assert attempt["started"] == pod["status"]["startTime"]
+        assert attempt["node"] == pod["spec"]["nodeName"]
+        assert attempt["finished"] == container["state"]["terminated"]["finishedAt"]
+        assert attempt["seconds"] > 0 and (attempt["gpus"], attempt["gpuSeconds"]) == (0, 0)
+    assert final["usage"]["nodeSeconds"] == sum(a["seconds"] for a in attempts)
+    assert final["usage"]["nodeSeconds"] <= waited + 2  # within the timestamps' one-second resolution
+    assert final["usage"]["gpuSeconds"] == 0 and "estimatedCost" not in final["usage"]

@@ -4,6 +4,7 @@ nvidia-pytriton wheel's tritonserver) for the pod the Deployment asks for."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, events_for, modeldeployment, wait_for
 from tests.conftest import load_example
+from tests.unit.test_argocd_health import health
 
 pytestmark = [pytest.mark.cluster, pytest.mark.serving]
 CLAIM = "models"
@@ -312,6 +314,9 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
         "sha256:"
     )
     assert resolved["digest"] == lineage["artifacts"]["adapter"]
+    (trainer_job,) = [j for j in crds.list("jobs", namespace) if j["metadata"]["name"].startswith(name)]
+    image = trainer_job["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert lineage["trainerImage"] == f"local://{image}"  # the node agent's imageID for it
     assert resolved["fineTuneJobUid"] == finetunejob["metadata"]["uid"]
 
     (pod,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
@@ -342,4 +347,62 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
         stream=True,
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed).strip() == answers[0]
+
+    # The promotion gate: the run that learned passes; a run made not to learn (one step at a
+    # negligible learning rate) is refused, and the run that learned keeps answering.
+    gated = {
+        "model": {"fineTuneJobRef": {"name": name}},
+        "resources": {"gpu": 0},
+        "promotion": {"rules": [{"metric": "exactMatch", "threshold": trainer_score / 2}]},
+    }
+    crds.apply(modeldeployment("keywords", namespace, gated))
+    passed = wait_for(
+        "Promoted=True",
+        lambda: condition(status_of(crds, "keywords", namespace), "Promoted").get("status") == "True",
+        60,
+    )
+    assert passed
+    untrained = copy.deepcopy(job)
+    untrained["metadata"]["name"] = f"{name}-untrained"
+    untrained["spec"]["hyperparameters"].update(maxSteps=1, learningRate=1e-9)
+    untrained["spec"]["output"]["pvc"]["path"] = f"{name}-untrained"  # its own run: its own checkpoints
+    crds.apply(untrained)
+    gated["model"]["fineTuneJobRef"]["name"] = f"{name}-untrained"
+    crds.apply(modeldeployment("keywords", namespace, gated))
+    refused = wait_for(
+        "Promoted=False for the untrained run",
+        lambda: (
+            condition(s := status_of(crds, "keywords", namespace), "Promoted").get("status") == "False" and s
+        ),
+        LOAD_TIMEOUT,
+    )
+    gate = condition(refused, "Promoted")
+    print(crds.kubectl("get", "mdep", "keywords", "-n", namespace).stdout)
+    print(json.dumps(refused["promotion"], indent=2))
+    print(crds.kubectl("get", "ftj", "-n", namespace).stdout)
+    print(json.dumps((crds.get("finetunejob", name, namespace) or {})["status"]["usage"], indent=2))
+    assert gate["reason"] == "PromotionGateFailed"
+    assert (
+        f"FineTuneJob {name}-untrained did not pass the promotion gate: exactMatch 0 missed"
+        in gate["message"]
+    )
+    assert gate["message"].endswith(f"FineTuneJob {name}'s model keeps serving")
+    assert refused["promotion"]["servedScores"]["exactMatch"] == trainer_score
+    assert refused["resolvedModel"]["fineTuneJobUid"] == finetunejob["metadata"]["uid"]
+    assert condition(refused, "Ready")["status"] == "True"
+    assert health("ModelDeployment", crds.get("modeldeployment", "keywords", namespace) or {}) == (
+        "Degraded",
+        f"PromotionGateFailed: {gate['message']}",
+    )
+    reasons = [event["reason"] for event in events_for(crds, "ModelDeployment", "keywords", namespace)]
+    assert "PromotionGateFailed" in reasons and "PromotionGatePassed" in reasons
+    (still,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
+    assert still["metadata"]["uid"] == pod["metadata"]["uid"]
+    again = client.chat.completions.create(
+        model="keywords",
+        messages=[{"role": "user", "content": held_out[0]["prompt"]}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert (again.choices[0].message.content or "").strip() == answers[0]
     delete_and_wait(crds, namespace, "keywords")

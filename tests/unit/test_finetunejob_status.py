@@ -172,13 +172,18 @@ def test_succeeded_carries_results_from_the_termination_message() -> None:
     finished = job(
         [condition("Complete", "CompletionsReached")], succeeded=1, completionTime="2026-11-25T09:59:00Z"
     )
+    image = "ghcr.io/deeptune/trainer@sha256:" + "f" * 64
+    done["status"]["containerStatuses"][0]["imageID"] = image
     status = derive(finished, [done])
     assert status.phase == "Succeeded"
     assert conditions_of(status)["Ready"] == ("True", "Succeeded")
     assert status.eval_results is not None and status.eval_results.delta == {"exactMatch": 0.8}
     assert status.dataset is not None and status.dataset.duplicates_removed == 50
     assert status.output is not None and status.output.merged_path == "merged"
-    assert status.lineage == summary.lineage and status.lineage is not None
+    assert (
+        status.lineage is not None and status.lineage.trainer_image == image
+    )  # from the pod, not the trainer
+    assert status.lineage.model_copy(update={"trainer_image": None}) == summary.lineage
     assert status.to_wire()["lineage"]["datasets"] == {"dataset.source": "sha256:" + "d" * 64}
     assert status.progress is not None and (status.progress.percent, status.progress.step) == (100, 600)
     assert status.completion_time == "2026-11-25T09:59:00Z"

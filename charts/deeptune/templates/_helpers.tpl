@@ -187,3 +187,12 @@ one when it is created (without it, kopf logs a warning and assumes they exist).
   verbs: [list, watch]
 {{- end }}
 {{- end }}
+
+{{/* costs.gpuHourPrices as the operator reads them: `nvidia.com/gpu=2.5,amd.com/gpu=1.9`. */}}
+{{- define "deeptune.gpuHourPrices" -}}
+{{- $pairs := list }}
+{{- range $resource, $price := .Values.costs.gpuHourPrices }}
+{{- $pairs = append $pairs (printf "%s=%v" $resource $price) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}

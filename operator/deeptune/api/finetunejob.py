@@ -758,6 +758,9 @@ class Lineage(ApiModel):
     """`name@commit` for a Hub model, or `sha256:` of the model directory's files on a PVC."""
     artifacts: dict[str, str] = {}
     """`sha256:` of each artifact directory written (`adapter`, `merged`, `quantized`)."""
+    trainer_image: str | None = None
+    """The image the trainer ran, as its pod reports it (`imageID`: a registry digest where the runtime
+    pulled one); the operator adds it, so the model card, written inside the pod, does not carry it."""
 
 
 class OutputStatus(ApiModel):
@@ -802,6 +805,34 @@ class WorkerPod(ApiModel):
     """The pod's phase: Pending, Running, Succeeded or Failed."""
 
 
+class Attempt(ApiModel):
+    """One trainer pod of the run (a first try or a retry, one node of a run over several)."""
+
+    pod: str
+    node: str | None = None
+    started: str | None = None
+    """When the kubelet started the pod: its node and GPUs are held from then on."""
+    finished: str | None = None
+    """When its last container ended (none while it runs)."""
+    seconds: int | None = None
+    """Node-seconds: finished minus started."""
+    gpu_resource: str | None = None
+    """The GPU resource the pod asked for, e.g. nvidia.com/gpu."""
+    gpus: int = 0
+    gpu_seconds: int | None = None
+
+
+class Usage(ApiModel):
+    """What the run used, every attempt counted once it finished."""
+
+    attempts: list[Attempt] = []
+    node_seconds: int = 0
+    gpu_seconds: int = 0
+    estimated_cost: float | None = None
+    """GPU-hours times the operator's price per GPU-hour of each resource (the chart's
+    `costs.gpuHourPrices`); none without prices, or while a GPU resource used has none."""
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state of a FineTuneJob, written only by the operator."""
 
@@ -835,6 +866,8 @@ class FineTuneJobStatus(ApiModel):
     """The newest pod of each index, for a run over several pods."""
     plan: MemoryPlan | None = None
     """Will it fit? The estimate per GPU for a known DeepSeek model, made before the Job."""
+    usage: Usage | None = None
+    """Node- and GPU-seconds of every trainer pod, retries included, and their estimated cost."""
     last_failure: FailureInfo | None = None
     """Why the last trainer pod failed: the trainer's own reason, or the container's (e.g. OOMKilled)."""
 
@@ -845,6 +878,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Eval Loss", "type": "number", "jsonPath": ".status.progress.evalLoss"},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method", "priority": 1},
     {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.name", "priority": 1},
+    {"name": "GPU-s", "type": "integer", "jsonPath": ".status.usage.gpuSeconds", "priority": 1},
+    {"name": "Cost", "type": "number", "jsonPath": ".status.usage.estimatedCost", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

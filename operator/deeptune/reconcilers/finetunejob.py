@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from kubernetes.client.exceptions import ApiException
 
-from deeptune import children, events, fitting
+from deeptune import children, events, fitting, observability
 from deeptune.api.base import API_VERSION
 from deeptune.api.finetunejob import (
     KIND,
@@ -42,6 +42,7 @@ from deeptune.builders.common import Owner
 from deeptune.cache import Cache
 from deeptune.config import Settings
 from deeptune.samples import Samples
+from deeptune.status import usage
 from deeptune.status.conditions import now, set_conditions
 from deeptune.status.finetunejob import (
     TERMINAL_PHASES,
@@ -159,11 +160,18 @@ class FineTuneJobReconciler:
             blocked=blocked,
             workload=self.cache.one(WORKLOADS, job_uid) if job_uid else None,
         )
-        new.world_size = spec.world_size
-        if plan is not None:
-            new.plan = fitting.plan_status(plan, spec)
+        if new is not previous:  # previous: a finished run's status stands (derive_status says when)
+            new = new.model_copy(
+                update={
+                    "world_size": spec.world_size,
+                    "usage": usage.account(previous.usage, run_pods, self.settings.gpu_hour_prices),
+                    "plan": fitting.plan_status(plan, spec) if plan is not None else new.plan,
+                }
+            )
         update = _update(previous, new)
         if await self.writer.write(obj, update):
+            ended = usage.newly_finished(previous.usage, new.usage)
+            observability.count_usage(obj["metadata"]["namespace"], ended)
             await self._release(_recorded(new, jobs, pods, settled=not update.changes))
         return again
 

@@ -23,6 +23,7 @@ from deeptune.api.finetunejob import (
     WorkerPod,
 )
 from deeptune.api.trainer import TrainerSummary
+from deeptune.builders.finetunejob import CONTAINER as TRAINER_CONTAINER
 from deeptune.status.conditions import set_conditions
 
 Obj = dict[str, Any]
@@ -211,13 +212,22 @@ def same_progress(a: Progress | None, b: Progress | None) -> bool:
 
 
 def _succeeded_summary(pods: list[Obj]) -> TrainerSummary | None:
-    """The summary rank 0 wrote (over several pods, the others' termination messages are empty)."""
+    """The summary rank 0 wrote (over several pods, the others' termination messages are empty),
+    with the image its pod ran in the lineage."""
     for pod in pods:
         if pod.get("status", {}).get("phase") == "Succeeded":
             summary = parse_summary((_terminated(pod) or {}).get("message"))
             if summary is not None:
+                if summary.lineage is not None:
+                    summary.lineage.trainer_image = _image_id(pod)
                 return summary
     return None
+
+
+def _image_id(pod: Obj) -> str | None:
+    """The trainer container's image as the runtime resolved it."""
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    return next((s.get("imageID") or None for s in statuses if s.get("name") == TRAINER_CONTAINER), None)
 
 
 def _conditions(
