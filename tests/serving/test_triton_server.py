@@ -28,6 +28,7 @@ from deeptune_serving.generation import Generator, LoadSettings, Sampling
 from tests.serving.conftest import cpu_spec
 from tests.serving.tiny import TinyModels
 from tests.serving.wheel_server import RunningServer, WheelTriton, free_ports, loopback_command, start
+from tests.unit.test_dashboards import dashboard_metrics
 
 pytestmark = pytest.mark.serving
 
@@ -243,3 +244,12 @@ def test_tritons_generate_endpoints_take_plain_json(stack: Stack) -> None:
     events = _post(stack, STREAM, "generate_stream", {"text_input": prompt})
     pieces = [json.loads(line.removeprefix("data: "))["text_output"] for line in events.splitlines() if line]
     assert len(pieces) >= 2 and "".join(pieces) == expected
+
+
+def test_every_triton_metric_on_the_dashboard_is_on_tritons_page(stack: Stack) -> None:
+    """The chart's Grafana dashboard reads Triton's metrics by name: each must be one this Triton
+    exports (after the requests above; the response-cache ones because a model here caches)."""
+    wanted = dashboard_metrics("nv_")
+    assert wanted
+    served = {name for name, _ in stack.server.metrics()}
+    assert wanted <= served, f"not on Triton's /metrics: {sorted(wanted - served)}"

@@ -12,6 +12,7 @@ the trained ones there too, each adapter its own; the operator's probe passes ag
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from deeptune.serving.repository import ModelLocation, write_repository
 from deeptune.serving.vllm import lora_adapters, repository_files, served_name
 from tests.serving.tiny import TinyModels, build_tiny_models
 from tests.serving.vllm_server import VllmServer, vllm_python
+from tests.unit.test_dashboards import dashboard_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.serving]
 
@@ -128,3 +130,15 @@ def test_the_operators_probe_passes_and_names_a_model_that_is_not_served(served:
     missing = asyncio.run(probe_openai(served.address, f"{NAME}:gone", timeout=60, now="t"))
     assert (missing.server_ready, missing.model_ready, missing.inference_ok) == (True, False, False)
     assert missing.message.startswith(f"model {NAME}:gone is not served (the server lists ")
+
+
+@pytest.mark.parametrize("served", ["merged"], indirect=True)
+def test_every_vllm_metric_on_the_dashboard_is_on_vllms_page(served: Served) -> None:
+    """The chart's Grafana dashboard reads vLLM's metrics by the names vLLM gives them (Triton's vLLM
+    backend passes them on): each must be on a real vLLM's /metrics page."""
+    wanted = dashboard_metrics("vllm:")
+    assert wanted
+    with urllib.request.urlopen(f"http://{served.address}/metrics", timeout=10) as response:
+        page = response.read().decode()
+    served_names = {line.split("{")[0].split(" ")[0] for line in page.splitlines() if line and line[0] != "#"}
+    assert wanted <= served_names, f"not on vLLM's /metrics: {sorted(wanted - served_names)}"
