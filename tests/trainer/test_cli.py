@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from deeptune.api.trainer import EXIT_INVALID_INPUT, SUMMARY_LIMIT_BYTES, TrainerSummary
 from deeptune_trainer import __main__ as cli
@@ -171,7 +172,15 @@ def test_a_whole_run_from_a_manifest(
     )
     assert summary.dataset is not None
     assert (summary.dataset.validation_rows, summary.dataset.test_rows) == (20, 20)
-    assert "Scores on the test split: 20 rows" in (run_dir / "README.md").read_text()
+    card = (run_dir / "README.md").read_text()
+    assert "Scores on the test split: 20 rows" in card
+    assert (
+        "![Training and validation loss](loss.png)" in card
+        and "![Base model against fine-tuned](eval.png)" in card
+    )
+    for picture in ("loss.png", "eval.png"):
+        with Image.open(run_dir / picture) as image:
+            image.verify()  # a whole PNG
     assert summary.artifacts is not None and summary.artifacts.merged == "merged"
     for name in (
         "adapter",

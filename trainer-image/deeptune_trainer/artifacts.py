@@ -8,6 +8,7 @@ Layout of the output directory:
     quantized-int8/   bitsandbytes-quantized copy (int8 or int4)         (quantizedExport, GPU only)
     checkpoints/      training checkpoints, for resuming
     eval_results.json, trainer_config.json, data_report.json, README.md
+    loss.png, eval.png  the loss curve (redrawn at each checkpoint) and base-vs-fine-tuned scores
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec, Lineage
 from deeptune.api.trainer import SUMMARY_LIMIT_BYTES, ArtifactPaths, TrainerConfig, TrainerSummary
 from deeptune_trainer.modeling import peft_targets_as_resolved
+from deeptune_trainer.plots import LOSS_PNG, SCORES_PNG
 
 EVAL_RESULTS = "eval_results.json"
 RESOLVED_CONFIG = "trainer_config.json"
@@ -131,6 +133,8 @@ class CardFacts:
     dataset: DatasetReport | None
     artifacts: ArtifactPaths
     lineage: Lineage | None = None
+    pictures: tuple[str, ...] = ()
+    """PNGs in the output directory (deeptune_trainer.plots), shown in the card."""
 
 
 def _number(value: float | None) -> str:
@@ -187,6 +191,9 @@ def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
     else:
         lines.append("Not evaluated: the validation split was empty.")
     lines.append("")
+    captions = {LOSS_PNG: "Training and validation loss", SCORES_PNG: "Base model against fine-tuned"}
+    for picture in facts.pictures:
+        lines += [f"![{captions.get(picture, picture)}]({picture})", ""]
     if facts.dataset is not None:
         lines += _key_values("Data", facts.dataset.model_dump(by_alias=True))
     training = {

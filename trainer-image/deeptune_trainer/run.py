@@ -51,6 +51,7 @@ from deeptune_trainer.modeling import (
     load_model,
     load_trained,
 )
+from deeptune_trainer.plots import write_plots
 from deeptune_trainer.training import TrainResult, train
 from deeptune_trainer.zero import forget_zero3
 
@@ -194,6 +195,7 @@ def _export(
         dataset=report,
         artifacts=artifacts,
         lineage=lineage,
+        pictures=tuple(write_plots(result.log_history, result.best_step, results, output_dir)),
     )
     write_model_card(spec, facts, output_dir)
     return artifacts, lineage

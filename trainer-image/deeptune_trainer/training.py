@@ -47,6 +47,7 @@ from deeptune_trainer.formatting import Collator, Feature, pack, tokenize_sample
 from deeptune_trainer.lineage import config_digest
 from deeptune_trainer.metrics_server import ProgressSnapshot, TrainerMetrics
 from deeptune_trainer.modeling import Precision, apply_method, computes_logits_at_targets_only
+from deeptune_trainer.plots import LossPlotter
 from deeptune_trainer.zero import zero3_config
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -417,6 +418,7 @@ def train(
     if sharded:
         trainer_callbacks.append(ShardedTrainingState(resume))
     trainer_callbacks.append(CheckpointMarker(fingerprint))  # after early stopping, to see its decision
+    trainer_callbacks.append(LossPlotter(Path(output_dir)))  # a run that fails later keeps its curve
 
     zero = spec.distributed.strategy == "deepspeed"
     deepspeed = zero3_config(spec, precision, model.config.get_text_config().hidden_size) if zero else None
