@@ -1,0 +1,299 @@
+"""`kubectl deeptune`: a FineTuneJob's progress, results and failures as a person wants to read them.
+
+kubectl runs any executable named `kubectl-deeptune` on PATH for `kubectl deeptune ...` (pip installs
+one: the `kubectl-deeptune` script of this package). It reads the same kubeconfig kubectl does
+(`KUBECONFIG`, `--kubeconfig`, `--context`) and only reads: FineTuneJobs, and pod logs for
+explain-failure.
+
+    kubectl deeptune status NAME [--watch]     progress bar while it runs, then the results
+    kubectl deeptune results NAME              base model against fine-tuned, per metric
+    kubectl deeptune compare A B               two runs side by side: scores, inputs, cost
+    kubectl deeptune explain-failure NAME      why it failed, its last log lines, where to read on
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from rich.console import Console
+from rich.table import Table
+
+from deeptune.api.base import GROUP, VERSION
+from deeptune.api.finetunejob import PLURAL, FineTuneJobStatus
+
+Obj = dict[str, Any]
+TERMINAL = frozenset({"Succeeded", "Failed"})
+BAR_WIDTH = 30
+TROUBLESHOOTING = "https://github.com/deeptune/deeptune/blob/main/docs/troubleshooting.md"
+SECTIONS = {
+    "InvalidSpec": "rejected-by-kubectl-apply",
+    "OutOfMemory": "out-of-memory",
+    "OOMKilled": "out-of-memory",
+    "InvalidDataset": "dataset-errors",
+    "EmptyDataset": "dataset-errors",
+    "DatasetNotFound": "dataset-errors",
+    "Unschedulable": "the-gpu-is-not-scheduled",
+    "Queued": "queued-kueue",
+}
+"""A failure's reason → its section of docs/troubleshooting.md."""
+
+
+class Cluster:
+    """The FineTuneJobs of one namespace, read through the kubeconfig kubectl uses."""
+
+    def __init__(self, namespace: str | None, kubeconfig: str | None, context: str | None) -> None:
+        config.load_kube_config(config_file=kubeconfig, context=context)
+        _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+        chosen = context or active["name"]
+        contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
+        default = next((c["context"].get("namespace") for c in contexts if c["name"] == chosen), None)
+        self.namespace = namespace or default or "default"
+        self.custom = client.CustomObjectsApi()
+        self.core = client.CoreV1Api()
+
+    def finetunejob(self, name: str) -> Obj:
+        try:
+            found = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            return cast(Obj, found)
+        except ApiException as error:
+            if error.status == 404:
+                raise SystemExit(
+                    f'error: finetunejob "{name}" not found in namespace {self.namespace}'
+                ) from None
+            raise
+
+    def last_log_lines(self, job: Obj, lines: int) -> str:
+        """The newest trainer pod's last lines, or why there are none."""
+        pods = self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"job-name={job['status'].get('jobName')}"
+        )
+        if not pods.items:
+            return "(no trainer pod left: the Job's pods are gone)"
+        names = {
+            str(pod.metadata.creation_timestamp): str(pod.metadata.name) for pod in pods.items if pod.metadata
+        }
+        newest = names[max(names)]  # one time zone: the text orders as the times
+        try:
+            return str(self.core.read_namespaced_pod_log(newest, self.namespace, tail_lines=lines))
+        except ApiException as error:
+            return f"(the logs of {newest} could not be read: {error.reason})"
+
+
+def status_of(job: Obj) -> FineTuneJobStatus:
+    return FineTuneJobStatus.model_validate(job.get("status") or {})
+
+
+def _number(value: float | None, form: str = ".4g") -> str:
+    return "–" if value is None else format(value, form)
+
+
+def progress_line(status: FineTuneJobStatus) -> str:
+    """`[██████░░░░] 60%  step 72/120  loss 0.41  eval loss 0.52  4,120 tokens/s  eta 1m05s`."""
+    progress = status.progress
+    if progress is None or progress.percent is None:
+        return "no progress reported yet"
+    filled = round(BAR_WIDTH * progress.percent / 100)
+    parts = [
+        f"[{'█' * filled}{'░' * (BAR_WIDTH - filled)}] {progress.percent}%",
+        f"step {progress.step}/{progress.total_steps}" if progress.step is not None else "",
+        f"loss {_number(progress.train_loss)}" if progress.train_loss is not None else "",
+        f"eval loss {_number(progress.eval_loss)}" if progress.eval_loss is not None else "",
+        f"{_number(progress.tokens_per_second, ',.0f')} tokens/s" if progress.tokens_per_second else "",
+        f"eta {progress.eta}" if progress.eta and progress.percent < 100 else "",
+    ]
+    return "  ".join(part for part in parts if part)
+
+
+def headline(job: Obj) -> str:
+    status = status_of(job)
+    ready = next(
+        (c for c in status.conditions if c.type == ("Failed" if status.phase == "Failed" else "Ready")), None
+    )
+    why = f" — {ready.reason}: {ready.message}" if ready is not None and status.phase != "Succeeded" else ""
+    meta = job["metadata"]
+    return f"FineTuneJob {meta['name']} ({meta['namespace']}): {status.phase or 'Pending'}{why}"
+
+
+def results_table(job: Obj) -> Table | str:
+    results = status_of(job).eval_results
+    if results is None or not results.fine_tuned:
+        return "no evaluation results (yet): they come when the run succeeds"
+    baseline, delta = results.baseline or {}, results.delta or {}
+    split = results.split or "validation"
+    table = Table(
+        title=f"{job['metadata']['name']}: {split} split, {results.samples} rows, step {results.step or '–'}"
+    )
+    for column in ("metric", "base model", "fine-tuned", "delta"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, value in results.fine_tuned.items():
+        table.add_row(
+            metric,
+            _number(baseline.get(metric)),
+            _number(value),
+            _number(delta.get(metric), "+.4g") if metric in delta else "–",
+        )
+    return table
+
+
+def usage_line(status: FineTuneJobStatus) -> str:
+    used = status.usage
+    if used is None:
+        return ""
+    cost = f", estimated cost {used.estimated_cost:.2f}" if used.estimated_cost is not None else ""
+    seconds = f"{used.node_seconds} node-seconds, {used.gpu_seconds} GPU-seconds"
+    return f"used: {len(used.attempts)} pod(s), {seconds}{cost}"
+
+
+def show_status(cluster: Cluster, console: Console, name: str, watch: bool, interval: float) -> int:
+    shown = ""
+    while True:
+        job = cluster.finetunejob(name)
+        status = status_of(job)
+        text = f"{headline(job)}\n{progress_line(status)}"
+        if text != shown:
+            console.print(text, highlight=False)
+            shown = text
+        if not watch or status.phase in TERMINAL:
+            break
+        time.sleep(interval)
+    if status.phase == "Succeeded":
+        console.print(results_table(job))
+        output = status.output
+        if output is not None:
+            kinds = f"adapter {output.adapter_path or '–'}, merged {output.merged_path or '–'}"
+            console.print(f"artifacts: pvc {output.claim_name}, {output.path}/ ({kinds})", highlight=False)
+        if line := usage_line(status):
+            console.print(line, highlight=False)
+    elif status.phase == "Failed":
+        console.print(
+            f"run `kubectl deeptune explain-failure {name}` for why and what to do", highlight=False
+        )
+    return 1 if status.phase == "Failed" else 0
+
+
+def compare_table(a: Obj, b: Obj) -> Table:
+    first, second = status_of(a), status_of(b)
+    names = a["metadata"]["name"], b["metadata"]["name"]
+    table = Table(title=f"{names[0]} against {names[1]}")
+    for column in ("", *names, f"{names[1]} − {names[0]}"):
+        table.add_column(column, justify="left" if not column else "right")
+    scores = [(s.eval_results.fine_tuned if s.eval_results else {}) for s in (first, second)]
+    for metric in dict.fromkeys([*scores[0], *scores[1]]):
+        x, y = scores[0].get(metric), scores[1].get(metric)
+        table.add_row(
+            metric, _number(x), _number(y), _number(y - x, "+.4g") if x is not None and y is not None else "–"
+        )
+    for label, read in _facts():
+        left, right = read(first), read(second)
+        table.add_row(label, left, right, "same" if left == right else "differs")
+    return table
+
+
+def _facts() -> list[tuple[str, Callable[[FineTuneJobStatus], str]]]:
+    """What else two runs are compared by: how far they went, what they were made of, what they used."""
+
+    def lineage(field: str) -> Callable[[FineTuneJobStatus], str]:
+        def read(status: FineTuneJobStatus) -> str:
+            value = getattr(status.lineage, field, None) if status.lineage else None
+            if isinstance(value, dict):
+                value = ",".join(f"{k}={v[7:19]}" for k, v in sorted(value.items()))
+            return str(value)[:19] if value else "–"
+
+        return read
+
+    return [
+        ("steps", lambda s: str(s.progress.step) if s.progress and s.progress.step is not None else "–"),
+        ("train loss", lambda s: _number(s.progress.train_loss) if s.progress else "–"),
+        ("training config", lineage("config")),
+        ("data", lineage("datasets")),
+        ("base model", lineage("base_model")),
+        ("GPU-seconds", lambda s: str(s.usage.gpu_seconds) if s.usage else "–"),
+        (
+            "estimated cost",
+            lambda s: (
+                _number(s.usage.estimated_cost, ".2f")
+                if s.usage and s.usage.estimated_cost is not None
+                else "–"
+            ),
+        ),
+    ]
+
+
+def explain_failure(cluster: Cluster, console: Console, name: str, lines: int) -> int:
+    job = cluster.finetunejob(name)
+    status = status_of(job)
+    failure = status.last_failure
+    failed = next((c for c in status.conditions if c.type == "Failed" and c.status == "True"), None)
+    if failed is None and failure is None:
+        console.print(f"{headline(job)}\nnothing has failed", highlight=False)
+        return 0
+    reason = failure.reason if failure and failure.reason else failed.reason if failed else "Unknown"
+    console.print(headline(job), highlight=False)
+    if failure is not None:
+        exit_code = f" (exit code {failure.exit_code})" if failure.exit_code is not None else ""
+        console.print(f"last failure: {failure.reason}{exit_code}: {failure.message}", highlight=False)
+    if status.retries:
+        console.print(f"retries: {status.retries}", highlight=False)
+    console.print(
+        f"last {lines} log lines of the trainer:\n{cluster.last_log_lines(job, lines)}", highlight=False
+    )
+    section = SECTIONS.get(reason, "where-to-look")
+    console.print(f"read on: {TROUBLESHOOTING}#{section}", highlight=False)
+    return 1
+
+
+def _where(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-n", "--namespace", default=default)
+    parser.add_argument("--kubeconfig", default=default)
+    parser.add_argument("--context", default=default)
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """kubectl's way: `-n`, `--kubeconfig` and `--context` before or after the command."""
+    doc = __doc__.splitlines()[0] if __doc__ else None
+    parser = argparse.ArgumentParser(prog="kubectl deeptune", description=doc)
+    _where(parser, None)
+    anywhere = argparse.ArgumentParser(add_help=False)
+    _where(anywhere, argparse.SUPPRESS)  # a command's own flag overrides, an absent one leaves it be
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser(
+        "status", parents=[anywhere], help="progress while it runs, then the results"
+    )
+    status.add_argument("name")
+    status.add_argument("-w", "--watch", action="store_true", help="follow until the run ends")
+    status.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    commands.add_parser("results", parents=[anywhere], help="base model against fine-tuned").add_argument(
+        "name"
+    )
+    compare = commands.add_parser("compare", parents=[anywhere], help="two runs side by side")
+    compare.add_argument("first")
+    compare.add_argument("second")
+    explain = commands.add_parser("explain-failure", parents=[anywhere], help="why it failed and what to do")
+    explain.add_argument("name")
+    explain.add_argument("--lines", type=int, default=20)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    console = Console(soft_wrap=True)
+    cluster = Cluster(args.namespace, args.kubeconfig, args.context)
+    if args.command == "status":
+        return show_status(cluster, console, args.name, args.watch, args.interval)
+    if args.command == "results":
+        console.print(results_table(cluster.finetunejob(args.name)))
+        return 0
+    if args.command == "compare":
+        console.print(compare_table(cluster.finetunejob(args.first), cluster.finetunejob(args.second)))
+        return 0
+    return explain_failure(cluster, console, args.name, args.lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
