@@ -89,15 +89,27 @@ def _prompt(sample: Sample) -> str | None:
     return next((m.content for m in reversed(sample.prompt_messages) if m.role == "user"), None)
 
 
+CASEFOLD_GROWTH = 3
+"""The most characters str.casefold makes of one (e.g. 'ΐ' → 3)."""
+
+
 def is_degenerate(sample: Sample) -> bool:
     """An empty target, one that repeats the prompt, or one character repeated: nothing to learn."""
     target = "".join(sample.target.split())
     if not target:
         return True
     prompt = _prompt(sample)
-    if prompt is not None and target.casefold() == "".join(prompt.split()).casefold():
+    # Dropping whitespace shortens the prompt and casefold at most triples a character (ß → ss): a
+    # prompt under a third of the target's length cannot equal it, and most prompts are skipped so.
+    if (
+        prompt is not None
+        and CASEFOLD_GROWTH * len(prompt) >= len(target)
+        and target.casefold() == "".join(prompt.split()).casefold()
+    ):
         return True
-    return len(set(target)) == 1 and len(target) >= REPEATED_CHAR_MIN and not target.isdigit()
+    return (
+        len(target) >= REPEATED_CHAR_MIN and target.count(target[0]) == len(target) and not target.isdigit()
+    )
 
 
 def _redact(sample: Sample, kinds: list[PiiType]) -> tuple[Sample, Counter[PiiType]]:

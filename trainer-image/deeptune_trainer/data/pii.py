@@ -49,6 +49,10 @@ _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4 = re.compile(rf"(?<![0-9.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?[0-9])")
 IPV6 = re.compile(r"(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])")
 
+PHONE_MIN_DIGITS = 8
+"""Every PHONE pattern needs at least this many digits: a mobile 11, a landline 10, a North American
+number 10, and an international one 8 (fewer is refused by _valid_phone)."""
+
 ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 ID_CHECK_CHARS = "10X98765432"
 
@@ -109,13 +113,14 @@ class Detector:
 DETECTORS: tuple[Detector, ...] = (
     Detector("email", (EMAIL,), lambda _: True, lambda text, _: "@" in text),
     Detector("idCard", (ID_CARD,), valid_id_card, lambda _, digits: digits >= 17),
-    Detector("phone", (PHONE,), _valid_phone, lambda _, digits: digits >= 3),
+    # The shortest phone number taken has 8 digits (an international one: _valid_phone), the others more.
+    Detector("phone", (PHONE,), _valid_phone, lambda _, digits: digits >= PHONE_MIN_DIGITS),
     Detector("bankCard", (BANK_CARD,), _valid_bank_card, lambda _, digits: digits >= 13),
     Detector(
         "ipAddress",
         (IPV4, IPV6),
         lambda text: ":" not in text or _valid_ipv6(text),
-        lambda text, digits: digits >= 4 or text.count(":") >= 2,
+        lambda text, digits: (digits >= 4 and text.count(".") >= 3) or text.count(":") >= 2,
     ),
 )
 
