@@ -13,6 +13,7 @@ echo "== lint (ruff) =="
 ruff check .
 ruff format --check .
 hadolint trainer-image/Dockerfile operator/Dockerfile serving-image/Dockerfile
+actionlint   # .github/workflows (built by tests/localcluster/build.sh, on PATH above)
 echo "== types (mypy) =="
 mypy
 echo "== generated CRDs and field reference are up to date =="

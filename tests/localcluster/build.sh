@@ -14,6 +14,7 @@
 #   helm-<version>/bin/helm
 #   coredns-<version>/bin/coredns
 #   kueue-<version>/bin/kueue      (--with-kueue only)
+#   actionlint-<version>/bin/actionlint   (the workflow linter of the test command's lint step)
 # Each group is built into a temporary directory and renamed into place only
 # when the whole build succeeded, so an interrupted build never leaves a
 # half-written binary behind. GOMODCACHE and GOCACHE keep Go's defaults unless
@@ -53,9 +54,12 @@ built_etcd() { have_all "$LC_ETCD_BIN" etcd; }
 built_helm() { have_all "$LC_HELM_BIN" helm; }
 built_coredns() { have_all "$LC_COREDNS_BIN" coredns; }
 built_kueue() { ! $with_kueue || have_all "$LC_KUEUE_BIN" kueue; }
-built_all() { built_k8s && built_etcd && built_helm && built_coredns && built_kueue; }
+built_actionlint() { have_all "$LC_ACTIONLINT_BIN" actionlint; }
+built_all() { built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_actionlint; }
 
-path_line() { printf '%s:%s:%s:%s\n' "$LC_K8S_BIN" "$LC_ETCD_BIN" "$LC_HELM_BIN" "$LC_COREDNS_BIN"; }
+path_line() {
+  printf '%s:%s:%s:%s:%s\n' "$LC_K8S_BIN" "$LC_ETCD_BIN" "$LC_HELM_BIN" "$LC_COREDNS_BIN" "$LC_ACTIONLINT_BIN"
+}
 
 if [ "$mode" = check ]; then
   built_all
@@ -166,9 +170,17 @@ if ! built_kueue; then
     "$HERE/gomod/kueue" sigs.k8s.io/kueue/cmd/kueue
 fi
 
+if ! built_actionlint; then
+  check_pin actionlint github.com/rhysd/actionlint "$LC_ACTIONLINT_VERSION"
+  log "building actionlint $LC_ACTIONLINT_VERSION"
+  go_build "$LC_CACHE/actionlint-$LC_ACTIONLINT_VERSION" actionlint \
+    "-s -w -X github.com/rhysd/actionlint.version=$LC_ACTIONLINT_VERSION" \
+    "$HERE/gomod/actionlint" github.com/rhysd/actionlint/cmd/actionlint
+fi
+
 if [ "$mode" = print ]; then
   path_line
 else
-  log "binaries ready: $LC_K8S_BIN $LC_ETCD_BIN $LC_HELM_BIN $LC_COREDNS_BIN"
+  log "binaries ready: $LC_K8S_BIN $LC_ETCD_BIN $LC_HELM_BIN $LC_COREDNS_BIN $LC_ACTIONLINT_BIN"
   echo "export PATH=\"$(path_line):\$PATH\""
 fi

@@ -33,6 +33,10 @@ LC_COREDNS_VERSION=v1.14.7
 # libraries (k8s.io/* v0.32.5, controller-runtime v0.20); 0.13 moved to 1.33's.
 LC_KUEUE_VERSION=v0.12.10
 
+# actionlint (the GitHub Actions workflow linter; .github/workflows), run by the test command's lint
+# step. Not part of the cluster, built here like its binaries.
+LC_ACTIONLINT_VERSION=v1.7.12
+
 # Root of the binary cache (outside the repository).
 LC_CACHE="${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}"
 LC_K8S_BIN="$LC_CACHE/k8s-$LC_K8S_VERSION/bin"
@@ -40,5 +44,6 @@ LC_ETCD_BIN="$LC_CACHE/etcd-$LC_ETCD_VERSION/bin"
 LC_HELM_BIN="$LC_CACHE/helm-$LC_HELM_VERSION/bin"
 LC_COREDNS_BIN="$LC_CACHE/coredns-$LC_COREDNS_VERSION/bin"
 LC_KUEUE_BIN="$LC_CACHE/kueue-$LC_KUEUE_VERSION/bin"
+LC_ACTIONLINT_BIN="$LC_CACHE/actionlint-$LC_ACTIONLINT_VERSION/bin"
 # KEDA's CRDs (ScaledObject), from its Go module; only the KEDA test applies them (keda_crds.sh).
 LC_KEDA_VERSION=v2.20.2
