@@ -15,6 +15,7 @@
 #   coredns-<version>/bin/coredns
 #   kueue-<version>/bin/kueue      (--with-kueue only)
 #   actionlint-<version>/bin/actionlint   (the workflow linter of the test command's lint step)
+#   argocd-health-<version>/bin/argocd-health.test   (Argo CD's Lua engine, for the health scripts)
 # Each group is built into a temporary directory and renamed into place only
 # when the whole build succeeded, so an interrupted build never leaves a
 # half-written binary behind. GOMODCACHE and GOCACHE keep Go's defaults unless
@@ -55,10 +56,14 @@ built_helm() { have_all "$LC_HELM_BIN" helm; }
 built_coredns() { have_all "$LC_COREDNS_BIN" coredns; }
 built_kueue() { ! $with_kueue || have_all "$LC_KUEUE_BIN" kueue; }
 built_actionlint() { have_all "$LC_ACTIONLINT_BIN" actionlint; }
-built_all() { built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_actionlint; }
+built_argocd_health() { have_all "$LC_ARGOCD_HEALTH_BIN" argocd-health.test; }
+built_all() {
+  built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_actionlint && built_argocd_health
+}
 
 path_line() {
-  printf '%s:%s:%s:%s:%s\n' "$LC_K8S_BIN" "$LC_ETCD_BIN" "$LC_HELM_BIN" "$LC_COREDNS_BIN" "$LC_ACTIONLINT_BIN"
+  printf '%s:%s:%s:%s:%s:%s\n' "$LC_K8S_BIN" "$LC_ETCD_BIN" "$LC_HELM_BIN" "$LC_COREDNS_BIN" \
+    "$LC_ACTIONLINT_BIN" "$LC_ARGOCD_HEALTH_BIN"
 }
 
 if [ "$mode" = check ]; then
@@ -176,6 +181,18 @@ if ! built_actionlint; then
   go_build "$LC_CACHE/actionlint-$LC_ACTIONLINT_VERSION" actionlint \
     "-s -w -X github.com/rhysd/actionlint.version=$LC_ACTIONLINT_VERSION" \
     "$HERE/gomod/actionlint" github.com/rhysd/actionlint/cmd/actionlint
+fi
+
+if ! built_argocd_health; then
+  check_pin argocd-health github.com/argoproj/argo-cd/v3 "$LC_ARGOCD_VERSION"
+  log "building Argo CD $LC_ARGOCD_VERSION's health-check engine into a test binary (from a cold Go cache: ~2 min)"
+  mkdir -p "$LC_CACHE/argocd-health-$LC_ARGOCD_VERSION"
+  rm -rf "$LC_CACHE/argocd-health-$LC_ARGOCD_VERSION"/bin.tmp.*   # left over by a killed build
+  tmp=$(mktemp -d "$LC_CACHE/argocd-health-$LC_ARGOCD_VERSION/bin.tmp.XXXXXX")
+  (cd "$HERE/gomod/argocd-health" && "$GO" test -c -trimpath -ldflags "-s -w" -o "$tmp/argocd-health.test" .)
+  chmod 755 "$tmp"
+  rm -rf "$LC_ARGOCD_HEALTH_BIN"
+  mv "$tmp" "$LC_ARGOCD_HEALTH_BIN"
 fi
 
 if [ "$mode" = print ]; then

@@ -37,6 +37,11 @@ LC_KUEUE_VERSION=v0.12.10
 # step. Not part of the cluster, built here like its binaries.
 LC_ACTIONLINT_VERSION=v1.7.12
 
+# Argo CD, whose util/lua package (the Lua VM and sandbox Argo CD runs resource health checks in) is
+# compiled into a test binary for the health scripts' test. 3.2 is the newest line the Go module proxy
+# serves whole here (3.5+ need an in-repo gitops-engine pseudo-version it refuses; 3.6 needs Go 1.27).
+LC_ARGOCD_VERSION=v3.2.6
+
 # Root of the binary cache (outside the repository).
 LC_CACHE="${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}"
 LC_K8S_BIN="$LC_CACHE/k8s-$LC_K8S_VERSION/bin"
@@ -45,5 +50,6 @@ LC_HELM_BIN="$LC_CACHE/helm-$LC_HELM_VERSION/bin"
 LC_COREDNS_BIN="$LC_CACHE/coredns-$LC_COREDNS_VERSION/bin"
 LC_KUEUE_BIN="$LC_CACHE/kueue-$LC_KUEUE_VERSION/bin"
 LC_ACTIONLINT_BIN="$LC_CACHE/actionlint-$LC_ACTIONLINT_VERSION/bin"
+LC_ARGOCD_HEALTH_BIN="$LC_CACHE/argocd-health-$LC_ARGOCD_VERSION/bin"
 # KEDA's CRDs (ScaledObject), from its Go module; only the KEDA test applies them (keda_crds.sh).
 LC_KEDA_VERSION=v2.20.2

@@ -9,6 +9,9 @@ record.py); only a state this machine cannot produce is constructed from the sta
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import typing
 from pathlib import Path
 from typing import Any
@@ -326,3 +329,50 @@ def test_the_example_applications_fit_the_chart_and_sync_server_side() -> None:
     schema = json.loads((chart / "values.schema.json").read_text())
     jsonschema.validate(operator["source"]["helm"]["valuesObject"], schema)
     assert "ignoreDifferences" not in application("finetunejobs.yaml")
+
+
+# --- Argo CD's own engine ----------------------------------------------------------------------
+
+
+def test_argo_cds_own_lua_engine_agrees_on_every_recorded_object(tmp_path: Path) -> None:
+    """lupa stands in for Argo CD above; here every recorded object (and the promotion gate's refusal)
+    goes through Argo CD's util/lua, built from its Go module into a test binary
+    (tests/localcluster/gomod/argocd-health), which must give the same status and message."""
+    engine = shutil.which("argocd-health.test")
+    assert engine, (
+        "argocd-health.test is not on PATH: run `bash tests/localcluster/build.sh` (scripts/test.sh does)"
+    )
+    objects = [(path.name, json.loads(path.read_text())) for path in sorted(FIXTURES.glob("*.json"))]
+    gated = fixture("modeldeployment-loaded.json")
+    gated["status"]["conditions"].append(
+        {
+            "type": "Promoted",
+            "status": "False",
+            "reason": "PromotionGateFailed",
+            "message": "exactMatch 0 missed",
+        }
+    )
+    objects.append(("modeldeployment-loaded-promotiongatefailed", gated))
+    cases = []
+    for name, obj in objects:
+        status, message = health(obj["kind"], obj)
+        cases.append(
+            {
+                "name": name,
+                "script": SCRIPTS[obj["kind"]],
+                "object": obj,
+                "status": status,
+                "message": message,
+            }
+        )
+    assert (
+        cases[-1]["status"],
+        cases[-1]["message"],
+    ) == ("Degraded", "PromotionGateFailed: exactMatch 0 missed")
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {**os.environ, "DEEPTUNE_HEALTH_CASES": str(tmp_path / "cases.json")}
+    done = subprocess.run(
+        [engine, "-test.v"], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "--- PASS: TestHealthScripts" in done.stdout
