@@ -2,13 +2,14 @@
 
 kubectl runs any executable named `kubectl-deeptune` on PATH for `kubectl deeptune ...` (pip installs
 one: the `kubectl-deeptune` script of this package). It reads the same kubeconfig kubectl does
-(`KUBECONFIG`, `--kubeconfig`, `--context`) and only reads: FineTuneJobs, and pod logs for
-explain-failure.
+(`KUBECONFIG`, `--kubeconfig`, `--context`) and only reads: FineTuneJobs, ModelDeployments, and pod
+logs for explain-failure.
 
     kubectl deeptune status NAME [--watch]     progress bar while it runs, then the results
     kubectl deeptune results NAME              base model against fine-tuned, per metric
     kubectl deeptune compare A B               two runs side by side: scores, inputs, cost
     kubectl deeptune explain-failure NAME      why it failed, its last log lines, where to read on
+    kubectl deeptune chat MDEP [--url URL]     chat with a ModelDeployment through its OpenAI API
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -26,6 +27,8 @@ from rich.table import Table
 
 from deeptune.api.base import GROUP, VERSION
 from deeptune.api.finetunejob import PLURAL, FineTuneJobStatus
+from deeptune.api.modeldeployment import PLURAL as MDEP_PLURAL
+from deeptune.api.modeldeployment import ModelDeploymentStatus
 
 Obj = dict[str, Any]
 TERMINAL = frozenset({"Succeeded", "Failed"})
@@ -65,6 +68,19 @@ class Cluster:
             if error.status == 404:
                 raise SystemExit(
                     f'error: finetunejob "{name}" not found in namespace {self.namespace}'
+                ) from None
+            raise
+
+    def modeldeployment(self, name: str) -> Obj:
+        try:
+            found = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, MDEP_PLURAL, name
+            )
+            return cast(Obj, found)
+        except ApiException as error:
+            if error.status == 404:
+                raise SystemExit(
+                    f'error: modeldeployment "{name}" not found in namespace {self.namespace}'
                 ) from None
             raise
 
@@ -248,6 +264,50 @@ def explain_failure(cluster: Cluster, console: Console, name: str, lines: int) -
     return 1
 
 
+def chat(
+    cluster: Cluster,
+    console: Console,
+    name: str,
+    *,
+    url: str | None,
+    sampling: dict[str, Any],
+    lines: TextIO,
+) -> int:
+    """A conversation with the deployment's model: each line read is a user turn, each reply streamed
+    as it comes. The OpenAI URL is the status's unless given (e.g. a `kubectl port-forward`'s)."""
+    import openai  # noqa: PLC0415  (only this command needs it)
+
+    status = ModelDeploymentStatus.model_validate(cluster.modeldeployment(name).get("status") or {})
+    endpoints = status.endpoints
+    base_url = url or (endpoints.openai if endpoints else None)
+    model = endpoints.model_name if endpoints and endpoints.model_name else name
+    if base_url is None:
+        raise SystemExit(f"error: modeldeployment {name} reports no OpenAI endpoint yet: is it Ready?")
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    console.print(
+        f"chatting with {model} at {base_url}; an empty line or end of input ends it", highlight=False
+    )
+    history: list[dict[str, str]] = []
+    for line in lines:
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line.strip()})
+        reply = []
+        try:
+            stream = client.chat.completions.create(
+                model=model, messages=cast(Any, history), stream=True, **sampling
+            )
+            for chunk in stream:
+                piece = (chunk.choices[0].delta.content or "") if chunk.choices else ""
+                reply.append(piece)
+                console.print(piece, end="", highlight=False, markup=False)
+        except openai.APIError as error:
+            raise SystemExit(f"error: {base_url}: {error}") from None
+        console.print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
 def _where(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("-n", "--namespace", default=default)
     parser.add_argument("--kubeconfig", default=default)
@@ -277,6 +337,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     explain = commands.add_parser("explain-failure", parents=[anywhere], help="why it failed and what to do")
     explain.add_argument("name")
     explain.add_argument("--lines", type=int, default=20)
+    talk = commands.add_parser("chat", parents=[anywhere], help="chat with a ModelDeployment")
+    talk.add_argument("name")
+    talk.add_argument(
+        "--url", help="the OpenAI API's base URL, when status.endpoints.openai is not reachable"
+    )
+    talk.add_argument("--max-tokens", type=int, default=256)
+    talk.add_argument("--temperature", type=float, help="default: the deployment's")
     return parser.parse_args(argv)
 
 
@@ -292,6 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "compare":
         console.print(compare_table(cluster.finetunejob(args.first), cluster.finetunejob(args.second)))
         return 0
+    if args.command == "chat":
+        sampling = {"max_tokens": args.max_tokens}
+        if args.temperature is not None:
+            sampling["temperature"] = args.temperature
+        return chat(cluster, console, args.name, url=args.url, sampling=sampling, lines=sys.stdin)
     return explain_failure(cluster, console, args.name, args.lines)
 
 

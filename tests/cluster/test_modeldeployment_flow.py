@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +349,19 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
         stream=True,
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed).strip() == answers[0]
+    # `kubectl deeptune chat`, a line typed, the reply streamed back (the pod's address: no kube-proxy).
+    plugin = [sys.executable, "-m", "deeptune.kubectl_plugin", "--kubeconfig", str(crds.kubeconfig)]
+    chat = [*plugin, "chat", "keywords", "-n", namespace, "--url", f"http://{pod['status']['podIP']}:9000/v1"]
+    typed = subprocess.run(
+        [*chat, "--temperature", "0", "--max-tokens", "8"],
+        input=f"{held_out[0]['prompt']}\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert typed.returncode == 0, typed.stderr
+    assert typed.stdout.splitlines()[1].strip() == answers[0], typed.stdout
 
     # The promotion gate: the run that learned passes; a run made not to learn (one step at a
     # negligible learning rate) is refused, and the run that learned keeps answering.

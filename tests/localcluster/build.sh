@@ -198,6 +198,6 @@ fi
 if [ "$mode" = print ]; then
   path_line
 else
-  log "binaries ready: $LC_K8S_BIN $LC_ETCD_BIN $LC_HELM_BIN $LC_COREDNS_BIN $LC_ACTIONLINT_BIN"
+  log "binaries ready: $(path_line | tr : " ")"
   echo "export PATH=\"$(path_line):\$PATH\""
 fi
