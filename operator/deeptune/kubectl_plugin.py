@@ -61,28 +61,21 @@ class Cluster:
         self.core = client.CoreV1Api()
 
     def finetunejob(self, name: str) -> Obj:
-        try:
-            found = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-            return cast(Obj, found)
-        except ApiException as error:
-            if error.status == 404:
-                raise SystemExit(
-                    f'error: finetunejob "{name}" not found in namespace {self.namespace}'
-                ) from None
-            raise
+        return self._get(PLURAL, name)
 
     def modeldeployment(self, name: str) -> Obj:
+        return self._get(MDEP_PLURAL, name)
+
+    def _get(self, plural: str, name: str) -> Obj:
+        """One of DeepTune's objects; a missing one ends the command with kubectl's words."""
         try:
-            found = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, MDEP_PLURAL, name
-            )
-            return cast(Obj, found)
+            found = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
         except ApiException as error:
             if error.status == 404:
-                raise SystemExit(
-                    f'error: modeldeployment "{name}" not found in namespace {self.namespace}'
-                ) from None
+                kind = plural.removesuffix("s")
+                raise SystemExit(f'error: {kind} "{name}" not found in namespace {self.namespace}') from None
             raise
+        return cast(Obj, found)
 
     def last_log_lines(self, job: Obj, lines: int) -> str:
         """The newest trainer pod's last lines, or why there are none."""
