@@ -291,7 +291,7 @@ def start_chart_operator(cluster: Cluster, release: Release, kubeconfig: Path, l
             assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", item
             env[item["name"]] = pod_name(release)
         else:
-            env[item["name"]] = item["value"]
+            env[item["name"]] = item.get("value", "")  # the API server drops an empty value
     assert env["DEEPTUNE_OPERATOR_IDENTITY"] == pod_name(release)
     env["KUBECONFIG"] = str(kubeconfig)
     return harness.start_process([sys.executable, "-m", "deeptune"], log, env)

@@ -468,6 +468,13 @@ def test_environment_is_what_the_operator_reads(default_docs: list[dict[str, Any
     assert (settings.metrics_port, settings.liveness_port, settings.status_interval) == (8080, 8081, 5.0)
     assert settings.builder.trainer_image == DEFAULT_TRAINER_IMAGE
     assert settings.builder.image_pull_policy == "IfNotPresent"
+    assert "DEEPTUNE_GPU_HOUR_PRICES" not in env and settings.gpu_hour_prices == {}  # no prices: no cost
+
+
+def test_gpu_hour_prices_reach_the_operator() -> None:
+    prices = {"nvidia.com/gpu": 2.5, "amd.com/gpu": 1.25}
+    settings = from_environment(env_of(render({"costs": {"gpuHourPrices": prices}})))
+    assert settings.gpu_hour_prices == prices
 
 
 def test_the_operator_knows_who_it_is_for_network_policies(default_docs: list[dict[str, Any]]) -> None:
