@@ -52,9 +52,8 @@ class Cluster:
 
     def __init__(self, namespace: str | None, kubeconfig: str | None, context: str | None) -> None:
         config.load_kube_config(config_file=kubeconfig, context=context)
-        _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
         chosen = context or active["name"]
-        contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
         default = next((c["context"].get("namespace") for c in contexts if c["name"] == chosen), None)
         self.namespace = namespace or default or "default"
         self.custom = client.CustomObjectsApi()

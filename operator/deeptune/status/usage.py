@@ -22,10 +22,6 @@ GPU_SUFFIX = "/gpu"
 Obj = dict[str, Any]
 
 
-def _time(text: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
-
-
 def _gpus(pod: Obj) -> tuple[str | None, int]:
     """The GPU resource the pod asks for and how many (limits: GPUs are not overcommitted)."""
     total, name = 0, None
@@ -53,10 +49,9 @@ def attempt(pod: Obj) -> Attempt | None:
     finished = _finished_at(pod)
     resource, gpus = _gpus(pod)
     seconds = None
-    if finished:
-        start, end = _time(started), _time(finished)
-        assert start is not None and end is not None
-        seconds = max(0, round((end - start).total_seconds()))
+    if finished:  # RFC 3339, which fromisoformat reads since Python 3.11
+        held = dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)
+        seconds = max(0, round(held.total_seconds()))
     return Attempt(
         pod=pod["metadata"]["name"],
         node=pod.get("spec", {}).get("nodeName"),
