@@ -20,4 +20,4 @@ echo "== generated CRDs and field reference are up to date =="
 python -m deeptune.crdgen --check
 python scripts/gen_reference.py --check
 echo "== tests (pytest) =="
-python -m pytest "$@"
+python -m pytest --durations=30 "$@"   # the slowest 30 in the log: where CI time goes

@@ -312,7 +312,20 @@ def stop_local_cluster(state: Path) -> None:
 
 def install_crds(cluster: Cluster) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    wait_established(cluster, "crd", "--all")
+
+
+def wait_established(cluster: Cluster, *crds: str) -> None:
+    """`kubectl wait --for=condition=Established`, retried: kubectl fails at once, instead of
+    waiting, on a CRD whose status has no conditions yet (a fresh-clone CI run met it)."""
+
+    def established() -> bool:
+        waited = cluster.kubectl(
+            "wait", "--for=condition=Established", *crds, "--timeout=30s", check=False
+        )
+        return waited.returncode == 0
+
+    wait_for(f"{' '.join(crds)} to be Established", established, timeout=60, interval=0.5)
 
 
 def cluster_dns(cluster: Cluster) -> dict[str, str]:
@@ -464,7 +477,7 @@ def keda_crd(cluster: Cluster) -> Iterator[Path]:
     assert found.returncode == 0, f"KEDA's CRDs could not be fetched (keda_crds.sh):\n{found.stderr[-2000:]}"
     crd = Path(found.stdout.strip()) / "keda.sh_scaledobjects.yaml"
     cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+    wait_established(cluster, "crd/scaledobjects.keda.sh")
     try:
         yield crd
     finally:

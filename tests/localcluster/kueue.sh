@@ -261,7 +261,12 @@ for f in "$MODULE"/config/components/crd/bases/*.yaml; do   # GROUP_PLURAL.yaml
   name=$(basename "$f" .yaml)
   crds+=("crd/${name#*_}.${name%%_*}")
 done
-kc wait --for=condition=Established "${crds[@]}" --timeout=60s >/dev/null
+# retried: kubectl wait fails at once while a new CRD has no status conditions yet
+for _ in 1 2 3 4 5 6; do
+  kc wait --for=condition=Established "${crds[@]}" --timeout=30s >/dev/null 2>&1 && break
+  sleep 1
+done
+kc wait --for=condition=Established "${crds[@]}" --timeout=30s >/dev/null
 
 # Kueue's own ClusterRoles (what upstream binds to its ServiceAccount), renamed.
 sed 's/^  name: manager-role$/  name: kueue-manager-role/' "$MODULE/config/components/rbac/role.yaml" | kc apply -f - >/dev/null

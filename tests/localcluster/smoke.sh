@@ -72,7 +72,8 @@ spec:
             - rule: "self.replicas <= self.maxReplicas"
               message: "replicas must not exceed maxReplicas"
 EOF
-kubectl wait --for=condition=Established "crd/$CRD" --timeout=60s >/dev/null
+# retried: kubectl wait fails at once while the new CRD has no status conditions yet
+poll 60 kubectl wait --for=condition=Established "crd/$CRD" --timeout=30s
 kubectl create namespace "$NS" >/dev/null
 poll 30 kubectl -n "$NS" get widgets || true
 if out=$(kubectl -n "$NS" apply -f - 2>&1 <<EOF
