@@ -320,9 +320,7 @@ def wait_established(cluster: Cluster, *crds: str) -> None:
     waiting, on a CRD whose status has no conditions yet (a fresh-clone CI run met it)."""
 
     def established() -> bool:
-        waited = cluster.kubectl(
-            "wait", "--for=condition=Established", *crds, "--timeout=30s", check=False
-        )
+        waited = cluster.kubectl("wait", "--for=condition=Established", *crds, "--timeout=30s", check=False)
         return waited.returncode == 0
 
     wait_for(f"{' '.join(crds)} to be Established", established, timeout=60, interval=0.5)

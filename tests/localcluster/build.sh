@@ -7,6 +7,8 @@
 #   build.sh --check       exit 0 when every binary is already built, 1 otherwise
 #   build.sh --with-kueue  (with any of the above) Kueue's controller manager
 #                          too, which only the Kueue test needs (kueue.sh)
+#   build.sh --with-kubelet  (with any of the above) the kubelet too, which
+#                          only the real node needs (node.sh)
 #
 # Binaries go to ${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}:
 #   k8s-<version>/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}
@@ -14,6 +16,7 @@
 #   helm-<version>/bin/helm
 #   coredns-<version>/bin/coredns
 #   kueue-<version>/bin/kueue      (--with-kueue only)
+#   kubelet-<k8s version>/bin/kubelet   (--with-kubelet only)
 #   actionlint-<version>/bin/actionlint   (the workflow linter of the test command's lint step)
 #   argocd-health-<version>/bin/argocd-health.test   (Argo CD's Lua engine, for the health scripts)
 # Each group is built into a temporary directory and renamed into place only
@@ -30,12 +33,14 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 mode=build
 with_kueue=false
+with_kubelet=false
 for arg in "$@"; do
   case "$arg" in
     --print-path) mode=print ;;
     --check) mode=check ;;
     --with-kueue) with_kueue=true ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --with-kubelet) with_kubelet=true ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,10 +60,11 @@ built_etcd() { have_all "$LC_ETCD_BIN" etcd; }
 built_helm() { have_all "$LC_HELM_BIN" helm; }
 built_coredns() { have_all "$LC_COREDNS_BIN" coredns; }
 built_kueue() { ! $with_kueue || have_all "$LC_KUEUE_BIN" kueue; }
+built_kubelet() { ! $with_kubelet || have_all "$LC_KUBELET_BIN" kubelet; }
 built_actionlint() { have_all "$LC_ACTIONLINT_BIN" actionlint; }
 built_argocd_health() { have_all "$LC_ARGOCD_HEALTH_BIN" argocd-health.test; }
 built_all() {
-  built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_actionlint && built_argocd_health
+  built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_kubelet && built_actionlint && built_argocd_health
 }
 
 path_line() {
@@ -126,17 +132,30 @@ go_build() {
   log "built $(cd "$group/bin" && echo *) in $(( $(date +%s) - start ))s -> $group/bin"
 }
 
-if ! built_k8s; then
-  check_pin kubernetes k8s.io/kubernetes "$LC_K8S_VERSION"
-  minor=${LC_K8S_VERSION#v1.}; minor=${minor%%.*}
-  ld="-s -w"
+# The version stamps of the upstream release, as its Makefile sets them.
+k8s_ldflags() {
+  local minor=${LC_K8S_VERSION#v1.} pkg ld="-s -w"
+  minor=${minor%%.*}
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitVersion=$LC_K8S_VERSION"
     ld+=" -X $pkg.gitCommit=$LC_K8S_GIT_COMMIT -X $pkg.gitTreeState=clean -X $pkg.buildDate=$LC_K8S_BUILD_DATE"
   done
+  echo "$ld"
+}
+
+if ! built_k8s; then
+  check_pin kubernetes k8s.io/kubernetes "$LC_K8S_VERSION"
+  ld=$(k8s_ldflags)
   log "building Kubernetes $LC_K8S_VERSION (${K8S_CMDS[*]}); from a cold Go cache this downloads ~0.5 GiB of modules and compiles for several minutes (about 4 min on 2 cores)"
   go_build "$LC_CACHE/k8s-$LC_K8S_VERSION" "" "$ld" "$HERE/gomod/kubernetes" \
     "${K8S_CMDS[@]/#/k8s.io/kubernetes/cmd/}"
+fi
+
+if ! built_kubelet; then
+  check_pin kubernetes k8s.io/kubernetes "$LC_K8S_VERSION"
+  log "building the kubelet $LC_K8S_VERSION (with a warm Go cache ~30 s, cold ~4 min on 2 cores)"
+  go_build "$LC_CACHE/kubelet-$LC_K8S_VERSION" kubelet "$(k8s_ldflags)" "$HERE/gomod/kubernetes" \
+    k8s.io/kubernetes/cmd/kubelet
 fi
 
 if ! built_etcd; then

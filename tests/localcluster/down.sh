@@ -7,6 +7,8 @@
 #     trainers, Triton servers, ...), with their network namespaces, in case
 #     the agent could not stop them itself, and the pods' bridge once no node
 #     agent is left on the machine;
+#   - the real node if node.sh started one (node.sh --stop: kubelet, containerd,
+#     its containers, bridge, mounts, cgroups, the kernel settings restored);
 #   - Kueue if kueue.sh started it (kueue.pid), then what up.sh started (*.pid:
 #     CoreDNS, scheduler, controller manager, API server, etcd), with CoreDNS's
 #     address; the service range's blackhole route goes with the last cluster DNS.
@@ -150,7 +152,12 @@ if command -v ip >/dev/null && ip link show dtbr0 >/dev/null 2>&1 \
   ip link del dtbr0 2>/dev/null || true
 fi
 
-# 3. Kueue (kueue.sh's), then the control plane, in reverse start order: clients first, etcd last.
+# 3. The real node (node.sh's), undone by node.sh itself.
+if [ -d "$STATE/node" ]; then
+  DEEPTUNE_CLUSTER_DIR="$STATE" bash "$(dirname "${BASH_SOURCE[0]}")/node.sh" --stop || log "warning: node.sh --stop failed"
+fi
+
+# 4. Kueue (kueue.sh's), then the control plane, in reverse start order: clients first, etcd last.
 for name in kueue coredns kube-scheduler kube-controller-manager kube-apiserver etcd; do
   f="$STATE/$name.pid"
   [ -f "$f" ] || continue
@@ -164,7 +171,7 @@ for name in kueue coredns kube-scheduler kube-controller-manager kube-apiserver 
 done
 stop_all 10
 
-# 4. The cluster DNS's address on the loopback device (cluster-dns.env; up.sh
+# 5. The cluster DNS's address on the loopback device (cluster-dns.env; up.sh
 #    gives each cluster on the machine its own, 10.96.0.10 and up), and any other
 #    such address that no CoreDNS listens on (its cluster was killed), under
 #    up.sh's lock for them; the blackhole route for the service range with the

@@ -227,6 +227,8 @@ log "generating certificates in $PKI"
   sign kube-controller-manager "/CN=system:kube-controller-manager" "$client_ext"
   sign kube-scheduler "/CN=system:kube-scheduler" "$client_ext"
   sign coredns "/CN=system:coredns" "$client_ext"   # see "cluster DNS" below
+  # The API server's identity towards kubelets (logs, exec, port-forward on a real node: node.sh).
+  sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client_ext"
 
   # Front-proxy (request-header) CA and client: published by the apiserver in
   # kube-system/extension-apiserver-authentication, which the controller
@@ -348,6 +350,9 @@ start kube-apiserver \
   --proxy-client-key-file="$PKI/front-proxy-client.key" \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
   --service-cluster-ip-range="$SERVICE_CIDR" \
+  --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+  --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+  --kubelet-preferred-address-types=InternalIP,Hostname \
   --authorization-mode=Node,RBAC \
   --allow-privileged=true \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \

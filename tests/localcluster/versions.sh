@@ -53,3 +53,9 @@ LC_ACTIONLINT_BIN="$LC_CACHE/actionlint-$LC_ACTIONLINT_VERSION/bin"
 LC_ARGOCD_HEALTH_BIN="$LC_CACHE/argocd-health-$LC_ARGOCD_VERSION/bin"
 # KEDA's CRDs (ScaledObject), from its Go module; only the KEDA test applies them (keda_crds.sh).
 LC_KEDA_VERSION=v2.20.2
+
+# The real node (node.sh): images built here without a registry (images.sh). The stand-in base is a
+# Debian rootfs from debootstrap; the pod sandbox image is Kubernetes' own pause.c.
+LC_DEBIAN_SUITE=bookworm
+LC_PAUSE_IMAGE=deeptune.local/pause:3.10
+LC_KUBELET_BIN="$LC_CACHE/kubelet-$LC_K8S_VERSION/bin"

@@ -1,0 +1,227 @@
+"""The real node (tests/localcluster/node.sh): a kubelet with containerd and runc, enforcing what the
+test node agent only simulates — the image's filesystem, the user a container runs as, a read-only
+root filesystem, memory limits (OOM kills), the termination message, the service-account token,
+cluster DNS, `kubectl logs` and `kubectl exec` through the API server — on a network from which
+nothing leaves this machine. Teardown leaves the machine as it found it.
+
+The node is tainted: only pods that tolerate the taint and select it run there, so the rest of the
+suite keeps using the node agent's node. The image is the Debian rootfs images.sh builds with
+debootstrap (no registry is reachable here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import harness
+from tests.cluster.harness import Cluster
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.realnode,
+    pytest.mark.skipif(os.geteuid() != 0, reason="LOUD SKIP: a real node needs root (containerd, cgroups)"),
+]
+
+NODE = "deeptune-real-node"
+IMAGE = "deeptune.local/debian:bookworm"
+NODE_SH = harness.LOCALCLUSTER / "node.sh"
+FIXED_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/var/lib/cni", "/run/containerd")
+SYSCTLS = (
+    "vm.overcommit_memory",
+    "vm.panic_on_oom",
+    "kernel.panic",
+    "kernel.panic_on_oops",
+    "net.ipv4.ip_forward",
+)
+
+
+def machine_state(state_dir: Path) -> dict[str, Any]:
+    """What the node may change on this machine and must give back: links, routes, mounts and
+    processes under the cluster's state dir, the kernel settings the kubelet sets, cgroups."""
+
+    def run(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/deeptune-*"))
+    processes = run("ps", "-e", "-o", "args=").splitlines()
+    return {
+        "links": sorted(line.split()[0] for line in run("ip", "-br", "link").splitlines()),
+        "routes": sorted(run("ip", "route").splitlines()),
+        "mounts under the state dir": [m for m in mounts if m.startswith(str(state_dir))],
+        "processes under the state dir": [p for p in processes if str(state_dir / "node") in p],
+        "sysctls": {key: run("sysctl", "-n", key).strip() for key in SYSCTLS},
+        "cgroups": cgroups,
+        "fixed directories": [d for d in FIXED_DIRS if Path(d).exists()],
+    }
+
+
+def node_sh(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(cluster.state_dir)}
+    return subprocess.run(
+        ["bash", str(NODE_SH), *args], env=env, capture_output=True, text=True, check=False, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def real_node(cluster: Cluster) -> Iterator[dict[str, Any]]:
+    """The node, started for this module; yields the machine's state from before it started."""
+    if not cluster.local:
+        pytest.skip("LOUD SKIP: the real node joins the local control plane only (tests/localcluster)")
+    before = machine_state(cluster.state_dir)
+    started = node_sh(cluster)
+    assert started.returncode == 0, f"node.sh failed:\n{started.stderr[-4000:]}"
+    yield before
+    node_sh(cluster, "--stop")
+
+
+def pod(name: str, script: str, **container: Any) -> dict[str, Any]:
+    """A pod for the real node: the Debian image, `bash -c script`, never restarted."""
+    main = {"name": "main", "image": IMAGE, "imagePullPolicy": "Never", "command": ["bash", "-c", script]}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"deeptune.dev/real-node": "true"},
+            "tolerations": [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [main | container],
+        },
+    }
+
+
+def run_pod(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Create the pod and wait until its container has terminated; its status."""
+    name = manifest["metadata"]["name"]
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+    def terminated() -> dict[str, Any] | None:
+        got = json.loads(cluster.kubectl("get", "pod", "-n", namespace, name, "-o", "json").stdout)
+        statuses = got["status"].get("containerStatuses") or []
+        return got if statuses and "terminated" in statuses[0]["state"] else None
+
+    result: dict[str, Any] = harness.wait_for(f"pod {name} to finish", terminated, timeout=120)
+    return result
+
+
+def terminated_state(pod_status: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, Any] = pod_status["status"]["containerStatuses"][0]["state"]["terminated"]
+    return state
+
+
+def test_the_node_is_a_kubelet_on_containerd(cluster: Cluster, real_node: dict[str, Any]) -> None:
+    node = json.loads(cluster.kubectl("get", "node", NODE, "-o", "json").stdout)
+    info = node["status"]["nodeInfo"]
+    assert info["kubeletVersion"] == "v1.32.4"
+    assert info["containerRuntimeVersion"].startswith("containerd://1.")
+    assert {"key": "deeptune.dev/real-node", "value": "true", "effect": "NoSchedule"} in node["spec"][
+        "taints"
+    ]
+
+
+def test_a_pod_runs_the_image_as_its_user_with_a_read_only_root(
+    cluster: Cluster, real_node: dict[str, Any], namespace: str
+) -> None:
+    """The image's own files, the user the pod asks for, a root filesystem that refuses writes, the
+    service-account token and the termination message, all from the kubelet and runc."""
+    script = (
+        "cat /etc/debian_version; id -u; touch /probe 2>&1 || true; echo scratch > /tmp/ok && cat /tmp/ok;"
+        " cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo;"
+        " getent hosts kubernetes.default.svc.cluster.local || echo no-dns;"
+        " echo finished-well > /dev/termination-log"
+    )
+    manifest = pod(
+        "as-user",
+        script,
+        securityContext={"runAsNonRoot": True, "runAsUser": 65534, "readOnlyRootFilesystem": True},
+        volumeMounts=[{"name": "tmp", "mountPath": "/tmp"}],
+    )
+    manifest["spec"]["volumes"] = [{"name": "tmp", "emptyDir": {}}]
+    status = run_pod(cluster, namespace, manifest)
+    state = terminated_state(status)
+    assert state["exitCode"] == 0, state
+    assert state["message"] == "finished-well\n"
+    logs = cluster.kubectl("logs", "-n", namespace, "as-user").stdout.splitlines()
+    assert re.fullmatch(r"12\.\d+", logs[0]), logs  # bookworm's /etc/debian_version, from the image
+    assert logs[1] == "65534"
+    assert "Read-only file system" in logs[2]
+    assert logs[3] == "scratch"
+    assert logs[4] == namespace
+    assert logs[5].split()[0] == "10.96.0.1", logs  # the cluster DNS answers the pod
+    assert status["status"]["podIP"].startswith("10.245.")
+
+
+def test_run_as_non_root_refuses_a_root_image(
+    cluster: Cluster, real_node: dict[str, Any], namespace: str
+) -> None:
+    manifest = pod("as-root", "id -u", securityContext={"runAsNonRoot": True})
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+    def refused() -> str:
+        got = json.loads(cluster.kubectl("get", "pod", "-n", namespace, "as-root", "-o", "json").stdout)
+        waiting = (got["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("waiting", {})
+        return f"{waiting.get('reason')}: {waiting.get('message')}" if waiting.get("message") else ""
+
+    said = harness.wait_for("the kubelet to refuse a root image", refused, timeout=60)
+    assert said.startswith("CreateContainerConfigError"), said
+    assert "runAsNonRoot" in said and "root" in said
+
+
+def test_a_memory_limit_is_enforced_by_an_oom_kill(
+    cluster: Cluster, real_node: dict[str, Any], namespace: str
+) -> None:
+    """`tail /dev/zero` keeps one ever-growing line in memory: under a 32 MiB limit the kernel's
+    OOM killer ends it, and the status says OOMKilled."""
+    manifest = pod("hog", "tail /dev/zero", resources={"limits": {"memory": "32Mi", "cpu": "500m"}})
+    state = terminated_state(run_pod(cluster, namespace, manifest))
+    assert state["reason"] == "OOMKilled", state
+    assert state["exitCode"] == 137
+
+
+def test_exec_reaches_a_running_container(
+    cluster: Cluster, real_node: dict[str, Any], namespace: str
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod("sleeper", "sleep 600")))
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/sleeper", "--timeout=60s")
+    said = cluster.kubectl("exec", "-n", namespace, "sleeper", "--", "cat", "/proc/1/cmdline").stdout
+    assert said.split("\0")[:2] == ["sleep", "600"]  # pid 1 of the pod's own pid namespace (bash exec'd it)
+
+
+def test_nothing_routes_off_the_machine_from_a_pod(
+    cluster: Cluster, real_node: dict[str, Any], namespace: str
+) -> None:
+    """A pod's routes are its subnet and the service range via the host (for cluster DNS): an
+    address off the machine has no route at all, and a ClusterIP nothing serves goes nowhere — the
+    host's route for the service range is a blackhole (and the node leaves ip_forward as it was)."""
+    outside = "192.0.2.1"  # this VM's gateway: the way off the machine
+    script = (
+        f"(exec 3<>/dev/tcp/{outside}/80) 2>&1 | tail -1;"
+        " timeout 5 bash -c 'exec 3<>/dev/tcp/10.96.200.1/443' 2>/dev/null; echo clusterip rc=$?;"
+        " awk 'NR > 1 {print $2}' /proc/net/route"
+    )
+    status = run_pod(cluster, namespace, pod("net", script))
+    assert terminated_state(status)["exitCode"] == 0
+    logs = cluster.kubectl("logs", "-n", namespace, "net").stdout.splitlines()
+    assert "Network is unreachable" in logs[0], logs
+    assert logs[1] == "clusterip rc=124", logs  # no answer, not even a refusal
+    assert "00000000" not in logs[2:], f"a pod has a default route: {logs}"
+    blackholes = subprocess.run(["ip", "route", "show", "type", "blackhole"], capture_output=True, check=True)
+    assert b"10.96.0.0/16" in blackholes.stdout
+
+
+def test_stopping_the_node_gives_the_machine_back(cluster: Cluster, real_node: dict[str, Any]) -> None:
+    """Last in the module: node.sh --stop undoes everything (links, routes, mounts, processes,
+    kernel settings, cgroups, the kubelet's directories); the fixture's own stop is then a no-op."""
+    stopped = node_sh(cluster, "--stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert machine_state(cluster.state_dir) == real_node

@@ -1,0 +1,315 @@
+#!/usr/bin/env bash
+# A real node for the local cluster: containerd + runc as the container runtime and a kubelet,
+# registered as node `deeptune-real-node` with the control plane up.sh started in the same state
+# dir. What kind runs inside its node container, run here directly (kind itself needs
+# `docker run --privileged`, which this VM refuses).
+#
+#   node.sh          start it (packages, kubelet and images first if missing); wait until Ready
+#   node.sh --stop   stop it and undo all it did to the machine (down.sh calls this)
+#
+# The node is tainted deeptune.dev/real-node=true:NoSchedule and labelled deeptune.dev/real-node=true:
+# a pod runs there only if it asks to (toleration + nodeSelector), so the suite's other pods keep
+# going to the test node agent's node.
+#
+# What it does to the machine, all undone by --stop:
+#   - containerd (own root, state dir and socket), its shims and the pods' containers;
+#   - a bridge `dtnode<N>` with 10.245.<N>.1/24 (N: the first free of 0..99, under a lock), the pods'
+#     subnet. The CNI bridge plugin runs with isGateway false and ipMasq false: it touches neither
+#     iptables nor ip_forward. A pod's only routes are its subnet and the service range via the
+#     bridge's address: cluster DNS (CoreDNS on an address on lo) answers it, every other service
+#     address is up.sh's blackhole route, and nothing has a default route off this machine;
+#   - the pods' network namespaces and mounts (all under the state dir);
+#   - a cgroup /deeptune-<key> in every cgroup v1 hierarchy (the kubelet's cgroupRoot);
+#   - the kernel settings the kubelet sets (vm.overcommit_memory, kernel.panic, ...): restored;
+#   - /var/lib/kubelet, /var/log/containers, /var/lib/cni and /run/containerd, which the kubelet,
+#     the CNI library and the shims make whatever their configured roots: removed if they made them.
+# State: ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}/node.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.sh
+. "$HERE/versions.sh"
+
+CLUSTER="${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}"
+CLUSTER="${CLUSTER%/}"
+S="$CLUSTER/node"
+NODE_NAME=deeptune-real-node
+TIMEOUT="${DEEPTUNE_CLUSTER_TIMEOUT:-180}"
+SUBNET_LOCK=/run/lock/deeptune-node-subnet.lock
+# The kernel settings the kubelet's container manager sets at start (setupKernelTunables).
+# Directories the kubelet, CNI and containerd's shims make whatever their configured roots say.
+FIXED_DIRS=(/var/lib/kubelet /var/log/containers /var/lib/cni /run/containerd)
+SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
+
+log() { printf '[node.sh] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+ctr_() { ctr --address "$S/containerd/containerd.sock" --namespace k8s.io "$@"; }
+
+pid_alive() { [ -f "$S/$1.pid" ] && kill -0 "$(cat "$S/$1.pid")" 2>/dev/null; }
+
+# --- stop ---------------------------------------------------------------------------------------
+
+# The pids of the processes whose command line names our containerd socket (its shims), and what
+# runs in the cgroups under our cgroup root (the containers).
+our_processes() {
+  local pid
+  for pid in $(pgrep -f -- "-address $S/containerd/containerd.sock" || true); do echo "$pid"; done
+  if [ -f "$S/cgroup-root" ]; then
+    find /sys/fs/cgroup/*/"$(cat "$S/cgroup-root")" -name cgroup.procs -exec cat {} + 2>/dev/null || true
+  fi
+}
+
+stop_node() {
+  [ -d "$S" ] || { log "no node in $CLUSTER"; return 0; }
+  local name pid tries
+  for name in kubelet; do
+    pid_alive "$name" && { log "stopping $name"; kill -TERM "$(cat "$S/$name.pid")"; }
+  done
+  for tries in $(seq 50); do pid_alive kubelet || break; sleep 0.2; done
+  pid_alive kubelet && kill -KILL "$(cat "$S/kubelet.pid")"
+  if pid_alive containerd; then   # the containers, then their sandboxes, while containerd answers
+    ctr_ tasks ls -q 2>/dev/null | while read -r task; do ctr_ tasks kill -s SIGKILL "$task" >/dev/null 2>&1 || true; done
+    log "stopping containerd"
+    kill -TERM "$(cat "$S/containerd.pid")"
+    for tries in $(seq 50); do pid_alive containerd || break; sleep 0.2; done
+    pid_alive containerd && kill -KILL "$(cat "$S/containerd.pid")"
+  fi
+  for tries in 1 2 3; do
+    pids=$(our_processes | sort -u)
+    [ -n "$pids" ] || break
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+    sleep 0.3
+  done
+  # Mounts under the state dir (container rootfs, the pods' network namespaces, volumes), deepest first.
+  awk -v s="$S/" 'index($2, s) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+  if [ -f "$S/bridge" ]; then
+    ip link del "$(cat "$S/bridge")" 2>/dev/null || true
+  fi
+  if [ -f "$S/cgroup-root" ]; then   # deepest first; a cgroup goes once its processes have
+    find /sys/fs/cgroup/*/"$(cat "$S/cgroup-root")" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  fi
+  if [ -f "$S/sysctl.before" ]; then
+    while IFS='=' read -r key value; do
+      [ "$(sysctl -n "$key" 2>/dev/null)" = "$value" ] || sysctl -qw "$key=$value" || true
+    done < "$S/sysctl.before"
+  fi
+  if [ -f "$S/made-dirs" ] && ! pgrep -f "containerd --config .*/node/containerd.toml" >/dev/null; then
+    while read -r dir; do rm -rf "$dir"; done < "$S/made-dirs"   # unless another real node uses them
+  fi
+  rm -rf "$S"
+  log "stopped the node; removed $S"
+}
+
+case "${1:-}" in
+  "") ;;
+  --stop) stop_node; exit 0 ;;
+  -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) die "unknown argument: $1 (try --help)" ;;
+esac
+
+# --- start --------------------------------------------------------------------------------------
+
+[ "$(id -u)" = 0 ] || die "a real node needs root (containerd, network namespaces, cgroups)"
+[ -f "$CLUSTER/.deeptune-cluster" ] && [ -f "$CLUSTER/ports.env" ] || die "no cluster in $CLUSTER: run up.sh first"
+if pid_alive kubelet && pid_alive containerd; then log "the node is already running in $S"; exit 0; fi
+[ ! -d "$S" ] || stop_node   # a half-started or dead node: start over
+
+# Debian packages: the runtime, CNI plugins, and what images.sh builds the images with.
+missing=()
+need() { "${@:2}" >/dev/null 2>&1 || missing+=("$1"); }
+need containerd command -v containerd
+need runc command -v runc
+need containernetworking-plugins test -x /usr/lib/cni/bridge
+need iproute2 command -v ip
+need debootstrap command -v debootstrap
+need docker.io command -v dockerd
+need gcc command -v gcc
+need libc6-dev test -f /usr/lib/x86_64-linux-gnu/libc.a -o -f /usr/lib/aarch64-linux-gnu/libc.a
+if [ ${#missing[@]} -gt 0 ]; then
+  command -v apt-get >/dev/null || die "install ${missing[*]} (Debian package names)"
+  log "installing ${missing[*]} (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; } \
+    || die "apt-get could not install ${missing[*]}"
+fi
+
+PATH="$(bash "$HERE/build.sh" --with-kubelet --print-path):$PATH"
+KUBELET="$LC_KUBELET_BIN/kubelet"
+mapfile -t ARCHIVES < <(bash "$HERE/images.sh")
+# shellcheck disable=SC1091
+. "$CLUSTER/ports.env"
+# shellcheck disable=SC1091
+[ ! -f "$CLUSTER/cluster-dns.env" ] || . "$CLUSTER/cluster-dns.env"
+
+on_exit() {
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    log "failed; undoing what was started (logs: $S/*.log, kept in $CLUSTER/node-failed)"
+    rm -rf "$CLUSTER/node-failed"; mkdir -p "$CLUSTER/node-failed"
+    cp "$S"/*.log "$CLUSTER/node-failed/" 2>/dev/null || true
+    stop_node || true
+  fi
+  exit "$rc"
+}
+trap on_exit EXIT
+mkdir -p "$S"/{containerd,cni/net.d,cni/ipam,kubelet,pod-logs,pki}
+chmod 700 "$S"
+
+# Undone by --stop: the kernel settings as they are now, and the directories the kubelet makes.
+for key in "${SYSCTLS[@]}"; do echo "$key=$(sysctl -n "$key")"; done > "$S/sysctl.before"
+for dir in "${FIXED_DIRS[@]}"; do
+  [ -e "$dir" ] || echo "$dir" >> "$S/made-dirs"
+done
+
+# --- network: the pods' bridge and subnet ---------------------------------------------------------
+exec 7>>"$SUBNET_LOCK"; flock 7
+for n in $(seq 0 99); do
+  ip link show "dtnode$n" >/dev/null 2>&1 || ip -4 route show | grep -q "^10\.245\.$n\.0/24" || break
+done
+[ "$n" -lt 99 ] || die "no free pod subnet among 10.245.0-99.0/24"
+BRIDGE="dtnode$n" GATEWAY="10.245.$n.1" SUBNET="10.245.$n.0/24"
+echo "$BRIDGE" > "$S/bridge"
+ip link add "$BRIDGE" type bridge
+ip addr add "$GATEWAY/24" dev "$BRIDGE"
+ip link set "$BRIDGE" up
+exec 7>&-
+cat > "$S/cni/net.d/10-deeptune.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "deeptune-node", "plugins": [
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": false,
+   "ipam": {"type": "host-local", "dataDir": "$S/cni/ipam",
+            "ranges": [[{"subnet": "$SUBNET", "rangeStart": "10.245.$n.10"}]],
+            "routes": [{"dst": "10.96.0.0/16", "gw": "$GATEWAY"}]}},
+  {"type": "loopback"}]}
+EOF
+
+# --- cgroups: the kubelet's cgroup root, in every v1 hierarchy -----------------------------------
+CGROUP_ROOT="deeptune-$(basename "$CLUSTER" | tr -c 'a-zA-Z0-9-\n' -)"
+echo "$CGROUP_ROOT" > "$S/cgroup-root"
+for h in /sys/fs/cgroup/*/; do
+  [ -f "$h/cgroup.procs" ] || continue
+  mkdir -p "$h$CGROUP_ROOT"
+  if [ -f "$h/cpuset.cpus" ]; then   # a new cpuset holds no CPUs until given its parent's
+    cat "$h/cpuset.cpus" > "$h$CGROUP_ROOT/cpuset.cpus"
+    cat "$h/cpuset.mems" > "$h$CGROUP_ROOT/cpuset.mems"
+  fi
+done
+
+# --- containerd -------------------------------------------------------------------------------------
+cat > "$S/containerd.toml" <<EOF
+version = 2
+root = "$S/containerd/root"
+state = "$S/containerd/state"
+[grpc]
+  address = "$S/containerd/containerd.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$S/containerd/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$LC_PAUSE_IMAGE"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  # The VM withholds CAP_SYS_RESOURCE even from root: without this every sandbox fails.
+  restrict_oom_score_adj = true
+  # The pods' network namespaces under the state dir, not /var/run/netns: --stop finds them all.
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$S/cni/net.d"
+EOF
+nohup setsid containerd --config "$S/containerd.toml" > "$S/containerd.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &
+echo $! > "$S/containerd.pid"
+for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && break; pid_alive containerd || break; sleep 0.1; done
+ctr_ version >/dev/null 2>&1 || { tail -20 "$S/containerd.log" >&2; die "containerd did not start"; }
+for archive in "${ARCHIVES[@]}"; do ctr_ images import "$archive" >/dev/null; done
+
+# --- kubelet ----------------------------------------------------------------------------------------
+PKI="$CLUSTER/pki"
+(
+  cd "$S/pki"; umask 077
+  openssl req -newkey rsa:2048 -nodes -keyout kubelet.key -out kubelet.csr \
+    -subj "/O=system:nodes/CN=system:node:$NODE_NAME" 2>/dev/null
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > kubelet.ext
+  openssl x509 -req -in kubelet.csr -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -out kubelet.crt -days 365 -sha256 -extfile kubelet.ext 2>/dev/null
+  rm -f kubelet.csr kubelet.ext
+)
+cat > "$S/kubelet.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: deeptune-local
+  cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$PKI/ca.crt"}
+users:
+- name: $NODE_NAME
+  user: {client-certificate: "$S/pki/kubelet.crt", client-key: "$S/pki/kubelet.key"}
+contexts:
+- name: node
+  context: {cluster: deeptune-local, user: $NODE_NAME}
+current-context: node
+EOF
+read -r KUBELET_PORT HEALTHZ_PORT <<< "$(python3 - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+PY
+)"
+cat > "$S/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $GATEWAY   # the node's InternalIP (a kubelet refuses a loopback one); on no wire off this machine
+port: $KUBELET_PORT
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: $HEALTHZ_PORT
+# Only the API server (its kubelet client certificate, system:masters) may call the kubelet.
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: "$PKI/ca.crt"}
+authorization: {mode: Webhook}
+cgroupDriver: cgroupfs
+cgroupRoot: /$CGROUP_ROOT
+failSwapOn: false
+containerRuntimeEndpoint: unix://$S/containerd/containerd.sock
+imageServiceEndpoint: unix://$S/containerd/containerd.sock
+makeIPTablesUtilChains: false
+podLogsDir: $S/pod-logs
+rotateCertificates: false
+serverTLSBootstrap: false
+imageGCHighThresholdPercent: 100
+imageMinimumGCAge: 8760h
+evictionHard: {memory.available: "1Mi"}
+# Pods use the cluster DNS and nothing of the host's resolv.conf: no name leaves this machine.
+resolvConf: ""
+clusterDomain: ${CLUSTER_DOMAIN:-cluster.local}
+clusterDNS: [${CLUSTER_DNS:-}]
+registerWithTaints:
+- {key: deeptune.dev/real-node, value: "true", effect: NoSchedule}
+EOF
+nohup setsid "$KUBELET" --config "$S/kubelet.yaml" --kubeconfig "$S/kubelet.kubeconfig" \
+  --root-dir "$S/kubelet" --hostname-override "$NODE_NAME" --node-ip "$GATEWAY" \
+  --node-labels deeptune.dev/real-node=true --v 2 \
+  > "$S/kubelet.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &
+echo $! > "$S/kubelet.pid"
+
+kc() { kubectl --kubeconfig "$CLUSTER/kubeconfig" "$@"; }
+deadline=$(( $(date +%s) + TIMEOUT ))
+until [ "$(kc get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; do
+  pid_alive kubelet || { tail -30 "$S/kubelet.log" >&2; die "the kubelet exited"; }
+  [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$S/kubelet.log" >&2; die "the node was not Ready after ${TIMEOUT}s"; }
+  sleep 0.5
+done
+log "node $NODE_NAME is Ready (kubelet on $GATEWAY:$KUBELET_PORT, pods on $SUBNET via $BRIDGE, state in $S)"
