@@ -12,7 +12,7 @@ export PATH
 echo "== lint (ruff) =="
 ruff check .
 ruff format --check .
-hadolint trainer-image/Dockerfile operator/Dockerfile serving-image/Dockerfile
+hadolint trainer-image/Dockerfile operator/Dockerfile serving-image/Dockerfile tests/localcluster/images/*.Dockerfile
 actionlint   # .github/workflows (built by tests/localcluster/build.sh, on PATH above)
 echo "== types (mypy) =="
 mypy

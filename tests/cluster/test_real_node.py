@@ -18,11 +18,15 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
+import yaml
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster
+from tests.cluster.test_helm_install import install, lease_holder
+from tests.conftest import load_example
 
 pytestmark = [
     pytest.mark.cluster,
@@ -217,6 +221,91 @@ def test_nothing_routes_off_the_machine_from_a_pod(
     assert "00000000" not in logs[2:], f"a pod has a default route: {logs}"
     blackholes = subprocess.run(["ip", "route", "show", "type", "blackhole"], capture_output=True, check=True)
     assert b"10.96.0.0/16" in blackholes.stdout
+
+
+def test_the_chart_runs_the_operator_image_on_the_node(
+    crds: Cluster, real_node: dict[str, Any], namespace: str
+) -> None:
+    """The operator image built from operator/Dockerfile (on the stand-in base), installed by the
+    chart and run by the kubelet: the chart's security context enforced by runc, the
+    ServiceAccount token the kubelet mounts as the operator's only credential, its name from the
+    downward API, the liveness probe answered; it serves its namespace and creates the Job.
+
+    There is no Service routing on this cluster yet (no kube-proxy), so the pod cannot reach the
+    API server's ClusterIP: the test moves it onto the host network and points the in-cluster
+    configuration at the API server's loopback address — the one change to the chart's pod."""
+    values = {
+        "replicas": 0,  # 1 with the patch below, so that no pod ever starts without it
+        "image": {"repository": "deeptune.local/operator", "tag": "dev", "pullPolicy": "Never"},
+        "watchNamespaces": [namespace],
+        "statusInterval": 2,
+        "trainer": {"image": dict(zip(("repository", "tag"), harness.TRAINER_IMAGE.split(":"), strict=True))},
+        "nodeSelector": {"deeptune.dev/real-node": "true"},
+        "tolerations": [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
+        "metrics": {"port": harness.free_port()},  # on the host's network: free ports
+        "liveness": {"port": harness.free_port(), "initialDelaySeconds": 2, "periodSeconds": 2},
+    }
+    api_port = urlparse(yaml.safe_load(crds.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]).port
+    with install(crds, namespace, values) as release:
+        host_network = {"spec": {"replicas": 1, "template": {"spec": {
+            "hostNetwork": True,
+            "dnsPolicy": "ClusterFirstWithHostNet",
+            "containers": [{"name": "operator", "env": [
+                {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                {"name": "KUBERNETES_SERVICE_PORT", "value": str(api_port)},
+            ]}],
+        }}}}  # fmt: skip
+        crds.kubectl("patch", "deployment", release.fullname, "-n", namespace, "-p", json.dumps(host_network))
+        rollout = crds.kubectl(
+            "rollout",
+            "status",
+            f"deployment/{release.fullname}",
+            "-n",
+            namespace,
+            "--timeout=120s",
+            check=False,
+        )
+        selector = f"app.kubernetes.io/instance={release.name}"
+        assert rollout.returncode == 0, (
+            rollout.stderr + crds.kubectl("describe", "pods", "-n", namespace).stdout
+        )
+        (operator_pod,) = [
+            p for p in crds.list("pods", namespace, selector) if not p["metadata"].get("deletionTimestamp")
+        ]
+        pod_name = operator_pod["metadata"]["name"]
+        assert operator_pod["spec"]["nodeName"] == NODE
+
+        manifest = load_example("finetune-tiny.yaml")
+        manifest["metadata"]["namespace"] = namespace
+        name = manifest["metadata"]["name"]
+        crds.apply(manifest)
+        status = harness.wait_for(
+            "the operator in the pod to create the Job",
+            lambda: (
+                (s := (crds.get("finetunejob", name, namespace) or {}).get("status") or {}).get("jobName")
+                and s
+            ),
+            90,
+        )
+        assert crds.get("job", status["jobName"], namespace) is not None
+        assert lease_holder(crds, release) == pod_name  # its own name, from the downward API
+        logs = crds.kubectl("logs", "-n", namespace, pod_name).stdout
+        assert f"created Job {namespace}/{status['jobName']}" in logs
+        for complaint in ("Forbidden", "forbidden", " 403"):
+            assert complaint not in logs, complaint
+        said = crds.kubectl(
+            "exec", "-n", namespace, pod_name, "--",
+            "python", "-c", "import os; print(os.getuid(), os.access('/', os.W_OK))",
+        ).stdout.split()  # fmt: skip
+        assert said == ["1000", "False"]  # the chart's runAsUser and read-only root, as runc set them
+        crds.kubectl("delete", "finetunejob", name, "-n", namespace, "--wait=true", "--timeout=60s")
+        harness.wait_for(
+            "the operator to release the Job",
+            lambda: crds.get("job", status["jobName"], namespace) is None,
+            60,
+        )
+        got = crds.get("pod", pod_name, namespace) or {}
+        assert got["status"]["containerStatuses"][0]["restartCount"] == 0  # the liveness probe held
 
 
 def test_stopping_the_node_gives_the_machine_back(cluster: Cluster, real_node: dict[str, Any]) -> None:

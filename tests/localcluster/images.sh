@@ -1,36 +1,51 @@
 #!/usr/bin/env bash
-# Build the container images the real node needs when no registry can be reached, once, as
-# `docker save` archives that containerd imports (`ctr images import`):
+# Build the container images the real node runs, where no registry can be reached, as `docker save`
+# archives that containerd imports (`ctr images import`; node.sh does):
 #
-#   deeptune.local/debian:bookworm   a Debian rootfs from debootstrap (minbase), the stand-in base
+#   deeptune.local/debian:bookworm   a Debian rootfs from debootstrap (minbase): the stand-in base
 #   deeptune.local/pause:<version>   the pod sandbox image: Kubernetes' pause.c, static, FROM scratch
+#   deeptune.local/python:3.11-slim-bookworm   stand-in for python:3.11.7-slim-bookworm
+#                                    (images/python.Dockerfile says what differs)
+#   deeptune.local/operator:dev      the project's operator/Dockerfile, built on that stand-in
 #
 #   images.sh          build what is missing; print the archives' paths, one per line
 #   images.sh --check  exit 0 when every archive is already built, 1 otherwise
 #
-# Archives go to $LC_CACHE/images-<key>/ (see versions.sh), keyed by the Debian suite, the pause
-# version and this script's own hash, so a warm run builds nothing. Builds run in a private dockerd
-# (own data root, exec root and socket; no bridge, no iptables, no IP forwarding) that is stopped,
-# with its data, before this script exits. Needs root, debootstrap, docker.io and gcc.
+# Archives go to $LC_CACHE (see versions.sh): the bases to images-<key>/, keyed by the Debian suite,
+# the Kubernetes version and this script's and images/*'s hashes; the operator to
+# images-project/operator-<key>.tar, keyed by what its Dockerfile copies, so a warm run builds
+# nothing and a changed operator rebuilds only its top layers. Builds run in a private dockerd (own
+# exec root and socket, data root kept in $LC_CACHE/dockerd as the layer cache; no bridge, no
+# iptables, no IP forwarding; builds use the host network to reach the package registries), stopped
+# before this script exits. Needs root, debootstrap, docker.io, gcc and libc6-dev.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
 # shellcheck source=versions.sh
 . "$HERE/versions.sh"
 
 log() { printf '[images.sh] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-key=$(printf '%s %s %s' "$LC_DEBIAN_SUITE" "$LC_K8S_VERSION" "$(sha256sum "$0" | cut -c1-12)" | sha256sum | cut -c1-12)
-OUT="$LC_CACHE/images-$key"
-ARCHIVES=("$OUT/debian.tar" "$OUT/pause.tar")
+# The operator image's inputs: what operator/Dockerfile copies (and .dockerignore lets through).
+OPERATOR_INPUTS=(operator/Dockerfile .dockerignore requirements-operator.lock pyproject.toml README.md operator trainer-image)
+hash_of() { cat "$@" | sha256sum | cut -c1-12; }
+# The machine's own CAs go into the Python stand-in (images/python.Dockerfile says why).
+HOST_CAS=(/usr/local/share/ca-certificates/*.crt)
+[ -e "${HOST_CAS[0]}" ] || HOST_CAS=()
+base_key=$(printf '%s %s %s' "$LC_DEBIAN_SUITE" "$LC_K8S_VERSION" "$(hash_of "$0" "$HERE"/images/* "${HOST_CAS[@]}")" | sha256sum | cut -c1-12)
+operator_key=$(cd "$ROOT" && git ls-files -z -- "${OPERATOR_INPUTS[@]}" | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+BASES="$LC_CACHE/images-$base_key"
+PROJECT="$LC_CACHE/images-project"
+ARCHIVES=("$BASES/debian.tar" "$BASES/pause.tar" "$BASES/python.tar" "$PROJECT/operator-$operator_key.tar")
 
 built() { local a; for a in "${ARCHIVES[@]}"; do [ -s "$a" ] || return 1; done; }
 
 case "${1:-}" in
   "") ;;
   --check) built; exit $? ;;
-  -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) die "unknown argument: $1 (try --help)" ;;
 esac
 
@@ -38,7 +53,7 @@ if built; then printf '%s\n' "${ARCHIVES[@]}"; exit 0; fi
 
 [ "$(id -u)" = 0 ] || die "building the node's images needs root (debootstrap, dockerd)"
 for tool in debootstrap dockerd docker gcc; do
-  command -v "$tool" >/dev/null || die "$tool is required (apt-get install debootstrap docker.io gcc)"
+  command -v "$tool" >/dev/null || die "$tool is required (apt-get install debootstrap docker.io gcc libc6-dev)"
 done
 pause_c="$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")/k8s.io/kubernetes@$LC_K8S_VERSION/build/pause/linux/pause.c"
 [ -f "$pause_c" ] || die "pause.c not found at $pause_c (build.sh downloads the Kubernetes module)"
@@ -49,46 +64,77 @@ flock 9
 if built; then printf '%s\n' "${ARCHIVES[@]}"; exit 0; fi   # built by the holder we waited for
 
 WORK=$(mktemp -d "$LC_CACHE/images.tmp.XXXXXX")
+DATA="$LC_CACHE/dockerd"
 SOCK="$WORK/docker.sock"
 docker_() { docker -H "unix://$SOCK" "$@"; }
 stop_dockerd() {
   if [ -f "$WORK/dockerd.pid" ]; then
     kill "$(cat "$WORK/dockerd.pid")" 2>/dev/null || true
-    for _ in $(seq 50); do [ -e "$SOCK" ] || break; sleep 0.2; done
+    for _ in $(seq 100); do [ -e "$SOCK" ] || break; sleep 0.2; done
   fi
-  # overlay2 mounts left by a killed daemon would keep the data root busy
-  grep -o " $WORK/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  # overlay2 mounts left by a killed daemon would keep its directories busy
+  awk -v w="$WORK/" -v d="$DATA/" 'index($2, w) == 1 || index($2, d) == 1 { print $2 }' /proc/mounts \
+    | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap stop_dockerd EXIT
 
-log "starting a private dockerd (data in $WORK)"
-nohup setsid dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
+log "starting a private dockerd (layer cache in $DATA)"
+nohup setsid dockerd --data-root "$DATA" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
   -H "unix://$SOCK" --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false \
   --bridge=none --storage-driver=overlay2 > "$WORK/dockerd.log" 2>&1 < /dev/null 9>&- &
-for _ in $(seq 100); do docker_ version >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 150); do docker_ version >/dev/null 2>&1 && break; sleep 0.2; done
 docker_ version >/dev/null 2>&1 || { tail -20 "$WORK/dockerd.log" >&2; die "dockerd did not start"; }
 
-mirror=$(awk '/^URIs:/ {print $2; exit} /^deb / {print $2; exit}' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true)
-mirror=${mirror:-http://deb.debian.org/debian}
-log "debootstrap $LC_DEBIAN_SUITE (minbase) from $mirror"
-debootstrap --variant=minbase "$LC_DEBIAN_SUITE" "$WORK/rootfs" "$mirror" > "$WORK/debootstrap.log" 2>&1 \
-  || { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
-rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb "$WORK/rootfs/var/lib/apt/lists/"*
-tar -C "$WORK/rootfs" -c . | docker_ import - "deeptune.local/debian:$LC_DEBIAN_SUITE" >/dev/null
+build() {  # build TAG DOCKERFILE CONTEXT [--build-arg ...]: the legacy builder, host network
+  local tag=$1 file=$2 context=$3; shift 3
+  log "building $tag from ${file#"$ROOT"/}"
+  DOCKER_BUILDKIT=0 docker_ build --network host -f "$file" -t "$tag" "$@" "$context" > "$WORK/build.log" 2>&1 \
+    || { tail -30 "$WORK/build.log" >&2; die "building $tag failed (docker build -f ${file#"$ROOT"/})"; }
+}
+save() {  # save ARCHIVE TAG: write the image's archive atomically
+  mkdir -p "$(dirname "$1")"
+  docker_ save -o "$1.tmp" "$2"
+  mv "$1.tmp" "$1"
+}
 
-log "building the pause image from $pause_c"
-mkdir -p "$WORK/pause"
-gcc -Os -static -DVERSION="$LC_K8S_VERSION" -o "$WORK/pause/pause" "$pause_c"
-strip "$WORK/pause/pause"
-printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$WORK/pause/Dockerfile"
-DOCKER_BUILDKIT=0 docker_ build -q -t "$LC_PAUSE_IMAGE" "$WORK/pause" > "$WORK/build.log" 2>&1 \
-  || { tail -20 "$WORK/build.log" >&2; die "building the pause image failed"; }
+if [ ! -s "$BASES/python.tar" ]; then
+  mirror=$(awk '/^URIs:/ {print $2; exit} /^deb / {print $2; exit}' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  log "debootstrap $LC_DEBIAN_SUITE (minbase) from $mirror"
+  debootstrap --variant=minbase "$LC_DEBIAN_SUITE" "$WORK/rootfs" "$mirror" > "$WORK/debootstrap.log" 2>&1 \
+    || { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
+  rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb "$WORK/rootfs/var/lib/apt/lists/"*
+  tar -C "$WORK/rootfs" -c . | docker_ import - "deeptune.local/debian:$LC_DEBIAN_SUITE" >/dev/null
+  rm -rf "$WORK/rootfs"
 
-mkdir -p "$OUT"
-docker_ save -o "$OUT/debian.tar.tmp" "deeptune.local/debian:$LC_DEBIAN_SUITE"
-docker_ save -o "$OUT/pause.tar.tmp" "$LC_PAUSE_IMAGE"
-mv "$OUT/debian.tar.tmp" "$OUT/debian.tar"
-mv "$OUT/pause.tar.tmp" "$OUT/pause.tar"
-log "images ready in $OUT"
+  log "building the pause image from $pause_c"
+  mkdir -p "$WORK/pause"
+  gcc -Os -static -DVERSION="$LC_K8S_VERSION" -o "$WORK/pause/pause" "$pause_c"
+  strip "$WORK/pause/pause"
+  printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$WORK/pause/Dockerfile"
+  build "$LC_PAUSE_IMAGE" "$WORK/pause/Dockerfile" "$WORK/pause"
+  mkdir -p "$WORK/python/ca-certificates"
+  cp "$HERE/images/python.Dockerfile" "$WORK/python/Dockerfile"
+  [ ${#HOST_CAS[@]} -eq 0 ] || cp "${HOST_CAS[@]}" "$WORK/python/ca-certificates/"
+  build "$LC_PYTHON_IMAGE" "$WORK/python/Dockerfile" "$WORK/python" \
+    --build-arg "DEBIAN_IMAGE=deeptune.local/debian:$LC_DEBIAN_SUITE"
+
+  save "$BASES/debian.tar" "deeptune.local/debian:$LC_DEBIAN_SUITE"
+  save "$BASES/pause.tar" "$LC_PAUSE_IMAGE"
+  save "$BASES/python.tar" "$LC_PYTHON_IMAGE"
+  for old in "$LC_CACHE"/images-*; do   # the bases of earlier keys
+    [ "$old" = "$BASES" ] || [ "$old" = "$PROJECT" ] || rm -rf "$old"
+  done
+fi
+
+if [ ! -s "$PROJECT/operator-$operator_key.tar" ]; then
+  docker_ image inspect "$LC_PYTHON_IMAGE" >/dev/null 2>&1 || docker_ load -q -i "$BASES/python.tar" >/dev/null
+  build "$LC_OPERATOR_IMAGE" "$ROOT/operator/Dockerfile" "$ROOT" --build-arg "PYTHON_IMAGE=$LC_PYTHON_IMAGE"
+  rm -f "$PROJECT"/operator-*.tar
+  save "$PROJECT/operator-$operator_key.tar" "$LC_OPERATOR_IMAGE"
+  docker_ image prune -f >/dev/null   # the layers of earlier operator builds
+fi
+
+log "images ready"
 printf '%s\n' "${ARCHIVES[@]}"
