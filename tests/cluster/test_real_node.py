@@ -18,10 +18,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
-import yaml
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster
@@ -58,6 +56,7 @@ def machine_state(state_dir: Path) -> dict[str, Any]:
     cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/deeptune-*"))
     processes = run("ps", "-e", "-o", "args=").splitlines()
     return {
+        "nftables tables": sorted(run("nft", "list", "tables").splitlines()),
         "links": sorted(line.split()[0] for line in run("ip", "-br", "link").splitlines()),
         "routes": sorted(run("ip", "route").splitlines()),
         "mounts under the state dir": [m for m in mounts if m.startswith(str(state_dir))],
@@ -229,33 +228,19 @@ def test_the_chart_runs_the_operator_image_on_the_node(
     """The operator image built from operator/Dockerfile (on the stand-in base), installed by the
     chart and run by the kubelet: the chart's security context enforced by runc, the
     ServiceAccount token the kubelet mounts as the operator's only credential, its name from the
-    downward API, the liveness probe answered; it serves its namespace and creates the Job.
-
-    There is no Service routing on this cluster yet (no kube-proxy), so the pod cannot reach the
-    API server's ClusterIP: the test moves it onto the host network and points the in-cluster
-    configuration at the API server's loopback address — the one change to the chart's pod."""
+    downward API, the liveness probe answered; it reaches the API server through the `kubernetes`
+    Service's ClusterIP (node.sh's table), serves its namespace and creates the Job."""
     values = {
-        "replicas": 0,  # 1 with the patch below, so that no pod ever starts without it
+        "replicas": 1,
         "image": {"repository": "deeptune.local/operator", "tag": "dev", "pullPolicy": "Never"},
         "watchNamespaces": [namespace],
         "statusInterval": 2,
         "trainer": {"image": dict(zip(("repository", "tag"), harness.TRAINER_IMAGE.split(":"), strict=True))},
         "nodeSelector": {"deeptune.dev/real-node": "true"},
         "tolerations": [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
-        "metrics": {"port": harness.free_port()},  # on the host's network: free ports
-        "liveness": {"port": harness.free_port(), "initialDelaySeconds": 2, "periodSeconds": 2},
+        "liveness": {"initialDelaySeconds": 2, "periodSeconds": 2},
     }
-    api_port = urlparse(yaml.safe_load(crds.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]).port
     with install(crds, namespace, values) as release:
-        host_network = {"spec": {"replicas": 1, "template": {"spec": {
-            "hostNetwork": True,
-            "dnsPolicy": "ClusterFirstWithHostNet",
-            "containers": [{"name": "operator", "env": [
-                {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-                {"name": "KUBERNETES_SERVICE_PORT", "value": str(api_port)},
-            ]}],
-        }}}}  # fmt: skip
-        crds.kubectl("patch", "deployment", release.fullname, "-n", namespace, "-p", json.dumps(host_network))
         rollout = crds.kubectl(
             "rollout",
             "status",

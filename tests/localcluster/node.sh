@@ -18,6 +18,8 @@
 #     iptables nor ip_forward. A pod's only routes are its subnet and the service range via the
 #     bridge's address: cluster DNS (CoreDNS on an address on lo) answers it, every other service
 #     address is up.sh's blackhole route, and nothing has a default route off this machine;
+#   - an nftables table `deeptune-dtnode<N>` that takes the pods' connections to the API server's
+#     Service (10.96.0.1:443) to the API server on 127.0.0.1, and route_localnet on the bridge;
 #   - the pods' network namespaces and mounts (all under the state dir);
 #   - a cgroup /deeptune-<key> in every cgroup v1 hierarchy (the kubelet's cgroupRoot);
 #   - the kernel settings the kubelet sets (vm.overcommit_memory, kernel.panic, ...): restored;
@@ -86,7 +88,10 @@ stop_node() {
   awk -v s="$S/" 'index($2, s) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done
-  if [ -f "$S/bridge" ]; then
+  if [ -f "$S/nft-table" ]; then
+    nft delete table ip "$(cat "$S/nft-table")" 2>/dev/null || true
+  fi
+  if [ -f "$S/bridge" ]; then   # its route_localnet setting goes with it
     ip link del "$(cat "$S/bridge")" 2>/dev/null || true
   fi
   if [ -f "$S/cgroup-root" ]; then   # deepest first; a cgroup goes once its processes have
@@ -125,6 +130,7 @@ need containerd command -v containerd
 need runc command -v runc
 need containernetworking-plugins test -x /usr/lib/cni/bridge
 need iproute2 command -v ip
+need nftables command -v nft
 need debootstrap command -v debootstrap
 need docker.io command -v dockerd
 need gcc command -v gcc
@@ -185,6 +191,24 @@ cat > "$S/cni/net.d/10-deeptune.conflist" <<EOF
             "ranges": [[{"subnet": "$SUBNET", "rangeStart": "10.245.$n.10"}]],
             "routes": [{"dst": "10.96.0.0/16", "gw": "$GATEWAY"}]}},
   {"type": "loopback"}]}
+EOF
+
+# --- the `kubernetes` Service for the pods -------------------------------------------------------
+# No kube-proxy runs here (yet), so ClusterIPs do not route; the one Service every in-cluster client
+# needs, the API server's (10.96.0.1:443, which the kubelet puts in every pod's environment), is
+# translated by a table of the node's own: from the pods' bridge, 10.96.0.1:443 goes to the API
+# server on 127.0.0.1. The address is local, so nothing is forwarded (ip_forward stays as it is);
+# route_localnet, on this bridge only, lets a packet from it reach a loopback address.
+NFT_TABLE="deeptune-$BRIDGE"
+echo "$NFT_TABLE" > "$S/nft-table"
+sysctl -qw "net.ipv4.conf.$BRIDGE.route_localnet=1"
+nft -f - <<EOF
+table ip $NFT_TABLE {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "$BRIDGE" ip daddr 10.96.0.1 tcp dport 443 dnat to 127.0.0.1:$APISERVER_PORT
+  }
+}
 EOF
 
 # --- cgroups: the kubelet's cgroup root, in every v1 hierarchy -----------------------------------
