@@ -2,22 +2,25 @@
 
 kubectl runs any executable named `kubectl-deeptune` on PATH for `kubectl deeptune ...` (pip installs
 one: the `kubectl-deeptune` script of this package). It reads the same kubeconfig kubectl does
-(`KUBECONFIG`, `--kubeconfig`, `--context`) and only reads: FineTuneJobs, ModelDeployments, and pod
-logs for explain-failure.
+(`KUBECONFIG`, `--kubeconfig`, `--context`) and only reads: FineTuneJobs, ModelDeployments, their
+pods and the pods' logs.
 
     kubectl deeptune status NAME [--watch]     progress bar while it runs, then the results
     kubectl deeptune results NAME              base model against fine-tuned, per metric
     kubectl deeptune compare A B               two runs side by side: scores, inputs, cost
     kubectl deeptune explain-failure NAME      why it failed, its last log lines, where to read on
+    kubectl deeptune logs [mdep/]NAME [-f]     the trainer's log (each rank's), or the serving pods'
     kubectl deeptune chat MDEP [--url URL]     chat with a ModelDeployment through its OpenAI API
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO, cast
 
 from kubernetes import client, config
@@ -31,6 +34,8 @@ from deeptune.api.modeldeployment import PLURAL as MDEP_PLURAL
 from deeptune.api.modeldeployment import ModelDeploymentStatus
 
 Obj = dict[str, Any]
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+"""The rank of a multi-node run's pod (an Indexed Job's)."""
 TERMINAL = frozenset({"Succeeded", "Failed"})
 BAR_WIDTH = 30
 TROUBLESHOOTING = "https://github.com/deeptune/deeptune/blob/main/docs/troubleshooting.md"
@@ -76,21 +81,53 @@ class Cluster:
             raise
         return cast(Obj, found)
 
+    def pods(self, kind: str, obj: Obj) -> list[str]:
+        """The names of the run's newest attempt's pods, one per rank (a FineTuneJob's trainers), or
+        of a ModelDeployment's serving pods."""
+        name = obj["metadata"]["name"]
+        if kind == MDEP_PLURAL:
+            selector = f"deeptune.dev/modeldeployment={name}"
+        elif job_name := (obj.get("status") or {}).get("jobName"):
+            selector = f"job-name={job_name}"
+        else:
+            return []
+        listed: Any = self.core.list_namespaced_pod(
+            self.namespace, label_selector=selector, _preload_content=False
+        )  # plain JSON: the typed models make every field optional
+        found = json.loads(listed.data)["items"]
+        newest: dict[str, str] = {}
+        for pod in sorted(found, key=lambda p: p["metadata"]["creationTimestamp"]):  # RFC 3339, UTC
+            meta = pod["metadata"]
+            rank = (meta.get("labels") or {}).get(COMPLETION_INDEX) if kind == PLURAL else None
+            newest[rank or meta["name"]] = meta["name"]  # a later attempt of a rank replaces the earlier
+        return sorted(newest.values())
+
+    def log(self, pod: str, tail: int | None) -> str:
+        """A pod's log, or why it cannot be read (not started yet, its node gone)."""
+        try:
+            return str(self.core.read_namespaced_pod_log(pod, self.namespace, tail_lines=tail))
+        except ApiException as error:
+            return f"(the logs of {pod} could not be read: {error.reason})\n"
+
+    def follow(self, pod: str, tail: int | None) -> Iterator[str]:
+        """A pod's log lines as they are written, until the container ends."""
+        response: Any = self.core.read_namespaced_pod_log(
+            pod, self.namespace, tail_lines=tail, follow=True, _preload_content=False
+        )
+        pending = b""
+        for chunk in response.stream():
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            yield from (line.decode(errors="replace") for line in lines)
+        if pending:
+            yield pending.decode(errors="replace")
+
     def last_log_lines(self, job: Obj, lines: int) -> str:
         """The newest trainer pod's last lines, or why there are none."""
-        pods = self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"job-name={job['status'].get('jobName')}"
-        )
-        if not pods.items:
+        pods = self.pods(PLURAL, job)
+        if not pods:
             return "(no trainer pod left: the Job's pods are gone)"
-        names = {
-            str(pod.metadata.creation_timestamp): str(pod.metadata.name) for pod in pods.items if pod.metadata
-        }
-        newest = names[max(names)]  # one time zone: the text orders as the times
-        try:
-            return str(self.core.read_namespaced_pod_log(newest, self.namespace, tail_lines=lines))
-        except ApiException as error:
-            return f"(the logs of {newest} could not be read: {error.reason})"
+        return self.log(pods[0], lines)
 
 
 def status_of(job: Obj) -> FineTuneJobStatus:
@@ -300,6 +337,44 @@ def chat(
     return 0
 
 
+def show_logs(cluster: Cluster, console: Console, target: str, tail: int | None, follow: bool) -> int:
+    """`kubectl logs` for the run's (or deployment's) pods, chosen by DeepTune's labels; each line
+    prefixed with its pod's name when there are several (the ranks of a multi-node run)."""
+    kind, _, name = target.rpartition("/")
+    plural = {"": PLURAL, "ftj": PLURAL, "finetunejob": PLURAL, "mdep": MDEP_PLURAL}.get(kind.lower())
+    if plural is None:
+        raise SystemExit(
+            f"error: {target}: name a FineTuneJob (NAME or ftj/NAME) or a ModelDeployment (mdep/NAME)"
+        )
+    obj = cluster._get(plural, name)
+    pods = cluster.pods(plural, obj)
+    if not pods:
+        raise SystemExit(
+            f"error: {target} has no pods yet ({headline(obj) if plural == PLURAL else 'not deployed'})"
+        )
+    prefix = len(pods) > 1
+
+    def write(pod: str, line: str) -> None:
+        console.print(f"[{pod}] {line}" if prefix else line, highlight=False, markup=False)
+
+    if not follow:
+        for pod in pods:
+            for line in cluster.log(pod, tail).splitlines():
+                write(pod, line)
+        return 0
+
+    def stream(pod: str) -> None:
+        for line in cluster.follow(pod, tail):
+            write(pod, line)
+
+    threads = [threading.Thread(target=stream, args=(pod,), daemon=True) for pod in pods]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return 0
+
+
 def _where(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("-n", "--namespace", default=default)
     parser.add_argument("--kubeconfig", default=default)
@@ -329,6 +404,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     explain = commands.add_parser("explain-failure", parents=[anywhere], help="why it failed and what to do")
     explain.add_argument("name")
     explain.add_argument("--lines", type=int, default=20)
+    logs = commands.add_parser("logs", parents=[anywhere], help="the trainer's or the serving pods' log")
+    logs.add_argument("target", metavar="[ftj/|mdep/]NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the containers end")
+    logs.add_argument("--tail", type=int, help="only the last lines of each pod")
     talk = commands.add_parser("chat", parents=[anywhere], help="chat with a ModelDeployment")
     talk.add_argument("name")
     talk.add_argument(
@@ -356,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.temperature is not None:
             sampling["temperature"] = args.temperature
         return chat(cluster, console, args.name, url=args.url, sampling=sampling, lines=sys.stdin)
+    if args.command == "logs":
+        return show_logs(cluster, console, args.target, args.tail, args.follow)
     return explain_failure(cluster, console, args.name, args.lines)
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import harness
-from tests.cluster.harness import Cluster
+from tests.cluster.harness import Cluster, Process
 from tests.cluster.test_helm_install import install, lease_holder
 from tests.conftest import load_example
 
@@ -34,6 +35,10 @@ pytestmark = [
 
 NODE = "deeptune-real-node"
 IMAGE = "deeptune.local/debian:bookworm"
+OPERATOR_IMAGE = "deeptune.local/operator:dev"
+AGENT_BRIDGE = "dtbr0"
+"""The test node agent's bridge, which it makes when it starts (maybe while this module runs): not the
+real node's doing, so not in what the node must give back."""
 NODE_SH = harness.LOCALCLUSTER / "node.sh"
 FIXED_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/var/lib/cni", "/run/containerd")
 SYSCTLS = (
@@ -57,8 +62,8 @@ def machine_state(state_dir: Path) -> dict[str, Any]:
     processes = run("ps", "-e", "-o", "args=").splitlines()
     return {
         "nftables tables": sorted(run("nft", "list", "tables").splitlines()),
-        "links": sorted(line.split()[0] for line in run("ip", "-br", "link").splitlines()),
-        "routes": sorted(run("ip", "route").splitlines()),
+        "links": [line for line in sorted(run("ip", "-o", "link").splitlines()) if AGENT_BRIDGE not in line],
+        "routes": [line for line in sorted(run("ip", "route").splitlines()) if AGENT_BRIDGE not in line],
         "mounts under the state dir": [m for m in mounts if m.startswith(str(state_dir))],
         "processes under the state dir": [p for p in processes if str(state_dir / "node") in p],
         "sysctls": {key: run("sysctl", "-n", key).strip() for key in SYSCTLS},
@@ -79,6 +84,8 @@ def real_node(cluster: Cluster) -> Iterator[dict[str, Any]]:
     """The node, started for this module; yields the machine's state from before it started."""
     if not cluster.local:
         pytest.skip("LOUD SKIP: the real node joins the local control plane only (tests/localcluster)")
+    prepared = node_sh(cluster, "--prepare")  # packages, kubelet, images: before the snapshot
+    assert prepared.returncode == 0, f"node.sh --prepare failed:\n{prepared.stderr[-4000:]}"
     before = machine_state(cluster.state_dir)
     started = node_sh(cluster)
     assert started.returncode == 0, f"node.sh failed:\n{started.stderr[-4000:]}"
@@ -191,6 +198,30 @@ def test_a_memory_limit_is_enforced_by_an_oom_kill(
     assert state["exitCode"] == 137
 
 
+def test_a_failing_container_is_restarted_with_backoff(
+    cluster: Cluster, real_node: dict[str, Any], namespace: str
+) -> None:
+    """restartPolicy OnFailure: the kubelet starts the container again, and after the second
+    failure waits (CrashLoopBackOff) instead of restarting it in a loop."""
+    manifest = pod("crasher", "echo attempt; exit 3")
+    manifest["spec"]["restartPolicy"] = "OnFailure"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+    def backing_off() -> dict[str, Any] | None:
+        got = json.loads(cluster.kubectl("get", "pod", "-n", namespace, "crasher", "-o", "json").stdout)
+        (status,) = got["status"].get("containerStatuses") or [{}]
+        waiting = status.get("state", {}).get("waiting", {})
+        return (
+            status
+            if status.get("restartCount", 0) >= 1 and waiting.get("reason") == "CrashLoopBackOff"
+            else None
+        )
+
+    status = harness.wait_for("the kubelet to back off", backing_off, timeout=90)
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert cluster.kubectl("logs", "-n", namespace, "crasher", "--previous").stdout == "attempt\n"
+
+
 def test_exec_reaches_a_running_container(
     cluster: Cluster, real_node: dict[str, Any], namespace: str
 ) -> None:
@@ -232,7 +263,8 @@ def test_the_chart_runs_the_operator_image_on_the_node(
     Service's ClusterIP (node.sh's table), serves its namespace and creates the Job."""
     values = {
         "replicas": 1,
-        "image": {"repository": "deeptune.local/operator", "tag": "dev", "pullPolicy": "Never"},
+        "image": dict(zip(("repository", "tag"), OPERATOR_IMAGE.split(":"), strict=True))
+        | {"pullPolicy": "Never"},
         "watchNamespaces": [namespace],
         "statusInterval": 2,
         "trainer": {"image": dict(zip(("repository", "tag"), harness.TRAINER_IMAGE.split(":"), strict=True))},
@@ -291,6 +323,59 @@ def test_the_chart_runs_the_operator_image_on_the_node(
         )
         got = crds.get("pod", pod_name, namespace) or {}
         assert got["status"]["containerStatuses"][0]["restartCount"] == 0  # the liveness probe held
+
+
+def test_a_trainer_that_cannot_start_is_explained_from_its_real_log(
+    operator: Process, crds: Cluster, real_node: dict[str, Any], namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    """A FineTuneJob whose image cannot train (the operator image: no torch in it) on the real node:
+    the kubelet turns the traceback into the termination message (FallbackToLogsOnError), the
+    operator reports it as the run's failure, and `kubectl deeptune logs` / `explain-failure` read
+    the trainer's own log through the API server."""
+    manifest = load_example("finetune-tiny.yaml")
+    manifest["metadata"]["namespace"] = namespace
+    name = manifest["metadata"]["name"]
+    spec = manifest["spec"]
+    spec.update(image=OPERATOR_IMAGE, imagePullPolicy="Never", backoffLimit=0)
+    spec.setdefault("resources", {}).update(
+        nodeSelector={"deeptune.dev/real-node": "true"},
+        tolerations=[{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
+    )
+    crds.apply(manifest)
+    status = harness.wait_for(
+        "the run to fail",
+        lambda: (
+            (s := (crds.get("finetunejob", name, namespace) or {}).get("status") or {}).get("phase")
+            == "Failed"
+            and s
+        ),
+        120,
+    )
+    assert "No module named 'torch'" in status["lastFailure"]["message"], status["lastFailure"]
+
+    def plugin(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "deeptune.kubectl_plugin",
+            "--kubeconfig",
+            str(crds.kubeconfig),
+            "-n",
+            namespace,
+        ]
+        return subprocess.run([*argv, *args], capture_output=True, text=True, check=False, timeout=60)
+
+    logs = plugin("logs", name)
+    assert logs.returncode == 0, logs.stderr
+    assert "ModuleNotFoundError: No module named 'torch'" in logs.stdout
+    assert (
+        logs.stdout.rstrip().splitlines()[-1] == plugin("logs", f"ftj/{name}", "--tail", "1").stdout.strip()
+    )
+    explained = plugin("explain-failure", name)
+    assert "ModuleNotFoundError: No module named 'torch'" in explained.stdout.split("last 20 log lines")[1]
+    missing = plugin("logs", "mdep/nothing-here")
+    assert missing.returncode != 0
+    assert 'modeldeployment "nothing-here" not found' in missing.stderr
 
 
 def test_stopping_the_node_gives_the_machine_back(cluster: Cluster, real_node: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@
 #
 #   node.sh          start it (packages, kubelet and images first if missing); wait until Ready
 #   node.sh --stop   stop it and undo all it did to the machine (down.sh calls this)
+#   node.sh --prepare  only install the packages and build the kubelet and images (no cluster needed)
 #
 # The node is tainted deeptune.dev/real-node=true:NoSchedule and labelled deeptune.dev/real-node=true:
 # a pod runs there only if it asks to (toleration + nodeSelector), so the suite's other pods keep
@@ -109,19 +110,18 @@ stop_node() {
   log "stopped the node; removed $S"
 }
 
+prepare_only=false
 case "${1:-}" in
   "") ;;
   --stop) stop_node; exit 0 ;;
-  -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  --prepare) prepare_only=true ;;
+  -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) die "unknown argument: $1 (try --help)" ;;
 esac
 
 # --- start --------------------------------------------------------------------------------------
 
 [ "$(id -u)" = 0 ] || die "a real node needs root (containerd, network namespaces, cgroups)"
-[ -f "$CLUSTER/.deeptune-cluster" ] && [ -f "$CLUSTER/ports.env" ] || die "no cluster in $CLUSTER: run up.sh first"
-if pid_alive kubelet && pid_alive containerd; then log "the node is already running in $S"; exit 0; fi
-[ ! -d "$S" ] || stop_node   # a half-started or dead node: start over
 
 # Debian packages: the runtime, CNI plugins, and what images.sh builds the images with.
 missing=()
@@ -146,7 +146,13 @@ fi
 
 PATH="$(bash "$HERE/build.sh" --with-kubelet --print-path):$PATH"
 KUBELET="$LC_KUBELET_BIN/kubelet"
-mapfile -t ARCHIVES < <(bash "$HERE/images.sh")
+archives=$(bash "$HERE/images.sh")
+mapfile -t ARCHIVES <<< "$archives"
+$prepare_only && { log "packages, kubelet and images ready"; exit 0; }
+
+[ -f "$CLUSTER/.deeptune-cluster" ] && [ -f "$CLUSTER/ports.env" ] || die "no cluster in $CLUSTER: run up.sh first"
+if pid_alive kubelet && pid_alive containerd; then log "the node is already running in $S"; exit 0; fi
+[ ! -d "$S" ] || stop_node   # a half-started or dead node: start over
 # shellcheck disable=SC1091
 . "$CLUSTER/ports.env"
 # shellcheck disable=SC1091
