@@ -123,6 +123,11 @@ esac
 
 [ "$(id -u)" = 0 ] || die "a real node needs root (containerd, network namespaces, cgroups)"
 
+# The kubelet's cgroups go in a root of their own in each cgroup v1 hierarchy (below); this machine
+# kind mounts v1. A v2-only host would need that root made and its controllers enabled the v2 way.
+[ -f /sys/fs/cgroup/memory/cgroup.procs ] \
+  || die "node.sh knows cgroup v1 hierarchies only (/sys/fs/cgroup/memory); this host has none"
+
 # Debian packages: the runtime, CNI plugins, and what images.sh builds the images with.
 missing=()
 need() { "${@:2}" >/dev/null 2>&1 || missing+=("$1"); }
