@@ -65,12 +65,12 @@ class Cluster:
         self.core = client.CoreV1Api()
 
     def finetunejob(self, name: str) -> Obj:
-        return self._get(PLURAL, name)
+        return self.get(PLURAL, name)
 
     def modeldeployment(self, name: str) -> Obj:
-        return self._get(MDEP_PLURAL, name)
+        return self.get(MDEP_PLURAL, name)
 
-    def _get(self, plural: str, name: str) -> Obj:
+    def get(self, plural: str, name: str) -> Obj:
         """One of DeepTune's objects; a missing one ends the command with kubectl's words."""
         try:
             found = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
@@ -346,7 +346,7 @@ def show_logs(cluster: Cluster, console: Console, target: str, tail: int | None,
         raise SystemExit(
             f"error: {target}: name a FineTuneJob (NAME or ftj/NAME) or a ModelDeployment (mdep/NAME)"
         )
-    obj = cluster._get(plural, name)
+    obj = cluster.get(plural, name)
     pods = cluster.pods(plural, obj)
     if not pods:
         raise SystemExit(

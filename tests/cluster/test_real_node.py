@@ -36,6 +36,10 @@ pytestmark = [
 NODE = "deeptune-real-node"
 IMAGE = "deeptune.local/debian:bookworm"
 OPERATOR_IMAGE = "deeptune.local/operator:dev"
+ON_THE_NODE = {"deeptune.dev/real-node": "true"}
+"""The node's label, for the nodeSelector of what must run there."""
+TOLERATE_THE_NODE = [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
+"""A toleration of the node's taint, which keeps every other pod off it."""
 AGENT_BRIDGE = "dtbr0"
 """The test node agent's bridge, which it makes when it starts (maybe while this module runs): not the
 real node's doing, so not in what the node must give back."""
@@ -101,8 +105,8 @@ def pod(name: str, script: str, **container: Any) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {"name": name},
         "spec": {
-            "nodeSelector": {"deeptune.dev/real-node": "true"},
-            "tolerations": [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
+            "nodeSelector": ON_THE_NODE,
+            "tolerations": TOLERATE_THE_NODE,
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 1,
             "containers": [main | container],
@@ -268,8 +272,8 @@ def test_the_chart_runs_the_operator_image_on_the_node(
         "watchNamespaces": [namespace],
         "statusInterval": 2,
         "trainer": {"image": dict(zip(("repository", "tag"), harness.TRAINER_IMAGE.split(":"), strict=True))},
-        "nodeSelector": {"deeptune.dev/real-node": "true"},
-        "tolerations": [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
+        "nodeSelector": ON_THE_NODE,
+        "tolerations": TOLERATE_THE_NODE,
         "liveness": {"initialDelaySeconds": 2, "periodSeconds": 2},
     }
     with install(crds, namespace, values) as release:
@@ -337,10 +341,7 @@ def test_a_trainer_that_cannot_start_is_explained_from_its_real_log(
     name = manifest["metadata"]["name"]
     spec = manifest["spec"]
     spec.update(image=OPERATOR_IMAGE, imagePullPolicy="Never", backoffLimit=0)
-    spec.setdefault("resources", {}).update(
-        nodeSelector={"deeptune.dev/real-node": "true"},
-        tolerations=[{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
-    )
+    spec.setdefault("resources", {}).update(nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE)
     crds.apply(manifest)
     status = harness.wait_for(
         "the run to fail",

@@ -63,22 +63,23 @@ our_processes() {
   fi
 }
 
+stop_process() {  # stop_process NAME: SIGTERM the process in NAME.pid; SIGKILL it after 10 s
+  pid_alive "$1" || return 0
+  log "stopping $1"
+  kill -TERM "$(cat "$S/$1.pid")"
+  for _ in $(seq 50); do pid_alive "$1" || return 0; sleep 0.2; done
+  kill -KILL "$(cat "$S/$1.pid")" 2>/dev/null || true
+}
+
 stop_node() {
   [ -d "$S" ] || { log "no node in $CLUSTER"; return 0; }
-  local name pid tries
-  for name in kubelet; do
-    pid_alive "$name" && { log "stopping $name"; kill -TERM "$(cat "$S/$name.pid")"; }
-  done
-  for tries in $(seq 50); do pid_alive kubelet || break; sleep 0.2; done
-  pid_alive kubelet && kill -KILL "$(cat "$S/kubelet.pid")"
-  if pid_alive containerd; then   # the containers, then their sandboxes, while containerd answers
+  local pids
+  stop_process kubelet
+  if pid_alive containerd; then   # the containers, while containerd still answers
     ctr_ tasks ls -q 2>/dev/null | while read -r task; do ctr_ tasks kill -s SIGKILL "$task" >/dev/null 2>&1 || true; done
-    log "stopping containerd"
-    kill -TERM "$(cat "$S/containerd.pid")"
-    for tries in $(seq 50); do pid_alive containerd || break; sleep 0.2; done
-    pid_alive containerd && kill -KILL "$(cat "$S/containerd.pid")"
   fi
-  for tries in 1 2 3; do
+  stop_process containerd
+  for _ in 1 2 3; do
     pids=$(our_processes | sort -u)
     [ -n "$pids" ] || break
     # shellcheck disable=SC2086
