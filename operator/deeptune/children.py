@@ -106,6 +106,13 @@ def read(api_version: str, kind: str, name: str, namespace: str) -> Manifest | N
         raise
 
 
+def listed(api_version: str, kind: str, namespace: str, selector: str) -> list[Manifest]:
+    """The objects of a kind in a namespace that match a label selector, as the API server has them
+    now (for the rare question the cache cannot answer: is an object it lacks gone, or late?)."""
+    answer, _ = _request("GET", _path(api_version, kind, namespace), query=[("labelSelector", selector)])
+    return list(answer["items"])
+
+
 def owner_uids(obj: Manifest) -> set[str]:
     return {ref["uid"] for ref in obj.get("metadata", {}).get("ownerReferences") or []}
 

@@ -18,7 +18,7 @@ from deeptune.builders.common import uid_label
 from deeptune.builders.finetunejob import RESULT_FINALIZER
 from deeptune.cache import Cache
 from deeptune.config import Settings
-from deeptune.reconcilers.finetunejob import CONFLICT_RETRY, FineTuneJobReconciler
+from deeptune.reconcilers.finetunejob import CONFLICT_RETRY, JOB_UID_LABEL, FineTuneJobReconciler
 from deeptune.reconcilers.modeldeployment import CHILD_RESOURCES, ModelDeploymentReconciler
 from deeptune.status.modeldeployment import is_waiting
 from deeptune.statuswriter import StatusWriter
@@ -39,6 +39,8 @@ class Api:
     events: list[events.Event] = field(default_factory=list)
     existing: dict[str, Obj] = field(default_factory=dict)
     """Objects by name that `create` finds already there (a 409)."""
+    pods_on_server: list[Obj] = field(default_factory=list)
+    """What a live list of pods answers (the cache may lag behind it, or hold what it no longer has)."""
 
     def named(self, verb: str) -> list[tuple[Any, ...]]:
         return [call for call in self.calls if call[0] == verb]
@@ -76,6 +78,9 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
         children,
         "release",
         lambda obj, kind, fin: recorded.calls.append(("release", kind[1], obj["metadata"]["name"])) or True,
+    )
+    monkeypatch.setattr(
+        children, "listed", lambda *a: recorded.calls.append(("list", *a)) or recorded.pods_on_server
     )
     monkeypatch.setattr(events, "post", lambda obj, event: recorded.events.append(event))
     monkeypatch.setattr(StatusWriter, "_patch", patch_status)
@@ -192,6 +197,7 @@ def test_a_pod_not_yet_seen_finished_keeps_the_job(api: Api) -> None:
     failed = trainer_job([condition("Failed", "PodFailurePolicy", "exit code 3")])
     failed["status"]["failed"] = 1
     failed["metadata"]["deletionTimestamp"] = NOW  # ttlSecondsAfterFinished: 0
+    api.pods_on_server = [trainer_pod("Failed")]
     for pods in ([trainer_pod("Running")], []):  # the pod's last update, or the pod itself, not seen yet
         reconcile_ftj(ftj({"phase": "Running"}), [failed], pods)
         written = api.named("status")[-1][1]
@@ -201,6 +207,23 @@ def test_a_pod_not_yet_seen_finished_keeps_the_job(api: Api) -> None:
         reconcile_ftj(ftj({"phase": "Running", **written}), [failed], [trainer_pod("Failed")])
         written = {**written, **api.named("status")[-1][1]}
     assert len(api.named("release")) == 2
+
+
+def test_a_pod_let_go_before_its_job_was_seen_finished_does_not_keep_the_job(api: Api) -> None:
+    """A TTL of 0 deletes a finished Job at once, and its pods with it; the pods' deletion can reach
+    the cache before the Job's condition. The pod (its state recorded) is let go then; the Job still
+    counts it, and once the API server confirms it is gone the Job is let go too, not held forever."""
+    reconcile_ftj(ftj({"phase": "Running"}), [trainer_job()], [trainer_pod("Failed", deleting=True)])
+    assert api.named("release") == [("release", "Pod", "bot-train-x")]
+    written = api.named("status")[-1][1]
+    failed = trainer_job([condition("Failed", "BackoffLimitExceeded", "backoff")], deleting=True)
+    failed["status"]["failed"] = 1
+    for _ in range(2):  # the Job's outcome written, then found settled
+        reconcile_ftj(ftj({"phase": "Running", **written}), [failed], [])
+        written = {**written, **api.named("status")[-1][1]}
+    assert written["phase"] == "Failed"
+    assert api.named("release")[-1] == ("release", "Job", "bot-train")
+    assert [call[1:] for call in api.named("list")][-1] == ("v1", "Pod", "ns", f"{JOB_UID_LABEL}=job-uid")
 
 
 def test_nothing_is_released_while_the_run_goes_on_except_what_is_being_deleted(api: Api) -> None:

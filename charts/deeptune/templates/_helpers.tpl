@@ -77,10 +77,10 @@ and indexes; children.py: every write to a child; reconcilers/: which child gets
 - Jobs: list and watch (an index), create (children.create, dry run first) and read back on
   conflict, patch: `suspend`, deadlines and the like, and the removal of the `deeptune.dev/result`
   finalizer (a JSON patch, children.release) once the status holds the result;
-- Pods: list and watch (indexes of trainer and serving pods), get, and patch for one thing: removing
-  the `deeptune.dev/result` finalizer that trainer pods get from the Job's pod template. Never
-  create, and no exec/attach/portforward: metrics and the serving probe go over HTTP, not through
-  the API;
+- Pods: list and watch (indexes of trainer and serving pods; a live list when the cache lacks a
+  pod a finished Job counts), get, and patch for one thing: removing the `deeptune.dev/result`
+  finalizer that trainer pods get from the Job's pod template. Never create, and no
+  exec/attach/portforward: metrics and the serving probe go over HTTP, not through the API;
 - ConfigMaps: the trainer's configuration (created once, read back on conflict) and a
   ModelDeployment's Triton model repository (server-side apply: get for the owner check, patch, and
   create because an apply that creates an object is authorized as one); list and watch: indexes of

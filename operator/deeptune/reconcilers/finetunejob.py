@@ -61,6 +61,8 @@ LOG = logging.getLogger(__name__)
 _KIND = (API_VERSION, KIND)
 JOB = ("batch/v1", "Job")
 POD = ("v1", "Pod")
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+"""The label the Job controller gives each pod it makes: its Job's uid."""
 CONFLICT_RETRY = 30.0
 """Seconds between looks at a Job of our name that is not ours (someone must delete or rename)."""
 OWNER_GOING_RETRY = 2.0
@@ -172,7 +174,8 @@ class FineTuneJobReconciler:
         if await self.writer.write(obj, update):
             ended = usage.newly_finished(previous.usage, new.usage)
             observability.count_usage(obj["metadata"]["namespace"], ended)
-            await self._release(_recorded(new, jobs, pods, settled=not update.changes))
+            settled = not update.changes and await _outcome_complete(new, jobs, pods)
+            await self._release(_recorded(new, jobs, pods, settled=settled))
         return again
 
     async def _refuse(self, obj: Obj, previous: FineTuneJobStatus, message: str) -> None:
@@ -290,10 +293,10 @@ def _recorded(status: FineTuneJobStatus, jobs: list[Obj], pods: list[Obj], *, se
 
     A finished Job (its TTL may be deleting it already) and its pods once the outcome is recorded: a
     reconcile found the status terminal with nothing to add, and the cache has the final state of
-    every pod (a pod's last update, with the trainer's summary, may reach the cache after the Job's
-    condition). Before that, whatever is being deleted while the run goes on (an evicted pod, a Job
-    deleted by hand): its state is in this reconcile's status already."""
-    if status.phase in TERMINAL_PHASES and settled and all(_every_pod_seen_finished(j, pods) for j in jobs):
+    every pod (`settled`, from `_outcome_complete`). Before that, whatever is being deleted while the
+    run goes on (an evicted pod, a Job deleted by hand, the pods of a finished Job whose condition has
+    not reached the cache yet): its state is in this reconcile's status already."""
+    if settled:
         return jobs + pods
     ended = {j["metadata"]["uid"] for j in jobs if _finished(j)}
     going = {j["metadata"]["uid"] for j in jobs if j["metadata"].get("deletionTimestamp")} - ended
@@ -305,13 +308,31 @@ def _recorded(status: FineTuneJobStatus, jobs: list[Obj], pods: list[Obj], *, se
     ]
 
 
-def _every_pod_seen_finished(job: Obj, pods: list[Obj]) -> bool:
-    """Whether the cache has the final state of every pod the Job counts as finished (its summary
-    with it), and no pod of the Job still runs."""
-    mine = [p for p in pods if job["metadata"]["uid"] in children.owner_uids(p)]
-    finished = [p for p in mine if p.get("status", {}).get("phase") in ("Succeeded", "Failed")]
-    counted = sum(int(job.get("status", {}).get(key) or 0) for key in ("succeeded", "failed"))
-    return len(finished) == len(mine) and len(finished) >= counted
+async def _outcome_complete(status: FineTuneJobStatus, jobs: list[Obj], pods: list[Obj]) -> bool:
+    """Whether the status is terminal and the cache had every pod's final state for it."""
+    return status.phase in TERMINAL_PHASES and await asyncio.to_thread(_every_pod_seen_finished, jobs, pods)
+
+
+def _every_pod_seen_finished(jobs: list[Obj], pods: list[Obj]) -> bool:
+    """Whether the cache has the final state of every pod the Jobs count as finished (a pod's last
+    update, with the trainer's summary, may reach the cache after the Job's condition), and no pod of
+    theirs still runs.
+
+    A pod the Job counts that the cache lacks was either let go already (every trainer pod holds the
+    result finalizer until a reconcile has recorded its state; then it is removed for good) or is
+    not in the cache yet: only then does this ask the API server which."""
+    for job in jobs:
+        uid = job["metadata"]["uid"]
+        mine = [p for p in pods if uid in children.owner_uids(p)]
+        if any(p.get("status", {}).get("phase") not in ("Succeeded", "Failed") for p in mine):
+            return False
+        counted = sum(int(job.get("status", {}).get(key) or 0) for key in ("succeeded", "failed"))
+        if len(mine) >= counted:
+            continue
+        on_server = children.listed(*POD, job["metadata"]["namespace"], f"{JOB_UID_LABEL}={uid}")
+        if {p["metadata"]["uid"] for p in on_server} - {p["metadata"]["uid"] for p in mine}:
+            return False
+    return True
 
 
 def _owner(obj: Obj) -> Owner:
