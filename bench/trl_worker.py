@@ -1,7 +1,7 @@
 """One configuration of bench/versus_trl.py: TRL's SFTTrainer as its documentation sets it up for
-prompt/completion data, in TRL's own environment (scripts/trl_env.sh).
+prompt/completion data.
 
-    "$(bash scripts/trl_env.sh)/bin/python" bench/trl_worker.py RUN_JSON
+    python bench/trl_worker.py RUN_JSON
 
 Packing (TRL's default best-fit-decreasing strategy, padding-free: position ids restart per example),
 loss on the completion only, LoRA through `peft_config`; everything else as the run file says, the

