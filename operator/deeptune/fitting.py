@@ -46,13 +46,16 @@ def plan_for(spec: FineTuneJobSpec) -> Plan | None:
 
 
 def plan_for_shape(spec: FineTuneJobSpec, shape: ModelShape, gpu_memory_bytes: int | None) -> Plan:
-    """The estimate for this spec on a model of this shape (a benchmark's, say, built from a config)."""
+    """The estimate for this spec on a model of this shape (a benchmark's, say, built from a config).
+    A preference run's batch holds both sequences of each pair; DPO's reference costs no memory of its
+    own (the adapter switched off, or log-probabilities computed before training)."""
     hp = spec.hyperparameters
+    pairs = spec.preference is not None  # preference tuning runs without sharding, and a pair is two rows
     request = PlanRequest(
         method=spec.method,
-        strategy=spec.distributed.strategy,
+        strategy="ddp" if pairs and spec.distributed.strategy == "auto" else spec.distributed.strategy,
         world_size=spec.world_size,
-        per_device_batch_size=hp.per_device_batch_size,
+        per_device_batch_size=hp.per_device_batch_size * (2 if pairs else 1),
         max_seq_length=hp.max_seq_length,
         gradient_checkpointing=hp.gradient_checkpointing,
         lora_r=spec.lora.r,

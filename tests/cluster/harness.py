@@ -453,15 +453,17 @@ def provision_claims(cluster: Cluster, namespace: str, claims: list[str]) -> dic
 
 
 def seed_tiny_volumes(dirs: dict[str, Path], rows: int = 240) -> None:
-    """Put what examples/finetune-tiny.yaml reads on its claims: a tiny model and the keyword task."""
-    from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts
+    """Put what examples/finetune-tiny.yaml (and -dpo.yaml) read on their claims: a tiny model and
+    the keyword task (as pairs too)."""
+    from deeptune_trainer.synthetic import keyword_pairs, keyword_rows, tokenizer_texts
     from deeptune_trainer.tinymodels import build_tiny_model
 
     model_dir = dirs["deeptune-models"] / "tiny-llama"
     if not (model_dir / "config.json").exists():
         build_tiny_model("llama", model_dir, tokenizer_texts())
-    lines = (json.dumps(row, ensure_ascii=False) for row in keyword_rows(rows, seed=1))
-    (dirs["deeptune-data"] / "keywords.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name, made in (("keywords.jsonl", keyword_rows), ("keyword-pairs.jsonl", keyword_pairs)):
+        lines = (json.dumps(row, ensure_ascii=False) for row in made(rows, seed=1))
+        (dirs["deeptune-data"] / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager

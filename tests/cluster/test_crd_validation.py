@@ -7,6 +7,11 @@ from typing import Any
 
 import pytest
 
+from deeptune.api.finetunejob import (
+    PREFERENCE_NEEDS_PAIRS_MESSAGE,
+    PREFERENCE_SHARDING_MESSAGE,
+    PREFERENCE_STYLE_MESSAGE,
+)
 from tests.cluster.harness import Cluster, finetunejob
 from tests.unit.test_finetunejob_model import MINIMAL
 
@@ -53,6 +58,19 @@ def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> N
             spec_with(dataset={"source": {"url": "https://x/y"}, "cleaning": {"minChars": 5, "maxChars": 2}}),
             "minChars must not exceed maxChars",
         ),
+        (
+            spec_with(dataset={"source": {"url": "https://x/y"}, "style": "preference"}),
+            PREFERENCE_STYLE_MESSAGE,
+        ),
+        (
+            spec_with(preference={}, dataset={"source": {"url": "https://x/y"}, "style": "chat"}),
+            PREFERENCE_NEEDS_PAIRS_MESSAGE,
+        ),
+        (
+            spec_with(preference={"algorithm": "orpo"}, distributed={"strategy": "fsdp"}),
+            PREFERENCE_SHARDING_MESSAGE,
+        ),
+        (spec_with(preference={"beta": 0}), "should be greater than 0"),
     ],
 )
 def test_bad_specs_are_rejected_at_apply(
@@ -84,6 +102,11 @@ def test_training_fields_are_immutable(crds: Cluster, namespace: str) -> None:
     )
     assert result.returncode != 0
     assert "hyperparameters is immutable: create a new resource" in result.stderr
+    preference = '{"spec": {"preference": {}}}'
+    added = crds.kubectl(
+        "patch", "finetunejob", "fixed", "-n", namespace, "--type=merge", "-p", preference, check=False
+    )  # fmt: skip
+    assert "preference is immutable" in added.stderr  # an optional field set after creation
     allowed = crds.kubectl(
         "patch",
         "finetunejob",

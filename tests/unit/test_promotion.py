@@ -46,6 +46,15 @@ def test_a_run_that_beats_its_base_model_by_the_margin_passes() -> None:
     assert verdict.served_scores == {"exactMatch": 0.9}
 
 
+def test_a_preference_run_is_gated_on_how_it_ranks_pairs() -> None:
+    gate = rules({"metric": "preferenceAccuracy", "threshold": 0.8, "minImprovement": 0.2})
+    assert promotion.judge(
+        gate, run("a", {"preferenceAccuracy": 0.95}, {"preferenceAccuracy": 0.5}), None
+    ).passed
+    missed = promotion.judge(gate, run("b", {"preferenceAccuracy": 0.6}, {"preferenceAccuracy": 0.5}), None)
+    assert not missed.passed
+
+
 def test_a_run_short_of_the_margin_fails_by_how_much_it_missed() -> None:
     verdict = promotion.judge(
         rules({"metric": "exactMatch", "minImprovement": 0.3}),

@@ -156,13 +156,20 @@ def _key_values(title: str, values: dict[str, Any]) -> list[str]:
     return [f"## {title}", "", *(f"- {key}: {value}" for key, value in values.items()), ""]
 
 
+PAIR_SCORES = (
+    " Preference accuracy is the share of pairs whose chosen answer the model finds more likely than"
+    " the rejected one; preference margin is the mean difference of their log-likelihoods (nats)."
+)
+
+
 def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
     """A README.md for the output directory: what was trained, on what, how, and how well."""
     hp = spec.hyperparameters
+    how = spec.method if spec.preference is None else f"{spec.method}, {spec.preference.algorithm.upper()}"
     lines = [
         f"# {facts.name}",
         "",
-        f"Fine-tuned from `{facts.base_model}` with DeepTune ({spec.method}).",
+        f"Fine-tuned from `{facts.base_model}` with DeepTune ({how}).",
         "",
         "## Evaluation",
         "",
@@ -184,7 +191,7 @@ def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
             f"Scored and exported: {chosen}. Scores on the {split} split{picked_by}: {results.samples} rows"
             f" (drawn with the run's seed) for generation metrics, the whole split for perplexity. BLEU is"
             " 0–100, other generation metrics 0–1; F1 is macro-F1 over the answers as labels (classification"
-            " data), exact match compares whole answers.",
+            " data), exact match compares whole answers." + (PAIR_SCORES if spec.preference else ""),
             "",
             *_metrics_table(results),
         ]
@@ -208,6 +215,8 @@ def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
         "weight decay": hp.weight_decay,
         "packing": hp.packing,
     }
+    if spec.preference is not None:
+        training["preference"] = f"{spec.preference.algorithm}, beta {spec.preference.beta}"
     if spec.method != "full":
         training["LoRA"] = f"r {spec.lora.r}, alpha {spec.lora.alpha}, dropout {spec.lora.dropout}"
     lines += _key_values("Training", training)

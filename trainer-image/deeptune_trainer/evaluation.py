@@ -1,4 +1,5 @@
-"""Scores on held-out rows: perplexity from the loss, the rest from greedy generations.
+"""Scores on held-out rows: perplexity from the loss, the rest from greedy generations; preference
+pairs also by how the model ranks their two answers.
 
 The base model is scored before training on the same rows as the fine-tuned model after it, so the
 delta shows what fine-tuning bought. Scales: BLEU 0-100 (sacrebleu's convention), every other
@@ -39,6 +40,33 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def target_log_likelihoods(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: Sequence[Sample],
+    *,
+    max_length: int,
+    batch_size: int,
+) -> list[tuple[float, int]]:
+    """Each sample's log-likelihood of its target (prompt tokens do not count), and its target tokens."""
+    examples = tokenize_samples(samples, tokenizer, max_length).examples
+    collate = Collator(tokenizer.pad_token_id)
+    device = _device(model)
+    found: list[tuple[float, int]] = []
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        batch = collate([example.feature() for example in examples[start : start + batch_size]])
+        labels = batch.pop("labels").to(device)
+        logits = model(**{name: tensor.to(device) for name, tensor in batch.items()}).logits
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counts = (targets != IGNORE_INDEX).sum(dim=1)
+        found += [(-total, int(count)) for total, count in zip(nll.sum(dim=1).tolist(), counts, strict=True)]
+    return found
+
+
 def perplexity(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -48,22 +76,30 @@ def perplexity(
     batch_size: int,
 ) -> float:
     """exp of the mean negative log-likelihood per target token (prompt tokens do not count)."""
-    examples = tokenize_samples(samples, tokenizer, max_length).examples
-    collate = Collator(tokenizer.pad_token_id)
-    device = _device(model)
-    total_nll, total_tokens = 0.0, 0
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = collate([example.feature() for example in examples[start : start + batch_size]])
-        labels = batch.pop("labels").to(device)
-        logits = model(**{name: tensor.to(device) for name, tensor in batch.items()}).logits
-        targets = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += int((targets != IGNORE_INDEX).sum())
-    return math.exp(total_nll / total_tokens) if total_tokens else math.nan
+    found = target_log_likelihoods(model, tokenizer, samples, max_length=max_length, batch_size=batch_size)
+    tokens = sum(count for _, count in found)
+    return math.exp(-sum(total for total, _ in found) / tokens) if tokens else math.nan
+
+
+def preference_scores(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Sample],
+    *,
+    max_length: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """How the model ranks each pair's answers: `preferenceAccuracy`, the share of pairs whose chosen
+    answer is more likely than the rejected one, and `preferenceMargin`, the mean difference of their
+    log-likelihoods (nats; summed over each answer's tokens, as DPO compares them)."""
+    sizes = {"max_length": max_length, "batch_size": batch_size}
+    chosen = target_log_likelihoods(model, tokenizer, pairs, **sizes)
+    rejected = target_log_likelihoods(model, tokenizer, [pair.rejected_sample for pair in pairs], **sizes)
+    margins = [good - bad for (good, _), (bad, _) in zip(chosen, rejected, strict=True)]
+    return {
+        "preferenceAccuracy": sum(margin > 0 for margin in margins) / len(margins),
+        "preferenceMargin": sum(margins) / len(margins),
+    }
 
 
 # --- generation -------------------------------------------------------------------------------
@@ -227,6 +263,11 @@ def evaluate(
     if "perplexity" in metrics:
         scores["perplexity"] = perplexity(
             model, tokenizer, samples, max_length=max_length, batch_size=batch_size
+        )
+    pairs = [sample for sample in samples if sample.rejected is not None]
+    if pairs:  # what a preference-tuned model is judged by, whatever metrics are listed
+        scores.update(
+            preference_scores(model, tokenizer, pairs, max_length=max_length, batch_size=batch_size)
         )
     if GENERATION_METRICS & set(metrics):
         rows = generation_rows(samples, spec)

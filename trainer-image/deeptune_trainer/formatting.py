@@ -97,7 +97,7 @@ TARGET_MARK = "\U000f0000DEEPTUNE_TARGET\U000f0000"
 answer, never what it says (DeepSeek-R1's template would drop the `<think>` part of it)."""
 
 
-def _render_completion(sample: Sample, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+def render_completion(sample: Sample, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The target as written, wrapped as the template wraps an answer (its end-of-turn marker), when
     the prompt is a prefix of the rendering; else the target alone."""
     marked = [*_chat(sample.prompt_messages), {"role": "assistant", "content": TARGET_MARK}]
@@ -170,7 +170,7 @@ def tokenize_sample(
         ids = _ids(tokenizer, text)
         prompt += ids
         prompt_labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    completion = _ids(tokenizer, _render_completion(sample, tokenizer, prompt_text))
+    completion = _ids(tokenizer, render_completion(sample, tokenizer, prompt_text))
     if tokenizer.eos_token_id not in completion:
         completion.append(tokenizer.eos_token_id)
     keep_prompt, keep_completion = _fit(len(prompt), len(completion), max_length)

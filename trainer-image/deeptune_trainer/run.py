@@ -94,7 +94,9 @@ def run(
         write_resolved_config(config, output_dir)
 
     log("preparing the dataset")
-    prepared = prepare_dataset(spec.dataset, paths, seed=spec.hyperparameters.seed)
+    prepared = prepare_dataset(
+        spec.dataset, paths, seed=spec.hyperparameters.seed, pairs=spec.preference is not None
+    )
     if world.is_main:
         write_data_report(prepared, output_dir / "data_report.json")
     test_rows = f", {len(prepared.test)} test rows" if spec.dataset.test else ""

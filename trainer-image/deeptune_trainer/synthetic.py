@@ -4,7 +4,8 @@ The prompt lists four words, one of them a keyword; the answer is the keyword's 
 (English or Chinese). Held-out rows are new word lists, never training rows, so a model scores on
 them only if it learned the rule (find the keyword, ignore the rest), not the rows.
 
-`python -m deeptune_trainer.synthetic --rows 240 --out keywords.jsonl` writes a dataset file.
+`python -m deeptune_trainer.synthetic --rows 240 --out keywords.jsonl` writes a dataset file;
+`--pairs` writes it as preference pairs (`keyword_pairs`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def as_samples(rows: Sequence[dict[str, str]]) -> list[Sample]:
     ]
 
 
+def as_pairs(rows: Sequence[dict[str, str]]) -> list[Sample]:
+    """Preference rows (`keyword_pairs`) as the data pipeline's Samples, numbered from 1."""
+    return [
+        Sample(
+            (Message("user", row["prompt"]), Message("assistant", row["chosen"])),
+            i + 1,
+            rejected=row["rejected"],
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
 def keyword_prompt(rng: random.Random) -> tuple[str, str]:
     keyword = rng.choice(list(KEYWORD_ANSWERS))
     words = rng.sample(FILLER_WORDS, 3)
@@ -76,6 +89,16 @@ def keyword_rows(count: int, seed: int, exclude: Collection[str] = ()) -> list[d
     return [{"prompt": prompt, "completion": answer} for prompt, answer in rows.items()]
 
 
+def keyword_pairs(count: int, seed: int, exclude: Collection[str] = ()) -> list[dict[str, str]]:
+    """The keyword task as preference pairs: the keyword's phrase chosen, the next keyword's rejected.
+    Every phrase is chosen for one keyword and rejected for another, so only a model that reads the
+    keyword ranks the pairs right; one that prefers some phrases over others is right on half."""
+    return [
+        {"prompt": row["prompt"], "chosen": row["completion"], "rejected": ROTATED_ANSWERS[row["completion"]]}
+        for row in keyword_rows(count, seed, exclude)
+    ]
+
+
 def tokenizer_texts(count: int = 200) -> list[str]:
     """Text to fit a tiny model's tokenizer to, so the task's words are in its vocabulary."""
     return [
@@ -88,8 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=240)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--pairs", action="store_true", help="preference pairs (prompt, chosen, rejected)")
     args = parser.parse_args(argv)
-    lines = (json.dumps(row, ensure_ascii=False) for row in keyword_rows(args.rows, args.seed))
+    rows = (keyword_pairs if args.pairs else keyword_rows)(args.rows, args.seed)
+    lines = (json.dumps(row, ensure_ascii=False) for row in rows)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.rows} rows to {args.out}")
 

@@ -34,7 +34,7 @@ from transformers import (
     set_seed,
 )
 
-from deeptune.api.finetunejob import FineTuneJobSpec
+from deeptune.api.finetunejob import PREFERENCE_SHARDING_MESSAGE, FineTuneJobSpec
 from deeptune_trainer.data.sample import Sample
 from deeptune_trainer.distributed import (
     World,
@@ -48,6 +48,7 @@ from deeptune_trainer.lineage import config_digest
 from deeptune_trainer.metrics_server import ProgressSnapshot, TrainerMetrics
 from deeptune_trainer.modeling import Precision, apply_method, computes_logits_at_targets_only
 from deeptune_trainer.plots import LossPlotter
+from deeptune_trainer.preference import drop_reference_adapter, preference_trainer, truncated_pairs
 from deeptune_trainer.zero import zero3_config
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -226,6 +227,7 @@ class ProgressReporter(TrainerCallback):
     def snapshot(self, state: TrainerState, logs: dict[str, float]) -> ProgressSnapshot:
         elapsed = max(time.monotonic() - self._start, 1e-9)
         steps = state.global_step - self._start_step
+        tokens = state.num_input_tokens_seen - self._start_tokens
         per_step = elapsed / steps if steps else None
         return ProgressSnapshot(
             step=state.global_step,
@@ -234,7 +236,7 @@ class ProgressReporter(TrainerCallback):
             train_loss=logs.get("loss"),
             eval_loss=logs.get("eval_loss"),
             learning_rate=logs.get("learning_rate"),
-            tokens_per_second=(state.num_input_tokens_seen - self._start_tokens) / elapsed if steps else None,
+            tokens_per_second=tokens / elapsed if steps and tokens else None,  # ORPO counts none
             samples_per_second=steps * self.samples_per_step / elapsed if steps else None,
             eta_seconds=(state.max_steps - state.global_step) * per_step if per_step is not None else None,
             peak_memory_bytes=peak_memory_bytes(),
@@ -291,8 +293,9 @@ def _training_arguments(
     has_eval: bool,
     sharded: bool,
     deepspeed: dict[str, Any] | None,
-) -> TrainingArguments:
-    """The Trainer's arguments. With early stopping a checkpoint is saved at every evaluation, so the
+) -> dict[str, Any]:
+    """The Trainer's arguments (TrainingArguments' or, for preference tuning, TRL's configs'
+    keywords). With early stopping a checkpoint is saved at every evaluation, so the
     best one is on disk to be restored at the end (the Trainer's rotation never deletes it): the
     Trainer loads it back itself, except into a model in pieces (rank 0 reloads that one whole)."""
     hp = spec.hyperparameters
@@ -302,7 +305,7 @@ def _training_arguments(
     save_steps = (
         spec.evaluation.eval_steps if selecting and spec.evaluation.eval_steps else hp.checkpoint_steps
     )
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=hp.per_device_batch_size,
         per_device_eval_batch_size=hp.per_device_batch_size,
@@ -397,16 +400,15 @@ def train(
         )
     world = world or World()
     sharded = is_sharded(model)
+    zero = spec.distributed.strategy == "deepspeed"
+    if spec.preference and (sharded or zero):  # `auto` may have resolved to fsdp
+        raise TrainerInputError("InvalidSpec", PREFERENCE_SHARDING_MESSAGE)
     checkpoints = Path(output_dir) / CHECKPOINTS_DIR
     fingerprint = config_fingerprint(spec)
     resume = find_resume_checkpoint(checkpoints, fingerprint, log) if checkpoints.is_dir() else None
     if resume:
         log(f"resuming from {resume.name}")
 
-    train_features, train_truncated = _features(
-        train_samples, tokenizer, spec, spec.hyperparameters.packing, log
-    )
-    eval_features, eval_truncated = _features(validation_samples, tokenizer, spec, False, log)
     hp = spec.hyperparameters
     samples_per_step = hp.per_device_batch_size * hp.gradient_accumulation_steps * world.size
     reporter = ProgressReporter(metrics, samples_per_step, log)
@@ -420,25 +422,27 @@ def train(
     trainer_callbacks.append(CheckpointMarker(fingerprint))  # after early stopping, to see its decision
     trainer_callbacks.append(LossPlotter(Path(output_dir)))  # a run that fails later keeps its curve
 
-    zero = spec.distributed.strategy == "deepspeed"
     deepspeed = zero3_config(spec, precision, model.config.get_text_config().hidden_size) if zero else None
-    args = _training_arguments(
-        spec, precision, checkpoints, has_eval=bool(eval_features), sharded=sharded, deepspeed=deepspeed
+    arguments = _training_arguments(
+        spec, precision, checkpoints, has_eval=bool(validation_samples), sharded=sharded, deepspeed=deepspeed
     )
-    collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=logits_at_targets_only(model, args))
     set_seed(hp.seed)  # the adapter's initial weights are random too: same seed, same run
     wrapped = apply_method(model, spec)
-    trainer = (ShardedTrainer if sharded else Trainer)(
-        model=wrapped,
-        args=args,
-        data_collator=collator,
-        train_dataset=train_features,  # a list is a map-style dataset
-        eval_dataset=eval_features or None,
-        processing_class=tokenizer,
-        callbacks=trainer_callbacks,
-    )
+    if spec.preference is None:
+        trainer, truncated, collator = _supervised_trainer(
+            wrapped, tokenizer, train_samples, validation_samples,
+            spec=spec, arguments=arguments, callbacks=trainer_callbacks, base=model, sharded=sharded, log=log,
+        )  # fmt: skip
+    else:
+        trainer = preference_trainer(
+            wrapped, tokenizer, train_samples, validation_samples,
+            spec=spec, arguments=arguments, callbacks=trainer_callbacks,
+        )  # fmt: skip
+        truncated = truncated_pairs([*train_samples, *validation_samples], tokenizer, hp.max_seq_length)
+        collator = None
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the reporter writes the log lines
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    drop_reference_adapter(wrapped)
     history = trainer.state.log_history
     final = next(iter(_checkpoints_newest_first(checkpoints)), None)
     best = Path(trainer.state.best_model_checkpoint) if trainer.state.best_model_checkpoint else None
@@ -452,12 +456,45 @@ def train(
         eval_loss=_last(history, "eval_loss"),
         resumed_from=resume.name if resume else None,
         log_history=history,
-        truncated=train_truncated + eval_truncated,
-        padding_waste=collator.padding_waste,
+        truncated=truncated,
+        padding_waste=collator.padding_waste if collator else 0.0,
         final_checkpoint=final,
         best_step=_step_of(best) if spec.early_stopping and best else None,
         best_eval_loss=trainer.state.best_metric if spec.early_stopping else None,
     )
+
+
+def _supervised_trainer(
+    model: TrainableModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_samples: Sequence[Sample],
+    validation_samples: Sequence[Sample],
+    *,
+    spec: FineTuneJobSpec,
+    arguments: dict[str, Any],
+    callbacks: list[TrainerCallback],
+    base: PreTrainedModel,
+    sharded: bool,
+    log: Log,
+) -> tuple[Trainer, int, Collator]:
+    """The transformers Trainer on the tokenized rows; the rows cut to max_seq_length; its collator.
+    `base` is `model` before LoRA wrapped it: its class says how it computes logits."""
+    train_features, train_truncated = _features(
+        train_samples, tokenizer, spec, spec.hyperparameters.packing, log
+    )
+    eval_features, eval_truncated = _features(validation_samples, tokenizer, spec, False, log)
+    args = TrainingArguments(**arguments)
+    collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=logits_at_targets_only(base, args))
+    trainer = (ShardedTrainer if sharded else Trainer)(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train_features,  # a list is a map-style dataset
+        eval_dataset=eval_features or None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    return trainer, train_truncated + eval_truncated, collator
 
 
 def _step_of(checkpoint: Path) -> int:

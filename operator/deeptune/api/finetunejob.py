@@ -39,6 +39,8 @@ SHORT_NAME = "ftj"
 
 Method = Literal["lora", "qlora", "full"]
 Metric = Literal["perplexity", "bleu", "rouge", "accuracy", "f1", "exactMatch"]
+Score = Literal[Metric, "preferenceAccuracy", "preferenceMargin"]
+"""A score a run reports: the listed metrics, and for preference pairs (always) how it ranks them."""
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 
 DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2.0e-4, "qlora": 2.0e-4, "full": 2.0e-5}
@@ -52,6 +54,21 @@ KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 """A LocalQueue's name, which must also be a label value (at most 63 characters)."""
 
+PREFERENCE_STYLE_MESSAGE = (
+    "dataset.style preference is for preference tuning: set spec.preference (algorithm dpo or orpo), "
+    "or use a supervised style"
+)
+PREFERENCE_NEEDS_PAIRS_MESSAGE = (
+    "spec.preference trains on pairs: set dataset.style to preference (or auto) and give rows with "
+    "prompt, chosen and rejected columns"
+)
+PREFERENCE_SHARDING_MESSAGE = (
+    "spec.preference does not run under distributed.strategy fsdp or deepspeed yet: use ddp (or auto), "
+    "or method lora or qlora to fit the model"
+)
+PREFERENCE_PACKING_MESSAGE = (
+    "hyperparameters.packing is for supervised rows; preference pairs are batched as pairs: set it to false"
+)
 PROCESSES_PER_GPU_MESSAGE = (
     "distributed.processesPerNode must equal resources.gpu (one process per GPU), "
     "or be left unset to get that"
@@ -189,6 +206,10 @@ class FieldMapping(ApiModel):
     messages: Name = "messages"
     label: Name = "label"
     """For label-style data (classification): the column with the expected label."""
+    chosen: Name = "chosen"
+    """For preference pairs: the answer to prefer (text, or one assistant message)."""
+    rejected: Name = "rejected"
+    """For preference pairs: the answer to move away from, to the same prompt."""
 
 
 DEFAULT_VALIDATION_RATIO = 0.1
@@ -349,8 +370,9 @@ class DatasetSpec(ApiModel):
     source: DataSource
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
     """File format; `auto` decides by the file's extension (inline rows need none)."""
-    style: Literal["auto", "promptCompletion", "instruction", "chat"] = "auto"
-    """Sample style; `auto` decides by the columns present."""
+    style: Literal["auto", "promptCompletion", "instruction", "chat", "preference"] = "auto"
+    """Sample style; `auto` decides by the columns present. `preference` rows are pairs (prompt, chosen,
+    rejected: TRL's preference format, the prompt as text or a list of messages) for `spec.preference`."""
     fields: Annotated[FieldMapping, Field(json_schema_extra=nested_default())] = Field(
         default_factory=FieldMapping
     )
@@ -487,6 +509,20 @@ Strategy = Literal["auto", "ddp", "fsdp", "deepspeed"]
 Offload = Literal["none", "optimizer", "optimizerAndParameters"]
 
 
+class PreferenceSpec(ApiModel):
+    """Preference tuning on pairs (`dataset.style: preference`) with TRL, instead of supervised
+    fine-tuning: the model learns to rank the chosen answer over the rejected one."""
+
+    algorithm: Literal["dpo", "orpo"] = "dpo"
+    """`dpo`: Direct Preference Optimization against a frozen reference (the base model: the adapter
+    switched off with lora/qlora, log-probabilities computed once before training with full).
+    `orpo`: odds-ratio preference optimization, no reference model; it also learns the chosen
+    answers as supervised fine-tuning does."""
+    beta: Annotated[float, Field(gt=0, le=100)] = 0.1
+    """DPO's β (how far from the reference the model may move: higher stays closer), or ORPO's λ
+    (the weight of the odds-ratio term against the supervised one)."""
+
+
 class DistributedSpec(ApiModel):
     """How the run spreads over processes and nodes: PyTorch's own engine, one process per GPU.
 
@@ -522,14 +558,19 @@ class OutputSpec(ApiModel):
     """Also save a bitsandbytes-quantized copy (needs a GPU)."""
 
 
+UNCHANGED_OPTIONAL_FIELDS = (
+    *("image", "imagePullPolicy", "imagePullSecrets", "env"),
+    *("earlyStopping", "preference"),
+)
+"""Optional fields kept as the resource was created (an immutable rule on the field itself would not
+see it set or removed)."""
+
+
 class FineTuneJobSpec(ApiModel):
     """Desired state of a FineTuneJob."""
 
     model_config = cel_rules(
-        *(
-            unchanged(field)
-            for field in ("image", "imagePullPolicy", "imagePullSecrets", "env", "earlyStopping")
-        ),
+        *(unchanged(field) for field in UNCHANGED_OPTIONAL_FIELDS),
         cel(
             "self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpu)"
             " || self.resources.gpu > 0",
@@ -566,6 +607,29 @@ class FineTuneJobSpec(ApiModel):
             field_path=".distributed.offload",
         ),
         cel(
+            "has(self.preference) || !has(self.dataset.style) || self.dataset.style != 'preference'",
+            PREFERENCE_STYLE_MESSAGE,
+            field_path=".dataset.style",
+        ),
+        cel(
+            "!has(self.preference) || !has(self.dataset.style)"
+            " || self.dataset.style in ['auto', 'preference']",
+            PREFERENCE_NEEDS_PAIRS_MESSAGE,
+            field_path=".preference",
+        ),
+        cel(
+            "!has(self.preference) || !has(self.distributed) || !has(self.distributed.strategy)"
+            " || !(self.distributed.strategy in ['fsdp', 'deepspeed'])",
+            PREFERENCE_SHARDING_MESSAGE,
+            field_path=".distributed.strategy",
+        ),
+        cel(
+            "!has(self.preference) || !has(self.hyperparameters) || !has(self.hyperparameters.packing)"
+            " || !self.hyperparameters.packing",
+            PREFERENCE_PACKING_MESSAGE,
+            field_path=".hyperparameters.packing",
+        ),
+        cel(
             "!has(self.output.quantizedExport) || self.output.quantizedExport == 'none'"
             " || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu > 0",
             "output.quantizedExport needs a GPU: set resources.gpu to 1 or more, or set it to none",
@@ -582,6 +646,8 @@ class FineTuneJobSpec(ApiModel):
     hyperparameters: Annotated[
         Hyperparameters, Field(json_schema_extra={**nested_default(), **immutable("hyperparameters")})
     ] = Field(default_factory=Hyperparameters)
+    preference: PreferenceSpec | None = None
+    """Off unless given: preference tuning (DPO, ORPO) on pairs instead of supervised fine-tuning."""
     early_stopping: EarlyStopping | None = None
     """Off unless given. Immutable, like every field below that shapes the trainer's pod (image, pull
     policy and secrets, env); suspend, backoffLimit, activeDeadlineSeconds and
@@ -659,6 +725,20 @@ class FineTuneJobSpec(ApiModel):
             raise ValueError(QUEUED_SUSPEND_MESSAGE)
         if self.workload_priority_class_name and not self.queue_name:
             raise ValueError(WORKLOAD_PRIORITY_MESSAGE)
+        return self
+
+    @model_validator(mode="after")
+    def _preference_shape(self) -> FineTuneJobSpec:
+        if self.preference is None:
+            if self.dataset.style == "preference":
+                raise ValueError(PREFERENCE_STYLE_MESSAGE)
+            return self
+        if self.dataset.style not in ("auto", "preference"):
+            raise ValueError(PREFERENCE_NEEDS_PAIRS_MESSAGE)
+        if self.distributed.strategy in ("fsdp", "deepspeed"):
+            raise ValueError(PREFERENCE_SHARDING_MESSAGE)
+        if self.hyperparameters.packing:
+            raise ValueError(PREFERENCE_PACKING_MESSAGE)
         return self
 
     @property

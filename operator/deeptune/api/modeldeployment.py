@@ -32,10 +32,10 @@ from deeptune.api.finetunejob import (
     FineTuneJobSpec,
     FineTuneJobStatus,
     GenerationSpec,
-    Metric,
     MetricScores,
     OutputStatus,
     ResourcesSpec,
+    Score,
     Url,
 )
 
@@ -150,7 +150,9 @@ class PromotionRule(ApiModel):
         )
     )
 
-    metric: Metric
+    metric: Score
+    """A score of the run's `status.evalResults` (a preference run's pairs: preferenceAccuracy,
+    preferenceMargin)."""
     min_improvement: float | None = None
     """How much better than the base model on the same rows, in the metric's own units: fine-tuned
     minus base (base minus fine-tuned for perplexity). Needs the run's `evaluation.baseline`."""
@@ -690,7 +692,7 @@ class ProbeResult(ApiModel):
 class PromotionCheck(ApiModel):
     """One rule of `spec.promotion` applied to a run's scores."""
 
-    metric: Metric
+    metric: Score
     passed: bool
     fine_tuned: float | None = None
     baseline: float | None = None

@@ -76,7 +76,9 @@ def near_dedup_parts(sample: Sample) -> tuple[str, str]:
     their comparison form. System prompts are left out: a long one shared by every row would make
     every row look alike."""
     asked = "\n".join(comparison_text(m.content) for m in sample.messages if m.role == "user")
-    answered = "\n".join(comparison_text(m.content) for m in sample.messages if m.role == "assistant")
+    answers = [m.content for m in sample.messages if m.role == "assistant"]
+    answers += [] if sample.rejected is None else [sample.rejected]  # pairs differ in either answer
+    answered = "\n".join(comparison_text(text) for text in answers)
     return asked, answered
 
 
@@ -94,9 +96,12 @@ CASEFOLD_GROWTH = 3
 
 
 def is_degenerate(sample: Sample) -> bool:
-    """An empty target, one that repeats the prompt, or one character repeated: nothing to learn."""
+    """An empty target, one that repeats the prompt, or one character repeated, or a pair whose two
+    answers are the same: nothing to learn."""
     target = "".join(sample.target.split())
     if not target:
+        return True
+    if sample.rejected is not None and comparison_text(sample.rejected) == comparison_text(sample.target):
         return True
     prompt = _prompt(sample)
     # Dropping whitespace shortens the prompt and casefold at most triples a character (ß → ss): a
@@ -116,14 +121,16 @@ def _redact(sample: Sample, kinds: list[PiiType]) -> tuple[Sample, Counter[PiiTy
     """The sample with personal data replaced (the same object when none was found), and what was found."""
     found: Counter[PiiType] = Counter()
     contents = []
-    for message in sample.messages:
-        content, counts = pii.redact(message.content, kinds)
+    for text in sample.texts:
+        content, counts = pii.redact(text, kinds)
         found.update(counts)
         contents.append(content)
     if not found:
         return sample, found
-    messages = tuple(Message(m.role, content) for m, content in zip(sample.messages, contents, strict=True))
-    return replace(sample, messages=messages), found
+    turns = contents[: len(sample.messages)]
+    messages = tuple(Message(m.role, content) for m, content in zip(sample.messages, turns, strict=True))
+    rejected = None if sample.rejected is None else contents[-1]
+    return replace(sample, messages=messages, rejected=rejected), found
 
 
 class Cleaner:
@@ -167,7 +174,7 @@ class Cleaner:
         if len(sample.target) < rules.min_chars:
             stats.too_short += 1
             return None
-        if sum(len(message.content) for message in sample.messages) > rules.max_chars:
+        if sum(len(text) for text in sample.texts) > rules.max_chars:
             stats.too_long += 1
             return None
         if rules.drop_degenerate and is_degenerate(sample):
@@ -191,7 +198,8 @@ class Cleaner:
         # different label, are a different example. Case, width, punctuation and spacing are not
         # (comparison_text).
         turns = "\x1e".join(f"{m.role}\x1f{comparison_text(m.content)}" for m in sample.messages)
-        key = exact_key(f"{turns}\x1d{sample.label or ''}")
+        rejected = "" if sample.rejected is None else comparison_text(sample.rejected)
+        key = exact_key(f"{turns}\x1d{sample.label or ''}\x1d{rejected}")
         if key in self._seen:
             stats.exact_duplicates += 1
             return False

@@ -14,7 +14,7 @@ from deeptune_trainer.data.rows import BadRow, LoadedRows, RawRow, drain
 from deeptune_trainer.data.sample import Message, Role, Sample
 from deeptune_trainer.errors import TrainerInputError
 
-Style = Literal["promptCompletion", "instruction", "chat"]
+Style = Literal["promptCompletion", "instruction", "chat", "preference"]
 
 ROLES: frozenset[str] = frozenset(get_args(Role))
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
@@ -24,8 +24,10 @@ REQUIRED_FIELDS: dict[Style, tuple[str, ...]] = {
     "chat": ("messages",),
     "instruction": ("instruction", "output"),
     "promptCompletion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
 }
-"""Mapping fields each style needs, in the order `auto` tries the styles."""
+"""Mapping fields each style needs, in the order `auto` tries the supervised styles (a run with
+`spec.preference` takes pairs only)."""
 
 COLUMNS_LISTED = 20
 
@@ -47,14 +49,36 @@ def _listing(columns: list[str]) -> str:
     return shown + (f", ... ({len(columns)} in all)" if len(columns) > COLUMNS_LISTED else "")
 
 
-def resolve_style(style: Literal["auto"] | Style, columns: list[str], fields: FieldMapping) -> Style:
-    """The spec's style, or for `auto` the first style whose mapped columns all exist."""
+def _has_columns(style: Style, present: set[str], fields: FieldMapping) -> bool:
+    return all(getattr(fields, name) in present for name in REQUIRED_FIELDS[style])
+
+
+def resolve_style(
+    style: Literal["auto"] | Style, columns: list[str], fields: FieldMapping, *, pairs: bool = False
+) -> Style:
+    """The spec's style, or for `auto` the first style whose mapped columns all exist: `preference`
+    when the run tunes on pairs (`pairs`), else a supervised one."""
     if style != "auto":
         return style
     present = set(columns)
-    for candidate, needed in REQUIRED_FIELDS.items():
-        if all(getattr(fields, name) in present for name in needed):
+    if pairs:
+        if _has_columns("preference", present, fields):
+            return "preference"
+        raise TrainerInputError(
+            "InvalidDataset",
+            f"spec.preference trains on pairs, but the rows have no '{fields.prompt}', '{fields.chosen}' and "
+            f"'{fields.rejected}' columns (they have: {_listing(columns)}); set dataset.fields.prompt, "
+            "chosen and rejected to name your columns",
+        )
+    for candidate in REQUIRED_FIELDS:
+        if candidate != "preference" and _has_columns(candidate, present, fields):
             return candidate
+    if _has_columns("preference", present, fields):
+        raise TrainerInputError(
+            "InvalidDataset",
+            f"the rows are preference pairs ('{fields.prompt}', '{fields.chosen}', '{fields.rejected}'): set "
+            "spec.preference (algorithm dpo or orpo) to tune on them",
+        )
     raise TrainerInputError(
         "InvalidDataset",
         f"dataset.style: cannot tell the sample style from the columns ({_listing(columns)}); expected "
@@ -138,6 +162,32 @@ def _chat(row: RawRow, column: str) -> tuple[Message, ...]:
     return messages
 
 
+def _answer(row: RawRow, column: str) -> str:
+    """A preference pair's answer: text, or a list of one assistant message (TRL's conversational form)."""
+    if column not in row.values:
+        raise _RowError(f"column '{column}' is missing")
+    value = row.values[column]
+    if not isinstance(value, list):
+        return _text(value, f"column '{column}'")
+    if len(value) != 1 or _message(value[0], 1).role != "assistant":
+        raise _RowError(f"column '{column}' must be text or a list of one assistant message")
+    return _message(value[0], 1).content
+
+
+def _pair(row: RawRow, fields: FieldMapping) -> tuple[tuple[Message, ...], str]:
+    """A preference row: the prompt (text, or messages ending with the user's) with the chosen answer
+    as the final turn, and the rejected answer."""
+    prompt = row.values.get(fields.prompt)
+    if isinstance(prompt, list):
+        messages = tuple(_message(item, number) for number, item in enumerate(prompt, start=1))
+        if not messages or messages[-1].role != "user":
+            raise _RowError(f"column '{fields.prompt}' must end with a user message")
+    else:
+        messages = (Message("user", _column(row, fields.prompt)),)
+    chosen = _answer(row, fields.chosen)
+    return (*messages, Message("assistant", chosen)), _answer(row, fields.rejected)
+
+
 def _instruction(row: RawRow, fields: FieldMapping) -> tuple[Message, ...]:
     instruction = _column(row, fields.instruction)
     extra = _column(row, fields.input) if row.values.get(fields.input) is not None else ""
@@ -160,13 +210,12 @@ def map_rows(loaded: LoadedRows, style: Style, fields: FieldMapping) -> tuple[li
     bad: list[BadRow] = []
     for row in drain(loaded.rows):
         try:
-            messages = _messages(row, style, fields)
-            label = row.values.get(fields.label)
-            samples.append(
-                Sample(
-                    messages, row.line, None if label is None else _text(label, f"column '{fields.label}'")
-                )
+            messages, rejected = (
+                _pair(row, fields) if style == "preference" else (_messages(row, style, fields), None)
             )
+            label = row.values.get(fields.label)
+            label_text = None if label is None else _text(label, f"column '{fields.label}'")
+            samples.append(Sample(messages, row.line, label_text, rejected=rejected))
         except _RowError as problem:
             bad.append(BadRow(loaded.source, row.line, str(problem), loaded.unit))
     return samples, bad

@@ -161,9 +161,14 @@ def normalize_sample(sample: Sample, options: Normalization) -> Sample:
     """The form the model trains on: assistant turns only when `options.targets` says so. A row that
     normalization leaves as it was is the same object (most rows: no copy of a million of them)."""
     messages = tuple(_normalized(message, options) for message in sample.messages)
-    if all(new is old for new, old in zip(messages, sample.messages, strict=True)):
+    rejected = sample.rejected
+    if rejected is not None and options.targets:  # a pair's other answer is an assistant turn too
+        rejected = normalize_text(rejected, options)
+    if rejected == sample.rejected and all(
+        new is old for new, old in zip(messages, sample.messages, strict=True)
+    ):
         return sample
-    return replace(sample, messages=messages)
+    return replace(sample, messages=messages, rejected=rejected)
 
 
 def comparison_text(text: str) -> str:

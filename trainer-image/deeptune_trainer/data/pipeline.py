@@ -63,6 +63,7 @@ def _read(
     *,
     style: Style | None,
     hub_cache: str | None,
+    pairs: bool = False,
 ) -> _Source:
     """One source's samples; the validation source must have the style the train source resolved to."""
     loaded = load_rows(source, path, spec.format, where=where, hub_cache=hub_cache)
@@ -72,7 +73,7 @@ def _read(
     resolved: Style = style or "promptCompletion"
     if loaded.rows:
         columns = columns_of(loaded.rows)
-        resolved = resolve_style(style or spec.style, columns, spec.fields)
+        resolved = resolve_style(style or spec.style, columns, spec.fields, pairs=pairs)
         check_columns(resolved, columns, spec.fields, loaded.source)
         samples, mapping_bad = map_rows(loaded, resolved, spec.fields)
         if spec.reasoning_traces == "strip":
@@ -127,12 +128,16 @@ def prepare_dataset(
     paths: TrainerPaths,
     *,
     seed: int,
+    pairs: bool = False,
     translator_factory: TranslatorFactory | None = None,
 ) -> PreparedData:
     """Read, clean, split and augment the dataset. `seed` fixes the test and validation splits;
+    `pairs` says the run tunes on preference pairs (`spec.preference`), which `auto` then looks for;
     `translator_factory` replaces the transformers models used for back-translation;"""
     hub_cache = paths.hub_cache
-    train_source = _read(spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache)
+    train_source = _read(
+        spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache, pairs=pairs
+    )
     cleaner = Cleaner(spec.cleaning)
     train, stats = cleaner.clean(drain(train_source.samples))
     if not train:

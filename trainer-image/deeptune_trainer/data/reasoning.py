@@ -16,4 +16,5 @@ def strip_reasoning(sample: Sample) -> Sample:
     messages = tuple(
         Message(m.role, THINK.sub("", m.content)) if m.role == "assistant" else m for m in sample.messages
     )
-    return replace(sample, messages=messages)
+    rejected = None if sample.rejected is None else THINK.sub("", sample.rejected)
+    return replace(sample, messages=messages, rejected=rejected)

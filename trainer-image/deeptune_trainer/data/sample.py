@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -16,7 +16,8 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """A conversation whose last assistant turn is the target the model learns and is scored on.
+    """A conversation whose last assistant turn is the target the model learns and is scored on (with
+    `rejected`, a preference pair: the target is the chosen answer).
 
     Prompt/completion and instruction/input/output rows become a user turn and an assistant turn,
     so one formatting path (the tokenizer's chat template, or a plain fallback) serves every style.
@@ -29,6 +30,9 @@ class Sample:
     label: str | None = None
     augmented_by: str | None = field(default=None, compare=False, hash=False)
     """The augmentation method that made this copy of a row; None for the dataset's own rows."""
+    rejected: str | None = None
+    """A preference pair's other answer to the same prompt, the one to move away from (the final
+    assistant turn is the chosen one); None for a supervised row."""
 
     @property
     def prompt_messages(self) -> tuple[Message, ...]:
@@ -39,3 +43,17 @@ class Sample:
     def target(self) -> str:
         """The final assistant turn: what the loss and the generation metrics look at."""
         return self.messages[-1].content
+
+    @property
+    def texts(self) -> list[str]:
+        """Every text of the row: its turns, then a pair's rejected answer."""
+        turns = [message.content for message in self.messages]
+        return turns if self.rejected is None else [*turns, self.rejected]
+
+    @property
+    def rejected_sample(self) -> Sample:
+        """The pair's rejected side as a conversation of its own: the prompt and the rejected answer."""
+        assert self.rejected is not None
+        return replace(
+            self, messages=(*self.prompt_messages, Message("assistant", self.rejected)), rejected=None
+        )
