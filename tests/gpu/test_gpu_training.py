@@ -1,5 +1,5 @@
-"""What only a CUDA GPU can run: QLoRA (4-bit weights), bitsandbytes' int8/int4 export, and FSDP over
-several GPUs (NCCL). Everything else of the trainer is tested on CPU (tests/trainer).
+"""What only a CUDA GPU can run: QLoRA (4-bit weights; under DPO too), bitsandbytes' int8/int4 export,
+and FSDP over several GPUs (NCCL). Everything else of the trainer is tested on CPU (tests/trainer).
 
 On a GPU machine, all of them at once:
 
@@ -28,10 +28,10 @@ from deeptune.api.trainer import TrainerPaths, TrainerSummary
 from deeptune_trainer.artifacts import save_model_artifacts
 from deeptune_trainer.data.sample import Sample
 from deeptune_trainer.errors import TrainerInputError
-from deeptune_trainer.evaluation import perplexity
+from deeptune_trainer.evaluation import evaluate, perplexity
 from deeptune_trainer.formatting import prompt_ids
 from deeptune_trainer.modeling import load_model
-from deeptune_trainer.synthetic import as_samples
+from deeptune_trainer.synthetic import as_pairs, as_samples, keyword_pairs
 from deeptune_trainer.training import train
 from tests.conftest import ROOT
 from tests.trainer.conftest import TINY_SPEC, _merge
@@ -128,6 +128,25 @@ def test_qlora_trains_on_4bit_weights_and_merges_into_a_model_that_loads(
     print(f"held-out perplexity: base {base_ppl:.2f}, merged {merged_ppl:.2f}")
     assert merged_ppl < base_ppl  # the merge carried what the adapter learned
     assert _new_tokens(merged, loaded.tokenizer, held_out[0]) == NEW_TOKENS
+
+
+@gpu_test
+def test_dpo_on_4bit_weights_ranks_unseen_pairs_right(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """QLoRA under DPO: the reference is the 4-bit base with the adapter switched off."""
+    train_pairs = keyword_pairs(160, seed=1)
+    held_out = as_pairs(keyword_pairs(40, seed=2, exclude={row["prompt"] for row in train_pairs}))
+    spec = _spec_of(
+        method="qlora", preference={}, hyperparameters={"maxSteps": 40}, evaluation={"metrics": []}
+    )
+    loaded = load_model(spec, _paths(tiny_llama_dir, tmp_path))
+    baseline = evaluate(loaded.model, loaded.tokenizer, held_out, spec)
+    result = train(
+        loaded.model, loaded.tokenizer, as_pairs(train_pairs), held_out,
+        spec=spec, output_dir=tmp_path, precision=loaded.precision, log=lambda _: None,
+    )  # fmt: skip
+    tuned = evaluate(result.model, loaded.tokenizer, held_out, spec)
+    print(f"\nqlora DPO ({loaded.precision}): base {baseline}; tuned {tuned}")
+    assert tuned["preferenceAccuracy"] >= 0.95 > baseline["preferenceAccuracy"]
 
 
 @gpu_test
