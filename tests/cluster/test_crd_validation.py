@@ -11,6 +11,8 @@ from deeptune.api.finetunejob import (
     PREFERENCE_NEEDS_PAIRS_MESSAGE,
     PREFERENCE_SHARDING_MESSAGE,
     PREFERENCE_STYLE_MESSAGE,
+    ROPE_SCALING_MERGE_MESSAGE,
+    WINDOW_OVERLAP_MESSAGE,
 )
 from tests.cluster.harness import Cluster, finetunejob
 from tests.unit.test_finetunejob_model import MINIMAL
@@ -71,6 +73,11 @@ def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> N
             PREFERENCE_SHARDING_MESSAGE,
         ),
         (spec_with(preference={"beta": 0}), "should be greater than 0"),
+        (
+            spec_with(dataset={"source": {"url": "https://x/y"}, "style": "text", "windowOverlap": 2048}),
+            WINDOW_OVERLAP_MESSAGE,  # against maxSeqLength's default, 2048
+        ),
+        (spec_with(ropeScaling={"factor": 2}), ROPE_SCALING_MERGE_MESSAGE),
     ],
 )
 def test_bad_specs_are_rejected_at_apply(

@@ -47,8 +47,8 @@ def test_auto_style_failure_lists_columns_and_what_was_expected() -> None:
         resolve_style("auto", ["q", "a"], FIELDS)
     assert raised.value.message == (
         "dataset.style: cannot tell the sample style from the columns (q, a); expected 'messages' (chat), "
-        "'instruction' and 'output' (instruction), or 'prompt' and 'completion' (promptCompletion); set "
-        "dataset.style and dataset.fields to name your columns"
+        "'instruction' and 'output' (instruction), 'prompt' and 'completion' (promptCompletion), or 'text' "
+        "(text: documents); set dataset.style and dataset.fields to name your columns"
     )
 
 

@@ -3,16 +3,11 @@ the keyword task's pairs, and the scores that judge them."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,6 +22,7 @@ from deeptune_trainer.evaluation import evaluate
 from deeptune_trainer.preference import pair_rows
 from deeptune_trainer.synthetic import as_pairs, keyword_pairs
 from deeptune_trainer.training import train
+from tests.trainer.test_cli import _run_on_file
 
 MakeSpec = Callable[..., FineTuneJobSpec]
 PAIRS: dict[str, Any] = {"preference": {}}
@@ -208,38 +204,25 @@ def test_a_whole_dpo_run_from_a_manifest(
     exported; the summary the operator reads holds both models' preference scores."""
     train_rows = keyword_pairs(160, seed=1)
     held_out = keyword_pairs(40, seed=2, exclude={row["prompt"] for row in train_rows})
-    data = tmp_path / "data"
-    data.mkdir()
     rows = [
         *train_rows,
         train_rows[0],
         {"prompt": "q", "chosen": "same", "rejected": "same"},
         {"prompt": "q"},
     ]
-    (data / "pairs.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     spec = {
         **tiny_spec,
         "baseModel": {"pvc": {"claimName": "models"}},
         "dataset": {
-            "source": {"pvc": {"claimName": "data", "path": "pairs.jsonl"}},
+            "source": {"pvc": {"claimName": "data", "path": "train.jsonl"}},
             "validation": {"source": {"inline": held_out}},
         },
         "preference": {"algorithm": "dpo"},
         "hyperparameters": {**tiny_spec["hyperparameters"], "maxSteps": 40},
         "evaluation": {"metrics": ["exactMatch"], "generation": {"maxNewTokens": 8}},
     }
-    manifest = tmp_path / "finetune.yaml"
-    manifest.write_text(yaml.safe_dump({"kind": "FineTuneJob", "metadata": {"name": "demo"}, "spec": spec}))
-    command = [sys.executable, "-m", "deeptune_trainer", "--finetunejob", str(manifest),
-               "--volume", f"models={tiny_llama_dir}", "--volume", f"data={data}",
-               "--volume", f"out={tmp_path / 'out'}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    run_dir = tmp_path / "out" / "default" / "demo"
+    run_dir = _run_on_file(tmp_path, spec, tiny_llama_dir, rows)
     summary = TrainerSummary.model_validate_json((run_dir / "summary.json").read_text())
-    print("\n" + done.stdout[-1200:])
     assert summary.outcome == "succeeded" and summary.steps == 40
     results = summary.eval_results
     assert results is not None and results.baseline is not None and results.delta is not None

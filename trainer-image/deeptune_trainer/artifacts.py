@@ -215,6 +215,8 @@ def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
         "weight decay": hp.weight_decay,
         "packing": hp.packing,
     }
+    if spec.rope_scaling is not None:
+        training["RoPE scaling"] = f"{spec.rope_scaling.type}, factor {spec.rope_scaling.factor:g}"
     if spec.preference is not None:
         training["preference"] = f"{spec.preference.algorithm}, beta {spec.preference.beta}"
     if spec.method != "full":

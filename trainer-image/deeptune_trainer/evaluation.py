@@ -47,9 +47,11 @@ def target_log_likelihoods(
     *,
     max_length: int,
     batch_size: int,
+    window_overlap: int = 0,
 ) -> list[tuple[float, int]]:
-    """Each sample's log-likelihood of its target (prompt tokens do not count), and its target tokens."""
-    examples = tokenize_samples(samples, tokenizer, max_length).examples
+    """Each example's log-likelihood of its targets (prompt tokens do not count) and how many there
+    are: one example a conversation, one a window of a document (`tokenize_samples`)."""
+    examples = tokenize_samples(samples, tokenizer, max_length, window_overlap=window_overlap).examples
     collate = Collator(tokenizer.pad_token_id)
     device = _device(model)
     found: list[tuple[float, int]] = []
@@ -74,9 +76,13 @@ def perplexity(
     *,
     max_length: int,
     batch_size: int,
+    window_overlap: int = 0,
 ) -> float:
-    """exp of the mean negative log-likelihood per target token (prompt tokens do not count)."""
-    found = target_log_likelihoods(model, tokenizer, samples, max_length=max_length, batch_size=batch_size)
+    """exp of the mean negative log-likelihood per target token (prompt tokens do not count; a long
+    document's, window by window, with the overlap as context)."""
+    found = target_log_likelihoods(
+        model, tokenizer, samples, max_length=max_length, batch_size=batch_size, window_overlap=window_overlap
+    )
     tokens = sum(count for _, count in found)
     return math.exp(-sum(total for total, _ in found) / tokens) if tokens else math.nan
 
@@ -262,15 +268,21 @@ def evaluate(
     scores: dict[str, float] = {}
     if "perplexity" in metrics:
         scores["perplexity"] = perplexity(
-            model, tokenizer, samples, max_length=max_length, batch_size=batch_size
+            model,
+            tokenizer,
+            samples,
+            max_length=max_length,
+            batch_size=batch_size,
+            window_overlap=spec.dataset.window_overlap,
         )
     pairs = [sample for sample in samples if sample.rejected is not None]
     if pairs:  # what a preference-tuned model is judged by, whatever metrics are listed
         scores.update(
             preference_scores(model, tokenizer, pairs, max_length=max_length, batch_size=batch_size)
         )
-    if GENERATION_METRICS & set(metrics):
-        rows = generation_rows(samples, spec)
+    asked = [sample for sample in samples if not sample.is_document]  # documents answer no prompt
+    if GENERATION_METRICS & set(metrics) and asked:
+        rows = generation_rows(asked, spec)
         predictions = generate(
             model, tokenizer, rows, spec.evaluation.generation, max_length=max_length, batch_size=batch_size
         )

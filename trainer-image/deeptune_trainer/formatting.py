@@ -183,10 +183,42 @@ def tokenize_sample(
     )
 
 
+def document_windows(
+    sample: Sample, tokenizer: PreTrainedTokenizerBase, max_length: int, overlap: int = 0
+) -> list[Example]:
+    """A document (`Sample.is_document`) as windows of at most max_length tokens, every token learned
+    once: each window after the first starts `overlap` tokens before the previous one ended and takes
+    them as context only (IGNORE_INDEX labels), so a long document is trained whole, not truncated.
+    The document is its text between the tokenizer's own beginning and end tokens: raw text, no chat
+    template (continued pre-training)."""
+    ids = [*_ids(tokenizer, sample.target), tokenizer.eos_token_id]
+    if tokenizer.bos_token_id is not None:
+        ids.insert(0, tokenizer.bos_token_id)
+    step = max_length - overlap
+    windows = []
+    for start in range(0, max(len(ids) - overlap, 1), step):
+        window = ids[start : start + max_length]
+        context = overlap if start else 0
+        windows.append(Example(window, [IGNORE_INDEX] * context + window[context:], truncated=False))
+    return windows
+
+
 def tokenize_samples(
-    samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, max_length: int, *, all_turns: bool = False
+    samples: Sequence[Sample],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    *,
+    all_turns: bool = False,
+    window_overlap: int = 0,
 ) -> TokenizedSplit:
-    examples = [tokenize_sample(sample, tokenizer, max_length, all_turns=all_turns) for sample in samples]
+    """Every sample's examples: one for a conversation (cut to max_length when it must be), a window
+    each for the parts of a document (`document_windows`, with `window_overlap`)."""
+    examples = []
+    for sample in samples:
+        if sample.is_document:
+            examples += document_windows(sample, tokenizer, max_length, window_overlap)
+        else:
+            examples.append(tokenize_sample(sample, tokenizer, max_length, all_turns=all_turns))
     return TokenizedSplit(
         examples=examples,
         truncated=sum(example.truncated for example in examples),

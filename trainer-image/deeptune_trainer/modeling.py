@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.distributed import DistributedConfig
 
-from deeptune.api.finetunejob import FineTuneJobSpec
+from deeptune.api.finetunejob import FineTuneJobSpec, RopeScaling
 from deeptune.api.trainer import TrainerConfig, TrainerPaths
 from deeptune_trainer.distributed import World, resolve_strategy, shards_weights
 from deeptune_trainer.errors import TrainerInputError
@@ -303,6 +303,31 @@ def _hidden_size(spec: FineTuneJobSpec, paths: TrainerPaths) -> int:
     return int(config.get_text_config().hidden_size)
 
 
+def extend_context(config: PretrainedConfig, scaling: RopeScaling) -> None:
+    """Give a RoPE model's config the spec's scaling: `factor` times the positions it was trained on.
+    The model is then built with it, and every config saved from it carries it."""
+    text = config.get_text_config()
+    current = dict(getattr(text, "rope_parameters", None) or {})
+    if not current:
+        raise TrainerInputError(
+            "InvalidSpec", f"ropeScaling: model type {config.model_type} has no rotary position embeddings"
+        )
+    if current.get("rope_type", "default") != "default":
+        raise TrainerInputError(
+            "InvalidSpec",
+            f"ropeScaling: the base model scales RoPE already ({current['rope_type']}, factor "
+            f"{current.get('factor')}); scaling it again is not supported: remove ropeScaling",
+        )
+    original = int(text.max_position_embeddings)
+    text.rope_parameters = {
+        **current,
+        "rope_type": scaling.type,
+        "factor": scaling.factor,
+        "original_max_position_embeddings": original,
+    }
+    text.max_position_embeddings = int(original * scaling.factor)
+
+
 def load_model(spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = False) -> LoadedModel:
     """The base model and its tokenizer, in the dtype the method trains in; `sharded` spreads the
     weights over the workers (fsdp), every one of which must call this."""
@@ -314,12 +339,18 @@ def load_model(spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = Fa
     trust_remote_code = spec.base_model.trust_remote_code
     hub_options = _hub_options(spec, paths)
     try:
-        if spec.method == "qlora":
+        given: dict[str, PretrainedConfig] = {}  # from_pretrained reads the model's own unless given one
+        if spec.method == "qlora" or spec.rope_scaling is not None:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options)
-            check_qlora_quantizes_the_model(config, trust_remote_code)
+            if spec.method == "qlora":
+                check_qlora_quantizes_the_model(config, trust_remote_code)
+            if spec.rope_scaling is not None:
+                extend_context(config, spec.rope_scaling)
+                given["config"] = config
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options)
         model = AutoModelForCausalLM.from_pretrained(
             source,
+            **given,
             trust_remote_code=trust_remote_code,
             **hub_options,
             **_weight_options(spec, precision, sharded),

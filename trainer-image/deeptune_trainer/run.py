@@ -106,6 +106,12 @@ def run(
     log(
         f"loaded {loaded.source} ({loaded.model.config.model_type}, {loaded.precision}, method {spec.method})"
     )
+    positions = loaded.model.config.get_text_config().max_position_embeddings
+    if spec.hyperparameters.max_seq_length > positions:
+        log(
+            f"warning: hyperparameters.maxSeqLength {spec.hyperparameters.max_seq_length} is past the "
+            f"{positions} positions the model was trained for; ropeScaling extends its context"
+        )
     # The final scores come from rows nothing was chosen by, when the spec keeps some apart.
     held_out, split = (prepared.test, "test") if spec.dataset.test else (prepared.validation, "validation")
     # ZeRO's partitions compute only inside its engine: rank 0 scores the base model after training.

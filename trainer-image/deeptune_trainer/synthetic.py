@@ -99,6 +99,15 @@ def keyword_pairs(count: int, seed: int, exclude: Collection[str] = ()) -> list[
     ]
 
 
+def keyword_documents(count: int, seed: int, sentences: int = 40) -> list[dict[str, str]]:
+    """Documents (`style: text`) of `sentences` keyword-task lines each, prompt then answer: long text
+    with a rule to learn in it, for continued pre-training."""
+    rng = random.Random(seed)
+    return [
+        {"text": "\n".join(" ".join(keyword_prompt(rng)) for _ in range(sentences))} for _ in range(count)
+    ]
+
+
 def tokenizer_texts(count: int = 200) -> list[str]:
     """Text to fit a tiny model's tokenizer to, so the task's words are in its vocabulary."""
     return [

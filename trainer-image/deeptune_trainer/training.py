@@ -354,7 +354,13 @@ def _features(
     log: Log,
 ) -> tuple[list[Feature], int]:
     all_turns = spec.dataset.train_on == "allAssistantTurns"
-    split = tokenize_samples(samples, tokenizer, spec.hyperparameters.max_seq_length, all_turns=all_turns)
+    split = tokenize_samples(
+        samples,
+        tokenizer,
+        spec.hyperparameters.max_seq_length,
+        all_turns=all_turns,
+        window_overlap=spec.dataset.window_overlap,
+    )
     if split.last_turn_only:
         log(
             f"{split.last_turn_only} conversations trained on their final assistant turn only: the chat"

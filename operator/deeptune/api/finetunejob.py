@@ -66,6 +66,13 @@ PREFERENCE_SHARDING_MESSAGE = (
     "spec.preference does not run under distributed.strategy fsdp or deepspeed yet: use ddp (or auto), "
     "or method lora or qlora to fit the model"
 )
+WINDOW_OVERLAP_MESSAGE = (
+    "dataset.windowOverlap must be below hyperparameters.maxSeqLength (a window's length)"
+)
+ROPE_SCALING_MERGE_MESSAGE = (
+    "ropeScaling changes the base model's config, which an adapter alone does not carry: set "
+    "output.mergeAdapter to true (serving then loads the merged model with it), or use method full"
+)
 PREFERENCE_PACKING_MESSAGE = (
     "hyperparameters.packing is for supervised rows; preference pairs are batched as pairs: set it to false"
 )
@@ -210,6 +217,8 @@ class FieldMapping(ApiModel):
     """For preference pairs: the answer to prefer (text, or one assistant message)."""
     rejected: Name = "rejected"
     """For preference pairs: the answer to move away from, to the same prompt."""
+    text: Name = "text"
+    """For documents (`style: text`): the document."""
 
 
 DEFAULT_VALIDATION_RATIO = 0.1
@@ -370,15 +379,20 @@ class DatasetSpec(ApiModel):
     source: DataSource
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
     """File format; `auto` decides by the file's extension (inline rows need none)."""
-    style: Literal["auto", "promptCompletion", "instruction", "chat", "preference"] = "auto"
+    style: Literal["auto", "promptCompletion", "instruction", "chat", "preference", "text"] = "auto"
     """Sample style; `auto` decides by the columns present. `preference` rows are pairs (prompt, chosen,
-    rejected: TRL's preference format, the prompt as text or a list of messages) for `spec.preference`."""
+    rejected: TRL's preference format, the prompt as text or a list of messages) for `spec.preference`.
+    `text` rows are documents, trained on every token (continued pre-training); one longer than
+    `hyperparameters.maxSeqLength` is split into windows (`windowOverlap`), not truncated."""
     fields: Annotated[FieldMapping, Field(json_schema_extra=nested_default())] = Field(
         default_factory=FieldMapping
     )
     validation: Annotated[ValidationSplit, Field(json_schema_extra=nested_default())] = Field(
         default_factory=ValidationSplit
     )
+    window_overlap: Annotated[int, Field(ge=0)] = 0
+    """`style: text`: tokens each window of a long document repeats from the window before, as context
+    it is not trained on again (a sliding window); below `hyperparameters.maxSeqLength`."""
     train_on: Literal["allAssistantTurns", "lastTurn"] = "allAssistantTurns"
     """Which turns of a conversation the loss is taken on: every assistant turn (as Axolotl and
     LLaMA-Factory do), or only the final one. Prompt/completion and instruction rows have one."""
@@ -509,6 +523,18 @@ Strategy = Literal["auto", "ddp", "fsdp", "deepspeed"]
 Offload = Literal["none", "optimizer", "optimizerAndParameters"]
 
 
+class RopeScaling(ApiModel):
+    """Extend the context a RoPE model attends over beyond what it was trained for: the base model's
+    config gets the scaling (and `factor` times its max_position_embeddings), training runs with it,
+    and the exported model's config carries it, so serving uses it too."""
+
+    type: Literal["linear", "dynamic", "yarn"] = "yarn"
+    """`linear` interpolates positions; `dynamic` (NTK-aware) scales only past the original length;
+    `yarn` interpolates by frequency band, the method DeepSeek-V2/V3 ship with."""
+    factor: Annotated[float, Field(gt=1, le=64)] = 2.0
+    """How many times the model's max_position_embeddings the context becomes."""
+
+
 class PreferenceSpec(ApiModel):
     """Preference tuning on pairs (`dataset.style: preference`) with TRL, instead of supervised
     fine-tuning: the model learns to rank the chosen answer over the rejected one."""
@@ -560,7 +586,7 @@ class OutputSpec(ApiModel):
 
 UNCHANGED_OPTIONAL_FIELDS = (
     *("image", "imagePullPolicy", "imagePullSecrets", "env"),
-    *("earlyStopping", "preference"),
+    *("earlyStopping", "preference", "ropeScaling"),
 )
 """Optional fields kept as the resource was created (an immutable rule on the field itself would not
 see it set or removed)."""
@@ -607,6 +633,18 @@ class FineTuneJobSpec(ApiModel):
             field_path=".distributed.offload",
         ),
         cel(
+            # Both have server-side defaults, so both are set by the time rules run.
+            "self.dataset.windowOverlap < self.hyperparameters.maxSeqLength",
+            WINDOW_OVERLAP_MESSAGE,
+            field_path=".dataset.windowOverlap",
+        ),
+        cel(
+            "!has(self.ropeScaling) || (has(self.method) && self.method == 'full')"
+            " || (has(self.output.mergeAdapter) && self.output.mergeAdapter)",
+            ROPE_SCALING_MERGE_MESSAGE,
+            field_path=".ropeScaling",
+        ),
+        cel(
             "has(self.preference) || !has(self.dataset.style) || self.dataset.style != 'preference'",
             PREFERENCE_STYLE_MESSAGE,
             field_path=".dataset.style",
@@ -648,6 +686,9 @@ class FineTuneJobSpec(ApiModel):
     ] = Field(default_factory=Hyperparameters)
     preference: PreferenceSpec | None = None
     """Off unless given: preference tuning (DPO, ORPO) on pairs instead of supervised fine-tuning."""
+    rope_scaling: RopeScaling | None = None
+    """Off unless given: a longer context than the base model's. With lora or qlora set
+    output.mergeAdapter, so what is served carries it."""
     early_stopping: EarlyStopping | None = None
     """Off unless given. Immutable, like every field below that shapes the trainer's pod (image, pull
     policy and secrets, env); suspend, backoffLimit, activeDeadlineSeconds and
@@ -725,6 +766,14 @@ class FineTuneJobSpec(ApiModel):
             raise ValueError(QUEUED_SUSPEND_MESSAGE)
         if self.workload_priority_class_name and not self.queue_name:
             raise ValueError(WORKLOAD_PRIORITY_MESSAGE)
+        return self
+
+    @model_validator(mode="after")
+    def _long_text(self) -> FineTuneJobSpec:
+        if self.dataset.window_overlap >= self.hyperparameters.max_seq_length:
+            raise ValueError(WINDOW_OVERLAP_MESSAGE)
+        if self.rope_scaling is not None and self.method != "full" and not self.output.merge_adapter:
+            raise ValueError(ROPE_SCALING_MERGE_MESSAGE)
         return self
 
     @model_validator(mode="after")

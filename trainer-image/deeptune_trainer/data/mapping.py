@@ -14,7 +14,7 @@ from deeptune_trainer.data.rows import BadRow, LoadedRows, RawRow, drain
 from deeptune_trainer.data.sample import Message, Role, Sample
 from deeptune_trainer.errors import TrainerInputError
 
-Style = Literal["promptCompletion", "instruction", "chat", "preference"]
+Style = Literal["promptCompletion", "instruction", "chat", "preference", "text"]
 
 ROLES: frozenset[str] = frozenset(get_args(Role))
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
@@ -25,6 +25,7 @@ REQUIRED_FIELDS: dict[Style, tuple[str, ...]] = {
     "instruction": ("instruction", "output"),
     "promptCompletion": ("prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
+    "text": ("text",),
 }
 """Mapping fields each style needs, in the order `auto` tries the supervised styles (a run with
 `spec.preference` takes pairs only)."""
@@ -82,9 +83,9 @@ def resolve_style(
     raise TrainerInputError(
         "InvalidDataset",
         f"dataset.style: cannot tell the sample style from the columns ({_listing(columns)}); expected "
-        f"'{fields.messages}' (chat), '{fields.instruction}' and '{fields.output}' (instruction), or "
-        f"'{fields.prompt}' and '{fields.completion}' (promptCompletion); set dataset.style and "
-        "dataset.fields to name your columns",
+        f"'{fields.messages}' (chat), '{fields.instruction}' and '{fields.output}' (instruction), "
+        f"'{fields.prompt}' and '{fields.completion}' (promptCompletion), or '{fields.text}' (text: "
+        "documents); set dataset.style and dataset.fields to name your columns",
     )
 
 
@@ -200,6 +201,8 @@ def _messages(row: RawRow, style: Style, fields: FieldMapping) -> tuple[Message,
         return _chat(row, fields.messages)
     if style == "instruction":
         return _instruction(row, fields)
+    if style == "text":
+        return (Message("assistant", _column(row, fields.text)),)
     return Message("user", _column(row, fields.prompt)), Message("assistant", _column(row, fields.completion))
 
 

@@ -45,6 +45,12 @@ class Sample:
         return self.messages[-1].content
 
     @property
+    def is_document(self) -> bool:
+        """A document (`style: text`, continued pre-training): one assistant turn and no prompt — nothing
+        is given, every token is learned."""
+        return not self.prompt_messages
+
+    @property
     def texts(self) -> list[str]:
         """Every text of the row: its turns, then a pair's rejected answer."""
         turns = [message.content for message in self.messages]
