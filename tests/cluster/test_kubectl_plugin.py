@@ -30,6 +30,34 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"{bin_dir}:{os.environ['PATH']}"
 
 
+@pytest.fixture(scope="module")
+def krew_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A PATH with `kubectl-deeptune` installed by krew, as its users get it: the release's archive
+    and manifest (scripts/krew_plugin.py, this machine's platform), checked by krew's own validator,
+    installed from the archive into a krew root of its own."""
+    out = tmp_path_factory.mktemp("krew")
+    built = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "krew_plugin.py"), "--version", "0.1.0", "--out", str(out),
+         "--host-only"], capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    manifest = out / "deeptune.yaml"
+    [archive] = out.glob("kubectl-deeptune-*.tar.gz")
+    valid = subprocess.run(
+        ["validate-krew-manifest", "-manifest", str(manifest), "-skip-install"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert valid.returncode == 0, valid.stderr
+    root = out / "root"
+    env = {**os.environ, "KREW_ROOT": str(root)}
+    installed = subprocess.run(
+        ["krew", "install", f"--manifest={manifest}", f"--archive={archive}"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr  # the archive's sha256 matched the manifest's
+    return f"{root / 'bin'}:{os.environ['PATH']}"
+
+
 def recorded(crds: Cluster, namespace: str, fixture: str, name: str, **status: Any) -> dict[str, Any]:
     """A FineTuneJob from a recorded one: its spec applied, its status written as the operator would."""
     obj = json.loads((FIXTURES / fixture).read_text())
@@ -112,3 +140,15 @@ def test_kubectl_lists_the_plugin(crds: Cluster, plugin_path: str, tmp_path: Pat
         ["kubectl", "plugin", "list"], capture_output=True, text=True, env=env, check=False
     )
     assert any(line.endswith("/kubectl-deeptune") for line in listed.stdout.splitlines()), listed.stdout
+
+
+def test_the_plugin_krew_installs_runs_against_the_cluster(
+    crds: Cluster, namespace: str, krew_path: str, plugin_path: str
+) -> None:
+    """The one-file plugin krew installed (its own packages, python3 from the PATH) answers as the
+    pip-installed one does."""
+    recorded(crds, namespace, "finetunejob-succeeded.json", "krewed")
+    shown = deeptune(crds, krew_path, "results", "krewed", "-n", namespace)
+    assert shown.returncode == 0, shown.stderr
+    assert "krewed: validation split, 36 rows" in shown.stdout
+    assert shown.stdout == deeptune(crds, plugin_path, "results", "krewed", "-n", namespace).stdout

@@ -19,6 +19,7 @@
 #   kubelet-<k8s version>/bin/kubelet   (--with-kubelet only)
 #   actionlint-<version>/bin/actionlint   (the workflow linter of the test command's lint step)
 #   argocd-health-<version>/bin/argocd-health.test   (Argo CD's Lua engine, for the health scripts)
+#   krew-<version>/bin/{krew,validate-krew-manifest}   (the kubectl plugin installed as krew does)
 # Each group is built into a temporary directory and renamed into place only
 # when the whole build succeeded, so an interrupted build never leaves a
 # half-written binary behind. GOMODCACHE and GOCACHE keep Go's defaults unless
@@ -63,13 +64,14 @@ built_kueue() { ! $with_kueue || have_all "$LC_KUEUE_BIN" kueue; }
 built_kubelet() { ! $with_kubelet || have_all "$LC_KUBELET_BIN" kubelet; }
 built_actionlint() { have_all "$LC_ACTIONLINT_BIN" actionlint; }
 built_argocd_health() { have_all "$LC_ARGOCD_HEALTH_BIN" argocd-health.test; }
+built_krew() { have_all "$LC_KREW_BIN" krew validate-krew-manifest; }
 built_all() {
-  built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_kubelet && built_actionlint && built_argocd_health
+  built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_kubelet && built_actionlint && built_argocd_health && built_krew
 }
 
 path_line() {
-  printf '%s:%s:%s:%s:%s:%s\n' "$LC_K8S_BIN" "$LC_ETCD_BIN" "$LC_HELM_BIN" "$LC_COREDNS_BIN" \
-    "$LC_ACTIONLINT_BIN" "$LC_ARGOCD_HEALTH_BIN"
+  printf '%s:%s:%s:%s:%s:%s:%s\n' "$LC_K8S_BIN" "$LC_ETCD_BIN" "$LC_HELM_BIN" "$LC_COREDNS_BIN" \
+    "$LC_ACTIONLINT_BIN" "$LC_ARGOCD_HEALTH_BIN" "$LC_KREW_BIN"
 }
 
 if [ "$mode" = check ]; then
@@ -200,6 +202,13 @@ if ! built_actionlint; then
   go_build "$LC_CACHE/actionlint-$LC_ACTIONLINT_VERSION" actionlint \
     "-s -w -X github.com/rhysd/actionlint.version=$LC_ACTIONLINT_VERSION" \
     "$HERE/gomod/actionlint" github.com/rhysd/actionlint/cmd/actionlint
+fi
+
+if ! built_krew; then
+  check_pin krew sigs.k8s.io/krew "$LC_KREW_VERSION"
+  log "building krew $LC_KREW_VERSION and its manifest validator"
+  go_build "$LC_CACHE/krew-$LC_KREW_VERSION" "" "-s -w" \
+    "$HERE/gomod/krew" sigs.k8s.io/krew/cmd/krew sigs.k8s.io/krew/cmd/validate-krew-manifest
 fi
 
 if ! built_argocd_health; then

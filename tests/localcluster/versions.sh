@@ -42,6 +42,10 @@ LC_ACTIONLINT_VERSION=v1.7.12
 # serves whole here (3.5+ need an in-repo gitops-engine pseudo-version it refuses; 3.6 needs Go 1.27).
 LC_ARGOCD_VERSION=v3.2.6
 
+# krew (the kubectl plugin manager) and its manifest validator: the kubectl plugin test installs
+# `kubectl deeptune` with krew from the archive and manifest scripts/krew_plugin.py makes.
+LC_KREW_VERSION=v0.4.3
+
 # Root of the binary cache (outside the repository).
 LC_CACHE="${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}"
 LC_K8S_BIN="$LC_CACHE/k8s-$LC_K8S_VERSION/bin"
@@ -51,6 +55,7 @@ LC_COREDNS_BIN="$LC_CACHE/coredns-$LC_COREDNS_VERSION/bin"
 LC_KUEUE_BIN="$LC_CACHE/kueue-$LC_KUEUE_VERSION/bin"
 LC_ACTIONLINT_BIN="$LC_CACHE/actionlint-$LC_ACTIONLINT_VERSION/bin"
 LC_ARGOCD_HEALTH_BIN="$LC_CACHE/argocd-health-$LC_ARGOCD_VERSION/bin"
+LC_KREW_BIN="$LC_CACHE/krew-$LC_KREW_VERSION/bin"
 # KEDA's CRDs (ScaledObject), from its Go module; only the KEDA test applies them (keda_crds.sh).
 LC_KEDA_VERSION=v2.20.2
 
