@@ -50,10 +50,11 @@ def plan_for_shape(spec: FineTuneJobSpec, shape: ModelShape, gpu_memory_bytes: i
     A preference run's batch holds both sequences of each pair; DPO's reference costs no memory of its
     own (the adapter switched off, or log-probabilities computed before training)."""
     hp = spec.hyperparameters
-    pairs = spec.preference is not None  # preference tuning runs without sharding, and a pair is two rows
+    pairs = spec.preference is not None  # a pair is two rows in a batch
+    unsharded = pairs or spec.distillation is not None  # neither runs under fsdp or deepspeed yet
     request = PlanRequest(
         method=spec.method,
-        strategy="ddp" if pairs and spec.distributed.strategy == "auto" else spec.distributed.strategy,
+        strategy="ddp" if unsharded and spec.distributed.strategy == "auto" else spec.distributed.strategy,
         world_size=spec.world_size,
         per_device_batch_size=hp.per_device_batch_size * (2 if pairs else 1),
         max_seq_length=hp.max_seq_length,

@@ -453,16 +453,24 @@ def provision_claims(cluster: Cluster, namespace: str, claims: list[str]) -> dic
 
 
 def seed_tiny_volumes(dirs: dict[str, Path], rows: int = 240) -> None:
-    """Put what examples/finetune-tiny.yaml (and -dpo.yaml) read on their claims: a tiny model and
-    the keyword task (as pairs too)."""
-    from deeptune_trainer.synthetic import keyword_pairs, keyword_rows, tokenizer_texts
+    """Put what examples/finetune-tiny*.yaml read on their claims: a tiny model and the keyword task
+    (as pairs, with most answers wrong, and held-out rows too)."""
+    from deeptune_trainer.synthetic import keyword_pairs, keyword_rows, mostly_wrong, tokenizer_texts
     from deeptune_trainer.tinymodels import build_tiny_model
 
     model_dir = dirs["deeptune-models"] / "tiny-llama"
     if not (model_dir / "config.json").exists():
         build_tiny_model("llama", model_dir, tokenizer_texts())
-    for name, made in (("keywords.jsonl", keyword_rows), ("keyword-pairs.jsonl", keyword_pairs)):
-        lines = (json.dumps(row, ensure_ascii=False) for row in made(rows, seed=1))
+    train = keyword_rows(rows, seed=1)
+    held_out = keyword_rows(40, seed=2, exclude={row["prompt"] for row in train})
+    files = {
+        "keywords.jsonl": train,
+        "keyword-pairs.jsonl": keyword_pairs(rows, seed=1),
+        "keywords-noisy.jsonl": mostly_wrong(train),
+        "keywords-held-out.jsonl": held_out,
+    }
+    for name, content in files.items():
+        lines = (json.dumps(row, ensure_ascii=False) for row in content)
         (dirs["deeptune-data"] / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from deeptune.api.finetunejob import (
+    DISTILLATION_PREFERENCE_MESSAGE,
+    DISTILLATION_SHARDING_MESSAGE,
     PREFERENCE_NEEDS_PAIRS_MESSAGE,
     PREFERENCE_SHARDING_MESSAGE,
     PREFERENCE_STYLE_MESSAGE,
@@ -78,6 +80,15 @@ def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> N
             WINDOW_OVERLAP_MESSAGE,  # against maxSeqLength's default, 2048
         ),
         (spec_with(ropeScaling={"factor": 2}), ROPE_SCALING_MERGE_MESSAGE),
+        (
+            spec_with(distillation={"teacher": {"name": "o/t"}}, preference={}),
+            DISTILLATION_PREFERENCE_MESSAGE,
+        ),
+        (
+            spec_with(distillation={"teacher": {"name": "o/t"}}, distributed={"strategy": "deepspeed"}),
+            DISTILLATION_SHARDING_MESSAGE,
+        ),
+        (spec_with(distillation={"teacher": {}}), "set exactly one of name (a Hugging Face id) or pvc"),
     ],
 )
 def test_bad_specs_are_rejected_at_apply(

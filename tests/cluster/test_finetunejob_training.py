@@ -88,15 +88,7 @@ def test_tiny_preference_tuning_end_to_end(
     manifest["metadata"]["namespace"] = namespace
     name = manifest["metadata"]["name"]
     crds.apply(manifest)
-    final = wait_for(
-        "the DPO run to finish",
-        lambda: (
-            (s := (crds.get("finetunejob", name, namespace) or {}).get("status") or {}).get("phase")
-            in ("Succeeded", "Failed")
-            and s
-        ),
-        600,
-    )
+    final = finished(crds, name, namespace, 600)
     assert final["phase"] == "Succeeded", final
     results = final["evalResults"]
     assert results["fineTuned"]["preferenceAccuracy"] >= 0.95 > results["baseline"]["preferenceAccuracy"]
@@ -104,6 +96,36 @@ def test_tiny_preference_tuning_end_to_end(
     assert final["dataset"]["rowsRead"] == 240
     card = (tiny_volumes["deeptune-output"] / name / "README.md").read_text()
     assert "with DeepTune (lora, DPO)" in card
+
+
+def finished(crds: Cluster, name: str, namespace: str, timeout: float) -> dict[str, Any]:
+    """The FineTuneJob's status once it succeeded or failed."""
+
+    def final() -> dict[str, Any] | None:
+        status = (crds.get("finetunejob", name, namespace) or {}).get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    return wait_for(f"{name} to finish", final, timeout)
+
+
+def test_a_student_distilled_from_a_finetunejobs_output(
+    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    """examples/finetune-tiny-distill.yaml after the teacher's run (examples/finetune-tiny.yaml, merged):
+    the teacher's merged model on the output claim teaches a fresh student out of mostly wrong data."""
+    teacher = tiny_manifest(namespace)
+    teacher["spec"]["output"]["mergeAdapter"] = True
+    crds.apply(teacher)
+    assert finished(crds, NAME, namespace, 600)["phase"] == "Succeeded"
+    student = yaml.safe_load((ROOT / "examples" / "finetune-tiny-distill.yaml").read_text())
+    student["metadata"]["namespace"] = namespace
+    crds.apply(student)
+    final = finished(crds, student["metadata"]["name"], namespace, 600)
+    assert final["phase"] == "Succeeded", final
+    results = final["evalResults"]
+    assert results["teacher"]["exactMatch"] >= 0.9
+    assert results["fineTuned"]["exactMatch"] >= 0.9 * results["teacher"]["exactMatch"]
+    assert results["baseline"]["exactMatch"] < 0.5
 
 
 def kill_trainers(namespace: str, *env: str) -> int:

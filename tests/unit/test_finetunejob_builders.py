@@ -31,6 +31,15 @@ def pod_of(job: dict[str, Any]) -> dict[str, Any]:
     return job["spec"]["template"]["spec"]
 
 
+def claims_of(job: dict[str, Any]) -> list[str]:
+    """The PersistentVolumeClaims the Job's pod mounts, in order."""
+    return [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_of(job)["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+
+
 def container_of(job: dict[str, Any]) -> dict[str, Any]:
     (container,) = pod_of(job)["containers"]
     return container
@@ -113,11 +122,7 @@ def test_volumes_for_model_data_and_output_share_a_claim_once() -> None:
             output={"pvc": {"claimName": "shared", "path": "runs/1"}},
         )
     )
-    claims = [
-        v["persistentVolumeClaim"]["claimName"]
-        for v in pod_of(job)["volumes"]
-        if "persistentVolumeClaim" in v
-    ]
+    claims = claims_of(job)
     assert claims == ["models", "shared"]
     mounts = {m["mountPath"] for m in container_of(job)["volumeMounts"]}
     assert {"/mnt/pvc/models", "/mnt/pvc/shared", "/etc/deeptune", "/tmp", "/dev/shm"} <= mounts
@@ -141,16 +146,29 @@ def test_a_test_source_is_mounted_and_resolved() -> None:
             "test": {"source": {"pvc": {"claimName": "exams", "path": "test.jsonl"}}},
         }
     )
-    claims = [
-        v["persistentVolumeClaim"]["claimName"]
-        for v in pod_of(job_for(spec))["volumes"]
-        if "persistentVolumeClaim" in v
-    ]
+    claims = claims_of(job_for(spec))
     assert "exams" in claims
     config = TrainerConfig.model_validate_json(
         build_config_map(OWNER, parse_spec(spec))["data"]["config.json"]
     )
     assert config.paths.test_dataset == "/mnt/pvc/exams/test.jsonl"
+
+
+def test_a_distillation_teacher_on_a_pvc_is_mounted_and_resolved() -> None:
+    spec = with_changes(
+        distillation={"teacher": {"pvc": {"claimName": "teachers", "path": "runs/big/merged"}}}
+    )
+    claims = claims_of(job_for(spec))
+    assert "teachers" in claims
+    config = TrainerConfig.model_validate_json(
+        build_config_map(OWNER, parse_spec(spec))["data"]["config.json"]
+    )
+    assert config.paths.teacher_model == "/mnt/pvc/teachers/runs/big/merged"
+    hub = with_changes(distillation={"teacher": {"name": "org/big", "tokenSecretRef": {"name": "teacher"}}})
+    env = {var["name"]: var for var in container_of(job_for(hub))["env"]}
+    assert env["DEEPTUNE_TEACHER_HF_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "teacher", "key": "token"}
+    }
 
 
 def test_token_is_referenced_never_copied() -> None:

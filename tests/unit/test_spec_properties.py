@@ -713,6 +713,8 @@ PARENTS: dict[Path, Any] = {
     ("model", "adapter", "baseModel"): {"pvc": {"claimName": "models"}},
     ("autoscaling", "keda"): {"prometheusAddress": "http://prometheus.monitoring.svc:9090"},
     ("promotion",): {"rules": [{"metric": "exactMatch", "threshold": 0.5}]},
+    ("distillation",): {"teacher": {"pvc": {"claimName": "teachers"}}},
+    ("distillation", "teacher", "tokenSecretRef"): {"name": "hf"},
 }
 """Objects holding defaulted fields that no seed has (and that `{}` cannot stand for)."""
 ALTERNATIVES: dict[Path, Any] = {

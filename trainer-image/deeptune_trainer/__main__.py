@@ -92,6 +92,7 @@ def local_config(manifest: dict[str, Any], volumes: dict[str, Path], metrics_por
     if not output.path:  # the operator's default: one directory per job on the claim
         output_dir = output_dir / namespace / name
     base = spec.base_model.pvc
+    teacher = spec.distillation.teacher.pvc if spec.distillation else None
     paths = TrainerPaths(
         output_dir=str(output_dir),
         dataset=_source_path(spec.dataset.source, volumes, "dataset.source"),
@@ -100,6 +101,7 @@ def local_config(manifest: dict[str, Any], volumes: dict[str, Path], metrics_por
             spec.dataset.test.source if spec.dataset.test else None, volumes, "dataset.test.source"
         ),
         base_model=str(_local(base, volumes, "baseModel.pvc")) if base else None,
+        teacher_model=str(_local(teacher, volumes, "distillation.teacher.pvc")) if teacher else None,
     )
     return TrainerConfig(
         name=name,

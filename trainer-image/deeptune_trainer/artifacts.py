@@ -215,6 +215,13 @@ def model_card(spec: FineTuneJobSpec, facts: CardFacts) -> str:
         "weight decay": hp.weight_decay,
         "packing": hp.packing,
     }
+    if spec.distillation is not None:
+        distilling = spec.distillation
+        teacher = distilling.teacher.name or f"pvc {distilling.teacher.pvc}"
+        how_far = f"temperature {distilling.temperature:g}, alpha {distilling.alpha:g}"
+        training["distillation"] = f"{distilling.mode} from {teacher}" + (
+            f", {how_far}" if distilling.mode == "logits" else ""
+        )
     if spec.rope_scaling is not None:
         training["RoPE scaling"] = f"{spec.rope_scaling.type}, factor {spec.rope_scaling.factor:g}"
     if spec.preference is not None:

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.distributed import DistributedConfig
 
 from deeptune.api.finetunejob import FineTuneJobSpec, RopeScaling
-from deeptune.api.trainer import TrainerConfig, TrainerPaths
+from deeptune.api.trainer import HUB_TOKEN_ENV, TrainerConfig, TrainerPaths
 from deeptune_trainer.distributed import World, resolve_strategy, shards_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.formatting import ensure_chat_template
@@ -284,13 +284,16 @@ def _weight_options(spec: FineTuneJobSpec, precision: Precision, sharded: bool) 
     }
 
 
-def _hub_options(spec: FineTuneJobSpec, paths: TrainerPaths) -> dict[str, str | None]:
-    """from_pretrained's options for a model from the Hub (none for one on a PVC)."""
+def _hub_options(
+    spec: FineTuneJobSpec, paths: TrainerPaths, token_env: str = HUB_TOKEN_ENV
+) -> dict[str, str | None]:
+    """from_pretrained's options for a model from the Hub (none for one on a PVC), with the token the
+    operator put in `token_env`."""
     if spec.base_model.pvc is not None:
         return {}
     return {
         "revision": spec.base_model.revision,
-        "token": os.environ.get("HF_TOKEN") or None,
+        "token": os.environ.get(token_env) or None,
         "cache_dir": paths.hub_cache,
     }
 
@@ -328,16 +331,19 @@ def extend_context(config: PretrainedConfig, scaling: RopeScaling) -> None:
     text.max_position_embeddings = int(original * scaling.factor)
 
 
-def load_model(spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = False) -> LoadedModel:
+def load_model(
+    spec: FineTuneJobSpec, paths: TrainerPaths, *, sharded: bool = False, token_env: str = HUB_TOKEN_ENV
+) -> LoadedModel:
     """The base model and its tokenizer, in the dtype the method trains in; `sharded` spreads the
-    weights over the workers (fsdp), every one of which must call this."""
+    weights over the workers (fsdp), every one of which must call this; `token_env` holds the Hub
+    token for it."""
     source = model_source(spec, paths)
     local = spec.base_model.pvc is not None
     if local:
         _check_local_model(spec, source)
     precision = resolve_precision(spec.hyperparameters.precision)
     trust_remote_code = spec.base_model.trust_remote_code
-    hub_options = _hub_options(spec, paths)
+    hub_options = _hub_options(spec, paths, token_env)
     try:
         given: dict[str, PretrainedConfig] = {}  # from_pretrained reads the model's own unless given one
         if spec.method == "qlora" or spec.rope_scaling is not None:

@@ -39,6 +39,8 @@ from deeptune_trainer.artifacts import (
     write_resolved_config,
     write_summary,
 )
+from deeptune_trainer.data.sample import Sample
+from deeptune_trainer.distillation import check_shared_vocabulary, load_teacher, teacher_answers
 from deeptune_trainer.distributed import World, release_process_group, resolve_strategy, splits_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import compare, evaluate, generation_rows
@@ -120,11 +122,14 @@ def run(
     if spec.evaluation.baseline and held_out and not zero:
         baseline = evaluate(loaded.model, loaded.tokenizer, held_out, spec)
         log(f"base model: {_scores(baseline)}")
+    train_rows, teacher, teacher_scores = prepared.train, None, None
+    if spec.distillation is not None:
+        train_rows, teacher, teacher_scores = _from_teacher(config, loaded, prepared.train, held_out, log)
 
     result = train(
         loaded.model,
         loaded.tokenizer,
-        prepared.train,
+        train_rows,
         prepared.validation,
         spec=spec,
         output_dir=output_dir,
@@ -132,6 +137,7 @@ def run(
         metrics=metrics,
         log=log,
         world=world,
+        teacher=teacher,
     )
     if zero:
         forget_zero3()
@@ -149,7 +155,7 @@ def run(
         fine_tuned = evaluate(result.model, loaded.tokenizer, held_out, spec)
         log(f"fine-tuned: {_scores(fine_tuned)}")
         results = compare(fine_tuned, baseline, samples=len(generation_rows(held_out, spec))).model_copy(
-            update={"split": split, "step": result.best_step or result.steps}
+            update={"split": split, "step": result.best_step or result.steps, "teacher": teacher_scores}
         )
         write_eval_results(results, output_dir)
     report = prepared.report.model_copy(update={"truncated": result.truncated})
@@ -164,6 +170,26 @@ def run(
         artifacts=artifacts,
         lineage=lineage,
     )
+
+
+def _from_teacher(
+    config: TrainerConfig, student: LoadedModel, train_rows: list[Sample], held_out: list[Sample], log: Log
+) -> tuple[list[Sample], PreTrainedModel | None, dict[str, float] | None]:
+    """What distillation's teacher gives the run: its scores on the held-out rows, and by mode its
+    answers to the training prompts (`sequences`: the rows to train on) or itself (`logits`: the
+    model to match while training)."""
+    spec = config.spec
+    assert spec.distillation is not None
+    teacher = load_teacher(spec, config.paths)
+    log(f"teacher: {teacher.source} ({teacher.model.config.model_type})")
+    scores = evaluate(teacher.model, teacher.tokenizer, held_out, spec) if held_out else None
+    if scores is not None:
+        log(f"teacher model: {_scores(scores)}")
+    if spec.distillation.mode == "logits":
+        check_shared_vocabulary(teacher.tokenizer, student.tokenizer)
+        return train_rows, teacher.model, scores
+    log(f"the teacher answers the {len(train_rows)} training prompts")
+    return teacher_answers(teacher, train_rows, spec), None, scores
 
 
 def _export(

@@ -89,6 +89,15 @@ def keyword_rows(count: int, seed: int, exclude: Collection[str] = ()) -> list[d
     return [{"prompt": prompt, "completion": answer} for prompt, answer in rows.items()]
 
 
+def mostly_wrong(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """Prompt/completion rows with two answers in three replaced by another keyword's phrase: data a
+    student learns the wrong rule from, and a teacher that knows the right one can correct."""
+    return [
+        {**row, "completion": ROTATED_ANSWERS[row["completion"]]} if index % 3 else dict(row)
+        for index, row in enumerate(rows)
+    ]
+
+
 def keyword_pairs(count: int, seed: int, exclude: Collection[str] = ()) -> list[dict[str, str]]:
     """The keyword task as preference pairs: the keyword's phrase chosen, the next keyword's rejected.
     Every phrase is chosen for one keyword and rejected for another, so only a model that reads the

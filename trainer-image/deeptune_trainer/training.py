@@ -34,8 +34,13 @@ from transformers import (
     set_seed,
 )
 
-from deeptune.api.finetunejob import PREFERENCE_SHARDING_MESSAGE, FineTuneJobSpec
+from deeptune.api.finetunejob import (
+    DISTILLATION_SHARDING_MESSAGE,
+    PREFERENCE_SHARDING_MESSAGE,
+    FineTuneJobSpec,
+)
 from deeptune_trainer.data.sample import Sample
+from deeptune_trainer.distillation import DistillingTrainer
 from deeptune_trainer.distributed import (
     World,
     barrier,
@@ -398,8 +403,10 @@ def train(
     callbacks: Sequence[TrainerCallback] = (),
     log: Log = print,
     world: World | None = None,
+    teacher: PreTrainedModel | None = None,
 ) -> TrainResult:
-    """Fine-tune `model` by the spec's method, resuming from `output_dir/checkpoints` when possible."""
+    """Fine-tune `model` by the spec's method, resuming from `output_dir/checkpoints` when possible;
+    with `teacher` (distillation mode logits), matching its next-token distributions too."""
     if spec.early_stopping and not validation_samples:
         raise TrainerInputError(
             "InvalidSpec", "earlyStopping watches the validation loss, but the validation split is empty"
@@ -407,8 +414,11 @@ def train(
     world = world or World()
     sharded = is_sharded(model)
     zero = spec.distributed.strategy == "deepspeed"
-    if spec.preference and (sharded or zero):  # `auto` may have resolved to fsdp
-        raise TrainerInputError("InvalidSpec", PREFERENCE_SHARDING_MESSAGE)
+    if sharded or zero:  # `auto` may have resolved to fsdp
+        if spec.preference:
+            raise TrainerInputError("InvalidSpec", PREFERENCE_SHARDING_MESSAGE)
+        if spec.distillation:
+            raise TrainerInputError("InvalidSpec", DISTILLATION_SHARDING_MESSAGE)
     checkpoints = Path(output_dir) / CHECKPOINTS_DIR
     fingerprint = config_fingerprint(spec)
     resume = find_resume_checkpoint(checkpoints, fingerprint, log) if checkpoints.is_dir() else None
@@ -438,6 +448,7 @@ def train(
         trainer, truncated, collator = _supervised_trainer(
             wrapped, tokenizer, train_samples, validation_samples,
             spec=spec, arguments=arguments, callbacks=trainer_callbacks, base=model, sharded=sharded, log=log,
+            teacher=teacher,
         )  # fmt: skip
     else:
         trainer = preference_trainer(
@@ -482,6 +493,7 @@ def _supervised_trainer(
     base: PreTrainedModel,
     sharded: bool,
     log: Log,
+    teacher: PreTrainedModel | None,
 ) -> tuple[Trainer, int, Collator]:
     """The transformers Trainer on the tokenized rows; the rows cut to max_seq_length; its collator.
     `base` is `model` before LoRA wrapped it: its class says how it computes logits."""
@@ -490,8 +502,9 @@ def _supervised_trainer(
     )
     eval_features, eval_truncated = _features(validation_samples, tokenizer, spec, False, log)
     args = TrainingArguments(**arguments)
-    collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=logits_at_targets_only(base, args))
-    trainer = (ShardedTrainer if sharded else Trainer)(
+    targets_only = teacher is None and logits_at_targets_only(base, args)  # distilling needs every position
+    collator = Collator(tokenizer.pad_token_id, logits_at_targets_only=targets_only)
+    inputs: dict[str, Any] = dict(
         model=model,
         args=args,
         data_collator=collator,
@@ -500,6 +513,14 @@ def _supervised_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if teacher is not None:
+        assert spec.distillation is not None
+        distilling = spec.distillation
+        trainer: Trainer = DistillingTrainer(
+            **inputs, teacher=teacher, temperature=distilling.temperature, alpha=distilling.alpha
+        )
+    else:
+        trainer = (ShardedTrainer if sharded else Trainer)(**inputs)
     return trainer, train_truncated + eval_truncated, collator
 
 

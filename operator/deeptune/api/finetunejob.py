@@ -66,6 +66,11 @@ PREFERENCE_SHARDING_MESSAGE = (
     "spec.preference does not run under distributed.strategy fsdp or deepspeed yet: use ddp (or auto), "
     "or method lora or qlora to fit the model"
 )
+DISTILLATION_PREFERENCE_MESSAGE = "distillation and preference cannot be combined: choose one"
+DISTILLATION_SHARDING_MESSAGE = (
+    "spec.distillation does not run under distributed.strategy fsdp or deepspeed yet: use ddp (or auto), "
+    "or method lora or qlora to fit the student"
+)
 WINDOW_OVERLAP_MESSAGE = (
     "dataset.windowOverlap must be below hyperparameters.maxSeqLength (a window's length)"
 )
@@ -535,6 +540,25 @@ class RopeScaling(ApiModel):
     """How many times the model's max_position_embeddings the context becomes."""
 
 
+class DistillationSpec(ApiModel):
+    """Knowledge distillation: the model being trained (the student, `baseModel`) learns from a
+    teacher model as well as, or instead of, from the data's answers."""
+
+    teacher: BaseModelSpec
+    """The teacher: a Hugging Face id or a directory on a PVC (a FineTuneJob's merged output, say)."""
+    mode: Literal["logits", "sequences"] = "logits"
+    """`logits`: on the data's answers, the student matches the teacher's next-token distributions
+    (softened by `temperature`) as well as the answers themselves (`alpha` weighs the two); the two
+    models must share a tokenizer. `sequences`: the teacher answers every training prompt (greedy,
+    `maxNewTokens`) and the student is trained on its answers instead of the data's; any tokenizer."""
+    temperature: Annotated[float, Field(gt=0, le=20)] = 2.0
+    """`logits`: how much both distributions are softened before they are compared."""
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """`logits`: the weight of matching the teacher; 1 - alpha is the weight of the data's answers."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256
+    """`sequences`: the longest answer the teacher writes."""
+
+
 class PreferenceSpec(ApiModel):
     """Preference tuning on pairs (`dataset.style: preference`) with TRL, instead of supervised
     fine-tuning: the model learns to rank the chosen answer over the rejected one."""
@@ -586,7 +610,7 @@ class OutputSpec(ApiModel):
 
 UNCHANGED_OPTIONAL_FIELDS = (
     *("image", "imagePullPolicy", "imagePullSecrets", "env"),
-    *("earlyStopping", "preference", "ropeScaling"),
+    *("earlyStopping", "preference", "ropeScaling", "distillation"),
 )
 """Optional fields kept as the resource was created (an immutable rule on the field itself would not
 see it set or removed)."""
@@ -645,6 +669,17 @@ class FineTuneJobSpec(ApiModel):
             field_path=".ropeScaling",
         ),
         cel(
+            "!has(self.distillation) || !has(self.distributed) || !has(self.distributed.strategy)"
+            " || !(self.distributed.strategy in ['fsdp', 'deepspeed'])",
+            DISTILLATION_SHARDING_MESSAGE,
+            field_path=".distributed.strategy",
+        ),
+        cel(
+            "!has(self.distillation) || !has(self.preference)",
+            DISTILLATION_PREFERENCE_MESSAGE,
+            field_path=".distillation",
+        ),
+        cel(
             "has(self.preference) || !has(self.dataset.style) || self.dataset.style != 'preference'",
             PREFERENCE_STYLE_MESSAGE,
             field_path=".dataset.style",
@@ -686,6 +721,8 @@ class FineTuneJobSpec(ApiModel):
     ] = Field(default_factory=Hyperparameters)
     preference: PreferenceSpec | None = None
     """Off unless given: preference tuning (DPO, ORPO) on pairs instead of supervised fine-tuning."""
+    distillation: DistillationSpec | None = None
+    """Off unless given: learn from a teacher model (knowledge distillation)."""
     rope_scaling: RopeScaling | None = None
     """Off unless given: a longer context than the base model's. With lora or qlora set
     output.mergeAdapter, so what is served carries it."""
@@ -778,6 +815,10 @@ class FineTuneJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _preference_shape(self) -> FineTuneJobSpec:
+        if self.preference is not None and self.distillation is not None:
+            raise ValueError(DISTILLATION_PREFERENCE_MESSAGE)
+        if self.distillation is not None and self.distributed.strategy in ("fsdp", "deepspeed"):
+            raise ValueError(DISTILLATION_SHARDING_MESSAGE)
         if self.preference is None:
             if self.dataset.style == "preference":
                 raise ValueError(PREFERENCE_STYLE_MESSAGE)
@@ -843,6 +884,8 @@ class EvalResults(ApiModel):
     fine_tuned: MetricScores = {}
     baseline: MetricScores | None = None
     delta: MetricScores | None = None
+    teacher: MetricScores | None = None
+    """With distillation: the teacher's scores on the same rows."""
     samples: int | None = None
     split: Literal["validation", "test"] | None = None
     """The held-out rows scored: `test` when `dataset.test` is given, else `validation` (which early

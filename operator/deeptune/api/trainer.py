@@ -36,6 +36,13 @@ EXIT_INVALID_INPUT = 3
 """Trainer exit code for bad input (spec, dataset, model): retrying cannot help, so the Job fails fast."""
 
 
+HUB_TOKEN_ENV = "HF_TOKEN"
+"""The variable the base model's Hub token (`baseModel.tokenSecretRef`) reaches the trainer in."""
+TEACHER_HUB_TOKEN_ENV = "DEEPTUNE_TEACHER_HF_TOKEN"
+"""The variable the distillation teacher's Hub token (`distillation.teacher.tokenSecretRef`) reaches the
+trainer in."""
+
+
 class TrainerPaths(ApiModel):
     """Local paths inside the trainer's container, resolved from the spec's volumes."""
 
@@ -48,6 +55,8 @@ class TrainerPaths(ApiModel):
     """The mounted file of `dataset.augmentation.synonyms.dictionaryConfigMap`."""
     base_model: str | None = None
     """The model directory, for a base model on a PVC."""
+    teacher_model: str | None = None
+    """The distillation teacher's directory, for a teacher on a PVC."""
     hf_home: str | None = None
     """Hugging Face cache, kept on the output volume so retries do not download again."""
 

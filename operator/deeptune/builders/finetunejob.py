@@ -12,9 +12,11 @@ from deeptune.api.trainer import (
     CONFIG_PATH,
     DATASET_TOKEN_ENV,
     EXIT_INVALID_INPUT,
+    HUB_TOKEN_ENV,
     METRICS_PORT,
     RENDEZVOUS_ENV,
     RENDEZVOUS_PORT,
+    TEACHER_HUB_TOKEN_ENV,
     TERMINATION_MESSAGE_PATH,
     TrainerConfig,
     TrainerPaths,
@@ -104,6 +106,7 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
     output = spec.output.pvc
     output_dir = _pvc_path(output.claim_name, output.path or posixpath.join(owner.namespace, owner.name))
     base = spec.base_model.pvc
+    teacher = spec.distillation.teacher.pvc if spec.distillation else None
     plan = plan_for(spec)
     return TrainerConfig(
         name=owner.name,
@@ -118,6 +121,7 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
             test_dataset=_source_path(_test_source(spec)),
             synonym_dictionary=_config_map_path(_synonym_config_map(spec)),
             base_model=_pvc_path(base.claim_name, base.path) if base else None,
+            teacher_model=_pvc_path(teacher.claim_name, teacher.path) if teacher else None,
             hf_home=_pvc_path(output.claim_name, ".cache/huggingface"),
         ),
     )
@@ -160,6 +164,7 @@ def _claims(spec: FineTuneJobSpec) -> list[str]:
     """Every PVC the trainer needs, once each (the dataset and output may share a claim)."""
     locations = [
         spec.base_model.pvc,
+        spec.distillation.teacher.pvc if spec.distillation else None,
         spec.dataset.source.pvc,
         spec.dataset.validation.source.pvc if spec.dataset.validation.source else None,
         test.pvc if (test := _test_source(spec)) else None,
@@ -206,7 +211,10 @@ def _env(owner: Owner, spec: FineTuneJobSpec) -> list[Manifest]:
     ]
     token = spec.base_model.token_secret_ref
     if token is not None:
-        env.append(_secret_env("HF_TOKEN", token))
+        env.append(_secret_env(HUB_TOKEN_ENV, token))
+    teacher_token = spec.distillation.teacher.token_secret_ref if spec.distillation else None
+    if teacher_token is not None:
+        env.append(_secret_env(TEACHER_HUB_TOKEN_ENV, teacher_token))
     env += _dataset_token_env(spec)
     if spec.distributed.nodes > 1:
         env.append({"name": RENDEZVOUS_ENV, "value": rendezvous_endpoint(owner)})
