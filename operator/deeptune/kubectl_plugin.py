@@ -174,7 +174,9 @@ def results_table(job: Obj) -> Table | str:
     table = Table(
         title=f"{job['metadata']['name']}: {split} split, {results.samples} rows, step {results.step or '–'}"
     )
-    for column in ("metric", "base model", "fine-tuned", "delta"):
+    teacher = results.teacher  # a distillation run's teacher, on the same rows
+    columns = ("metric", "base model", "fine-tuned", "delta", *(("teacher",) if teacher is not None else ()))
+    for column in columns:
         table.add_column(column, justify="left" if column == "metric" else "right")
     for metric, value in results.fine_tuned.items():
         table.add_row(
@@ -182,6 +184,7 @@ def results_table(job: Obj) -> Table | str:
             _number(baseline.get(metric)),
             _number(value),
             _number(delta.get(metric), "+.4g") if metric in delta else "–",
+            *((_number(teacher.get(metric)),) if teacher is not None else ()),
         )
     return table
 

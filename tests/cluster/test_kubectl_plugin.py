@@ -115,6 +115,11 @@ def test_results_and_compare_put_the_numbers_side_by_side(
     row = next(line for line in compared.stdout.splitlines() if "exactMatch" in line)
     cells = [cell.strip() for cell in row.split("│")[1:5]]
     assert cells == ["exactMatch", "1", "0.75", "-0.25"]
+    distilled = {**second["evalResults"], "teacher": {"exactMatch": 0.9}}
+    recorded(crds, namespace, "finetunejob-succeeded.json", "student", evalResults=distilled)
+    student = deeptune(crds, plugin_path, "results", "student", "-n", namespace)
+    row = next(line for line in student.stdout.splitlines() if "exactMatch" in line)
+    assert [cell.strip() for cell in row.split("│")[1:6]] == ["exactMatch", "0", "0.75", "+1", "0.9"]
 
 
 def test_explain_failure_names_the_reason_and_where_to_read_on(
