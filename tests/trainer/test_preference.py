@@ -23,14 +23,17 @@ from deeptune_trainer.preference import pair_rows
 from deeptune_trainer.synthetic import as_pairs, keyword_pairs
 from deeptune_trainer.training import train
 from tests.trainer.test_cli import _run_on_file
+from tests.trainer.test_training import _KillAt
 
 MakeSpec = Callable[..., FineTuneJobSpec]
+Pairs = tuple[list[Sample], list[Sample]]
+"""Training pairs and held-out pairs."""
 PAIRS: dict[str, Any] = {"preference": {}}
 """A preference run (train() is handed its pairs: the spec's inline rows stay unused)."""
 
 
 @pytest.fixture(scope="module")
-def keyword_pair_task() -> tuple[list[Sample], list[Sample]]:
+def keyword_pair_task() -> Pairs:
     """160 training pairs and 40 held-out pairs whose prompts training never saw."""
     train_rows = keyword_pairs(160, seed=1)
     held_out = keyword_pairs(40, seed=2, exclude={row["prompt"] for row in train_rows})
@@ -130,7 +133,7 @@ def test_pairs_reach_trl_as_the_chat_template_renders_them(tiny_llama_dir: Path)
 def test_preference_tuning_ranks_unseen_pairs_better_than_the_base_model(
     algorithm: str,
     tiny_llama_dir: Path,
-    keyword_pair_task: tuple[list[Sample], list[Sample]],
+    keyword_pair_task: Pairs,
     make_spec: MakeSpec,
     tmp_path: Path,
 ) -> None:
@@ -169,7 +172,7 @@ def test_preference_tuning_ranks_unseen_pairs_better_than_the_base_model(
 @pytest.mark.trainer
 def test_full_dpo_takes_its_reference_from_the_weights_before_training(
     tiny_llama_dir: Path,
-    keyword_pair_task: tuple[list[Sample], list[Sample]],
+    keyword_pair_task: Pairs,
     make_spec: MakeSpec,
     tmp_path: Path,
 ) -> None:
@@ -236,3 +239,30 @@ def test_a_whole_dpo_run_from_a_manifest(
     assert sorted(path.name for path in (run_dir / "adapter").iterdir() if path.is_dir()) == []  # no `ref`
     card = (run_dir / "README.md").read_text()
     assert "with DeepTune (lora, DPO)" in card and "- preference: dpo, beta 0.1" in card
+
+
+@pytest.mark.trainer
+def test_a_killed_dpo_run_resumes_as_if_never_killed(
+    tiny_llama_dir: Path,
+    keyword_pair_task: Pairs,
+    make_spec: MakeSpec,
+    tmp_path: Path,
+) -> None:
+    """A preempted pod's retry resumes from the newest checkpoint: the adapter, the optimizer, and
+    DPO's reference (the adapter as it was before the first step) are what they would have been."""
+    train_pairs, held_out = keyword_pair_task
+    spec = make_spec(**PAIRS, hyperparameters={"maxSteps": 30, "checkpointSteps": 10, "loggingSteps": 5})
+
+    def pod(output_dir: Path, **options: Any) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        return train(model, tokenizer, train_pairs, held_out, spec=spec, output_dir=output_dir,
+                     precision="fp32", log=lambda _: None, **options)  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="killed"):
+        pod(tmp_path / "run", callbacks=[_KillAt(15)])
+    resumed = pod(tmp_path / "run")
+    assert (resumed.resumed_from, resumed.steps) == ("checkpoint-10", 30)
+    uninterrupted = pod(tmp_path / "uninterrupted")
+    assert resumed.train_loss == pytest.approx(uninterrupted.train_loss, rel=1e-5)
+    assert list(resumed.model.peft_config) == ["default"]
