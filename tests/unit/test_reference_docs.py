@@ -92,6 +92,8 @@ QUOTED = [
     "*.jsonl, *.json, *.csv or *.parquet, or set dataset.format",
     "It decodes as GB18030/GBK, common for Chinese files saved by Excel.",
     "cannot tell the sample style from the columns",
+    "spec.preference (algorithm dpo or orpo) to tune on them",
+    "but their tokenizers differ",
     "it must hold at least one row",
     "no rows left after cleaning",
     "does not exist; check the claim's path or the ConfigMap key",
