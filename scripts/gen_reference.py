@@ -21,6 +21,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
 Node = dict[str, Any]
+EMBEDDED = {("FineTuneSweep", "spec.template"): "FineTuneJob"}
+"""Fields that hold another resource's whole spec: listed once, as a link to that resource's fields
+(and rules), not field by field again."""
 
 
 def cell(text: Any) -> str:
@@ -37,7 +40,7 @@ def type_of(node: Node) -> str:
     if node.get("x-kubernetes-int-or-string"):
         return "int-or-string"
     if node.get("x-kubernetes-preserve-unknown-fields"):
-        return "object (free-form)"
+        return "object (free-form)" if node.get("type") == "object" else "any"
     if node.get("type") == "array":
         return f"array of {type_of(node['items'])}"
     if isinstance(node.get("additionalProperties"), dict):
@@ -67,28 +70,39 @@ def constraints(node: Node, required: bool) -> list[str]:
     return out
 
 
-def walk(node: Node, path: str) -> Iterator[tuple[str, Node, bool]]:
+def walk(node: Node, path: str, stop: frozenset[str] = frozenset()) -> Iterator[tuple[str, Node, bool]]:
     """(path, node, required) for every schema node below `node`, depth first in schema order;
-    list items get the path `field[]`, map values `field.<key>`."""
+    list items get the path `field[]`, map values `field.<key>`. Nodes at `stop` paths are yielded
+    without what is below them."""
     for name, child in node.get("properties", {}).items():
         yield f"{path}.{name}", child, name in node.get("required", [])
-        yield from walk(child, f"{path}.{name}")
+        if f"{path}.{name}" not in stop:
+            yield from walk(child, f"{path}.{name}", stop)
     for key, suffix in (("items", "[]"), ("additionalProperties", ".<key>")):
         if isinstance(node.get(key), dict):
             yield f"{path}{suffix}", node[key], False
-            yield from walk(node[key], f"{path}{suffix}")
+            yield from walk(node[key], f"{path}{suffix}", stop)
 
 
-def rules(root: Node, path: str) -> Iterator[tuple[str, Node]]:
-    """(field path, rule) for every CEL rule at or below `root`."""
-    for node_path, node, _ in [(path, root, False), *walk(root, path)]:
+def rules(root: Node, path: str, stop: frozenset[str]) -> Iterator[tuple[str, Node]]:
+    """(field path, rule) for every CEL rule at or below `root` (at a `stop` path, its own only)."""
+    for node_path, node, _ in [(path, root, False), *walk(root, path, stop)]:
         for rule in node.get("x-kubernetes-validations", []):
+            if node_path in stop and rule["rule"] != "self == oldSelf":
+                continue  # listed with the embedded resource's own rules
             yield node_path + rule.get("fieldPath", ""), rule
 
 
-def field_table(root: Node, path: str) -> list[str]:
+def field_table(root: Node, path: str, embedded: dict[str, str]) -> list[str]:
     lines = ["| Field | Type | Default | Constraints | Description |", "|---|---|---|---|---|"]
-    for field, node, required in walk(root, path):
+    for field, node, required in walk(root, path, frozenset(embedded)):
+        if field in embedded:
+            kind = embedded[field]
+            link = f"[{kind}](#{kind.lower()})"
+            said = f"A {kind} spec, every field and rule as in {link}. {node.get('description', '')}"
+            limits = "; ".join(constraints(node, required))
+            lines.append(f"| `{field}` | object |  | {limits} | {cell(said)} |")
+            continue
         if field.endswith(("[]", ".<key>")) and not constraints(node, required):
             continue  # an item or value whose own fields are listed next
         default = code(node["default"]) if "default" in node else ""
@@ -124,8 +138,9 @@ def resource(crd: Node) -> list[str]:
         "| Field | Rule | Message |",
         "|---|---|---|",
     ]
+    embedded = {path: kind for (owner, path), kind in EMBEDDED.items() if owner == names["kind"]}
     immutable = {}
-    for path, rule in rules(schema["properties"]["spec"], "spec"):
+    for path, rule in rules(schema["properties"]["spec"], "spec", frozenset(embedded)):
         if rule["rule"] == "self == oldSelf":
             immutable[code(path)] = rule["message"].split(" ", 1)[1]  # "<field> is immutable: ..."
         else:
@@ -137,7 +152,7 @@ def resource(crd: Node) -> list[str]:
             f"Immutable (`self == oldSelf`): {paths}. A change is rejected with `<field> {message}`.",
         ]
     for part in ("spec", "status"):
-        lines += ["", f"### {part.title()}", "", *field_table(schema["properties"][part], part)]
+        lines += ["", f"### {part.title()}", "", *field_table(schema["properties"][part], part, embedded)]
     return [*lines, ""]
 
 

@@ -34,6 +34,7 @@ the first reconcile that sees it, so such a resource can be deleted."""
 PLURALS: dict[tuple[str, str], str] = {
     ("deeptune.dev/v1alpha1", "FineTuneJob"): "finetunejobs",
     ("deeptune.dev/v1alpha1", "ModelDeployment"): "modeldeployments",
+    ("deeptune.dev/v1alpha1", "FineTuneSweep"): "finetunesweeps",
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Pod"): "pods",

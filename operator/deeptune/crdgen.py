@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from deeptune.api import finetunejob, modeldeployment
+from deeptune.api import finetunejob, finetunesweep, modeldeployment
 from deeptune.api.base import GROUP, VERSION
 
 DEFAULT_OUT_DIRS = [Path("crds"), Path("charts/deeptune/files/crds")]
@@ -199,6 +199,14 @@ def all_crds() -> dict[str, JsonSchema]:
             spec_model=modeldeployment.ModelDeploymentSpec,
             status_model=modeldeployment.ModelDeploymentStatus,
             printer_columns=modeldeployment.PRINTER_COLUMNS,
+        ),
+        f"{finetunesweep.PLURAL}.{GROUP}.yaml": crd_manifest(
+            kind=finetunesweep.KIND,
+            plural=finetunesweep.PLURAL,
+            short_names=[finetunesweep.SHORT_NAME],
+            spec_model=finetunesweep.FineTuneSweepSpec,
+            status_model=finetunesweep.FineTuneSweepStatus,
+            printer_columns=finetunesweep.PRINTER_COLUMNS,
         ),
     }
 

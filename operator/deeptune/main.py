@@ -19,6 +19,7 @@ def run() -> None:
     """Run until stopped, watching the configured namespaces (or the whole cluster)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # a line per watch event handled
+    logging.getLogger("optuna").setLevel(logging.WARNING)  # a line per study a sweep's decision makes
     settings = config.from_environment()
     registry, _ = registration.build(settings)
     asyncio.run(

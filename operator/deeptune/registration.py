@@ -21,6 +21,7 @@ from deeptune import observability
 from deeptune.api.base import GROUP, VERSION
 from deeptune.api.finetunejob import KIND as FTJ_KIND
 from deeptune.api.finetunejob import PLURAL as FTJ_PLURAL
+from deeptune.api.finetunesweep import PLURAL as SWEEP_PLURAL
 from deeptune.api.modeldeployment import PLURAL as MDEP_PLURAL
 from deeptune.builders.common import uid_label
 from deeptune.cache import Cache
@@ -28,11 +29,13 @@ from deeptune.config import Settings
 from deeptune.controller import Controller
 from deeptune.leadership import Leadership, LeaseSettings
 from deeptune.reconcilers import finetunejob as ftj
+from deeptune.reconcilers import finetunesweep as sweep
 from deeptune.reconcilers import modeldeployment as mdep
 
 FTJ_NAME_LABEL = "deeptune.dev/finetunejob"
 FTJ_UID = uid_label("FineTuneJob")
 MDEP_UID = uid_label("ModelDeployment")
+SWEEP_UID = uid_label(sweep.KIND)
 Obj = dict[str, Any]
 LOG = logging.getLogger(__name__)
 MDEPS_BY_FINETUNEJOB = "modeldeployments_by_finetunejob"
@@ -78,6 +81,11 @@ class Operator:
             self.cache,
             lambda uid: self.mdep_controller.enqueue(uid),  # noqa: PLW0108 (made below)
         )
+        self.sweeps = sweep.FineTuneSweepReconciler(
+            settings,
+            self.cache,
+            lambda uid: self.sweep_controller.enqueue(uid),  # noqa: PLW0108 (made below)
+        )
         self.ftj_controller = Controller(
             FTJ_KIND, self.finetunejobs.reconcile, self.finetunejobs.keys, settings.status_interval,
             workers=settings.workers,
@@ -86,7 +94,11 @@ class Operator:
             mdep.KIND, self.modeldeployments.reconcile, self.modeldeployments.keys, settings.status_interval,
             workers=settings.workers,
         )  # fmt: skip
-        self.controllers = (self.ftj_controller, self.mdep_controller)
+        self.sweep_controller = Controller(
+            sweep.KIND, self.sweeps.reconcile, self.sweeps.keys, settings.status_interval,
+            workers=settings.workers,
+        )  # fmt: skip
+        self.controllers = (self.ftj_controller, self.mdep_controller, self.sweep_controller)
         self.leadership = Leadership(
             LeaseSettings(settings.lease_name, settings.lease_namespace, settings.identity)
         )
@@ -139,6 +151,7 @@ def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Operator]:
     _register_lifecycle(registry, op)
     _register_finetunejobs(registry, op)
     _register_modeldeployments(registry, op)
+    _register_sweeps(registry, op)
     return registry, op
 
 
@@ -225,9 +238,12 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> Non
         return {labels[FTJ_UID]: record(body)}
 
     @kopf.on.event(*ftj_resource, registry=registry)
-    def finetunejob_changed(*, uid: str, namespace: str | None, name: str, **indexes: Any) -> None:
+    def finetunejob_changed(
+        *, uid: str, namespace: str | None, name: str, labels: kopf.Labels, **indexes: Any
+    ) -> None:
         op.fill(indexes)
         op.ftj_controller.enqueue(uid)
+        op.sweep_controller.enqueue(labels.get(SWEEP_UID))  # a trial's news is its sweep's
         for user in op.cache.all(MDEPS_BY_FINETUNEJOB, (namespace, name)):
             op.mdep_controller.enqueue(user["uid"])
 
@@ -302,3 +318,22 @@ def _register_modeldeployments(registry: kopf.OperatorRegistry, op: Operator) ->
         def serving_child_changed(*, labels: kopf.Labels, **indexes: Any) -> None:
             op.fill(indexes)
             op.mdep_controller.enqueue(labels[MDEP_UID])
+
+
+def _register_sweeps(registry: kopf.OperatorRegistry, op: Operator) -> None:
+    sweep_resource = (GROUP, VERSION, SWEEP_PLURAL)
+
+    @kopf.index(*sweep_resource, registry=registry, id=sweep.OBJECTS)
+    def finetunesweeps(*, body: kopf.Body, uid: str, **_: Any) -> dict[str, Obj]:
+        return {uid: record(body, "spec", "status")}
+
+    @kopf.index(
+        GROUP, VERSION, FTJ_PLURAL, labels={SWEEP_UID: kopf.PRESENT}, registry=registry, id=sweep.TRIALS
+    )
+    def sweep_trials(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
+        return {labels[SWEEP_UID]: record(body, "spec", "status")}
+
+    @kopf.on.event(*sweep_resource, registry=registry)
+    def finetunesweep_changed(*, uid: str, **indexes: Any) -> None:
+        op.fill(indexes)
+        op.sweep_controller.enqueue(uid)

@@ -44,14 +44,18 @@ CUSTOM: dict[str, Any] = {
 }
 """Non-default values: namespaced mode, a private registry, monitors on."""
 
-# The rules the operator needs where it serves FineTuneJobs and ModelDeployments, and nothing more
+# The rules the operator needs where it serves its resources, and nothing more
 # (see _helpers.tpl).
 SERVED_NAMESPACE_RULES = [
-    {"apiGroups": ["deeptune.dev"], "resources": ["finetunejobs", "modeldeployments"],
+    {"apiGroups": ["deeptune.dev"], "resources": ["finetunejobs"],
+     "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": ["deeptune.dev"], "resources": ["modeldeployments", "finetunesweeps"],
      "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": ["deeptune.dev"], "resources": ["finetunejobs/status", "modeldeployments/status"],
+    {"apiGroups": ["deeptune.dev"],
+     "resources": ["finetunejobs/status", "modeldeployments/status", "finetunesweeps/status"],
      "verbs": ["get", "patch"]},
-    {"apiGroups": ["deeptune.dev"], "resources": ["finetunejobs/finalizers", "modeldeployments/finalizers"],
+    {"apiGroups": ["deeptune.dev"],
+     "resources": ["finetunejobs/finalizers", "modeldeployments/finalizers", "finetunesweeps/finalizers"],
      "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},

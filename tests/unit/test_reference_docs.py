@@ -54,22 +54,32 @@ def test_check_fails_on_a_stale_reference(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_every_field_rule_and_column_is_documented() -> None:
+    """In each resource's section: every field (a field that embeds another resource's spec as a
+    link to that section, whose fields are checked there), rule and printer column."""
     text = REFERENCE.read_text()
     for crd in crds():
+        kind = crd["spec"]["names"]["kind"]
+        section = text.split(f"\n## {kind}\n", 1)[1].split("\n## ", 1)[0]
+        embedded = {path for (owner, path) in gen_reference.EMBEDDED if owner == kind}
         version = crd["spec"]["versions"][0]
         schema = version["schema"]["openAPIV3Schema"]
         for part in ("spec", "status"):
             for path in property_paths(schema["properties"][part], part):
-                assert f"| `{path}` |" in text, path
+                if any(path.startswith(f"{field}.") for field in embedded):
+                    continue
+                assert f"| `{path}` |" in section, path
+        for path in embedded:
+            target = gen_reference.EMBEDDED[(kind, path)]
+            assert f"every field and rule as in [{target}](#{target.lower()})" in section, path
         for column in version["additionalPrinterColumns"]:
-            assert f"| {column['name']} | {column['type']} | `{column['jsonPath']}` |" in text
-        for path, rule in gen_reference.rules(schema["properties"]["spec"], "spec"):
+            assert f"| {column['name']} | {column['type']} | `{column['jsonPath']}` |" in section
+        for path, rule in gen_reference.rules(schema["properties"]["spec"], "spec", frozenset(embedded)):
             if rule["rule"] == "self == oldSelf":
-                immutable = next(line for line in text.splitlines() if line.startswith("Immutable"))
+                immutable = next(line for line in section.splitlines() if line.startswith("Immutable"))
                 assert f"`{path}`" in immutable and rule["message"].split(" ", 1)[1] in immutable, path
             else:
                 rule_cells = f"{gen_reference.code(rule['rule'])} | {gen_reference.cell(rule['message'])}"
-                assert f"| `{path}` | {rule_cells} |" in text, path
+                assert f"| `{path}` | {rule_cells} |" in section, path
 
 
 def test_constraints_read_as_the_schema_says() -> None:

@@ -74,6 +74,8 @@ and indexes; children.py: every write to a child; reconcilers/: which child gets
 - its custom resources: watch (kopf lists and watches), patch (kopf's annotations and status);
   update on .../finalizers because child owner references set blockOwnerDeletion, which the
   OwnerReferencesPermissionEnforcement admission plugin allows only to who may update them;
+- FineTuneJobs also create: a FineTuneSweep's trials (created once, read back on conflict; a pruned
+  trial is merge-patched to suspend it). Deleting a sweep deletes them by garbage collection;
 - Jobs: list and watch (an index), create (children.create, dry run first) and read back on
   conflict, patch: `suspend`, deadlines and the like, and the removal of the `deeptune.dev/result`
   finalizer (a JSON patch, children.release) once the status holds the result;
@@ -101,13 +103,16 @@ The leader Lease is not here: it lives in the release's namespace only (deeptune
 */}}
 {{- define "deeptune.namespacedRules" -}}
 - apiGroups: [deeptune.dev]
-  resources: [finetunejobs, modeldeployments]
+  resources: [finetunejobs]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [deeptune.dev]
+  resources: [modeldeployments, finetunesweeps]
   verbs: [get, list, watch, patch]
 - apiGroups: [deeptune.dev]
-  resources: [finetunejobs/status, modeldeployments/status]
+  resources: [finetunejobs/status, modeldeployments/status, finetunesweeps/status]
   verbs: [get, patch]
 - apiGroups: [deeptune.dev]
-  resources: [finetunejobs/finalizers, modeldeployments/finalizers]
+  resources: [finetunejobs/finalizers, modeldeployments/finalizers, finetunesweeps/finalizers]
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]

@@ -1,0 +1,95 @@
+"""A hyperparameter sweep through the cluster: examples/finetune-tiny-sweep.yaml as a user applies it,
+its trials real FineTuneJobs that train the tiny model, one of them killed on purpose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster.harness import Cluster, Process, wait_for
+from tests.cluster.test_finetunejob_training import kill_trainers
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
+SWEEP_LABEL = "deeptune.dev/finetunesweep"
+
+
+def sweep_manifest(namespace: str) -> dict[str, Any]:
+    manifest = yaml.safe_load((ROOT / "examples" / "finetune-tiny-sweep.yaml").read_text())
+    manifest["metadata"]["namespace"] = namespace
+    manifest["spec"]["template"]["backoffLimit"] = 0  # the killed trial fails instead of retrying
+    return manifest
+
+
+def test_a_sweep_over_learning_rate_names_its_best_trial(
+    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    if not crds.local:
+        pytest.skip("kills a trainer process through the local node agent")
+    manifest = sweep_manifest(namespace)
+    name = manifest["metadata"]["name"]
+    crds.apply(manifest)
+
+    first = f"{name}-0"
+    pod = wait_for(
+        f"{first}'s trainer pod",
+        lambda: next(iter(crds.list("pods", namespace, f"deeptune.dev/finetunejob={first}")), None),
+        timeout=120,
+    )
+    wait_for(
+        f"{first}'s trainer to be killed",
+        lambda: kill_trainers(namespace, f"POD_NAME={pod['metadata']['name']}") == 1,
+        timeout=120,
+        interval=0.2,
+    )
+
+    def finished() -> dict[str, Any] | None:
+        status = (crds.get("finetunesweep", name, namespace) or {}).get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = wait_for(f"{name} to finish", finished, timeout=900)
+    assert status["phase"] == "Succeeded", status
+    trials = {t["name"]: t for t in status["trials"]}
+    assert sorted(trials) == [f"{name}-{n}" for n in range(4)]
+    assert trials[first]["phase"] == "Failed" and status["failed"] == 1
+    assert "137" in trials[first]["message"] or "kill" in trials[first]["message"].lower(), trials[first]
+
+    # Each trial is an ordinary FineTuneJob: its values in its spec, its scores in its own status.
+    finetunejobs = {
+        f["metadata"]["name"]: f for f in crds.list("finetunejob", namespace, f"{SWEEP_LABEL}={name}")
+    }
+    assert sorted(finetunejobs) == sorted(trials)
+    scores = {}
+    for trial_name, trial in trials.items():
+        spec = finetunejobs[trial_name]["spec"]
+        assert spec["hyperparameters"]["learningRate"] == trial["parameters"]["hyperparameters.learningRate"]
+        assert 1e-4 <= spec["hyperparameters"]["learningRate"] <= 3e-2
+        assert spec["output"]["pvc"]["path"] == f"tiny-keywords-sweep/{trial_name}"
+        run = finetunejobs[trial_name]["status"]
+        if trial["phase"] == "Succeeded":
+            scores[trial_name] = run["evalResults"]["fineTuned"]["exactMatch"]
+            assert trial["objective"] == scores[trial_name]
+            adapter = tiny_volumes["deeptune-output"] / spec["output"]["pvc"]["path"] / "adapter"
+            assert (adapter / "adapter_model.safetensors").is_file()
+    assert len(set(scores.values())) > 1, f"the learning rates made no difference: {scores}"
+    best = max(sorted(scores), key=lambda trial_name: scores[trial_name])
+    assert status["bestTrial"]["name"] == best
+    assert status["bestTrial"]["objective"] == scores[best]
+    assert status["bestTrial"]["output"]["path"] == f"tiny-keywords-sweep/{best}"
+
+    row = crds.kubectl("get", "fts", name, "-n", namespace, "--no-headers").stdout.split()
+    assert row[:4] == [name, "Succeeded", str(status["succeeded"]), "4"]
+    assert row[4] == best
+    reasons = [e["reason"] for e in crds.list("events", namespace) if e["involvedObject"]["name"] == name]
+    assert reasons.count("TrialCreated") == 4 and "BestTrialFound" in reasons
+
+    # Deleting the sweep deletes its trials (garbage collection, foreground so the test can wait).
+    crds.kubectl("delete", "fts", name, "-n", namespace, "--cascade=foreground", "--timeout=120s")
+    wait_for(
+        "the trials to be deleted",
+        lambda: not crds.list("finetunejob", namespace, f"{SWEEP_LABEL}={name}"),
+        timeout=120,
+    )
