@@ -2,12 +2,13 @@
 
 kubectl runs any executable named `kubectl-deeptune` on PATH for `kubectl deeptune ...` (pip installs
 one: the `kubectl-deeptune` script of this package). It reads the same kubeconfig kubectl does
-(`KUBECONFIG`, `--kubeconfig`, `--context`) and only reads: FineTuneJobs, ModelDeployments, their
-pods and the pods' logs.
+(`KUBECONFIG`, `--kubeconfig`, `--context`) and only reads: FineTuneJobs, ModelDeployments,
+FineTuneSweeps, their pods and the pods' logs.
 
     kubectl deeptune status NAME [--watch]     progress bar while it runs, then the results
     kubectl deeptune results NAME              base model against fine-tuned, per metric
     kubectl deeptune compare A B               two runs side by side: scores, inputs, cost
+    kubectl deeptune trials SWEEP              a FineTuneSweep's trials: values, phase, objective, best
     kubectl deeptune explain-failure NAME      why it failed, its last log lines, where to read on
     kubectl deeptune logs [mdep/]NAME [-f]     the trainer's log (each rank's), or the serving pods'
     kubectl deeptune chat MDEP [--url URL]     chat with a ModelDeployment through its OpenAI API
@@ -30,6 +31,8 @@ from rich.table import Table
 
 from deeptune.api.base import GROUP, VERSION
 from deeptune.api.finetunejob import PLURAL, FineTuneJobStatus
+from deeptune.api.finetunesweep import PLURAL as SWEEP_PLURAL
+from deeptune.api.finetunesweep import FineTuneSweepStatus
 from deeptune.api.modeldeployment import PLURAL as MDEP_PLURAL
 from deeptune.api.modeldeployment import ModelDeploymentStatus
 
@@ -378,6 +381,28 @@ def show_logs(cluster: Cluster, console: Console, target: str, tail: int | None,
     return 0
 
 
+def trials_table(sweep: Obj) -> Table:
+    """One row per trial: its values, phase and objective, the best marked, why others ended."""
+    status = FineTuneSweepStatus.model_validate(sweep.get("status") or {})
+    spec = sweep.get("spec") or {}
+    metric = (spec.get("objective") or {}).get("metric", "objective")
+    paths = [p["path"] for p in spec.get("parameters") or []]
+    best = status.best_trial.name if status.best_trial else None
+    done = f"{status.succeeded} succeeded, {status.failed} failed, {status.pruned} pruned"
+    table = Table(title=f"{sweep['metadata']['name']}: {status.phase or 'Pending'} ({done})")
+    for column in ("trial", *paths, "phase", metric, ""):
+        table.add_column(column, justify="right" if column in (*paths, metric) else "left")
+    for trial in status.trials:
+        values = [_value(trial.parameters.get(path)) for path in paths]
+        note = "best" if trial.name == best else trial.message
+        table.add_row(trial.name, *values, trial.phase, _number(trial.objective), note)
+    return table
+
+
+def _value(value: Any) -> str:
+    return _number(value) if isinstance(value, float) else str(value)
+
+
 def _where(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("-n", "--namespace", default=default)
     parser.add_argument("--kubeconfig", default=default)
@@ -404,6 +429,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     compare = commands.add_parser("compare", parents=[anywhere], help="two runs side by side")
     compare.add_argument("first")
     compare.add_argument("second")
+    trials = commands.add_parser("trials", parents=[anywhere], help="a FineTuneSweep's trials and the best")
+    trials.add_argument("name")
     explain = commands.add_parser("explain-failure", parents=[anywhere], help="why it failed and what to do")
     explain.add_argument("name")
     explain.add_argument("--lines", type=int, default=20)
@@ -432,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "compare":
         console.print(compare_table(cluster.finetunejob(args.first), cluster.finetunejob(args.second)))
+        return 0
+    if args.command == "trials":
+        console.print(trials_table(cluster.get(SWEEP_PLURAL, args.name)))
         return 0
     if args.command == "chat":
         sampling = {"max_tokens": args.max_tokens}

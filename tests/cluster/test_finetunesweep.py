@@ -3,6 +3,9 @@ its trials real FineTuneJobs that train the tiny model, one of them killed on pu
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,13 @@ def test_a_sweep_over_learning_rate_names_its_best_trial(
     assert row[4] == best
     reasons = [e["reason"] for e in crds.list("events", namespace) if e["involvedObject"]["name"] == name]
     assert reasons.count("TrialCreated") == 4 and "BestTrialFound" in reasons
+    shown = subprocess.run(
+        [sys.executable, "-m", "deeptune.kubectl_plugin", "trials", name, "-n", namespace,
+         "--kubeconfig", str(crds.kubeconfig)],
+        capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"},
+    ).stdout  # fmt: skip
+    rows = {trial: line for line in shown.splitlines() for trial in trials if f" {trial} " in line}
+    assert " best " in rows[best] and "exit code 137" in rows[first], shown
 
     # Deleting the sweep deletes its trials (garbage collection, foreground so the test can wait).
     crds.kubectl("delete", "fts", name, "-n", namespace, "--cascade=foreground", "--timeout=120s")
@@ -93,3 +103,43 @@ def test_a_sweep_over_learning_rate_names_its_best_trial(
         lambda: not crds.list("finetunejob", namespace, f"{SWEEP_LABEL}={name}"),
         timeout=120,
     )
+
+
+def test_a_trial_whose_validation_loss_trails_is_pruned(
+    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    """Three trials, one at a time, with learning rates 3e-3, 1e-2 and 1e-5 (the seed's draw): the
+    third's validation loss trails the first two's from its first evaluation, so it is suspended
+    long before its last step, its checkpoints kept, and the sweep still succeeds."""
+    manifest = sweep_manifest(namespace)
+    name = manifest["metadata"]["name"] = "tiny-keywords-pruned"
+    spec = manifest["spec"]
+    rates = [3e-3, 1e-2, 1e-5]  # what random sampling with seed 9 draws from the values below
+    spec.update(trials=3, parallelism=1, pruner={"startupTrials": 2}, sampler={"type": "random", "seed": 9})
+    values = [1e-2, 3e-3, 1e-5]
+    spec["parameters"] = [{"path": "hyperparameters.learningRate", "type": "categorical", "values": values}]
+    steps = 600  # some seconds of training: the pruner sees a few evaluations before the end
+    spec["template"]["hyperparameters"].update(maxSteps=steps, checkpointSteps=50)
+    spec["template"]["evaluation"].update(evalSteps=50, baseline=False)
+    crds.apply(manifest)
+
+    def finished() -> dict[str, Any] | None:
+        status = (crds.get("finetunesweep", name, namespace) or {}).get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = wait_for(f"{name} to finish", finished, timeout=900)
+    trials = status["trials"]
+    assert [t["parameters"]["hyperparameters.learningRate"] for t in trials] == rates
+    assert [t["phase"] for t in trials] == ["Succeeded", "Succeeded", "Pruned"], trials
+    assert status["phase"] == "Succeeded" and status["pruned"] == 1
+    pruned = trials[2]
+    assert "trails the median of finished trials" in pruned["message"]
+    medians = sorted(t["evaluations"][0]["evalLoss"] for t in trials[:2])
+    assert pruned["evaluations"][-1]["evalLoss"] > sum(medians) / 2
+
+    finetunejob = crds.get("finetunejob", pruned["name"], namespace) or {}
+    assert finetunejob["spec"]["suspend"] is True
+    assert finetunejob["status"]["phase"] == "Suspended"
+    assert finetunejob["status"]["progress"]["step"] < steps
+    checkpoints = tiny_volumes["deeptune-output"] / "tiny-keywords-sweep" / pruned["name"] / "checkpoints"
+    assert any(checkpoints.glob("checkpoint-*")), "a pruned trial keeps what it trained"
