@@ -22,14 +22,16 @@ import pytest
 import yaml
 
 from deeptune.api.finetunejob import FineTuneJobStatus, Phase
+from deeptune.api.finetunesweep import FineTuneSweepStatus, Trial, parse_spec
 from deeptune.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus, ModelState
+from deeptune.status.finetunesweep import derive_status, invalid_spec_status
 from tests.conftest import ROOT
 
 ARGOCD = ROOT / "deploy" / "argocd"
 FIXTURES = Path(__file__).parent / "fixtures" / "status"
 SCRIPTS = {
     kind: (ARGOCD / "health" / f"{kind.lower()}.lua").read_text()
-    for kind in ("FineTuneJob", "ModelDeployment")
+    for kind in ("FineTuneJob", "ModelDeployment", "FineTuneSweep")
 }
 ARGO_HEALTH = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 
@@ -299,6 +301,72 @@ def test_modeldeployment_fixtures_are_valid_and_recorded_ones_cover_every_model_
     assert recorded == set(typing.get_args(ModelState))
 
 
+# --- FineTuneSweep: objects constructed from the status model ---------------------------------
+
+SWEEP_SPEC = yaml.safe_load((ROOT / "examples" / "finetune-tiny-sweep.yaml").read_text())["spec"]
+
+
+def sweep(*trials: tuple[str, float | None], invalid: str | None = None) -> dict[str, Any]:
+    """The example sweep with these trials (phase, objective), its status as the operator derives it."""
+    records = [
+        Trial(number=n, name=f"tiny-keywords-sweep-{n}", parameters={"hyperparameters.learningRate": 0.01},
+              phase=phase, objective=objective)  # type: ignore[arg-type]
+        for n, (phase, objective) in enumerate(trials)
+    ]  # fmt: skip
+    now = "2026-12-05T00:00:00Z"
+    status = derive_status(
+        parse_spec(SWEEP_SPEC), FineTuneSweepStatus(), records, outputs={}, generation=1, now=now
+    )
+    if invalid is not None:
+        status = invalid_spec_status(status, invalid, 1, now)
+    return {
+        "apiVersion": "deeptune.dev/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": "tiny-keywords-sweep", "namespace": "ns", "generation": 1},
+        "spec": SWEEP_SPEC,
+        "status": status.to_wire(),
+    }
+
+
+SWEEPS = {
+    "running": (
+        sweep(("Succeeded", 0.5), ("Failed", None), ("Running", None)),
+        ("Progressing", "Trials: 1 succeeded, 1 failed, 0 pruned, 1 running of 4; best so far "
+                        "tiny-keywords-sweep-0 (0.5)"),
+    ),
+    "succeeded": (
+        sweep(("Succeeded", 0.5), ("Failed", None), ("Pruned", None), ("Succeeded", 1.0)),
+        ("Healthy", "BestTrialFound: tiny-keywords-sweep-3 is best: exactMatch 1 with "
+                    "{'hyperparameters.learningRate': 0.01}"),
+    ),
+    "failed": (
+        sweep(("Failed", None), ("Failed", None), ("Pruned", None), ("Failed", None)),
+        ("Degraded", "NoTrialSucceeded: every trial failed or was pruned (3 failed, 1 pruned)"),
+    ),
+    "invalidspec": (
+        sweep(invalid="spec.objective.metric f1 is not among template.evaluation.metrics: add it there"),
+        ("Degraded", "InvalidSpec: spec.objective.metric f1 is not among template.evaluation.metrics: "
+                     "add it there"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "case"), SWEEPS.items())
+def test_finetunesweep_health(name: str, case: tuple[dict[str, Any], tuple[str, str]]) -> None:
+    obj, expected = case
+    assert health("FineTuneSweep", obj) == expected
+
+
+def test_a_sweep_without_status_or_with_an_unseen_spec_is_progressing() -> None:
+    obj = SWEEPS["succeeded"][0]
+    unseen = {**obj, "metadata": {**obj["metadata"], "generation": 2}}
+    assert health("FineTuneSweep", unseen) == (
+        "Progressing",
+        "Waiting for the DeepTune operator to observe generation 2",
+    )
+    assert health("FineTuneSweep", {**obj, "status": {}})[0] == "Progressing"
+
+
 # --- the scripts as shipped ------------------------------------------------------------------
 
 
@@ -335,7 +403,8 @@ def test_the_example_applications_fit_the_chart_and_sync_server_side() -> None:
 
 
 def test_argo_cds_own_lua_engine_agrees_on_every_recorded_object(tmp_path: Path) -> None:
-    """lupa stands in for Argo CD above; here every recorded object (and the promotion gate's refusal)
+    """lupa stands in for Argo CD above; here every recorded object (and the promotion gate's refusal,
+    and the constructed sweeps)
     goes through Argo CD's util/lua, built from its Go module into a test binary
     (tests/localcluster/gomod/argocd-health), which must give the same status and message."""
     engine = shutil.which("argocd-health.test")
@@ -353,6 +422,7 @@ def test_argo_cds_own_lua_engine_agrees_on_every_recorded_object(tmp_path: Path)
         }
     )
     objects.append(("modeldeployment-loaded-promotiongatefailed", gated))
+    objects += [(f"finetunesweep-{name}.constructed", obj) for name, (obj, _) in SWEEPS.items()]
     cases = []
     for name, obj in objects:
         status, message = health(obj["kind"], obj)
@@ -365,10 +435,8 @@ def test_argo_cds_own_lua_engine_agrees_on_every_recorded_object(tmp_path: Path)
                 "message": message,
             }
         )
-    assert (
-        cases[-1]["status"],
-        cases[-1]["message"],
-    ) == ("Degraded", "PromotionGateFailed: exactMatch 0 missed")
+    gate = next(case for case in cases if case["name"] == "modeldeployment-loaded-promotiongatefailed")
+    assert (gate["status"], gate["message"]) == ("Degraded", "PromotionGateFailed: exactMatch 0 missed")
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "DEEPTUNE_HEALTH_CASES": str(tmp_path / "cases.json")}
     done = subprocess.run(
