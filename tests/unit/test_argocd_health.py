@@ -403,10 +403,9 @@ def test_the_example_applications_fit_the_chart_and_sync_server_side() -> None:
 
 
 def test_argo_cds_own_lua_engine_agrees_on_every_recorded_object(tmp_path: Path) -> None:
-    """lupa stands in for Argo CD above; here every recorded object (and the promotion gate's refusal,
-    and the constructed sweeps)
-    goes through Argo CD's util/lua, built from its Go module into a test binary
-    (tests/localcluster/gomod/argocd-health), which must give the same status and message."""
+    """lupa stands in for Argo CD above; here every recorded object (with the promotion gate's refusal
+    and the constructed sweeps) goes through Argo CD's util/lua, built from its Go module into a test
+    binary (tests/localcluster/gomod/argocd-health), which must give the same status and message."""
     engine = shutil.which("argocd-health.test")
     assert engine, (
         "argocd-health.test is not on PATH: run `bash tests/localcluster/build.sh` (scripts/test.sh does)"
