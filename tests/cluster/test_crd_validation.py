@@ -16,6 +16,7 @@ from deeptune.api.finetunejob import (
     ROPE_SCALING_MERGE_MESSAGE,
     WINDOW_OVERLAP_MESSAGE,
 )
+from deeptune.api.finetunesweep import PRUNER_NEEDS_EVALUATIONS, PRUNER_NOT_QUEUED
 from tests.cluster.harness import Cluster, finetunejob
 from tests.unit.test_finetunejob_model import MINIMAL
 
@@ -147,3 +148,57 @@ def test_short_name_and_printer_columns(crds: Cluster, namespace: str) -> None:
     crds.apply(finetunejob("columns", namespace, MINIMAL))
     header = crds.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()[0].split()
     assert header[:5] == ["NAME", "PHASE", "PROGRESS", "%", "EVAL"]
+
+
+def sweep(name: str, namespace: str, **changes: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "template": copy.deepcopy(MINIMAL),
+        "parameters": [{"path": "hyperparameters.learningRate", "low": 1e-5, "high": 1e-3, "log": True}],
+        "objective": {"metric": "exactMatch"},
+    }
+    spec.update(changes)
+    meta = {"name": name, "namespace": namespace}
+    return {"apiVersion": "deeptune.dev/v1alpha1", "kind": "FineTuneSweep", "metadata": meta, "spec": spec}
+
+
+LR = "hyperparameters.learningRate"
+QUEUED = {**MINIMAL, "queueName": "q", "evaluation": {"evalSteps": 5}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"parameters": [{"path": LR, "low": 1e-3, "high": 1e-5}]}, "low < high"),
+        ({"parameters": [{"path": "lora.r", "type": "categorical", "low": 1, "high": 8}]}, "not low and"),
+        ({"parameters": [{"path": "dataset.source", "low": 0, "high": 1}]}, 'Unsupported value: "dataset'),
+        ({"parameters": [{"path": LR, "low": 0, "high": 1, "log": True}]}, "low above 0"),
+        ({"pruner": {}}, PRUNER_NEEDS_EVALUATIONS),
+        ({"template": QUEUED, "pruner": {}}, PRUNER_NOT_QUEUED),
+        ({"template": {**MINIMAL, "method": "qlora", "resources": {"gpu": 0}}}, "method qlora needs a GPU"),
+        ({"trials": 0}, "spec.trials"),
+    ],
+)  # fmt: skip
+def test_bad_sweeps_are_rejected_at_apply(
+    crds: Cluster, namespace: str, changes: dict[str, Any], message: str
+) -> None:
+    """The sweep's own rules, and the template's (every FineTuneJob rule applies to it)."""
+    result = crds.apply(sweep("bad", namespace, **changes), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_a_sweeps_search_is_immutable_and_its_budget_is_not(crds: Cluster, namespace: str) -> None:
+    crds.apply(sweep("search", namespace))
+    stored = crds.get("finetunesweep", "search", namespace) or {}
+    assert (stored["spec"]["trials"], stored["spec"]["parallelism"], stored["spec"]["sampler"]["type"]) == (
+        10, 1, "tpe",
+    )  # fmt: skip
+
+    def patched(change: str) -> Any:
+        return crds.kubectl(
+            "patch", "fts", "search", "-n", namespace, "--type=merge", "-p", change, check=False
+        )  # fmt: skip
+
+    moved = patched('{"spec": {"template": {"hyperparameters": {"epochs": 5}}}}')
+    assert "template is immutable" in moved.stderr
+    assert "patched" in patched('{"spec": {"trials": 20, "parallelism": 4}}').stdout

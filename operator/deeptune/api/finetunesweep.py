@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
-from deeptune.api.base import ApiModel, Condition, cel, cel_rules, describe_validation_error, immutable
+from deeptune.api.base import (
+    ApiModel,
+    Condition,
+    cel,
+    cel_rules,
+    describe_validation_error,
+    immutable,
+    nested_default,
+)
 from deeptune.api.finetunejob import FineTuneJobSpec, OutputStatus, Score
 from deeptune.api.finetunejob import parse_spec as parse_finetunejob_spec
 
@@ -200,8 +208,8 @@ class FineTuneSweepSpec(ApiModel):
     """How many trials to run in all (may be raised to search further)."""
     parallelism: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 1
     """Trials that run at once."""
-    sampler: Annotated[Sampler, Field(json_schema_extra=immutable("sampler"))] = Field(
-        default_factory=Sampler
+    sampler: Annotated[Sampler, Field(json_schema_extra={**nested_default(), **immutable("sampler")})] = (
+        Field(default_factory=Sampler)
     )
     pruner: Pruner | None = None
     """Off unless given; needs `template.evaluation.evalSteps`."""
