@@ -199,7 +199,7 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> Non
     def finetunejobs(*, body: kopf.Body, uid: str, **_: Any) -> dict[str, Obj]:
         return {uid: record(body, "spec", "status")}
 
-    @kopf.index(*ftj_resource, registry=registry, id=mdep.FINETUNEJOBS_BY_NAME)
+    @kopf.index(*ftj_resource, registry=registry, id=ftj.FINETUNEJOBS_BY_NAME)
     def finetunejobs_by_name(
         *, body: kopf.Body, namespace: str | None, name: str, **_: Any
     ) -> dict[Hashable, Obj]:
@@ -237,6 +237,14 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> Non
     def trainer_config_maps(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
         return {labels[FTJ_UID]: record(body)}
 
+    @kopf.index(*ftj_resource, registry=registry, id=ftj.STUDENTS_BY_TEACHER)
+    def students_by_teacher(
+        *, spec: kopf.Spec, namespace: str | None, uid: str, **_: Any
+    ) -> dict[Hashable, Obj]:
+        """FineTuneJobs by the FineTuneJob they distil from: a teacher's change queues its students."""
+        teacher = ((spec.get("distillation") or {}).get("teacher") or {}).get("fineTuneJobRef") or {}
+        return {(namespace, teacher["name"]): {"uid": uid}} if teacher.get("name") else {}
+
     @kopf.on.event(*ftj_resource, registry=registry)
     def finetunejob_changed(
         *, uid: str, namespace: str | None, name: str, labels: kopf.Labels, **indexes: Any
@@ -244,6 +252,8 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> Non
         op.fill(indexes)
         op.ftj_controller.enqueue(uid)
         op.sweep_controller.enqueue(labels.get(SWEEP_UID))  # a trial's news is its sweep's
+        for student in op.cache.all(ftj.STUDENTS_BY_TEACHER, (namespace, name)):
+            op.ftj_controller.enqueue(student["uid"])
         for user in op.cache.all(MDEPS_BY_FINETUNEJOB, (namespace, name)):
             op.mdep_controller.enqueue(user["uid"])
 

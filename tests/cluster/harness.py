@@ -453,14 +453,17 @@ def provision_claims(cluster: Cluster, namespace: str, claims: list[str]) -> dic
 
 
 def seed_tiny_volumes(dirs: dict[str, Path], rows: int = 240) -> None:
-    """Put what examples/finetune-tiny*.yaml read on their claims: a tiny model and the keyword task
-    (as pairs, with most answers wrong, and held-out rows too)."""
+    """Put what examples/finetune-tiny*.yaml read on their claims: a tiny model (and one half its
+    width) and the keyword task (as pairs, with most answers wrong, and held-out rows too)."""
     from deeptune_trainer.synthetic import keyword_pairs, keyword_rows, mostly_wrong, tokenizer_texts
-    from deeptune_trainer.tinymodels import build_tiny_model
+    from deeptune_trainer.tinymodels import build_smaller_model, build_tiny_model
 
     model_dir = dirs["deeptune-models"] / "tiny-llama"
     if not (model_dir / "config.json").exists():
         build_tiny_model("llama", model_dir, tokenizer_texts())
+    student_dir = dirs["deeptune-models"] / "tiny-llama-small"  # a distillation student
+    if not (student_dir / "config.json").exists():
+        build_smaller_model(model_dir, student_dir)
     train = keyword_rows(rows, seed=1)
     held_out = keyword_rows(40, seed=2, exclude={row["prompt"] for row in train})
     files = {

@@ -111,21 +111,33 @@ def finished(crds: Cluster, name: str, namespace: str, timeout: float) -> dict[s
 def test_a_student_distilled_from_a_finetunejobs_output(
     operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
 ) -> None:
-    """examples/finetune-tiny-distill.yaml after the teacher's run (examples/finetune-tiny.yaml, merged):
-    the teacher's merged model on the output claim teaches a fresh student out of mostly wrong data."""
-    teacher = tiny_manifest(namespace)
-    teacher["spec"]["output"]["mergeAdapter"] = True
-    crds.apply(teacher)
-    assert finished(crds, NAME, namespace, 600)["phase"] == "Succeeded"
+    """examples/finetune-tiny-distill.yaml applied before its teacher (examples/finetune-tiny.yaml, by
+    name): it waits for the teacher's run, then the smaller student learns from the teacher's adapter
+    on its base model, out of mostly wrong data."""
     student = yaml.safe_load((ROOT / "examples" / "finetune-tiny-distill.yaml").read_text())
     student["metadata"]["namespace"] = namespace
+    name = student["metadata"]["name"]
     crds.apply(student)
-    final = finished(crds, student["metadata"]["name"], namespace, 600)
+
+    def waiting() -> bool:
+        status = (crds.get("finetunejob", name, namespace) or {}).get("status") or {}
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        return (
+            ready.get("reason") == "WaitingForTeacher" and f"FineTuneJob {NAME} not found" in ready["message"]
+        )
+
+    wait_for(f"{name} to wait for its teacher", waiting, timeout=60)
+    assert not crds.list("jobs", namespace), "no trainer Job before the teacher has succeeded"
+    crds.apply(tiny_manifest(namespace))
+    assert finished(crds, NAME, namespace, 600)["phase"] == "Succeeded"
+    final = finished(crds, name, namespace, 600)
     assert final["phase"] == "Succeeded", final
     results = final["evalResults"]
     assert results["teacher"]["exactMatch"] >= 0.9
     assert results["fineTuned"]["exactMatch"] >= 0.9 * results["teacher"]["exactMatch"]
     assert results["baseline"]["exactMatch"] < 0.5
+    config = crds.get("configmap", f"{name}-config", namespace) or {}
+    assert f"/mnt/pvc/deeptune-output/{NAME}/adapter" in config["data"]["config.json"]
 
 
 def kill_trainers(namespace: str, *env: str) -> int:

@@ -19,7 +19,7 @@ from deeptune_trainer.distillation import check_shared_vocabulary, load_teacher,
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import evaluate
 from deeptune_trainer.synthetic import as_samples, mostly_wrong
-from deeptune_trainer.tinymodels import build_tiny_model
+from deeptune_trainer.tinymodels import build_smaller_model, build_tiny_model
 from deeptune_trainer.training import train
 from tests.trainer.conftest import TINY_SPEC
 from tests.trainer.test_cli import _run_on_file
@@ -38,6 +38,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, 
     out = tmp_path_factory.mktemp("teacher")
     spec = FineTuneJobSpec.model_validate(TINY_SPEC)
     result = train(model, tokenizer, train_rows, [], spec=spec, output_dir=out / "run", precision="fp32")
+    result.model.save_pretrained(out / "adapter")  # the same teacher as base model + adapter
     result.model.merge_and_unload().save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return out / "model"
@@ -51,8 +52,12 @@ def noisy_task(keyword_task_rows: tuple[list[dict[str, str]], list[dict[str, str
 
 
 @pytest.fixture(scope="module")
-def student_and_teacher(tiny_llama_dir: Path, teacher_dir: Path) -> tuple[Path, Path]:
-    return tiny_llama_dir, teacher_dir
+def student_and_teacher(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, teacher_dir: Path
+) -> tuple[Path, Path]:
+    """A student half the teacher's width (a quarter of its weights but the embeddings), with its
+    vocabulary, and the teacher."""
+    return build_smaller_model(tiny_llama_dir, tmp_path_factory.mktemp("student")), teacher_dir
 
 
 def _distilling(
@@ -75,16 +80,18 @@ def test_a_distilled_student_learns_what_the_teacher_knows_and_the_data_gets_wro
     mode: str, noisy_task: Task, student_and_teacher: tuple[Path, Path], make_spec: MakeSpec, tmp_path: Path
 ) -> None:
     data, held_out = noisy_task
-    tiny_llama_dir, teacher_dir = student_and_teacher
+    student_dir, teacher_dir = student_and_teacher
     spec, paths = _distilling(make_spec, teacher_dir, mode=mode, alpha=0.9)
     teacher = load_teacher(spec, paths)
     teacher_scores = evaluate(teacher.model, teacher.tokenizer, held_out, spec)
+    weights = [sum(p.numel() for p in m.parameters()) for m in (_student(student_dir)[0], teacher.model)]
+    assert weights[0] <= 0.55 * weights[1], f"the student is not smaller: {weights}"
 
-    model, tokenizer = _student(tiny_llama_dir)
+    model, tokenizer = _student(student_dir)
     alone = train(model, tokenizer, data, [], spec=spec, output_dir=tmp_path / "alone", precision="fp32")
     alone_scores = evaluate(alone.model, tokenizer, held_out, spec)
 
-    model, tokenizer = _student(tiny_llama_dir)
+    model, tokenizer = _student(student_dir)
     if mode == "sequences":
         answered = teacher_answers(teacher, data, spec)
         assert (
@@ -119,6 +126,25 @@ def test_a_missing_teacher_is_named_as_the_teacher(make_spec: MakeSpec, tmp_path
     spec, paths = _distilling(make_spec, tmp_path / "nowhere")
     with pytest.raises(TrainerInputError, match=r"^distillation\.teacher: no model found at claim teachers"):
         load_teacher(spec, paths)
+
+
+@pytest.mark.trainer
+def test_a_teacher_given_as_a_base_model_and_an_adapter_teaches_as_the_merged_one(
+    make_spec: MakeSpec, tiny_llama_dir: Path, teacher_dir: Path, noisy_task: Task
+) -> None:
+    """What the operator resolves a `fineTuneJobRef` teacher that saved only its adapter to."""
+    _, held_out = noisy_task
+    spec, paths = _distilling(make_spec, tiny_llama_dir)
+    adapter = teacher_dir.parent / "adapter"
+    teacher = load_teacher(spec, paths.model_copy(update={"teacher_adapter": str(adapter)}))
+    merged = load_teacher(spec, paths.model_copy(update={"teacher_model": str(teacher_dir)}))
+    scores = [evaluate(t.model, t.tokenizer, held_out, spec)["exactMatch"] for t in (teacher, merged)]
+    assert scores[0] == scores[1] >= 0.9
+    with pytest.raises(TrainerInputError, match=r"^distillation\.teacher: no adapter at .*nowhere"):
+        load_teacher(spec, paths.model_copy(update={"teacher_adapter": str(teacher_dir / "nowhere")}))
+    by_run = make_spec(distillation={"teacher": {"fineTuneJobRef": {"name": "big"}}})
+    with pytest.raises(TrainerInputError, match=r"fineTuneJobRef is resolved by the operator"):
+        load_teacher(by_run, paths)
 
 
 def test_distillation_settings_are_checked(make_spec: MakeSpec) -> None:

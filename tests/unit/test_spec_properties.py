@@ -40,7 +40,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from deeptune.api import base, finetunejob, modeldeployment, trainer
+from deeptune import search
+from deeptune.api import base, finetunejob, finetunesweep, modeldeployment, trainer
 from deeptune.api.base import PvcLocation, describe_validation_error
 from deeptune.api.modeldeployment import ResolvedModel
 from deeptune.api.trainer import TrainerConfig
@@ -48,6 +49,7 @@ from deeptune.builders import finetunejob as ftj_build
 from deeptune.builders import modeldeployment as mdep_build
 from deeptune.builders.common import Owner
 from deeptune.builders.finetunejob import CONFIG_KEY, ChildSettings
+from deeptune.builders.finetunesweep import build_trial
 from deeptune.crdgen import all_crds
 from tests.conftest import ROOT, load_example
 from tests.unit.test_finetunejob_model import MINIMAL
@@ -137,10 +139,19 @@ SEEDS: dict[str, list[dict[str, Any]]] = {
         load_example("deployment-adapters.yaml")["spec"],
         RICH_MDEP,
     ],
+    "FineTuneSweep": [
+        {
+            "template": MINIMAL,
+            "parameters": [{"path": "hyperparameters.learningRate", "low": 1e-5, "high": 1e-3}],
+            "objective": {"metric": "exactMatch"},
+        },
+        load_example("finetune-tiny-sweep.yaml")["spec"],
+    ],
 }
 PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "FineTuneJob": finetunejob.parse_spec,
     "ModelDeployment": modeldeployment.parse_spec,
+    "FineTuneSweep": finetunesweep.parse_spec,
 }
 
 
@@ -461,6 +472,12 @@ CONFLICTS: dict[str, list[tuple[Path, dict[Path, Any]]]] = {
         (("responseCache", "size"), {("responseCache", "size"): "500m"}),
         (("rollout",), {("rollout", "maxSurge"): 0, ("rollout", "maxUnavailable"): "0%"}),
     ],
+    "FineTuneSweep": [
+        (("pruner",), {("pruner",): {}, ("template", "evaluation", "evalSteps"): None}),
+        (("parameters", 0), {("parameters", 0): {"path": "lora.r", "type": "int", "low": 8, "high": 4}}),
+        (("parameters", 0), {("parameters", 0): {"path": "lora.r", "type": "categorical"}}),
+        (("objective",), {("objective", "metric"): "f1", ("template", "evaluation", "metrics"): ["bleu"]}),
+    ],
 }
 """Pairs of fields that are fine alone and wrong together; the path is the one a message must name."""
 
@@ -578,7 +595,9 @@ def generated_specs(draw: st.DrawFn, kind: str, ops: Sequence[str] = OPS) -> Gen
 
 
 def any_generated_specs() -> st.SearchStrategy[Generated]:
-    return generated_specs("FineTuneJob") | generated_specs("ModelDeployment")
+    return (
+        generated_specs("FineTuneJob") | generated_specs("ModelDeployment") | generated_specs("FineTuneSweep")
+    )
 
 
 # --- "names the field" -----------------------------------------------------------------------------
@@ -636,6 +655,8 @@ def children_of(kind: str, name: str, namespace: str, parsed: Any) -> list[dict[
             ftj_build.build_config_map(owner, parsed),
             ftj_build.build_job(owner, parsed, BUILDER_SETTINGS),
         ]
+    if kind == "FineTuneSweep":  # a trial, with the values Optuna picks first
+        return [build_trial(owner, parsed, 0, search.next_values(parsed, [], 0))]
     return mdep_build.build_children(owner, parsed, resolved_for(parsed), BUILDER_SETTINGS).manifests()
 
 
@@ -649,6 +670,8 @@ def check_children(kind: str, parsed: Any) -> None:
     if kind == "FineTuneJob":
         config_map = next(m for m in manifests if m["kind"] == "ConfigMap")
         assert TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY]).spec == parsed
+    if kind == "FineTuneSweep":  # every trial is a valid FineTuneJob
+        finetunejob.parse_spec(manifests[0]["spec"])
 
 
 # --- the properties --------------------------------------------------------------------------------
@@ -702,10 +725,22 @@ def test_accepted_specs_read_back_the_same_from_their_wire_form(kind: str) -> No
 
 # --- null, absent, and the CRD's default -----------------------------------------------------------
 
+EMBEDDED: dict[str, Path] = {"FineTuneSweep": ("template",)}
+"""A kind's field that is another kind's whole spec (the same model): its fields are that kind's."""
+
+
+def within_embedded(kind: str, path: Path) -> bool:
+    embedded = EMBEDDED.get(kind)
+    return embedded is not None and path[: len(embedded)] == embedded
+
+
 DEFAULTED: list[tuple[str, Path]] = [
-    (kind, path) for kind in sorted(SEEDS) for path, node in schema_paths(SCHEMAS[kind]) if "default" in node
+    (kind, path)
+    for kind in sorted(SEEDS)
+    for path, node in schema_paths(SCHEMAS[kind])
+    if "default" in node and not within_embedded(kind, path)
 ]
-"""Every field with a default in the CRD."""
+"""Every field with a default in the CRD (a FineTuneSweep's template's are the FineTuneJob's)."""
 
 PARENTS: dict[Path, Any] = {
     ("dataset", "validation", "source"): {"pvc": {"claimName": "held-out"}},
@@ -715,6 +750,7 @@ PARENTS: dict[Path, Any] = {
     ("promotion",): {"rules": [{"metric": "exactMatch", "threshold": 0.5}]},
     ("distillation",): {"teacher": {"pvc": {"claimName": "teachers"}}},
     ("distillation", "teacher", "tokenSecretRef"): {"name": "hf"},
+    ("distillation", "teacher", "adapter"): {"claimName": "adapters"},
 }
 """Objects holding defaulted fields that no seed has (and that `{}` cannot stand for)."""
 ALTERNATIVES: dict[Path, Any] = {

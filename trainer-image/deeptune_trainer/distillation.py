@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual name)
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from deeptune.api.finetunejob import FineTuneJobSpec, GenerationSpec
@@ -33,6 +35,12 @@ from deeptune_trainer.modeling import LoadedModel, load_model
 def load_teacher(spec: FineTuneJobSpec, paths: TrainerPaths) -> LoadedModel:
     """The teacher, loaded as a base model is (unquantized, in the run's precision), frozen."""
     assert spec.distillation is not None
+    if spec.distillation.teacher.fine_tune_job_ref is not None:
+        raise TrainerInputError(
+            "InvalidSpec",
+            "distillation.teacher.fineTuneJobRef is resolved by the operator to that run's model; outside "
+            "a cluster give the teacher as name or pvc (with adapter for a run that saved only one)",
+        )
     as_base = spec.model_copy(
         update={"base_model": spec.distillation.teacher, "method": "lora", "rope_scaling": None}
     )
@@ -43,9 +51,23 @@ def load_teacher(spec: FineTuneJobSpec, paths: TrainerPaths) -> LoadedModel:
         raise TrainerInputError(
             error.reason, error.message.replace("baseModel", "distillation.teacher", 1)
         ) from error
+    if paths.teacher_adapter is not None:
+        loaded = replace(loaded, model=_with_adapter(loaded.model, paths.teacher_adapter))
     loaded.model.eval()
     loaded.model.requires_grad_(False)
     return loaded
+
+
+def _with_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
+    """The teacher with its adapter merged in: one model, as fast to run as the base alone."""
+    if not Path(adapter_dir, "adapter_config.json").is_file():
+        raise TrainerInputError(
+            "ModelNotFound",
+            f"distillation.teacher: no adapter at {adapter_dir} (no adapter_config.json): point adapter "
+            "at a PEFT adapter directory, or rerun the teacher's FineTuneJob",
+        )
+    merged: PreTrainedModel = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return merged
 
 
 def check_shared_vocabulary(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:

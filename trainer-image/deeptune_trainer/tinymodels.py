@@ -20,7 +20,9 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoTokenizer,
     DeepseekV3Config,
     LlamaConfig,
     PretrainedConfig,
@@ -156,6 +158,23 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def build_smaller_model(source_dir: str | Path, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight model of `source_dir`'s architecture at half its width, with its tokenizer: a
+    student for distillation tests that shares the teacher's vocabulary (as `logits` needs)."""
+    out = Path(out_dir)
+    config = AutoConfig.from_pretrained(source_dir)
+    config.hidden_size //= 2
+    config.intermediate_size //= 2
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    config.initializer_range = config.hidden_size**-0.5
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source_dir).save_pretrained(out)
     return out
 
 

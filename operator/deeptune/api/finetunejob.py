@@ -540,12 +540,48 @@ class RopeScaling(ApiModel):
     """How many times the model's max_position_embeddings the context becomes."""
 
 
+class FineTuneJobRef(ApiModel):
+    """A succeeded FineTuneJob in the same namespace: its merged model, else its adapter on its base model."""
+
+    name: ObjectName
+
+
+class TeacherModel(BaseModelSpec):
+    """A distillation teacher: a Hugging Face id or a directory on a PVC (either with an adapter on
+    top), or a FineTuneJob's result."""
+
+    model_config = cel_rules(
+        cel(
+            "[has(self.name), has(self.pvc), has(self.fineTuneJobRef)].filter(x, x).size() == 1",
+            "set exactly one of name (a Hugging Face id), pvc or fineTuneJobRef",
+        ),
+        cel(
+            "!has(self.adapter) || !has(self.fineTuneJobRef)",
+            "adapter goes with name or pvc: a fineTuneJobRef brings its own",
+            field_path=".adapter",
+        ),
+    )
+
+    fine_tune_job_ref: FineTuneJobRef | None = None
+    """A FineTuneJob of this namespace: the run waits until it has succeeded, then learns from its
+    merged model, else from its adapter on its base model."""
+    adapter: PvcLocation | None = None
+    """A PEFT adapter directory on a PVC, merged into the teacher (name or pvc) before it teaches."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherModel:
+        exactly_one(self, ("name", "pvc", "fine_tune_job_ref"))
+        if self.adapter is not None and self.fine_tune_job_ref is not None:
+            raise ValueError("adapter goes with name or pvc: a fineTuneJobRef brings its own")
+        return self
+
+
 class DistillationSpec(ApiModel):
     """Knowledge distillation: the model being trained (the student, `baseModel`) learns from a
     teacher model as well as, or instead of, from the data's answers."""
 
-    teacher: BaseModelSpec
-    """The teacher: a Hugging Face id or a directory on a PVC (a FineTuneJob's merged output, say)."""
+    teacher: TeacherModel
+    """The teacher: a Hugging Face id, a directory on a PVC, or a FineTuneJob's result."""
     mode: Literal["logits", "sequences"] = "logits"
     """`logits`: on the data's answers, the student matches the teacher's next-token distributions
     (softened by `temperature`) as well as the answers themselves (`alpha` weighs the two); the two

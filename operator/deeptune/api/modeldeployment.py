@@ -16,7 +16,6 @@ from deeptune.api.base import (
     EnvList,
     ImageReference,
     LabelSelector,
-    ObjectName,
     PodCountOrPercent,
     PullSecrets,
     PvcLocation,
@@ -29,6 +28,7 @@ from deeptune.api.base import (
 from deeptune.api.finetunejob import (
     BaseModelSpec,
     FailureInfo,
+    FineTuneJobRef,
     FineTuneJobSpec,
     FineTuneJobStatus,
     GenerationSpec,
@@ -88,12 +88,6 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 # --- spec -----------------------------------------------------------------------------------
-
-
-class FineTuneJobRef(ApiModel):
-    """A succeeded FineTuneJob in the same namespace: its merged model, else its adapter on its base model."""
-
-    name: ObjectName
 
 
 class MergedModel(ApiModel):

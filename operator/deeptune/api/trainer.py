@@ -57,6 +57,9 @@ class TrainerPaths(ApiModel):
     """The model directory, for a base model on a PVC."""
     teacher_model: str | None = None
     """The distillation teacher's directory, for a teacher on a PVC."""
+    teacher_adapter: str | None = None
+    """An adapter directory merged into the teacher (`distillation.teacher.adapter`, or the adapter
+    of a `fineTuneJobRef` teacher's run)."""
     hf_home: str | None = None
     """Hugging Face cache, kept on the output volume so retries do not download again."""
 

@@ -107,6 +107,7 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
     output_dir = _pvc_path(output.claim_name, output.path or posixpath.join(owner.namespace, owner.name))
     base = spec.base_model.pvc
     teacher = spec.distillation.teacher.pvc if spec.distillation else None
+    teacher_adapter = spec.distillation.teacher.adapter if spec.distillation else None
     plan = plan_for(spec)
     return TrainerConfig(
         name=owner.name,
@@ -122,6 +123,9 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
             synonym_dictionary=_config_map_path(_synonym_config_map(spec)),
             base_model=_pvc_path(base.claim_name, base.path) if base else None,
             teacher_model=_pvc_path(teacher.claim_name, teacher.path) if teacher else None,
+            teacher_adapter=(
+                _pvc_path(teacher_adapter.claim_name, teacher_adapter.path) if teacher_adapter else None
+            ),
             hf_home=_pvc_path(output.claim_name, ".cache/huggingface"),
         ),
     )
@@ -165,6 +169,7 @@ def _claims(spec: FineTuneJobSpec) -> list[str]:
     locations = [
         spec.base_model.pvc,
         spec.distillation.teacher.pvc if spec.distillation else None,
+        spec.distillation.teacher.adapter if spec.distillation else None,
         spec.dataset.source.pvc,
         spec.dataset.validation.source.pvc if spec.dataset.validation.source else None,
         test.pvc if (test := _test_source(spec)) else None,

@@ -53,6 +53,7 @@ from deeptune.status.finetunejob import (
     same_progress,
 )
 from deeptune.status.progress import parse_progress
+from deeptune.status.teacher import resolve_teacher, teacher_run
 from deeptune.statuswriter import StatusUpdate, StatusWriter
 from deeptune.verdicts import Invalid, SpecVerdicts
 
@@ -80,6 +81,12 @@ WORKLOADS = "kueue_workloads"
 PODS = "trainer_pods"
 CONFIG_MAPS = "trainer_config_maps"
 SERVICES = "trainer_services"
+FINETUNEJOBS_BY_NAME = "finetunejobs_by_name"
+"""FineTuneJobs by (namespace, name): what a `fineTuneJobRef` names (a teacher, a served model)."""
+STUDENTS_BY_TEACHER = "students_by_teacher"
+"""FineTuneJobs by the (namespace, name) of the FineTuneJob they distil from."""
+TEACHER_RETRY = 30.0
+"""Seconds between looks at a teacher run not yet succeeded (its changes queue the student sooner)."""
 
 
 class RejectedError(Exception):
@@ -193,6 +200,10 @@ class FineTuneJobReconciler:
         created = self._created.get(owner.uid)
         if created is not None and time.monotonic() - created < CREATION_GRACE:
             return None, CREATION_GRACE  # made a moment ago; the cache has not caught up
+        resolved = self._resolved(owner, spec)
+        if isinstance(resolved, RunState):
+            return resolved, TEACHER_RETRY
+        spec = resolved
         job = build.build_job(owner, spec, self.settings.builder)
         try:
             await asyncio.to_thread(
@@ -220,10 +231,18 @@ class FineTuneJobReconciler:
             await asyncio.to_thread(children.patch, *JOB, name, owner.namespace, {"spec": drift})
             LOG.info("patched Job %s/%s: %s", owner.namespace, name, sorted(drift))
         if not self.cache.all(CONFIG_MAPS, owner.uid):
-            await asyncio.to_thread(_create, build.build_config_map(owner, spec))
+            resolved = self._resolved(owner, spec)
+            if not isinstance(resolved, RunState):  # a teacher rerun since: made when it succeeds
+                await asyncio.to_thread(_create, build.build_config_map(owner, resolved))
         service = build.build_service(owner, spec)
         if service is not None and not self.cache.all(SERVICES, owner.uid):
             await asyncio.to_thread(_create, service)
+
+    def _resolved(self, owner: Owner, spec: FineTuneJobSpec) -> FineTuneJobSpec | RunState:
+        """The spec with a `fineTuneJobRef` teacher resolved to that run's model, or why it waits."""
+        name = teacher_run(spec)
+        referenced = self.cache.one(FINETUNEJOBS_BY_NAME, (owner.namespace, name)) if name else None
+        return resolve_teacher(spec, referenced)
 
     async def _release(self, objects: list[Obj]) -> None:
         for obj in objects:

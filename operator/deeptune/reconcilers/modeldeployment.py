@@ -39,6 +39,7 @@ from deeptune.builders.common import Manifest, Owner
 from deeptune.cache import Cache
 from deeptune.config import Settings
 from deeptune.probe import probe_openai, probe_server
+from deeptune.reconcilers.finetunejob import FINETUNEJOBS_BY_NAME
 from deeptune.samples import Samples
 from deeptune.serving.repository import decoupled
 from deeptune.status import promotion
@@ -73,7 +74,6 @@ ABSENT = "absent"
 
 # The cache's indexes (kopf index functions of these names, in deeptune.registration).
 OBJECTS = "modeldeployments"
-FINETUNEJOBS_BY_NAME = "finetunejobs_by_name"
 DEPLOYMENTS = "serving_deployments"
 PODS = "serving_pods"
 CHILD_RESOURCES = [
