@@ -89,7 +89,10 @@ def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> N
             spec_with(distillation={"teacher": {"name": "o/t"}}, distributed={"strategy": "deepspeed"}),
             DISTILLATION_SHARDING_MESSAGE,
         ),
-        (spec_with(distillation={"teacher": {}}), "set exactly one of name (a Hugging Face id) or pvc"),
+        (
+            spec_with(distillation={"teacher": {}}),
+            "set exactly one of name (a Hugging Face id), pvc or fineTuneJobRef",
+        ),
     ],
 )
 def test_bad_specs_are_rejected_at_apply(
