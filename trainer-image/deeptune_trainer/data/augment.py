@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from deeptune.api.finetunejob import Augmentation
 from deeptune_trainer.data.backtranslation import BackTranslator, TranslatorFactory
+from deeptune_trainer.data.meaning import MeaningCheck
 from deeptune_trainer.data.perturbation import InstructionPerturber
 from deeptune_trainer.data.sample import Message, Sample
 from deeptune_trainer.data.synonyms import SynonymReplacer
@@ -28,6 +29,8 @@ class Augmented:
     by_method: Counter[str]
     rejected: Counter[str] = field(default_factory=Counter)
     """Back-translations not kept, by reason (BackTranslator.verdict)."""
+    drifted: Counter[str] = field(default_factory=Counter)
+    """Copies the embedding check dropped (their meaning drifted), by the method that made them."""
 
 
 def last_user_turn(sample: Sample) -> int | None:
@@ -73,6 +76,7 @@ def augment_train(
     rng = random.Random(spec.seed)
     count = min(len(eligible), max(1, round(spec.fraction * len(train))))
     copies: list[Sample] = []
+    originals: list[str] = []  # each copy's original prompt
     to_translate: list[tuple[Sample, int]] = []
     for index in sorted(rng.sample(eligible, count)):
         sample, method = train[index], rng.choice(methods)
@@ -84,15 +88,30 @@ def augment_train(
         text = augmenters[method](sample.messages[turn].content, rng)
         if text != sample.messages[turn].content:
             copies.append(_copy(sample, turn, text, method))
+            originals.append(sample.messages[turn].content)
     rejected: Counter[str] = Counter()
     if back is not None and to_translate:
-        originals = [sample.messages[turn].content for sample, turn in to_translate]
-        for (sample, turn), original, paraphrase in zip(
-            to_translate, originals, back(originals), strict=True
-        ):
+        asked = [sample.messages[turn].content for sample, turn in to_translate]
+        for (sample, turn), original, paraphrase in zip(to_translate, asked, back(asked), strict=True):
             reason = back.verdict(original, paraphrase)
             if reason is None and paraphrase is not None:
                 copies.append(_copy(sample, turn, paraphrase, BACK_TRANSLATION))
+                originals.append(original)
             else:
                 rejected[reason or ""] += 1
-    return Augmented(copies, Counter(copy.augmented_by or "" for copy in copies), rejected)
+    copies, drifted = _same_meaning(copies, originals, spec)
+    return Augmented(copies, Counter(copy.augmented_by or "" for copy in copies), rejected, drifted)
+
+
+def _same_meaning(
+    copies: list[Sample], originals: list[str], spec: Augmentation
+) -> tuple[list[Sample], Counter[str]]:
+    """The copies the embedding check keeps (all without one), and the dropped ones' count by method."""
+    if spec.embedding_check is None or not copies:
+        return copies, Counter()
+    check = MeaningCheck(spec.embedding_check.min_similarity)
+    variants = [copy.messages[last_user_turn(copy) or 0].content for copy in copies]
+    verdicts = check.kept(originals, variants)
+    kept = [copy for copy, ok in zip(copies, verdicts, strict=True) if ok]
+    drifted = Counter(copy.augmented_by or "" for copy, ok in zip(copies, verdicts, strict=True) if not ok)
+    return kept, drifted

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from deeptune.api.finetunejob import Augmentation, DatasetReport, DatasetSpec, DataSource
 from deeptune.api.trainer import TrainerPaths
-from deeptune_trainer.data.augment import Augmented, augment_train
+from deeptune_trainer.data.augment import Augmented, augment_train, last_user_turn
 from deeptune_trainer.data.backtranslation import TranslatorFactory
 from deeptune_trainer.data.cleaning import Cleaner, CleaningStats
 from deeptune_trainer.data.loading import load_rows
@@ -17,6 +17,7 @@ from deeptune_trainer.data.rows import BAD_ROWS_LISTED, BadRow, check_bad_row_ra
 from deeptune_trainer.data.sample import Sample
 from deeptune_trainer.data.split import split_by_ratio
 from deeptune_trainer.data.synonyms import load_dictionary
+from deeptune_trainer.data.thesauri import thesaurus_synonyms
 from deeptune_trainer.errors import TrainerInputError
 
 
@@ -36,6 +37,8 @@ class PreparedData:
     cleaning: CleaningStats = field(default_factory=CleaningStats)
     augmented_by: dict[str, int] = field(default_factory=dict)
     augmentation_rejected: dict[str, int] = field(default_factory=dict)
+    meaning_drifted: dict[str, int] = field(default_factory=dict)
+    """Augmented copies the embedding check dropped, by method."""
     """Back-translations not kept, by reason."""
     hub_commits: dict[str, str] = field(default_factory=dict)
     """The commit each Hub source was read at, by its spec path (e.g. `dataset.source`)."""
@@ -107,10 +110,13 @@ def _clean_held_out(
     return rows, stats
 
 
-def _synonym_dictionary(spec: Augmentation, path: str | None) -> dict[str, list[str]]:
+def _synonym_dictionary(spec: Augmentation, path: str | None, train: list[Sample]) -> dict[str, list[str]]:
+    """The thesauri's synonyms of the words in the train rows' prompts, then the user's dictionary
+    (the ConfigMap's, then the spec's), each later one winning for a word both have."""
     if spec.synonyms is None:
         return {}
-    dictionary: dict[str, list[str]] = {}
+    prompts = [s.messages[turn].content for s in train if (turn := last_user_turn(s)) is not None]
+    dictionary = thesaurus_synonyms(spec.synonyms.thesauri, prompts) if spec.synonyms.thesauri else {}
     if spec.synonyms.dictionary_config_map is not None:
         if path is None:
             raise TrainerInputError(
@@ -170,7 +176,7 @@ def prepare_dataset(
     kept = len(train) + len(validation) + len(test)
     augmented = Augmented([], Counter())
     if spec.augmentation is not None:
-        dictionary = _synonym_dictionary(spec.augmentation, paths.synonym_dictionary)
+        dictionary = _synonym_dictionary(spec.augmentation, paths.synonym_dictionary, train)
         augmented = augment_train(
             train, spec.augmentation, dictionary=dictionary, translator_factory=translator_factory
         )
@@ -201,6 +207,7 @@ def prepare_dataset(
         cleaning=stats,
         augmented_by=dict(augmented.by_method),
         augmentation_rejected=dict(augmented.rejected),
+        meaning_drifted=dict(augmented.drifted),
         hub_commits={source.where: source.commit for source in sources if source.commit is not None},
         digests={source.where: source.digest for source in sources if source.digest is not None},
     )

@@ -38,6 +38,7 @@ def data_report(prepared: PreparedData) -> dict[str, Any]:
         "piiFound": dict(sorted(stats.pii_found.items())),
         "augmentedBy": prepared.augmented_by,
         "backTranslationRejected": prepared.augmentation_rejected,
+        "embeddingCheckDropped": prepared.meaning_drifted,
         "badRows": [
             {"source": row.source, row.unit: row.line, "reason": row.reason} for row in prepared.bad_rows
         ],
