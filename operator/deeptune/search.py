@@ -9,7 +9,7 @@ or another replica decides the same; trial n is sampled with seed + n, so a swee
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import optuna
 from optuna.distributions import (
@@ -74,12 +74,28 @@ def should_prune(spec: FineTuneSweepSpec, trial: Trial, trials: list[Trial]) -> 
         n_startup_trials=spec.pruner.startup_trials, n_warmup_steps=spec.pruner.warmup_steps
     )
     study = optuna.create_study(direction="minimize", pruner=pruner)
+    running = _losses(trial)
     for finished in trials:
         if finished.phase == "Succeeded" and finished.evaluations:
             losses = _losses(finished)
-            study.add_trial(create_trial(value=losses[max(losses)], intermediate_values=losses))
-    study.add_trial(create_trial(state=TrialState.RUNNING, intermediate_values=_losses(trial)))
+            aligned = {**_carried(losses, running), **losses}
+            study.add_trial(create_trial(value=losses[max(losses)], intermediate_values=aligned))
+    study.add_trial(create_trial(state=TrialState.RUNNING, intermediate_values=running))
     return bool(pruner.prune(study, study.trials[-1]))
+
+
+def _carried(losses: dict[int, float], steps: Iterable[int]) -> dict[int, float]:
+    """A finished trial's loss at each of `steps`: the last one it reported at or before the step.
+
+    The operator sees evaluations when it samples a trainer's metrics, so two trials' recorded steps
+    need not meet (Optuna's median compares at equal steps only). An earlier loss is no lower than a
+    later one would have been, so this errs toward keeping the running trial."""
+    carried = {}
+    for step in steps:
+        earlier = [recorded for recorded in losses if recorded <= step]
+        if earlier:
+            carried[step] = losses[max(earlier)]
+    return carried
 
 
 def best(spec: FineTuneSweepSpec, trials: list[Trial]) -> Trial | None:

@@ -180,6 +180,21 @@ def test_a_trial_whose_loss_trails_the_median_is_pruned() -> None:
     assert not search.should_prune(warm, trailing, [*finished, trailing]), "within the warm-up steps"
 
 
+def test_trials_seen_at_different_steps_are_compared_by_their_last_loss_before() -> None:
+    """The operator records the evaluations it happens to see: a running trial seen at step 30 is
+    compared with the finished trials' losses at steps 10 and 20, carried forward."""
+    spec = parse_spec(
+        sweep_spec(template={**MINIMAL, "evaluation": {"evalSteps": 10}}, pruner={"startupTrials": 2})
+    )
+    finished = [
+        trial(0, "Succeeded", 1e-3, 0.9, s10=1.0, s40=0.5),
+        trial(1, "Succeeded", 1e-4, 0.5, s20=2.0, s50=1.5),
+    ]
+    assert search.should_prune(spec, trial(2, "Running", 1e-5, s30=3.0), [*finished])
+    assert not search.should_prune(spec, trial(3, "Running", 3e-3, s30=1.2), [*finished])
+    assert not search.should_prune(spec, trial(4, "Running", 1e-5, s5=9.0), [*finished]), "nothing before"
+
+
 def test_the_best_trial_by_the_objectives_direction() -> None:
     trials = [
         trial(0, "Succeeded", 1e-3, 0.5),
