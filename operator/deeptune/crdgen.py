@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -181,33 +182,26 @@ def crd_manifest(
     }
 
 
+RESOURCES: list[tuple[ModuleType, type[BaseModel], type[BaseModel]]] = [
+    (finetunejob, finetunejob.FineTuneJobSpec, finetunejob.FineTuneJobStatus),
+    (modeldeployment, modeldeployment.ModelDeploymentSpec, modeldeployment.ModelDeploymentStatus),
+    (finetunesweep, finetunesweep.FineTuneSweepSpec, finetunesweep.FineTuneSweepStatus),
+]
+"""Each resource's API module (KIND, PLURAL, SHORT_NAME, PRINTER_COLUMNS) and its spec and status."""
+
+
 def all_crds() -> dict[str, JsonSchema]:
     """File name → CRD, for every DeepTune resource."""
     return {
-        f"{finetunejob.PLURAL}.{GROUP}.yaml": crd_manifest(
-            kind=finetunejob.KIND,
-            plural=finetunejob.PLURAL,
-            short_names=[finetunejob.SHORT_NAME],
-            spec_model=finetunejob.FineTuneJobSpec,
-            status_model=finetunejob.FineTuneJobStatus,
-            printer_columns=finetunejob.PRINTER_COLUMNS,
-        ),
-        f"{modeldeployment.PLURAL}.{GROUP}.yaml": crd_manifest(
-            kind=modeldeployment.KIND,
-            plural=modeldeployment.PLURAL,
-            short_names=[modeldeployment.SHORT_NAME],
-            spec_model=modeldeployment.ModelDeploymentSpec,
-            status_model=modeldeployment.ModelDeploymentStatus,
-            printer_columns=modeldeployment.PRINTER_COLUMNS,
-        ),
-        f"{finetunesweep.PLURAL}.{GROUP}.yaml": crd_manifest(
-            kind=finetunesweep.KIND,
-            plural=finetunesweep.PLURAL,
-            short_names=[finetunesweep.SHORT_NAME],
-            spec_model=finetunesweep.FineTuneSweepSpec,
-            status_model=finetunesweep.FineTuneSweepStatus,
-            printer_columns=finetunesweep.PRINTER_COLUMNS,
-        ),
+        f"{module.PLURAL}.{GROUP}.yaml": crd_manifest(
+            kind=module.KIND,
+            plural=module.PLURAL,
+            short_names=[module.SHORT_NAME],
+            spec_model=spec,
+            status_model=status,
+            printer_columns=module.PRINTER_COLUMNS,
+        )
+        for module, spec, status in RESOURCES
     }
 
 
