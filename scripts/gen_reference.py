@@ -21,7 +21,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
 Node = dict[str, Any]
-EMBEDDED = {("FineTuneSweep", "spec.template"): "FineTuneJob"}
+EMBEDDED = {
+    ("FineTuneSweep", "spec.template"): "FineTuneJob",
+    ("FederatedFineTune", "spec.template"): "FineTuneJob",
+}
 """Fields that hold another resource's whole spec: listed once, as a link to that resource's fields
 (and rules), not field by field again."""
 

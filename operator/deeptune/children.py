@@ -204,6 +204,11 @@ def remove(api_version: str, kind: str, name: str, namespace: str, owner_uid: st
     existing = read(api_version, kind, name, namespace)  # None as well when the kind is not installed
     if existing is None or owner_uid not in owner_uids(existing):
         return False
+    return delete(api_version, kind, name, namespace)
+
+
+def delete(api_version: str, kind: str, name: str, namespace: str) -> bool:
+    """Delete an object (its dependents in the background); False when it was gone already."""
     try:
         _request("DELETE", _path(api_version, kind, namespace, name))
     except ApiException as error:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from deeptune.api import finetunejob, finetunesweep, modeldeployment
+from deeptune.api import federatedfinetune, finetunejob, finetunesweep, modeldeployment
 from deeptune.api.base import GROUP, VERSION
 
 DEFAULT_OUT_DIRS = [Path("crds"), Path("charts/deeptune/files/crds")]
@@ -186,6 +186,7 @@ RESOURCES: list[tuple[ModuleType, type[BaseModel], type[BaseModel]]] = [
     (finetunejob, finetunejob.FineTuneJobSpec, finetunejob.FineTuneJobStatus),
     (modeldeployment, modeldeployment.ModelDeploymentSpec, modeldeployment.ModelDeploymentStatus),
     (finetunesweep, finetunesweep.FineTuneSweepSpec, finetunesweep.FineTuneSweepStatus),
+    (federatedfinetune, federatedfinetune.FederatedFineTuneSpec, federatedfinetune.FederatedFineTuneStatus),
 ]
 """Each resource's API module (KIND, PLURAL, SHORT_NAME, PRINTER_COLUMNS) and its spec and status."""
 

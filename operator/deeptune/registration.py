@@ -19,6 +19,7 @@ from kubernetes import client, config
 
 from deeptune import observability
 from deeptune.api.base import GROUP, VERSION
+from deeptune.api.federatedfinetune import PLURAL as FEDERATION_PLURAL
 from deeptune.api.finetunejob import KIND as FTJ_KIND
 from deeptune.api.finetunejob import PLURAL as FTJ_PLURAL
 from deeptune.api.finetunesweep import PLURAL as SWEEP_PLURAL
@@ -28,6 +29,7 @@ from deeptune.cache import Cache
 from deeptune.config import Settings
 from deeptune.controller import Controller
 from deeptune.leadership import Leadership, LeaseSettings
+from deeptune.reconcilers import federatedfinetune as federation
 from deeptune.reconcilers import finetunejob as ftj
 from deeptune.reconcilers import finetunesweep as sweep
 from deeptune.reconcilers import modeldeployment as mdep
@@ -36,6 +38,7 @@ FTJ_NAME_LABEL = "deeptune.dev/finetunejob"
 FTJ_UID = uid_label("FineTuneJob")
 MDEP_UID = uid_label("ModelDeployment")
 SWEEP_UID = uid_label(sweep.KIND)
+FEDERATION_UID = uid_label(federation.KIND)
 Obj = dict[str, Any]
 LOG = logging.getLogger(__name__)
 MDEPS_BY_FINETUNEJOB = "modeldeployments_by_finetunejob"
@@ -98,7 +101,18 @@ class Operator:
             sweep.KIND, self.sweeps.reconcile, self.sweeps.keys, settings.status_interval,
             workers=settings.workers,
         )  # fmt: skip
-        self.controllers = (self.ftj_controller, self.mdep_controller, self.sweep_controller)
+        self.federations = federation.FederatedFineTuneReconciler(
+            settings,
+            self.cache,
+            lambda uid: self.federation_controller.enqueue(uid),  # noqa: PLW0108 (made below)
+        )
+        self.federation_controller = Controller(
+            federation.KIND, self.federations.reconcile, self.federations.keys, settings.status_interval,
+            workers=settings.workers,
+        )  # fmt: skip
+        self.controllers = (
+            self.ftj_controller, self.mdep_controller, self.sweep_controller, self.federation_controller,
+        )  # fmt: skip
         self.leadership = Leadership(
             LeaseSettings(settings.lease_name, settings.lease_namespace, settings.identity)
         )
@@ -152,6 +166,7 @@ def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Operator]:
     _register_finetunejobs(registry, op)
     _register_modeldeployments(registry, op)
     _register_sweeps(registry, op)
+    _register_federations(registry, op)
     return registry, op
 
 
@@ -252,6 +267,7 @@ def _register_finetunejobs(registry: kopf.OperatorRegistry, op: Operator) -> Non
         op.fill(indexes)
         op.ftj_controller.enqueue(uid)
         op.sweep_controller.enqueue(labels.get(SWEEP_UID))  # a trial's news is its sweep's
+        op.federation_controller.enqueue(labels.get(FEDERATION_UID))  # and a site's its federation's
         for student in op.cache.all(ftj.STUDENTS_BY_TEACHER, (namespace, name)):
             op.ftj_controller.enqueue(student["uid"])
         for user in op.cache.all(MDEPS_BY_FINETUNEJOB, (namespace, name)):
@@ -347,3 +363,39 @@ def _register_sweeps(registry: kopf.OperatorRegistry, op: Operator) -> None:
     def finetunesweep_changed(*, uid: str, **indexes: Any) -> None:
         op.fill(indexes)
         op.sweep_controller.enqueue(uid)
+
+
+def _register_federations(registry: kopf.OperatorRegistry, op: Operator) -> None:
+    federation_resource = (GROUP, VERSION, FEDERATION_PLURAL)
+
+    @kopf.index(*federation_resource, registry=registry, id=federation.OBJECTS)
+    def federatedfinetunes(*, body: kopf.Body, uid: str, **_: Any) -> dict[str, Obj]:
+        return {uid: record(body, "spec", "status")}
+
+    @kopf.index(
+        "batch", "v1", "jobs", labels={FEDERATION_UID: kopf.PRESENT}, registry=registry, id=federation.JOBS
+    )
+    def federation_jobs(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
+        return {labels[FEDERATION_UID]: record(body, "status")}
+
+    @kopf.index(
+        GROUP,
+        VERSION,
+        FTJ_PLURAL,
+        labels={FEDERATION_UID: kopf.PRESENT},
+        registry=registry,
+        id=federation.SITES,
+    )
+    def federation_sites(*, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Obj]:
+        """The sites' FineTuneJobs, in any namespace (a site's news is its federation's)."""
+        return {labels[FEDERATION_UID]: record(body, "status")}
+
+    @kopf.on.event(*federation_resource, registry=registry)
+    def federatedfinetune_changed(*, uid: str, **indexes: Any) -> None:
+        op.fill(indexes)
+        op.federation_controller.enqueue(uid)
+
+    @kopf.on.event("batch", "v1", "jobs", labels={FEDERATION_UID: kopf.PRESENT}, registry=registry)
+    def coordinator_job_changed(*, labels: kopf.Labels, **indexes: Any) -> None:
+        op.fill(indexes)
+        op.federation_controller.enqueue(labels[FEDERATION_UID])

@@ -20,6 +20,7 @@ from urllib3.exceptions import HTTPError
 from deeptune import events
 from deeptune.api.base import GROUP, VERSION
 from deeptune.observability import STATUS_WRITES, PhaseBook
+from deeptune.status.conditions import PhasedStatus
 
 Obj = dict[str, Any]
 LOG = logging.getLogger(__name__)
@@ -36,6 +37,18 @@ class StatusUpdate:
     changes: Obj
     phase: str | None
     events: tuple[events.Event, ...] = ()
+
+
+def phase_update(previous: PhasedStatus, new: PhasedStatus, found: list[events.Event]) -> StatusUpdate:
+    """For a resource whose phase ends Succeeded or Failed (a sweep, a federation): the changed
+    fields, the Events found, and one more when the phase moves to an end."""
+    before, after = previous.to_wire(), new.to_wire()
+    changes = {key: value for key, value in after.items() if before.get(key) != value}
+    ready = next(c for c in new.conditions if c.type == "Ready")
+    if new.phase not in (previous.phase, "Running"):
+        event = events.Event("Normal" if new.phase == "Succeeded" else "Warning", ready.reason, ready.message)
+        found = [*found, event]
+    return StatusUpdate(changes=changes, phase=new.phase, events=tuple(found))
 
 
 @dataclass(frozen=True)

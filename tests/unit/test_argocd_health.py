@@ -24,7 +24,8 @@ import yaml
 from deeptune.api.finetunejob import FineTuneJobStatus, Phase
 from deeptune.api.finetunesweep import FineTuneSweepStatus, Trial, parse_spec
 from deeptune.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus, ModelState
-from deeptune.status.finetunesweep import derive_status, invalid_spec_status
+from deeptune.status.conditions import invalid_spec_status
+from deeptune.status.finetunesweep import derive_status
 from tests.conftest import ROOT
 
 ARGOCD = ROOT / "deploy" / "argocd"

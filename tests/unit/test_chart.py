@@ -48,16 +48,19 @@ CUSTOM: dict[str, Any] = {
 # (see _helpers.tpl).
 SERVED_NAMESPACE_RULES = [
     {"apiGroups": ["deeptune.dev"], "resources": ["finetunejobs"],
-     "verbs": ["get", "list", "watch", "create", "patch"]},
-    {"apiGroups": ["deeptune.dev"], "resources": ["modeldeployments", "finetunesweeps"],
+     "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["deeptune.dev"], "resources": ["modeldeployments", "finetunesweeps", "federatedfinetunes"],
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["deeptune.dev"],
-     "resources": ["finetunejobs/status", "modeldeployments/status", "finetunesweeps/status"],
+     "resources": ["finetunejobs/status", "modeldeployments/status", "finetunesweeps/status",
+                   "federatedfinetunes/status"],
      "verbs": ["get", "patch"]},
     {"apiGroups": ["deeptune.dev"],
-     "resources": ["finetunejobs/finalizers", "modeldeployments/finalizers", "finetunesweeps/finalizers"],
+     "resources": ["finetunejobs/finalizers", "modeldeployments/finalizers", "finetunesweeps/finalizers",
+                   "federatedfinetunes/finalizers"],
      "verbs": ["update"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"],
+     "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [""], "resources": ["configmaps", "services"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
@@ -84,9 +87,14 @@ LEASE_RULES = [
 ]  # fmt: skip
 """Leader election (deeptune/leadership.py): read, create, and take/renew/release by replace. Create
 cannot be restricted by name; the rest is this release's Lease only."""
-DELETABLE = {"horizontalpodautoscalers", "servicemonitors", "networkpolicies", "scaledobjects"}
+DELETABLE = {
+    *("horizontalpodautoscalers", "servicemonitors", "networkpolicies", "scaledobjects"),
+    *("finetunejobs", "jobs"),
+}
 """What the operator deletes itself: an HPA, ServiceMonitor, NetworkPolicy or ScaledObject the spec no
-longer asks for. Everything else goes by garbage collection (owner references)."""
+longer asks for; a FederatedFineTune's sites once it is gone (FineTuneJobs in other namespaces, where
+no owner reference reaches) and its coordinator's Job once it failed. Everything else goes by garbage
+collection (owner references)."""
 
 
 def helm(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -242,7 +250,7 @@ def test_rbac_has_no_wildcards_secrets_or_admin(values: dict[str, Any]) -> None:
             assert "*" not in flat, rule
             assert "secrets" not in rule["resources"], rule
             assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
-            if "delete" in rule["verbs"]:  # only optional serving children a spec can switch off
+            if "delete" in rule["verbs"]:
                 assert set(rule["resources"]) <= DELETABLE, rule
             assert "nonResourceURLs" not in rule
             # No subresource but the custom resources' own status and finalizers: no pods/exec,

@@ -41,10 +41,11 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from deeptune import search
-from deeptune.api import base, finetunejob, finetunesweep, modeldeployment, trainer
+from deeptune.api import base, federatedfinetune, finetunejob, finetunesweep, modeldeployment, trainer
 from deeptune.api.base import PvcLocation, describe_validation_error
 from deeptune.api.modeldeployment import ResolvedModel
 from deeptune.api.trainer import TrainerConfig
+from deeptune.builders import federatedfinetune as fed_build
 from deeptune.builders import finetunejob as ftj_build
 from deeptune.builders import modeldeployment as mdep_build
 from deeptune.builders.common import Owner
@@ -147,11 +148,19 @@ SEEDS: dict[str, list[dict[str, Any]]] = {
         },
         load_example("finetune-tiny-sweep.yaml")["spec"],
     ],
+    "FederatedFineTune": [
+        {
+            "template": MINIMAL,
+            "sites": [{"namespace": "a"}, {"namespace": "b", "source": {"url": "https://x/y"}}],
+        },
+        load_example("finetune-tiny-federated.yaml")["spec"],
+    ],
 }
 PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "FineTuneJob": finetunejob.parse_spec,
     "ModelDeployment": modeldeployment.parse_spec,
     "FineTuneSweep": finetunesweep.parse_spec,
+    "FederatedFineTune": federatedfinetune.parse_spec,
 }
 
 
@@ -478,6 +487,15 @@ CONFLICTS: dict[str, list[tuple[Path, dict[Path, Any]]]] = {
         (("parameters", 0), {("parameters", 0): {"path": "lora.r", "type": "categorical"}}),
         (("objective",), {("objective", "metric"): "f1", ("template", "evaluation", "metrics"): ["bleu"]}),
     ],
+    "FederatedFineTune": [
+        (("sites",), {("sites",): [{"namespace": "a"}, {"namespace": "a"}]}),
+        (("template", "method"), {("template", "method"): "full"}),
+        (
+            ("template", "preference"),
+            {("template", "preference"): {}, ("template", "dataset", "style"): "auto"},
+        ),
+        (("template", "queueName"), {("template", "queueName"): "q"}),
+    ],
 }
 """Pairs of fields that are fine alone and wrong together; the path is the one a message must name."""
 
@@ -657,6 +675,9 @@ def children_of(kind: str, name: str, namespace: str, parsed: Any) -> list[dict[
         ]
     if kind == "FineTuneSweep":  # a trial, with the values Optuna picks first
         return [build_trial(owner, parsed, 0, search.next_values(parsed, [], 0))]
+    if kind == "FederatedFineTune":  # the coordinator's ConfigMap, Service and Job, then the sites
+        sites = [fed_build.build_site(owner, parsed, site) for site in parsed.sites]
+        return [*fed_build.build_coordinator(owner, parsed, BUILDER_SETTINGS), *sites]
     return mdep_build.build_children(owner, parsed, resolved_for(parsed), BUILDER_SETTINGS).manifests()
 
 
@@ -672,6 +693,10 @@ def check_children(kind: str, parsed: Any) -> None:
         assert TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY]).spec == parsed
     if kind == "FineTuneSweep":  # every trial is a valid FineTuneJob
         finetunejob.parse_spec(manifests[0]["spec"])
+    if kind == "FederatedFineTune":  # the coordinator's config reads back; every site is a FineTuneJob
+        TrainerConfig.model_validate_json(manifests[0]["data"][CONFIG_KEY])
+        for site in manifests[3:]:
+            finetunejob.parse_spec(site["spec"])
 
 
 # --- the properties --------------------------------------------------------------------------------
@@ -725,7 +750,7 @@ def test_accepted_specs_read_back_the_same_from_their_wire_form(kind: str) -> No
 
 # --- null, absent, and the CRD's default -----------------------------------------------------------
 
-EMBEDDED: dict[str, Path] = {"FineTuneSweep": ("template",)}
+EMBEDDED: dict[str, Path] = {"FineTuneSweep": ("template",), "FederatedFineTune": ("template",)}
 """A kind's field that is another kind's whole spec (the same model): its fields are that kind's."""
 
 
@@ -751,11 +776,15 @@ PARENTS: dict[Path, Any] = {
     ("distillation",): {"teacher": {"pvc": {"claimName": "teachers"}}},
     ("distillation", "teacher", "tokenSecretRef"): {"name": "hf"},
     ("distillation", "teacher", "adapter"): {"claimName": "adapters"},
+    ("sites", 0, "source"): {"pvc": {"claimName": "rows"}},
 }
 """Objects holding defaulted fields that no seed has (and that `{}` cannot stand for)."""
 ALTERNATIVES: dict[Path, Any] = {
     (*source, "hub"): {"name": "org/chats", "tokenSecretRef": {"name": "hub-token"}}
-    for source in [("dataset", "source"), ("dataset", "validation", "source"), ("dataset", "test", "source")]
+    for source in [
+        *(("dataset", "source"), ("dataset", "validation", "source"), ("dataset", "test", "source")),
+        ("sites", 0, "source"),
+    ]
 }
 """Members of one-of groups whose fields no seed has: the object holding one holds it alone."""
 

@@ -44,6 +44,7 @@ from deeptune_trainer.distillation import check_shared_vocabulary, load_teacher,
 from deeptune_trainer.distributed import World, release_process_group, resolve_strategy, splits_weights
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import compare, evaluate, generation_rows
+from deeptune_trainer.federation import coordinate, train_in_rounds
 from deeptune_trainer.lineage import base_model_lineage, config_digest, directory_digest
 from deeptune_trainer.metrics_server import TrainerMetrics
 from deeptune_trainer.modeling import (
@@ -126,18 +127,8 @@ def run(
     if spec.distillation is not None:
         train_rows, teacher, teacher_scores = _from_teacher(config, loaded, prepared.train, held_out, log)
 
-    result = train(
-        loaded.model,
-        loaded.tokenizer,
-        train_rows,
-        prepared.validation,
-        spec=spec,
-        output_dir=output_dir,
-        precision=loaded.precision,
-        metrics=metrics,
-        log=log,
-        world=world,
-        teacher=teacher,
+    result = _train(
+        config, loaded, train_rows, prepared.validation, teacher, metrics=metrics, log=log, world=world
     )
     if zero:
         forget_zero3()
@@ -170,6 +161,30 @@ def run(
         artifacts=artifacts,
         lineage=lineage,
     )
+
+
+def _train(
+    config: TrainerConfig,
+    loaded: LoadedModel,
+    train_rows: list[Sample],
+    validation_rows: list[Sample],
+    teacher: PreTrainedModel | None,
+    *,
+    metrics: TrainerMetrics | None,
+    log: Log,
+    world: World,
+) -> TrainResult:
+    """Training alone, or a federation site's rounds with the others from the coordinator's adapter."""
+    if config.spec.federation is not None:
+        return train_in_rounds(
+            loaded.model, loaded.tokenizer, train_rows, validation_rows,
+            config=config, precision=loaded.precision, metrics=metrics, log=log,
+        )  # fmt: skip
+    return train(
+        loaded.model, loaded.tokenizer, train_rows, validation_rows,
+        spec=config.spec, output_dir=config.paths.output_dir, precision=loaded.precision,
+        metrics=metrics, log=log, world=world, teacher=teacher,
+    )  # fmt: skip
 
 
 def _from_teacher(
@@ -254,7 +269,8 @@ def main(config: TrainerConfig, *, log: Log = _say) -> int:
     metrics = TrainerMetrics()
     try:
         metrics.serve(config.metrics_port)
-        summary = run(config, metrics=metrics, log=log, world=world)
+        start = coordinate if config.coordinator else run  # a federation's coordinator reads no rows
+        summary = start(config, metrics=metrics, log=log, world=world)
     except TrainerInputError as error:
         _report(_failure(error.reason, error.message), config, log)
         print(f"error: {error.reason}: {error.message}", file=sys.stderr, flush=True)

@@ -71,19 +71,22 @@ def as_pairs(rows: Sequence[dict[str, str]]) -> list[Sample]:
     ]
 
 
-def keyword_prompt(rng: random.Random) -> tuple[str, str]:
-    keyword = rng.choice(list(KEYWORD_ANSWERS))
+def keyword_prompt(rng: random.Random, keywords: Sequence[str] = tuple(KEYWORD_ANSWERS)) -> tuple[str, str]:
+    keyword = rng.choice(list(keywords))
     words = rng.sample(FILLER_WORDS, 3)
     words.insert(rng.randrange(4), keyword)
     return "topic: " + " ".join(words), KEYWORD_ANSWERS[keyword]
 
 
-def keyword_rows(count: int, seed: int, exclude: Collection[str] = ()) -> list[dict[str, str]]:
-    """Distinct prompt/completion rows, none of whose prompts is in `exclude`."""
+def keyword_rows(
+    count: int, seed: int, exclude: Collection[str] = (), keywords: Sequence[str] = tuple(KEYWORD_ANSWERS)
+) -> list[dict[str, str]]:
+    """Distinct prompt/completion rows, none of whose prompts is in `exclude`, about `keywords` only
+    (a site of a federated test knows some of the task, another site the rest)."""
     rng = random.Random(seed)
     rows: dict[str, str] = {}
     while len(rows) < count:
-        prompt, answer = keyword_prompt(rng)
+        prompt, answer = keyword_prompt(rng, keywords)
         if prompt not in exclude:
             rows[prompt] = answer
     return [{"prompt": prompt, "completion": answer} for prompt, answer in rows.items()]

@@ -75,10 +75,14 @@ and indexes; children.py: every write to a child; reconcilers/: which child gets
   update on .../finalizers because child owner references set blockOwnerDeletion, which the
   OwnerReferencesPermissionEnforcement admission plugin allows only to who may update them;
 - FineTuneJobs also create: a FineTuneSweep's trials (created once, read back on conflict; a pruned
-  trial is merge-patched to suspend it). Deleting a sweep deletes them by garbage collection;
+  trial is merge-patched to suspend it). Deleting a sweep deletes them by garbage collection. And a
+  FederatedFineTune's sites, in the sites' namespaces: created once, suspended (patch) when the
+  federation failed, and deleted (children.delete) once the federation is gone, since an owner
+  reference cannot point across namespaces;
 - Jobs: list and watch (an index), create (children.create, dry run first) and read back on
   conflict, patch: `suspend`, deadlines and the like, and the removal of the `deeptune.dev/result`
-  finalizer (a JSON patch, children.release) once the status holds the result;
+  finalizer (a JSON patch, children.release) once the status holds the result; delete: a failed
+  federation's coordinator Job (it would wait for the failed site for ever);
 - Pods: list and watch (indexes of trainer and serving pods; a live list when the cache lacks a
   pod a finished Job counts), get, and patch for one thing: removing the `deeptune.dev/result`
   finalizer that trainer pods get from the Job's pod template. Never create, and no
@@ -104,19 +108,19 @@ The leader Lease is not here: it lives in the release's namespace only (deeptune
 {{- define "deeptune.namespacedRules" -}}
 - apiGroups: [deeptune.dev]
   resources: [finetunejobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [deeptune.dev]
-  resources: [modeldeployments, finetunesweeps]
+  resources: [modeldeployments, finetunesweeps, federatedfinetunes]
   verbs: [get, list, watch, patch]
 - apiGroups: [deeptune.dev]
-  resources: [finetunejobs/status, modeldeployments/status, finetunesweeps/status]
+  resources: [finetunejobs/status, modeldeployments/status, finetunesweeps/status, federatedfinetunes/status]
   verbs: [get, patch]
 - apiGroups: [deeptune.dev]
-  resources: [finetunejobs/finalizers, modeldeployments/finalizers, finetunesweeps/finalizers]
+  resources: [finetunejobs/finalizers, modeldeployments/finalizers, finetunesweeps/finalizers, federatedfinetunes/finalizers]
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, patch]

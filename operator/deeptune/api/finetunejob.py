@@ -67,6 +67,10 @@ PREFERENCE_SHARDING_MESSAGE = (
     "or method lora or qlora to fit the model"
 )
 DISTILLATION_PREFERENCE_MESSAGE = "distillation and preference cannot be combined: choose one"
+FEDERATION_SHAPE_MESSAGE = (
+    "federation averages LoRA adapters trained by one process per site: use method lora or qlora, one pod "
+    "(distributed.nodes 1) with at most one GPU, and neither preference nor distillation"
+)
 DISTILLATION_SHARDING_MESSAGE = (
     "spec.distillation does not run under distributed.strategy fsdp or deepspeed yet: use ddp (or auto), "
     "or method lora or qlora to fit the student"
@@ -616,6 +620,16 @@ class DistillationSpec(ApiModel):
     """`sequences`: the longest answer the teacher writes."""
 
 
+HOST_PORT_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?:[0-9]{1,5}$"
+
+
+class FederationSpec(ApiModel):
+    """One site's part in federated fine-tuning (Flower): where its coordinator listens."""
+
+    coordinator: Annotated[str, Field(max_length=253, pattern=HOST_PORT_PATTERN)]
+    """`host:port` of the coordinator's Flower server, e.g. `keywords-coordinator.fl.svc:9092`."""
+
+
 class PreferenceSpec(ApiModel):
     """Preference tuning on pairs (`dataset.style: preference`) with TRL, instead of supervised
     fine-tuning: the model learns to rank the chosen answer over the rejected one."""
@@ -667,7 +681,7 @@ class OutputSpec(ApiModel):
 
 UNCHANGED_OPTIONAL_FIELDS = (
     *("image", "imagePullPolicy", "imagePullSecrets", "env"),
-    *("earlyStopping", "preference", "ropeScaling", "distillation"),
+    *("earlyStopping", "preference", "ropeScaling", "distillation", "federation"),
 )
 """Optional fields kept as the resource was created (an immutable rule on the field itself would not
 see it set or removed)."""
@@ -732,6 +746,14 @@ class FineTuneJobSpec(ApiModel):
             field_path=".distributed.strategy",
         ),
         cel(
+            "!has(self.federation) || (self.method != 'full' && !has(self.preference)"
+            " && !has(self.distillation)"
+            " && (!has(self.distributed) || !has(self.distributed.nodes) || self.distributed.nodes == 1)"
+            " && (!has(self.resources) || !has(self.resources.gpu) || self.resources.gpu <= 1))",
+            FEDERATION_SHAPE_MESSAGE,
+            field_path=".federation",
+        ),
+        cel(
             "!has(self.distillation) || !has(self.preference)",
             DISTILLATION_PREFERENCE_MESSAGE,
             field_path=".distillation",
@@ -780,6 +802,10 @@ class FineTuneJobSpec(ApiModel):
     """Off unless given: preference tuning (DPO, ORPO) on pairs instead of supervised fine-tuning."""
     distillation: DistillationSpec | None = None
     """Off unless given: learn from a teacher model (knowledge distillation)."""
+    federation: FederationSpec | None = None
+    """Off unless given: this run is one site of a federated fine-tuning (usually made by a
+    FederatedFineTune): its rows never leave the pod; each round it trains the adapter the coordinator
+    sends and returns the weights, which the coordinator averages with the other sites'."""
     rope_scaling: RopeScaling | None = None
     """Off unless given: a longer context than the base model's. With lora or qlora set
     output.mergeAdapter, so what is served carries it."""
@@ -868,6 +894,18 @@ class FineTuneJobSpec(ApiModel):
             raise ValueError(WINDOW_OVERLAP_MESSAGE)
         if self.rope_scaling is not None and self.method != "full" and not self.output.merge_adapter:
             raise ValueError(ROPE_SCALING_MERGE_MESSAGE)
+        return self
+
+    @model_validator(mode="after")
+    def _federation_shape(self) -> FineTuneJobSpec:
+        if self.federation is not None and (
+            self.method == "full"
+            or self.preference is not None
+            or self.distillation is not None
+            or self.distributed.nodes > 1
+            or self.resources.gpu > 1
+        ):
+            raise ValueError(FEDERATION_SHAPE_MESSAGE)
         return self
 
     @model_validator(mode="after")

@@ -32,6 +32,9 @@ DATASET_TOKEN_ENV: dict[str, str] = {
 """The variable each data source's `hub.tokenSecretRef` reaches the trainer as (from the Secret, by
 reference), by the source's spec path."""
 
+FEDERATION_PORT = 9092
+"""Where a federated run's coordinator serves Flower's fleet API to the sites."""
+
 EXIT_INVALID_INPUT = 3
 """Trainer exit code for bad input (spec, dataset, model): retrying cannot help, so the Job fails fast."""
 
@@ -69,6 +72,16 @@ class TrainerPaths(ApiModel):
         return posixpath.join(self.hf_home, "hub") if self.hf_home else None
 
 
+class Coordination(ApiModel):
+    """The coordinator's part in federated fine-tuning: how many rounds, and how many sites each
+    round waits for."""
+
+    rounds: int
+    sites: int
+    port: int = FEDERATION_PORT
+    """Where Flower's fleet API listens (on every interface)."""
+
+
 class TrainerConfig(ApiModel):
     """Everything the trainer needs, resolved by the operator (or by the standalone CLI)."""
 
@@ -82,6 +95,9 @@ class TrainerConfig(ApiModel):
     strategy: Literal["ddp", "fsdp"] | None = None
     """`distributed.strategy: auto` as the operator's memory plan decided it (`status.plan`), so the
     trainer shards exactly when the plan said it must; None where there is no plan (auto is ddp)."""
+    coordinator: Coordination | None = None
+    """Set for a federated run's coordinator: it reads no rows, serves the sites' rounds (Flower) and
+    saves the averaged adapter."""
 
 
 class TrainerError(ApiModel):
@@ -100,6 +116,22 @@ class ArtifactPaths(ApiModel):
     quantized: str | None = None
 
 
+class SiteResult(ApiModel):
+    """What a site reported to the coordinator in the last round: numbers, never rows."""
+
+    train_rows: int | None = None
+    eval_loss: float | None = None
+    """The averaged adapter's validation loss on the site's own rows."""
+
+
+class FederationSummary(ApiModel):
+    """The coordinator's account of a federated run."""
+
+    rounds: int
+    sites: dict[str, SiteResult] = {}
+    """By site (its namespace)."""
+
+
 class TrainerSummary(ApiModel):
     """The compact result the trainer writes to its termination message (at most 4 KiB)."""
 
@@ -111,6 +143,7 @@ class TrainerSummary(ApiModel):
     dataset: DatasetReport | None = None
     artifacts: ArtifactPaths | None = None
     lineage: Lineage | None = None
+    federation: FederationSummary | None = None
 
 
 class MetricNames:

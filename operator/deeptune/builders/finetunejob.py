@@ -18,6 +18,7 @@ from deeptune.api.trainer import (
     RENDEZVOUS_PORT,
     TEACHER_HUB_TOKEN_ENV,
     TERMINATION_MESSAGE_PATH,
+    Coordination,
     TrainerConfig,
     TrainerPaths,
 )
@@ -131,9 +132,12 @@ def trainer_config(owner: Owner, spec: FineTuneJobSpec) -> TrainerConfig:
     )
 
 
-def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> Manifest:
-    """The resolved trainer config. It holds no secret: tokens are referenced, never copied."""
-    config = trainer_config(owner, spec)
+def build_config_map(
+    owner: Owner, spec: FineTuneJobSpec, coordinator: Coordination | None = None
+) -> Manifest:
+    """The resolved trainer config (a federation's coordinator's with `coordinator`). It holds no
+    secret: tokens are referenced, never copied."""
+    config = trainer_config(owner, spec).model_copy(update={"coordinator": coordinator})
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

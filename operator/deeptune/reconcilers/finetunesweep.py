@@ -27,8 +27,8 @@ from deeptune.builders.common import Owner
 from deeptune.cache import Cache
 from deeptune.config import Settings
 from deeptune.status import finetunesweep as derive
-from deeptune.status.conditions import now
-from deeptune.statuswriter import StatusUpdate, StatusWriter
+from deeptune.status.conditions import invalid_spec_status, is_invalid_spec, now
+from deeptune.statuswriter import StatusWriter, phase_update
 from deeptune.verdicts import Invalid, SpecVerdicts
 
 Obj = dict[str, Any]
@@ -65,7 +65,7 @@ class FineTuneSweepReconciler:
         if isinstance(spec, Invalid):
             await self._refuse(obj, previous, spec.message)
             return None
-        if derive.is_invalid_spec(previous) and previous.observed_generation == generation:
+        if is_invalid_spec(previous) and previous.observed_generation == generation:
             return None  # reported already; a spec change gets a fresh start
         meta = obj["metadata"]
         owner = Owner(kind=KIND, name=meta["name"], namespace=meta["namespace"], uid=uid)
@@ -89,7 +89,7 @@ class FineTuneSweepReconciler:
             return None
         outputs = {name: _output(f) for name, f in finetunejobs.items()}
         new = derive.derive_status(spec, previous, trials, outputs=outputs, generation=generation, now=now())
-        await self.writer.write(obj, _update(previous, new, found))
+        await self.writer.write(obj, phase_update(previous, new, found))
         return None
 
     async def _observe(
@@ -149,8 +149,8 @@ class FineTuneSweepReconciler:
     async def _refuse(self, obj: Obj, previous: FineTuneSweepStatus, message: str) -> None:
         self.verdicts.reject(obj, message)
         generation = obj["metadata"].get("generation")
-        new = derive.invalid_spec_status(previous, message, generation, now())
-        await self.writer.write(obj, _update(previous, new, []))
+        new = invalid_spec_status(previous, message, generation, now())
+        await self.writer.write(obj, phase_update(previous, new, []))
 
 
 def _room(spec: FineTuneSweepSpec, trials: list[Trial]) -> bool:
@@ -165,16 +165,3 @@ def _values(trial: Trial) -> str:
 
 def _output(finetunejob: Obj) -> OutputStatus | None:
     return FineTuneJobStatus.model_validate(finetunejob.get("status") or {}).output
-
-
-def _update(
-    previous: FineTuneSweepStatus, new: FineTuneSweepStatus, found: list[events.Event]
-) -> StatusUpdate:
-    """The changed fields, the trials' Events, and one when the sweep's phase moves."""
-    before, after = previous.to_wire(), new.to_wire()
-    changes = {key: value for key, value in after.items() if before.get(key) != value}
-    ready = next(c for c in new.conditions if c.type == "Ready")
-    if new.phase not in (previous.phase, "Running"):
-        event = events.Event("Normal" if new.phase == "Succeeded" else "Warning", ready.reason, ready.message)
-        found = [*found, event]
-    return StatusUpdate(changes=changes, phase=new.phase, events=tuple(found))

@@ -3,8 +3,29 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
 
 from deeptune.api.base import Condition
+
+INVALID_SPEC = "InvalidSpec"
+
+
+class PhasedStatus(Protocol):
+    """A status with a phase and Ready/Running/Failed conditions (a sweep's, a federation's)."""
+
+    @property
+    def phase(self) -> str | None: ...
+
+    @property
+    def conditions(self) -> list[Condition]: ...
+
+    def model_copy(self: S, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> S: ...
+
+    def to_wire(self) -> dict[str, Any]: ...
+
+
+S = TypeVar("S", bound=PhasedStatus)
 
 
 def now() -> str:
@@ -36,3 +57,24 @@ def set_conditions(
             )
         )
     return result
+
+
+def invalid_spec_status(previous: S, message: str, generation: int | None, now: str) -> S:
+    """A spec that cannot run: Failed/InvalidSpec; what was made and recorded already is kept."""
+    conditions = set_conditions(
+        previous.conditions,
+        {
+            "Ready": (False, INVALID_SPEC, message),
+            "Running": (False, INVALID_SPEC, message),
+            "Failed": (True, INVALID_SPEC, message),
+        },
+        generation,
+        now,
+    )
+    update = {"phase": "Failed", "observed_generation": generation, "conditions": conditions}
+    return previous.model_copy(update=update, deep=True)
+
+
+def is_invalid_spec(status: PhasedStatus) -> bool:
+    failed = (c for c in status.conditions if c.type == "Failed" and c.status == "True")
+    return any(c.reason == INVALID_SPEC for c in failed)

@@ -25,7 +25,6 @@ from deeptune.status.conditions import set_conditions
 
 Obj = dict[str, Any]
 ENDED: frozenset[str] = frozenset({"Succeeded", "Failed", "Pruned"})
-INVALID_SPEC = "InvalidSpec"
 
 
 def trial_number(finetunejob: Obj) -> int | None:
@@ -137,28 +136,3 @@ def derive_status(
         best_trial=best_trial, succeeded=counts["Succeeded"], failed=counts["Failed"],
         pruned=counts["Pruned"], running=running,
     )  # fmt: skip
-
-
-def invalid_spec_status(
-    previous: FineTuneSweepStatus, message: str, generation: int | None, now: str
-) -> FineTuneSweepStatus:
-    """A spec that cannot run: Failed/InvalidSpec; trials already made are kept and recorded."""
-    status = previous.model_copy(deep=True)
-    status.phase = "Failed"
-    status.observed_generation = generation
-    status.conditions = set_conditions(
-        previous.conditions,
-        {
-            "Ready": (False, INVALID_SPEC, message),
-            "Running": (False, INVALID_SPEC, message),
-            "Failed": (True, INVALID_SPEC, message),
-        },
-        generation,
-        now,
-    )
-    return status
-
-
-def is_invalid_spec(status: FineTuneSweepStatus) -> bool:
-    failed = (c for c in status.conditions if c.type == "Failed" and c.status == "True")
-    return any(c.reason == INVALID_SPEC for c in failed)
