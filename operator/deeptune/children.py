@@ -35,6 +35,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("deeptune.dev/v1alpha1", "FineTuneJob"): "finetunejobs",
     ("deeptune.dev/v1alpha1", "ModelDeployment"): "modeldeployments",
     ("deeptune.dev/v1alpha1", "FineTuneSweep"): "finetunesweeps",
+    ("deeptune.dev/v1alpha1", "FederatedFineTune"): "federatedfinetunes",
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Pod"): "pods",

@@ -26,6 +26,7 @@ from deeptune.api.base import GROUP, VERSION
 DEFAULT_OUT_DIRS = [Path("crds"), Path("charts/deeptune/files/crds")]
 _KEPT_KEYS = {
     "description", "enum", "pattern", "default", "x-kubernetes-validations",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
     "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
 }  # fmt: skip
 JsonSchema = dict[str, Any]

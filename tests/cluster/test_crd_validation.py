@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
+from deeptune.api.federatedfinetune import TEMPLATE_FEDERATION_MESSAGE, TEMPLATE_QUEUE_MESSAGE
 from deeptune.api.finetunejob import (
     DISTILLATION_PREFERENCE_MESSAGE,
     DISTILLATION_SHARDING_MESSAGE,
+    FEDERATION_SHAPE_MESSAGE,
     PREFERENCE_NEEDS_PAIRS_MESSAGE,
     PREFERENCE_SHARDING_MESSAGE,
     PREFERENCE_STYLE_MESSAGE,
@@ -205,3 +207,47 @@ def test_a_sweeps_search_is_immutable_and_its_budget_is_not(crds: Cluster, names
     moved = patched('{"spec": {"template": {"hyperparameters": {"epochs": 5}}}}')
     assert "template is immutable" in moved.stderr
     assert "patched" in patched('{"spec": {"trials": 20, "parallelism": 4}}').stdout
+
+
+def federation(name: str, namespace: str, **changes: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "template": copy.deepcopy(MINIMAL),
+        "sites": [{"namespace": "a"}, {"namespace": "b"}],
+    }
+    spec.update(changes)
+    meta = {"name": name, "namespace": namespace}
+    return {
+        "apiVersion": "deeptune.dev/v1alpha1",
+        "kind": "FederatedFineTune",
+        "metadata": meta,
+        "spec": spec,
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sites": [{"namespace": "a"}, {"namespace": "a"}]}, "spec.sites[1]: Duplicate value"),
+        ({"sites": [{"namespace": "a"}]}, "spec.sites: Invalid value"),
+        ({"template": {**MINIMAL, "federation": {"coordinator": "c.n.svc:1"}}}, TEMPLATE_FEDERATION_MESSAGE),
+        ({"template": {**MINIMAL, "queueName": "q"}}, TEMPLATE_QUEUE_MESSAGE),
+        ({"rounds": 0}, "spec.rounds"),
+    ],
+)  # fmt: skip
+def test_bad_federations_are_rejected_at_apply(
+    crds: Cluster, namespace: str, changes: dict[str, Any], message: str
+) -> None:
+    result = crds.apply(federation("bad", namespace, **changes), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_a_finetunejob_joins_a_federation_only_as_lora_in_one_process(crds: Cluster, namespace: str) -> None:
+    site = {**MINIMAL, "federation": {"coordinator": "c.ns.svc:9092"}, "method": "full"}
+    result = crds.apply(finetunejob("site", namespace, site), check=False)
+    assert result.returncode != 0
+    assert FEDERATION_SHAPE_MESSAGE in result.stderr, result.stderr
+    result = crds.apply(
+        finetunejob("site", namespace, {**site, "federation": {"coordinator": "no port"}}), check=False
+    )
+    assert "spec.federation.coordinator" in result.stderr, result.stderr

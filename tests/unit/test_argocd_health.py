@@ -21,10 +21,14 @@ import lupa.lua51
 import pytest
 import yaml
 
+from deeptune.api.federatedfinetune import FederatedFineTuneStatus
+from deeptune.api.federatedfinetune import parse_spec as parse_federation
 from deeptune.api.finetunejob import FineTuneJobStatus, Phase
 from deeptune.api.finetunesweep import FineTuneSweepStatus, Trial, parse_spec
 from deeptune.api.modeldeployment import ModelDeploymentSpec, ModelDeploymentStatus, ModelState
 from deeptune.status.conditions import invalid_spec_status
+from deeptune.status.federatedfinetune import coordinator_output, observe_coordinator, observe_site
+from deeptune.status.federatedfinetune import derive_status as derive_federation
 from deeptune.status.finetunesweep import derive_status
 from tests.conftest import ROOT
 
@@ -32,7 +36,7 @@ ARGOCD = ROOT / "deploy" / "argocd"
 FIXTURES = Path(__file__).parent / "fixtures" / "status"
 SCRIPTS = {
     kind: (ARGOCD / "health" / f"{kind.lower()}.lua").read_text()
-    for kind in ("FineTuneJob", "ModelDeployment", "FineTuneSweep")
+    for kind in ("FineTuneJob", "ModelDeployment", "FineTuneSweep", "FederatedFineTune")
 }
 ARGO_HEALTH = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 
@@ -368,6 +372,58 @@ def test_a_sweep_without_status_or_with_an_unseen_spec_is_progressing() -> None:
     assert health("FineTuneSweep", {**obj, "status": {}})[0] == "Progressing"
 
 
+# --- FederatedFineTune: objects constructed from the status model -----------------------------
+
+FEDERATION_SPEC = yaml.safe_load((ROOT / "examples" / "finetune-tiny-federated.yaml").read_text())["spec"]
+
+
+def federation(coordinator: dict[str, Any] | None, *sites: dict[str, Any] | None) -> dict[str, Any]:
+    """The example federation, its coordinator's Job and its sites' FineTuneJobs as these."""
+    spec, name = parse_federation(FEDERATION_SPEC), "tiny-keywords-federated"
+    observed = [
+        observe_site(site.namespace, f"{name}-federated", finetunejob)
+        for site, finetunejob in zip(spec.sites, sites, strict=True)
+    ]
+    status = derive_federation(
+        FederatedFineTuneStatus(), observe_coordinator(f"{name}-train", coordinator), observed,
+        output=coordinator_output(spec, "ns", name), generation=1, now="2026-12-05T00:00:00Z",
+    )  # fmt: skip
+    meta = {"name": "tiny-keywords-federated", "namespace": "ns", "generation": 1}
+    return {
+        "kind": "FederatedFineTune",
+        "metadata": meta,
+        "spec": FEDERATION_SPEC,
+        "status": status.to_wire(),
+    }
+
+
+COMPLETE = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+FEDERATIONS = {
+    "running": (
+        federation(None, {"status": {"phase": "Succeeded"}}, {"status": {"phase": "Running"}}),
+        ("Progressing", "RoundsRunning: coordinator running; sites not done: site-b"),
+    ),
+    "succeeded": (
+        federation(COMPLETE, {"status": {"phase": "Succeeded"}}, {"status": {"phase": "Succeeded"}}),
+        (
+            "Healthy",
+            "AdapterAveraged: the averaged adapter of 2 sites is in "
+            "deeptune-output:ns/tiny-keywords-federated/adapter",
+        ),
+    ),
+    "failed": (
+        federation(None, {"status": {"phase": "Running"}}, {"status": {"phase": "Failed"}}),
+        ("Degraded", "SiteFailed: site site-b (tiny-keywords-federated-federated) failed"),
+    ),
+}
+
+
+@pytest.mark.parametrize(("name", "case"), FEDERATIONS.items(), ids=list(FEDERATIONS))
+def test_federatedfinetune_health(name: str, case: tuple[dict[str, Any], tuple[str, str]]) -> None:
+    obj, expected = case
+    assert health("FederatedFineTune", obj) == expected
+
+
 # --- the scripts as shipped ------------------------------------------------------------------
 
 
@@ -404,9 +460,10 @@ def test_the_example_applications_fit_the_chart_and_sync_server_side() -> None:
 
 
 def test_argo_cds_own_lua_engine_agrees_on_every_recorded_object(tmp_path: Path) -> None:
-    """lupa stands in for Argo CD above; here every recorded object (with the promotion gate's refusal
-    and the constructed sweeps) goes through Argo CD's util/lua, built from its Go module into a test
-    binary (tests/localcluster/gomod/argocd-health), which must give the same status and message."""
+    """lupa stands in for Argo CD above; here every recorded object (with the promotion gate's refusal,
+    the constructed sweeps and federations) goes through Argo CD's util/lua, built from its Go module
+    into a test binary (tests/localcluster/gomod/argocd-health), which must give the same status and
+    message."""
     engine = shutil.which("argocd-health.test")
     assert engine, (
         "argocd-health.test is not on PATH: run `bash tests/localcluster/build.sh` (scripts/test.sh does)"
@@ -423,6 +480,7 @@ def test_argo_cds_own_lua_engine_agrees_on_every_recorded_object(tmp_path: Path)
     )
     objects.append(("modeldeployment-loaded-promotiongatefailed", gated))
     objects += [(f"finetunesweep-{name}.constructed", obj) for name, (obj, _) in SWEEPS.items()]
+    objects += [(f"federatedfinetune-{name}.constructed", obj) for name, (obj, _) in FEDERATIONS.items()]
     cases = []
     for name, obj in objects:
         status, message = health(obj["kind"], obj)

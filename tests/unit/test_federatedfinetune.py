@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from deeptune import children
+from deeptune.api.base import API_VERSION
 from deeptune.api.federatedfinetune import FederatedFineTuneStatus, parse_spec
 from deeptune.api.finetunejob import parse_spec as parse_finetunejob_spec
 from deeptune.api.trainer import FEDERATION_PORT, TrainerConfig
@@ -20,6 +21,7 @@ from deeptune.builders.federatedfinetune import FEDERATION, build_coordinator, b
 from deeptune.builders.finetunejob import ChildSettings
 from deeptune.cache import Cache
 from deeptune.config import Settings
+from deeptune.crdgen import RESOURCES
 from deeptune.reconcilers.federatedfinetune import JOBS, OBJECTS, SITES, FederatedFineTuneReconciler
 from deeptune.status.federatedfinetune import (
     coordinator_output,
@@ -272,3 +274,9 @@ def test_the_sites_of_a_deleted_federation_are_deleted_once_a_live_read_confirms
     del reads["kw"]
     reconcile([], [site])
     assert deleted == [("deeptune.dev/v1alpha1", "FineTuneJob", "kw-federated", "site-a")]
+
+
+def test_the_operator_can_address_every_resource_it_defines() -> None:
+    """A live read of a federation (before deleting its sites) goes through the same request path."""
+    for module, _, _ in RESOURCES:
+        assert children.PLURALS[(API_VERSION, module.KIND)] == module.PLURAL
