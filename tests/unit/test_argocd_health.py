@@ -34,10 +34,13 @@ from tests.conftest import ROOT
 
 ARGOCD = ROOT / "deploy" / "argocd"
 FIXTURES = Path(__file__).parent / "fixtures" / "status"
-SCRIPTS = {
-    kind: (ARGOCD / "health" / f"{kind.lower()}.lua").read_text()
-    for kind in ("FineTuneJob", "ModelDeployment", "FineTuneSweep", "FederatedFineTune")
+SCRIPT_FILES = {
+    "FineTuneJob": "finetunejob.lua",
+    "ModelDeployment": "modeldeployment.lua",
+    "FineTuneSweep": "finetunejob-owners.lua",
+    "FederatedFineTune": "finetunejob-owners.lua",  # made of FineTuneJobs too: one script for both
 }
+SCRIPTS = {kind: (ARGOCD / "health" / name).read_text() for kind, name in SCRIPT_FILES.items()}
 ARGO_HEALTH = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 
 # What Argo CD's Lua VM offers a custom health script (argo-cd util/lua/lua.go: base, table, package

@@ -59,17 +59,23 @@ def set_conditions(
     return result
 
 
+def phase_conditions(
+    previous: list[Condition], phase: str, reason: str, message: str, *, generation: int | None, now: str
+) -> list[Condition]:
+    """Ready, Running and Failed of a resource that runs and then succeeds or fails (a sweep, a
+    federation): the one its phase names is True, all three say why."""
+    wanted = {
+        "Ready": (phase == "Succeeded", reason, message),
+        "Running": (phase == "Running", reason, message),
+        "Failed": (phase == "Failed", reason, message),
+    }
+    return set_conditions(previous, wanted, generation, now)
+
+
 def invalid_spec_status(previous: S, message: str, generation: int | None, now: str) -> S:
     """A spec that cannot run: Failed/InvalidSpec; what was made and recorded already is kept."""
-    conditions = set_conditions(
-        previous.conditions,
-        {
-            "Ready": (False, INVALID_SPEC, message),
-            "Running": (False, INVALID_SPEC, message),
-            "Failed": (True, INVALID_SPEC, message),
-        },
-        generation,
-        now,
+    conditions = phase_conditions(
+        previous.conditions, "Failed", INVALID_SPEC, message, generation=generation, now=now
     )
     update = {"phase": "Failed", "observed_generation": generation, "conditions": conditions}
     return previous.model_copy(update=update, deep=True)

@@ -13,7 +13,7 @@ from deeptune.api.federatedfinetune import (
     SiteStatus,
 )
 from deeptune.api.finetunejob import FineTuneJobStatus, OutputStatus
-from deeptune.status.conditions import set_conditions
+from deeptune.status.conditions import phase_conditions
 
 Obj = dict[str, Any]
 
@@ -85,16 +85,7 @@ def derive_status(
         waiting = [site.namespace for site in sites if site.phase != "Succeeded"]
         phase, reason = "Running", "RoundsRunning"
         message = f"coordinator {coordinator.phase.lower()}; sites not done: {', '.join(waiting) or 'none'}"
-    conditions = set_conditions(
-        previous.conditions,
-        {
-            "Ready": (phase == "Succeeded", reason, message),
-            "Running": (phase == "Running", reason, message),
-            "Failed": (phase == "Failed", reason, message),
-        },
-        generation,
-        now,
-    )
+    conditions = phase_conditions(previous.conditions, phase, reason, message, generation=generation, now=now)
     return FederatedFineTuneStatus(
         phase=phase, observed_generation=generation, conditions=conditions, coordinator=coordinator,
         sites=sites, output=output if phase == "Succeeded" else None,

@@ -21,7 +21,7 @@ from deeptune.api.finetunesweep import (
 )
 from deeptune.builders.finetunesweep import PRUNED, TRIAL_NUMBER, TRIAL_PARAMETERS
 from deeptune.search import best
-from deeptune.status.conditions import set_conditions
+from deeptune.status.conditions import phase_conditions
 
 Obj = dict[str, Any]
 ENDED: frozenset[str] = frozenset({"Succeeded", "Failed", "Pruned"})
@@ -121,16 +121,7 @@ def derive_status(
     else:
         phase, reason = "Failed", "NoTrialSucceeded"
         message = f"every trial failed or was pruned ({counts['Failed']} failed, {counts['Pruned']} pruned)"
-    conditions = set_conditions(
-        previous.conditions,
-        {
-            "Ready": (phase == "Succeeded", reason, message),
-            "Running": (phase == "Running", reason, message),
-            "Failed": (phase == "Failed", reason, message),
-        },
-        generation,
-        now,
-    )
+    conditions = phase_conditions(previous.conditions, phase, reason, message, generation=generation, now=now)
     return FineTuneSweepStatus(
         phase=phase, observed_generation=generation, conditions=conditions, trials=trials,
         best_trial=best_trial, succeeded=counts["Succeeded"], failed=counts["Failed"],

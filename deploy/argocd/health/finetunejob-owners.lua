@@ -1,4 +1,5 @@
--- Argo CD health of a deeptune.dev FineTuneSweep, from the status the operator writes.
+-- Argo CD health of the deeptune.dev resources made of FineTuneJobs (FineTuneSweep: its trials;
+-- FederatedFineTune: its sites), from the status the operator writes.
 -- Argo CD runs this with Lua's base and table libraries only: no string or math functions.
 local hs = {}
 local status = obj.status or {}
@@ -37,7 +38,7 @@ elseif status.phase == "Succeeded" then
 elseif status.phase == "Failed" then
   hs.status = "Degraded"
   hs.message = explain(condition("Failed"), "Failed")
-elseif status.phase == "Running" then
+elseif status.phase == "Running" and obj.kind == "FineTuneSweep" then
   hs.status = "Progressing"
   hs.message = "Trials: " .. (status.succeeded or 0) .. " succeeded, " .. (status.failed or 0)
     .. " failed, " .. (status.pruned or 0) .. " pruned, " .. (status.running or 0) .. " running of "
@@ -46,6 +47,9 @@ elseif status.phase == "Running" then
   if best ~= nil then
     hs.message = hs.message .. "; best so far " .. best.name .. " (" .. best.objective .. ")"
   end
+elseif status.phase == "Running" then
+  hs.status = "Progressing"
+  hs.message = explain(condition("Running"), "Running")
 else
   hs.status = "Unknown"
   hs.message = "Unknown phase " .. status.phase
