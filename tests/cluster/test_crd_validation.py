@@ -95,6 +95,15 @@ def test_server_fills_in_the_models_defaults(crds: Cluster, namespace: str) -> N
             spec_with(distillation={"teacher": {}}),
             "set exactly one of name (a Hugging Face id), pvc or fineTuneJobRef",
         ),
+        (
+            spec_with(
+                dataset={
+                    "source": {"url": "https://x/y"},
+                    "augmentation": {"instructionPerturbation": {"templates": ["Hi team!"]}},
+                }
+            ),
+            "each template holds {text}, where the instruction goes",
+        ),
     ],
 )
 def test_bad_specs_are_rejected_at_apply(

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from deeptune.api.finetunejob import Augmentation
+from deeptune.api.finetunejob import Augmentation, InstructionPerturbation
 from deeptune_trainer.data.augment import augment_train
 from deeptune_trainer.data.backtranslation import Translator
-from deeptune_trainer.data.perturbation import CONTEXT, REWORD, InstructionPerturber
+from deeptune_trainer.data.perturbation import CONTEXT, InstructionPerturber, framings
 from deeptune_trainer.data.sample import Message, Sample
 from deeptune_trainer.data.split import split_by_ratio
 from deeptune_trainer.data.synonyms import SynonymReplacer, load_dictionary
@@ -85,10 +86,36 @@ def test_perturbation_uses_the_row_language() -> None:
     zh = InstructionPerturber(reword=True, insert_context=True)("我的快递到哪了？", random.Random(1))
     en = InstructionPerturber(reword=True, insert_context=True)("Where is my parcel?", random.Random(1))
     assert "我的快递到哪了？" in zh and any(sentence in zh for sentence in CONTEXT["zh"])
-    assert any(template.replace("{text}", "我的快递到哪了？") in zh for template in REWORD["zh"])
+    assert any(template.replace("{text}", "我的快递到哪了？") in zh for template in framings("zh"))
     assert "Where is my parcel?" in en and any(sentence in en for sentence in CONTEXT["en"])
     reworded = InstructionPerturber(reword=True, insert_context=False)("use {braces}", random.Random(2))
-    assert reworded in {template.replace("{text}", "use {braces}") for template in REWORD["en"]}
+    assert reworded in {template.replace("{text}", "use {braces}") for template in framings("en")}
+
+
+def test_rewording_draws_from_over_a_hundred_framings_per_language() -> None:
+    for language in ("en", "zh"):
+        assert len(set(framings(language))) > 100
+    perturb = InstructionPerturber(reword=True, insert_context=False)
+    seen = {perturb("Where is my parcel?", random.Random(seed)) for seed in range(400)}
+    assert len(seen) > 80
+
+
+def test_your_own_templates_replace_the_built_in_framings() -> None:
+    perturb = InstructionPerturber(reword=True, insert_context=False, templates=["Hi team, {text} Thanks!"])
+    assert perturb("Where is my parcel?", random.Random(0)) == "Hi team, Where is my parcel? Thanks!"
+    with pytest.raises(ValidationError, match=r"templates\[0\] has no \{text\}"):
+        InstructionPerturbation.model_validate({"templates": ["Hi team!"]})
+
+
+def test_typos_slip_one_letter_in_the_share_of_long_words_asked() -> None:
+    text = " ".join(["parcel", "delivery", "address", "tomorrow", "dog", "猫"] * 50)
+    perturb = InstructionPerturber(reword=False, insert_context=False, typos=0.2)
+    words = perturb(text, random.Random(3)).split()
+    changed = [(a, b) for a, b in zip(text.split(), words, strict=True) if a != b]
+    assert 0.1 < len(changed) / 200 < 0.3  # of the 200 words long enough
+    for before, after in changed:
+        assert len(before) >= 4 and abs(len(before) - len(after)) <= 1
+        assert (before[0], before[-1]) == (after[0], after[-1])
 
 
 # --- augmentation -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from deeptune.api.base import (
     LONG_TEXT,
@@ -373,11 +373,46 @@ class BackTranslation(ApiModel):
     round trip changed the meaning or produced noise."""
 
 
+PerturbationTemplate = Annotated[str, Field(min_length=6, max_length=1000)]
+
+
 class InstructionPerturbation(ApiModel):
-    """Reword the instruction with templates and insert irrelevant context."""
+    """The instruction asked another way: reworded, with irrelevant context, with typos."""
 
     reword: bool = True
+    """Frame the instruction with an opening and a closing phrase in its language, drawn from built-in
+    pools (over a hundred framings per language), or with `templates`."""
+    templates: Annotated[
+        list[PerturbationTemplate],
+        Field(
+            max_length=100,
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    cel(
+                        "self.all(t, t.contains('{text}'))",
+                        "each template holds {text}, where the instruction goes",
+                    )
+                ]
+            },
+        ),
+    ] = []
+    """Your own framings for `reword` instead of the built-in ones, each with `{text}` where the
+    instruction goes, e.g. `"Hi team, {text} Thanks!"`: the phrasings your users really write."""
     insert_context: bool = True
+    """Put an irrelevant sentence before or after the instruction."""
+    typos: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    """Share of Latin-script words (four letters or more) that get one typo (two neighbouring letters
+    swapped, one dropped or one doubled)."""
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_hold_the_text(cls, templates: list[str]) -> list[str]:
+        for index, template in enumerate(templates):
+            if "{text}" not in template:
+                raise ValueError(
+                    f"templates[{index}] has no {{text}}: each holds {{text}}, where the instruction goes"
+                )
+        return templates
 
 
 class EmbeddingCheck(ApiModel):

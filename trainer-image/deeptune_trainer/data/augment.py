@@ -50,9 +50,14 @@ def _row_augmenters(spec: Augmentation, dictionary: Mapping[str, Sequence[str]])
     if spec.synonyms is not None and dictionary:
         augmenters["synonyms"] = SynonymReplacer(dictionary, spec.synonyms.probability)
     perturbation = spec.instruction_perturbation
-    if perturbation is not None and (perturbation.reword or perturbation.insert_context):
+    if perturbation is not None and (
+        perturbation.reword or perturbation.insert_context or perturbation.typos
+    ):
         augmenters["instructionPerturbation"] = InstructionPerturber(
-            perturbation.reword, perturbation.insert_context
+            reword=perturbation.reword,
+            insert_context=perturbation.insert_context,
+            templates=perturbation.templates,
+            typos=perturbation.typos,
         )
     return augmenters
 
