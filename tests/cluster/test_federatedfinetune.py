@@ -115,3 +115,37 @@ def test_two_sites_train_one_adapter_that_answers_both_without_pooling_their_row
         lambda: not any(crds.list("finetunejob", site, f"{FEDERATION_LABEL}={name}") for site in sites),
         timeout=120,
     )
+
+
+def test_a_site_with_broken_data_fails_the_federation_and_nothing_waits_for_it(
+    operator: Process,
+    crds: Cluster,
+    namespace: str,
+    sites: dict[str, dict[str, Any]],
+) -> None:
+    broken, healthy = list(sites)
+    (sites[broken]["dirs"]["deeptune-data"] / "keywords-site.jsonl").unlink()
+    manifest = load_example("finetune-tiny-federated.yaml")
+    manifest["metadata"]["namespace"] = namespace
+    manifest["spec"]["sites"] = [{"namespace": site} for site in sites]
+    name = manifest["metadata"]["name"]
+    crds.apply(manifest)
+
+    def failed() -> dict[str, Any] | None:
+        status = (crds.get("federatedfinetune", name, namespace) or {}).get("status") or {}
+        return status if status.get("phase") == "Failed" else None
+
+    status = wait_for(f"{name} to fail", failed, timeout=300)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "SiteFailed", ready
+    assert f"site {broken} ({name}-federated) failed: " in ready["message"], ready
+    assert "dataset.source" in ready["message"] and "keywords-site.jsonl" in ready["message"], ready
+    # The rounds cannot finish: the coordinator's Job goes, the healthy site is suspended, not left
+    # waiting for a site that will never come.
+    wait_for(
+        "the coordinator's Job to be deleted",
+        lambda: not crds.list("jobs", namespace, f"{FEDERATION_LABEL}={name}"),
+        timeout=120,
+    )
+    site = crds.get("finetunejob", f"{name}-federated", healthy) or {}
+    assert site["spec"].get("suspend") is True, site.get("spec")

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -26,9 +29,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 
 from deeptune.api.trainer import FederationSummary, SiteResult, TrainerConfig, TrainerSummary
 from deeptune_trainer.artifacts import save_model_artifacts, write_resolved_config
+from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.evaluation import perplexity
 from deeptune_trainer.modeling import Precision, apply_method, load_model
-from deeptune_trainer.training import TrainResult, train
+from deeptune_trainer.training import TrainResult, config_fingerprint, train
 
 if TYPE_CHECKING:
     from flwr.common import EvaluateRes, FitRes, Parameters, Scalar
@@ -42,6 +46,9 @@ Log = Callable[[str], None]
 Weights = list[np.ndarray]
 CONNECT_SECONDS = 900
 """How long a site keeps trying to reach its coordinator (whose pod may start after the site's)."""
+RECONNECT_SECONDS = 2.0
+"""Between a site's tries to join its coordinator again after losing it mid-run (a coordinator pod
+retried by its Job resumes from its last average), for up to CONNECT_SECONDS."""
 
 
 def _flower() -> None:
@@ -101,11 +108,13 @@ class _SiteRounds:
         spec = self.spec.model_copy(
             update={"hyperparameters": hp.model_copy(update={"seed": hp.seed + number})}
         )
+        directory = self.output_dir / f"round-{number}"
         result = train(
             base, self.tokenizer, self.train_rows, self.validation_rows,
-            spec=spec, output_dir=self.output_dir / f"round-{number}", precision=self.precision,
+            spec=spec, output_dir=directory, precision=self.precision,
             metrics=self.metrics, callbacks=[_StartFrom(weights)], log=self.log,
         )  # fmt: skip
+        shutil.rmtree(directory, ignore_errors=True)  # a round's checkpoints are of no use after it
         self.model, self.holds_average = result.model, False
         self.results.append(result)
         assert isinstance(result.model, PeftModel)
@@ -166,13 +175,24 @@ def train_in_rounds(
         def evaluate(self, parameters: Weights, config: dict[str, Scalar]) -> Any:
             return rounds.evaluate(parameters, config)
 
-    log(f"joining the coordinator at {spec.federation.coordinator}")
-    start_client(
-        server_address=spec.federation.coordinator,
-        client=Site().to_client(),
-        insecure=True,
-        max_wait_time=CONNECT_SECONDS,
-    )
+    deadline, progress = 0.0, -1  # how long to wait for a lost coordinator, from the last loss with progress
+    while True:
+        log(f"joining the coordinator at {spec.federation.coordinator}")
+        try:
+            start_client(
+                server_address=spec.federation.coordinator,
+                client=Site().to_client(),
+                insecure=True,
+                max_wait_time=CONNECT_SECONDS,
+            )
+            break
+        except grpc.RpcError as error:  # the coordinator went away mid-run (a restart: it resumes)
+            if len(rounds.results) != progress:  # rounds came since the last loss: a new wait
+                deadline, progress = time.monotonic() + CONNECT_SECONDS, len(rounds.results)
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            log(f"lost the coordinator ({error.details()}); joining again: it goes on from its last average")
+            time.sleep(RECONNECT_SECONDS)
     if not rounds.results:
         raise RuntimeError(
             f"no round came from the coordinator at {spec.federation.coordinator} in {CONNECT_SECONDS} s"
@@ -196,17 +216,55 @@ def train_in_rounds(
 
 @dataclass
 class _Record:
-    """What the coordinator learns each round: the average, and each site's numbers."""
+    """What the coordinator learns each round: the average, and each site's numbers. The average is
+    also saved after every round, so a coordinator that restarts goes on from the last one."""
 
     latest: Parameters
+    saved: Path
+    fingerprint: str
     rounds: int = 0
+    """Rounds averaged, those of earlier attempts included."""
     sites: dict[str, SiteResult] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
+    def save(self, parameters: Parameters, round_number: int) -> None:
+        from flwr.common import parameters_to_ndarrays  # noqa: PLC0415
+
+        self.latest, self.rounds = parameters, round_number
+        self.saved.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.saved.with_suffix(".partial")
+        with partial.open("wb") as file:  # written whole, then renamed: a kill leaves the last one
+            np.savez(
+                file, *parameters_to_ndarrays(parameters), round=round_number, fingerprint=self.fingerprint
+            )
+        partial.replace(self.saved)
+
+    def resume(self, log: Log) -> None:
+        """Take up the saved average of an earlier attempt of the same configuration, if any."""
+        from flwr.common import ndarrays_to_parameters  # noqa: PLC0415
+
+        if not self.saved.exists():
+            return
+        with np.load(self.saved) as saved:
+            if str(saved["fingerprint"]) != self.fingerprint:
+                raise TrainerInputError(
+                    "InvalidSpec",
+                    f"{self.saved} holds the average of a federation with another configuration "
+                    f"(fingerprint {saved['fingerprint']}, this one {self.fingerprint}): use another output "
+                    "path, or delete it to start over",
+                )
+            count = len([key for key in saved.files if key.startswith("arr_")])
+            self.latest = ndarrays_to_parameters([saved[f"arr_{index}"] for index in range(count)])
+            self.rounds = int(saved["round"])
+        log(f"resuming after round {self.rounds}: its average is in {self.saved}")
+
 
 def _strategy(sites: int, record: _Record, log: Log) -> Any:
-    """FedAvg over every site each round, keeping the latest average and the sites' reports."""
+    """FedAvg over every site each round, keeping the latest average and the sites' reports. Flower
+    counts this attempt's rounds from 1; the sites and the record count them all."""
     from flwr.server.strategy import FedAvg  # noqa: PLC0415
+
+    done = record.rounds
 
     class RecordingFedAvg(FedAvg):
         def aggregate_fit(
@@ -216,13 +274,14 @@ def _strategy(sites: int, record: _Record, log: Log) -> Any:
             failures: list[Any],
         ) -> tuple[Parameters | None, dict[str, Scalar]]:
             parameters, metrics = super().aggregate_fit(server_round, results, failures)
-            record.failures.extend(f"round {server_round}: {failure}" for failure in failures)
+            number = done + server_round
+            record.failures.extend(f"round {number}: {failure}" for failure in failures)
             if parameters is not None:
-                record.latest, record.rounds = parameters, server_round
+                record.save(parameters, number)
             for _, res in results:
                 site = str(res.metrics.get("site", "?"))
                 record.sites.setdefault(site, SiteResult()).train_rows = res.num_examples
-            log(f"round {server_round}: averaged {len(results)} sites' adapters ({len(failures)} failed)")
+            log(f"round {number}: averaged {len(results)} sites' adapters ({len(failures)} failed)")
             return parameters, metrics
 
         def aggregate_evaluate(
@@ -238,7 +297,7 @@ def _strategy(sites: int, record: _Record, log: Log) -> Any:
                 (site, r.eval_loss) for site, r in record.sites.items() if r.eval_loss is not None
             )
             losses = ", ".join(f"{site} {loss:.4g}" for site, loss in reported)
-            log(f"round {server_round}: validation loss of the average by site: {losses or 'none'}")
+            log(f"round {done + server_round}: validation loss of the average by site: {losses or 'none'}")
             if not any(res.num_examples for _, res in results):
                 return None, {}
             return super().aggregate_evaluate(server_round, results, failures)
@@ -250,8 +309,8 @@ def _strategy(sites: int, record: _Record, log: Log) -> Any:
         min_evaluate_clients=sites,
         min_available_clients=sites,
         initial_parameters=record.latest,
-        on_fit_config_fn=lambda number: {"round": number},
-        on_evaluate_config_fn=lambda number: {"round": number},
+        on_fit_config_fn=lambda number: {"round": done + number},
+        on_evaluate_config_fn=lambda number: {"round": done + number},
     )
 
 
@@ -279,13 +338,20 @@ def coordinate(
     set_seed(spec.hyperparameters.seed)
     model = apply_method(loaded.model, spec)
     assert isinstance(model, PeftModel)
-    record = _Record(latest=ndarrays_to_parameters(adapter_weights(model)))
-    log(f"waiting for {coordination.sites} sites on {address}; {coordination.rounds} rounds")
-    start_server(
-        server_address=address,
-        config=ServerConfig(num_rounds=coordination.rounds),
-        strategy=_strategy(coordination.sites, record, log),
+    record = _Record(
+        latest=ndarrays_to_parameters(adapter_weights(model)),
+        saved=output_dir / "rounds" / "average.npz",
+        fingerprint=config_fingerprint(spec),
     )
+    record.resume(log)
+    remaining = coordination.rounds - record.rounds
+    if remaining > 0:
+        log(f"waiting for {coordination.sites} sites on {address}; rounds to go: {remaining}")
+        start_server(
+            server_address=address,
+            config=ServerConfig(num_rounds=remaining),
+            strategy=_strategy(coordination.sites, record, log),
+        )
     if record.rounds < coordination.rounds:
         failed = "; ".join(record.failures[-3:]) or "no site answered"
         raise RuntimeError(f"{record.rounds} of {coordination.rounds} rounds completed: {failed}")
