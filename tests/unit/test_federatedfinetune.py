@@ -251,6 +251,7 @@ def test_a_failed_federation_stops_its_coordinator_and_suspends_running_sites(ap
     ]
     reconcile([federation_object(example_spec(), {"phase": "Running"})], sites)
     assert written(api)["phase"] == "Failed"
+    assert api.named("create") == [], "nothing is made for a federation that cannot finish"
     assert [call[1:4] for call in api.named("remove")] == [("batch/v1", "Job", "kw-train")]
     assert [call[1:] for call in api.named("patch")] == [
         ("deeptune.dev/v1alpha1", "FineTuneJob", "kw-federated", "site-a", {"spec": {"suspend": True}})

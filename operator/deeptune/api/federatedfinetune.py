@@ -29,6 +29,7 @@ SHORT_NAME = "fft"
 MAX_SITES = 16
 Phase = Literal["Running", "Succeeded", "Failed"]
 
+UNIQUE_SITES_MESSAGE = "sites: each namespace may appear once"
 TEMPLATE_FEDERATION_MESSAGE = (
     "template.federation is the operator's to set (each site's coordinator address): leave it out"
 )
@@ -67,12 +68,9 @@ class FederatedFineTuneSpec(ApiModel):
         Field(
             min_length=2,
             max_length=MAX_SITES,
-            # The API server keeps the namespaces unique (a list keyed by them), at no CEL cost.
-            json_schema_extra={
-                **immutable("sites"),
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["namespace"],
-            },
+            # Unique namespaces are the operator's check (InvalidSpec): as a CEL rule it costs over the
+            # API server's budget, and a list keyed by namespace breaks `self == oldSelf` on status writes.
+            json_schema_extra=immutable("sites"),
         ),
     ]
     rounds: Annotated[int, Field(ge=1, le=1000, json_schema_extra=immutable("rounds"))] = 3
@@ -82,7 +80,7 @@ class FederatedFineTuneSpec(ApiModel):
     def _federable(self) -> FederatedFineTuneSpec:
         namespaces = [site.namespace for site in self.sites]
         if len(set(namespaces)) != len(namespaces):
-            raise ValueError("sites: each namespace may appear once")
+            raise ValueError(UNIQUE_SITES_MESSAGE)
         if self.template.federation is not None:
             raise ValueError(TEMPLATE_FEDERATION_MESSAGE)
         if self.template.queue_name:

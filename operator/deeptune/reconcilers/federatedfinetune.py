@@ -33,7 +33,7 @@ from deeptune.builders.finetunejob import job_name
 from deeptune.cache import Cache
 from deeptune.config import Settings
 from deeptune.status import federatedfinetune as derive
-from deeptune.status.conditions import invalid_spec_status, is_invalid_spec, now
+from deeptune.status.conditions import invalid_spec_status, now
 from deeptune.statuswriter import StatusWriter, phase_update
 from deeptune.verdicts import Invalid, SpecVerdicts
 
@@ -76,23 +76,37 @@ class FederatedFineTuneReconciler:
         if isinstance(spec, Invalid):
             await self._refuse(obj, previous, spec.message)
             return None
-        if is_invalid_spec(previous) and previous.observed_generation == generation:
-            return None
+        if previous.phase in ENDED:
+            return None  # final (an invalid spec too, immutable as it is): nothing is made again
         meta = obj["metadata"]
         owner = Owner(kind=KIND, name=meta["name"], namespace=meta["namespace"], uid=uid)
+        new = self._derive(owner, spec, previous, generation)
         found: list[events.Event] = []
-        if previous.phase not in ENDED:
+        if new.phase == "Running":
             try:
                 found += await self._start(owner, spec)
             except (ApiException, children.NotOursError) as error:
-                problem = children.rejection(error) if isinstance(error, ApiException) else str(error)
                 if isinstance(error, ApiException) and error.status != 422:
                     raise
+                problem = children.rejection(error) if isinstance(error, ApiException) else str(error)
                 await self._refuse(obj, previous, problem)
                 return None
-        sites = {f["metadata"]["namespace"]: f for f in self.cache.all(SITES, uid)}
-        jobs = self.cache.all(JOBS, uid)
-        new = derive.derive_status(
+        elif new.phase == "Failed":
+            await self._stop(owner, new)
+        await self.writer.write(obj, phase_update(previous, new, found))
+        return None
+
+    def _derive(
+        self,
+        owner: Owner,
+        spec: FederatedFineTuneSpec,
+        previous: FederatedFineTuneStatus,
+        generation: int | None,
+    ) -> FederatedFineTuneStatus:
+        """The status the coordinator's Job and the sites' FineTuneJobs (as cached) give."""
+        sites = {f["metadata"]["namespace"]: f for f in self.cache.all(SITES, owner.uid)}
+        jobs = self.cache.all(JOBS, owner.uid)
+        return derive.derive_status(
             previous,
             derive.observe_coordinator(job_name(owner), jobs[0] if jobs else None),
             [
@@ -103,10 +117,6 @@ class FederatedFineTuneReconciler:
             generation=generation,
             now=now(),
         )
-        if new.phase == "Failed" and previous.phase != "Failed":
-            await self._stop(owner, new)
-        await self.writer.write(obj, phase_update(previous, new, found))
-        return None
 
     async def _start(self, owner: Owner, spec: FederatedFineTuneSpec) -> list[events.Event]:
         """Make what is missing: the coordinator's children, then each site's FineTuneJob."""
@@ -130,13 +140,14 @@ class FederatedFineTuneReconciler:
             if existing is not None and labels.get(uid_label(KIND)) != owner.uid:
                 raise children.NotOursError(
                     f"sites: FineTuneJob {site.namespace}/{name} exists and is not this federation's: "
-                    "rename this FederatedFineTune or delete that FineTuneJob"
+                    "create this FederatedFineTune under another name (its sites are named after it)"
                 )
         return made
 
     async def _stop(self, owner: Owner, status: FederatedFineTuneStatus) -> None:
         """After a failure the rounds cannot finish: the coordinator's Job goes (it would wait for the
-        failed site for ever), and sites still running are suspended (their checkpoints stay)."""
+        failed site for ever), and sites still running are suspended (their checkpoints stay). Safe
+        to repeat (a status write that failed brings the next reconcile here again)."""
         await asyncio.to_thread(
             children.remove, "batch/v1", "Job", job_name(owner), owner.namespace, owner.uid
         )
