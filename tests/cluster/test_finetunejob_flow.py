@@ -161,5 +161,6 @@ def test_operator_serves_its_metrics_and_liveness(operator: Process, crds: Clust
     health = json.loads(wait_for("the liveness endpoint", lambda: get("liveness", "/healthz"), 30))
     report = health["operator"]
     assert report["leading"] is True and report["identity"] == "operator-0"
-    assert {c["kind"] for c in report["controllers"]} == {"FineTuneJob", "ModelDeployment", "FineTuneSweep"}
+    kinds = {"FineTuneJob", "ModelDeployment", "FineTuneSweep", "FederatedFineTune"}
+    assert {c["kind"] for c in report["controllers"]} == kinds
     assert all(c["healthy"] for c in report["controllers"])
