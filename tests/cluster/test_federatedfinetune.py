@@ -50,6 +50,15 @@ def sites(
             crds.kubectl("delete", "namespace", site, "--wait=false", check=False)
 
 
+def apply_example(crds: Cluster, namespace: str, sites: dict[str, dict[str, Any]]) -> str:
+    """examples/finetune-tiny-federated.yaml in `namespace` with these sites; its name."""
+    manifest = load_example("finetune-tiny-federated.yaml")
+    manifest["metadata"]["namespace"] = namespace
+    manifest["spec"]["sites"] = [{"namespace": site} for site in sites]
+    crds.apply(manifest)
+    return str(manifest["metadata"]["name"])
+
+
 def claims(pod: dict[str, Any]) -> set[str]:
     volumes = pod["spec"]["volumes"]
     return {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
@@ -66,11 +75,7 @@ def test_two_sites_train_one_adapter_that_answers_both_without_pooling_their_row
     tiny_volumes: dict[str, Path],
     sites: dict[str, dict[str, Any]],
 ) -> None:
-    manifest = load_example("finetune-tiny-federated.yaml")
-    manifest["metadata"]["namespace"] = namespace
-    manifest["spec"]["sites"] = [{"namespace": site} for site in sites]
-    name = manifest["metadata"]["name"]
-    crds.apply(manifest)
+    name = apply_example(crds, namespace, sites)
 
     def finished() -> dict[str, Any] | None:
         status = (crds.get("federatedfinetune", name, namespace) or {}).get("status") or {}
@@ -125,11 +130,7 @@ def test_a_site_with_broken_data_fails_the_federation_and_nothing_waits_for_it(
 ) -> None:
     broken, healthy = list(sites)
     (sites[broken]["dirs"]["deeptune-data"] / "keywords-site.jsonl").unlink()
-    manifest = load_example("finetune-tiny-federated.yaml")
-    manifest["metadata"]["namespace"] = namespace
-    manifest["spec"]["sites"] = [{"namespace": site} for site in sites]
-    name = manifest["metadata"]["name"]
-    crds.apply(manifest)
+    name = apply_example(crds, namespace, sites)
 
     def failed() -> dict[str, Any] | None:
         status = (crds.get("federatedfinetune", name, namespace) or {}).get("status") or {}

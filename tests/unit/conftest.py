@@ -29,6 +29,13 @@ class Api:
     def named(self, verb: str) -> list[tuple[Any, ...]]:
         return [call for call in self.calls if call[0] == verb]
 
+    def written(self) -> Obj:
+        """The status fields the reconciles wrote, merged in order."""
+        merged: Obj = {}
+        for call in self.named("status"):
+            merged.update(call[1])
+        return merged
+
 
 @pytest.fixture
 def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
@@ -69,3 +76,11 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
     monkeypatch.setattr(events, "post", lambda obj, event: recorded.events.append(event))
     monkeypatch.setattr(StatusWriter, "_patch", patch_status)
     yield recorded
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, Obj]:
+    """What a live read of an object finds, by name."""
+    found: dict[str, Obj] = {}
+    monkeypatch.setattr(children, "read", lambda api_version, kind, name, namespace: found.get(name))
+    return found

@@ -202,25 +202,10 @@ def reconcile(federations: list[Obj], sites: list[Obj], jobs: list[Obj] | None =
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, Obj]:
-    """What a live read finds, by name."""
-    found: dict[str, Obj] = {}
-    monkeypatch.setattr(children, "read", lambda api_version, kind, name, namespace: found.get(name))
-    return found
-
-
-@pytest.fixture
 def deleted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     calls: list[tuple[str, ...]] = []
     monkeypatch.setattr(children, "delete", lambda *a: calls.append(a) or True)
     return calls
-
-
-def written(api: Api) -> Obj:
-    merged: Obj = {}
-    for call in api.named("status"):
-        merged.update(call[1])
-    return merged
 
 
 def test_a_new_federation_starts_its_coordinator_and_a_finetunejob_per_site(api: Api, reads: Obj) -> None:
@@ -228,7 +213,7 @@ def test_a_new_federation_starts_its_coordinator_and_a_finetunejob_per_site(api:
     made = [(call[1], call[2]) for call in api.named("create")]
     assert made == [("ConfigMap", "kw-config"), ("Service", "kw-coordinator"), ("Job", "kw-train"),
                     ("FineTuneJob", "kw-federated"), ("FineTuneJob", "kw-federated")]  # fmt: skip
-    assert written(api)["phase"] == "Running"
+    assert api.written()["phase"] == "Running"
     assert [e.reason for e in api.events] == ["SiteCreated", "SiteCreated"]
 
 
@@ -236,7 +221,7 @@ def test_a_site_name_taken_by_someone_elses_finetunejob_is_refused(api: Api, rea
     api.existing["kw-federated"] = {"metadata": {"name": "kw-federated", "labels": {}}}
     reads["kw-federated"] = api.existing["kw-federated"]
     reconcile([federation_object(example_spec())], [])
-    status = written(api)
+    status = api.written()
     assert status["phase"] == "Failed"
     assert (
         "FineTuneJob site-a/kw-federated exists and is not this federation's"
@@ -250,7 +235,7 @@ def test_a_failed_federation_stops_its_coordinator_and_suspends_running_sites(ap
         {"metadata": {"name": "kw-federated", "namespace": "site-b"}, **site_ftj("Failed")},
     ]
     reconcile([federation_object(example_spec(), {"phase": "Running"})], sites)
-    assert written(api)["phase"] == "Failed"
+    assert api.written()["phase"] == "Failed"
     assert api.named("create") == [], "nothing is made for a federation that cannot finish"
     assert [call[1:4] for call in api.named("remove")] == [("batch/v1", "Job", "kw-train")]
     assert [call[1:] for call in api.named("patch")] == [

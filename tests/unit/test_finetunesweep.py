@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deeptune import children, search
+from deeptune import search
 from deeptune.api.base import describe_validation_error
 from deeptune.api.finetunesweep import Evaluation, FineTuneSweepStatus, Trial, parse_spec
 from deeptune.builders.common import Owner, uid_label
@@ -305,25 +305,10 @@ def reconcile(sweep: Obj, trials: list[Obj]) -> None:
     asyncio.run(reconciler.reconcile(SWEEP_UID))
 
 
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, Obj]:
-    """What a live read of a FineTuneJob finds, by name."""
-    found: dict[str, Obj] = {}
-    monkeypatch.setattr(children, "read", lambda api_version, kind, name, namespace: found.get(name))
-    return found
-
-
-def written(api: Api) -> Obj:
-    merged: Obj = {}
-    for call in api.named("status"):
-        merged.update(call[1])
-    return merged
-
-
 def test_a_new_sweep_starts_as_many_trials_as_parallelism_allows(api: Api, reads: dict[str, Obj]) -> None:
     reconcile(sweep_object(sweep_spec()), [])
     assert [call[2] for call in api.named("create")] == ["s-0", "s-1"]
-    status = written(api)
+    status = api.written()
     assert [t["name"] for t in status["trials"]] == ["s-0", "s-1"] and status["phase"] == "Running"
     assert [e.reason for e in api.events] == ["TrialCreated", "TrialCreated"]
 
@@ -350,13 +335,13 @@ def test_a_trial_made_before_the_cache_saw_it_is_found_not_made_again(
     reads["s-0"] = made_trial(0, {"phase": "Running"})
     reconcile(sweep_object(sweep_spec(parallelism=1), recorded), [])
     assert not api.named("create")
-    assert written(api).get("trials", recorded["trials"])[0]["phase"] in ("Pending", "Running")
+    assert api.written().get("trials", recorded["trials"])[0]["phase"] in ("Pending", "Running")
 
 
 def test_a_deleted_trial_is_recorded_as_failed_and_replaced(api: Api, reads: dict[str, Obj]) -> None:
     recorded = {"trials": [{"number": 0, "name": "s-0", "parameters": {LR: 1e-2}, "phase": "Running"}]}
     reconcile(sweep_object(sweep_spec(parallelism=1), recorded), [])
-    trials = written(api)["trials"]
+    trials = api.written()["trials"]
     assert trials[0]["phase"] == "Failed" and trials[0]["message"] == "its FineTuneJob was deleted"
     assert [call[2] for call in api.named("create")] == ["s-1"]
 
@@ -378,7 +363,7 @@ def test_a_trailing_trial_is_suspended_and_marked_pruned(api: Api, reads: dict[s
         and patch[5]["spec"] == {"suspend": True}
         and PRUNED in patch[5]["metadata"]["annotations"]
     )
-    status = written(api)
+    status = api.written()
     assert status["trials"][1]["phase"] == "Pruned" and status["phase"] == "Succeeded"
     assert status["bestTrial"]["name"] == "s-0"
     assert [e.reason for e in api.events] == ["TrialPruned", "BestTrialFound"]
@@ -387,5 +372,5 @@ def test_a_trailing_trial_is_suspended_and_marked_pruned(api: Api, reads: dict[s
 def test_an_invalid_sweep_is_reported_and_makes_nothing(api: Api, reads: dict[str, Obj]) -> None:
     reconcile(sweep_object(sweep_spec(objective={"metric": "f1"})), [])
     assert not api.named("create")
-    status = written(api)
+    status = api.written()
     assert status["phase"] == "Failed" and status["conditions"][-1]["reason"] == "InvalidSpec"
