@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from typing import Any
 
@@ -90,6 +91,23 @@ def test_degenerate_rows() -> None:
     kept, stats = _clean(rows)
     assert (kept, stats.degenerate) == ([("q", "fine")], 2)
     assert len(_clean(rows, dropDegenerate=False)[0]) == 3
+
+
+def test_a_target_repeating_its_prompt_is_found_whatever_the_quick_checks_skip() -> None:
+    # The length and first-character checks only skip work; with characters whose case folds grow
+    # (ß → ss, ΐ → three) and spaces anywhere, the answer must be the plain comparison's.
+    rng = random.Random(8)
+    pieces = ["ß", "ss", "SS", "ΐ", "ΐ", "a", "A", " ", "\u3000", "你", "!"]
+    repeats = 0
+    for _ in range(5000):
+        prompt = "".join(rng.choices(pieces, k=rng.randint(0, 6)))
+        target = "".join(rng.choices(pieces, k=rng.randint(1, 6)))
+        bare = "".join(target.split())
+        repeated = bool(bare) and bare.casefold() == "".join(prompt.split()).casefold()
+        repeats += repeated
+        if repeated:
+            assert is_degenerate(_sample(prompt, target)), (prompt, target)
+    assert repeats > 50
 
 
 def test_pii_is_redacted_in_every_turn_and_counted_per_type() -> None:

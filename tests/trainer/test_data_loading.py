@@ -53,6 +53,40 @@ def test_jsonl_bad_lines_are_counted_with_line_numbers(tmp_path: Path) -> None:
     assert loaded.source == "dataset.source.pvc"
 
 
+JSON_LINES = [
+    '{"a": 1}', ' {"a": 1}', '{"a": 1} ', '{"a": 1}\r', '{"a": 1}\t\r', '{"a": 1} x', '{"a": 1}{"b": 2}',
+    '{"a": NaN}', '{"a": 123456789012345678901234567890}', '{"a": "\\ud800"}', '[1, 2]', '"s"', '1 2',
+    '{"a": 1}\u3000', '{"a": 1}\x0c', '{"a" 1}', "", "{", '{"a": {"b": [1, {"c": null}]}}',
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("line", JSON_LINES)
+def test_a_json_line_reads_as_json_loads_reads_it(line: str) -> None:
+    # The reader tries raw_decode first (half the time); what it reads, and how it words a failure,
+    # must be json.loads' own.
+    try:
+        expected: object = json.loads(line)
+    except json.JSONDecodeError as error:
+        with pytest.raises(json.JSONDecodeError) as raised:
+            formats._json_value(line)
+        assert (raised.value.msg, raised.value.colno) == (error.msg, error.colno)
+        return
+    assert json.dumps(formats._json_value(line)) == json.dumps(expected)  # NaN, which is not equal to itself
+
+
+def test_rows_share_their_column_names(tmp_path: Path) -> None:
+    # A row holds its cells; rows with the same columns share one tuple of names, so a million rows
+    # do not hold a million dicts and a million copies of each name.
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    rows.append({"completion": "e", "x": 1})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    first, second, third = load_rows(PVC, str(path), "auto", where="dataset.source").rows
+    assert first.columns is second.columns and second.cells == ("c", "d")
+    assert third.values == {"completion": "e", "x": 1}
+    assert (third.get("x"), third.get("prompt"), third.has("prompt")) == (1, None, False)
+
+
 def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "a\u2028b", "completion": "c"}\n', encoding="utf-8")

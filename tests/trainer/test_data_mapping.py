@@ -16,7 +16,7 @@ FIELDS = FieldMapping()
 
 
 def _loaded(*rows: dict[str, Any]) -> LoadedRows:
-    return LoadedRows("dataset.source.pvc", "line", [RawRow(n, row) for n, row in enumerate(rows, 1)])
+    return LoadedRows("dataset.source.pvc", "line", [RawRow.of(n, row) for n, row in enumerate(rows, 1)])
 
 
 def _conversation(*turns: tuple[str, str]) -> tuple[Message, ...]:

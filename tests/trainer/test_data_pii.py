@@ -8,7 +8,15 @@ from collections import Counter
 
 import pytest
 
-from deeptune_trainer.data.pii import DETECTORS, PLACEHOLDERS, Detector, luhn_valid, redact, valid_id_card
+from deeptune_trainer.data.pii import (
+    DETECTORS,
+    PLACEHOLDERS,
+    Detector,
+    luhn_valid,
+    may_hold,
+    redact,
+    valid_id_card,
+)
 
 ALL = list(PLACEHOLDERS)
 VALID_ID = "11010519491231002X"
@@ -140,3 +148,17 @@ def test_the_quick_checks_before_each_detector_never_change_what_is_found() -> N
     for _ in range(3000):
         text = "".join(rng.choice(PII_PIECES) for _ in range(rng.randint(1, 6)))
         assert redact(text, kinds) == _redact_without_gates(text, kinds), text
+
+
+def test_one_check_of_a_whole_row_never_skips_a_part_that_holds_personal_data() -> None:
+    # The cleaner asks `may_hold` once of a row's texts joined; a row it lets go must be one where no
+    # part would have been redacted.
+    rng = random.Random(6)
+    kinds = list(PLACEHOLDERS)
+    skipped = 0
+    for _ in range(3000):
+        parts = ["".join(rng.choice(PII_PIECES) for _ in range(rng.randint(0, 3))) for _ in range(3)]
+        if not may_hold("\n".join(parts), kinds):
+            skipped += 1
+            assert [redact(part, kinds) for part in parts] == [(part, Counter()) for part in parts], parts
+    assert skipped > 100

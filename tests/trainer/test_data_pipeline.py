@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,22 @@ def test_end_to_end_counts(tmp_path: Path) -> None:
     ]
     redacted = [s for s in prepared.train + prepared.validation if "[PHONE]" in s.messages[0].content]
     assert [s.line for s in redacted] == [19]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_cycle_collector_is_left_as_the_caller_had_it(tmp_path: Path, enabled: bool) -> None:
+    # Reading and cleaning hold it off (rows hold no cycles); a failed read must restore it too.
+    data = _write_jsonl(tmp_path / "train.jsonl", _customer_service_rows())
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "a", "completion": ""}])
+    try:
+        gc.enable() if enabled else gc.disable()
+        prepare_dataset(_spec(), _paths(tmp_path, data), seed=5)
+        assert gc.isenabled() is enabled
+        with pytest.raises(TrainerInputError):
+            prepare_dataset(_spec(), _paths(tmp_path, empty), seed=5)
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
 
 
 def test_split_is_reproducible_with_the_seed(tmp_path: Path) -> None:

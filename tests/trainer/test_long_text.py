@@ -83,7 +83,7 @@ def test_a_short_document_is_one_window_and_conversations_are_unchanged(tiny_lla
 def test_text_rows_are_documents() -> None:
     assert resolve_style("auto", ["text", "id"], FieldMapping()) == "text"
     loaded = LoadedRows(
-        "docs.jsonl", "line", [RawRow(1, {"text": "a long story"}), RawRow(2, {"text": None})]
+        "docs.jsonl", "line", [RawRow.of(1, {"text": "a long story"}), RawRow.of(2, {"text": None})]
     )
     samples, bad = map_rows(loaded, "text", FieldMapping())
     assert [sample.target for sample in samples] == ["a long story"] and samples[0].is_document

@@ -41,7 +41,7 @@ def keyword_pair_task() -> Pairs:
 
 
 def _mapped(*rows: dict[str, Any]) -> tuple[list[Sample], list[str]]:
-    loaded = LoadedRows("data.jsonl", "line", [RawRow(i + 1, row) for i, row in enumerate(rows)])
+    loaded = LoadedRows("data.jsonl", "line", [RawRow.of(i + 1, row) for i, row in enumerate(rows)])
     samples, bad = map_rows(loaded, "preference", FieldMapping())
     return samples, [row.reason for row in bad]
 

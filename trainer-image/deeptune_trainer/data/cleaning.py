@@ -95,6 +95,13 @@ CASEFOLD_GROWTH = 3
 """The most characters str.casefold makes of one (e.g. 'ΐ' → 3)."""
 
 
+def _may_start_alike(first: str, second: str) -> bool:
+    """Whether the two texts may be equal once case folded, judged by their first characters: each
+    folds to a start of the same text, so one must begin the other (most pairs: no)."""
+    start, other = first[:1].casefold(), second[:1].casefold()
+    return start.startswith(other) or other.startswith(start)
+
+
 def is_degenerate(sample: Sample) -> bool:
     """An empty target, one that repeats the prompt, or one character repeated, or a pair whose two
     answers are the same: nothing to learn."""
@@ -109,6 +116,7 @@ def is_degenerate(sample: Sample) -> bool:
     if (
         prompt is not None
         and CASEFOLD_GROWTH * len(prompt) >= len(target)
+        and _may_start_alike(target, prompt.lstrip())
         and target.casefold() == "".join(prompt.split()).casefold()
     ):
         return True
@@ -117,8 +125,10 @@ def is_degenerate(sample: Sample) -> bool:
     )
 
 
-def _redact(sample: Sample, kinds: list[PiiType]) -> tuple[Sample, Counter[PiiType]]:
-    """The sample with personal data replaced (the same object when none was found), and what was found."""
+def _redact(sample: Sample, kinds: list[PiiType]) -> tuple[Sample, Counter[PiiType]] | None:
+    """The sample with personal data replaced, and what was found; None when nothing was."""
+    if not pii.may_hold("\n".join(sample.texts), kinds):  # most rows: one check, not one per turn
+        return None
     found: Counter[PiiType] = Counter()
     contents = []
     for text in sample.texts:
@@ -126,7 +136,7 @@ def _redact(sample: Sample, kinds: list[PiiType]) -> tuple[Sample, Counter[PiiTy
         found.update(counts)
         contents.append(content)
     if not found:
-        return sample, found
+        return None
     turns = contents[: len(sample.messages)]
     messages = tuple(Message(m.role, content) for m, content in zip(sample.messages, turns, strict=True))
     rejected = None if sample.rejected is None else contents[-1]
@@ -174,21 +184,20 @@ class Cleaner:
         if len(sample.target) < rules.min_chars:
             stats.too_short += 1
             return None
-        if sum(len(text) for text in sample.texts) > rules.max_chars:
+        if sum(map(len, sample.texts)) > rules.max_chars:
             stats.too_long += 1
             return None
         if rules.drop_degenerate and is_degenerate(sample):
             stats.degenerate += 1
             return None
-        if rules.pii.action != "off":
-            redacted, found = _redact(sample, rules.pii.types)
+        if rules.pii.action != "off" and (redaction := _redact(sample, rules.pii.types)) is not None:
+            redacted, found = redaction
             stats.pii_found.update(found)
-            if found and rules.pii.action == "drop":
+            if rules.pii.action == "drop":
                 stats.pii_dropped += 1
                 return None
-            if found:
-                stats.pii_redacted += 1
-                sample = redacted
+            stats.pii_redacted += 1
+            sample = redacted
         return sample if self._is_new(sample, stats) else None
 
     def _is_new(self, sample: Sample, stats: CleaningStats) -> bool:
@@ -197,7 +206,7 @@ class Cleaner:
         # Roles and the label are part of the identity: the same words as a different turn, or with a
         # different label, are a different example. Case, width, punctuation and spacing are not
         # (comparison_text).
-        turns = "\x1e".join(f"{m.role}\x1f{comparison_text(m.content)}" for m in sample.messages)
+        turns = "\x1e".join([f"{m.role}\x1f{comparison_text(m.content)}" for m in sample.messages])
         rejected = "" if sample.rejected is None else comparison_text(sample.rejected)
         key = exact_key(f"{turns}\x1d{sample.label or ''}\x1d{rejected}")
         if key in self._seen:

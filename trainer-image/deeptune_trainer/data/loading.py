@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from deeptune.api.finetunejob import DataSource, HubDataset
@@ -24,7 +25,7 @@ from deeptune_trainer.data.formats import (
     parse_parquet,
 )
 from deeptune_trainer.data.hub import fetch_split
-from deeptune_trainer.data.rows import LoadedRows, RawRow
+from deeptune_trainer.data.rows import LoadedRows
 from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.lineage import file_digest, files_digest, rows_digest
 
@@ -121,7 +122,7 @@ def _hub_rows(hub: HubDataset, fmt: Format, where: str, token_env: str, cache_di
     loaded = LoadedRows(where, "record")
     for file, name in zip(fetched.files, fetched.names, strict=True):
         part = _parse_file(file, fmt, f"{where} ({name})", name)
-        loaded.rows += [RawRow(len(loaded.rows) + n, row.values) for n, row in enumerate(part.rows, 1)]
+        loaded.rows += [replace(row, line=len(loaded.rows) + n) for n, row in enumerate(part.rows, 1)]
         loaded.bad += part.bad
     loaded.commit = fetched.commit
     loaded.digest = files_digest(zip(fetched.names, fetched.files, strict=True))
@@ -139,7 +140,9 @@ def load_rows(
         where = loaded.source
     elif source.inline is not None:
         where = f"{where}.inline"
-        loaded = LoadedRows(where, "record", [RawRow(n, dict(row)) for n, row in enumerate(source.inline, 1)])
+        loaded = LoadedRows(where, "record")
+        for number, row in enumerate(source.inline, 1):
+            loaded.add(number, dict(row))
         loaded.digest = rows_digest(source.inline)
     elif source.url is not None:
         where = f"{where}.url"

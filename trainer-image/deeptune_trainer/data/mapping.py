@@ -40,8 +40,8 @@ class _RowError(ValueError):
 def columns_of(rows: list[RawRow]) -> list[str]:
     """Every column some row has, in first-seen order (JSON rows need not share their keys)."""
     seen: dict[str, None] = {}
-    for row in rows:
-        seen.update(dict.fromkeys(row.values))
+    for columns in {id(row.columns): row.columns for row in rows}.values():  # rows share them
+        seen.update(dict.fromkeys(columns))
     return list(seen)
 
 
@@ -115,9 +115,9 @@ def _text(value: Any, what: str) -> str:
 
 
 def _column(row: RawRow, column: str) -> str:
-    if column not in row.values:
+    if not row.has(column):
         raise _RowError(f"column '{column}' is missing")
-    return _text(row.values[column], f"column '{column}'")
+    return _text(row.get(column), f"column '{column}'")
 
 
 def _content(value: Any, what: str) -> str:
@@ -145,9 +145,9 @@ def _message(item: Any, number: int) -> Message:
 
 
 def _chat(row: RawRow, column: str) -> tuple[Message, ...]:
-    if column not in row.values:
+    if not row.has(column):
         raise _RowError(f"column '{column}' is missing")
-    value = row.values[column]
+    value = row.get(column)
     if isinstance(value, str):
         try:  # CSV cells hold the messages as JSON text.
             value = json.loads(value)
@@ -165,9 +165,9 @@ def _chat(row: RawRow, column: str) -> tuple[Message, ...]:
 
 def _answer(row: RawRow, column: str) -> str:
     """A preference pair's answer: text, or a list of one assistant message (TRL's conversational form)."""
-    if column not in row.values:
+    if not row.has(column):
         raise _RowError(f"column '{column}' is missing")
-    value = row.values[column]
+    value = row.get(column)
     if not isinstance(value, list):
         return _text(value, f"column '{column}'")
     if len(value) != 1 or _message(value[0], 1).role != "assistant":
@@ -178,7 +178,7 @@ def _answer(row: RawRow, column: str) -> str:
 def _pair(row: RawRow, fields: FieldMapping) -> tuple[tuple[Message, ...], str]:
     """A preference row: the prompt (text, or messages ending with the user's) with the chosen answer
     as the final turn, and the rejected answer."""
-    prompt = row.values.get(fields.prompt)
+    prompt = row.get(fields.prompt)
     if isinstance(prompt, list):
         messages = tuple(_message(item, number) for number, item in enumerate(prompt, start=1))
         if not messages or messages[-1].role != "user":
@@ -191,7 +191,7 @@ def _pair(row: RawRow, fields: FieldMapping) -> tuple[tuple[Message, ...], str]:
 
 def _instruction(row: RawRow, fields: FieldMapping) -> tuple[Message, ...]:
     instruction = _column(row, fields.instruction)
-    extra = _column(row, fields.input) if row.values.get(fields.input) is not None else ""
+    extra = _column(row, fields.input) if row.get(fields.input) is not None else ""
     prompt = "\n\n".join(part for part in (instruction, extra) if part.strip())
     return Message("user", prompt), Message("assistant", _column(row, fields.output))
 
@@ -216,7 +216,7 @@ def map_rows(loaded: LoadedRows, style: Style, fields: FieldMapping) -> tuple[li
             messages, rejected = (
                 _pair(row, fields) if style == "preference" else (_messages(row, style, fields), None)
             )
-            label = row.values.get(fields.label)
+            label = row.get(fields.label)
             label_text = None if label is None else _text(label, f"column '{fields.label}'")
             samples.append(Sample(messages, row.line, label_text, rejected=rejected))
         except _RowError as problem:

@@ -9,6 +9,7 @@ stray zero-width characters, a question mark or upper case count as the same row
 
 from __future__ import annotations
 
+import operator
 import re
 import sys
 import unicodedata
@@ -38,7 +39,8 @@ TO_CHINESE = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；", ".": "
 _ZH_MARK_BEFORE_LETTER = re.compile(r"([，。！？：；、])(?=[A-Za-z])")
 _ASCII_MARK = re.compile(r" *(\.\.\.|[,!?:;.]) *")
 _PARENTHESES = re.compile(r"\(([^()\n]*)\)")
-_SPACED_ZH_MARK = re.compile(r" *([，。！？：；、（）]) *")
+_CHINESE_MARKS = "，。！？：；、（）"
+_SPACED_ZH_MARK = re.compile(f" *([{_CHINESE_MARKS}]) *")
 _PROTECTED = re.compile(
     r"(?:https?|ftp)://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*[A-Za-z0-9\-_~/#=&%+]"  # URLs
     r"|[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"  # e-mail addresses
@@ -47,6 +49,9 @@ _PROTECTED = re.compile(
 
 
 def _nfkc(text: str) -> str:
+    # Every kept mark is one NFKC changes, so a text NFKC leaves alone holds none: nothing to split.
+    if unicodedata.is_normalized("NFKC", text):
+        return text
     return _NFKC_SEGMENT.sub(lambda match: unicodedata.normalize("NFKC", match.group()), text)
 
 
@@ -97,15 +102,43 @@ def _to_ascii(line: str) -> str:
     return _ZH_MARK_BEFORE_LETTER.sub(r"\1 ", line).translate(TO_ASCII)
 
 
+_CHINESE_LINE_WORK = re.compile(f"[(.,!?:;]| [{_CHINESE_MARKS}]|[{_CHINESE_MARKS}] ")
+"""What `_to_chinese` can change: an ASCII mark or parenthesis, or a space next to a Chinese mark."""
+_ASCII_LINE_WORK = re.compile("[" + re.escape("".join(map(chr, TO_ASCII))) + "]")
+"""What `_to_ascii` can change: a mark it translates."""
+
+
+def _unify_line(line: str) -> str:
+    # Most lines hold nothing either rule changes; finding that out is a regex search, not a rewrite.
+    if is_chinese(line):
+        return _to_chinese(line) if _CHINESE_LINE_WORK.search(line) else line
+    return _to_ascii(line) if _ASCII_LINE_WORK.search(line) else line
+
+
 def unify_punctuation(text: str) -> str:
     """Chinese lines get Chinese punctuation, other lines ASCII; decided per line, so code lines and
     English paragraphs inside a Chinese answer keep their ASCII punctuation."""
-    return "\n".join(_to_chinese(line) if is_chinese(line) else _to_ascii(line) for line in text.split("\n"))
+    return "\n".join(map(_unify_line, text.split("\n")))
+
+
+_UNTIDY_SPACE = re.compile(r"[^\S \n]|  | \n|\n\n\n")
+"""Whitespace `collapse_whitespace` may change: any but a space or a newline, two spaces, a space
+ending a line, two blank lines. A text without it, and not starting or ending with whitespace, is
+already tidy."""
+
+
+def is_tidy(text: str) -> bool:
+    """Whether `collapse_whitespace` would leave the text as it is (most texts): one regex search."""
+    return not (_UNTIDY_SPACE.search(text) or text[:1].isspace() or text[-1:].isspace())
 
 
 def collapse_whitespace(text: str) -> str:
     """Single spaces inside lines, no trailing spaces, at most one blank line in a row. Leading
     indentation is kept: it is meaningful in code."""
+    return text if is_tidy(text) else _collapse(text)
+
+
+def _collapse(text: str) -> str:
     lines = []
     for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         indent = len(line) - len(line.lstrip(" \t"))
@@ -123,6 +156,8 @@ is normalized: no rule changes those characters."""
 
 def normalize_text(text: str, options: Normalization) -> str:
     """`text` normalized as `options` say, fenced code blocks left exactly as they are."""
+    if "```" not in text and "~~~" not in text:  # no fence, no code block
+        return _normalize_prose(text, options)
     blocks: list[str] = []
 
     def hide(block: re.Match[str]) -> str:
@@ -160,13 +195,11 @@ def _normalized(message: Message, options: Normalization) -> Message:
 def normalize_sample(sample: Sample, options: Normalization) -> Sample:
     """The form the model trains on: assistant turns only when `options.targets` says so. A row that
     normalization leaves as it was is the same object (most rows: no copy of a million of them)."""
-    messages = tuple(_normalized(message, options) for message in sample.messages)
+    messages = tuple([_normalized(message, options) for message in sample.messages])
     rejected = sample.rejected
     if rejected is not None and options.targets:  # a pair's other answer is an assistant turn too
         rejected = normalize_text(rejected, options)
-    if rejected == sample.rejected and all(
-        new is old for new, old in zip(messages, sample.messages, strict=True)
-    ):
+    if rejected == sample.rejected and all(map(operator.is_, messages, sample.messages)):
         return sample
     return replace(sample, messages=messages, rejected=rejected)
 
@@ -175,15 +208,22 @@ def comparison_text(text: str) -> str:
     """The form dedup compares: NFKC, case folded, without punctuation, spacing or control characters.
     Rows that differ only in those are the same row to a reader (`解释量子计算的基本原理` and
     `解释量子计算的基本原理？`, a question in upper case)."""
-    return unicodedata.normalize("NFKC", text).casefold().translate(_ignored_characters())
+    return unicodedata.normalize("NFKC", text).casefold().translate(_comparison_table())
 
 
 @cache
-def _ignored_characters() -> dict[int, None]:
-    """Punctuation (P*), separators (Z*), control (Cc) and format characters such as zero-width
-    spaces (Cf): a deletion table for str.translate, built once (about 0.3 s)."""
-    return {
-        code: None
-        for code in range(sys.maxunicode + 1)
-        if unicodedata.category(chr(code))[0] in "PZ" or unicodedata.category(chr(code)) in ("Cc", "Cf")
-    }
+def _comparison_table() -> dict[int, int | None]:
+    """A str.translate table deleting punctuation (P*), separators (Z*), control (Cc) and format
+    characters such as zero-width spaces (Cf), built once (about 0.1 s).
+
+    It also maps every other character of the Basic Multilingual Plane to itself: translate looks up
+    each character, and a miss costs a raised and cleared KeyError, so a Chinese text is folded in
+    ~35 ns a character instead of ~55 (measured), for ~7 MB held once."""
+    table: dict[int, int | None] = {}
+    for code in range(sys.maxunicode + 1):
+        category = unicodedata.category(chr(code))
+        if category[0] in "PZ" or category in ("Cc", "Cf"):
+            table[code] = None
+        elif code <= 0xFFFF:
+            table[code] = code
+    return table

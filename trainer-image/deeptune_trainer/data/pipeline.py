@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from deeptune.api.finetunejob import Augmentation, DatasetReport, DatasetSpec, DataSource
@@ -56,6 +59,20 @@ class _Source:
     """The source's spec path, e.g. `dataset.source`."""
     commit: str | None
     digest: str | None
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector held off while rows are read and cleaned. Rows hold no reference
+    cycles, yet each full collection walks every row held so far: at a million rows that was ~10% of
+    reading and cleaning (measured). Restored after, as the caller had it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _read(
@@ -141,11 +158,12 @@ def prepare_dataset(
     `pairs` says the run tunes on preference pairs (`spec.preference`), which `auto` then looks for;
     `translator_factory` replaces the transformers models used for back-translation;"""
     hub_cache = paths.hub_cache
-    train_source = _read(
-        spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache, pairs=pairs
-    )
-    cleaner = Cleaner(spec.cleaning)
-    train, stats = cleaner.clean(drain(train_source.samples))
+    with _collector_paused():
+        train_source = _read(
+            spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache, pairs=pairs
+        )
+        cleaner = Cleaner(spec.cleaning)
+        train, stats = cleaner.clean(drain(train_source.samples))
     if not train:
         raise _nothing_left("", train_source, stats, spec)
     sources = [train_source]

@@ -18,5 +18,8 @@ def is_cjk(char: str) -> bool:
 def is_chinese(text: str) -> bool:
     """Whether CJK is the dominant script. One Han character carries about a word, so Han characters
     are weighed against Latin *words*: "用 PyTorch 训练模型" is Chinese, "the word 你好" is English."""
-    han = len(_CJK.findall(text))
-    return han > 0 and han >= len(_LATIN_WORD.findall(text))
+    if _CJK.search(text) is None:
+        return False
+    if _LATIN_WORD.search(text) is None:  # counting needs both (most lines hold one script)
+        return True
+    return len(_CJK.findall(text)) >= len(_LATIN_WORD.findall(text))
