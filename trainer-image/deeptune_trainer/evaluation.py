@@ -18,7 +18,6 @@ from typing import cast
 import sacrebleu
 import torch
 from peft import PeftModel
-from rouge_score import rouge_scorer
 from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from deeptune.api.finetunejob import EvalResults, FineTuneJobSpec, GenerationSpec
@@ -176,6 +175,8 @@ class _RougeTokenizer:
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 over the rows."""
+    from rouge_score import rouge_scorer  # noqa: PLC0415  (with nltk ~40 MB: loaded when ROUGE is asked for)
+
     kinds = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(kinds), tokenizer=_RougeTokenizer())
     totals = dict.fromkeys(kinds, 0.0)
