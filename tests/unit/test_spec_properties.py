@@ -613,9 +613,7 @@ def generated_specs(draw: st.DrawFn, kind: str, ops: Sequence[str] = OPS) -> Gen
 
 
 def any_generated_specs() -> st.SearchStrategy[Generated]:
-    return (
-        generated_specs("FineTuneJob") | generated_specs("ModelDeployment") | generated_specs("FineTuneSweep")
-    )
+    return st.one_of(*(generated_specs(kind) for kind in SEEDS))
 
 
 # --- "names the field" -----------------------------------------------------------------------------
