@@ -1,5 +1,6 @@
 """Federated fine-tuning (Flower) between processes on loopback: two sites that each know half of the
-keyword task, a coordinator that averages their adapters (and is killed and restarted on the way).
+keyword task, a coordinator that averages their adapters (the coordinator and then a site are killed
+and restarted on the way).
 The averaged adapter answers both halves; an adapter trained on one site's rows alone does not answer
 the other's."""
 
@@ -127,18 +128,29 @@ def test_the_averaged_adapter_answers_what_each_site_alone_cannot(
     running = [(_start(config), config) for config in sites.values()]
     # The coordinator is killed after round 3 (a pod evicted) and started again (the Job's retry): it
     # goes on from its last average, and the sites, having lost it, join it again.
-    wait_for_round(coordinator.parent / "out" / "rounds" / "average.npz", 3, first)
+    average = coordinator.parent / "out" / "rounds" / "average.npz"
+    wait_for_round(average, 3, first)
     first.kill()
     first.communicate()
-    coordinated = _finish(_start(coordinator), coordinator)
+    second = _start(coordinator)
+    # Then site-a is killed after round 6 (its pod lost) and started again: the others go on without
+    # it for the round it dropped, and it joins the next from its data pipeline and model load.
+    wait_for_round(average, 6, second)
+    dropped, site_a = running[0]
+    dropped.kill()
+    dropped.communicate()
+    running[0] = (_start(site_a), site_a)
+    coordinated = _finish(second, coordinator)
     assert "resuming after round" in (coordinator.parent / "output.log").read_text()
     site_summaries = [_finish(process, config) for process, config in running]
     alone_summaries = {site: _finish(_start(config), config) for site, config in alone.items()}
 
     assert coordinated.federation is not None and coordinated.federation.rounds == ROUNDS
     assert {s: r.train_rows for s, r in coordinated.federation.sites.items()} == {s: 120 for s in HALVES}
-    for summary in site_summaries:  # each site scores the final average on its own held-out rows
-        assert summary.steps is not None and summary.steps >= ROUNDS * STEPS  # a round lost in the kill
+    restarted, kept = site_summaries  # each scores the final average on its own held-out rows
+    assert kept.steps is not None and kept.steps >= ROUNDS * STEPS  # a round lost in the kill
+    assert restarted.steps is not None and 0 < restarted.steps <= (ROUNDS - 6) * STEPS
+    for summary in site_summaries:
         assert summary.eval_results is not None and summary.eval_results.baseline is not None
     averaged = coordinator.parent / "out" / "adapter"
     spec = _spec(evaluation=evaluation)
