@@ -41,12 +41,15 @@ class World:
 
     rank: int = 0
     size: int = 1
+    pod: int = 0
+    """The launcher's group rank: workers of pod 0 share rank 0's files."""
 
     @classmethod
     def from_env(cls) -> World:
         return cls(
             rank=int(os.environ.get("RANK", "0")),
             size=int(os.environ.get("WORLD_SIZE", "1")),
+            pod=int(os.environ.get("GROUP_RANK", "0")),
         )
 
     @property

@@ -13,6 +13,7 @@ evaluates the trained model and writes everything a user or the operator reads.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
@@ -272,8 +273,10 @@ def main(config: TrainerConfig, *, log: Log = _say) -> int:
         start = coordinate if config.coordinator else run  # a federation's coordinator reads no rows
         summary = start(config, metrics=metrics, log=log, world=world)
     except TrainerInputError as error:
-        _report(_failure(error.reason, error.message), config, log)
+        # Said before the summary is written: a worker waiting for the summary leaves once it is there
+        # (`_await_report`), and the launcher then stops this process too.
         print(f"error: {error.reason}: {error.message}", file=sys.stderr, flush=True)
+        _report(_failure(error.reason, error.message), config, log)
         return EXIT_INVALID_INPUT
     except torch.cuda.OutOfMemoryError as error:
         message = (
@@ -295,8 +298,35 @@ def main(config: TrainerConfig, *, log: Log = _say) -> int:
 
 def _worker(config: TrainerConfig, world: World) -> int:
     """A worker other than rank 0: trains its part; rank 0 reports the outcome for the whole run."""
+    started = time.time()
     try:
         run(config, log=_quiet, world=world)
     except TrainerInputError:
+        if world.pod == 0:
+            _await_report(Path(config.termination_message_path), since=started)
         return EXIT_INVALID_INPUT  # rank 0 meets the same input and says what is wrong with it
     return 0
+
+
+REPORT_WAIT_SECONDS = 60.0
+"""How long a worker that met bad input waits for rank 0 to say what is wrong before it leaves."""
+
+
+def _await_report(summary: Path, since: float) -> None:
+    """Until rank 0 has written this run's summary (or REPORT_WAIT_SECONDS). The launcher stops every
+    worker once one has exited, so a worker that left first could cut rank 0 off before its report:
+    seen in CI, a run that failed on a missing dataset with no summary and no message."""
+    deadline = time.monotonic() + REPORT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if summary.exists() and summary.stat().st_mtime >= since and _is_whole(summary):
+            return
+        time.sleep(0.1)
+
+
+def _is_whole(summary: Path) -> bool:
+    """Whether the summary is written to its end (it is written in place, not renamed)."""
+    try:
+        TrainerSummary.model_validate_json(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
