@@ -128,11 +128,15 @@ DETECTORS: tuple[Detector, ...] = (
 _DIGIT = re.compile("[0-9]")
 
 
+def _digit_count(text: str) -> int:
+    return len(_DIGIT.findall(text))
+
+
 def may_hold(text: str, kinds: Collection[PiiType]) -> bool:
     """Whether any detector of these kinds could match in the text. Each check grows with the text's
     digits, dots, colons and at signs, so text joined from several holds a match only if one of its
     parts may: one check serves a whole row."""
-    digits = len(_DIGIT.findall(text))
+    digits = _digit_count(text)
     return any(detector.may_occur(text, digits) and detector.kind in kinds for detector in DETECTORS)
 
 
@@ -140,7 +144,7 @@ def redact(text: str, kinds: Collection[PiiType]) -> tuple[str, Counter[PiiType]
     """The text with each detected item of the given kinds replaced by its placeholder, and how many
     items of each kind were found."""
     found: Counter[PiiType] = Counter()
-    digits = len(_DIGIT.findall(text))
+    digits = _digit_count(text)
     for detector in DETECTORS:
         if detector.kind not in kinds or not detector.may_occur(text, digits):
             continue

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from deeptune.api.finetunejob import Augmentation, DatasetReport, DatasetSpec, DataSource
 from deeptune.api.trainer import TrainerPaths
@@ -146,24 +147,26 @@ def _synonym_dictionary(spec: Augmentation, path: str | None, train: list[Sample
     return dictionary
 
 
-def prepare_dataset(
-    spec: DatasetSpec,
-    paths: TrainerPaths,
-    *,
-    seed: int,
-    pairs: bool = False,
-    translator_factory: TranslatorFactory | None = None,
-) -> PreparedData:
-    """Read, clean, split and augment the dataset. `seed` fixes the test and validation splits;
-    `pairs` says the run tunes on preference pairs (`spec.preference`), which `auto` then looks for;
-    `translator_factory` replaces the transformers models used for back-translation;"""
+class _Splits(NamedTuple):
+    """The sources read and cleaned into their splits, before augmentation."""
+
+    train: list[Sample]
+    validation: list[Sample]
+    test: list[Sample]
+    sources: list[_Source]
+    """The train source first, then the held-out sources read."""
+    stats: CleaningStats
+
+
+@_collector_paused()
+def _read_and_clean(spec: DatasetSpec, paths: TrainerPaths, *, seed: int, pairs: bool) -> _Splits:
+    """Every source read and cleaned, the held-out splits taken: the work done a row at a time."""
     hub_cache = paths.hub_cache
-    with _collector_paused():
-        train_source = _read(
-            spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache, pairs=pairs
-        )
-        cleaner = Cleaner(spec.cleaning)
-        train, stats = cleaner.clean(drain(train_source.samples))
+    train_source = _read(
+        spec.source, paths.dataset, spec, "dataset.source", style=None, hub_cache=hub_cache, pairs=pairs
+    )
+    cleaner = Cleaner(spec.cleaning)
+    train, stats = cleaner.clean(drain(train_source.samples))
     if not train:
         raise _nothing_left("", train_source, stats, spec)
     sources = [train_source]
@@ -191,6 +194,21 @@ def prepare_dataset(
         sources, stats = [*sources, read], stats + validation_stats
     else:
         train, validation = split_by_ratio(train, spec.validation.ratio, seed)
+    return _Splits(train, validation, test, sources, stats)
+
+
+def prepare_dataset(
+    spec: DatasetSpec,
+    paths: TrainerPaths,
+    *,
+    seed: int,
+    pairs: bool = False,
+    translator_factory: TranslatorFactory | None = None,
+) -> PreparedData:
+    """Read, clean, split and augment the dataset. `seed` fixes the test and validation splits;
+    `pairs` says the run tunes on preference pairs (`spec.preference`), which `auto` then looks for;
+    `translator_factory` replaces the transformers models used for back-translation;"""
+    train, validation, test, sources, stats = _read_and_clean(spec, paths, seed=seed, pairs=pairs)
     kept = len(train) + len(validation) + len(test)
     augmented = Augmented([], Counter())
     if spec.augmentation is not None:
@@ -221,7 +239,7 @@ def prepare_dataset(
         test=test,
         report=report,
         bad_rows=bad[:BAD_ROWS_LISTED],
-        style=train_source.style,
+        style=sources[0].style,
         cleaning=stats,
         augmented_by=dict(augmented.by_method),
         augmentation_rejected=dict(augmented.rejected),
