@@ -1,6 +1,6 @@
 """The benchmarks' clock for a Hugging Face Trainer: wall time, CPU time and real tokens at the end of
-every optimizer step, and the record a worker process writes from it. Needs transformers only, so
-the TRL worker (in its own environment) uses it too."""
+every optimizer step, and the record a worker process writes from it (with the malloc it ran on).
+Needs transformers and the trainer's stdlib-only allocator probe, so the TRL worker uses it too."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 
 from rss import peak_rss_bytes
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from deeptune_trainer.allocator import malloc_in_use
 
 
 @dataclass(frozen=True)
@@ -50,4 +52,5 @@ def worker_record(
         "peak_rss_bytes": peak_rss_bytes(),
         "rss_before_load_bytes": rss_before_load,
         "final_loss": losses[-1] if losses else None,
+        "allocator": malloc_in_use(),
     }

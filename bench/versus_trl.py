@@ -9,6 +9,12 @@ configuration in a fresh process (so peak memory is its own), on two shapes of d
   loss on the completion only; the LM head and cross-entropy at the labelled positions only);
 - `plain`: bench/plain_hf_baseline.py (one string a row, loss on every token, padded batches).
 
+Each on a named malloc: `glibc` (what a user's Python runs on) or `tcmalloc` (preloaded, as the
+trainer image runs every process: trainer-image/Dockerfile; Debian's libtcmalloc-minimal4). TRL
+runs on both, ours on both, plain on glibc; the ratios are against TRL on glibc, as a user would
+run it. A worker records the malloc it found itself on, and the driver refuses a preload that
+did not take.
+
 Same random-weight Llama (bench/distributed.py's 58.5M: hidden 512, 8 layers; its LM head computes
 all 32,000 logits, as a real vocabulary would), same rows, LoRA (r, alpha, the seven projections),
 batch, steps, learning rate, cosine schedule, warm-up, weight decay and seed, fp32, no gradient
@@ -24,7 +30,7 @@ Trainer's `num_input_tokens_seen`, which all three are built on), CPU share, pea
 (VmHWM, bench/rss.py) and its RSS before the model was loaded (Python and its libraries), and the
 last loss.
 
-    python bench/versus_trl.py            # 58.5M model (~6 minutes on 2 cores)
+    python bench/versus_trl.py            # 58.5M model (~10 minutes on 2 cores)
     python bench/versus_trl.py --smoke    # 19.5M model, a few steps: what CI runs (tests/bench)
 
 Prints a table and writes JSON to bench/results/versus-trl-<size>.json with the machine recorded.
@@ -41,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from glob import glob
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,7 +67,28 @@ from step_clock import StepClock, worker_record
 from trainer import Settings, our_spec
 
 HERE = Path(__file__).resolve().parent
-CONFIGURATIONS = ("trl", "ours", "plain")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    trainer: str
+    """`trl`, `ours` or `plain`."""
+    allocator: str
+    """`glibc`, or `tcmalloc` preloaded."""
+
+
+CONFIGURATIONS = (
+    Configuration("trl", "glibc"),
+    Configuration("trl", "tcmalloc"),
+    Configuration("ours", "tcmalloc"),
+    Configuration("ours", "glibc"),
+    Configuration("plain", "glibc"),
+)
+BASELINE = CONFIGURATIONS[0]
+"""What the ratios are against: TRL as a user runs it."""
+
+TCMALLOC_PATHS = ("/usr/local/lib/libtcmalloc_minimal.so.4", "/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4")
+"""Where the trainer image links it, then where Debian's libtcmalloc-minimal4 puts it."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +207,7 @@ def run_worker(configuration: str, run: Run) -> None:
 class Measured:
     data: str
     configuration: str
+    allocator: str
     library: str
     tokens_per_second: float
     real_tokens: int
@@ -203,22 +232,45 @@ def run_of(scale: Scale, model_dir: Path, rows_file: Path, result_file: Path) ->
     )  # fmt: skip
 
 
-def measure(data: str, configuration: str, run: Run) -> Measured:
+def tcmalloc_library() -> str:
+    """The tcmalloc shared object to preload, as the trainer image does."""
+    for pattern in TCMALLOC_PATHS:
+        if found := sorted(glob(pattern)):
+            return found[0]
+    raise RuntimeError(
+        "no libtcmalloc_minimal.so.4: apt-get install libtcmalloc-minimal4 (the trainer image's malloc)"
+    )
+
+
+def worker_environment(allocator: str) -> dict[str, str]:
+    """This process's environment for a worker: one thread, no GPU, the allocator preloaded or not."""
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if allocator == "tcmalloc":
+        env["LD_PRELOAD"] = tcmalloc_library()
+    return env
+
+
+def measure(data: str, configuration: Configuration, run: Run) -> Measured:
     """Start the configuration's worker in a fresh process and read what it measured."""
     run_file = Path(run.result).with_suffix(".run.json")
     run_file.write_text(json.dumps(asdict(run)))
-    if configuration == "trl":
+    trainer = configuration.trainer
+    if trainer == "trl":
         command = [sys.executable, str(HERE / "trl_worker.py"), str(run_file)]
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", configuration, str(run_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", trainer, str(run_file)]
+    env = worker_environment(configuration.allocator)
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{configuration} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     result = json.loads(Path(run.result).read_text())
+    if result["allocator"] != configuration.allocator:
+        raise RuntimeError(f"{configuration} ran on {result['allocator']}: the preload did not take")
     return Measured(
         data=data,
-        configuration=configuration,
+        configuration=trainer,
+        allocator=configuration.allocator,
         library=result["library"],
         tokens_per_second=result["real_tokens"] / result["seconds"],
         real_tokens=result["real_tokens"],
@@ -231,8 +283,12 @@ def measure(data: str, configuration: str, run: Run) -> Measured:
 
 
 def with_ratios(results: list[Measured]) -> list[Measured]:
-    """Each result against TRL's on the same data."""
-    trl_by_data = {result.data: result for result in results if result.configuration == "trl"}
+    """Each result against TRL's on glibc on the same data."""
+    trl_by_data = {
+        result.data: result
+        for result in results
+        if (result.configuration, result.allocator) == (BASELINE.trainer, BASELINE.allocator)
+    }
     for result in results:
         trl = trl_by_data[result.data]
         result.tokens_per_second_vs_trl = result.tokens_per_second / trl.tokens_per_second
@@ -241,8 +297,8 @@ def with_ratios(results: list[Measured]) -> list[Measured]:
 
 
 HEADER = (
-    f"{'data':<13} {'configuration':<13} {'real tok/s':>10} {'vs TRL':>7} {'peak RSS MB':>12} {'vs TRL':>7}"
-    f" {'before load':>12} {'cpu share':>10} {'loss':>7}"
+    f"{'data':<13} {'configuration':<13} {'malloc':<9} {'real tok/s':>10} {'vs TRL':>7}"
+    f" {'peak RSS MB':>12} {'vs TRL':>7} {'before load':>12} {'cpu share':>10} {'loss':>7}"
 )
 
 
@@ -250,7 +306,8 @@ def row_line(result: Measured) -> str:
     loss = "-" if result.final_loss is None else f"{result.final_loss:.3f}"
     speed, memory = result.tokens_per_second_vs_trl, result.peak_rss_vs_trl
     return (
-        f"{result.data:<13} {result.configuration:<13} {result.tokens_per_second:>10.0f} {speed:>6.2f}x"
+        f"{result.data:<13} {result.configuration:<13} {result.allocator:<9}"
+        f" {result.tokens_per_second:>10.0f} {speed:>6.2f}x"
         f" {result.peak_rss_bytes / 1e6:>12,.0f} {memory:>6.2f}x"
         f" {result.rss_before_load_bytes / 1e6:>12,.0f} {result.cpu_share:>10.2f} {loss:>7}"
     )

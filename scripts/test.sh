@@ -8,6 +8,14 @@ source scripts/env.sh
 # kubectl, helm and the control plane of the pinned Kubernetes release (built once, cached).
 PATH="$(bash tests/localcluster/build.sh --print-path):$PATH"
 export PATH
+# The trainer image's malloc (trainer-image/Dockerfile): the allocator test and the TRL benchmark's
+# smoke run the trainer on it as the image does. Debian's package, installed where it is missing.
+if ! compgen -G "/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4" >/dev/null; then
+  echo "== installing libtcmalloc-minimal4 (apt) =="
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null; }
+fi
 
 echo "== lint (ruff) =="
 ruff check .

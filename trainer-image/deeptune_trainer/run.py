@@ -32,6 +32,7 @@ from deeptune.api.trainer import (
     TrainerError,
     TrainerSummary,
 )
+from deeptune_trainer.allocator import malloc_in_use
 from deeptune_trainer.artifacts import (
     CardFacts,
     save_model_artifacts,
@@ -268,6 +269,7 @@ def main(config: TrainerConfig, *, log: Log = _say) -> int:
     if not world.is_main:
         return _worker(config, world)
     metrics = TrainerMetrics()
+    log(f"host memory allocator: {malloc_in_use()}")
     try:
         metrics.serve(config.metrics_port)
         start = coordinate if config.coordinator else run  # a federation's coordinator reads no rows
