@@ -30,7 +30,7 @@ Trainer's `num_input_tokens_seen`, which all three are built on), CPU share, pea
 (VmHWM, bench/rss.py) and its RSS before the model was loaded (Python and its libraries), and the
 last loss.
 
-    python bench/versus_trl.py            # 58.5M model (~10 minutes on 2 cores)
+    python bench/versus_trl.py            # 58.5M model (~18 minutes on 2 cores)
     python bench/versus_trl.py --smoke    # 19.5M model, a few steps: what CI runs (tests/bench)
 
 Prints a table and writes JSON to bench/results/versus-trl-<size>.json with the machine recorded.
