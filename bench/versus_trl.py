@@ -47,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from glob import glob
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,6 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import transformers
 
+from deeptune_trainer.allocator import tcmalloc_library
 from deeptune_trainer.synthetic import FILLER_WORDS, as_samples, keyword_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,9 +86,6 @@ CONFIGURATIONS = (
 )
 BASELINE = CONFIGURATIONS[0]
 """What the ratios are against: TRL as a user runs it."""
-
-TCMALLOC_PATHS = ("/usr/local/lib/libtcmalloc_minimal.so.4", "/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4")
-"""Where the trainer image links it, then where Debian's libtcmalloc-minimal4 puts it."""
 
 
 @dataclass(frozen=True)
@@ -230,16 +227,6 @@ def run_of(scale: Scale, model_dir: Path, rows_file: Path, result_file: Path) ->
         warmup_ratio=defaults.warmup_ratio, weight_decay=defaults.weight_decay, lora_r=defaults.lora_r,
         lora_alpha=defaults.lora_alpha, lora_targets=list(LORA_TARGETS), logging_steps=1, seed=defaults.seed,
     )  # fmt: skip
-
-
-def tcmalloc_library() -> str:
-    """The tcmalloc shared object to preload, as the trainer image does."""
-    for pattern in TCMALLOC_PATHS:
-        if found := sorted(glob(pattern)):
-            return found[0]
-    raise RuntimeError(
-        "no libtcmalloc_minimal.so.4: apt-get install libtcmalloc-minimal4 (the trainer image's malloc)"
-    )
 
 
 def worker_environment(allocator: str) -> dict[str, str]:

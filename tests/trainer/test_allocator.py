@@ -6,14 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from glob import glob
 from pathlib import Path
 
-import pytest
+from deeptune_trainer.allocator import malloc_in_use, tcmalloc_library
 
-from deeptune_trainer.allocator import malloc_in_use
-
-PROBE = "from deeptune_trainer.allocator import malloc_in_use; print(malloc_in_use())"
+PROBE = "from deeptune_trainer.allocator import malloc_in_use, tcmalloc_library; print(malloc_in_use())"
 
 
 def _maps(tmp_path: Path, *libraries: str) -> Path:
@@ -40,11 +37,7 @@ def _probe(env: dict[str, str]) -> str:
 
 
 def test_a_real_process_reports_the_malloc_it_was_started_on() -> None:
-    found = glob("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4")
-    if not found:  # scripts/test.sh installs it; a developer's machine may lack it
-        pytest.fail(
-            "no libtcmalloc_minimal.so.4: apt-get install libtcmalloc-minimal4 (scripts/test.sh does)"
-        )
+    library = tcmalloc_library()  # scripts/test.sh installs it; raises saying how where it is missing
     plain = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     assert _probe(plain) == "glibc"
-    assert _probe(plain | {"LD_PRELOAD": found[0]}) == "tcmalloc"
+    assert _probe(plain | {"LD_PRELOAD": library}) == "tcmalloc"
