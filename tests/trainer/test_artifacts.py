@@ -22,12 +22,14 @@ from deeptune.api.trainer import (
 from deeptune_trainer.artifacts import (
     CardFacts,
     fit_summary,
+    make_output_dir,
     model_card,
     save_model_artifacts,
     write_eval_results,
     write_resolved_config,
     write_summary,
 )
+from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.modeling import apply_method
 
 MakeSpec = Callable[..., FineTuneJobSpec]
@@ -90,6 +92,21 @@ def test_write_summary_reports_an_unwritable_path(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "termination-log").read_text()) == {"outcome": "succeeded"}
     (tmp_path / "a-file").write_text("")
     assert not write_summary(summary, tmp_path / "a-file" / "termination-log")
+
+
+def test_an_output_dir_that_cannot_be_made_is_bad_input_naming_the_claim(
+    tmp_path: Path, make_spec: MakeSpec
+) -> None:
+    """A file where the output path's parent should be (the same OSError path a claim the trainer's
+    user may not write takes: tests/cluster/test_real_node.py has that one, as uid 1000)."""
+    make_output_dir(make_spec(), tmp_path / "made" / "run")
+    assert (tmp_path / "made" / "run").is_dir() and not any((tmp_path / "made" / "run").iterdir())
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TrainerInputError) as raised:
+        make_output_dir(make_spec(), tmp_path / "a-file" / "run")
+    assert raised.value.reason == "OutputNotWritable"
+    assert "output.pvc:" in raised.value.message and "claim out" in raised.value.message
+    assert "Not a directory" in raised.value.message
 
 
 def test_model_card_has_the_ab_table_data_and_hyperparameters(make_spec: MakeSpec) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from deeptune.api.finetunejob import DatasetReport, EvalResults, FineTuneJobSpec, Lineage
 from deeptune.api.trainer import SUMMARY_LIMIT_BYTES, ArtifactPaths, TrainerConfig, TrainerSummary
+from deeptune_trainer.errors import TrainerInputError
 from deeptune_trainer.modeling import peft_targets_as_resolved
 from deeptune_trainer.plots import LOSS_PNG, SCORES_PNG
 
@@ -111,6 +113,25 @@ def _write_json(path: Path, data: Any) -> None:
 
 def write_eval_results(results: EvalResults, output_dir: Path) -> None:
     _write_json(output_dir / EVAL_RESULTS, results.to_wire())
+
+
+def make_output_dir(spec: FineTuneJobSpec, output_dir: Path) -> None:
+    """The output directory, made and written to before anything long runs: a claim the trainer's
+    user may not write is bad input, said at once with what to change, not a traceback after the
+    dataset is read (and not retried: no retry can fix it)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".deeptune-write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        where = f"claim {spec.output.pvc.claim_name}, path '{spec.output.pvc.path}'"
+        raise TrainerInputError(
+            "OutputNotWritable",
+            f"output.pvc: the trainer (uid {os.getuid()}, gid {os.getgid()}) cannot write {where} "
+            f"({error.strerror}: {error.filename}); give that directory to its user or group "
+            "(e.g. chown 1000:1000), or point output.pvc at a writable path",
+        ) from error
 
 
 def write_resolved_config(config: TrainerConfig, output_dir: Path) -> None:

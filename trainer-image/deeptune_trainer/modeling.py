@@ -155,13 +155,24 @@ def model_source(spec: FineTuneJobSpec, paths: TrainerPaths) -> str:
 
 
 def _check_local_model(spec: FineTuneJobSpec, directory: str) -> None:
+    pvc = spec.base_model.pvc
+    where = f"claim {pvc.claim_name}, path '{pvc.path}'" if pvc else directory
     if not (Path(directory) / "config.json").is_file():
-        pvc = spec.base_model.pvc
-        where = f"claim {pvc.claim_name}, path '{pvc.path}'" if pvc else directory
         raise TrainerInputError(
             "ModelNotFound",
             f"baseModel: no model found at {where} (no config.json in {directory}); put a model saved "
             "with save_pretrained there (config.json, tokenizer files, weights) or fix baseModel.pvc.path",
+        )
+    # safetensors reports a file it may not open as "No such file or directory": say what it is.
+    unreadable = sorted(
+        f.name for f in Path(directory).iterdir() if f.is_file() and not os.access(f, os.R_OK)
+    )
+    if unreadable:
+        raise TrainerInputError(
+            "ModelNotReadable",
+            f"baseModel: the trainer (uid {os.getuid()}, gid {os.getgid()}) may not read "
+            f"{', '.join(unreadable)} in {where}; make the model's files readable to it "
+            "(e.g. chmod a+r), or own them by its group",
         )
 
 

@@ -35,6 +35,7 @@ from deeptune.api.trainer import (
 from deeptune_trainer.allocator import malloc_in_use
 from deeptune_trainer.artifacts import (
     CardFacts,
+    make_output_dir,
     save_model_artifacts,
     write_eval_results,
     write_model_card,
@@ -95,7 +96,7 @@ def run(
     output_dir = Path(paths.output_dir)
     check_gpu_requirements(spec)
     if world.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(spec, output_dir)
         write_resolved_config(config, output_dir)
 
     log("preparing the dataset")
