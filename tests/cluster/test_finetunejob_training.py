@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import yaml
 
-from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster.harness import Cluster, Process, wait_for
 from tests.conftest import ROOT
 
@@ -155,56 +154,3 @@ def kill_trainers(namespace: str, *env: str) -> int:
             os.kill(int(proc.name), signal.SIGKILL)
             killed += 1
     return killed
-
-
-def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
-    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
-) -> None:
-    if not crds.local:
-        pytest.skip("kills the trainer process through the local node agent")
-    steps, interval = 1500, 20
-    applied = time.time()
-    crds.apply(tiny_manifest(namespace, maxSteps=steps, checkpointSteps=interval))
-    checkpoints = tiny_volumes["deeptune-output"] / NAME / "checkpoints"
-    wait_for(
-        "the second complete checkpoint",
-        (checkpoints / f"checkpoint-{2 * interval}" / COMPLETE_MARKER).is_file,
-        timeout=300,
-        interval=0.05,
-    )
-    assert kill_trainers(namespace) == 1
-    final = follow(crds, namespace, timeout=600)[-1]
-    assert final["phase"] == "Succeeded", final
-    assert final["retries"] == 1
-    assert final["lastFailure"]["exitCode"] == 137
-
-    pod_logs = (crds.state_dir / "node-agent" / "pods").glob(f"{namespace}_{NAME}-train-*/trainer.log")
-    logs = [log.read_text() for log in sorted(pod_logs, key=lambda log: log.stat().st_mtime)]
-    assert len(logs) == 2
-    killed_at = max(
-        int(line.split()[1].split("/")[0]) for line in logs[0].splitlines() if line.startswith("step ")
-    )
-    resumed = [line for line in logs[1].splitlines() if "resuming from checkpoint-" in line]
-    assert resumed, logs[1][-2000:]
-    checkpoint_step = int(resumed[0].rsplit("-", 1)[1])
-    assert checkpoint_step >= 2 * interval
-    assert killed_at - checkpoint_step <= interval + 10, (
-        "lost more than a checkpoint interval (+ a logging step)"
-    )
-    assert final["progress"]["step"] == steps
-
-    # Usage: both attempts, each from its pod's own start and finish times, summed.
-    waited = time.time() - applied
-    pods = {p["metadata"]["name"]: p for p in crds.list("pods", namespace, f"job-name={final['jobName']}")}
-    attempts = final["usage"]["attempts"]
-    assert sorted(a["pod"] for a in attempts) == sorted(pods)
-    for attempt in attempts:
-        pod = pods[attempt["pod"]]
-        (container,) = pod["status"]["containerStatuses"]
-        assert attempt["started"] == pod["status"]["startTime"]
-        assert attempt["node"] == pod["spec"]["nodeName"]
-        assert attempt["finished"] == container["state"]["terminated"]["finishedAt"]
-        assert attempt["seconds"] > 0 and (attempt["gpus"], attempt["gpuSeconds"]) == (0, 0)
-    assert final["usage"]["nodeSeconds"] == sum(a["seconds"] for a in attempts)
-    assert final["usage"]["nodeSeconds"] <= waited + 2  # within the timestamps' one-second resolution
-    assert final["usage"]["gpuSeconds"] == 0 and "estimatedCost" not in final["usage"]

@@ -5,8 +5,9 @@ cluster DNS, `kubectl logs` and `kubectl exec` through the API server — on a n
 nothing leaves this machine. Teardown leaves the machine as it found it.
 
 The node is tainted: only pods that tolerate the taint and select it run there, so the rest of the
-suite keeps using the node agent's node. The image is the Debian rootfs images.sh builds with
-debootstrap (no registry is reachable here).
+suite keeps using the node agent's node. The images are built here by images.sh (no registry is
+reachable): the Debian rootfs from debootstrap, and the project's operator and trainer images from
+their own Dockerfiles on a stand-in Python base.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process
+from tests.cluster.test_finetunejob_training import NAME, follow, kill_trainers, status_of, tiny_manifest
 from tests.cluster.test_helm_install import install, lease_holder
 from tests.conftest import load_example
 
@@ -36,6 +40,9 @@ pytestmark = [
 NODE = "deeptune-real-node"
 IMAGE = "deeptune.local/debian:bookworm"
 OPERATOR_IMAGE = "deeptune.local/operator:dev"
+TRAINER_IMAGE = "deeptune.local/trainer:dev"
+TRAINER_UID = 1000
+"""The user trainer-image/Dockerfile runs as, and the operator's pod security context asks for."""
 ON_THE_NODE = {"deeptune.dev/real-node": "true"}
 """The node's label, for the nodeSelector of what must run there."""
 TOLERATE_THE_NODE = [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
@@ -131,6 +138,25 @@ def run_pod(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> dict[
 def terminated_state(pod_status: dict[str, Any]) -> dict[str, Any]:
     state: dict[str, Any] = pod_status["status"]["containerStatuses"][0]["state"]["terminated"]
     return state
+
+
+def on_the_node(manifest: dict[str, Any], image: str) -> dict[str, Any]:
+    """A FineTuneJob manifest whose trainer runs `image` on the real node, never retried."""
+    spec = manifest["spec"]
+    spec.update(image=image, imagePullPolicy="Never", backoffLimit=0)
+    spec.setdefault("resources", {}).update(nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE)
+    return manifest
+
+
+def hand_to_the_trainer(volumes: dict[str, Path]) -> None:
+    """A hostPath volume is the directory as it is: the kubelet applies no fsGroup to it. So, as the
+    trainer's ModelNotReadable message says, the model's files are made readable (transformers saved
+    the weights 0600), and the output claim is given to the trainer's user (a provisioner would)."""
+    for path in volumes["deeptune-models"].rglob("*"):
+        path.chmod(path.stat().st_mode | 0o444)
+    output = volumes["deeptune-output"]
+    for path in (output, *output.rglob("*")):
+        os.chown(path, TRAINER_UID, TRAINER_UID)
 
 
 def test_the_node_is_a_kubelet_on_containerd(cluster: Cluster, real_node: dict[str, Any]) -> None:
@@ -345,12 +371,8 @@ def test_a_trainer_that_cannot_start_is_explained_from_its_real_log(
     the kubelet turns the traceback into the termination message (FallbackToLogsOnError), the
     operator reports it as the run's failure, and `kubectl deeptune logs` / `explain-failure` read
     the trainer's own log through the API server."""
-    manifest = load_example("finetune-tiny.yaml")
-    manifest["metadata"]["namespace"] = namespace
+    manifest = on_the_node(tiny_manifest(namespace), OPERATOR_IMAGE)
     name = manifest["metadata"]["name"]
-    spec = manifest["spec"]
-    spec.update(image=OPERATOR_IMAGE, imagePullPolicy="Never", backoffLimit=0)
-    spec.setdefault("resources", {}).update(nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE)
     crds.apply(manifest)
     status = harness.wait_for(
         "the run to fail",
@@ -386,6 +408,134 @@ def test_a_trainer_that_cannot_start_is_explained_from_its_real_log(
     missing = plugin("logs", "mdep/nothing-here")
     assert missing.returncode != 0
     assert 'modeldeployment "nothing-here" not found' in missing.stderr
+
+
+def test_a_finetunejob_trains_in_the_trainer_image_and_resumes_after_a_kill(
+    operator: Process, crds: Cluster, real_node: dict[str, Any], namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    """The trainer image built from trainer-image/Dockerfile, run by the kubelet as the operator's Job
+    asks: as its non-root user on a read-only root filesystem, tcmalloc preloaded. Killed after its
+    second checkpoint, the Job's next pod resumes from the newest complete one and the run succeeds;
+    the results come back through the kubelet's termination message, the logs through the API server,
+    and the status adds up both attempts' node time."""
+    steps, interval = 300, 20
+    hand_to_the_trainer(tiny_volumes)
+    manifest = on_the_node(tiny_manifest(namespace, maxSteps=steps, checkpointSteps=interval), TRAINER_IMAGE)
+    manifest["spec"]["backoffLimit"] = 1
+    applied = time.time()
+    crds.apply(manifest)
+    checkpoints = tiny_volumes["deeptune-output"] / NAME / "checkpoints"
+    harness.wait_for(
+        "the first checkpoint, or the run's end",
+        lambda: (
+            (checkpoints / f"checkpoint-{interval}").is_dir()
+            or status_of(crds, namespace).get("phase") in ("Succeeded", "Failed")
+        ),
+        timeout=300,
+    )
+    early = status_of(crds, namespace)
+    assert early["phase"] in ("Pending", "Running"), early.get("lastFailure", early)
+    harness.wait_for(
+        "the second complete checkpoint",
+        (checkpoints / f"checkpoint-{2 * interval}" / COMPLETE_MARKER).is_file,
+        timeout=120,
+        interval=0.05,
+    )
+    assert kill_trainers(namespace) == 1  # the container's own process, seen from the host
+    final = follow(crds, namespace, timeout=600)[-1]
+    assert final["phase"] == "Succeeded", final
+    assert final["retries"] == 1
+    assert final["lastFailure"]["exitCode"] == 137
+    assert final["progress"]["step"] == steps
+    results = final["evalResults"]  # the trainer's summary, from the kubelet's termination message
+    assert results["fineTuned"]["exactMatch"] > results["baseline"]["exactMatch"]
+
+    pods = sorted(
+        crds.list("pods", namespace, f"job-name={final['jobName']}"), key=lambda p: p["status"]["startTime"]
+    )
+    assert [p["spec"]["nodeName"] for p in pods] == [NODE, NODE]
+    summary = json.loads(terminated_state(pods[1])["message"])
+    assert (summary["outcome"], summary["steps"]) == ("succeeded", steps)
+    logs = [crds.kubectl("logs", "-n", namespace, p["metadata"]["name"]).stdout for p in pods]
+    for log in logs:
+        assert "host memory allocator: tcmalloc" in log  # the image's LD_PRELOAD took
+    killed_at = max(
+        int(line.split()[1].split("/")[0]) for line in logs[0].splitlines() if line.startswith("step ")
+    )
+    resumed = [line for line in logs[1].splitlines() if "resuming from checkpoint-" in line]
+    assert resumed, logs[1][-2000:]
+    checkpoint_step = int(resumed[0].rsplit("-", 1)[1])
+    assert checkpoint_step >= 2 * interval
+    assert killed_at - checkpoint_step <= interval + 10, (
+        "lost more than a checkpoint interval (+ a logging step)"
+    )
+    adapter = tiny_volumes["deeptune-output"] / NAME / "adapter" / "adapter_model.safetensors"
+    assert adapter.stat().st_uid == TRAINER_UID  # written by the image's user, not root
+
+    # Usage: both attempts, each from its pod's own start and finish times, summed.
+    waited = time.time() - applied
+    by_name = {p["metadata"]["name"]: p for p in pods}
+    attempts = final["usage"]["attempts"]
+    assert sorted(a["pod"] for a in attempts) == sorted(by_name)
+    for attempt in attempts:
+        pod_status = by_name[attempt["pod"]]
+        assert attempt["started"] == pod_status["status"]["startTime"]
+        assert attempt["node"] == NODE
+        assert attempt["finished"] == terminated_state(pod_status)["finishedAt"]
+        assert attempt["seconds"] > 0 and (attempt["gpus"], attempt["gpuSeconds"]) == (0, 0)
+    assert final["usage"]["nodeSeconds"] == sum(a["seconds"] for a in attempts)
+    assert final["usage"]["nodeSeconds"] <= waited + 2  # within the timestamps' one-second resolution
+    assert final["usage"]["gpuSeconds"] == 0 and "estimatedCost" not in final["usage"]
+
+
+def test_volumes_closed_to_the_trainers_user_are_named_with_the_fix(
+    operator: Process, crds: Cluster, real_node: dict[str, Any], namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    """The claims as the test made them, root's, read and written by the image's user: first the
+    output it may not write, then (that given to it) the weights it may not read, which safetensors
+    alone reports as "No such file or directory". Each fails the run at once (bad input: no retry),
+    naming the claim, the user and the fix."""
+
+    def failure_of_a_run() -> dict[str, Any]:
+        manifest = on_the_node(tiny_manifest(namespace), TRAINER_IMAGE)
+        manifest["spec"]["backoffLimit"] = 2  # the Job's podFailurePolicy, not this, must stop it
+        crds.apply(manifest)
+        final = follow(crds, namespace, timeout=180)[-1]
+        assert final["phase"] == "Failed" and final["retries"] == 1, final  # the one failed pod
+        crds.kubectl("delete", "finetunejob", NAME, "-n", namespace, "--wait=true", "--timeout=60s")
+        failure: dict[str, Any] = final["lastFailure"]
+        return failure
+
+    output = failure_of_a_run()
+    assert output["reason"] == "OutputNotWritable", output
+    assert "output.pvc: the trainer (uid 1000, gid 1000)" in output["message"]
+    assert "claim deeptune-output, path 'tiny-keywords'" in output["message"]
+
+    volume = tiny_volumes["deeptune-output"]
+    os.chown(volume, TRAINER_UID, TRAINER_UID)
+    weights = tiny_volumes["deeptune-models"] / "tiny-llama" / "model.safetensors"
+    assert weights.stat().st_mode & 0o077 == 0, "the premise: weights only their owner reads"
+    model = failure_of_a_run()
+    assert model["reason"] == "ModelNotReadable", model
+    assert "the trainer (uid 1000, gid 1000) may not read model.safetensors" in model["message"]
+    assert "claim deeptune-models, path 'tiny-llama'" in model["message"]
+
+
+def test_a_trainer_over_its_memory_limit_is_reported_as_out_of_memory(
+    operator: Process, crds: Cluster, real_node: dict[str, Any], namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    """The trainer image under a memory limit it cannot start in: the kernel's OOM killer ends it
+    (no traceback, no termination message of its own), and the status names the limit to raise."""
+    manifest = on_the_node(tiny_manifest(namespace), TRAINER_IMAGE)
+    manifest["spec"]["resources"].update(memory="160Mi", sharedMemory="16Mi")
+    crds.apply(manifest)
+    final = follow(crds, namespace, timeout=180)[-1]
+    assert final["phase"] == "Failed", final
+    failure = final["lastFailure"]
+    assert (failure["reason"], failure["exitCode"]) == ("OOMKilled", 137), failure
+    assert "resources.memory" in failure["message"]
+    failed = next(c for c in final["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "OOMKilled"
 
 
 def test_stopping_the_node_gives_the_machine_back(cluster: Cluster, real_node: dict[str, Any]) -> None:

@@ -7,14 +7,15 @@
 #   deeptune.local/python:3.11-slim-bookworm   stand-in for python:3.11.7-slim-bookworm
 #                                    (images/python.Dockerfile says what differs)
 #   deeptune.local/operator:dev      the project's operator/Dockerfile, built on that stand-in
+#   deeptune.local/trainer:dev       the project's trainer-image/Dockerfile, built on that stand-in
 #
 #   images.sh          build what is missing; print the archives' paths, one per line
 #   images.sh --check  exit 0 when every archive is already built, 1 otherwise
 #
 # Archives go to $LC_CACHE (see versions.sh): the bases to images-<key>/, keyed by the Debian suite,
-# the Kubernetes version and this script's and images/*'s hashes; the operator to
-# images-project/operator-<key>.tar, keyed by what its Dockerfile copies, so a warm run builds
-# nothing and a changed operator rebuilds only its top layers. Builds run in a private dockerd (own
+# the Kubernetes version and this script's and images/*'s hashes; the operator and the trainer to
+# images-project/<name>-<key>.tar, keyed by what their Dockerfiles copy, so a warm run builds
+# nothing and a changed project rebuilds only the top layers. Builds run in a private dockerd (own
 # exec root and socket, data root kept in $LC_CACHE/dockerd as the layer cache; no bridge, no
 # iptables, no IP forwarding; builds use the host network to reach the package registries), stopped
 # before this script exits. Needs root, debootstrap, docker.io, gcc and libc6-dev.
@@ -28,17 +29,23 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 log() { printf '[images.sh] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# The operator image's inputs: what operator/Dockerfile copies (and .dockerignore lets through).
+# The project images' inputs: what their Dockerfiles copy (and .dockerignore lets through).
 OPERATOR_INPUTS=(operator/Dockerfile .dockerignore requirements-operator.lock pyproject.toml README.md operator trainer-image)
+TRAINER_INPUTS=(trainer-image/Dockerfile .dockerignore requirements-trainer.lock pyproject.toml README.md operator trainer-image)
 hash_of() { cat "$@" | sha256sum | cut -c1-12; }
+project_key() {  # project_key INPUTS...: a key for the tracked inputs' contents
+  (cd "$ROOT" && git ls-files -z -- "$@" | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+}
 # The machine's own CAs go into the Python stand-in (images/python.Dockerfile says why).
 HOST_CAS=(/usr/local/share/ca-certificates/*.crt)
 [ -e "${HOST_CAS[0]}" ] || HOST_CAS=()
 base_key=$(printf '%s %s %s' "$LC_DEBIAN_SUITE" "$LC_K8S_VERSION" "$(hash_of "$0" "$HERE"/images/* "${HOST_CAS[@]}")" | sha256sum | cut -c1-12)
-operator_key=$(cd "$ROOT" && git ls-files -z -- "${OPERATOR_INPUTS[@]}" | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+operator_key=$(project_key "${OPERATOR_INPUTS[@]}")
+trainer_key=$(project_key "${TRAINER_INPUTS[@]}")
 BASES="$LC_CACHE/images-$base_key"
 PROJECT="$LC_CACHE/images-project"
-ARCHIVES=("$BASES/debian.tar" "$BASES/pause.tar" "$BASES/python.tar" "$PROJECT/operator-$operator_key.tar")
+ARCHIVES=("$BASES/debian.tar" "$BASES/pause.tar" "$BASES/python.tar" "$PROJECT/operator-$operator_key.tar"
+          "$PROJECT/trainer-$trainer_key.tar")
 
 built() { local a; for a in "${ARCHIVES[@]}"; do [ -s "$a" ] || return 1; done; }
 
@@ -128,13 +135,17 @@ if [ ! -s "$BASES/python.tar" ]; then
   done
 fi
 
-if [ ! -s "$PROJECT/operator-$operator_key.tar" ]; then
+project_image() {  # project_image NAME KEY TAG DOCKERFILE: build and save, unless saved
+  local name=$1 key=$2 tag=$3 file=$4
+  [ -s "$PROJECT/$name-$key.tar" ] && return 0
   docker_ image inspect "$LC_PYTHON_IMAGE" >/dev/null 2>&1 || docker_ load -q -i "$BASES/python.tar" >/dev/null
-  build "$LC_OPERATOR_IMAGE" "$ROOT/operator/Dockerfile" "$ROOT" --build-arg "PYTHON_IMAGE=$LC_PYTHON_IMAGE"
-  rm -f "$PROJECT"/operator-*.tar
-  save "$PROJECT/operator-$operator_key.tar" "$LC_OPERATOR_IMAGE"
-  docker_ image prune -f >/dev/null   # the layers of earlier operator builds
-fi
+  build "$tag" "$ROOT/$file" "$ROOT" --build-arg "PYTHON_IMAGE=$LC_PYTHON_IMAGE"
+  rm -f "$PROJECT/$name"-*.tar
+  save "$PROJECT/$name-$key.tar" "$tag"
+  docker_ image prune -f >/dev/null   # the layers of earlier builds
+}
+project_image operator "$operator_key" "$LC_OPERATOR_IMAGE" operator/Dockerfile
+project_image trainer "$trainer_key" "$LC_TRAINER_IMAGE" trainer-image/Dockerfile
 
 log "images ready"
 printf '%s\n' "${ARCHIVES[@]}"

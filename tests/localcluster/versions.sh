@@ -66,3 +66,4 @@ LC_PAUSE_IMAGE=deeptune.local/pause:3.10
 LC_KUBELET_BIN="$LC_CACHE/kubelet-$LC_K8S_VERSION/bin"
 LC_PYTHON_IMAGE=deeptune.local/python:3.11-slim-bookworm
 LC_OPERATOR_IMAGE=deeptune.local/operator:dev
+LC_TRAINER_IMAGE=deeptune.local/trainer:dev
