@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the container images the real node runs, where no registry can be reached, as `docker save`
-# archives that containerd imports (`ctr images import`; node.sh does):
+# Build the container images the real node runs, where no registry can be reached, into a containerd
+# image store: a containerd root from which node.sh starts each node's (as hard links).
 #
 #   deeptune.local/debian:bookworm   a Debian rootfs from debootstrap (minbase): the stand-in base
 #   deeptune.local/pause:<version>   the pod sandbox image: Kubernetes' pause.c, static, FROM scratch
@@ -9,16 +9,20 @@
 #   deeptune.local/operator:dev      the project's operator/Dockerfile, built on that stand-in
 #   deeptune.local/trainer:dev       the project's trainer-image/Dockerfile, built on that stand-in
 #
-#   images.sh          build what is missing; print the archives' paths, one per line
-#   images.sh --check  exit 0 when every archive is already built, 1 otherwise
+#   images.sh          build and import what is missing; print the store's path
+#   images.sh --check  exit 0 when the store holds every image as it is now, 1 otherwise
 #
-# Archives go to $LC_CACHE (see versions.sh): the bases to images-<key>/, keyed by the Debian suite,
-# the Kubernetes version and this script's and images/*'s hashes; the operator and the trainer to
-# images-project/<name>-<key>.tar, keyed by what their Dockerfiles copy, so a warm run builds
-# nothing and a changed project rebuilds only the top layers. Builds run in a private dockerd (own
-# exec root and socket, data root kept in $LC_CACHE/dockerd as the layer cache; no bridge, no
-# iptables, no IP forwarding; builds use the host network to reach the package registries), stopped
-# before this script exits. Needs root, debootstrap, docker.io, gcc and libc6-dev.
+# Keys: the bases' are the Debian suite, the Kubernetes version and this script's and images/*'s
+# hashes (their `docker save` archives are kept in $LC_CACHE/images-<key>/); the operator's and the
+# trainer's are the bases' key and what their Dockerfiles copy. The store is
+# $LC_CACHE/containerd-images, and containerd-images.imported lists the keys it holds: a warm run
+# builds and imports nothing. A project image goes from the builder straight into it (`docker save | ctr images import -`): no
+# archive of the ~7 GB trainer image is written and read back, and a changed project rebuilds and
+# unpacks only its top layers (the unchanged ones are still streamed and hashed once more).
+# Builds run in a private dockerd (own exec root and socket, data root kept in $LC_CACHE/dockerd as
+# the layer cache; no bridge, no iptables, no IP forwarding; builds use the host network to reach
+# the package registries), imports in a private containerd (CRI off, own state and socket), both
+# stopped before this script exits. Needs root, debootstrap, docker.io, containerd, gcc, libc6-dev.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,8 +37,8 @@ die() { log "error: $*"; exit 1; }
 OPERATOR_INPUTS=(operator/Dockerfile .dockerignore requirements-operator.lock pyproject.toml README.md operator trainer-image)
 TRAINER_INPUTS=(trainer-image/Dockerfile .dockerignore requirements-trainer.lock pyproject.toml README.md operator trainer-image)
 hash_of() { cat "$@" | sha256sum | cut -c1-12; }
-project_key() {  # project_key INPUTS...: a key for the tracked inputs' contents
-  (cd "$ROOT" && git ls-files -z -- "$@" | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+project_key() {  # project_key INPUTS...: a key for the bases' and the tracked inputs' contents
+  { echo "$base_key"; cd "$ROOT" && git ls-files -z -- "$@" | sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-12
 }
 # The machine's own CAs go into the Python stand-in (images/python.Dockerfile says why).
 HOST_CAS=(/usr/local/share/ca-certificates/*.crt)
@@ -43,24 +47,24 @@ base_key=$(printf '%s %s %s' "$LC_DEBIAN_SUITE" "$LC_K8S_VERSION" "$(hash_of "$0
 operator_key=$(project_key "${OPERATOR_INPUTS[@]}")
 trainer_key=$(project_key "${TRAINER_INPUTS[@]}")
 BASES="$LC_CACHE/images-$base_key"
-PROJECT="$LC_CACHE/images-project"
-ARCHIVES=("$BASES/debian.tar" "$BASES/pause.tar" "$BASES/python.tar" "$PROJECT/operator-$operator_key.tar"
-          "$PROJECT/trainer-$trainer_key.tar")
+STORE="$LC_CACHE/containerd-images"
+RECORD="$STORE.imported"
 
-built() { local a; for a in "${ARCHIVES[@]}"; do [ -s "$a" ] || return 1; done; }
+recorded() { [ -d "$STORE" ] && grep -qxF "$1 $2" "$RECORD" 2>/dev/null; }   # recorded NAME KEY
+built() { recorded bases "$base_key" && recorded operator "$operator_key" && recorded trainer "$trainer_key"; }
 
 case "${1:-}" in
   "") ;;
   --check) built; exit $? ;;
-  -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) die "unknown argument: $1 (try --help)" ;;
 esac
 
-if built; then printf '%s\n' "${ARCHIVES[@]}"; exit 0; fi
+if built; then echo "$STORE"; exit 0; fi
 
 [ "$(id -u)" = 0 ] || die "building the node's images needs root (debootstrap, dockerd)"
-for tool in debootstrap dockerd docker gcc; do
-  command -v "$tool" >/dev/null || die "$tool is required (apt-get install debootstrap docker.io gcc libc6-dev)"
+for tool in debootstrap dockerd docker containerd ctr gcc; do
+  command -v "$tool" >/dev/null || die "$tool is required (apt-get install debootstrap docker.io containerd gcc libc6-dev)"
 done
 pause_c="$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")/k8s.io/kubernetes@$LC_K8S_VERSION/build/pause/linux/pause.c"
 [ -f "$pause_c" ] || die "pause.c not found at $pause_c (build.sh downloads the Kubernetes module)"
@@ -68,30 +72,57 @@ pause_c="$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")/k8s.io/kube
 mkdir -p "$LC_CACHE"
 exec 9>"$LC_CACHE/.images.lock"
 flock 9
-if built; then printf '%s\n' "${ARCHIVES[@]}"; exit 0; fi   # built by the holder we waited for
+if built; then echo "$STORE"; exit 0; fi   # built by the holder we waited for
+exec 8>"$LC_CACHE/.containerd-images.lock"
+flock 8   # no node links the store while it changes (node.sh takes it shared)
 
 WORK=$(mktemp -d "$LC_CACHE/images.tmp.XXXXXX")
 DATA="$LC_CACHE/dockerd"
 SOCK="$WORK/docker.sock"
 docker_() { docker -H "unix://$SOCK" "$@"; }
-stop_dockerd() {
+ctr_() { ctr --address "$WORK/containerd.sock" --namespace k8s.io "$@"; }
+stop_daemons() {
   if [ -f "$WORK/dockerd.pid" ]; then
     kill "$(cat "$WORK/dockerd.pid")" 2>/dev/null || true
     for _ in $(seq 100); do [ -e "$SOCK" ] || break; sleep 0.2; done
+  fi
+  if [ -f "$WORK/containerd.pid" ]; then
+    kill "$(cat "$WORK/containerd.pid")" 2>/dev/null || true
+    for _ in $(seq 100); do [ -e "$WORK/containerd.sock" ] || break; sleep 0.1; done
   fi
   # overlay2 mounts left by a killed daemon would keep its directories busy
   awk -v w="$WORK/" -v d="$DATA/" 'index($2, w) == 1 || index($2, d) == 1 { print $2 }' /proc/mounts \
     | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$WORK"
 }
-trap stop_dockerd EXIT
+trap stop_daemons EXIT
 
 log "starting a private dockerd (layer cache in $DATA)"
 nohup setsid dockerd --data-root "$DATA" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
   -H "unix://$SOCK" --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false \
-  --bridge=none --storage-driver=overlay2 > "$WORK/dockerd.log" 2>&1 < /dev/null 9>&- &
+  --bridge=none --storage-driver=overlay2 > "$WORK/dockerd.log" 2>&1 < /dev/null 8>&- 9>&- &
 for _ in $(seq 150); do docker_ version >/dev/null 2>&1 && break; sleep 0.2; done
 docker_ version >/dev/null 2>&1 || { tail -20 "$WORK/dockerd.log" >&2; die "dockerd did not start"; }
+
+log "starting a private containerd on the store $STORE"
+cat > "$WORK/containerd.toml" <<EOF
+version = 2
+root = "$STORE"
+state = "$WORK/containerd-state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$WORK/containerd.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$WORK/containerd-opt"
+EOF
+nohup setsid containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 < /dev/null 8>&- 9>&- &
+echo $! > "$WORK/containerd.pid"
+for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && break; sleep 0.1; done
+ctr_ version >/dev/null 2>&1 || { tail -20 "$WORK/containerd.log" >&2; die "containerd did not start"; }
+record() {  # record NAME KEY: the store now holds NAME as of KEY
+  { grep -v "^$1 " "$RECORD" 2>/dev/null || true; echo "$1 $2"; } > "$RECORD.tmp"
+  mv "$RECORD.tmp" "$RECORD"
+}
 
 build() {  # build TAG DOCKERFILE CONTEXT [--build-arg ...]: the legacy builder, host network
   local tag=$1 file=$2 context=$3; shift 3
@@ -131,21 +162,26 @@ if [ ! -s "$BASES/python.tar" ]; then
   save "$BASES/pause.tar" "$LC_PAUSE_IMAGE"
   save "$BASES/python.tar" "$LC_PYTHON_IMAGE"
   for old in "$LC_CACHE"/images-*; do   # the bases of earlier keys
-    [ "$old" = "$BASES" ] || [ "$old" = "$PROJECT" ] || rm -rf "$old"
+    [ "$old" = "$BASES" ] || rm -rf "$old"
   done
 fi
+if ! recorded bases "$base_key"; then
+  for archive in "$BASES"/{debian,pause,python}.tar; do ctr_ images import "$archive" >/dev/null; done
+  record bases "$base_key"
+fi
 
-project_image() {  # project_image NAME KEY TAG DOCKERFILE: build and save, unless saved
+project_image() {  # project_image NAME KEY TAG DOCKERFILE: build and import, unless the store has it
   local name=$1 key=$2 tag=$3 file=$4
-  [ -s "$PROJECT/$name-$key.tar" ] && return 0
+  recorded "$name" "$key" && return 0
   docker_ image inspect "$LC_PYTHON_IMAGE" >/dev/null 2>&1 || docker_ load -q -i "$BASES/python.tar" >/dev/null
   build "$tag" "$ROOT/$file" "$ROOT" --build-arg "PYTHON_IMAGE=$LC_PYTHON_IMAGE"
-  rm -f "$PROJECT/$name"-*.tar
-  save "$PROJECT/$name-$key.tar" "$tag"
+  log "importing $tag into the store"
+  docker_ save "$tag" | ctr_ images import - >/dev/null || die "importing $tag into $STORE failed"
+  record "$name" "$key"
   docker_ image prune -f >/dev/null   # the layers of earlier builds
 }
 project_image operator "$operator_key" "$LC_OPERATOR_IMAGE" operator/Dockerfile
 project_image trainer "$trainer_key" "$LC_TRAINER_IMAGE" trainer-image/Dockerfile
 
 log "images ready"
-printf '%s\n' "${ARCHIVES[@]}"
+echo "$STORE"

@@ -26,8 +26,8 @@
 #   - the kernel settings the kubelet sets (vm.overcommit_memory, kernel.panic, ...): restored;
 #   - /var/lib/kubelet, /var/log/containers, /var/lib/cni and /run/containerd, which the kubelet,
 #     the CNI library and the shims make whatever their configured roots: removed if they made them.
-# Images: images.sh's archives, imported once into a containerd root in $LC_CACHE/containerd-images;
-# each node's root starts as hard links to it (below).
+# Images: images.sh builds them into a containerd root, $LC_CACHE/containerd-images; each node's
+# root starts as hard links to it (below).
 # State: ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}/node.
 set -euo pipefail
 
@@ -154,52 +154,11 @@ fi
 
 PATH="$(bash "$HERE/build.sh" --with-kubelet --print-path):$PATH"
 KUBELET="$LC_KUBELET_BIN/kubelet"
-archives=$(bash "$HERE/images.sh")
-mapfile -t ARCHIVES <<< "$archives"
-
-# The images, imported into a containerd root kept in $LC_CACHE; a node's root starts as hard links to
-# it. Importing the ~7 GB trainer image into an empty root takes ~90 s (reading, hashing, unpacking
-# it), linking it ~1 s. Only archives the store has not imported yet are imported (a changed project
-# brings a new operator and trainer archive: their unchanged layers are already there, so that costs
-# the reading and hashing, not the unpacking). The metadata databases are copied, as containerd
-# writes them in place; the layers' files are only ever read (overlayfs lower directories), and what
-# a node adds (containers, their snapshots) is its own.
-STORE="$LC_CACHE/containerd-images"
-update_image_store() {
-  local work pid archive missing=()
-  exec 6>"$LC_CACHE/.containerd-images.lock"
-  flock 6
-  for archive in "${ARCHIVES[@]}"; do
-    grep -qxF "$archive" "$STORE.imported" 2>/dev/null || missing+=("$archive")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "importing ${missing[*]##*/} into the containerd root in $STORE"
-    work=$(mktemp -d "$LC_CACHE/containerd-images.tmp.XXXXXX")
-    cat > "$work/config.toml" <<EOF
-version = 2
-root = "$STORE"
-state = "$work/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$work/containerd.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$work/opt"
-EOF
-    containerd --config "$work/config.toml" > "$work/containerd.log" 2>&1 < /dev/null 6>&- 7>&- 8>&- 9>&- &
-    pid=$!
-    for _ in $(seq 100); do ctr --address "$work/containerd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
-    for archive in "${missing[@]}"; do
-      ctr --address "$work/containerd.sock" --namespace k8s.io images import "$archive" >/dev/null \
-        || { kill "$pid"; tail -20 "$work/containerd.log" >&2; die "importing $archive failed"; }
-    done
-    kill "$pid"
-    wait "$pid" || true
-    rm -rf "$work"
-    printf '%s\n' "${ARCHIVES[@]}" > "$STORE.imported"   # what images.sh replaced is gone from it
-  fi
-  exec 6>&-   # not inherited by what the node starts
-}
-update_image_store
+# The images, in a containerd root images.sh keeps in $LC_CACHE; a node's root starts as hard links
+# to it: ~1 s, where importing the ~7 GB trainer image takes ~90 s. The metadata databases are
+# copied, as containerd writes them in place; the layers' files are only ever read (overlayfs lower
+# directories), and what a node adds (containers, their snapshots) is its own.
+STORE=$(bash "$HERE/images.sh")
 $prepare_only && { log "packages, kubelet and images ready"; exit 0; }
 
 [ -f "$CLUSTER/.deeptune-cluster" ] && [ -f "$CLUSTER/ports.env" ] || die "no cluster in $CLUSTER: run up.sh first"
@@ -309,23 +268,21 @@ state = "$S/containerd/state"
     bin_dir = "/usr/lib/cni"
     conf_dir = "$S/cni/net.d"
 EOF
-images_linked=false
 exec 6>"$LC_CACHE/.containerd-images.lock"
-flock -s 6   # no import into the store while it is linked
+flock -s 6   # images.sh changes the store only under this lock, held alone
 if cp -al "$STORE" "$S/containerd/root" 2>/dev/null; then
   find "$STORE" -name '*.db' -printf '%P\n' | while read -r db; do
     cp --remove-destination "$STORE/$db" "$S/containerd/root/$db"
   done
-  images_linked=true
-else   # the cache on another filesystem than the state dir: import as the store did
+else   # the cache on another filesystem than the state dir: a copy
   rm -rf "$S/containerd/root"
+  cp -a "$STORE" "$S/containerd/root"
 fi
 exec 6>&-
 nohup setsid containerd --config "$S/containerd.toml" > "$S/containerd.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &
 echo $! > "$S/containerd.pid"
 for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && break; pid_alive containerd || break; sleep 0.1; done
 ctr_ version >/dev/null 2>&1 || { tail -20 "$S/containerd.log" >&2; die "containerd did not start"; }
-$images_linked || for archive in "${ARCHIVES[@]}"; do ctr_ images import "$archive" >/dev/null; done
 
 # --- kubelet ----------------------------------------------------------------------------------------
 PKI="$CLUSTER/pki"
