@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,13 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         "load_average": list(os.getloadavg()),
         **extra,
     }
+
+
+def gpu_model(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100': the model in a GPU's name, for the GPU benchmarks' report
+    names (leased machines share one host name, so two cards' runs must not overwrite each other)."""
+    words = [word for word in name.split() if word.upper() not in {"NVIDIA", "TESLA", "GEFORCE", "RTX"}]
+    return re.sub(r"[^a-z0-9]", "", words[0].lower()) if words else "gpu"
 
 
 RESULTS = Path(__file__).resolve().parent / "results"

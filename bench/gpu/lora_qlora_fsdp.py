@@ -48,7 +48,7 @@ Per configuration, after --warmup-steps that are not counted:
 Each worker leaves right after the last timed step: the final checkpoint of a full fine-tune of
 V2-Lite (gathered weights and sharded Adam state, ~250 GB) would fill the disk and time the disk.
 
-Prints one table and writes JSON to bench/results/gpu-<host>.json with the machine (bench/machine.py).
+Prints one table and writes JSON to bench/results/gpu-<gpu>-<host>.json with the machine (bench/machine.py).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ from deeptune_trainer.tinymodels import train_tokenizer
 from deeptune_trainer.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from machine import machine_info  # bench/machine.py
+from machine import gpu_model, machine_info  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
@@ -561,7 +561,7 @@ def main() -> None:
         | {"models": args.models, "layers": args.layers, "configurations": args.configurations},
         "results": [asdict(row) for row in rows],
     }
-    out = RESULTS / f"gpu-{report['machine']['host']}.json"
+    out = RESULTS / f"gpu-{gpu_model(report['machine']['gpu'])}-{report['machine']['host']}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -23,7 +23,13 @@ at once when its batch ends, so its TTFT is its batch's time), and peak GPU memo
 engine a user would otherwise run) is not in this script yet: the GPU machine would need vLLM carried
 to it as wheels.
 
-Writes JSON to bench/results/gpu-serving-<host>.json.
+With `--profile`, first: where a decoding step's time goes. The static engine's step time at batch
+1, 8 and 32 (the time of 65 new tokens less that of 1, over 64: if it hardly grows with the batch,
+the step waits on the CPU, not the GPU), then one static batch and one continuous run of 32 requests
+under torch.profiler: wall time against the GPU's busy time, and the operators that take the most
+CPU and GPU time.
+
+Writes JSON to bench/results/gpu-serving-<gpu>-<host>.json.
 """
 
 from __future__ import annotations
@@ -36,16 +42,19 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from lora_qlora_fsdp import model_config, write_model  # noqa: E402  (bench/gpu/, the script's directory)
-from machine import machine_info  # noqa: E402
+from machine import gpu_model, machine_info  # noqa: E402
 
 from deeptune_serving.engine import ContinuousEngine, Listener  # noqa: E402
 from deeptune_serving.generation import Completion, Generator, LoadSettings, Sampling  # noqa: E402
@@ -139,6 +148,62 @@ def run_continuous(engine: ContinuousEngine, prompts: list[Any], concurrency: in
     return summarize("continuous", concurrency, time.perf_counter() - started, ttfts, tokens)
 
 
+def with_new_tokens(prompts: list[Any], new_tokens: int) -> list[Any]:
+    return [replace(each, sampling=replace(each.sampling, max_new_tokens=new_tokens)) for each in prompts]
+
+
+def step_times(generator: Generator, prompts: list[Any]) -> dict[str, float]:
+    """ms per decoding step of the static engine by batch size, prefill taken out."""
+
+    def timed(batch: list[Any], new_tokens: int) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        generator.generate(with_new_tokens(batch, new_tokens))
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    steps = {}
+    for batch in (1, 8, 32):
+        timed(prompts[:batch], 4)
+        decoding = timed(prompts[:batch], 65) - timed(prompts[:batch], 1)
+        steps[f"batch_{batch}_ms"] = round(1000 * decoding / 64, 2)
+    return steps
+
+
+def profiled(label: str, run: Callable[[], object]) -> dict[str, Any]:
+    """One run under torch.profiler: wall time, the GPU's busy time and the costliest operators."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        started = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    events = profile.key_averages()
+    on_gpu = [event for event in events if event.device_type == DeviceType.CUDA]
+    kernels = sum(event.self_device_time_total for event in on_gpu) / 1e6
+    print(f"== {label}: wall {wall:.2f} s, GPU busy {kernels:.2f} s ({100 * kernels / wall:.0f}%)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    print(events.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
+    return {"run": label, "wall_seconds": round(wall, 2), "gpu_busy_seconds": round(kernels, 2)}
+
+
+def profile_engines(generator: Generator, prompts: list[Any]) -> dict[str, Any]:
+    batch = with_new_tokens(prompts[:32], 64)
+    generator.generate(batch)  # warm-up: a cold first pass made the sweep's steps twice as long
+    found: dict[str, Any] = {"static_step": step_times(generator, prompts)}
+    print(json.dumps(found), flush=True)
+    found["static"] = profiled("static, 32 requests, 64 new tokens", lambda: generator.generate(batch))
+    engine = ContinuousEngine(generator, max_running=32, max_waiting=64)
+    try:
+        run_continuous(engine, batch, 32)  # warm-up: the manager's first shapes
+        found["continuous"] = profiled(
+            "continuous, 32 requests, 64 new tokens", lambda: run_continuous(engine, batch, 32)
+        )
+    finally:
+        engine.close()
+    return found
+
+
 def shown(row: dict[str, Any]) -> dict[str, Any]:
     """Printed as soon as it is measured, so a run stopped at its time limit still shows its rows."""
     print(json.dumps(row), flush=True)
@@ -151,6 +216,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--profile", action="store_true", help="first, where a decoding step's time goes")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/deeptune-gpu-serving"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -161,6 +227,7 @@ def main() -> None:
     generator = Generator.load(LoadSettings(model=str(model_dir), device="cuda:0"), max_new_tokens_limit=256)
     prompts = workload(generator, args.requests)
     results = []
+    profile = profile_engines(generator, prompts) if args.profile else None
     if "static" in args.engines:
         run_static(generator, prompts[: max(args.concurrency)], max(args.concurrency))  # warm-up
         results += [shown(run_static(generator, prompts, c)) for c in args.concurrency]
@@ -183,7 +250,10 @@ def main() -> None:
         },
         "results": results,
     }
-    out = HERE.parent / "results" / f"gpu-serving-{platform.node()}.json"
+    if profile:
+        report["profile"] = profile
+    gpu = gpu_model(torch.cuda.get_device_name(0))
+    out = HERE.parent / "results" / f"gpu-serving-{gpu}-{platform.node()}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -24,7 +24,8 @@ Bytes per GPU, per part:
   memory, leaving the gradients on the GPU; `optimizerAndParameters` moves the weights' shards too,
   leaving only the units gathered for compute.
 - activations: see `_activation_bytes`; they are per GPU and not divided by sharding. Checked against
-  the peaks measured on an H200 (bench/results/gpu-vm.json; tests/unit/test_planner.py reads them).
+  the peaks measured on an H200 and an H100 (bench/results/gpu-h200-vm.json, gpu-h100-vm.json;
+  tests/unit/test_planner.py reads every such report).
 - overhead: `CUDA_OVERHEAD_BYTES`.
 """
 
@@ -58,9 +59,10 @@ FP32_BYTES = 4
 QLORA_ACTIVATION_BYTES = FP32_BYTES
 """Under qlora the hidden states are fp32: the norms that `prepare_model_for_kbit_training` upcast
 multiply them by fp32 weights, and bitsandbytes' 4-bit layers hand back their input's dtype. Measured
-on an H200 (bench/results/gpu-vm.json, deepseek-llm-7b's shape, 4 x 2048 tokens, checkpointing): the
-peak was 2.1 GiB above a 16-bit activation estimate, about the fp32 layer inputs kept for backward
-(+1.9 GiB); counting every activation at 4 bytes stays above the peak, by 0.9 GiB."""
+on an H200 (bench/results/gpu-h200-vm.json, deepseek-llm-7b's shape, 4 x 2048 tokens, checkpointing;
+an H100 gave the same peaks): the peak was 2.1 GiB above a 16-bit activation estimate, about the fp32
+layer inputs kept for backward (+1.9 GiB); counting every activation at 4 bytes stays above the peak,
+by 0.9 GiB."""
 ADAPTER_BYTES = FP32_BYTES
 """peft's `autocast_adapter_dtype` keeps LoRA weights in fp32 even on a 16-bit model."""
 
