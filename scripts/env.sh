@@ -50,7 +50,27 @@ deeptune_cached_venv() {
     fi
     exec 9>&-
   fi
+  _deeptune_compiled "$name" "$venv"
   printf '%s\n' "$venv"
+}
+
+# uv installs no bytecode, and this machine's environment sets PYTHONDONTWRITEBYTECODE=1, so without
+# this every Python process compiled each module it imports from source: a trainer process spent
+# 9.3 s importing deeptune_trainer.training, 7.7 s with bytecode (measured). Compiled once per cached
+# environment, also in one built before this step existed (the marker says it is done).
+_deeptune_compiled() {
+  local name="$1" venv="$2"
+  [ -f "$venv/.compiled" ] && return 0
+  exec 9>"$DEEPTUNE_CACHE/$name.lock"
+  flock 9
+  if [ ! -f "$venv/.compiled" ]; then
+    _deeptune_log "compiling the bytecode of $venv (first run only)"
+    # Some packages ship files that are not Python 3 (templates, test data): compileall names them
+    # and goes on; they are never imported.
+    "$venv/bin/python" -m compileall -q -j 0 "$venv/lib" > /dev/null 2>&1 || true
+    touch "$venv/.compiled"
+  fi
+  exec 9>&-
 }
 
 DEEPTUNE_VENV="$(deeptune_cached_venv venv "$DEEPTUNE_ROOT/requirements.lock")"
