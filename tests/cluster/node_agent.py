@@ -277,6 +277,20 @@ def resolv_conf(pod: Any, cluster_dns: str | None, cluster_domain: str) -> str |
     return "\n".join(lines) + "\n"
 
 
+def _pod_own_directories(targets: list[str]) -> list[str]:
+    """The outermost directories above mount targets that this machine lacks or holds empty: on a
+    node the runtime makes them in the container's own root filesystem, so a pod mounting
+    /models/a never sees another pod's /models/b. Here the pod gets a tmpfs at each, where its mount
+    points are made, instead of leaving them behind on this machine for the next pod to find."""
+    own: set[Path] = set()
+    for target in map(Path, targets):
+        for directory in reversed(target.parents[:-1]):  # from the top: /models before /models/a
+            if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+                own.add(directory)
+                break
+    return sorted(str(directory) for directory in own)
+
+
 def _hiding_mounts_last(mounts: list[Any], sources: dict[str, Path]) -> list[Any]:
     """Mounts over a directory that holds other mounts' sources (e.g. an emptyDir at /tmp while
     the sources live under /tmp) must come after those, or they would hide them."""
@@ -475,6 +489,10 @@ class PodRunner(threading.Thread):
         for name, target in (("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf")):
             if (self.dir / name).exists():
                 lines.append(f"mount --bind {shlex.quote(str(self.dir / name))} {target}")
+        targets = [*image_env.mounts, *(mount.mount_path for mount in container.volume_mounts or [])]
+        for directory in _pod_own_directories(targets):
+            lines.append(f"mkdir -p {shlex.quote(directory)}")
+            lines.append(f"mount -t tmpfs -o size=1m,mode=755 tmpfs {shlex.quote(directory)}")
         for target, source in image_env.mounts.items():
             lines.append(f"mkdir -p {shlex.quote(target)}")
             lines.append(f"mount -o bind,ro {shlex.quote(source)} {shlex.quote(target)}")

@@ -175,8 +175,11 @@ def test_repository_config_map_keys_map_back_to_their_paths() -> None:
         "support-bot/config.pbtxt",
         "support-bot/1/model.py",
     }
-    assert {"name": "repository", "mountPath": "/models", "readOnly": True} in container_of(built)[
-        "volumeMounts"
+    # Each model's directory by subPath, never the volume's root: there the kubelet keeps `..data`
+    # and a timestamped directory, which Triton would take for models.
+    repository_mounts = [m for m in container_of(built)["volumeMounts"] if m["name"] == "repository"]
+    assert repository_mounts == [
+        {"name": "repository", "mountPath": "/models/support-bot", "subPath": "support-bot", "readOnly": True}
     ]
 
 

@@ -257,7 +257,19 @@ def _volumes(
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
     ]
     mounts: list[Manifest] = [
-        {"name": "repository", "mountPath": REPOSITORY_PATH, "readOnly": True},
+        # Each model's directory apart (subPath): a ConfigMap volume mounted whole also shows the
+        # kubelet's `..data` link and timestamped directory, which Triton takes for models it cannot
+        # load, and exits (found on the suite's real node). Triton reads the repository once, so the
+        # updates a subPath mount does not receive are not missed: a change restarts the pods.
+        *(
+            {
+                "name": "repository",
+                "mountPath": posixpath.join(REPOSITORY_PATH, top),
+                "subPath": top,
+                "readOnly": True,
+            }
+            for top in sorted({path.split("/", 1)[0] for path in files})
+        ),
         {"name": "tmp", "mountPath": "/tmp"},
         # Triton's Python backend passes tensors to the model's process through /dev/shm.
         {"name": "dshm", "mountPath": "/dev/shm"},
