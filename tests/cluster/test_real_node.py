@@ -6,8 +6,9 @@ nothing leaves this machine. Teardown leaves the machine as it found it.
 
 The node is tainted: only pods that tolerate the taint and select it run there, so the rest of the
 suite keeps using the node agent's node. The images are built here by images.sh (no registry is
-reachable): the Debian rootfs from debootstrap, and the project's operator and trainer images from
-their own Dockerfiles on a stand-in Python base.
+reachable): the Debian and Ubuntu rootfs from debootstrap, the project's operator and trainer images
+from their own Dockerfiles on a stand-in Python base, and its serving image on a stand-in of
+NVIDIA's Triton image (tests/localcluster/images/*.Dockerfile say what the stand-ins change).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ OPERATOR_IMAGE = "deeptune.local/operator:dev"
 TRAINER_IMAGE = "deeptune.local/trainer:dev"
 TRAINER_UID = 1000
 """The user trainer-image/Dockerfile runs as, and the operator's pod security context asks for."""
+SERVING_IMAGE = "deeptune.local/serving:dev"
+SERVING_UID = 1000
+"""Triton's user (triton-server) in NVIDIA's image and the stand-in, which serving-image/Dockerfile
+runs as."""
 ON_THE_NODE = {"deeptune.dev/real-node": "true"}
 """The node's label, for the nodeSelector of what must run there."""
 TOLERATE_THE_NODE = [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
@@ -148,12 +153,18 @@ def on_the_node(manifest: dict[str, Any], image: str) -> dict[str, Any]:
     return manifest
 
 
-def hand_to_the_trainer(volumes: dict[str, Path]) -> None:
+def make_readable(directory: Path) -> None:
     """A hostPath volume is the directory as it is: the kubelet applies no fsGroup to it. So, as the
-    trainer's ModelNotReadable message says, the model's files are made readable (transformers saved
-    the weights 0600), and the output claim is given to the trainer's user (a provisioner would)."""
-    for path in volumes["deeptune-models"].rglob("*"):
+    trainer's ModelNotReadable message says, a model's files are made readable to the images' users
+    (transformers saved the weights 0600)."""
+    for path in directory.rglob("*"):
         path.chmod(path.stat().st_mode | 0o444)
+
+
+def hand_to_the_trainer(volumes: dict[str, Path]) -> None:
+    """The model made readable, and the output claim given to the trainer's user (a provisioner
+    would)."""
+    make_readable(volumes["deeptune-models"])
     output = volumes["deeptune-output"]
     for path in (output, *output.rglob("*")):
         os.chown(path, TRAINER_UID, TRAINER_UID)
@@ -536,6 +547,89 @@ def test_a_trainer_over_its_memory_limit_is_reported_as_out_of_memory(
     assert "resources.memory" in failure["message"]
     failed = next(c for c in final["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "OOMKilled"
+
+
+def serving_pods_story(crds: Cluster, namespace: str) -> str:
+    """What the serving pods went through, for a test that waited in vain: their states, the
+    kubelet's events about them (probes, pulls, restarts) and their logs."""
+    told = []
+    for server in crds.list("pods", namespace, "app.kubernetes.io/component=serving"):
+        name = server["metadata"]["name"]
+        told.append(f"pod {name}: {json.dumps(server['status'].get('containerStatuses'))}")
+        about = f"involvedObject.name={name}"
+        events = crds.kubectl("get", "events", "-n", namespace, "--field-selector", about)
+        logs = crds.kubectl("logs", "-n", namespace, name, "--tail", "60", check=False)
+        told += [events.stdout, logs.stdout + logs.stderr]
+    return "\n".join(told) or "no serving pod"
+
+
+def test_a_modeldeployment_is_served_from_the_serving_image_behind_the_kubelets_probes(
+    operator: Process, crds: Cluster, real_node: dict[str, Any], namespace: str, tiny_volumes: dict[str, Path]
+) -> None:
+    """The serving image built from serving-image/Dockerfile on the Triton stand-in, run by the kubelet
+    as the operator's Deployment asks: the container's command (the OpenAI frontend starting
+    tritonserver) found in the image, the model repository read from the ConfigMap at the path that
+    command names, the weights read-only from their claim, as Triton's non-root user on a read-only
+    root. The kubelet's startup and readiness probes gate the pod, the Service's endpoints list it
+    once ready, the operator's own check finds the model Loaded, and a client's request through the
+    OpenAI API on the pod's address is answered."""
+    make_readable(tiny_volumes["deeptune-models"])
+    spec = {
+        "model": {"merged": {"pvc": {"claimName": "deeptune-models", "path": "tiny-llama"}}},
+        "runtime": {"backend": "python", "image": SERVING_IMAGE},
+        "imagePullPolicy": "Never",
+        "resources": {
+            "gpu": 0,
+            "cpu": "1",
+            "memory": "3Gi",
+            "sharedMemory": "256Mi",
+            "nodeSelector": ON_THE_NODE,
+            "tolerations": TOLERATE_THE_NODE,
+        },
+        "generation": {"maxNewTokens": 4},
+    }
+    crds.apply(harness.modeldeployment("tiny", namespace, spec))
+
+    def ready() -> dict[str, Any] | None:
+        status = (crds.get("modeldeployment", "tiny", namespace) or {}).get("status") or {}
+        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        return status if conditions.get("Ready") == "True" else None
+
+    try:
+        status = harness.wait_for("the ModelDeployment to be Ready", ready, timeout=300, interval=0.5)
+    except AssertionError as timed_out:
+        raise AssertionError(f"{timed_out}\n{serving_pods_story(crds, namespace)}") from None
+    assert status["modelState"] == "Loaded" and status["backend"] == "python", status
+    probe = status["lastProbe"]
+    assert probe["serverReady"] and probe["modelReady"] and probe["inferenceOk"], probe
+
+    (server,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
+    assert server["spec"]["nodeName"] == NODE
+    pod_ready = {c["type"]: c["status"] for c in server["status"]["conditions"]}
+    assert pod_ready["Ready"] == "True"  # the kubelet's readiness probe, on Triton's /v2/health/ready
+    (container,) = server["status"]["containerStatuses"]
+    assert container["restartCount"] == 0 and container["started"], container
+    name = server["metadata"]["name"]
+    said = crds.kubectl("exec", "-n", namespace, name, "--", "sh", "-c", "id -u; touch /probe 2>&1; true")
+    uid, refused = said.stdout.splitlines()
+    assert int(uid) == SERVING_UID
+    assert "Read-only file system" in refused
+
+    pod_ip = server["status"]["podIP"]
+    slices = crds.list("endpointslices", namespace, "kubernetes.io/service-name=tiny-triton")
+    served = {address for s in slices for e in s.get("endpoints", []) for address in e["addresses"]}
+    assert served == {pod_ip}  # the Service reaches the ready pod (through kube-proxy where there is one)
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://{pod_ip}:9000/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "topic: weather"}], max_tokens=4, temperature=0
+    )
+    assert answer.choices[0].message.content, answer
+    assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 4
+    logs = crds.kubectl("logs", "-n", namespace, name).stdout
+    assert "successfully loaded 'tiny'" in logs, logs[-3000:]  # Triton's own log, through the API server
 
 
 def test_stopping_the_node_gives_the_machine_back(cluster: Cluster, real_node: dict[str, Any]) -> None:

@@ -142,6 +142,8 @@ need nftables command -v nft
 need debootstrap command -v debootstrap
 need docker.io command -v dockerd
 need gcc command -v gcc
+need gpg command -v gpg
+need curl command -v curl
 need libc6-dev test -f /usr/lib/x86_64-linux-gnu/libc.a -o -f /usr/lib/aarch64-linux-gnu/libc.a
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null || die "install ${missing[*]} (Debian package names)"

@@ -67,3 +67,13 @@ LC_KUBELET_BIN="$LC_CACHE/kubelet-$LC_K8S_VERSION/bin"
 LC_PYTHON_IMAGE=deeptune.local/python:3.11-slim-bookworm
 LC_OPERATOR_IMAGE=deeptune.local/operator:dev
 LC_TRAINER_IMAGE=deeptune.local/trainer:dev
+# The serving image's stand-in base (images/tritonserver.Dockerfile): Ubuntu 22.04 from debootstrap,
+# as NVIDIA's Triton 24.10 image, checked against the Ubuntu archive's signing key, pinned here by
+# fingerprint (its keyring comes from the archive's pool: Debian bookworm ships none), and the
+# Triton server of the nvidia-pytriton wheel that requirements.lock pins.
+LC_UBUNTU_SUITE=jammy
+LC_UBUNTU_MIRROR=http://archive.ubuntu.com/ubuntu
+LC_UBUNTU_KEYRING_DEB=pool/main/u/ubuntu-keyring/ubuntu-keyring_2021.03.26_all.deb
+LC_UBUNTU_ARCHIVE_KEY=F6ECB3762474EDA9D21B7022871920D1991BC93C
+LC_TRITON_IMAGE=deeptune.local/tritonserver:24.10-py3
+LC_SERVING_IMAGE=deeptune.local/serving:dev
