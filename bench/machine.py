@@ -48,3 +48,9 @@ def save_report(name: str, report: dict[str, Any], *, smoke: bool) -> Path:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return out
+
+
+def save_gpu_report(name: str, report: dict[str, Any]) -> Path:
+    """A GPU benchmark's report as bench/results/<name>-<gpu>-<host>.json (`report["machine"]["gpu"]`
+    names the card)."""
+    return save_report(f"{name}-{gpu_model(report['machine']['gpu'])}", report, smoke=False)

@@ -93,10 +93,9 @@ from deeptune_trainer.tinymodels import train_tokenizer
 from deeptune_trainer.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from machine import gpu_model, machine_info  # bench/machine.py
+from machine import machine_info, save_gpu_report  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE.parent / "results"
 NEEDS_A_GPU = (
     "bench/gpu/lora_qlora_fsdp.py needs a CUDA GPU and none is visible: nothing measured. "
     "Run it as is on a GPU machine."
@@ -561,10 +560,7 @@ def main() -> None:
         | {"models": args.models, "layers": args.layers, "configurations": args.configurations},
         "results": [asdict(row) for row in rows],
     }
-    out = RESULTS / f"gpu-{gpu_model(report['machine']['gpu'])}-{report['machine']['host']}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_gpu_report("gpu", report)
 
 
 if __name__ == "__main__":

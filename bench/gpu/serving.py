@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import sys
@@ -54,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from lora_qlora_fsdp import model_config, write_model  # noqa: E402  (bench/gpu/, the script's directory)
-from machine import gpu_model, machine_info  # noqa: E402
+from machine import machine_info, save_gpu_report  # noqa: E402
 
 from deeptune_serving.engine import ContinuousEngine, Listener  # noqa: E402
 from deeptune_serving.generation import Completion, Generator, LoadSettings, Sampling  # noqa: E402
@@ -252,11 +251,7 @@ def main() -> None:
     }
     if profile:
         report["profile"] = profile
-    gpu = gpu_model(torch.cuda.get_device_name(0))
-    out = HERE.parent / "results" / f"gpu-serving-{gpu}-{platform.node()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_gpu_report("gpu-serving", report)
 
 
 if __name__ == "__main__":
