@@ -1,8 +1,8 @@
 """The real node (tests/localcluster/node.sh): a kubelet with containerd and runc, enforcing what the
 test node agent only simulates — the image's filesystem, the user a container runs as, a read-only
 root filesystem, memory limits (OOM kills), the termination message, the service-account token,
-cluster DNS, `kubectl logs` and `kubectl exec` through the API server — on a network from which
-nothing leaves this machine. Teardown leaves the machine as it found it.
+cluster DNS, Services through kube-proxy, `kubectl logs` and `kubectl exec` through the API server —
+on a network from which nothing leaves this machine. Teardown leaves the machine as it found it.
 
 The node is tainted: only pods that tolerate the taint and select it run there, so the rest of the
 suite keeps using the node agent's node. The images are built here by images.sh (no registry is
@@ -13,12 +13,15 @@ NVIDIA's Triton image (tests/localcluster/images/*.Dockerfile say what the stand
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ pytestmark = [
 
 NODE = "deeptune-real-node"
 IMAGE = "deeptune.local/debian:bookworm"
+PYTHON_IMAGE = "deeptune.local/python:3.11-slim-bookworm"
 OPERATOR_IMAGE = "deeptune.local/operator:dev"
 TRAINER_IMAGE = "deeptune.local/trainer:dev"
 TRAINER_UID = 1000
@@ -63,7 +67,27 @@ SYSCTLS = (
     "kernel.panic",
     "kernel.panic_on_oops",
     "net.ipv4.ip_forward",
+    "net.ipv4.conf.all.forwarding",
+    "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_tcp_timeout_established",
+    "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
 )
+"""The kubelet's kernel settings, forwarding (which the node turns on for its bridge alone) and the
+conntrack settings kube-proxy makes unless told not to."""
+HTTP_CLIENT = r"""
+http() {  # http HOST PORT PATH [JSON]: one HTTP/1.0 request (a POST of JSON if given); the response
+  exec 3<>"/dev/tcp/$1/$2" || return
+  if [ -n "${4:-}" ]; then
+    printf 'POST %s HTTP/1.0\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s' \
+      "$3" "$1" "${#4}" "$4" >&3
+  else
+    printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" "$1" >&3
+  fi
+  cat <&3
+  exec 3>&-
+}
+"""
+"""Bash's own /dev/tcp as an HTTP client: the Debian image has no curl."""
 
 
 def machine_state(state_dir: Path) -> dict[str, Any]:
@@ -78,8 +102,10 @@ def machine_state(state_dir: Path) -> dict[str, Any]:
     processes = run("ps", "-e", "-o", "args=").splitlines()
     return {
         "nftables tables": sorted(run("nft", "list", "tables").splitlines()),
+        "iptables rules": [line for line in run("iptables-save").splitlines() if not line.startswith("#")],
         "links": [line for line in sorted(run("ip", "-o", "link").splitlines()) if AGENT_BRIDGE not in line],
         "routes": [line for line in sorted(run("ip", "route").splitlines()) if AGENT_BRIDGE not in line],
+        "policy rules": run("ip", "rule").splitlines(),
         "mounts under the state dir": [m for m in mounts if m.startswith(str(state_dir))],
         "processes under the state dir": [p for p in processes if str(state_dir / "node") in p],
         "sysctls": {key: run("sysctl", "-n", key).strip() for key in SYSCTLS},
@@ -284,10 +310,10 @@ def test_exec_reaches_a_running_container(
 def test_nothing_routes_off_the_machine_from_a_pod(
     cluster: Cluster, real_node: dict[str, Any], namespace: str
 ) -> None:
-    """A pod's routes are its subnet and the service range via the host (for cluster DNS): an
-    address off the machine has no route at all, and a ClusterIP nothing serves goes nowhere — the
-    host's route for the service range is a blackhole (and the node leaves ip_forward as it was)."""
-    outside = "192.0.2.1"  # this VM's gateway: the way off the machine
+    """A pod's routes are its subnet and the service range via the host: an address off the machine
+    has no route at all, and a ClusterIP nothing serves goes nowhere — the node's routing table for
+    its pods sends the service range to a sink, and the host's own route for it is a blackhole."""
+    outside = default_gateway()  # the way off the machine
     script = (
         f"(exec 3<>/dev/tcp/{outside}/80) 2>&1 | tail -1;"
         " timeout 5 bash -c 'exec 3<>/dev/tcp/10.96.200.1/443' 2>/dev/null; echo clusterip rc=$?;"
@@ -301,6 +327,179 @@ def test_nothing_routes_off_the_machine_from_a_pod(
     assert "00000000" not in logs[2:], f"a pod has a default route: {logs}"
     blackholes = subprocess.run(["ip", "route", "show", "type", "blackhole"], capture_output=True, check=True)
     assert b"10.96.0.0/16" in blackholes.stdout
+
+
+def default_gateway() -> str:
+    """This machine's default gateway: the way off it."""
+    routes = json.loads(
+        subprocess.run(["ip", "-j", "route", "show", "default"], capture_output=True, check=True).stdout
+    )
+    gateway: str = routes[0]["gateway"]
+    return gateway
+
+
+@contextlib.contextmanager
+def network_namespace(name: str, veth: str, address: str) -> Iterator[None]:
+    """A network namespace whose `eth0` is one end of a veth pair, `veth` the other end (in this
+    one), `address` on eth0; removed on leaving, its veth with it."""
+    sh = functools.partial(subprocess.run, check=True, capture_output=True)
+    sh(["ip", "netns", "add", name])
+    try:
+        sh(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name])
+        sh(["ip", "-n", name, "addr", "add", address, "dev", "eth0"])
+        sh(["ip", "-n", name, "link", "set", "eth0", "up"])
+        yield
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_the_pods_bridge_forwards_nothing_to_another_interface(
+    cluster: Cluster, real_node: dict[str, Any]
+) -> None:
+    """The bridge forwards, for kube-proxy, so a pod that routed itself through the host would be
+    forwarded on: the node's table drops whatever the bridge would send to another interface. Shown
+    with a stand-in pod on the bridge whose default route is the host, and a stand-in outside that
+    stays on this machine (a namespace behind a veth, routed from here), which must see nothing."""
+    node_state = cluster.state_dir / "node"
+    bridge = (node_state / "bridge").read_text().strip()
+    table = (node_state / "nft-table").read_text().strip()
+    gateway = json.loads(
+        subprocess.run(
+            ["ip", "-j", "-4", "addr", "show", "dev", bridge], capture_output=True, check=True
+        ).stdout
+    )[0]["addr_info"][0]["local"]
+    sh = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
+    with (
+        network_namespace("dt-outside", "dtout0", "10.99.0.2/30"),
+        network_namespace("dt-stray-pod", "dtstray0", gateway.rsplit(".", 1)[0] + ".250/24"),
+    ):
+        sh(["ip", "addr", "add", "10.99.0.1/30", "dev", "dtout0"])
+        sh(["ip", "link", "set", "dtout0", "up"])
+        sh(["ip", "link", "set", "dtstray0", "master", bridge, "up"])
+        sh(["ip", "-n", "dt-stray-pod", "route", "add", "default", "via", gateway])
+        sh(["ip", "netns", "exec", "dt-outside", "nft", "add", "table", "ip", "seen"])
+        sh(
+            [
+                "ip",
+                "netns",
+                "exec",
+                "dt-outside",
+                "nft",
+                "add",
+                "chain",
+                "ip",
+                "seen",
+                "in",
+                "{ type filter hook prerouting priority raw; policy accept; }",
+            ]
+        )
+        sh(
+            [
+                "ip",
+                "netns",
+                "exec",
+                "dt-outside",
+                "nft",
+                "add",
+                "rule",
+                "ip",
+                "seen",
+                "in",
+                "tcp",
+                "dport",
+                "80",
+                "counter",
+            ]
+        )
+        tried = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                "dt-stray-pod",
+                "timeout",
+                "4",
+                "bash",
+                "-c",
+                "exec 3<>/dev/tcp/10.99.0.2/80",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        seen = json.loads(
+            sh(["ip", "netns", "exec", "dt-outside", "nft", "-j", "list", "table", "ip", "seen"]).stdout
+        )
+        forward = json.loads(sh(["nft", "-j", "list", "chain", "ip", table, "forward"]).stdout)
+    assert tried.returncode == 124, tried  # no answer: neither from the outside nor a refusal
+    (arrived,) = [e["rule"]["expr"][-1]["counter"]["packets"] for e in seen["nftables"] if "rule" in e]
+    assert arrived == 0, "a packet from the pods' bridge reached another interface"
+    (dropped,) = [
+        next(x["counter"]["packets"] for x in e["rule"]["expr"] if "counter" in x)
+        for e in forward["nftables"]
+        if "rule" in e
+    ]
+    assert dropped > 0  # the SYN and its retries, dropped by the node's rule
+
+
+def test_a_service_reaches_its_ready_pods_through_kube_proxy(
+    cluster: Cluster, real_node: dict[str, Any], namespace: str
+) -> None:
+    """kube-proxy (nftables mode) routes a Service's ClusterIP, found by its name through cluster
+    DNS, to the pod behind it, which sees the client's own address; a port the Service does not
+    have, and a Service with no ready pod, are refused at once rather than left to time out."""
+    serve_hostname = (
+        "import http.server, socket\n"
+        "class Hostname(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        body = socket.gethostname().encode()\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Length', str(len(body)))\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        "http.server.HTTPServer(('', 8080), Hostname).serve_forever()\n"
+    )
+    web = pod(
+        "web",
+        "",
+        image=PYTHON_IMAGE,
+        command=["python3", "-u", "-c", serve_hostname],
+        ports=[{"name": "http", "containerPort": 8080}],
+        readinessProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 1},
+    )
+    web["metadata"]["labels"] = {"app": "web"}
+    web["spec"]["restartPolicy"] = "Always"
+
+    def service(name: str, app: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": "http"}]},
+        }
+
+    for manifest in (web, service("web", "web"), service("nobody", "nobody")):
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/web", "--timeout=60s")
+    script = HTTP_CLIENT + (
+        'echo "short: $(http web 80 / | tail -1)";'
+        f' echo "full: $(http web.{namespace}.svc.cluster.local 80 / | tail -1)";'
+        " echo \"port 81: $( (timeout 5 bash -c 'exec 3<>/dev/tcp/web/81') 2>&1 | tail -1)\";"
+        " echo \"no endpoints: $( (timeout 5 bash -c 'exec 3<>/dev/tcp/nobody/80') 2>&1 | tail -1)\""
+    )
+    client = run_pod(cluster, namespace, pod("client", script))
+    said = dict(
+        line.split(": ", 1) for line in cluster.kubectl("logs", "-n", namespace, "client").stdout.splitlines()
+    )
+    assert said["short"] == "web" and said["full"] == "web", said
+    assert said["port 81"].endswith("Connection refused"), said
+    assert said["no endpoints"].endswith("Connection refused"), said
+    requests = [
+        line
+        for line in cluster.kubectl("logs", "-n", namespace, "web").stdout.splitlines()
+        if "GET /" in line
+    ]
+    assert [line.split()[0] for line in requests] == [client["status"]["podIP"]] * 2, requests
 
 
 def test_the_chart_runs_the_operator_image_on_the_node(
@@ -628,6 +827,19 @@ def test_a_modeldeployment_is_served_from_the_serving_image_behind_the_kubelets_
     )
     assert answer.choices[0].message.content, answer
     assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 4
+
+    # A client in the cluster, at the address the status gives: the Service's name, through
+    # cluster DNS and kube-proxy, to the OpenAI port.
+    base = urllib.parse.urlsplit(status["endpoints"]["openai"])
+    request = json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "topic: weather"}], "max_tokens": 4}
+    )
+    script = HTTP_CLIENT + f"http {base.hostname} {base.port} {base.path}/chat/completions '{request}'"
+    run_pod(crds, namespace, pod("openai-client", script))
+    response = crds.kubectl("logs", "-n", namespace, "openai-client").stdout
+    head, body = re.split(r"\r?\n\r?\n", response, maxsplit=1)  # the log keeps no \r before a newline
+    assert head.startswith("HTTP/1.1 200"), response
+    assert json.loads(body)["choices"][0]["message"]["content"], body
     logs = crds.kubectl("logs", "-n", namespace, name).stdout
     assert "successfully loaded 'tiny'" in logs, logs[-3000:]  # Triton's own log, through the API server
 

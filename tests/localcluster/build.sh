@@ -7,8 +7,8 @@
 #   build.sh --check       exit 0 when every binary is already built, 1 otherwise
 #   build.sh --with-kueue  (with any of the above) Kueue's controller manager
 #                          too, which only the Kueue test needs (kueue.sh)
-#   build.sh --with-kubelet  (with any of the above) the kubelet too, which
-#                          only the real node needs (node.sh)
+#   build.sh --with-node   (with any of the above) the kubelet and kube-proxy
+#                          too, which only the real node needs (node.sh)
 #
 # Binaries go to ${DEEPTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deeptune}:
 #   k8s-<version>/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}
@@ -16,7 +16,7 @@
 #   helm-<version>/bin/helm
 #   coredns-<version>/bin/coredns
 #   kueue-<version>/bin/kueue      (--with-kueue only)
-#   kubelet-<k8s version>/bin/kubelet   (--with-kubelet only)
+#   node-<k8s version>/bin/{kubelet,kube-proxy}   (--with-node only)
 #   actionlint-<version>/bin/actionlint   (the workflow linter of the test command's lint step)
 #   argocd-health-<version>/bin/argocd-health.test   (Argo CD's Lua engine, for the health scripts)
 #   krew-<version>/bin/{krew,validate-krew-manifest}   (the kubectl plugin installed as krew does)
@@ -34,13 +34,13 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 mode=build
 with_kueue=false
-with_kubelet=false
+with_node=false
 for arg in "$@"; do
   case "$arg" in
     --print-path) mode=print ;;
     --check) mode=check ;;
     --with-kueue) with_kueue=true ;;
-    --with-kubelet) with_kubelet=true ;;
+    --with-node) with_node=true ;;
     -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
@@ -61,12 +61,12 @@ built_etcd() { have_all "$LC_ETCD_BIN" etcd; }
 built_helm() { have_all "$LC_HELM_BIN" helm; }
 built_coredns() { have_all "$LC_COREDNS_BIN" coredns; }
 built_kueue() { ! $with_kueue || have_all "$LC_KUEUE_BIN" kueue; }
-built_kubelet() { ! $with_kubelet || have_all "$LC_KUBELET_BIN" kubelet; }
+built_node() { ! $with_node || have_all "$LC_NODE_BIN" kubelet kube-proxy; }
 built_actionlint() { have_all "$LC_ACTIONLINT_BIN" actionlint; }
 built_argocd_health() { have_all "$LC_ARGOCD_HEALTH_BIN" argocd-health.test; }
 built_krew() { have_all "$LC_KREW_BIN" krew validate-krew-manifest; }
 built_all() {
-  built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_kubelet && built_actionlint && built_argocd_health && built_krew
+  built_k8s && built_etcd && built_helm && built_coredns && built_kueue && built_node && built_actionlint && built_argocd_health && built_krew
 }
 
 path_line() {
@@ -153,11 +153,11 @@ if ! built_k8s; then
     "${K8S_CMDS[@]/#/k8s.io/kubernetes/cmd/}"
 fi
 
-if ! built_kubelet; then
+if ! built_node; then
   check_pin kubernetes k8s.io/kubernetes "$LC_K8S_VERSION"
-  log "building the kubelet $LC_K8S_VERSION (with a warm Go cache ~30 s, cold ~4 min on 2 cores)"
-  go_build "$LC_CACHE/kubelet-$LC_K8S_VERSION" kubelet "$(k8s_ldflags)" "$HERE/gomod/kubernetes" \
-    k8s.io/kubernetes/cmd/kubelet
+  log "building the kubelet and kube-proxy $LC_K8S_VERSION (with a warm Go cache ~40 s, cold ~4 min on 2 cores)"
+  go_build "$LC_CACHE/node-$LC_K8S_VERSION" "" "$(k8s_ldflags)" "$HERE/gomod/kubernetes" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
 fi
 
 if ! built_etcd; then

@@ -17,10 +17,17 @@
 #   - a bridge `dtnode<N>` with 10.245.<N>.1/24 (N: the first free of 0..99, under a lock), the pods'
 #     subnet. The CNI bridge plugin runs with isGateway false and ipMasq false: it touches neither
 #     iptables nor ip_forward. A pod's only routes are its subnet and the service range via the
-#     bridge's address: cluster DNS (CoreDNS on an address on lo) answers it, every other service
-#     address is up.sh's blackhole route, and nothing has a default route off this machine;
-#   - an nftables table `deeptune-dtnode<N>` that takes the pods' connections to the API server's
-#     Service (10.96.0.1:443) to the API server on 127.0.0.1, and route_localnet on the bridge;
+#     bridge's address, and nothing has a default route off this machine;
+#   - kube-proxy in nftables mode (its tables `ip kube-proxy` and `ip6 kube-proxy`, removed at
+#     stop), which routes ClusterIPs to ready pods. For that the bridge, and no other interface,
+#     forwards (its own `forwarding` setting; ip_forward stays as it is), and a policy rule sends
+#     what the pods address in the service range and kube-proxy did not translate to an ifb
+#     device `dtsvc<N>` (a sink, routing table 24500+N): no-endpoint Services and wrong ports are
+#     refused by kube-proxy there, an unused ClusterIP goes nowhere;
+#   - an nftables table `deeptune-dtnode<N>`: it drops anything the bridge would forward to another
+#     interface than itself and the sink, and takes the pods' connections to the API server's
+#     Service (10.96.0.1:443) to the API server on 127.0.0.1 (route_localnet on the bridge), as
+#     that Service has no endpoints (a loopback address may not be one);
 #   - the pods' network namespaces and mounts (all under the state dir);
 #   - a cgroup /deeptune-<key> in every cgroup v1 hierarchy (the kubelet's cgroupRoot);
 #   - the kernel settings the kubelet sets (vm.overcommit_memory, kernel.panic, ...): restored;
@@ -28,6 +35,8 @@
 #     the CNI library and the shims make whatever their configured roots: removed if they made them.
 # Images: images.sh builds them into a containerd root, $LC_CACHE/containerd-images; each node's
 # root starts as hard links to it (below).
+# One real node per machine: kube-proxy's tables are named for it alone, and every local cluster
+# uses the same service range. A second node.sh says which node runs and how to stop it.
 # State: ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}/node.
 set -euo pipefail
 
@@ -41,6 +50,9 @@ S="$CLUSTER/node"
 NODE_NAME=deeptune-real-node
 TIMEOUT="${DEEPTUNE_CLUSTER_TIMEOUT:-180}"
 SUBNET_LOCK=/run/lock/deeptune-node-subnet.lock
+# Held by the running node's kube-proxy (it inherits the descriptor); holds that node's cluster dir.
+PROXY_LOCK=/run/lock/deeptune-kube-proxy.lock
+SERVICE_CIDR=10.96.0.0/16   # up.sh's --service-cluster-ip-range
 # The kernel settings the kubelet's container manager sets at start (setupKernelTunables).
 # Directories the kubelet, CNI and containerd's shims make whatever their configured roots say.
 FIXED_DIRS=(/var/lib/kubelet /var/log/containers /var/lib/cni /run/containerd)
@@ -76,6 +88,11 @@ stop_process() {  # stop_process NAME: SIGTERM the process in NAME.pid; SIGKILL 
 stop_node() {
   [ -d "$S" ] || { log "no node in $CLUSTER"; return 0; }
   local pids
+  stop_process kube-proxy
+  if [ -f "$S/kube-proxy.pid" ]; then   # its tables, which it leaves behind by design
+    nft delete table ip kube-proxy 2>/dev/null || true
+    nft delete table ip6 kube-proxy 2>/dev/null || true
+  fi
   stop_process kubelet
   if pid_alive containerd; then   # the containers, while containerd still answers
     ctr_ tasks ls -q 2>/dev/null | while read -r task; do ctr_ tasks kill -s SIGKILL "$task" >/dev/null 2>&1 || true; done
@@ -95,7 +112,13 @@ stop_node() {
   if [ -f "$S/nft-table" ]; then
     nft delete table ip "$(cat "$S/nft-table")" 2>/dev/null || true
   fi
-  if [ -f "$S/bridge" ]; then   # its route_localnet setting goes with it
+  if [ -f "$S/route-table" ]; then
+    ip rule del priority "$(cat "$S/route-table")" 2>/dev/null || true
+  fi
+  if [ -f "$S/sink" ]; then   # the route to it goes with it
+    ip link del "$(cat "$S/sink")" 2>/dev/null || true
+  fi
+  if [ -f "$S/bridge" ]; then   # its route_localnet and forwarding settings go with it
     ip link del "$(cat "$S/bridge")" 2>/dev/null || true
   fi
   if [ -f "$S/cgroup-root" ]; then   # deepest first; a cgroup goes once its processes have
@@ -118,7 +141,7 @@ case "${1:-}" in
   "") ;;
   --stop) stop_node; exit 0 ;;
   --prepare) prepare_only=true ;;
-  -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) die "unknown argument: $1 (try --help)" ;;
 esac
 
@@ -154,8 +177,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     || die "apt-get could not install ${missing[*]}"
 fi
 
-PATH="$(bash "$HERE/build.sh" --with-kubelet --print-path):$PATH"
-KUBELET="$LC_KUBELET_BIN/kubelet"
+PATH="$(bash "$HERE/build.sh" --with-node --print-path):$PATH"
+KUBELET="$LC_NODE_BIN/kubelet"
+KUBE_PROXY="$LC_NODE_BIN/kube-proxy"
 # The images, in a containerd root images.sh keeps in $LC_CACHE; a node's root starts as hard links
 # to it: ~1 s, where importing the ~7 GB trainer image takes ~90 s. The metadata databases are
 # copied, as containerd writes them in place; the layers' files are only ever read (overlayfs lower
@@ -166,6 +190,9 @@ $prepare_only && { log "packages, kubelet and images ready"; exit 0; }
 [ -f "$CLUSTER/.deeptune-cluster" ] && [ -f "$CLUSTER/ports.env" ] || die "no cluster in $CLUSTER: run up.sh first"
 if pid_alive kubelet && pid_alive containerd; then log "the node is already running in $S"; exit 0; fi
 [ ! -d "$S" ] || stop_node   # a half-started or dead node: start over
+exec 5<>"$PROXY_LOCK"
+flock -n 5 || die "the cluster in $(cat "$PROXY_LOCK") has a real node on this machine, and kube-proxy's tables are one per machine: stop it first (DEEPTUNE_CLUSTER_DIR=$(cat "$PROXY_LOCK") $0 --stop)"
+echo "$CLUSTER" > "$PROXY_LOCK"
 # shellcheck disable=SC1091
 . "$CLUSTER/ports.env"
 # shellcheck disable=SC1091
@@ -197,27 +224,41 @@ for n in $(seq 0 99); do
   ip link show "dtnode$n" >/dev/null 2>&1 || ip -4 route show | grep -q "^10\.245\.$n\.0/24" || break
 done
 [ "$n" -lt 99 ] || die "no free pod subnet among 10.245.0-99.0/24"
-BRIDGE="dtnode$n" GATEWAY="10.245.$n.1" SUBNET="10.245.$n.0/24"
+BRIDGE="dtnode$n" GATEWAY="10.245.$n.1" SUBNET="10.245.$n.0/24" SINK="dtsvc$n" ROUTE_TABLE=$((24500 + n))
 echo "$BRIDGE" > "$S/bridge"
 ip link add "$BRIDGE" type bridge
 ip addr add "$GATEWAY/24" dev "$BRIDGE"
 ip link set "$BRIDGE" up
+# What kube-proxy refuses it refuses in the forward hook, so the pods' service range must be
+# forwarded somewhere that stays here: an ifb device, which drops all it is given unless tc
+# redirects to it (as a dummy device would; this kernel has no dummy driver). Back onto the bridge
+# would do, but then the host's ICMP redirects teach the pods to look for ClusterIPs on the wire
+# themselves (send_redirects cannot be turned off for one interface).
+echo "$SINK" > "$S/sink"
+ip link add "$SINK" type ifb
+ip link set "$SINK" up
+echo "$ROUTE_TABLE" > "$S/route-table"
+ip rule add iif "$BRIDGE" lookup "$ROUTE_TABLE" priority "$ROUTE_TABLE"
+ip route add "$SERVICE_CIDR" dev "$SINK" table "$ROUTE_TABLE"
+sysctl -qw "net.ipv4.conf.$BRIDGE.forwarding=1"
 exec 7>&-
 cat > "$S/cni/net.d/10-deeptune.conflist" <<EOF
 {"cniVersion": "0.4.0", "name": "deeptune-node", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": false,
    "ipam": {"type": "host-local", "dataDir": "$S/cni/ipam",
             "ranges": [[{"subnet": "$SUBNET", "rangeStart": "10.245.$n.10"}]],
-            "routes": [{"dst": "10.96.0.0/16", "gw": "$GATEWAY"}]}},
+            "routes": [{"dst": "$SERVICE_CIDR", "gw": "$GATEWAY"}]}},
   {"type": "loopback"}]}
 EOF
 
-# --- the `kubernetes` Service for the pods -------------------------------------------------------
-# No kube-proxy runs here (yet), so ClusterIPs do not route; the one Service every in-cluster client
-# needs, the API server's (10.96.0.1:443, which the kubelet puts in every pod's environment), is
-# translated by a table of the node's own: from the pods' bridge, 10.96.0.1:443 goes to the API
-# server on 127.0.0.1. The address is local, so nothing is forwarded (ip_forward stays as it is);
-# route_localnet, on this bridge only, lets a packet from it reach a loopback address.
+# --- the node's own table: nothing forwarded off the bridge; the `kubernetes` Service ------------
+# The bridge forwards (for kube-proxy), so a pod that made itself a default route through the host
+# would be forwarded out of this machine: the forward chain drops whatever leaves the bridge for
+# another interface than itself and the sink. The API server's Service (10.96.0.1:443, which the
+# kubelet puts in every pod's environment) has no endpoints (its address would be a loopback one,
+# which Endpoints may not hold), so kube-proxy would refuse it; this table translates it first:
+# from the pods' bridge, 10.96.0.1:443 goes to the API server on 127.0.0.1 (route_localnet, on this
+# bridge only, lets a packet from it reach a loopback address).
 NFT_TABLE="deeptune-$BRIDGE"
 echo "$NFT_TABLE" > "$S/nft-table"
 sysctl -qw "net.ipv4.conf.$BRIDGE.route_localnet=1"
@@ -226,6 +267,10 @@ table ip $NFT_TABLE {
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     iifname "$BRIDGE" ip daddr 10.96.0.1 tcp dport 443 dnat to 127.0.0.1:$APISERVER_PORT
+  }
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    iifname "$BRIDGE" oifname != { "$BRIDGE", "$SINK" } counter drop comment "off-machine"
   }
 }
 EOF
@@ -281,39 +326,45 @@ else   # the cache on another filesystem than the state dir: a copy
   cp -a "$STORE" "$S/containerd/root"
 fi
 exec 6>&-
-nohup setsid containerd --config "$S/containerd.toml" > "$S/containerd.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &
+nohup setsid containerd --config "$S/containerd.toml" > "$S/containerd.log" 2>&1 < /dev/null 5>&- 7>&- 8>&- 9>&- &
 echo $! > "$S/containerd.pid"
 for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && break; pid_alive containerd || break; sleep 0.1; done
 ctr_ version >/dev/null 2>&1 || { tail -20 "$S/containerd.log" >&2; die "containerd did not start"; }
 
-# --- kubelet ----------------------------------------------------------------------------------------
+# --- the node's credentials: client certificates signed by the cluster CA --------------------------
 PKI="$CLUSTER/pki"
-(
-  cd "$S/pki"; umask 077
-  openssl req -newkey rsa:2048 -nodes -keyout kubelet.key -out kubelet.csr \
-    -subj "/O=system:nodes/CN=system:node:$NODE_NAME" 2>/dev/null
-  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > kubelet.ext
-  openssl x509 -req -in kubelet.csr -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -out kubelet.crt -days 365 -sha256 -extfile kubelet.ext 2>/dev/null
-  rm -f kubelet.csr kubelet.ext
-)
-cat > "$S/kubelet.kubeconfig" <<EOF
+# client_kubeconfig NAME SUBJECT: NAME.crt/.key in $S/pki and $S/NAME.kubeconfig, for that subject.
+client_kubeconfig() {
+  local name=$1 subject=$2
+  (
+    cd "$S/pki"; umask 077
+    openssl req -newkey rsa:2048 -nodes -keyout "$name.key" -out "$name.csr" -subj "$subject" 2>/dev/null
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > "$name.ext"
+    openssl x509 -req -in "$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+      -out "$name.crt" -days 365 -sha256 -extfile "$name.ext" 2>/dev/null
+    rm -f "$name.csr" "$name.ext"
+  )
+  cat > "$S/$name.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
 - name: deeptune-local
   cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$PKI/ca.crt"}
 users:
-- name: $NODE_NAME
-  user: {client-certificate: "$S/pki/kubelet.crt", client-key: "$S/pki/kubelet.key"}
+- name: $name
+  user: {client-certificate: "$S/pki/$name.crt", client-key: "$S/pki/$name.key"}
 contexts:
 - name: node
-  context: {cluster: deeptune-local, user: $NODE_NAME}
+  context: {cluster: deeptune-local, user: $name}
 current-context: node
 EOF
-read -r KUBELET_PORT HEALTHZ_PORT <<< "$(python3 - <<'PY'
+}
+client_kubeconfig kubelet "/O=system:nodes/CN=system:node:$NODE_NAME"
+# The user the built-in ClusterRoleBinding system:node-proxier binds kube-proxy's role to.
+client_kubeconfig kube-proxy "/CN=system:kube-proxy"
+read -r KUBELET_PORT HEALTHZ_PORT PROXY_HEALTHZ_PORT PROXY_METRICS_PORT <<< "$(python3 - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -355,7 +406,7 @@ EOF
 nohup setsid "$KUBELET" --config "$S/kubelet.yaml" --kubeconfig "$S/kubelet.kubeconfig" \
   --root-dir "$S/kubelet" --hostname-override "$NODE_NAME" --node-ip "$GATEWAY" \
   --node-labels deeptune.dev/real-node=true --v 2 \
-  > "$S/kubelet.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &
+  > "$S/kubelet.log" 2>&1 < /dev/null 5>&- 7>&- 8>&- 9>&- &
 echo $! > "$S/kubelet.pid"
 
 kc() { kubectl --kubeconfig "$CLUSTER/kubeconfig" "$@"; }
@@ -365,4 +416,33 @@ until [ "$(kc get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="
   [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$S/kubelet.log" >&2; die "the node was not Ready after ${TIMEOUT}s"; }
   sleep 0.5
 done
-log "node $NODE_NAME is Ready (kubelet on $GATEWAY:$KUBELET_PORT, pods on $SUBNET via $BRIDGE, state in $S)"
+
+# --- kube-proxy -------------------------------------------------------------------------------------
+# nftables mode: its own tables only. Every setting it would make on the host is off: conntrack
+# limits and timeouts (0: leave as they are), its OOM score (the VM withholds CAP_SYS_RESOURCE).
+# NodePorts open on the node's bridge address only. At start it also clears what its iptables and
+# IPVS modes would have left: KUBE-* chains (none here) and the IPVS table (this kernel has no IPVS).
+cat > "$S/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+clientConnection: {kubeconfig: "$S/kube-proxy.kubeconfig"}
+hostnameOverride: $NODE_NAME
+healthzBindAddress: 127.0.0.1:$PROXY_HEALTHZ_PORT
+metricsBindAddress: 127.0.0.1:$PROXY_METRICS_PORT
+clusterCIDR: $SUBNET
+detectLocalMode: ClusterCIDR
+nodePortAddresses: ["$GATEWAY/32"]
+oomScoreAdj: 0
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+EOF
+nohup setsid "$KUBE_PROXY" --config "$S/kube-proxy.yaml" --v 2 \
+  > "$S/kube-proxy.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &   # keeps fd 5: the machine's lock
+echo $! > "$S/kube-proxy.pid"
+exec 5>&-
+until curl -sf --max-time 2 "http://127.0.0.1:$PROXY_HEALTHZ_PORT/healthz" >/dev/null; do
+  pid_alive kube-proxy || { tail -30 "$S/kube-proxy.log" >&2; die "kube-proxy exited"; }
+  [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$S/kube-proxy.log" >&2; die "kube-proxy was not healthy after ${TIMEOUT}s"; }
+  sleep 0.5
+done
+log "node $NODE_NAME is Ready (kubelet on $GATEWAY:$KUBELET_PORT, pods on $SUBNET via $BRIDGE, kube-proxy in nftables mode, state in $S)"

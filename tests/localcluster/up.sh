@@ -404,9 +404,9 @@ write_kubeconfig "$KUBECONFIG_PATH.tmp" admin kubernetes-admin
 # CoreDNS as kubeadm deploys it, but as a process: the kubernetes plugin reads
 # Services, EndpointSlices and Namespaces from the API server as system:coredns
 # (a client certificate, bound to a ClusterRole that may only list and watch
-# those). There is no kube-proxy, so a ClusterIP leads nowhere by itself: the
-# kube-dns Service's ClusterIP is made a real address instead, on the loopback
-# device, where CoreDNS listens. Pods reach it through their default route (the
+# those). The control plane has no kube-proxy (only node.sh's real node runs one),
+# so the kube-dns Service's ClusterIP is made a real address instead, on the
+# loopback device, where CoreDNS listens. Pods reach it through their default route (the
 # bridge's gateway is this machine) and find it through CLUSTER_DNS in
 # cluster-dns.env, which the node agent writes into their /etc/resolv.conf.
 # Every other address of the service range gets a blackhole route, so that
@@ -464,6 +464,25 @@ spec:
   ports:
   - {name: dns, port: 53, protocol: UDP}
   - {name: dns-tcp, port: 53, protocol: TCP}
+---
+# The Service has no selector (CoreDNS is a process here), so its endpoint is written here: the
+# Service's own address, where CoreDNS listens. Without one, kube-proxy (on the real node) would
+# reject the pods' queries as traffic to a Service without endpoints.
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-dns-coredns
+  namespace: kube-system
+  labels:
+    kubernetes.io/service-name: kube-dns
+    endpointslice.kubernetes.io/managed-by: up.sh.localcluster.deeptune.dev
+addressType: IPv4
+endpoints:
+- addresses: [$CLUSTER_DNS]
+  conditions: {ready: true}
+ports:
+- {name: dns, port: 53, protocol: UDP}
+- {name: dns-tcp, port: 53, protocol: TCP}
 YAML
 
   # The cluster's zones are the kubernetes plugin's alone (a name it does not know

@@ -63,7 +63,7 @@ LC_KEDA_VERSION=v2.20.2
 # Debian rootfs from debootstrap; the pod sandbox image is Kubernetes' own pause.c.
 LC_DEBIAN_SUITE=bookworm
 LC_PAUSE_IMAGE=deeptune.local/pause:3.10
-LC_KUBELET_BIN="$LC_CACHE/kubelet-$LC_K8S_VERSION/bin"
+LC_NODE_BIN="$LC_CACHE/node-$LC_K8S_VERSION/bin"   # kubelet, kube-proxy
 LC_PYTHON_IMAGE=deeptune.local/python:3.11-slim-bookworm
 LC_OPERATOR_IMAGE=deeptune.local/operator:dev
 LC_TRAINER_IMAGE=deeptune.local/trainer:dev
