@@ -1,4 +1,5 @@
-"""Fixtures for the cluster suite: a real control plane, the test node agent, and the operator.
+"""Fixtures for the cluster suite: a real control plane, the test node agent, the real node, and the
+operator.
 
 By default the suite brings up a local control plane (tests/localcluster) of its own, in a private
 state directory on free ports, so that another run on the machine (CI's, a demo's) is never touched,
@@ -14,13 +15,15 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process
+from tests.cluster.real_node import hand_to_the_trainer, on_the_node, running
 
 EXTERNAL_KUBECONFIG = os.environ.get("DEEPTUNE_TEST_KUBECONFIG")
 
@@ -70,6 +73,32 @@ def node_agent(cluster: Cluster) -> Iterator[Process | None]:
     agent = harness.start_node_agent(cluster)
     yield agent
     agent.stop()
+
+
+@pytest.fixture(scope="module")
+def real_node(cluster: Cluster) -> Iterator[dict[str, Any]]:
+    """The real node (tests/localcluster/node.sh), started for the module that asks for it and
+    stopped after it (one real node per machine); yields the machine's state from before it started."""
+    if not cluster.local:
+        pytest.skip("LOUD SKIP: the real node joins the local control plane only (tests/localcluster)")
+    if os.geteuid() != 0:
+        pytest.skip("LOUD SKIP: a real node needs root (containerd, cgroups)")
+    with running(cluster) as before:
+        yield before
+
+
+@pytest.fixture
+def trainer_pods(
+    request: pytest.FixtureRequest, cluster: Cluster, tiny_volumes: dict[str, Path]
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Where a FineTuneJob's pods run, as a change to its manifest: on the local cluster, the real
+    node, in the trainer image built from trainer-image/Dockerfile, with the claims handed to the
+    image's user; on another cluster (kind), where that cluster puts them."""
+    if not cluster.local:
+        return lambda manifest: manifest
+    request.getfixturevalue("real_node")
+    hand_to_the_trainer(tiny_volumes)
+    return on_the_node
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
-"""A real fine-tune through the cluster: progress while it runs, results at the end, retries resume."""
+"""A real fine-tune through the cluster: progress while it runs, results at the end, retries resume.
+On the local cluster the runs are the trainer image's, on the real node."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +46,14 @@ def follow(cluster: Cluster, namespace: str, timeout: float) -> list[dict[str, A
 
 
 def test_tiny_finetune_end_to_end(
-    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+    operator: Process,
+    crds: Cluster,
+    namespace: str,
+    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     steps = 600  # long enough (seconds) that the 1 s status mirror sees the trainer's progress
-    crds.apply(tiny_manifest(namespace, maxSteps=steps))
+    crds.apply(trainer_pods(tiny_manifest(namespace, maxSteps=steps)))
     seen = follow(crds, namespace, timeout=600)
     final = seen[-1]
     assert final["phase"] == "Succeeded", final
@@ -79,14 +85,18 @@ def test_tiny_finetune_end_to_end(
 
 
 def test_tiny_preference_tuning_end_to_end(
-    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+    operator: Process,
+    crds: Cluster,
+    namespace: str,
+    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     """examples/finetune-tiny-dpo.yaml as a user applies it: DPO through the real control plane, the
     base model's and the tuned model's ranking of held-out pairs in status."""
     manifest = yaml.safe_load((ROOT / "examples" / "finetune-tiny-dpo.yaml").read_text())
     manifest["metadata"]["namespace"] = namespace
     name = manifest["metadata"]["name"]
-    crds.apply(manifest)
+    crds.apply(trainer_pods(manifest))
     final = finished(crds, name, namespace, 600)
     assert final["phase"] == "Succeeded", final
     results = final["evalResults"]
@@ -108,7 +118,11 @@ def finished(crds: Cluster, name: str, namespace: str, timeout: float) -> dict[s
 
 
 def test_a_student_distilled_from_a_finetunejobs_output(
-    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+    operator: Process,
+    crds: Cluster,
+    namespace: str,
+    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     """examples/finetune-tiny-distill.yaml applied before its teacher (examples/finetune-tiny.yaml, by
     name): it waits for the teacher's run, then the smaller student learns from the teacher's adapter
@@ -116,7 +130,7 @@ def test_a_student_distilled_from_a_finetunejobs_output(
     student = yaml.safe_load((ROOT / "examples" / "finetune-tiny-distill.yaml").read_text())
     student["metadata"]["namespace"] = namespace
     name = student["metadata"]["name"]
-    crds.apply(student)
+    crds.apply(trainer_pods(student))
 
     def waiting() -> bool:
         status = (crds.get("finetunejob", name, namespace) or {}).get("status") or {}
@@ -127,7 +141,7 @@ def test_a_student_distilled_from_a_finetunejobs_output(
 
     wait_for(f"{name} to wait for its teacher", waiting, timeout=60)
     assert not crds.list("jobs", namespace), "no trainer Job before the teacher has succeeded"
-    crds.apply(tiny_manifest(namespace))
+    crds.apply(trainer_pods(tiny_manifest(namespace)))
     assert finished(crds, NAME, namespace, 600)["phase"] == "Succeeded"
     final = finished(crds, name, namespace, 600)
     assert final["phase"] == "Succeeded", final

@@ -31,6 +31,23 @@ import pytest
 from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process
+from tests.cluster.real_node import (
+    DEBIAN_IMAGE,
+    NODE,
+    ON_THE_NODE,
+    OPERATOR_IMAGE,
+    PYTHON_IMAGE,
+    SERVING_IMAGE,
+    SERVING_UID,
+    TOLERATE_THE_NODE,
+    TRAINER_IMAGE,
+    TRAINER_UID,
+    hand_to_the_trainer,
+    machine_state,
+    make_readable,
+    node_sh,
+    on_the_node,
+)
 from tests.cluster.test_finetunejob_training import NAME, follow, kill_trainers, status_of, tiny_manifest
 from tests.cluster.test_helm_install import install, lease_holder
 from tests.conftest import load_example
@@ -41,39 +58,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="LOUD SKIP: a real node needs root (containerd, cgroups)"),
 ]
 
-NODE = "deeptune-real-node"
-IMAGE = "deeptune.local/debian:bookworm"
-PYTHON_IMAGE = "deeptune.local/python:3.11-slim-bookworm"
-OPERATOR_IMAGE = "deeptune.local/operator:dev"
-TRAINER_IMAGE = "deeptune.local/trainer:dev"
-TRAINER_UID = 1000
-"""The user trainer-image/Dockerfile runs as, and the operator's pod security context asks for."""
-SERVING_IMAGE = "deeptune.local/serving:dev"
-SERVING_UID = 1000
-"""Triton's user (triton-server) in NVIDIA's image and the stand-in, which serving-image/Dockerfile
-runs as."""
-ON_THE_NODE = {"deeptune.dev/real-node": "true"}
-"""The node's label, for the nodeSelector of what must run there."""
-TOLERATE_THE_NODE = [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
-"""A toleration of the node's taint, which keeps every other pod off it."""
-AGENT_BRIDGE = "dtbr0"
-"""The test node agent's bridge, which it makes when it starts (maybe while this module runs): not the
-real node's doing, so not in what the node must give back."""
-NODE_SH = harness.LOCALCLUSTER / "node.sh"
-FIXED_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/var/lib/cni", "/run/containerd")
-SYSCTLS = (
-    "vm.overcommit_memory",
-    "vm.panic_on_oom",
-    "kernel.panic",
-    "kernel.panic_on_oops",
-    "net.ipv4.ip_forward",
-    "net.ipv4.conf.all.forwarding",
-    "net.netfilter.nf_conntrack_max",
-    "net.netfilter.nf_conntrack_tcp_timeout_established",
-    "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
-)
-"""The kubelet's kernel settings, forwarding (which the node turns on for its bridge alone) and the
-conntrack settings kube-proxy makes unless told not to."""
 HTTP_CLIENT = r"""
 http() {  # http HOST PORT PATH [JSON]: one HTTP/1.0 request (a POST of JSON if given); the response
   exec 3<>"/dev/tcp/$1/$2" || return
@@ -90,54 +74,14 @@ http() {  # http HOST PORT PATH [JSON]: one HTTP/1.0 request (a POST of JSON if 
 """Bash's own /dev/tcp as an HTTP client: the Debian image has no curl."""
 
 
-def machine_state(state_dir: Path) -> dict[str, Any]:
-    """What the node may change on this machine and must give back: links, routes, mounts and
-    processes under the cluster's state dir, the kernel settings the kubelet sets, cgroups."""
-
-    def run(*argv: str) -> str:
-        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/deeptune-*"))
-    processes = run("ps", "-e", "-o", "args=").splitlines()
-    return {
-        "nftables tables": sorted(run("nft", "list", "tables").splitlines()),
-        "iptables rules": [line for line in run("iptables-save").splitlines() if not line.startswith("#")],
-        "links": [line for line in sorted(run("ip", "-o", "link").splitlines()) if AGENT_BRIDGE not in line],
-        "routes": [line for line in sorted(run("ip", "route").splitlines()) if AGENT_BRIDGE not in line],
-        "policy rules": run("ip", "rule").splitlines(),
-        "mounts under the state dir": [m for m in mounts if m.startswith(str(state_dir))],
-        "processes under the state dir": [p for p in processes if str(state_dir / "node") in p],
-        "sysctls": {key: run("sysctl", "-n", key).strip() for key in SYSCTLS},
-        "cgroups": cgroups,
-        "fixed directories": [d for d in FIXED_DIRS if Path(d).exists()],
-    }
-
-
-def node_sh(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(cluster.state_dir)}
-    return subprocess.run(
-        ["bash", str(NODE_SH), *args], env=env, capture_output=True, text=True, check=False, timeout=900
-    )
-
-
-@pytest.fixture(scope="module")
-def real_node(cluster: Cluster) -> Iterator[dict[str, Any]]:
-    """The node, started for this module; yields the machine's state from before it started."""
-    if not cluster.local:
-        pytest.skip("LOUD SKIP: the real node joins the local control plane only (tests/localcluster)")
-    prepared = node_sh(cluster, "--prepare")  # packages, kubelet, images: before the snapshot
-    assert prepared.returncode == 0, f"node.sh --prepare failed:\n{prepared.stderr[-4000:]}"
-    before = machine_state(cluster.state_dir)
-    started = node_sh(cluster)
-    assert started.returncode == 0, f"node.sh failed:\n{started.stderr[-4000:]}"
-    yield before
-    node_sh(cluster, "--stop")
-
-
 def pod(name: str, script: str, **container: Any) -> dict[str, Any]:
     """A pod for the real node: the Debian image, `bash -c script`, never restarted."""
-    main = {"name": "main", "image": IMAGE, "imagePullPolicy": "Never", "command": ["bash", "-c", script]}
+    main = {
+        "name": "main",
+        "image": DEBIAN_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["bash", "-c", script],
+    }
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -169,31 +113,6 @@ def run_pod(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> dict[
 def terminated_state(pod_status: dict[str, Any]) -> dict[str, Any]:
     state: dict[str, Any] = pod_status["status"]["containerStatuses"][0]["state"]["terminated"]
     return state
-
-
-def on_the_node(manifest: dict[str, Any], image: str) -> dict[str, Any]:
-    """A FineTuneJob manifest whose trainer runs `image` on the real node, never retried."""
-    spec = manifest["spec"]
-    spec.update(image=image, imagePullPolicy="Never", backoffLimit=0)
-    spec.setdefault("resources", {}).update(nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE)
-    return manifest
-
-
-def make_readable(directory: Path) -> None:
-    """A hostPath volume is the directory as it is: the kubelet applies no fsGroup to it. So, as the
-    trainer's ModelNotReadable message says, a model's files are made readable to the images' users
-    (transformers saved the weights 0600)."""
-    for path in directory.rglob("*"):
-        path.chmod(path.stat().st_mode | 0o444)
-
-
-def hand_to_the_trainer(volumes: dict[str, Path]) -> None:
-    """The model made readable, and the output claim given to the trainer's user (a provisioner
-    would)."""
-    make_readable(volumes["deeptune-models"])
-    output = volumes["deeptune-output"]
-    for path in (output, *output.rglob("*")):
-        os.chown(path, TRAINER_UID, TRAINER_UID)
 
 
 def test_the_node_is_a_kubelet_on_containerd(cluster: Cluster, real_node: dict[str, Any]) -> None:
@@ -582,6 +501,7 @@ def test_a_trainer_that_cannot_start_is_explained_from_its_real_log(
     operator reports it as the run's failure, and `kubectl deeptune logs` / `explain-failure` read
     the trainer's own log through the API server."""
     manifest = on_the_node(tiny_manifest(namespace), OPERATOR_IMAGE)
+    manifest["spec"]["backoffLimit"] = 0
     name = manifest["metadata"]["name"]
     crds.apply(manifest)
     status = harness.wait_for(
@@ -737,6 +657,7 @@ def test_a_trainer_over_its_memory_limit_is_reported_as_out_of_memory(
     """The trainer image under a memory limit it cannot start in: the kernel's OOM killer ends it
     (no traceback, no termination message of its own), and the status names the limit to raise."""
     manifest = on_the_node(tiny_manifest(namespace), TRAINER_IMAGE)
+    manifest["spec"]["backoffLimit"] = 0
     manifest["spec"]["resources"].update(memory="160Mi", sharedMemory="16Mi")
     crds.apply(manifest)
     final = follow(crds, namespace, timeout=180)[-1]

@@ -1,0 +1,124 @@
+"""The real node (tests/localcluster/node.sh) for the cluster suite: what it runs, starting and
+stopping it, what it must give back to the machine, and putting a FineTuneJob's pods on it in the
+images built from the project's Dockerfiles.
+
+The node is tainted: only pods that tolerate the taint and select it run there; the rest of the
+suite's pods go to the test node agent's node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.cluster import harness
+from tests.cluster.harness import Cluster
+
+NODE = "deeptune-real-node"
+DEBIAN_IMAGE = "deeptune.local/debian:bookworm"
+PYTHON_IMAGE = "deeptune.local/python:3.11-slim-bookworm"
+OPERATOR_IMAGE = "deeptune.local/operator:dev"
+TRAINER_IMAGE = "deeptune.local/trainer:dev"
+TRAINER_UID = 1000
+"""The user trainer-image/Dockerfile runs as, and the operator's pod security context asks for."""
+SERVING_IMAGE = "deeptune.local/serving:dev"
+SERVING_UID = 1000
+"""Triton's user (triton-server) in NVIDIA's image and the stand-in, which serving-image/Dockerfile
+runs as."""
+ON_THE_NODE = {"deeptune.dev/real-node": "true"}
+"""The node's label, for the nodeSelector of what must run there."""
+TOLERATE_THE_NODE = [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
+"""A toleration of the node's taint, which keeps every other pod off it."""
+AGENT_BRIDGE = "dtbr0"
+"""The test node agent's bridge, which it makes when it starts (maybe while this module runs): not the
+real node's doing, so not in what the node must give back."""
+NODE_SH = harness.LOCALCLUSTER / "node.sh"
+FIXED_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/var/lib/cni", "/run/containerd")
+SYSCTLS = (
+    "vm.overcommit_memory",
+    "vm.panic_on_oom",
+    "kernel.panic",
+    "kernel.panic_on_oops",
+    "net.ipv4.ip_forward",
+    "net.ipv4.conf.all.forwarding",
+    "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_tcp_timeout_established",
+    "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+)
+"""The kubelet's kernel settings, forwarding (which the node turns on for its bridge alone) and the
+conntrack settings kube-proxy makes unless told not to."""
+
+
+def machine_state(state_dir: Path) -> dict[str, Any]:
+    """What the node may change on this machine and must give back: links, routes, mounts and
+    processes under the cluster's state dir, the kernel settings the kubelet sets, cgroups."""
+
+    def run(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/deeptune-*"))
+    processes = run("ps", "-e", "-o", "args=").splitlines()
+    return {
+        "nftables tables": sorted(run("nft", "list", "tables").splitlines()),
+        "iptables rules": [line for line in run("iptables-save").splitlines() if not line.startswith("#")],
+        "links": [line for line in sorted(run("ip", "-o", "link").splitlines()) if AGENT_BRIDGE not in line],
+        "routes": [line for line in sorted(run("ip", "route").splitlines()) if AGENT_BRIDGE not in line],
+        "policy rules": run("ip", "rule").splitlines(),
+        "mounts under the state dir": [m for m in mounts if m.startswith(str(state_dir))],
+        "processes under the state dir": [p for p in processes if str(state_dir / "node") in p],
+        "sysctls": {key: run("sysctl", "-n", key).strip() for key in SYSCTLS},
+        "cgroups": cgroups,
+        "fixed directories": [d for d in FIXED_DIRS if Path(d).exists()],
+    }
+
+
+def node_sh(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(cluster.state_dir)}
+    return subprocess.run(
+        ["bash", str(NODE_SH), *args], env=env, capture_output=True, text=True, check=False, timeout=900
+    )
+
+
+@contextlib.contextmanager
+def running(cluster: Cluster) -> Iterator[dict[str, Any]]:
+    """The node, started (its packages, kubelet and images first) and stopped on leaving; yields the
+    machine's state from before it started."""
+    prepared = node_sh(cluster, "--prepare")  # packages, kubelet, images: before the snapshot
+    assert prepared.returncode == 0, f"node.sh --prepare failed:\n{prepared.stderr[-4000:]}"
+    before = machine_state(cluster.state_dir)
+    started = node_sh(cluster)
+    assert started.returncode == 0, f"node.sh failed:\n{started.stderr[-4000:]}"
+    try:
+        yield before
+    finally:
+        node_sh(cluster, "--stop")
+
+
+def on_the_node(manifest: dict[str, Any], image: str = TRAINER_IMAGE) -> dict[str, Any]:
+    """A FineTuneJob manifest whose pods run `image` (the trainer image by default) on the real node."""
+    spec = manifest["spec"]
+    spec.update(image=image, imagePullPolicy="Never")
+    spec.setdefault("resources", {}).update(nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE)
+    return manifest
+
+
+def make_readable(directory: Path) -> None:
+    """A hostPath volume is the directory as it is: the kubelet applies no fsGroup to it. So, as the
+    trainer's ModelNotReadable message says, a model's files are made readable to the images' users
+    (transformers saved the weights 0600)."""
+    for path in directory.rglob("*"):
+        path.chmod(path.stat().st_mode | 0o444)
+
+
+def hand_to_the_trainer(volumes: dict[str, Path]) -> None:
+    """The model made readable, and the output claim given to the trainer's user (a provisioner
+    would)."""
+    make_readable(volumes["deeptune-models"])
+    output = volumes["deeptune-output"]
+    for path in (output, *output.rglob("*")):
+        os.chown(path, TRAINER_UID, TRAINER_UID)
