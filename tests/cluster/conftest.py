@@ -75,10 +75,11 @@ def node_agent(cluster: Cluster) -> Iterator[Process | None]:
     agent.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real_node(cluster: Cluster) -> Iterator[dict[str, Any]]:
-    """The real node (tests/localcluster/node.sh), started for the module that asks for it and
-    stopped after it (one real node per machine); yields the machine's state from before it started."""
+    """The real node (tests/localcluster/node.sh), started when a test first asks for it and stopped
+    at the end of the run (one real node per machine); yields the machine's state from before it
+    started."""
     if not cluster.local:
         pytest.skip("LOUD SKIP: the real node joins the local control plane only (tests/localcluster)")
     if os.geteuid() != 0:

@@ -100,10 +100,15 @@ def running(cluster: Cluster) -> Iterator[dict[str, Any]]:
 
 
 def on_the_node(manifest: dict[str, Any], image: str = TRAINER_IMAGE) -> dict[str, Any]:
-    """A FineTuneJob manifest whose pods run `image` (the trainer image by default) on the real node."""
+    """A FineTuneJob manifest (or one with a FineTuneJob spec, such as a sweep's or a federation's
+    template) whose pods run `image` (the trainer image by default) on the real node. Each asks for
+    half a CPU: the node has this machine's two, and a federation's coordinator and sites must run at
+    once (a trainer still gets one thread, `cpu_threads`, and no CPU limit)."""
     spec = manifest["spec"]
     spec.update(image=image, imagePullPolicy="Never")
-    spec.setdefault("resources", {}).update(nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE)
+    spec.setdefault("resources", {}).update(
+        cpu="500m", nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE
+    )
     return manifest
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 from deeptune_trainer.synthetic import keyword_rows
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, wait_for
+from tests.cluster.real_node import hand_to_the_trainer
 from tests.conftest import load_example
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
@@ -25,10 +26,14 @@ FEDERATION_LABEL = "deeptune.dev/federatedfinetune"
 
 @pytest.fixture
 def sites(
-    crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+    crds: Cluster,
+    namespace: str,
+    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> Iterator[dict[str, dict[str, Any]]]:
     """Two site namespaces with the claims the template names: the same base model as the
-    coordinator's, and each its own rows (half the task each)."""
+    coordinator's, and each its own rows (half the task each); on the local cluster, handed to the
+    trainer image's user like the coordinator's."""
     made: dict[str, dict[str, Any]] = {}
     try:
         for index, (suffix, keywords) in enumerate(HALVES.items()):
@@ -43,6 +48,8 @@ def sites(
             (dirs["deeptune-data"] / "keywords-site.jsonl").write_text(
                 "\n".join(lines) + "\n", encoding="utf-8"
             )
+            if crds.local:
+                hand_to_the_trainer(dirs)
             made[site] = {"dirs": dirs, "rows": rows}
         yield made
     finally:
@@ -50,11 +57,18 @@ def sites(
             crds.kubectl("delete", "namespace", site, "--wait=false", check=False)
 
 
-def apply_example(crds: Cluster, namespace: str, sites: dict[str, dict[str, Any]]) -> str:
-    """examples/finetune-tiny-federated.yaml in `namespace` with these sites; its name."""
+def apply_example(
+    crds: Cluster,
+    namespace: str,
+    sites: dict[str, dict[str, Any]],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
+) -> str:
+    """examples/finetune-tiny-federated.yaml in `namespace` with these sites, its pods placed where
+    `trainer_pods` puts a FineTuneJob's; its name."""
     manifest = load_example("finetune-tiny-federated.yaml")
     manifest["metadata"]["namespace"] = namespace
     manifest["spec"]["sites"] = [{"namespace": site} for site in sites]
+    trainer_pods({"spec": manifest["spec"]["template"]})
     crds.apply(manifest)
     return str(manifest["metadata"]["name"])
 
@@ -74,8 +88,10 @@ def test_two_sites_train_one_adapter_that_answers_both_without_pooling_their_row
     namespace: str,
     tiny_volumes: dict[str, Path],
     sites: dict[str, dict[str, Any]],
+    *,
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
-    name = apply_example(crds, namespace, sites)
+    name = apply_example(crds, namespace, sites, trainer_pods)
 
     def finished() -> dict[str, Any] | None:
         status = (crds.get("federatedfinetune", name, namespace) or {}).get("status") or {}
@@ -127,10 +143,11 @@ def test_a_site_with_broken_data_fails_the_federation_and_nothing_waits_for_it(
     crds: Cluster,
     namespace: str,
     sites: dict[str, dict[str, Any]],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     broken, healthy = list(sites)
     (sites[broken]["dirs"]["deeptune-data"] / "keywords-site.jsonl").unlink()
-    name = apply_example(crds, namespace, sites)
+    name = apply_example(crds, namespace, sites, trainer_pods)
 
     def failed() -> dict[str, Any] | None:
         status = (crds.get("federatedfinetune", name, namespace) or {}).get("status") or {}

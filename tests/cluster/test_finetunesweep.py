@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,16 @@ def sweep_manifest(namespace: str) -> dict[str, Any]:
 
 
 def test_a_sweep_over_learning_rate_names_its_best_trial(
-    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+    operator: Process,
+    crds: Cluster,
+    namespace: str,
+    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     if not crds.local:
-        pytest.skip("kills a trainer process through the local node agent")
+        pytest.skip("LOUD SKIP: kills a trainer's process on this machine, where the local cluster runs it")
     manifest = sweep_manifest(namespace)
+    trainer_pods({"spec": manifest["spec"]["template"]})
     name = manifest["metadata"]["name"]
     crds.apply(manifest)
 
@@ -106,7 +112,11 @@ def test_a_sweep_over_learning_rate_names_its_best_trial(
 
 
 def test_a_trial_whose_validation_loss_trails_is_pruned(
-    operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+    operator: Process,
+    crds: Cluster,
+    namespace: str,
+    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     """Three trials, one at a time, with learning rates 3e-3, 1e-2 and 1e-5 (the seed's draw): the
     third's validation loss trails the first two's from its first evaluation, so it is suspended
@@ -121,6 +131,7 @@ def test_a_trial_whose_validation_loss_trails_is_pruned(
     steps = 600  # some seconds of training: the pruner sees a few evaluations before the end
     spec["template"]["hyperparameters"].update(maxSteps=steps, checkpointSteps=50)
     spec["template"]["evaluation"].update(evalSteps=50, baseline=False)
+    trainer_pods({"spec": spec["template"]})
     crds.apply(manifest)
 
     def finished() -> dict[str, Any] | None:

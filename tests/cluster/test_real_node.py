@@ -765,9 +765,15 @@ def test_a_modeldeployment_is_served_from_the_serving_image_behind_the_kubelets_
     assert "successfully loaded 'tiny'" in logs, logs[-3000:]  # Triton's own log, through the API server
 
 
-def test_stopping_the_node_gives_the_machine_back(cluster: Cluster, real_node: dict[str, Any]) -> None:
-    """Last in the module: node.sh --stop undoes everything (links, routes, mounts, processes,
-    kernel settings, cgroups, the kubelet's directories); the fixture's own stop is then a no-op."""
+def test_stopping_the_node_gives_the_machine_back_and_it_starts_again(
+    cluster: Cluster, real_node: dict[str, Any]
+) -> None:
+    """Last in the module: node.sh --stop undoes everything (links, routes, policy rules, nftables and
+    iptables, mounts, processes, kernel settings, cgroups, the kubelet's directories), and the node
+    then starts again, Ready, for the modules after this one (the fixture stops it at the end)."""
     stopped = node_sh(cluster, "--stop")
     assert stopped.returncode == 0, stopped.stderr
     assert machine_state(cluster.state_dir) == real_node
+    started = node_sh(cluster)
+    assert started.returncode == 0, started.stderr
+    assert "is Ready" in started.stderr
