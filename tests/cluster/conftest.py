@@ -23,7 +23,7 @@ import pytest
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process
-from tests.cluster.real_node import hand_to_the_trainer, on_the_node, running
+from tests.cluster.real_node import Placement, running
 
 EXTERNAL_KUBECONFIG = os.environ.get("DEEPTUNE_TEST_KUBECONFIG")
 
@@ -89,17 +89,23 @@ def real_node(cluster: Cluster) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture
-def trainer_pods(
-    request: pytest.FixtureRequest, cluster: Cluster, tiny_volumes: dict[str, Path]
-) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Where a FineTuneJob's pods run, as a change to its manifest: on the local cluster, the real
-    node, in the trainer image built from trainer-image/Dockerfile, with the claims handed to the
-    image's user; on another cluster (kind), where that cluster puts them."""
+def placement(request: pytest.FixtureRequest, cluster: Cluster) -> Placement:
+    """Where the operator's pods run: on the local cluster, the real node (started if it is not), in
+    the images built from the project's Dockerfiles; on another cluster (kind), where it puts them."""
     if not cluster.local:
-        return lambda manifest: manifest
+        return Placement(real_node=False)
     request.getfixturevalue("real_node")
-    hand_to_the_trainer(tiny_volumes)
-    return on_the_node
+    return Placement(real_node=True)
+
+
+@pytest.fixture
+def trainer_pods(
+    placement: Placement, tiny_volumes: dict[str, Path]
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Where a FineTuneJob's pods run, as a change to its manifest (see `placement`), with the tiny
+    claims handed to the trainer image's user."""
+    placement.claims(tiny_volumes)
+    return placement.finetunejob
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,43 @@ def hand_to_the_trainer(volumes: dict[str, Path]) -> None:
     output = volumes["deeptune-output"]
     for path in (output, *output.rglob("*")):
         os.chown(path, TRAINER_UID, TRAINER_UID)
+
+
+def serving_on_the_node(spec: dict[str, Any]) -> dict[str, Any]:
+    """A ModelDeployment spec whose pods run the serving image built from serving-image/Dockerfile
+    on the real node, asking for half a CPU like a trainer (a rollout's new pod starts beside the
+    old one)."""
+    spec.setdefault("runtime", {})["image"] = SERVING_IMAGE
+    spec["imagePullPolicy"] = "Never"
+    spec.setdefault("resources", {}).update(
+        cpu="500m", nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE
+    )
+    return spec
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the operator's pods run, as changes to what makes them: on the local cluster, the real
+    node, in the images built from the project's Dockerfiles, with claims handed to the images'
+    user; on another cluster (kind), where that cluster puts them, everything as it is."""
+
+    real_node: bool
+
+    def finetunejob(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """A FineTuneJob manifest, or one with a FineTuneJob spec (a sweep's or federation's template)."""
+        return on_the_node(manifest) if self.real_node else manifest
+
+    def modeldeployment(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """A ModelDeployment's spec."""
+        return serving_on_the_node(spec) if self.real_node else spec
+
+    def claims(self, volumes: dict[str, Path]) -> None:
+        """Claims a run reads and writes (`deeptune-models`, `deeptune-output`), handed to the
+        trainer's user."""
+        if self.real_node:
+            hand_to_the_trainer(volumes)
+
+    def readable(self, directory: Path) -> None:
+        """A claim's directory whose files a pod only reads, made readable to the images' users."""
+        if self.real_node:
+            make_readable(directory)

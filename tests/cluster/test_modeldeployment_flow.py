@@ -1,6 +1,7 @@
 """ModelDeployment through the real control plane: the operator, the Deployment and ReplicaSet
-controllers, the scheduler, the garbage collector, and the test node agent running Triton (the
-nvidia-pytriton wheel's tritonserver) for the pod the Deployment asks for."""
+controllers, the scheduler, the garbage collector, and, on the local cluster, the real node running
+the serving image built from serving-image/Dockerfile (Triton on the stand-in of NVIDIA's image) for
+the pod the Deployment asks for, and the trainer image for the FineTuneJob it serves."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, events_for, modeldeployment, wait_for
+from tests.cluster.real_node import Placement
 from tests.conftest import load_example
 from tests.unit.test_argocd_health import health
 
@@ -36,13 +38,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def claim(crds: Cluster, namespace: str, tiny_model: Path) -> Path:
-    """A bound PVC named CLAIM holding the tiny model at `tiny-llama/`."""
+def claim(crds: Cluster, namespace: str, tiny_model: Path, placement: Placement) -> Path:
+    """A bound PVC named CLAIM holding the tiny model at `tiny-llama/`, readable to the serving
+    image's user."""
     directory = harness.provision_claims(crds, namespace, [CLAIM])[CLAIM]
     target = directory / "tiny-llama"
     target.mkdir()
     for file in tiny_model.iterdir():
         (target / file.name).write_bytes(file.read_bytes())
+    placement.readable(directory)
     return directory
 
 
@@ -63,8 +67,8 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 def complete(pod_ip: str, model: str, prompt: str) -> str:
-    """One request as a client sends it (the OpenAI API's completions), to the pod's address: this
-    cluster has no kube-proxy."""
+    """One request as a client sends it (the OpenAI API's completions), to the pod's address: the
+    test runs on the host, where no ClusterIP routes (kube-proxy serves the node's pods)."""
     import openai
 
     client = openai.OpenAI(base_url=f"http://{pod_ip}:9000/v1", api_key="unused", max_retries=0)
@@ -72,9 +76,9 @@ def complete(pod_ip: str, model: str, prompt: str) -> str:
 
 
 def test_a_merged_model_is_served_end_to_end(
-    operator: Process, crds: Cluster, namespace: str, claim: Path
+    operator: Process, crds: Cluster, namespace: str, claim: Path, placement: Placement
 ) -> None:
-    crds.apply(modeldeployment("tiny", namespace, merged_spec("tiny-llama")))
+    crds.apply(modeldeployment("tiny", namespace, placement.modeldeployment(merged_spec("tiny-llama"))))
     deployment = wait_for("the Deployment", lambda: crds.get("deployment", "tiny-triton", namespace), 60)
     assert deployment["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
     service = crds.get("service", "tiny-triton", namespace)
@@ -131,7 +135,7 @@ def test_a_merged_model_is_served_end_to_end(
 
 def delete_and_wait(cluster: Cluster, namespace: str, name: str) -> None:
     """Delete a ModelDeployment and wait for the garbage collector to remove its children (and for the
-    node agent to stop its server: no Triton outlives its test)."""
+    node to stop its server: no Triton outlives its test)."""
     cluster.kubectl("delete", "mdep", name, "-n", namespace)
     children = [
         ("deployment", f"{name}-triton"),
@@ -215,9 +219,9 @@ def test_a_missing_finetunejob_is_reported_without_children(
 
 
 def test_a_bad_model_path_fails_to_load_with_the_servers_message(
-    operator: Process, crds: Cluster, namespace: str, claim: Path
+    operator: Process, crds: Cluster, namespace: str, claim: Path, placement: Placement
 ) -> None:
-    crds.apply(modeldeployment("broken", namespace, merged_spec("no-such-model")))
+    crds.apply(modeldeployment("broken", namespace, placement.modeldeployment(merged_spec("no-such-model"))))
     status = wait_for(
         "FailedToLoad",
         lambda: (s := status_of(crds, "broken", namespace)).get("modelState") == "FailedToLoad" and s,
@@ -243,7 +247,9 @@ def test_a_bad_model_path_fails_to_load_with_the_servers_message(
 
 
 @pytest.mark.trainer
-def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Cluster, namespace: str) -> None:
+def test_a_finetunejob_is_served_once_it_succeeds(
+    operator: Process, crds: Cluster, namespace: str, placement: Placement
+) -> None:
     """The whole product: the ModelDeployment waits for its FineTuneJob, then serves the adapter the
     job saved on the base model it trained (examples/finetune-tiny.yaml, shortened), and a user's
     `openai` client, asking held-out questions as a person writes them, gets answers that score no
@@ -259,13 +265,11 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
     held_out = keyword_rows(16, seed=2, exclude=trained)
     lines = [json.dumps(row, ensure_ascii=False) for row in held_out]
     (claims["deeptune-data"] / "held-out.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    job = load_example("finetune-tiny.yaml")
+    placement.claims(claims)
+    job = placement.finetunejob(load_example("finetune-tiny.yaml"))
     name = job["metadata"]["name"]
-    crds.apply(
-        modeldeployment(
-            "keywords", namespace, {"model": {"fineTuneJobRef": {"name": name}}, "resources": {"gpu": 0}}
-        )
-    )
+    served = {"model": {"fineTuneJobRef": {"name": name}}, "resources": {"gpu": 0}}
+    crds.apply(modeldeployment("keywords", namespace, placement.modeldeployment(served)))
     wait_for(
         "FineTuneJobNotFound",
         lambda: (
@@ -317,12 +321,15 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
     )
     assert resolved["digest"] == lineage["artifacts"]["adapter"]
     (trainer_job,) = [j for j in crds.list("jobs", namespace) if j["metadata"]["name"].startswith(name)]
-    image = trainer_job["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert lineage["trainerImage"] == f"local://{image}"  # the node agent's imageID for it
+    (trainer_pod,) = crds.list("pods", namespace, f"job-name={trainer_job['metadata']['name']}")
+    (trainer,) = trainer_pod["status"]["containerStatuses"]
+    assert lineage["trainerImage"] == trainer["imageID"]  # the image as the node's runtime resolved it
+    if placement.real_node:
+        assert "sha256:" in trainer["imageID"]  # containerd's digest of the trainer image
     assert resolved["fineTuneJobUid"] == finetunejob["metadata"]["uid"]
 
     (pod,) = crds.list("pods", namespace, "app.kubernetes.io/component=serving")
-    # The pod's address: this cluster has no kube-proxy, so the Service's name does not route.
+    # The pod's address: the test runs on the host, where the Service's ClusterIP does not route.
     client = openai.OpenAI(
         base_url=f"http://{pod['status']['podIP']}:9000/v1", api_key="unused", max_retries=0
     )
@@ -349,7 +356,7 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
         stream=True,
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed).strip() == answers[0]
-    # `kubectl deeptune chat`, a line typed, the reply streamed back (the pod's address: no kube-proxy).
+    # `kubectl deeptune chat`, a line typed, the reply streamed back (to the pod's address, as above).
     plugin = [sys.executable, "-m", "deeptune.kubectl_plugin", "--kubeconfig", str(crds.kubeconfig)]
     chat = [*plugin, "chat", "keywords", "-n", namespace, "--url", f"http://{pod['status']['podIP']}:9000/v1"]
     typed = subprocess.run(
@@ -365,11 +372,13 @@ def test_a_finetunejob_is_served_once_it_succeeds(operator: Process, crds: Clust
 
     # The promotion gate: the run that learned passes; a run made not to learn (one step at a
     # negligible learning rate) is refused, and the run that learned keeps answering.
-    gated = {
-        "model": {"fineTuneJobRef": {"name": name}},
-        "resources": {"gpu": 0},
-        "promotion": {"rules": [{"metric": "exactMatch", "threshold": trainer_score / 2}]},
-    }
+    gated = placement.modeldeployment(
+        {
+            "model": {"fineTuneJobRef": {"name": name}},
+            "resources": {"gpu": 0},
+            "promotion": {"rules": [{"metric": "exactMatch", "threshold": trainer_score / 2}]},
+        }
+    )
     crds.apply(modeldeployment("keywords", namespace, gated))
     passed = wait_for(
         "Promoted=True",
