@@ -127,13 +127,16 @@ def tiny_volumes(crds: Cluster, namespace: str) -> dict[str, Path]:
 
 @pytest.fixture(autouse=True)
 def _logs_on_failure(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[None]:
-    """Print the operator's, the agent's and the pods' logs when a cluster test fails."""
+    """Print the operator's, the agent's and the pods' logs (the agent's and the real node's) when a
+    cluster test fails."""
     yield
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         state = cluster.state_dir
         pods = sorted((state / "node-agent" / "pods").glob("*/*.log"))
-        print(harness.log_tails([state / "operator.log", state / "node-agent.log", *pods]), file=sys.stderr)
+        containers = sorted((state / "node" / "pod-logs").glob("*/*/*.log"))  # the kubelet's podLogsDir
+        logs = [state / "operator.log", state / "node-agent.log", *pods, *containers]
+        print(harness.log_tails(logs), file=sys.stderr)
 
 
 @pytest.hookimpl(hookwrapper=True)

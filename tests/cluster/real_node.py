@@ -168,3 +168,23 @@ class Placement:
         """A claim's directory whose files a pod only reads, made readable to the images' users."""
         if self.real_node:
             make_readable(directory)
+
+
+def kubelet_pid(cluster: Cluster) -> int:
+    """The real node's kubelet: what a test freezes or checks for the node itself."""
+    return int((cluster.state_dir / "node" / "kubelet.pid").read_text())
+
+
+def container_logs(cluster: Cluster, namespace: str, pod_prefix: str, container: str) -> list[str]:
+    """What `container` of the pods named `pod_prefix…` in `namespace` wrote, oldest first, read from
+    the kubelet's log files (polling the API server for logs costs the trainer CPU). Each line of
+    those has the time, the stream and a partial-line tag before the text (the CRI log format)."""
+    files = (cluster.state_dir / "node" / "pod-logs").glob(f"{namespace}_{pod_prefix}*/{container}/*.log")
+    return [
+        "\n".join(
+            line.split(" ", 3)[3]
+            for line in path.read_text(errors="replace").splitlines()
+            if line.count(" ") >= 3
+        )
+        for path in sorted(files, key=lambda path: path.stat().st_mtime)
+    ]

@@ -1,6 +1,8 @@
 """Faults on the real control plane: the operator SIGKILLed and restarted in every phase of a
 FineTuneJob and a ModelDeployment, the API server killed while a job trains, 50 FineTuneJobs created
-and deleted at once, and a node lost (agent and trainer killed) and back.
+and deleted at once, and a node lost (agent and trainer killed) and back. On the local cluster the
+operator's pods run on the real node, in the trainer and serving images, except the lost node's: it
+is the test node agent, which this test kills and starts again.
 
 Each test prints a `FIGURES` line (kills per phase, events by reason, recovery time, leaks) that
 docs/reliability.md quotes. Watches (kubectl --watch, in the background) see every child ever
@@ -10,6 +12,7 @@ created, so a child deleted and recreated between two looks still counts as a du
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, finetunejob, modeldeployment, wait_for
+from tests.cluster.real_node import Placement, container_logs, kubelet_pid
 from tests.cluster.test_finetunejob_training import tiny_manifest
 from tests.unit.test_finetunejob_model import MINIMAL
 
@@ -136,7 +140,6 @@ class CrashingOperator:
 
     cluster: Cluster
     where: Callable[[], str]
-    node_agent: Process | None
     process: Process | None = None
     kills: list[str] = field(default_factory=list)
     starts: list[str] = field(default_factory=list)
@@ -209,10 +212,10 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture
-def crashing_operator(crds: Cluster, node_agent: Process | None) -> Iterator[CrashingOperator]:
+def crashing_operator(crds: Cluster) -> Iterator[CrashingOperator]:
     """No operator runs until the test starts one (this module uses no shared operator); the test
     says how to tell where a kill lands."""
-    operator = CrashingOperator(crds, where=lambda: "unknown", node_agent=node_agent)
+    operator = CrashingOperator(crds, where=lambda: "unknown")
     yield operator
     operator.stop()
 
@@ -222,6 +225,21 @@ def own_operator(crds: Cluster, node_agent: Process | None) -> Iterator[Process]
     process = harness.start_operator(crds)
     yield process
     process.stop()
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) while inside, so that a phase lasts whatever the machine's speed."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def trainer_logs(crds: Cluster, namespace: str) -> list[str]:
+    """The trainer logs of the run's pods on the real node, oldest first."""
+    return container_logs(crds, namespace, f"{FTJ}-train-", "trainer")
 
 
 def signal_trainers(namespace: str, sig: signal.Signals) -> int:
@@ -262,13 +280,12 @@ def test_operator_killed_in_every_phase_of_a_finetunejob(
     crashing_operator: CrashingOperator,
     crds: Cluster,
     namespace: str,
-    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
     watches: Callable[[str, str], UidWatch],
 ) -> None:
     if not crds.local:
-        pytest.skip("starts and kills operator processes of its own next to the local cluster")
-    api, operator, node_agent = Api(crds), crashing_operator, crashing_operator.node_agent
-    assert node_agent is not None
+        pytest.skip("LOUD SKIP: starts and kills operator processes of its own next to the local cluster")
+    api, operator = Api(crds), crashing_operator
     jobs, config_maps, pods = (watches(kind, FTJ_LABEL) for kind in ("jobs", "configmaps", "pods"))
     started = time.monotonic()
 
@@ -296,21 +313,18 @@ def test_operator_killed_in_every_phase_of_a_finetunejob(
     kill = operator.kill
 
     # Created while no operator runs; the first operator dies as soon as it is up.
-    crds.apply(tiny_manifest(namespace, maxSteps=STEPS))
+    crds.apply(trainer_pods(tiny_manifest(namespace, maxSteps=STEPS)))
     operator.start()
     kill()
-    # Pending: the Job exists and its Event is out; the node agent is frozen, so the pod stays
-    # Pending for as long as the look takes.
-    node_agent.popen.send_signal(signal.SIGSTOP)
-    try:
+    # Pending: the Job exists and its Event is out; the kubelet is frozen, so the pod stays Pending
+    # for as long as the look takes.
+    with frozen(kubelet_pid(crds)):
         operator.start()
         wait_for("Pending, the Job and JobCreated", lambda: (
             status().get("phase") == "Pending"
             and job() and api.reasons("FineTuneJob", FTJ, namespace)["JobCreated"]
         ), 60, interval=0.1)  # fmt: skip
         kill()
-    finally:
-        node_agent.popen.send_signal(signal.SIGCONT)
     # Running: first when status shows progress, then twice more once a new operator has moved it on.
     operator.start()
     wait_for("progress in status", lambda: status().get("phase") == "Running" and step() > 0, 300, 0.2)
@@ -370,14 +384,16 @@ def test_operator_killed_in_every_phase_of_a_finetunejob(
 
 
 @pytest.fixture
-def model_claim(crds: Cluster, namespace: str, tmp_path: Path) -> str:
-    """A bound PVC `models` holding a random-weight Llama-architecture model at `tiny-llama/`."""
+def model_claim(crds: Cluster, namespace: str, tmp_path: Path, placement: Placement) -> str:
+    """A bound PVC `models` holding a random-weight Llama-architecture model at `tiny-llama/`, readable
+    to the serving image's user."""
     pytest.importorskip("pytriton", reason="the serving extra (nvidia-pytriton) is not installed")
     from deeptune_trainer.synthetic import tokenizer_texts
     from deeptune_trainer.tinymodels import build_tiny_model
 
     directory = harness.provision_claims(crds, namespace, ["models"])["models"]
     build_tiny_model("llama", directory / "tiny-llama", tokenizer_texts())
+    placement.readable(directory)
     return "models"
 
 
@@ -388,6 +404,8 @@ def test_operator_killed_in_every_phase_of_a_modeldeployment(
     namespace: str,
     model_claim: str,
     watches: Callable[[str, str], UidWatch],
+    *,
+    placement: Placement,
 ) -> None:
     if not crds.local:
         pytest.skip("starts and kills operator processes of its own next to the local cluster")
@@ -417,11 +435,13 @@ def test_operator_killed_in_every_phase_of_a_modeldeployment(
 
     operator.where, operator.began = where, time.monotonic()
     reasons = lambda: api.reasons("ModelDeployment", name, namespace)  # noqa: E731
-    spec = {
-        "model": {"merged": {"pvc": {"claimName": model_claim, "path": "tiny-llama"}}},
-        "resources": {"gpu": 0, "cpu": "1", "sharedMemory": "256Mi"},
-        "generation": {"maxNewTokens": 4},
-    }
+    spec = placement.modeldeployment(
+        {
+            "model": {"merged": {"pvc": {"claimName": model_claim, "path": "tiny-llama"}}},
+            "resources": {"gpu": 0, "cpu": "1", "sharedMemory": "256Mi"},
+            "generation": {"maxNewTokens": 4},
+        }
+    )
     # Created while no operator runs; the first operator dies as soon as it is up.
     crds.apply(modeldeployment(name, namespace, spec))
     operator.start()
@@ -498,14 +518,12 @@ within its last (54 s in all), after which kopf gives a watch up."""
 @pytest.mark.trainer
 def test_api_server_killed_while_a_finetunejob_trains(
     own_operator: Process,
-    node_agent: Process | None,
     crds: Cluster,
     namespace: str,
-    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     if not crds.local:
-        pytest.skip("kills the local cluster's API server process")
-    assert node_agent is not None
+        pytest.skip("LOUD SKIP: kills the local cluster's API server process")
     api = Api(crds)
 
     def status() -> dict[str, Any]:
@@ -516,12 +534,11 @@ def test_api_server_killed_while_a_finetunejob_trains(
         return [job.metadata.uid for job in jobs]
 
     steps = STEPS
-    crds.apply(tiny_manifest(namespace, maxSteps=steps))
-    logs = crds.state_dir / "node-agent" / "pods"
+    crds.apply(trainer_pods(tiny_manifest(namespace, maxSteps=steps)))
 
     def training() -> bool:
-        found = list(logs.glob(f"{namespace}_{FTJ}-train-*/trainer.log"))
-        return bool(found) and any(line.startswith("step ") for line in found[0].read_text().splitlines())
+        found = trainer_logs(crds, namespace)
+        return bool(found) and any(line.startswith("step ") for line in found[0].splitlines())
 
     wait_for("the trainer's first steps", training, 300, 0.05)
     # The trainer is frozen through the outage, so that it still trains once the API server is back
@@ -555,7 +572,7 @@ def test_api_server_killed_while_a_finetunejob_trains(
     final = status()
 
     assert own_operator.popen.poll() is None, "the operator exited"
-    assert node_agent.popen.poll() is None, "the node agent exited"
+    os.kill(kubelet_pid(crds), 0)  # the kubelet lived through the outage
     assert trainer_jobs() == [job_uid]
     assert len(api.core.list_namespaced_pod(namespace, label_selector=FTJ_LABEL).items) == 1
     assert final["progress"]["step"] == steps and final["evalResults"]["fineTuned"]
