@@ -78,8 +78,13 @@ def machine_state(state_dir: Path) -> dict[str, Any]:
     }
 
 
+GPUS = 4
+"""The `nvidia.com/gpu` the node advertises (node.sh's DEEPTUNE_NODE_GPUS), as the node agent's node
+does: so that GPU requests (Kueue's GPU quota) schedule; the pods get no device and run on CPU."""
+
+
 def node_sh(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(cluster.state_dir)}
+    env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(cluster.state_dir), "DEEPTUNE_NODE_GPUS": str(GPUS)}
     return subprocess.run(
         ["bash", str(NODE_SH), *args], env=env, capture_output=True, text=True, check=False, timeout=900
     )

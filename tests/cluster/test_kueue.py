@@ -1,7 +1,9 @@
 """FineTuneJobs queued by a real Kueue: its controller manager (built from sigs.k8s.io/kueue, run by
 tests/localcluster/kueue.sh) admits Jobs against a ClusterQueue's quota of one GPU. The second run
 waits, Pending/Queued, while the first trains, and starts when the first ends; Kueue alone moves a
-queued Job's `suspend`, never the operator."""
+queued Job's `suspend`, never the operator. On the local cluster the runs are the trainer image's on
+the real node, whose status advertises GPUs (node.sh's DEEPTUNE_NODE_GPUS): no device reaches the
+pods, and the trainer runs on CPU."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,19 +164,26 @@ def _suspend_writers(job: dict[str, Any]) -> set[str]:
 
 
 def test_second_run_waits_in_the_queue_until_the_first_ends(
-    kueue: Cluster, operator: Process, namespace: str, tiny_volumes: dict[str, Path]
+    kueue: Cluster,
+    operator: Process,
+    namespace: str,
+    tiny_volumes: dict[str, Path],
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     cluster = kueue
     cluster_queue = _queue(cluster, namespace)
     try:
-        _run_two(cluster, operator, namespace)
+        _run_two(cluster, operator, namespace, trainer_pods)
     finally:
         cluster.kubectl("delete", "localqueue", QUEUE, "-n", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "clusterqueue,resourceflavor", cluster_queue, "--wait=false", check=False)
 
 
-def _run_two(cluster: Cluster, operator: Process, namespace: str) -> None:
-    cluster.apply(_manifest(namespace, FIRST))
+def _run_two(
+    cluster: Cluster, operator: Process, namespace: str, place: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """Two one-GPU runs against a quota of one GPU, their pods placed by `place`."""
+    cluster.apply(place(_manifest(namespace, FIRST)))
     job = wait_for(
         "Kueue to admit the first run's Job (suspend: false)",
         lambda: (j := _job(cluster, FIRST, namespace)) and j["spec"].get("suspend") is False and j,
@@ -183,7 +192,7 @@ def _run_two(cluster: Cluster, operator: Process, namespace: str) -> None:
     )
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == QUEUE
 
-    cluster.apply(_manifest(namespace, SECOND))
+    cluster.apply(place(_manifest(namespace, SECOND)))
     # While the first run holds the one GPU the second waits, Pending/Queued, its Job suspended.
     # Each round reads the second run first: when the first is still training after that, it was
     # training while the second was seen.

@@ -33,6 +33,7 @@ from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process
 from tests.cluster.real_node import (
     DEBIAN_IMAGE,
+    GPUS,
     NODE,
     ON_THE_NODE,
     OPERATOR_IMAGE,
@@ -120,6 +121,7 @@ def test_the_node_is_a_kubelet_on_containerd(cluster: Cluster, real_node: dict[s
     info = node["status"]["nodeInfo"]
     assert info["kubeletVersion"] == "v1.32.4"
     assert info["containerRuntimeVersion"].startswith("containerd://1.")
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == str(GPUS)  # advertised by node.sh's PATCH
     assert {"key": "deeptune.dev/real-node", "value": "true", "effect": "NoSchedule"} in node["spec"][
         "taints"
     ]

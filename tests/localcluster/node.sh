@@ -37,6 +37,9 @@
 # root starts as hard links to it (below).
 # One real node per machine: kube-proxy's tables are named for it alone, and every local cluster
 # uses the same service range. A second node.sh says which node runs and how to stop it.
+# DEEPTUNE_NODE_GPUS=N advertises N `nvidia.com/gpu` in the node's capacity, by a PATCH of its status
+# as Kubernetes' "Advertise Extended Resources for a Node" does: GPU requests schedule and are admitted
+# (no device plugin owns the resource, so the kubelet allocates nothing); pods get no device.
 # State: ${DEEPTUNE_CLUSTER_DIR:-/tmp/deeptune-cluster}/node.
 set -euo pipefail
 
@@ -49,6 +52,7 @@ CLUSTER="${CLUSTER%/}"
 S="$CLUSTER/node"
 NODE_NAME=deeptune-real-node
 TIMEOUT="${DEEPTUNE_CLUSTER_TIMEOUT:-180}"
+GPUS="${DEEPTUNE_NODE_GPUS:-0}"
 SUBNET_LOCK=/run/lock/deeptune-node-subnet.lock
 # Held by the running node's kube-proxy (it inherits the descriptor); holds that node's cluster dir.
 PROXY_LOCK=/run/lock/deeptune-kube-proxy.lock
@@ -445,4 +449,12 @@ until curl -sf --max-time 2 "http://127.0.0.1:$PROXY_HEALTHZ_PORT/healthz" >/dev
   [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$S/kube-proxy.log" >&2; die "kube-proxy was not healthy after ${TIMEOUT}s"; }
   sleep 0.5
 done
-log "node $NODE_NAME is Ready (kubelet on $GATEWAY:$KUBELET_PORT, pods on $SUBNET via $BRIDGE, kube-proxy in nftables mode, state in $S)"
+if [ "$GPUS" != 0 ]; then
+  kc patch node "$NODE_NAME" --subresource=status --type=json \
+    -p "[{\"op\": \"add\", \"path\": \"/status/capacity/nvidia.com~1gpu\", \"value\": \"$GPUS\"}]" >/dev/null
+  until [ "$(kc get node "$NODE_NAME" -o 'jsonpath={.status.allocatable.nvidia\.com/gpu}')" = "$GPUS" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "the node's allocatable did not take $GPUS nvidia.com/gpu"
+    sleep 0.5
+  done
+fi
+log "node $NODE_NAME is Ready (kubelet on $GATEWAY:$KUBELET_PORT, pods on $SUBNET via $BRIDGE, kube-proxy in nftables mode, $GPUS nvidia.com/gpu advertised, state in $S)"
