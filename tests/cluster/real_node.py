@@ -1,6 +1,6 @@
 """The real node (tests/localcluster/node.sh) for the cluster suite: what it runs, starting and
-stopping it, what it must give back to the machine, and putting a FineTuneJob's pods on it in the
-images built from the project's Dockerfiles.
+stopping it, what it must give back to the machine, and putting the operator's pods (a FineTuneJob's,
+a ModelDeployment's) on it in the images built from the project's Dockerfiles.
 
 The node is tainted: only pods that tolerate the taint and select it run there; the rest of the
 suite's pods go to the test node agent's node.
@@ -52,6 +52,9 @@ SYSCTLS = (
 )
 """The kubelet's kernel settings, forwarding (which the node turns on for its bridge alone) and the
 conntrack settings kube-proxy makes unless told not to."""
+GPUS = 4
+"""The `nvidia.com/gpu` the node advertises (node.sh's DEEPTUNE_NODE_GPUS), as the node agent's node
+does: so that GPU requests (Kueue's GPU quota) schedule; the pods get no device and run on CPU."""
 
 
 def machine_state(state_dir: Path) -> dict[str, Any]:
@@ -78,11 +81,6 @@ def machine_state(state_dir: Path) -> dict[str, Any]:
     }
 
 
-GPUS = 4
-"""The `nvidia.com/gpu` the node advertises (node.sh's DEEPTUNE_NODE_GPUS), as the node agent's node
-does: so that GPU requests (Kueue's GPU quota) schedule; the pods get no device and run on CPU."""
-
-
 def node_sh(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(cluster.state_dir), "DEEPTUNE_NODE_GPUS": str(GPUS)}
     return subprocess.run(
@@ -105,16 +103,22 @@ def running(cluster: Cluster) -> Iterator[dict[str, Any]]:
         node_sh(cluster, "--stop")
 
 
-def on_the_node(manifest: dict[str, Any], image: str = TRAINER_IMAGE) -> dict[str, Any]:
-    """A FineTuneJob manifest (or one with a FineTuneJob spec, such as a sweep's or a federation's
-    template) whose pods run `image` (the trainer image by default) on the real node. Each asks for
-    half a CPU: the node has this machine's two, and a federation's coordinator and sites must run at
-    once (a trainer still gets one thread, `cpu_threads`, and no CPU limit)."""
-    spec = manifest["spec"]
-    spec.update(image=image, imagePullPolicy="Never")
+def _scheduled_on_the_node(spec: dict[str, Any]) -> None:
+    """A spec's `resources` (a FineTuneJob's or a ModelDeployment's) sent to the real node, asking for
+    half a CPU: the node has this machine's two, and a federation's coordinator and sites, or a
+    rollout's new pod beside the old one, must run at once (a trainer still gets one thread,
+    `cpu_threads`, and no CPU limit)."""
     spec.setdefault("resources", {}).update(
         cpu="500m", nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE
     )
+
+
+def on_the_node(manifest: dict[str, Any], image: str = TRAINER_IMAGE) -> dict[str, Any]:
+    """A FineTuneJob manifest (or one with a FineTuneJob spec, such as a sweep's or a federation's
+    template) whose pods run `image` (the trainer image by default) on the real node."""
+    spec = manifest["spec"]
+    spec.update(image=image, imagePullPolicy="Never")
+    _scheduled_on_the_node(spec)
     return manifest
 
 
@@ -137,13 +141,10 @@ def hand_to_the_trainer(volumes: dict[str, Path]) -> None:
 
 def serving_on_the_node(spec: dict[str, Any]) -> dict[str, Any]:
     """A ModelDeployment spec whose pods run the serving image built from serving-image/Dockerfile
-    on the real node, asking for half a CPU like a trainer (a rollout's new pod starts beside the
-    old one)."""
+    on the real node."""
     spec.setdefault("runtime", {})["image"] = SERVING_IMAGE
     spec["imagePullPolicy"] = "Never"
-    spec.setdefault("resources", {}).update(
-        cpu="500m", nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE
-    )
+    _scheduled_on_the_node(spec)
     return spec
 
 

@@ -298,55 +298,14 @@ def test_the_pods_bridge_forwards_nothing_to_another_interface(
         sh(["ip", "link", "set", "dtout0", "up"])
         sh(["ip", "link", "set", "dtstray0", "master", bridge, "up"])
         sh(["ip", "-n", "dt-stray-pod", "route", "add", "default", "via", gateway])
-        sh(["ip", "netns", "exec", "dt-outside", "nft", "add", "table", "ip", "seen"])
-        sh(
-            [
-                "ip",
-                "netns",
-                "exec",
-                "dt-outside",
-                "nft",
-                "add",
-                "chain",
-                "ip",
-                "seen",
-                "in",
-                "{ type filter hook prerouting priority raw; policy accept; }",
-            ]
+        # What reaches the outside, counted before anything else there can look at it.
+        counter = (
+            "table ip seen { chain in { type filter hook prerouting priority raw; tcp dport 80 counter; }; }"
         )
-        sh(
-            [
-                "ip",
-                "netns",
-                "exec",
-                "dt-outside",
-                "nft",
-                "add",
-                "rule",
-                "ip",
-                "seen",
-                "in",
-                "tcp",
-                "dport",
-                "80",
-                "counter",
-            ]
-        )
+        sh(["ip", "netns", "exec", "dt-outside", "nft", "-f", "-"], input=counter)
+        attempt = ["timeout", "4", "bash", "-c", "exec 3<>/dev/tcp/10.99.0.2/80"]
         tried = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                "dt-stray-pod",
-                "timeout",
-                "4",
-                "bash",
-                "-c",
-                "exec 3<>/dev/tcp/10.99.0.2/80",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+            ["ip", "netns", "exec", "dt-stray-pod", *attempt], capture_output=True, text=True, check=False
         )
         seen = json.loads(
             sh(["ip", "netns", "exec", "dt-outside", "nft", "-j", "list", "table", "ip", "seen"]).stdout
