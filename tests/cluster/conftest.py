@@ -88,7 +88,7 @@ def real_node(cluster: Cluster) -> Iterator[dict[str, Any]]:
         yield before
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def placement(request: pytest.FixtureRequest, cluster: Cluster) -> Placement:
     """Where the operator's pods run: on the local cluster, the real node (started if it is not), in
     the images built from the project's Dockerfiles; on another cluster (kind), where it puts them."""
@@ -109,7 +109,7 @@ def trainer_pods(
 
 
 @pytest.fixture(scope="module")
-def operator(crds: Cluster, node_agent: Process | None) -> Iterator[Process]:
+def operator(crds: Cluster) -> Iterator[Process]:
     """One operator per test module, so a module that runs its own (the Helm chart's) has the
     cluster to itself."""
     process = harness.start_operator(crds)

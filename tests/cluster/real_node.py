@@ -170,6 +170,21 @@ class Placement:
         if self.real_node:
             hand_to_the_trainer(volumes)
 
+    @property
+    def trainer_image(self) -> str:
+        """The trainer image, for pods of a test's own: the one built here, or the tag the suite
+        loads into another cluster."""
+        return TRAINER_IMAGE if self.real_node else harness.TRAINER_IMAGE
+
+    def pod(self, pod_spec: dict[str, Any]) -> dict[str, Any]:
+        """A pod spec of a test's own (its images local ones, as `trainer_image` gives), sent where
+        the operator's pods go."""
+        if self.real_node:
+            pod_spec.update(nodeSelector=ON_THE_NODE, tolerations=TOLERATE_THE_NODE)
+            for container in pod_spec["containers"]:
+                container["imagePullPolicy"] = "Never"
+        return pod_spec
+
     def readable(self, directory: Path) -> None:
         """A claim's directory whose files a pod only reads, made readable to the images' users."""
         if self.real_node:

@@ -3,9 +3,9 @@ each other as `<job>-<index>.<service>`, the names a multi-node training run ren
 
 On the local cluster the records come from CoreDNS (built from its Go module; tests/localcluster/
 up.sh starts it) whose kubernetes plugin reads the EndpointSlices the controller manager fills from
-the pods' IPs and hostnames; the node agent gives each pod the hostname, /etc/hosts (naming the pod
-itself only) and /etc/resolv.conf a kubelet gives it. Peers are found through DNS alone, and a name
-outside the cluster does not resolve: nothing is forwarded off this machine.
+the pods' IPs and hostnames, and the pods run on the real node (tests/localcluster/node.sh), whose
+kubelet gives each the hostname, /etc/hosts and /etc/resolv.conf. Peers are found through DNS
+alone, and a name outside the cluster does not resolve: nothing is forwarded off this machine.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from tests.cluster import harness
-from tests.cluster.harness import Cluster, Process
+from tests.cluster.harness import Cluster
+from tests.cluster.real_node import Placement
 
 pytestmark = pytest.mark.cluster
 
@@ -105,7 +106,7 @@ class Ranks:
         return str(self.pods[index]["status"]["podIP"])
 
 
-def job(namespace: str, local: bool) -> dict[str, Any]:
+def job(namespace: str, placement: Placement) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "subdomain": SERVICE,
         "restartPolicy": "Never",
@@ -113,7 +114,7 @@ def job(namespace: str, local: bool) -> dict[str, Any]:
         "containers": [
             {
                 "name": "rank",
-                "image": harness.TRAINER_IMAGE,
+                "image": placement.trainer_image,
                 "command": ["python", "-c", RANK],
                 "env": [
                     {"name": "JOB", "value": JOB},
@@ -123,8 +124,6 @@ def job(namespace: str, local: bool) -> dict[str, Any]:
             }
         ],
     }
-    if local:
-        pod_spec["nodeName"] = harness.NODE_NAME
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -134,7 +133,7 @@ def job(namespace: str, local: bool) -> dict[str, Any]:
             "completions": 2,
             "parallelism": 2,
             "backoffLimit": 0,
-            "template": {"spec": pod_spec},
+            "template": {"spec": placement.pod(pod_spec)},
         },
     }
 
@@ -163,7 +162,7 @@ def finished(cluster: Cluster, namespace: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def ranks(cluster: Cluster, node_agent: Process | None) -> Iterator[Ranks]:
+def ranks(cluster: Cluster, placement: Placement) -> Iterator[Ranks]:
     """Two ranks of an Indexed Job behind a headless Service, each of which resolves the other as
     `<job>-<index>.<service>`, connects to it, and reports what it found."""
     if cluster.local and not harness.cluster_dns(cluster):
@@ -172,7 +171,7 @@ def ranks(cluster: Cluster, node_agent: Process | None) -> Iterator[Ranks]:
     cluster.kubectl("create", "namespace", namespace)
     try:
         cluster.apply(headless_service(namespace))
-        cluster.apply(job(namespace, cluster.local))
+        cluster.apply(job(namespace, placement))
         outcome = harness.wait_for("the Job to finish", lambda: finished(cluster, namespace), timeout=180)
         pods = {
             int(pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]): pod
@@ -261,8 +260,9 @@ def test_names_outside_the_cluster_do_not_resolve(cluster: Cluster, ranks: Ranks
 
 
 def test_the_service_range_does_not_leave_this_machine(cluster: Cluster, ranks: Ranks) -> None:
-    """No kube-proxy: a ClusterIP other than kube-dns's leads nowhere, and must not lead off the
-    machine through the default route either."""
+    """From this machine, a ClusterIP leads only to what a Service proxies (kube-proxy on the real
+    node) and never off the machine through the default route: under it lies up.sh's blackhole
+    route, and the kubernetes Service (which has no endpoints here) is refused at once."""
     if not cluster.local:
         pytest.skip("the local cluster's routes")
     routes = subprocess.run(

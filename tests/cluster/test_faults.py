@@ -221,7 +221,7 @@ def crashing_operator(crds: Cluster) -> Iterator[CrashingOperator]:
 
 
 @pytest.fixture
-def own_operator(crds: Cluster, node_agent: Process | None) -> Iterator[Process]:
+def own_operator(crds: Cluster) -> Iterator[Process]:
     process = harness.start_operator(crds)
     yield process
     process.stop()

@@ -18,7 +18,7 @@ LEGACY = "deeptune.dev/finalizer"
 
 
 @pytest.fixture
-def own_operator(crds: Cluster, node_agent: Process | None) -> Iterator[Process]:
+def own_operator(crds: Cluster) -> Iterator[Process]:
     """An operator this module stops and starts itself."""
     process = harness.start_operator(crds)
     yield process

@@ -14,7 +14,6 @@ import base64
 import json
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ import yaml
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, finetunejob, modeldeployment, wait_for
+from tests.cluster.real_node import Placement
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
@@ -97,13 +97,25 @@ def objects(cluster: Cluster, kind: str, namespace: str) -> list[dict[str, Any]]
     return cluster.list(kind, namespace)
 
 
+def trainer_logs(cluster: Cluster, namespace: str, finetunejob: str) -> dict[str, str]:
+    """What each container of the run's pods wrote, read as a user reads it (`kubectl logs`)."""
+    logs = {}
+    for pod in cluster.list("pods", namespace, f"deeptune.dev/finetunejob={finetunejob}"):
+        pod_name = pod["metadata"]["name"]
+        for container in containers(pod["spec"]):
+            read = cluster.kubectl("logs", "-n", namespace, pod_name, "-c", container["name"])
+            logs[f"{pod_name}/{container['name']}"] = read.stdout
+    return logs
+
+
 def test_a_referenced_token_is_never_copied(
-    operator: Process, crds: Cluster, with_secret: str, token: str
+    operator: Process, crds: Cluster, with_secret: str, token: str, placement: Placement
 ) -> None:
     namespace = with_secret
     dirs = harness.provision_claims(crds, namespace, harness.TINY_CLAIMS)
     harness.seed_tiny_volumes(dirs)
-    job = tiny_job(namespace)
+    placement.claims(dirs)
+    job = placement.finetunejob(tiny_job(namespace))
     crds.apply(job)
     crds.apply(modeldeployment("served", namespace, deployment_spec()))
     name = job["metadata"]["name"]
@@ -135,12 +147,8 @@ def test_a_referenced_token_is_never_copied(
         for obj in objects(crds, kind, namespace):
             found += leaks(f"{kind}/{obj['metadata']['name']}", json.dumps(obj), token)
     found += leaks("the operator's log", (crds.state_dir / "operator.log").read_text(errors="replace"), token)
-    pods = crds.state_dir / "node-agent" / "pods"
-    trainer_logs = sorted(pods.glob(f"{namespace}_{name}-train-*/*.log"))
-    if crds.local:
-        assert trainer_logs, f"no trainer log under {pods}"
-    for log in trainer_logs:
-        found += leaks(str(log.relative_to(crds.state_dir)), log.read_text(errors="replace"), token)
-    for message in Path(pods).glob(f"{namespace}_*/termination-log"):
-        found += leaks(str(message.relative_to(crds.state_dir)), message.read_text(errors="replace"), token)
+    logs = trainer_logs(crds, namespace, name)
+    assert any(logs.values()), f"the trainer wrote no log: {logs}"
+    for container, log in logs.items():
+        found += leaks(f"the log of {container}", log, token)
     assert found == []

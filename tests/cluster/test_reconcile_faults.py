@@ -7,8 +7,7 @@ resync off (the old index functions queued a visit before kopf stored the change
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ NOWHERE = {"resources": {"gpu": 0, "nodeSelector": {"deeptune.dev/test-pool": "n
 
 
 @pytest.fixture(scope="module")
-def no_resync_operator(crds: Cluster, node_agent: Process | None) -> Iterator[Process]:
+def no_resync_operator(crds: Cluster) -> Iterator[Process]:
     """The operator with its periodic resync an hour apart: whatever reaches status in these tests
     got there from the watch event that announced it, not from a later pass."""
     process = harness.start_operator(crds, status_interval=3600)
@@ -138,7 +137,10 @@ def test_a_job_of_our_name_that_is_not_ours_is_reported_and_then_replaced(
 
 
 def test_a_short_ttl_cannot_erase_or_repeat_a_finished_run(
-    no_resync_operator: Process, crds: Cluster, namespace: str, tiny_volumes: dict[str, Path]
+    no_resync_operator: Process,
+    crds: Cluster,
+    namespace: str,
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
     """Faults 1 and 2: with ttlSecondsAfterFinished 0 the Job (and the pod holding the trainer's
     summary) could go before the outcome reached status: the run was trained again, or Succeeded
@@ -147,7 +149,7 @@ def test_a_short_ttl_cannot_erase_or_repeat_a_finished_run(
     try:
         manifest = tiny_manifest(namespace, maxSteps=20)
         manifest["spec"]["ttlSecondsAfterFinished"] = 0
-        crds.apply(manifest)
+        crds.apply(trainer_pods(manifest))
         name = manifest["metadata"]["name"]
         final = wait_for(
             "Succeeded",
@@ -163,7 +165,7 @@ def test_a_short_ttl_cannot_erase_or_repeat_a_finished_run(
         broken["metadata"]["name"] = "broken"
         broken["spec"]["ttlSecondsAfterFinished"] = 0
         broken["spec"]["dataset"]["source"]["pvc"]["path"] = "missing.jsonl"
-        crds.apply(broken)
+        crds.apply(trainer_pods(broken))
         wait_for("Failed", lambda: status_of(crds, "broken", namespace).get("phase") == "Failed", 300)
         wait_for("the TTL to remove the Job", lambda: crds.get("job", "broken-train", namespace) is None, 60)
         after = status_of(crds, "broken", namespace)

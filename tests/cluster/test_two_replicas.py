@@ -49,7 +49,7 @@ def health(process: Process) -> dict[str, object]:
 
 
 @pytest.fixture
-def replicas(crds: Cluster, node_agent: Process | None) -> Iterator[dict[str, Process]]:
+def replicas(crds: Cluster) -> Iterator[dict[str, Process]]:
     started: dict[str, Process] = {}
 
     def start(identity: str) -> Process:

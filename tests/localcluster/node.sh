@@ -263,11 +263,24 @@ EOF
 # which Endpoints may not hold), so kube-proxy would refuse it; this table translates it first:
 # from the pods' bridge, 10.96.0.1:443 goes to the API server on 127.0.0.1 (route_localnet, on this
 # bridge only, lets a packet from it reach a loopback address).
+# CoreDNS is a process listening on kube-dns's ClusterIP itself (up.sh), so the Service's endpoint
+# is its own ClusterIP: kube-proxy's check after DNAT ("traffic to invalid ports of ClusterIPs")
+# refuses what this machine sends it. The machine's own queries (up.sh's, smoke.sh's, the tests')
+# and CoreDNS's answers to them (on lo; those to pods leave on the bridge) go untracked, so no NAT
+# and no such check touch them, as before the node was there; pods' queries arrive on the bridge
+# and are delivered locally, which that check never sees.
 NFT_TABLE="deeptune-$BRIDGE"
 echo "$NFT_TABLE" > "$S/nft-table"
 sysctl -qw "net.ipv4.conf.$BRIDGE.route_localnet=1"
+HOST_DNS_RULES=''
+[ -z "${CLUSTER_DNS:-}" ] || HOST_DNS_RULES="ip daddr $CLUSTER_DNS meta l4proto { tcp, udp } th dport 53 notrack
+    oifname lo ip saddr $CLUSTER_DNS meta l4proto { tcp, udp } th sport 53 notrack"
 nft -f - <<EOF
 table ip $NFT_TABLE {
+  chain output {
+    type filter hook output priority raw; policy accept;
+    $HOST_DNS_RULES
+  }
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     iifname "$BRIDGE" ip daddr 10.96.0.1 tcp dport 443 dnat to 127.0.0.1:$APISERVER_PORT
