@@ -103,6 +103,18 @@ def running(cluster: Cluster) -> Iterator[dict[str, Any]]:
         node_sh(cluster, "--stop")
 
 
+def crash_node(cluster: Cluster) -> None:
+    """The node lost at once: every process of it SIGKILLed, nothing cleaned up (node.sh --crash)."""
+    crashed = node_sh(cluster, "--crash")
+    assert crashed.returncode == 0, f"node.sh --crash failed:\n{crashed.stderr[-4000:]}"
+
+
+def restart_node(cluster: Cluster) -> None:
+    """The crashed node back on its state, Ready again (node.sh --restart)."""
+    restarted = node_sh(cluster, "--restart")
+    assert restarted.returncode == 0, f"node.sh --restart failed:\n{restarted.stderr[-4000:]}"
+
+
 def _scheduled_on_the_node(spec: dict[str, Any]) -> None:
     """A spec's `resources` (a FineTuneJob's or a ModelDeployment's) sent to the real node, asking for
     half a CPU: the node has this machine's two, and a federation's coordinator and sites, or a

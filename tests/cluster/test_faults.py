@@ -1,8 +1,8 @@
 """Faults on the real control plane: the operator SIGKILLed and restarted in every phase of a
 FineTuneJob and a ModelDeployment, the API server killed while a job trains, 50 FineTuneJobs created
-and deleted at once, and a node lost (agent and trainer killed) and back. On the local cluster the
-operator's pods run on the real node, in the trainer and serving images, except the lost node's: it
-is the test node agent, which this test kills and starts again.
+and deleted at once, and the node lost (all its processes killed) and back. On the local cluster the
+operator's pods run on the real node (tests/localcluster/node.sh), in the trainer and serving
+images; the lost node is that node, crashed and restarted on its state.
 
 Each test prints a `FIGURES` line (kills per phase, events by reason, recovery time, leaks) that
 docs/reliability.md quotes. Watches (kubectl --watch, in the background) see every child ever
@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, finetunejob, modeldeployment, wait_for
-from tests.cluster.real_node import Placement, container_logs, kubelet_pid
+from tests.cluster.real_node import Placement, container_logs, crash_node, kubelet_pid, restart_node
 from tests.cluster.test_finetunejob_training import tiny_manifest
 from tests.unit.test_finetunejob_model import MINIMAL
 
@@ -674,63 +674,59 @@ def test_fifty_finetunejobs_created_and_deleted_concurrently(
 @pytest.mark.trainer
 def test_lost_node_comes_back_and_the_run_resumes_from_its_checkpoint(
     own_operator: Process,
-    node_agent: Process | None,
     crds: Cluster,
     namespace: str,
+    trainer_pods: Callable[[dict[str, Any]], dict[str, Any]],
     tiny_volumes: dict[str, Path],
 ) -> None:
-    """The node agent and its trainer die at once (a node lost), and the agent comes back (the node
-    rebooted). Kubernetes itself fails nothing over here: with its only node lost, the node lifecycle
-    controller enters full-disruption mode and evicts nothing (docs/reliability.md), and this local
-    cluster gives nodes a year's grace anyway. The pod comes back failed, the Job retries it, and the
-    trainer resumes from its newest checkpoint."""
+    """The real node is lost at once (kubelet, containerd, kube-proxy and the trainer's container
+    SIGKILLed, as at a power cut) and comes back on the state it left (a reboot). Kubernetes itself
+    fails nothing over here: with its only node lost, the node lifecycle controller enters
+    full-disruption mode and evicts nothing (docs/reliability.md), and this local cluster gives
+    nodes a year's grace anyway. The kubelet finds the container gone and reports it as a kubelet
+    does (terminated, reason Unknown, exit code 255); the Job retries the pod, and the trainer
+    resumes from its newest checkpoint."""
     if not crds.local:
-        pytest.skip("kills the local node agent and the trainer process")
-    assert node_agent is not None
+        pytest.skip("LOUD SKIP: kills the local cluster's real node")
     api, interval = Api(crds), 50
     steps = STEPS // 2
 
     def status() -> dict[str, Any]:
         return api.status("finetunejobs", FTJ, namespace)
 
-    crds.apply(tiny_manifest(namespace, maxSteps=steps, checkpointSteps=interval))
+    crds.apply(trainer_pods(tiny_manifest(namespace, maxSteps=steps, checkpointSteps=interval)))
     checkpoints = tiny_volumes["deeptune-output"] / FTJ / "checkpoints"
-    pods = crds.state_dir / "node-agent" / "pods"
 
-    def logged_steps(log: Path) -> list[int]:
-        lines = log.read_text().splitlines()
-        return [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")]
+    def logged_steps(log: str) -> list[int]:
+        return [int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith("step ")]
 
     def past_checkpoint() -> bool:
-        """Between checkpoints, so that the kill loses steps (at most one interval's)."""
-        logs = list(pods.glob(f"{namespace}_{FTJ}-train-*/trainer.log"))
+        """Between checkpoints, so that the loss costs steps (at most one interval's)."""
+        logs = trainer_logs(crds, namespace)
         done = (checkpoints / f"checkpoint-{2 * interval}" / COMPLETE_MARKER).is_file()
         return done and bool(logs) and max(logged_steps(logs[0]), default=0) >= 2 * interval + 20
 
     wait_for("steps past the second checkpoint", past_checkpoint, timeout=300, interval=0.05)
-    harness.lose_node_agent(node_agent)
-    assert signal_trainers(namespace, signal.SIGKILL) == 1
+    crash_node(crds)
+    assert signal_trainers(namespace, signal.SIGKILL) == 0, "a trainer outlived its node"
     lost = time.monotonic()
     wait_two_resyncs(crds, own_operator, "FineTuneJob", "finetunejobs")  # nothing reports the trainer's end
     while_lost = status()
     assert while_lost["phase"] == "Running" and not while_lost.get("retries")
-    harness.restart_node_agent(crds, node_agent)
+    restart_node(crds)
     wait_for("Succeeded", lambda: status().get("phase") == "Succeeded", 300, 0.5)
     final = status()
     recovered = time.monotonic() - lost
 
     assert final["retries"] == 1, final
-    assert (final["lastFailure"]["reason"], final["lastFailure"]["exitCode"]) == (
-        "ContainerStatusUnknown",
-        137,
-    )
+    assert (final["lastFailure"]["reason"], final["lastFailure"]["exitCode"]) == ("Unknown", 255), final
     assert final["progress"]["step"] == steps
     assert len(api.batch.list_namespaced_job(namespace, label_selector=FTJ_LABEL).items) == 1
-    logs = sorted(pods.glob(f"{namespace}_{FTJ}-train-*/trainer.log"), key=lambda log: log.stat().st_mtime)
+    logs = trainer_logs(crds, namespace)
     assert len(logs) == 2
     killed_at = max(logged_steps(logs[0]))
-    resumed = [line for line in logs[1].read_text().splitlines() if "resuming from checkpoint-" in line]
-    assert resumed, logs[1].read_text()[-2000:]
+    resumed = [line for line in logs[1].splitlines() if "resuming from checkpoint-" in line]
+    assert resumed, logs[1][-2000:]
     checkpoint = int(resumed[0].rsplit("-", 1)[1])
     assert killed_at - checkpoint <= interval + 10, "lost more than a checkpoint interval (+ a logging step)"
     reasons = api.reasons("FineTuneJob", FTJ, namespace)

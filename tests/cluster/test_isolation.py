@@ -1,6 +1,7 @@
 """Two runs on one machine do not break each other: a second local control plane (its own state
 directory, free ports) runs beside the session's, and down.sh stops all that runs under it (control
-plane, a node agent's pod whose agent is gone, a recorded process) and nothing of the session's."""
+plane, a recorded process) and nothing of the session's. The real node is one per machine: the
+second cluster's node.sh refuses to start one beside the session's and says whose it is."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster
+from tests.cluster.real_node import NODE
 
 pytestmark = pytest.mark.cluster
 
@@ -47,21 +50,9 @@ def ready(cluster: Cluster) -> bool:
     return cluster.kubectl("get", "--raw", "/readyz", check=False).stdout.strip() == "ok"
 
 
-def sleeper_pod() -> dict[str, object]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "sleeper", "namespace": "default"},
-        "spec": {
-            "nodeName": harness.NODE_NAME,
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [{"name": "main", "image": harness.TRAINER_IMAGE, "command": ["sleep", "600"]}],
-        },
-    }
-
-
-def test_a_second_cluster_runs_beside_the_sessions_and_down_stops_all_of_it(cluster: Cluster) -> None:
+def test_a_second_cluster_runs_beside_the_sessions_and_down_stops_all_of_it(
+    cluster: Cluster, real_node: dict[str, Any]
+) -> None:
     if not cluster.local:
         pytest.skip("needs the local control plane (tests/localcluster)")
     first = pids(cluster.state_dir)
@@ -76,33 +67,26 @@ def test_a_second_cluster_runs_beside_the_sessions_and_down_stops_all_of_it(clus
         second.kubectl("create", "namespace", "only-in-the-second")
         assert cluster.kubectl("get", "namespace", "only-in-the-second", check=False).returncode != 0
 
-        # What down.sh stops besides the control plane: the pod of a node agent that is gone (lost,
-        # as a SIGKILLed run leaves it) and a process the harness recorded.
-        agent = harness.start_node_agent(second)
-        second.apply(sleeper_pod())
-        phase = "jsonpath={.status.phase}"
-        harness.wait_for(
-            "the pod to run",
-            lambda: second.kubectl("get", "pod", "sleeper", "-o", phase, check=False).stdout == "Running",
-            timeout=60,
-        )
-        (pod_dir,) = (state / "node-agent" / "pods").glob("default_sleeper_*")
-        pod = int((pod_dir / "pid").read_text())
-        netns = Path("/run/netns") / f"dt-{pod_dir.name.rsplit('_', 1)[1]}"
-        assert running(pod) and netns.exists()
-        harness.lose_node_agent(agent)
+        # One real node per machine: the session's holds kube-proxy's tables and the service range.
+        refused = script("node.sh", env, timeout=300)
+        assert refused.returncode != 0
+        assert f"the cluster in {cluster.state_dir} has a real node on this machine" in refused.stderr
+        assert f"DEEPTUNE_CLUSTER_DIR={cluster.state_dir} " in refused.stderr  # how to stop it
+        assert not (state / "node").exists()
+
+        # What down.sh stops besides the control plane: a process the harness recorded.
         sleeper = harness.start_process(["sleep", "600"], state / "sleeper.log", dict(os.environ))
         assert sleeper.record is not None and sleeper.record.parent == state / "processes"
-        theirs = [*pids(state).values(), pod, sleeper.popen.pid]
+        theirs = [*pids(state).values(), sleeper.popen.pid]
     finally:
         down = script("down.sh", env, timeout=120)
     assert down.returncode == 0, down.stderr
     assert sleeper.popen.wait(timeout=10) == -signal.SIGTERM
-    harness.wait_for("the pod's process to end", lambda: not running(pod), timeout=10, interval=0.1)
     assert [pid for pid in theirs if running(pid)] == [], down.stderr
-    assert not netns.exists()
     assert not state.exists() and not Path(f"{state}.lock").exists()
 
     assert pids(cluster.state_dir) == first, "the session's control plane was restarted"
     assert all(running(pid) for pid in first.values()), "down.sh stopped a process of the session's cluster"
     assert ready(cluster)
+    node_ready = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
+    assert cluster.kubectl("get", "node", NODE, "-o", node_ready).stdout == "True", "the session's node"

@@ -6,11 +6,12 @@
 #
 #   node.sh          start it (packages, kubelet and images first if missing); wait until Ready
 #   node.sh --stop   stop it and undo all it did to the machine (down.sh calls this)
+#   node.sh --crash  kill all its processes at once, as a node lost (a power cut); nothing undone
+#   node.sh --restart  start a crashed node again on the state it left (a reboot); then Ready again
 #   node.sh --prepare  only install the packages and build the kubelet and images (no cluster needed)
 #
 # The node is tainted deeptune.dev/real-node=true:NoSchedule and labelled deeptune.dev/real-node=true:
-# a pod runs there only if it asks to (toleration + nodeSelector), so the suite's other pods keep
-# going to the test node agent's node.
+# a pod runs there only if it asks to (toleration + nodeSelector).
 #
 # What it does to the machine, all undone by --stop:
 #   - containerd (own root, state dir and socket), its shims and the pods' containers;
@@ -140,12 +141,101 @@ stop_node() {
   log "stopped the node; removed $S"
 }
 
+# --- the node's processes: started at start, and again by --restart on the same state ---------------
+
+start_containerd() {
+  nohup setsid containerd --config "$S/containerd.toml" > "$S/containerd.log" 2>&1 < /dev/null 5>&- 7>&- 8>&- 9>&- &
+  echo $! > "$S/containerd.pid"
+  for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && break; pid_alive containerd || break; sleep 0.1; done
+  ctr_ version >/dev/null 2>&1 || { tail -20 "$S/containerd.log" >&2; die "containerd did not start"; }
+}
+
+kc() { kubectl --kubeconfig "$CLUSTER/kubeconfig" "$@"; }
+
+start_kubelet() {  # and wait (until $deadline) for the node to be Ready
+  nohup setsid "$KUBELET" --config "$S/kubelet.yaml" --kubeconfig "$S/kubelet.kubeconfig" \
+    --root-dir "$S/kubelet" --hostname-override "$NODE_NAME" --node-ip "$GATEWAY" \
+    --node-labels deeptune.dev/real-node=true --v 2 \
+    >> "$S/kubelet.log" 2>&1 < /dev/null 5>&- 7>&- 8>&- 9>&- &
+  echo $! > "$S/kubelet.pid"
+  until [ "$(kc get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; do
+    pid_alive kubelet || { tail -30 "$S/kubelet.log" >&2; die "the kubelet exited"; }
+    [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$S/kubelet.log" >&2; die "the node was not Ready after ${TIMEOUT}s"; }
+    sleep 0.5
+  done
+}
+
+start_kube_proxy() {  # it takes fd 5, the machine's lock, and this script lets go of it
+  nohup setsid "$KUBE_PROXY" --config "$S/kube-proxy.yaml" --v 2 \
+    >> "$S/kube-proxy.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &
+  echo $! > "$S/kube-proxy.pid"
+  exec 5>&-
+  until curl -sf --max-time 2 "http://127.0.0.1:$PROXY_HEALTHZ_PORT/healthz" >/dev/null; do
+    pid_alive kube-proxy || { tail -30 "$S/kube-proxy.log" >&2; die "kube-proxy exited"; }
+    [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$S/kube-proxy.log" >&2; die "kube-proxy was not healthy after ${TIMEOUT}s"; }
+    sleep 0.5
+  done
+}
+
+advertise_gpus() {
+  [ "$GPUS" != 0 ] || return 0
+  kc patch node "$NODE_NAME" --subresource=status --type=json \
+    -p "[{\"op\": \"add\", \"path\": \"/status/capacity/nvidia.com~1gpu\", \"value\": \"$GPUS\"}]" >/dev/null
+  until [ "$(kc get node "$NODE_NAME" -o 'jsonpath={.status.allocatable.nvidia\.com/gpu}')" = "$GPUS" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "the node's allocatable did not take $GPUS nvidia.com/gpu"
+    sleep 0.5
+  done
+}
+
+take_the_machines_lock() {  # fd 5, until kube-proxy holds it
+  exec 5<>"$PROXY_LOCK"
+  flock -n 5 || die "the cluster in $(cat "$PROXY_LOCK") has a real node on this machine, and kube-proxy's tables are one per machine: stop it first (DEEPTUNE_CLUSTER_DIR=$(cat "$PROXY_LOCK") $0 --stop)"
+  echo "$CLUSTER" > "$PROXY_LOCK"
+}
+
+# --crash: the node lost at once, as at a power cut: every process SIGKILLed, nothing cleaned up.
+crash_node() {
+  [ -d "$S" ] || die "no node in $CLUSTER"
+  local name pids
+  for name in kube-proxy kubelet containerd; do
+    ! pid_alive "$name" || kill -KILL "$(cat "$S/$name.pid")"
+  done
+  for _ in 1 2 3; do
+    pids=$(our_processes | sort -u)
+    [ -n "$pids" ] || break
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+    sleep 0.3
+  done
+  log "crashed the node: kube-proxy, the kubelet, containerd, its shims and the containers killed"
+}
+
+# --restart: the crashed node back on the state it left (containerd's root and the kubelet's, the
+# network, the configuration), as after a reboot: no container survived, and the kubelet finds out.
+restart_node() {
+  [ -f "$S/node.env" ] || die "no node to restart in $CLUSTER"
+  ! pid_alive kubelet && ! pid_alive containerd && ! pid_alive kube-proxy || die "the node in $S still runs"
+  PATH="$(bash "$HERE/build.sh" --with-node --print-path):$PATH"
+  KUBELET="$LC_NODE_BIN/kubelet" KUBE_PROXY="$LC_NODE_BIN/kube-proxy"
+  take_the_machines_lock
+  # shellcheck disable=SC1091
+  . "$S/node.env"
+  deadline=$(( $(date +%s) + TIMEOUT ))
+  start_containerd
+  start_kubelet
+  start_kube_proxy
+  advertise_gpus
+  log "node $NODE_NAME is back and Ready (state in $S)"
+}
+
 prepare_only=false
 case "${1:-}" in
   "") ;;
   --stop) stop_node; exit 0 ;;
+  --crash) crash_node; exit 0 ;;
+  --restart) restart_node; exit 0 ;;
   --prepare) prepare_only=true ;;
-  -h|--help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) die "unknown argument: $1 (try --help)" ;;
 esac
 
@@ -194,9 +284,7 @@ $prepare_only && { log "packages, kubelet and images ready"; exit 0; }
 [ -f "$CLUSTER/.deeptune-cluster" ] && [ -f "$CLUSTER/ports.env" ] || die "no cluster in $CLUSTER: run up.sh first"
 if pid_alive kubelet && pid_alive containerd; then log "the node is already running in $S"; exit 0; fi
 [ ! -d "$S" ] || stop_node   # a half-started or dead node: start over
-exec 5<>"$PROXY_LOCK"
-flock -n 5 || die "the cluster in $(cat "$PROXY_LOCK") has a real node on this machine, and kube-proxy's tables are one per machine: stop it first (DEEPTUNE_CLUSTER_DIR=$(cat "$PROXY_LOCK") $0 --stop)"
-echo "$CLUSTER" > "$PROXY_LOCK"
+take_the_machines_lock
 # shellcheck disable=SC1091
 . "$CLUSTER/ports.env"
 # shellcheck disable=SC1091
@@ -343,10 +431,7 @@ else   # the cache on another filesystem than the state dir: a copy
   cp -a "$STORE" "$S/containerd/root"
 fi
 exec 6>&-
-nohup setsid containerd --config "$S/containerd.toml" > "$S/containerd.log" 2>&1 < /dev/null 5>&- 7>&- 8>&- 9>&- &
-echo $! > "$S/containerd.pid"
-for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && break; pid_alive containerd || break; sleep 0.1; done
-ctr_ version >/dev/null 2>&1 || { tail -20 "$S/containerd.log" >&2; die "containerd did not start"; }
+start_containerd
 
 # --- the node's credentials: client certificates signed by the cluster CA --------------------------
 PKI="$CLUSTER/pki"
@@ -420,19 +505,9 @@ clusterDNS: [${CLUSTER_DNS:-}]
 registerWithTaints:
 - {key: deeptune.dev/real-node, value: "true", effect: NoSchedule}
 EOF
-nohup setsid "$KUBELET" --config "$S/kubelet.yaml" --kubeconfig "$S/kubelet.kubeconfig" \
-  --root-dir "$S/kubelet" --hostname-override "$NODE_NAME" --node-ip "$GATEWAY" \
-  --node-labels deeptune.dev/real-node=true --v 2 \
-  > "$S/kubelet.log" 2>&1 < /dev/null 5>&- 7>&- 8>&- 9>&- &
-echo $! > "$S/kubelet.pid"
-
-kc() { kubectl --kubeconfig "$CLUSTER/kubeconfig" "$@"; }
+printf 'GATEWAY=%s\nPROXY_HEALTHZ_PORT=%s\n' "$GATEWAY" "$PROXY_HEALTHZ_PORT" > "$S/node.env"
 deadline=$(( $(date +%s) + TIMEOUT ))
-until [ "$(kc get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; do
-  pid_alive kubelet || { tail -30 "$S/kubelet.log" >&2; die "the kubelet exited"; }
-  [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$S/kubelet.log" >&2; die "the node was not Ready after ${TIMEOUT}s"; }
-  sleep 0.5
-done
+start_kubelet
 
 # --- kube-proxy -------------------------------------------------------------------------------------
 # nftables mode: its own tables only. Every setting it would make on the host is off: conntrack
@@ -453,21 +528,6 @@ nodePortAddresses: ["$GATEWAY/32"]
 oomScoreAdj: 0
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 EOF
-nohup setsid "$KUBE_PROXY" --config "$S/kube-proxy.yaml" --v 2 \
-  > "$S/kube-proxy.log" 2>&1 < /dev/null 7>&- 8>&- 9>&- &   # keeps fd 5: the machine's lock
-echo $! > "$S/kube-proxy.pid"
-exec 5>&-
-until curl -sf --max-time 2 "http://127.0.0.1:$PROXY_HEALTHZ_PORT/healthz" >/dev/null; do
-  pid_alive kube-proxy || { tail -30 "$S/kube-proxy.log" >&2; die "kube-proxy exited"; }
-  [ "$(date +%s)" -lt "$deadline" ] || { tail -30 "$S/kube-proxy.log" >&2; die "kube-proxy was not healthy after ${TIMEOUT}s"; }
-  sleep 0.5
-done
-if [ "$GPUS" != 0 ]; then
-  kc patch node "$NODE_NAME" --subresource=status --type=json \
-    -p "[{\"op\": \"add\", \"path\": \"/status/capacity/nvidia.com~1gpu\", \"value\": \"$GPUS\"}]" >/dev/null
-  until [ "$(kc get node "$NODE_NAME" -o 'jsonpath={.status.allocatable.nvidia\.com/gpu}')" = "$GPUS" ]; do
-    [ "$(date +%s)" -lt "$deadline" ] || die "the node's allocatable did not take $GPUS nvidia.com/gpu"
-    sleep 0.5
-  done
-fi
+start_kube_proxy
+advertise_gpus
 log "node $NODE_NAME is Ready (kubelet on $GATEWAY:$KUBELET_PORT, pods on $SUBNET via $BRIDGE, kube-proxy in nftables mode, $GPUS nvidia.com/gpu advertised, state in $S)"
