@@ -81,11 +81,14 @@ def machine_state(state_dir: Path) -> dict[str, Any]:
     }
 
 
-def node_sh(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+def node_sh(cluster: Cluster, *args: str, show: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run node.sh for `cluster`: its output captured, or with `show` shown as it goes and no time
+    limit (a first start builds the images: about 25 minutes)."""
     env = {**os.environ, "DEEPTUNE_CLUSTER_DIR": str(cluster.state_dir), "DEEPTUNE_NODE_GPUS": str(GPUS)}
-    return subprocess.run(
-        ["bash", str(NODE_SH), *args], env=env, capture_output=True, text=True, check=False, timeout=900
-    )
+    command = ["bash", str(NODE_SH), *args]
+    if show:
+        return subprocess.run(command, env=env, text=True, check=False)
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=900)
 
 
 @contextlib.contextmanager
