@@ -1,12 +1,11 @@
-"""Fixtures for the cluster suite: a real control plane, the test node agent, the real node, and the
-operator.
+"""Fixtures for the cluster suite: a real control plane, the real node, and the operator.
 
 By default the suite brings up a local control plane (tests/localcluster) of its own, in a private
 state directory on free ports, so that another run on the machine (CI's, a demo's) is never touched,
 and tears it down at the end with all that runs under it (DEEPTUNE_KEEP_CLUSTER=1 keeps it, and the
 summary says where it is and how to stop it). DEEPTUNE_CLUSTER_DIR=DIR uses the cluster in DIR
 instead: reused if it is up (and then left running), else started there. Set
-DEEPTUNE_TEST_KUBECONFIG to run against another cluster (e.g. kind) instead; the node agent is then
+DEEPTUNE_TEST_KUBECONFIG to run against another cluster (e.g. kind) instead; the real node is then
 not started, and the trainer image must be loaded there.
 """
 
@@ -66,16 +65,6 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def node_agent(cluster: Cluster) -> Iterator[Process | None]:
-    if not cluster.local:
-        yield None
-        return
-    agent = harness.start_node_agent(cluster)
-    yield agent
-    agent.stop()
-
-
-@pytest.fixture(scope="session")
 def real_node(cluster: Cluster) -> Iterator[dict[str, Any]]:
     """The real node (tests/localcluster/node.sh), started when a test first asks for it and stopped
     at the end of the run (one real node per machine); yields the machine's state from before it
@@ -127,15 +116,14 @@ def tiny_volumes(crds: Cluster, namespace: str) -> dict[str, Path]:
 
 @pytest.fixture(autouse=True)
 def _logs_on_failure(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[None]:
-    """Print the operator's, the agent's and the pods' logs (the agent's and the real node's) when a
-    cluster test fails."""
+    """Print the operator's log and the pods' (the real node's container logs) when a cluster test
+    fails."""
     yield
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         state = cluster.state_dir
-        pods = sorted((state / "node-agent" / "pods").glob("*/*.log"))
         containers = sorted((state / "node" / "pod-logs").glob("*/*/*.log"))  # the kubelet's podLogsDir
-        logs = [state / "operator.log", state / "node-agent.log", *pods, *containers]
+        logs = [state / "operator.log", *containers]
         print(harness.log_tails(logs), file=sys.stderr)
 
 

@@ -1,7 +1,8 @@
 """The local DeepTune stack on the local control plane: shared by the cluster tests and the demo.
 
-Brings up (or reuses) the control plane from tests/localcluster, installs the CRDs, starts the test
-node agent and the operator as processes, and provisions hostPath PersistentVolumes so PVCs bind.
+Brings up (or reuses) the control plane from tests/localcluster, installs the CRDs, starts the
+operator as a process, and provisions hostPath PersistentVolumes so PVCs bind. (The real node that
+runs the pods is tests/localcluster/node.sh: tests/cluster/real_node.py.)
 
 Each run gets a control plane of its own by default: a private state directory (`private_state_dir`)
 and free ports, so that two runs on one machine never meet. DEEPTUNE_CLUSTER_DIR names a cluster to
@@ -17,7 +18,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,9 +34,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 LOCALCLUSTER = ROOT / "tests" / "localcluster"
 TRAINER_IMAGE = "deeptune/trainer:test"
+"""The operator's default trainer image in the suite: on another cluster (kind), the tag the trainer
+image is loaded under; on the local one, tests that run a trainer name the image built here."""
 TINY_CLAIMS = ["deeptune-models", "deeptune-data", "deeptune-output"]
 """The PVCs examples/finetune-tiny.yaml uses."""
-NODE_NAME = "deeptune-test-node"
 PORT_VARIABLES = tuple(
     f"DEEPTUNE_{port}_PORT" for port in ("APISERVER", "ETCD", "ETCD_PEER", "KCM", "SCHEDULER")
 )
@@ -260,7 +261,7 @@ def finish_local_cluster(cluster: Cluster, keep: bool = False) -> str:
     return (
         f"The local cluster keeps running{found} (state and logs: {state}):\n"
         f"    export KUBECONFIG={cluster.kubeconfig}\n"
-        "To stop it and everything still running under it (operator, node agent, pods):\n"
+        "To stop it and everything still running under it (operator, real node, pods):\n"
         f"    {stop_command(state)}"
     )
 
@@ -332,51 +333,6 @@ def cluster_dns(cluster: Cluster) -> dict[str, str]:
     path = cluster.state_dir / "cluster-dns.env"
     lines = path.read_text().splitlines() if path.exists() else []
     return dict(line.split("=", 1) for line in lines if "=" in line)
-
-
-def start_node_agent(cluster: Cluster) -> Process:
-    state = cluster.state_dir / "node-agent"
-    dns = cluster_dns(cluster)
-    dns_args = ["--cluster-dns", dns["CLUSTER_DNS"], "--cluster-domain", dns["CLUSTER_DOMAIN"]] if dns else []
-    agent = start_process(
-        [
-            sys.executable, "-m", "tests.cluster.node_agent",
-            "--kubeconfig", str(cluster.kubeconfig), "--name", NODE_NAME, "--state-dir", str(state),
-            *dns_args,
-        ],
-        cluster.state_dir / "node-agent.log",
-        dict(os.environ),
-    )  # fmt: skip
-    jsonpath = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
-    wait_for(
-        "the test node to be Ready",
-        lambda: (
-            agent.popen.poll() is None
-            and "True" in cluster.kubectl("get", "node", NODE_NAME, "-o", jsonpath, check=False).stdout
-        ),
-        timeout=60,
-    )
-    return agent
-
-
-def lose_node_agent(agent: Process) -> None:
-    """SIGKILL the node agent, as a node that is suddenly lost: its pods' processes are left as they
-    were, and nothing reports their status any more."""
-    agent.popen.send_signal(signal.SIGKILL)
-    agent.popen.wait()
-
-
-def restart_node_agent(cluster: Cluster, agent: Process) -> None:
-    """Start the node agent again in place of `agent` (the same Process object, so that whoever holds
-    it, such as the session's fixture, stops the new one)."""
-    assert agent.popen.poll() is not None, "the node agent still runs"
-    log = cluster.state_dir / "node-agent.log"
-    if log.exists():  # the new agent writes its own
-        shutil.copy(log, cluster.state_dir / "node-agent.lost.log")
-    if agent.record is not None:
-        agent.record.unlink(missing_ok=True)
-    fresh = start_node_agent(cluster)
-    agent.popen, agent.log, agent.record = fresh.popen, fresh.log, fresh.record
 
 
 def start_operator(

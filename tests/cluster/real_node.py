@@ -2,8 +2,9 @@
 stopping it, what it must give back to the machine, and putting the operator's pods (a FineTuneJob's,
 a ModelDeployment's) on it in the images built from the project's Dockerfiles.
 
-The node is tainted: only pods that tolerate the taint and select it run there; the rest of the
-suite's pods go to the test node agent's node.
+The node is tainted: only pods that tolerate the taint and select it run there. The suite's other
+pods (those of tests of the operator alone) stay Pending, as a cluster with no node for them leaves
+them.
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ ON_THE_NODE = {"deeptune.dev/real-node": "true"}
 """The node's label, for the nodeSelector of what must run there."""
 TOLERATE_THE_NODE = [{"key": "deeptune.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
 """A toleration of the node's taint, which keeps every other pod off it."""
-AGENT_BRIDGE = "dtbr0"
-"""The test node agent's bridge, which it makes when it starts (maybe while this module runs): not the
-real node's doing, so not in what the node must give back."""
 NODE_SH = harness.LOCALCLUSTER / "node.sh"
 FIXED_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/var/lib/cni", "/run/containerd")
 SYSCTLS = (
@@ -53,8 +51,8 @@ SYSCTLS = (
 """The kubelet's kernel settings, forwarding (which the node turns on for its bridge alone) and the
 conntrack settings kube-proxy makes unless told not to."""
 GPUS = 4
-"""The `nvidia.com/gpu` the node advertises (node.sh's DEEPTUNE_NODE_GPUS), as the node agent's node
-does: so that GPU requests (Kueue's GPU quota) schedule; the pods get no device and run on CPU."""
+"""The `nvidia.com/gpu` the node advertises (node.sh's DEEPTUNE_NODE_GPUS): so that GPU requests
+(Kueue's GPU quota) schedule; the pods get no device and run on CPU."""
 
 
 def machine_state(state_dir: Path) -> dict[str, Any]:
@@ -70,8 +68,8 @@ def machine_state(state_dir: Path) -> dict[str, Any]:
     return {
         "nftables tables": sorted(run("nft", "list", "tables").splitlines()),
         "iptables rules": [line for line in run("iptables-save").splitlines() if not line.startswith("#")],
-        "links": [line for line in sorted(run("ip", "-o", "link").splitlines()) if AGENT_BRIDGE not in line],
-        "routes": [line for line in sorted(run("ip", "route").splitlines()) if AGENT_BRIDGE not in line],
+        "links": sorted(run("ip", "-o", "link").splitlines()),
+        "routes": sorted(run("ip", "route").splitlines()),
         "policy rules": run("ip", "rule").splitlines(),
         "mounts under the state dir": [m for m in mounts if m.startswith(str(state_dir))],
         "processes under the state dir": [p for p in processes if str(state_dir / "node") in p],

@@ -720,6 +720,7 @@ def test_lost_node_comes_back_and_the_run_resumes_from_its_checkpoint(
 
     assert final["retries"] == 1, final
     assert (final["lastFailure"]["reason"], final["lastFailure"]["exitCode"]) == ("Unknown", 255), final
+    assert "lost with its node" in final["lastFailure"]["message"]
     assert final["progress"]["step"] == steps
     assert len(api.batch.list_namespaced_job(namespace, label_selector=FTJ_LABEL).items) == 1
     logs = trainer_logs(crds, namespace)

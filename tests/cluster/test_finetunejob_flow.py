@@ -1,4 +1,5 @@
-"""FineTuneJob through the real control plane: operator, Job controller, scheduler, node agent."""
+"""FineTuneJob through the real control plane: operator, Job controller, scheduler. No node takes these
+runs' pods (they stay Pending): what is tested here is the operator's part, which needs none."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""The real node (tests/localcluster/node.sh): a kubelet with containerd and runc, enforcing what the
-test node agent only simulates — the image's filesystem, the user a container runs as, a read-only
+"""The real node (tests/localcluster/node.sh): a kubelet with containerd and runc, enforcing what a
+user's cluster enforces — the image's filesystem, the user a container runs as, a read-only
 root filesystem, memory limits (OOM kills), the termination message, the service-account token,
 cluster DNS, Services through kube-proxy, `kubectl logs` and `kubectl exec` through the API server —
 on a network from which nothing leaves this machine. Teardown leaves the machine as it found it.
 
-The node is tainted: only pods that tolerate the taint and select it run there, so the rest of the
-suite keeps using the node agent's node. The images are built here by images.sh (no registry is
+The node is tainted: only pods that tolerate the taint and select it run there (the rest of the
+suite's pods stay Pending). The images are built here by images.sh (no registry is
 reachable): the Debian and Ubuntu rootfs from debootstrap, the project's operator and trainer images
 from their own Dockerfiles on a stand-in Python base, and its serving image on a stand-in of
 NVIDIA's Triton image (tests/localcluster/images/*.Dockerfile say what the stand-ins change).

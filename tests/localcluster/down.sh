@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
 # Stop everything started under one state dir and remove the dir:
 #   - the processes recorded in processes/*.pid: what tests/cluster/harness.py
-#     started for the test suite, the demo or a benchmark (the operator, the
-#     test node agent);
-#   - the pods' processes the test node agent ran (node-agent/pods/*/pid:
-#     trainers, Triton servers, ...), with their network namespaces, in case
-#     the agent could not stop them itself, and the pods' bridge once no node
-#     agent is left on the machine;
-#   - the real node if node.sh started one (node.sh --stop: kubelet, containerd,
-#     its containers, bridge, mounts, cgroups, the kernel settings restored);
+#     started for the test suite, the demo or a benchmark (the operator);
+#   - the real node if node.sh started one (node.sh --stop: kube-proxy, kubelet,
+#     containerd, its containers, bridge, mounts, cgroups, the kernel settings
+#     restored);
 #   - Kueue if kueue.sh started it (kueue.pid), then what up.sh started (*.pid:
 #     CoreDNS, scheduler, controller manager, API server, etcd), with CoreDNS's
 #     address; the service range's blackhole route goes with the last cluster DNS.
@@ -23,7 +19,7 @@ keep=false
 case "${1:-}" in
   "") ;;
   --keep-state) keep=true ;;
-  -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "down.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
@@ -91,8 +87,8 @@ stop_all() {
   STOPPING=()
 }
 
-# 1. The processes the harness recorded (operator, node agent, ...): SIGTERM, as
-#    their own code stops them (the node agent then stops its pods).
+# 1. The processes the harness recorded (the operator, ...): SIGTERM, as their own
+#    code stops them.
 for f in "$STATE"/processes/*.pid; do
   [ -f "$f" ] || continue
   pid='' start=''
@@ -107,57 +103,12 @@ done
 stop_all 20
 rm -rf "$STATE/processes"
 
-# 2. Whatever is left of the pods the node agent ran (it was killed, or could not
-#    stop them): every process in the pod's network namespace, and its process
-#    group's members that carry the pod's HOSTNAME (as the agent itself checks).
-#    The pod's directory is NAMESPACE_NAME_KEY, its network namespace dt-KEY;
-#    its hostname is in the file `hostname` there (the pod's name when missing).
-netns=()
-pgids=$(ps -e -o pid= -o pgid= 2>/dev/null || true)   # "pid pgid" of every process
-for f in "$STATE"/node-agent/pods/*/pid; do
-  [ -f "$f" ] || continue
-  dir=$(basename "$(dirname "$f")")
-  name=${dir#*_}; name=${name%_*}; key=${dir##*_}
-  if [ -s "$(dirname "$f")/hostname" ]; then name=$(cat "$(dirname "$f")/hostname"); fi
-  pids=()
-  if [ -e "/run/netns/dt-$key" ] && command -v ip >/dev/null; then
-    netns+=("dt-$key")
-    read -r -a pids <<< "$(ip netns pids "dt-$key" 2>/dev/null | tr '\n' ' ')"
-  fi
-  group=$(cat "$f" 2>/dev/null || true)
-  if [[ "$group" =~ ^[0-9]+$ ]]; then
-    while read -r pid; do
-      if { tr '\0' '\n' < "/proc/$pid/environ"; } 2>/dev/null | grep -qxF "HOSTNAME=$name"; then
-        pids+=("$pid")
-      fi
-    done < <(awk -v g="$group" '$2 == g {print $1}' <<< "$pgids")
-  fi
-  for pid in "${pids[@]+"${pids[@]}"}"; do
-    running "$pid" || continue
-    [[ " ${STOPPING[*]+"${STOPPING[*]}"} " != *" $pid:"* ]] || continue   # found both ways
-    log "stopping pod $dir's process $pid"
-    kill -TERM "$pid" 2>/dev/null || true
-    STOPPING+=("$pid:pod $dir's process")
-  done
-done
-stop_all 10
-for ns in "${netns[@]+"${netns[@]}"}"; do
-  ip netns del "$ns" 2>/dev/null || true
-done
-# The pods' bridge (and its 10.244.0.0/16 route) is shared by every node agent on this machine:
-# removed with the last one.
-if command -v ip >/dev/null && ip link show dtbr0 >/dev/null 2>&1 \
-    && ! pgrep -f "tests.cluster.node_agent" >/dev/null; then
-  log "removing the pods' bridge dtbr0 (no node agent left)"
-  ip link del dtbr0 2>/dev/null || true
-fi
-
-# 3. The real node (node.sh's), undone by node.sh itself.
+# 2. The real node (node.sh's), undone by node.sh itself.
 if [ -d "$STATE/node" ]; then
   DEEPTUNE_CLUSTER_DIR="$STATE" bash "$(dirname "${BASH_SOURCE[0]}")/node.sh" --stop || log "warning: node.sh --stop failed"
 fi
 
-# 4. Kueue (kueue.sh's), then the control plane, in reverse start order: clients first, etcd last.
+# 3. Kueue (kueue.sh's), then the control plane, in reverse start order: clients first, etcd last.
 for name in kueue coredns kube-scheduler kube-controller-manager kube-apiserver etcd; do
   f="$STATE/$name.pid"
   [ -f "$f" ] || continue
@@ -171,7 +122,7 @@ for name in kueue coredns kube-scheduler kube-controller-manager kube-apiserver 
 done
 stop_all 10
 
-# 5. The cluster DNS's address on the loopback device (cluster-dns.env; up.sh
+# 4. The cluster DNS's address on the loopback device (cluster-dns.env; up.sh
 #    gives each cluster on the machine its own, 10.96.0.10 and up), and any other
 #    such address that no CoreDNS listens on (its cluster was killed), under
 #    up.sh's lock for them; the blackhole route for the service range with the

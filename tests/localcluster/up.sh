@@ -2,9 +2,8 @@
 # Start a single-host Kubernetes control plane on 127.0.0.1 for the test suite:
 # etcd, kube-apiserver, kube-controller-manager and kube-scheduler, and the
 # cluster DNS (CoreDNS), each a detached background process (it outlives this
-# script). No kubelet, no container runtime, no cloud provider: pods get
-# scheduled (onto Node objects created by hand) but never run, unless a node
-# agent (tests/cluster/node_agent.py) runs them.
+# script). No kubelet, no container runtime, no cloud provider: pods run only
+# once a node joins (node.sh: containerd, kubelet and kube-proxy, the real node).
 #
 #   up.sh          start (building the binaries first if needed; see build.sh)
 #                  and print `export KUBECONFIG=...`; if the cluster in the
@@ -21,8 +20,8 @@
 # Cluster DNS (needs root): CoreDNS serves cluster.local from the API server on
 #   port 53 of an address of its own on the loopback device, 10.96.0.10 (the
 #   kube-dns Service's ClusterIP, as on kubeadm clusters) or the next free one
-#   of a cluster beside; written to cluster-dns.env as CLUSTER_DNS for the node
-#   agent's resolv.conf. The rest of the service range is made unroutable
+#   of a cluster beside; written to cluster-dns.env as CLUSTER_DNS for the real
+#   node's kubelet (its pods' resolv.conf). The rest of the service range is made unroutable
 #   (blackhole route). DEEPTUNE_CLUSTER_DNS=off starts none (the default, auto,
 #   skips it with a warning when not root). Names outside the cluster get
 #   NXDOMAIN: nothing is forwarded off this machine.
@@ -406,9 +405,9 @@ write_kubeconfig "$KUBECONFIG_PATH.tmp" admin kubernetes-admin
 # (a client certificate, bound to a ClusterRole that may only list and watch
 # those). The control plane has no kube-proxy (only node.sh's real node runs one),
 # so the kube-dns Service's ClusterIP is made a real address instead, on the
-# loopback device, where CoreDNS listens. Pods reach it through their default route (the
-# bridge's gateway is this machine) and find it through CLUSTER_DNS in
-# cluster-dns.env, which the node agent writes into their /etc/resolv.conf.
+# loopback device, where CoreDNS listens: this machine reaches it with or without
+# a node. Pods find it through CLUSTER_DNS in cluster-dns.env, which node.sh gives
+# the kubelet as its clusterDNS, and reach it through kube-proxy and the bridge.
 # Every other address of the service range gets a blackhole route, so that
 # nothing dialling a ClusterIP leaves the machine through the default route.
 if $WANT_DNS; then

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from deeptune.api.finetunejob import FineTuneJobStatus, OutputStatus
 from deeptune.api.trainer import ArtifactPaths, TrainerError, TrainerSummary
 from deeptune.status.finetunejob import derive_status, is_invalid_spec, waiting_reason
@@ -200,6 +202,20 @@ def test_a_finished_run_visited_again_changes_nothing() -> None:
     )  # fmt: skip
     assert again.to_wire() == first.to_wire()  # no status write on every pass after the end
     assert first.progress is not None and first.progress.last_update_time == NOW
+
+
+@pytest.mark.parametrize(("reason", "exit_code"), [("Unknown", 255), ("ContainerStatusUnknown", 137)])
+def test_a_container_lost_with_its_node_is_said_so(reason: str, exit_code: int) -> None:
+    """What the real node's kubelet reported after a crash and restart (tests/cluster/test_faults.py):
+    a reason and exit code that alone tell a user nothing."""
+    lost = pod(
+        "Failed", terminated={"exitCode": exit_code, "reason": reason, "finishedAt": "2026-11-25T09:40:00Z"}
+    )
+    status = derive(job([], failed=1), [lost])
+    assert status.last_failure is not None
+    assert (status.last_failure.reason, status.last_failure.exit_code) == (reason, exit_code)
+    assert "lost with its node" in status.last_failure.message
+    assert "resumes from the newest checkpoint" in status.last_failure.message
 
 
 def test_oom_killed_says_what_to_change() -> None:

@@ -95,6 +95,12 @@ def _finished_at(pod: Obj) -> str:
     return str(state.get("finishedAt") or "")
 
 
+LOST_CONTAINER_REASONS = frozenset({"Unknown", "ContainerStatusUnknown"})
+"""What a kubelet reports for a container that ended unseen: `Unknown` when its runtime no longer has
+the container (a node crashed and back, exit code 255), `ContainerStatusUnknown` when the kubelet
+cannot find it at all (137)."""
+
+
 def last_failure(pods: list[Obj]) -> FailureInfo | None:
     """Why the newest failed trainer pod failed, in the trainer's words when it left any."""
     failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
@@ -113,6 +119,11 @@ def last_failure(pods: list[Obj]) -> FailureInfo | None:
     message = (state.get("message") or "").strip()
     if state.get("reason") == "OOMKilled":
         message = "the trainer ran out of memory: raise resources.memory, or lower batch size or max length"
+    elif state.get("reason") in LOST_CONTAINER_REASONS:
+        message = (
+            "the trainer's container was lost with its node (its kubelet or container runtime "
+            "restarted and found it gone); a retry resumes from the newest checkpoint"
+        )
     return FailureInfo(
         reason=state.get("reason") or "Error", message=message[-1024:], exit_code=state.get("exitCode")
     )
