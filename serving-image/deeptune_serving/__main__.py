@@ -4,6 +4,8 @@ The serving container's entrypoint. It starts the Triton command line given afte
 writes it) and serves the OpenAI frontend beside it until either ends. Triton's exit ends the
 container with Triton's exit code, so the pod's status says what Triton said (a model that failed to
 load leaves its reason in the termination message); SIGTERM is passed on to Triton, which drains.
+A process of the container killed at its memory limit ends the container too, with exit code 137
+and the reason in the termination message (`memory.py` says why Triton alone would not end).
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
+from deeptune_serving.memory import CGROUP, REPORT, oom_kills
 from deeptune_serving.openai_api import FrontendSettings, create_app
 
 PR_SET_PDEATHSIG = 1
 """prctl(2): the signal a process gets when its parent dies."""
 STOP_GRACE_SECONDS = 25.0
 """How long Triton may take to finish in-flight requests after SIGTERM (the pod's grace is 30 s)."""
+OOM_POLL_SECONDS = 1.0
+OOM_EXIT_CODE = 137
+"""128 + SIGKILL, what a container killed at its memory limit exits with."""
 
 
 def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -36,6 +43,8 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--openai-port", type=int, default=9000)
     parser.add_argument("--openai-address", default="0.0.0.0")
     parser.add_argument("--triton-http", default="http://127.0.0.1:8000", help="Triton's HTTP endpoint")
+    parser.add_argument("--cgroup", type=Path, default=CGROUP, help="the container's cgroup mount")
+    parser.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"))
     return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
@@ -54,7 +63,23 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+async def _oom_kill(cgroup: Path, before: int | None) -> None:
+    """Return once the kernel has killed a process of this container at its memory limit since the
+    count was `before` (never, where the container's cgroup has no counter)."""
+    if before is None:
+        await asyncio.Event().wait()
+    while oom_kills(cgroup) == before:
+        await asyncio.sleep(OOM_POLL_SECONDS)
+
+
+def _report_oom(termination_log: Path) -> None:
+    print(f"error: {REPORT}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # no such file outside a container
+        termination_log.write_text(REPORT)
+
+
 async def _serve(options: argparse.Namespace, triton_command: list[str]) -> int:
+    killed_before = oom_kills(options.cgroup)
     triton = subprocess.Popen(triton_command, preexec_fn=_die_with_parent)  # noqa: PLW1509
     settings = FrontendSettings(model=options.model, triton_url=options.triton_http)
     config = uvicorn.Config(
@@ -69,8 +94,16 @@ async def _serve(options: argparse.Namespace, triton_command: list[str]) -> int:
         asyncio.get_running_loop().add_signal_handler(stop, setattr, server, "should_exit", True)
     frontend = asyncio.create_task(server.serve())
     triton_done = asyncio.create_task(asyncio.to_thread(triton.wait))
-    await asyncio.wait({frontend, triton_done}, return_when=asyncio.FIRST_COMPLETED)
+    oom = asyncio.create_task(_oom_kill(options.cgroup, killed_before))
+    await asyncio.wait({frontend, triton_done, oom}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
+    oom.cancel()
+    if killed_before is not None and oom_kills(options.cgroup) != killed_before:  # Triton's or a child's
+        _report_oom(options.termination_log)
+        triton.kill()
+        await triton_done
+        await frontend
+        return OOM_EXIT_CODE
     if triton.poll() is None:  # the frontend stopped (SIGTERM): let Triton drain, then stop
         triton.send_signal(signal.SIGTERM)
         # asyncio.wait, not wait_for: the image's Python 3.10 raises asyncio.TimeoutError, which is
