@@ -31,11 +31,10 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, finetunejob, modeldeployment, wait_for
 from tests.cluster.real_node import Placement, container_logs, crash_node, kubelet_pid, restart_node
-from tests.cluster.test_finetunejob_training import tiny_manifest
+from tests.cluster.test_finetunejob_training import newest_complete_checkpoint, tiny_manifest
 from tests.unit.test_finetunejob_model import MINIMAL
 
 pytestmark = pytest.mark.cluster
@@ -703,7 +702,7 @@ def test_lost_node_comes_back_and_the_run_resumes_from_its_checkpoint(
     def past_checkpoint() -> bool:
         """Between checkpoints, so that the loss costs steps (at most one interval's)."""
         logs = trainer_logs(crds, namespace)
-        done = (checkpoints / f"checkpoint-{2 * interval}" / COMPLETE_MARKER).is_file()
+        done = newest_complete_checkpoint(checkpoints) >= 2 * interval
         return done and bool(logs) and max(logged_steps(logs[0]), default=0) >= 2 * interval + 20
 
     wait_for("steps past the second checkpoint", past_checkpoint, timeout=300, interval=0.05)

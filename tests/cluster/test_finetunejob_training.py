@@ -13,11 +13,23 @@ from typing import Any
 import pytest
 import yaml
 
+from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster.harness import Cluster, Process, wait_for
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
 NAME = "tiny-keywords"
+
+
+def newest_complete_checkpoint(checkpoints: Path) -> int:
+    """The step of the newest complete checkpoint under a run's `checkpoints` directory (0: none).
+    The trainer keeps two, so a test that waits for one by name may find it already gone: a fast
+    trainer went from checkpoint-20 to -60 within one poll once, and the run ended unseen."""
+    steps = [
+        int(marker.parent.name.rsplit("-", 1)[1])
+        for marker in checkpoints.glob(f"checkpoint-*/{COMPLETE_MARKER}")
+    ]
+    return max(steps, default=0)
 
 
 def tiny_manifest(namespace: str, **hyperparameters: Any) -> dict[str, Any]:

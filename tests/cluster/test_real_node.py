@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 
 from deeptune_serving.memory import REPORT
-from deeptune_trainer.training import COMPLETE_MARKER
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process
 from tests.cluster.real_node import (
@@ -51,7 +50,14 @@ from tests.cluster.real_node import (
     on_the_node,
     serving_on_the_node,
 )
-from tests.cluster.test_finetunejob_training import NAME, follow, kill_trainers, status_of, tiny_manifest
+from tests.cluster.test_finetunejob_training import (
+    NAME,
+    follow,
+    kill_trainers,
+    newest_complete_checkpoint,
+    status_of,
+    tiny_manifest,
+)
 from tests.cluster.test_helm_install import install, lease_holder
 from tests.conftest import load_example
 
@@ -519,15 +525,6 @@ def test_a_finetunejob_trains_in_the_trainer_image_and_resumes_after_a_kill(
     crds.apply(manifest)
     checkpoints = tiny_volumes["deeptune-output"] / NAME / "checkpoints"
 
-    def newest_complete() -> int:
-        """The step of the newest complete checkpoint (0: none). The trainer keeps two, so one seen
-        at some step may be gone at the next look: a fast trainer went from checkpoint-20 to -60
-        within one poll once, and the run ended unseen."""
-        steps = [
-            int(c.parent.name.rsplit("-", 1)[1]) for c in checkpoints.glob(f"checkpoint-*/{COMPLETE_MARKER}")
-        ]
-        return max(steps, default=0)
-
     harness.wait_for(
         "a checkpoint, or the run's end",
         lambda: (
@@ -541,7 +538,7 @@ def test_a_finetunejob_trains_in_the_trainer_image_and_resumes_after_a_kill(
     assert early["phase"] in ("Pending", "Running"), early.get("lastFailure", early)
     harness.wait_for(
         "the second complete checkpoint",
-        lambda: newest_complete() >= 2 * interval,
+        lambda: newest_complete_checkpoint(checkpoints) >= 2 * interval,
         timeout=120,
         interval=0.05,
     )
