@@ -104,16 +104,18 @@ def running(cluster: Cluster) -> Iterator[dict[str, Any]]:
         node_sh(cluster, "--stop")
 
 
-def crash_node(cluster: Cluster) -> None:
-    """The node lost at once: every process of it SIGKILLed, nothing cleaned up (node.sh --crash)."""
+@contextlib.contextmanager
+def lost_node(cluster: Cluster) -> Iterator[None]:
+    """The node lost at once while the block runs (node.sh --crash: every process of it SIGKILLed,
+    nothing cleaned up), and back on its state after it, Ready again (node.sh --restart), whatever
+    the block did: the rest of the run needs the node."""
     crashed = node_sh(cluster, "--crash")
-    assert crashed.returncode == 0, f"node.sh --crash failed:\n{crashed.stderr[-4000:]}"
-
-
-def restart_node(cluster: Cluster) -> None:
-    """The crashed node back on its state, Ready again (node.sh --restart)."""
-    restarted = node_sh(cluster, "--restart")
-    assert restarted.returncode == 0, f"node.sh --restart failed:\n{restarted.stderr[-4000:]}"
+    try:
+        assert crashed.returncode == 0, f"node.sh --crash failed:\n{crashed.stderr[-4000:]}"
+        yield
+    finally:
+        restarted = node_sh(cluster, "--restart")
+        assert restarted.returncode == 0, f"node.sh --restart failed:\n{restarted.stderr[-4000:]}"
 
 
 def _scheduled_on_the_node(spec: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process, finetunejob, modeldeployment, wait_for
-from tests.cluster.real_node import Placement, container_logs, crash_node, kubelet_pid, restart_node
+from tests.cluster.real_node import Placement, container_logs, kubelet_pid, lost_node
 from tests.cluster.test_finetunejob_training import newest_complete_checkpoint, tiny_manifest
 from tests.unit.test_finetunejob_model import MINIMAL
 
@@ -706,13 +706,13 @@ def test_lost_node_comes_back_and_the_run_resumes_from_its_checkpoint(
         return done and bool(logs) and max(logged_steps(logs[0]), default=0) >= 2 * interval + 20
 
     wait_for("steps past the second checkpoint", past_checkpoint, timeout=300, interval=0.05)
-    crash_node(crds)
-    assert signal_trainers(namespace, signal.SIGKILL) == 0, "a trainer outlived its node"
-    lost = time.monotonic()
-    wait_two_resyncs(crds, own_operator, "FineTuneJob", "finetunejobs")  # nothing reports the trainer's end
-    while_lost = status()
-    assert while_lost["phase"] == "Running" and not while_lost.get("retries")
-    restart_node(crds)
+    with lost_node(crds):
+        assert signal_trainers(namespace, signal.SIGKILL) == 0, "a trainer outlived its node"
+        lost = time.monotonic()
+        # Nothing reports the trainer's end while the node is gone.
+        wait_two_resyncs(crds, own_operator, "FineTuneJob", "finetunejobs")
+        while_lost = status()
+        assert while_lost["phase"] == "Running" and not while_lost.get("retries")
     wait_for("Succeeded", lambda: status().get("phase") == "Succeeded", 300, 0.5)
     final = status()
     recovered = time.monotonic() - lost

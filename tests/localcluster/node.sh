@@ -200,13 +200,16 @@ crash_node() {
   for name in kube-proxy kubelet containerd; do
     ! pid_alive "$name" || kill -KILL "$(cat "$S/$name.pid")"
   done
-  for _ in 1 2 3; do
+  # Until all are gone, as after a power cut: a trainer with gigabytes to free can take a while to
+  # exit on a busy machine, and must not be seen running after the crash.
+  for _ in $(seq 100); do
     pids=$(our_processes | sort -u)
     [ -n "$pids" ] || break
     # shellcheck disable=SC2086
     kill -KILL $pids 2>/dev/null || true
     sleep 0.3
   done
+  [ -z "$(our_processes)" ] || die "processes of the node outlived 30 s of SIGKILL: $(our_processes | sort -u | tr '\n' ' ')"
   log "crashed the node: kube-proxy, the kubelet, containerd, its shims and the containers killed"
 }
 
