@@ -225,6 +225,11 @@ class TextAssembler:
         self._stops = stop_sequences
         self._eos = set(eos_ids)
         self._tokens: list[int] = []
+        self._decoded = ""
+        """The text of `_tokens[:_read]`, built a window at a time."""
+        self._window = 0
+        """Where the decoding window starts: one text piece before `_read`."""
+        self._read = 0
         self._emitted = ""
         self.done = False
         self.finish_reason: FinishReason = "length"
@@ -238,6 +243,21 @@ class TextAssembler:
         assert isinstance(text, str)  # one sequence in, one string out
         return text
 
+    def _new_text(self, *, force: bool = False) -> str:
+        """The text the tokens past `_read` add to `_decoded`.
+
+        Decoding every token so far at each step would cost O(n) per token, O(n²) per answer (seconds
+        of a server's time on a long one). So only a window is decoded: from the piece before the new
+        tokens, since a token's text can depend on the one before it (a word's leading space, the
+        bytes of one character), minus that piece's own text. While the window ends in half a
+        character (U+FFFD), nothing is added unless `force`d (the answer is over)."""
+        before = self._decode(self._tokens[self._window : self._read])
+        window = self._decode(self._tokens[self._window :])
+        if not force and (len(window) <= len(before) or window.endswith("\ufffd")):
+            return ""
+        self._window, self._read = self._read, len(self._tokens)
+        return window[len(before) :]
+
     def push(self, token: int) -> str:
         """Take the next token; return the text that became final."""
         if self.done:
@@ -246,13 +266,14 @@ class TextAssembler:
             self.done, self.finish_reason = True, "stop"
             return self._flush()
         self._tokens.append(token)
-        text, stopped = _cut_at_stop(self._decode(), self._stops)
-        if stopped or len(self._tokens) >= self._limit:
+        at_limit = len(self._tokens) >= self._limit
+        self._decoded += self._new_text(force=at_limit)
+        text, stopped = _cut_at_stop(self._decoded, self._stops)
+        if stopped or at_limit:
             self.done = True
             self.finish_reason = "stop" if stopped else "length"
             return self._flush(text)
-        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD
-        safe = safe[: len(safe) - _stop_prefix_length(safe, self._stops)]
+        safe = text[: len(text) - _stop_prefix_length(text, self._stops)]
         if not safe.startswith(self._emitted):
             return ""
         delta, self._emitted = safe[len(self._emitted) :], safe
@@ -260,7 +281,8 @@ class TextAssembler:
 
     def _flush(self, text: str | None = None) -> str:
         if text is None:
-            text = _cut_at_stop(self._decode(), self._stops)[0]
+            self._decoded += self._new_text(force=True)
+            text = _cut_at_stop(self._decoded, self._stops)[0]
         delta = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
         self._emitted = text
         return delta

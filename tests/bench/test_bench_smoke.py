@@ -31,6 +31,13 @@ def test_near_dedup_benchmark_runs_both_libraries_at_smoke_size() -> None:
     assert by_library["ours"]["confirmed"] == by_library["ours"]["removed"], "ours checks exact Jaccard"
 
 
+def test_detokenize_benchmark_streams_the_whole_decode_at_smoke_size() -> None:
+    subprocess.run([sys.executable, "bench/detokenize.py", "--smoke"], cwd=ROOT, check=True, timeout=300)
+    report = json.loads((ROOT / "bench" / "results" / "detokenize-smoke.json").read_text())
+    assert [row["tokens"] for row in report["results"]] == [64, 256]
+    assert all(row["window_us_per_token"] > 0 for row in report["results"])
+
+
 def test_serving_benchmark_runs_at_smoke_size() -> None:
     subprocess.run([sys.executable, "bench/serving.py", "--smoke"], cwd=ROOT, check=True, timeout=600)
     report = json.loads((ROOT / "bench" / "results" / "serving-smoke.json").read_text())

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from deeptune_serving.generation import (
     Completion,
@@ -17,6 +21,7 @@ from deeptune_serving.generation import (
     TextAssembler,
     chat_messages,
 )
+from deeptune_trainer.synthetic import tokenizer_texts
 from tests.serving.tiny import TinyModels
 
 GREEDY = Sampling(max_new_tokens=8, temperature=0.0, top_p=1.0)
@@ -214,3 +219,61 @@ def test_streaming_holds_back_what_may_start_a_stop_sequence() -> None:
 def test_eos_and_the_row_limit_end_the_text() -> None:
     assert _stream("abc\0def", [])[1] == "abc"
     assert _stream("abcdef", [], limit=4)[1] == "abcd"
+
+
+class _Recording:
+    """A tokenizer that remembers how many tokens each decode call was given."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.lengths: list[int] = []
+
+    def decode(self, ids: list[int], **options: object) -> str:
+        self.lengths.append(len(ids))
+        return self.tokenizer.decode(ids, **options)  # type: ignore[arg-type]
+
+
+def _sentencepiece_style() -> PreTrainedTokenizerBase:
+    """A Metaspace tokenizer (Llama-2, Mistral): a word's space is part of its first token, and a text's
+    first space is dropped when decoded, so a token decodes differently at a text's start."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"])
+    tokenizer.train_from_iterator(tokenizer_texts(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tokenizers_by_kind(tiny_models: TinyModels) -> dict[str, PreTrainedTokenizerBase]:
+    return {
+        "byte-level": AutoTokenizer.from_pretrained(tiny_models.merged),  # DeepSeek's and Llama-3's kind
+        "sentencepiece-style": _sentencepiece_style(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece-style"])
+def test_streamed_text_is_the_whole_decode_from_short_windows(
+    kind: str, tokenizers_by_kind: dict[str, PreTrainedTokenizerBase]
+) -> None:
+    """Any tokens at all (half characters, special tokens, words): the pieces join to what decoding
+    the whole answer at once gives, while each step decodes only a few tokens, not the answer so far."""
+    tokenizer = tokenizers_by_kind[kind]
+
+    @settings(derandomize=True, max_examples=150, deadline=None)
+    @given(st.lists(st.integers(0, len(tokenizer) - 1), max_size=80))
+    def check(ids: list[int]) -> None:
+        recording = _Recording(tokenizer)
+        assembler = TextAssembler(recording, 1000, [], eos_ids=[])  # type: ignore[arg-type]
+        pieces = [assembler.push(token) for token in ids] + [assembler.finish()]
+        whole = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert "".join(pieces) == assembler.text == whole
+
+    check()
+
+    words = tokenizer(" ".join(tokenizer_texts()[:40]), add_special_tokens=False)["input_ids"]
+    recording = _Recording(tokenizer)
+    assembler = TextAssembler(recording, 10_000, [], eos_ids=[])  # type: ignore[arg-type]
+    for token in words:
+        assembler.push(token)
+    assert len(words) > 200 and max(recording.lengths) <= 4
