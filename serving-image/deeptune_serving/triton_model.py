@@ -240,7 +240,7 @@ class TritonPythonModel:
 
         def on_text(text: str) -> None:
             if self._pieces:
-                sender.send(_completion_response([Completion(text=text)], final=False))
+                sender.send(_piece_response(text))
 
         def on_done(completion: Completion) -> None:
             if completion.error == CANCELLED:  # nobody to answer; Triton still needs the final flag
@@ -268,7 +268,7 @@ class TritonPythonModel:
                 sender.send(_error_response(item.error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         def send(index: int, text: str) -> None:
-            served[index][0].send(_completion_response([Completion(text=text)], final=False))
+            served[index][0].send(_piece_response(text))
 
         completions = self._generator.generate([prompt for _, prompt in served], on_text=send)
         for (sender, _), completion in zip(served, completions, strict=True):
@@ -286,10 +286,18 @@ class TritonPythonModel:
             torch.cuda.empty_cache()
 
 
-def _completion_response(completions: list[Completion], *, final: bool = True) -> Any:
-    """Text and, once a prompt is done, its token counts and finish reason (empty while streaming)."""
+def _piece_response(text: str) -> Any:
+    """A streamed piece: its text only. The counts and the finish reason come with the final response;
+    the fewer tensors a piece carries, the less each token costs the stub (one piece per token)."""
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))]
+    )
+
+
+def _completion_response(completions: list[Completion]) -> Any:
+    """Text, token counts and finish reason of each prompt (the text empty at the end of a stream)."""
     texts = [[completion.text.encode("utf-8")] for completion in completions]
-    reasons = [[(completion.finish_reason if final else "").encode()] for completion in completions]
+    reasons = [[completion.finish_reason.encode()] for completion in completions]
     prompt_tokens = [[completion.prompt_tokens] for completion in completions]
     completion_tokens = [[completion.completion_tokens] for completion in completions]
     return pb_utils.InferenceResponse(
