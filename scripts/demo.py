@@ -36,15 +36,13 @@ import openai  # noqa: E402
 
 from deeptune_trainer.synthetic import keyword_rows  # noqa: E402
 from tests.cluster import harness  # noqa: E402
-from tests.cluster.real_node import Placement, node_sh  # noqa: E402
+from tests.cluster.real_node import PODS_ON_THE_REAL_NODE, node_sh  # noqa: E402
 
 NAMESPACE = "deeptune-demo"
 NAME = "tiny-keywords"
 """The FineTuneJob's name, and the ModelDeployment's that serves it."""
 SERVE_TIMEOUT = 300.0
 """Seconds for the serving pod to start Triton and load the model (torch imports are slow on 2 cores)."""
-ON_THE_NODE = Placement(real_node=True)
-"""The example's pods on the real node, in the images built here (no registry to pull from)."""
 
 
 def say(message: str) -> None:
@@ -95,10 +93,10 @@ def apply_example(cluster: harness.Cluster, name: str) -> None:
     """`kubectl apply -f examples/NAME`, its pods sent to the real node in the images built here."""
     manifest = yaml.safe_load((ROOT / "examples" / name).read_text())
     if manifest["kind"] == "FineTuneJob":
-        ON_THE_NODE.finetunejob(manifest)
+        PODS_ON_THE_REAL_NODE.finetunejob(manifest)
         image = manifest["spec"]["image"]
     else:
-        ON_THE_NODE.modeldeployment(manifest["spec"])
+        PODS_ON_THE_REAL_NODE.modeldeployment(manifest["spec"])
         image = manifest["spec"]["runtime"]["image"]
     say(f"kubectl apply -f examples/{name}  (image {image}, on the real node)")
     applied = cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest))
@@ -192,7 +190,7 @@ def main() -> int:
         say("Provisioning volumes with a tiny random-weight Llama model and a learnable dataset")
         dirs = harness.provision_claims(cluster, NAMESPACE, harness.TINY_CLAIMS)
         harness.seed_tiny_volumes(dirs)
-        ON_THE_NODE.claims(dirs)
+        PODS_ON_THE_REAL_NODE.claims(dirs)
         print(f"    model and dataset (240 rows) on the claims under {dirs['deeptune-models'].parent}")
         cluster.kubectl("delete", "ftj", NAME, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
         apply_example(cluster, "finetune-tiny.yaml")

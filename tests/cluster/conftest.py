@@ -22,7 +22,7 @@ import pytest
 
 from tests.cluster import harness
 from tests.cluster.harness import Cluster, Process
-from tests.cluster.real_node import Placement, running
+from tests.cluster.real_node import PODS_ON_THE_REAL_NODE, Placement, running
 
 EXTERNAL_KUBECONFIG = os.environ.get("DEEPTUNE_TEST_KUBECONFIG")
 
@@ -84,7 +84,7 @@ def placement(request: pytest.FixtureRequest, cluster: Cluster) -> Placement:
     if not cluster.local:
         return Placement(real_node=False)
     request.getfixturevalue("real_node")
-    return Placement(real_node=True)
+    return PODS_ON_THE_REAL_NODE
 
 
 @pytest.fixture

@@ -206,6 +206,10 @@ class Placement:
             make_readable(directory)
 
 
+PODS_ON_THE_REAL_NODE = Placement(real_node=True)
+"""The local cluster's placement: the suite's, the demo's and the status fixtures' recorder's."""
+
+
 def kubelet_pid(cluster: Cluster) -> int:
     """The real node's kubelet: what a test freezes or checks for the node itself."""
     return int((cluster.state_dir / "node" / "kubelet.pid").read_text())

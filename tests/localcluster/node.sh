@@ -143,6 +143,12 @@ stop_node() {
 
 # --- the node's processes: started at start, and again by --restart on the same state ---------------
 
+use_node_binaries() {  # the kubelet and kube-proxy build.sh made, and the cluster's tools, on PATH
+  PATH="$(bash "$HERE/build.sh" --with-node --print-path):$PATH"
+  KUBELET="$LC_NODE_BIN/kubelet"
+  KUBE_PROXY="$LC_NODE_BIN/kube-proxy"
+}
+
 start_containerd() {
   nohup setsid containerd --config "$S/containerd.toml" > "$S/containerd.log" 2>&1 < /dev/null 5>&- 7>&- 8>&- 9>&- &
   echo $! > "$S/containerd.pid"
@@ -218,8 +224,7 @@ crash_node() {
 restart_node() {
   [ -f "$S/node.env" ] || die "no node to restart in $CLUSTER"
   ! pid_alive kubelet && ! pid_alive containerd && ! pid_alive kube-proxy || die "the node in $S still runs"
-  PATH="$(bash "$HERE/build.sh" --with-node --print-path):$PATH"
-  KUBELET="$LC_NODE_BIN/kubelet" KUBE_PROXY="$LC_NODE_BIN/kube-proxy"
+  use_node_binaries
   take_the_machines_lock
   # shellcheck disable=SC1091
   . "$S/node.env"
@@ -274,9 +279,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     || die "apt-get could not install ${missing[*]}"
 fi
 
-PATH="$(bash "$HERE/build.sh" --with-node --print-path):$PATH"
-KUBELET="$LC_NODE_BIN/kubelet"
-KUBE_PROXY="$LC_NODE_BIN/kube-proxy"
+use_node_binaries
 # The images, in a containerd root images.sh keeps in $LC_CACHE; a node's root starts as hard links
 # to it: ~1 s, where importing the ~7 GB trainer image takes ~90 s. The metadata databases are
 # copied, as containerd writes them in place; the layers' files are only ever read (overlayfs lower
