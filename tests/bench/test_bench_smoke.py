@@ -38,6 +38,14 @@ def test_detokenize_benchmark_streams_the_whole_decode_at_smoke_size() -> None:
     assert all(row["window_us_per_token"] > 0 for row in report["results"])
 
 
+def test_vocabulary_sampling_benchmark_runs_at_smoke_size() -> None:
+    command = [sys.executable, "bench/vocabulary_sampling.py", "--smoke"]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=300)
+    report = json.loads((ROOT / "bench" / "results" / "vocabulary_sampling-smoke.json").read_text())
+    assert [row["vocabulary"] for row in report["results"]] == [768, 4096]
+    assert all(row["engine_tokens_per_second"] > 0 for row in report["results"])
+
+
 def test_serving_benchmark_runs_at_smoke_size() -> None:
     subprocess.run([sys.executable, "bench/serving.py", "--smoke"], cwd=ROOT, check=True, timeout=600)
     report = json.loads((ROOT / "bench" / "results" / "serving-smoke.json").read_text())
