@@ -1,16 +1,17 @@
 """Benchmark: what a greedy request costs in the continuous engine's sampler, by vocabulary size.
 
-Why: the continuous engine (serving-image/deeptune_serving/engine.py) runs transformers'
-`ContinuousBatchingManager` with `do_sample=True` and per-request temperature and top-p, since one
-manager serves greedy and sampled requests alike; a greedy request is sampled at temperature 1e-6.
-So every row of every step goes through top-p (a sort of the whole vocabulary), a softmax and
-`torch.multinomial`, greedy or not. The serving benchmark's tiny model has 768 tokens, where that is
-cheap; DeepSeek's models have 102,400 (deepseek-llm) to 129,280 (V3, R1). This runs 32 greedy requests
-through the manager as the engine configures it (`engine`) and through a manager that only takes the
-argmax (`argmax`, what greedy decoding needs), on a random-weight Llama with each vocabulary, and
-`generate()` (static batching, greedy) for reference. One compute thread, as the serving benchmark.
+Why: one transformers `ContinuousBatchingManager` serves greedy and sampled requests alike, with one
+`do_sample` for all. Until 2026-12-06 the engine ran it with sampling on and sampled a greedy request at
+temperature 1e-6 (`shared`): every row of every step went through top-p (a sort of the whole
+vocabulary), a softmax and `torch.multinomial`. The serving benchmark's tiny model has 768 tokens,
+where that is cheap; DeepSeek's models have 102,400 (deepseek-llm) to 129,280 (V3, R1). Now the engine
+takes the argmax and samples only the rows that ask for it (`per_row`: serving-image/deeptune_serving/
+sampling.py). This runs 32 greedy requests through a manager set up each way and through a plain
+argmax manager (`argmax`, the floor), on a random-weight Llama with each vocabulary, and `generate()`
+(static batching, greedy) for reference; `per_row` must answer exactly as `argmax` (checked). One
+compute thread, as the serving benchmark.
 
-    python bench/vocabulary_sampling.py          # ~2 minutes
+    python bench/vocabulary_sampling.py          # ~30 s
     python bench/vocabulary_sampling.py --smoke  # what CI runs
 
 Prints a table and writes JSON to bench/results/vocabulary_sampling-<host>.json (-smoke.json).
@@ -32,7 +33,8 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, save_report  # bench/machine.py; scripts run from bench/
 
-from deeptune_serving.engine import GREEDY_TEMPERATURE, PAGE_SIZE
+from deeptune_serving import sampling
+from deeptune_serving.engine import PAGE_SIZE
 
 REQUESTS = 32
 PROMPT_TOKENS = 16
@@ -57,13 +59,17 @@ def prompts(vocabulary: int) -> torch.Tensor:
     return torch.randint(0, vocabulary, (REQUESTS, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
 
 
-def manager_tokens_per_second(model: LlamaForCausalLM, new_tokens: int, *, as_the_engine: bool) -> float:
-    """32 greedy requests at once through a continuous-batching manager; output tokens per second."""
-    if as_the_engine:  # engine.py's placeholders: the sampler on, per-request temperature and top-p
-        config = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.99, max_new_tokens=new_tokens)
-        per_request = {"temperature": GREEDY_TEMPERATURE, "top_p": 1.0}
-    else:
+SETUPS = ("shared", "per_row", "argmax")
+
+
+def manager_run(model: LlamaForCausalLM, new_tokens: int, setup: str) -> tuple[float, list[list[int]]]:
+    """32 greedy requests at once through a continuous-batching manager set up as `setup` says: output
+    tokens per second, and each request's tokens."""
+    if setup == "argmax":
         config, per_request = GenerationConfig(do_sample=False, max_new_tokens=new_tokens), {}
+    else:
+        config = GenerationConfig(**sampling.PLACEHOLDERS, max_new_tokens=new_tokens)
+        per_request = {"temperature": 1e-6 if setup == "shared" else 0.0, "top_p": 1.0}
     per_row = PROMPT_TOKENS + new_tokens
     manager = model.init_continuous_batching(
         generation_config=config,
@@ -75,18 +81,21 @@ def manager_tokens_per_second(model: LlamaForCausalLM, new_tokens: int, *, as_th
             per_request_processors=True,
         ),
     )
+    if setup == "per_row":
+        sampling.install(manager)
     manager.start()
     try:
         started = time.perf_counter()
         for index, ids in enumerate(prompts(model.config.vocab_size).tolist()):
-            manager.add_request(ids, request_id=f"r{index}", max_new_tokens=new_tokens, **per_request)
-        tokens = 0
+            manager.add_request(ids, request_id=f"r{index:02d}", max_new_tokens=new_tokens, **per_request)
+        answers = {}
         for _ in range(REQUESTS):
             output = manager.get_result(timeout=600)
             if output is None:
                 raise SystemExit("the manager stopped answering")
-            tokens += len(output.generated_tokens)
-        return tokens / (time.perf_counter() - started)
+            answers[output.request_id] = list(output.generated_tokens)
+        seconds = time.perf_counter() - started
+        return sum(map(len, answers.values())) / seconds, [answers[key] for key in sorted(answers)]
     finally:
         manager.stop(block=True)
         model.destroy_cached_continuous_batching_manager()
@@ -109,26 +118,20 @@ def main() -> None:
     vocabularies = (768, 4096) if args.smoke else (768, 32_000, 102_400, 129_280)
     new_tokens = 4 if args.smoke else 16
     results = []
-    columns = ("engine tok/s", "argmax tok/s", "generate tok/s", "argmax/engine")
-    print(f"{'vocabulary':>10} {columns[0]:>13} {columns[1]:>13} {columns[2]:>15} {columns[3]:>14}")
+    print(f"{'vocabulary':>10} {'shared':>9} {'per_row':>9} {'argmax':>9} {'generate':>9}  (tokens/s)")
     for vocabulary in vocabularies:
         model = tiny_llama(vocabulary)
         generate_tokens_per_second(model, 2)  # warm-up
-        engine = manager_tokens_per_second(model, new_tokens, as_the_engine=True)
-        argmax = manager_tokens_per_second(model, new_tokens, as_the_engine=False)
-        row = {
-            "vocabulary": vocabulary,
-            "engine_tokens_per_second": round(engine, 1),
-            "argmax_tokens_per_second": round(argmax, 1),
-            "generate_tokens_per_second": round(generate_tokens_per_second(model, new_tokens), 1),
-            "argmax_over_engine": round(argmax / engine, 1),
-        }
+        runs = {setup: manager_run(model, new_tokens, setup) for setup in SETUPS}
+        if runs["per_row"][1] != runs["argmax"][1]:
+            raise SystemExit(f"vocabulary {vocabulary}: per-row sampling's greedy answers are not the argmax")
+        row: dict[str, float] = {"vocabulary": vocabulary}
+        row |= {f"{setup}_tokens_per_second": round(runs[setup][0], 1) for setup in SETUPS}
+        row["generate_tokens_per_second"] = round(generate_tokens_per_second(model, new_tokens), 1)
+        row["per_row_over_shared"] = round(runs["per_row"][0] / runs["shared"][0], 1)
         results.append(row)
-        print(
-            f"{vocabulary:>10} {row['engine_tokens_per_second']:>13} {row['argmax_tokens_per_second']:>13} "
-            f"{row['generate_tokens_per_second']:>15} {row['argmax_over_engine']:>14}",
-            flush=True,
-        )
+        cells = [row[f"{setup}_tokens_per_second"] for setup in SETUPS] + [row["generate_tokens_per_second"]]
+        print(f"{vocabulary:>10} " + " ".join(f"{cell:>9.0f}" for cell in cells), flush=True)
     report = {
         "machine": machine_info(torch=torch.__version__, transformers=transformers.__version__),
         "settings": {"requests": REQUESTS, "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens},

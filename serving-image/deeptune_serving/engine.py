@@ -8,10 +8,10 @@ decoding ones), so a short answer is sent as soon as it is done. The manager run
 the queue, its bound and its timeout are this engine's, exactly), and one dispatcher thread turns
 the manager's outputs into text for each request's listener.
 
-The manager samples every request with one shared setting (`do_sample`), taking temperature and
-top_p per request. A greedy request (temperature 0) is sampled at GREEDY_TEMPERATURE, which picks the
-most likely token unless two are tied to within float precision. Seeds are not per request here (the
-manager draws from one generator): a seeded request is answered, but not reproducibly.
+The manager takes the argmax of every row; `sampling.py` makes that argmax a draw from each sampled
+request's own temperature and top_p, and leaves greedy requests (temperature 0) as they are, so they
+are exact greedy decoding and cost no sampling. Seeds are not per request here (the noise comes from
+one generator): a seeded request is answered, but not reproducibly.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+from deeptune_serving import sampling
 from deeptune_serving.generation import Completion, Generator, Prompt, RequestError, TextAssembler
 
-GREEDY_TEMPERATURE = 1e-6
 PAGE_SIZE = 32
 """Tokens per KV-cache page: small pages waste little on short requests."""
 CPU_CONTEXT_CAP = 4096
@@ -102,10 +102,8 @@ class ContinuousEngine:
         on_cpu = model.device.type == "cpu"
         per_request = min(generator.context or CPU_CONTEXT_CAP, CPU_CONTEXT_CAP)
         self._manager = model.init_continuous_batching(
-            # Placeholders: every request brings its own temperature and top_p. A value of 1 would
-            # leave the manager without the per-request processor for it.
             generation_config=GenerationConfig(
-                do_sample=True, temperature=0.5, top_p=0.99, max_new_tokens=generator.max_new_tokens_limit
+                **sampling.PLACEHOLDERS, max_new_tokens=generator.max_new_tokens_limit
             ),
             continuous_batching_config=ContinuousBatchingConfig(
                 page_size=PAGE_SIZE,
@@ -122,6 +120,7 @@ class ContinuousEngine:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._counter = 0
+        sampling.install(self._manager)
         with torch.inference_mode():
             self._manager.start()
         self._dispatcher = threading.Thread(target=self._dispatch, name="deeptune-dispatch", daemon=True)
@@ -129,7 +128,7 @@ class ContinuousEngine:
 
     def submit(self, prompt: Prompt, listener: Listener) -> None:
         """Queue a checked prompt; RequestError when the queue is full (the caller should retry later)."""
-        sampling = prompt.sampling
+        settings = prompt.sampling
         with self._lock:
             waiting = sum(not running.admitted for running in self._running.values())
             if waiting >= self._max_waiting:
@@ -138,9 +137,9 @@ class ContinuousEngine:
                     "(spec.batching.maxQueueSize): retry later"
                 )
             self._counter += 1
-            stops = (*self._generator.stop_sequences, *sampling.stop)
+            stops = (*self._generator.stop_sequences, *settings.stop)
             assembler = TextAssembler(
-                self._generator.tokenizer, sampling.max_new_tokens, stops, self._generator.eos_ids
+                self._generator.tokenizer, settings.max_new_tokens, stops, self._generator.eos_ids
             )
             self._running[f"r{self._counter}"] = _Running(prompt, listener, assembler, time.monotonic())
         self._admit()
@@ -157,15 +156,15 @@ class ContinuousEngine:
                     running.admitted, admitted = True, admitted + 1
                     chosen.append((request_id, running.prompt))
         for request_id, prompt in chosen:
-            sampling = prompt.sampling
+            settings = prompt.sampling
             self._manager.add_request(
                 prompt.ids,
                 request_id=request_id,
-                max_new_tokens=sampling.max_new_tokens,
+                max_new_tokens=settings.max_new_tokens,
                 streaming=True,
                 eos_token_id=self._generator.eos_ids,
-                temperature=GREEDY_TEMPERATURE if sampling.greedy else sampling.temperature,
-                top_p=1.0 if sampling.greedy else sampling.top_p,
+                temperature=0.0 if settings.greedy else settings.temperature,
+                top_p=1.0 if settings.greedy else settings.top_p,
             )
 
     def _dispatch(self) -> None:

@@ -43,7 +43,7 @@ def test_vocabulary_sampling_benchmark_runs_at_smoke_size() -> None:
     subprocess.run(command, cwd=ROOT, check=True, timeout=300)
     report = json.loads((ROOT / "bench" / "results" / "vocabulary_sampling-smoke.json").read_text())
     assert [row["vocabulary"] for row in report["results"]] == [768, 4096]
-    assert all(row["engine_tokens_per_second"] > 0 for row in report["results"])
+    assert all(row["per_row_tokens_per_second"] > 0 for row in report["results"])
 
 
 def test_serving_benchmark_runs_at_smoke_size() -> None:

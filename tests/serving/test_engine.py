@@ -75,6 +75,23 @@ def test_answers_are_the_static_batchs(
         assert done.prompt_tokens == len(prompt.ids)
 
 
+def test_greedy_requests_beside_sampled_ones_are_still_greedy(
+    engine: ContinuousEngine, merged: Generator, tiny_models: TinyModels
+) -> None:
+    """Each row samples on its own settings: the greedy half of a batch answers as static greedy
+    decoding does, whatever the sampled half draws."""
+    sampled = Sampling(max_new_tokens=8, temperature=1.5, top_p=0.9)
+    texts = tiny_models.prompts[:4]
+    collected = Collected()
+    for index, text in enumerate(texts):
+        settings = GREEDY if index % 2 == 0 else sampled
+        engine.submit(merged.prompt(text, settings), collected.listener(str(index)))
+    collected.wait(*map(str, range(4)))
+    static = merged.generate([merged.prompt(text, GREEDY) for text in texts[::2]])
+    assert [collected.done[name].text for name in ("0", "2")] == [completion.text for completion in static]
+    assert all(collected.done[name].completion_tokens > 0 for name in ("1", "3"))
+
+
 def test_a_short_request_is_not_held_behind_a_long_one(
     engine: ContinuousEngine, tiny_models: TinyModels
 ) -> None:
