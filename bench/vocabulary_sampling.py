@@ -7,7 +7,7 @@ vocabulary), a softmax and `torch.multinomial`. The serving benchmark's tiny mod
 where that is cheap; DeepSeek's models have 102,400 (deepseek-llm) to 129,280 (V3, R1). Now the engine
 takes the argmax and samples only the rows that ask for it (`per_row`: serving-image/deeptune_serving/
 sampling.py). This runs 32 greedy requests through a manager set up each way and through a plain
-argmax manager (`argmax`, the floor), on a random-weight Llama with each vocabulary, and `generate()`
+argmax manager (`argmax`, the floor), on the tests' tiny Llama with each vocabulary, and `generate()`
 (static batching, greedy) for reference; `per_row` must answer exactly as `argmax` (checked). One
 compute thread, as the serving benchmark.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,23 +35,18 @@ from machine import machine_info, save_report  # bench/machine.py; scripts run f
 
 from deeptune_serving import sampling
 from deeptune_serving.engine import PAGE_SIZE
+from deeptune_trainer.synthetic import tokenizer_texts
+from deeptune_trainer.tinymodels import tiny_config, train_tokenizer
 
 REQUESTS = 32
 PROMPT_TOKENS = 16
 
 
-def tiny_llama(vocabulary: int) -> LlamaForCausalLM:
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, vocabulary: int) -> LlamaForCausalLM:
+    """The tests' tiny Llama (heads of 32, as the serving benchmark's), its vocabulary widened."""
+    config = tiny_config("llama", tokenizer, head_dim=32)
+    config.vocab_size = vocabulary
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocabulary,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=2048,
-    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -117,10 +112,11 @@ def main() -> None:
     torch.set_num_threads(1)
     vocabularies = (768, 4096) if args.smoke else (768, 32_000, 102_400, 129_280)
     new_tokens = 4 if args.smoke else 16
+    tokenizer = train_tokenizer(tokenizer_texts())
     results = []
     print(f"{'vocabulary':>10} {'shared':>9} {'per_row':>9} {'argmax':>9} {'generate':>9}  (tokens/s)")
     for vocabulary in vocabularies:
-        model = tiny_llama(vocabulary)
+        model = tiny_llama(tokenizer, vocabulary)
         generate_tokens_per_second(model, 2)  # warm-up
         runs = {setup: manager_run(model, new_tokens, setup) for setup in SETUPS}
         if runs["per_row"][1] != runs["argmax"][1]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from deeptune_serving.sampling import PLACEHOLDERS, RowNucleusDraw, RowTemperature, install, nucleus
+from deeptune_trainer.synthetic import tokenizer_texts
+from deeptune_trainer.tinymodels import tiny_config, train_tokenizer
 
 PROBABILITIES = torch.tensor([0.5, 0.3, 0.15, 0.05])
 
@@ -49,42 +51,35 @@ def test_greedy_rows_are_untouched_and_sampled_rows_follow_their_distribution() 
     torch.testing.assert_close(frequencies, expected, atol=0.03, rtol=0)
 
 
-def _manager(generation_config: GenerationConfig) -> object:
+@pytest.fixture(scope="module")
+def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=32,
-    )
-    return (
-        LlamaForCausalLM(config)
-        .eval()
-        .init_continuous_batching(
-            generation_config=generation_config,
-            continuous_batching_config=ContinuousBatchingConfig(
-                page_size=16,
-                num_blocks=8,
-                max_batch_tokens=64,
-                max_requests_per_batch=4,
-                per_request_processors=True,
-            ),
-        )
+    return LlamaForCausalLM(tiny_config("llama", train_tokenizer(tokenizer_texts()), head_dim=32)).eval()
+
+
+def _manager(model: LlamaForCausalLM, generation_config: GenerationConfig) -> object:
+    model.destroy_cached_continuous_batching_manager()  # a model keeps the manager it made last
+    return model.init_continuous_batching(
+        generation_config=generation_config,
+        continuous_batching_config=ContinuousBatchingConfig(
+            page_size=16,
+            num_blocks=8,
+            max_batch_tokens=64,
+            max_requests_per_batch=4,
+            per_request_processors=True,
+        ),
     )
 
 
-def test_install_replaces_the_placeholders_sampler_with_the_argmax() -> None:
-    manager = _manager(GenerationConfig(**PLACEHOLDERS, max_new_tokens=4))
+def test_install_replaces_the_placeholders_sampler_with_the_argmax(tiny_llama: LlamaForCausalLM) -> None:
+    manager = _manager(tiny_llama, GenerationConfig(**PLACEHOLDERS, max_new_tokens=4))
     install(manager)
     processors = manager.logit_processor.logits_processor  # type: ignore[attr-defined]
     assert [type(p) for p in processors] == [RowTemperature, RowNucleusDraw]
     assert manager.generation_config.do_sample is False  # type: ignore[attr-defined]
 
 
-def test_a_manager_it_does_not_know_is_refused_with_what_to_do() -> None:
-    manager = _manager(GenerationConfig(do_sample=False, max_new_tokens=4))
+def test_a_manager_it_does_not_know_is_refused_with_what_to_do(tiny_llama: LlamaForCausalLM) -> None:
+    manager = _manager(tiny_llama, GenerationConfig(do_sample=False, max_new_tokens=4))
     with pytest.raises(RuntimeError, match=r"batching\.mode: dynamic"):
         install(manager)
