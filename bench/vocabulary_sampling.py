@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, save_report  # bench/machine.py; scripts run from bench/
 
 from deeptune_serving import sampling
-from deeptune_serving.engine import PAGE_SIZE
+from deeptune_serving.batcher import PAGE_SIZE
 from deeptune_trainer.synthetic import tokenizer_texts
 from deeptune_trainer.tinymodels import tiny_config, train_tokenizer
 

@@ -12,8 +12,8 @@ deepseek-llm-7b's shape (the Llama architecture) with random weights, built on t
 - `static`: `deeptune_serving.generation.Generator.generate`, what `batching.mode: dynamic` runs per
   Triton batch: requests are taken in batches of the concurrency, each batch waits for its longest;
 - `continuous`: `deeptune_serving.engine.ContinuousEngine` (transformers' continuous batching, paged
-  KV cache), what `batching.mode: continuous` runs: `concurrency` requests in flight, a new one
-  submitted as each finishes.
+  KV cache), what `batching.mode: continuous` runs, its model in a process of its own as in the
+  server (`BatcherProcess`): `concurrency` requests in flight, a new one submitted as each finishes.
 
 The workload: --requests prompts of 100–400 tokens, each asking for a `max_new_tokens` drawn from
 8–256 (the same draw for both), greedy; a random-weight model may stop early at its end-of-sequence
@@ -55,6 +55,8 @@ sys.path.insert(0, str(HERE.parent))
 from lora_qlora_fsdp import model_config, write_model  # noqa: E402  (bench/gpu/, the script's directory)
 from machine import machine_info, save_gpu_report  # noqa: E402
 
+from deeptune_serving.batcher import ManagerBatcher  # noqa: E402
+from deeptune_serving.batcher_process import BatcherProcess  # noqa: E402
 from deeptune_serving.engine import ContinuousEngine, Listener  # noqa: E402
 from deeptune_serving.generation import Completion, Generator, LoadSettings, Sampling  # noqa: E402
 
@@ -192,7 +194,8 @@ def profile_engines(generator: Generator, prompts: list[Any]) -> dict[str, Any]:
     found: dict[str, Any] = {"static_step": step_times(generator, prompts)}
     print(json.dumps(found), flush=True)
     found["static"] = profiled("static, 32 requests, 64 new tokens", lambda: generator.generate(batch))
-    engine = ContinuousEngine(generator, max_running=32, max_waiting=64)
+    # In this process (not the server's child process), so that the profiler sees its steps.
+    engine = ContinuousEngine(generator, ManagerBatcher(generator, 32), max_waiting=64)
     try:
         run_continuous(engine, batch, 32)  # warm-up: the manager's first shapes
         found["continuous"] = profiled(
@@ -223,7 +226,8 @@ def main() -> None:
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(args.work_dir, args.layers)
-    generator = Generator.load(LoadSettings(model=str(model_dir), device="cuda:0"), max_new_tokens_limit=256)
+    settings = LoadSettings(model=str(model_dir), device="cuda:0")
+    generator = Generator.load(settings, max_new_tokens_limit=256)
     prompts = workload(generator, args.requests)
     results = []
     profile = profile_engines(generator, prompts) if args.profile else None
@@ -231,7 +235,9 @@ def main() -> None:
         run_static(generator, prompts[: max(args.concurrency)], max(args.concurrency))  # warm-up
         results += [shown(run_static(generator, prompts, c)) for c in args.concurrency]
     if "continuous" in args.engines:
-        engine = ContinuousEngine(generator, max_running=max(args.concurrency), max_waiting=args.requests)
+        # As the server runs it: the model and its generation loop in a process of their own.
+        batcher = BatcherProcess(settings, max(args.concurrency), max_new_tokens_limit=256)
+        engine = ContinuousEngine(generator, batcher, max_waiting=args.requests)
         try:
             # Warm-up, not counted: the manager captures CUDA graphs for the shapes it first meets.
             run_continuous(engine, prompts[: max(args.concurrency)], max(args.concurrency))

@@ -17,9 +17,11 @@ import torch
 from jinja2 import TemplateError
 from peft import PeftModel
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GenerationConfig,
     GenerationMixin,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -181,8 +183,8 @@ def _load_tokenizer(settings: LoadSettings) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    configured = model.generation_config.eos_token_id
+def _eos_ids(generation: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    configured = generation.eos_token_id
     if configured is None:
         configured = tokenizer.eos_token_id
     return [configured] if isinstance(configured, int) else list(configured)
@@ -374,29 +376,45 @@ def chat_messages(raw: str) -> list[dict[str, str]]:
     return checked
 
 
-class Generator:
-    """A loaded model and tokenizer that generate for a batch of prompts at once."""
+class Prompter:
+    """Checks prompts and renders chat messages: the tokenizer and the model's config, not its weights,
+    so the process that answers requests can do it while another process holds the model."""
 
     def __init__(
         self,
-        model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
+        eos_ids: list[int],
+        context: int | None,
         stop_sequences: Sequence[str] = (),
         max_new_tokens_limit: int = 32_768,
     ) -> None:
-        self.model = model
         self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context = context
+        """The model's context in tokens (max_position_embeddings), where its config says."""
         self.stop_sequences = tuple(stop_sequences)
         self.max_new_tokens_limit = max_new_tokens_limit
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id: int = tokenizer.pad_token_id
-        self.context: int | None = getattr(model.config, "max_position_embeddings", None)
 
     @classmethod
     def load(
         cls, settings: LoadSettings, stop_sequences: Sequence[str] = (), max_new_tokens_limit: int = 32_768
-    ) -> Generator:
-        return cls(_load_model(settings), _load_tokenizer(settings), stop_sequences, max_new_tokens_limit)
+    ) -> Prompter:
+        """From the model's files alone (config, generation config, tokenizer); no weights are read."""
+        _check_directory(settings.model, "config.json", "model")
+        options = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+        config = AutoConfig.from_pretrained(settings.model, **options)
+        try:
+            generation = GenerationConfig.from_pretrained(settings.model, revision=settings.revision)
+        except OSError:  # no generation_config.json: the model class would derive it from its config
+            generation = GenerationConfig.from_model_config(config)
+        tokenizer = _load_tokenizer(settings)
+        return cls(
+            tokenizer,
+            _eos_ids(generation, tokenizer),
+            getattr(config, "max_position_embeddings", None),
+            stop_sequences,
+            max_new_tokens_limit,
+        )
 
     def prompt(self, text: str, sampling: Sampling) -> Prompt:
         """Check one prompt and its settings; raise RequestError naming what is wrong.
@@ -433,6 +451,29 @@ class Generator:
                 f"model's context of {self.context} tokens: shorten the prompt or lower max_new_tokens"
             )
         return Prompt(ids=ids, sampling=sampling)
+
+
+class Generator(Prompter):
+    """A loaded model and tokenizer that generate for a batch of prompts at once."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_sequences: Sequence[str] = (),
+        max_new_tokens_limit: int = 32_768,
+    ) -> None:
+        context = getattr(model.config, "max_position_embeddings", None)
+        eos_ids = _eos_ids(model.generation_config, tokenizer)
+        super().__init__(tokenizer, eos_ids, context, stop_sequences, max_new_tokens_limit)
+        self.model = model
+        self.pad_id: int = tokenizer.pad_token_id
+
+    @classmethod
+    def load(
+        cls, settings: LoadSettings, stop_sequences: Sequence[str] = (), max_new_tokens_limit: int = 32_768
+    ) -> Generator:
+        return cls(_load_model(settings), _load_tokenizer(settings), stop_sequences, max_new_tokens_limit)
 
     def generate(self, prompts: Sequence[Prompt], on_text: TextCallback | None = None) -> list[Completion]:
         """What every prompt produced, with as few generate calls as their settings allow: greedy prompts

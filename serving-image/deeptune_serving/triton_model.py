@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
+from deeptune_serving.batcher_process import BatcherProcess
 from deeptune_serving.engine import (
     CANCELLED,
     RUNNING_METRIC,
@@ -43,6 +47,7 @@ from deeptune_serving.generation import (
     Generator,
     LoadSettings,
     Prompt,
+    Prompter,
     RequestError,
     Sampling,
     chat_messages,
@@ -126,11 +131,20 @@ class _Parsed:
 TERMINATION_LOG = Path("/dev/termination-log")
 
 
-def _report_load_failure(error: Exception) -> None:
-    """Leave the reason in the container's termination message: Triton's own exit log is mostly
-    its options table, so without this the ModelDeployment status could not say what was wrong."""
+def _report(reason: str) -> None:
+    """Leave why the server stops in the container's termination message: Triton's own exit log is
+    mostly its options table, so without this the ModelDeployment status could not say what was wrong."""
     if TERMINATION_LOG.exists():
-        TERMINATION_LOG.write_text(f"{type(error).__name__}: {error}"[:4096], encoding="utf-8")
+        TERMINATION_LOG.write_text(reason[:4096], encoding="utf-8")
+
+
+def _stop_server(reason: str) -> None:
+    """The model can no longer generate (its generation process ended): stop Triton, which is this
+    stub's parent, so that the container ends and is restarted with the reason in its termination
+    message, rather than stay Ready answering every request with an error."""
+    print(f"error: {reason}", file=sys.stderr, flush=True)
+    _report(reason)
+    os.kill(os.getppid(), signal.SIGTERM)
 
 
 def _load_gauges(model: str, version: str) -> Callable[[Load], None]:
@@ -167,16 +181,26 @@ class TritonPythonModel:
         self._pieces = params.get("streaming", "false") == "true"
         stop_sequences = json.loads(params.get("stop_sequences", "[]"))
         limit = int(params.get("max_new_tokens_limit", "32768"))
+        settings = load_settings(params, args)
         self._engine: ContinuousEngine | None = None
+        self._generator: Generator | None = None
         try:
-            self._generator = Generator.load(load_settings(params, args), stop_sequences, limit)
             if params.get("batching_mode") == "continuous":
-                running, waiting = int(params["max_running"]), int(params["max_queue_size"])
-                timeout = float(params["queue_timeout_seconds"])
-                report = _load_gauges(args["model_name"], args["model_version"])
-                self._engine = ContinuousEngine(self._generator, running, waiting, timeout, on_load=report)
+                self._prompter = Prompter.load(settings, stop_sequences, limit)
+                batcher = BatcherProcess(settings, int(params["max_running"]), limit)
+                self._engine = ContinuousEngine(
+                    self._prompter,
+                    batcher,
+                    int(params["max_queue_size"]),
+                    float(params["queue_timeout_seconds"]),
+                    on_load=_load_gauges(args["model_name"], args["model_version"]),
+                    on_stopped=_stop_server,
+                )
+            else:
+                self._generator = Generator.load(settings, stop_sequences, limit)
+                self._prompter = self._generator
         except Exception as error:
-            _report_load_failure(error)
+            _report(f"{type(error).__name__}: {error}")
             raise
 
     def _parse(self, request: Request) -> _Parsed:
@@ -211,9 +235,9 @@ class TritonPythonModel:
                     "only: send temperature 0, or ask for a deployment without the cache"
                 )
             if messages is not None:
-                prompts.append(self._generator.chat_prompt(chat_messages(text), sampling))
+                prompts.append(self._prompter.chat_prompt(chat_messages(text), sampling))
             else:
-                prompts.append(self._generator.prompt(text, sampling))
+                prompts.append(self._prompter.prompt(text, sampling))
         return prompts
 
     def execute(self, requests: list[Request]) -> list[Any] | None:
@@ -222,8 +246,9 @@ class TritonPythonModel:
             for request, item in zip(requests, parsed, strict=True):
                 self._submit(self._engine, request.get_response_sender(), item)
             return None
+        assert self._generator is not None  # mode dynamic: the model is in this process
         if self._decoupled:
-            self._stream(requests, parsed)
+            self._stream(self._generator, requests, parsed)
             return None
         completions = iter(self._generator.generate([prompt for item in parsed for prompt in item.prompts]))
         responses = []
@@ -258,7 +283,7 @@ class TritonPythonModel:
         except RequestError as error:
             sender.send(_error_response(str(error)), flags=final)
 
-    def _stream(self, requests: list[Request], parsed: list[_Parsed]) -> None:
+    def _stream(self, generator: Generator, requests: list[Request], parsed: list[_Parsed]) -> None:
         senders = [request.get_response_sender() for request in requests]
         served = [
             (sender, item.prompts[0]) for sender, item in zip(senders, parsed, strict=True) if not item.error
@@ -270,7 +295,7 @@ class TritonPythonModel:
         def send(index: int, text: str) -> None:
             served[index][0].send(_piece_response(text))
 
-        completions = self._generator.generate([prompt for _, prompt in served], on_text=send)
+        completions = generator.generate([prompt for _, prompt in served], on_text=send)
         for (sender, _), completion in zip(served, completions, strict=True):
             # The text went out in pieces; the final response adds the counts and the finish reason.
             ended = dataclasses.replace(completion, text="")
@@ -281,7 +306,7 @@ class TritonPythonModel:
         """Free the weights now, not at interpreter exit, so an unloaded instance gives GPU memory back."""
         if self._engine is not None:
             self._engine.close()
-        del self._generator
+        del self._generator, self._prompter
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from deeptune_serving.batcher import ManagerBatcher
 from deeptune_serving.engine import CANCELLED, ContinuousEngine, Listener, Load
 from deeptune_serving.generation import Completion, Generator, LoadSettings, RequestError, Sampling
 from tests.serving.tiny import TinyModels
@@ -50,7 +51,7 @@ def merged(tiny_models: TinyModels) -> Generator:
 
 @pytest.fixture
 def engine(merged: Generator) -> Iterator[ContinuousEngine]:
-    running = ContinuousEngine(merged, max_running=4, max_waiting=4, check_interval=0)
+    running = ContinuousEngine(merged, ManagerBatcher(merged, 4), max_waiting=4, check_interval=0)
     yield running
     running.close()
 
@@ -98,7 +99,7 @@ def test_a_short_request_is_not_held_behind_a_long_one(
     """The base model (random weights) rambles on (22 tokens on this prompt); a 2-token request sent
     just after it ends first, where a static batch would have ended both together."""
     base = Generator.load(LoadSettings(model=str(tiny_models.base)), max_new_tokens_limit=256)
-    engine_for_base = ContinuousEngine(base, max_running=4, max_waiting=4)
+    engine_for_base = ContinuousEngine(base, ManagerBatcher(base, 4), max_waiting=4)
     try:
         collected = Collected()
         engine_for_base.submit(
@@ -152,7 +153,9 @@ def test_a_request_that_waits_past_the_queue_timeout_is_refused(
 ) -> None:
     """One running slot, taken: the next request waits in the engine's queue, past its (tiny) timeout.
     The dispatcher looks after every output, so the first token of the running request is enough."""
-    engine = ContinuousEngine(merged, max_running=1, max_waiting=4, queue_timeout=0.001, check_interval=0)
+    engine = ContinuousEngine(
+        merged, ManagerBatcher(merged, 1), max_waiting=4, queue_timeout=0.001, check_interval=0
+    )
     try:
         collected = Collected()
         engine.submit(merged.prompt(tiny_models.prompts[0], GREEDY), collected.listener("running"))
