@@ -12,6 +12,7 @@ request's own temperature and top_p, and leaves greedy requests (temperature 0) 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -88,6 +89,8 @@ class ManagerBatcher:
         )
         self._reported: dict[str, int] = {}
         """Tokens already reported, by request still generating (the manager reports them all each time)."""
+        self._refused: deque[TokenStep] = deque()
+        """Requests the manager would not take, to be reported with the next steps."""
         sampling.install(self._manager)
         with torch.inference_mode():
             self._manager.start()
@@ -95,15 +98,20 @@ class ManagerBatcher:
     def add(self, request_id: str, prompt: Prompt) -> None:
         settings = prompt.sampling
         self._reported[request_id] = 0
-        self._manager.add_request(
-            prompt.ids,
-            request_id=request_id,
-            max_new_tokens=settings.max_new_tokens,
-            streaming=True,
-            eos_token_id=self._eos_ids,
-            temperature=0.0 if settings.greedy else settings.temperature,
-            top_p=1.0 if settings.greedy else settings.top_p,
-        )
+        try:
+            self._manager.add_request(
+                prompt.ids,
+                request_id=request_id,
+                max_new_tokens=settings.max_new_tokens,
+                streaming=True,
+                eos_token_id=self._eos_ids,
+                temperature=0.0 if settings.greedy else settings.temperature,
+                top_p=1.0 if settings.greedy else settings.top_p,
+            )
+        except Exception as error:  # this request's alone: the others go on
+            self._reported.pop(request_id, None)
+            refusal = f"generation failed: {type(error).__name__}: {error}"
+            self._refused.append(TokenStep(request_id, (), error=refusal))
 
     def cancel(self, request_id: str) -> None:
         self._reported.pop(request_id, None)
@@ -111,7 +119,9 @@ class ManagerBatcher:
 
     def steps(self, timeout: float) -> list[TokenStep]:
         found: list[TokenStep] = []
-        output = self._manager.get_result(timeout=timeout)
+        while self._refused:
+            found.append(self._refused.popleft())
+        output = self._manager.get_result(timeout=0 if found else timeout)
         while output is not None:
             if (step := self._step(output)) is not None:
                 found.append(step)

@@ -1,10 +1,13 @@
-"""Continuous batching with its model in a child process, as the server runs it: the same answers as
-in-process decoding, a load failure reported with its reason, and a child that dies ends every request
-with why, once, and refuses new ones (the Triton model then stops the server: test_triton_server.py)."""
+"""Where continuous batching's tokens come from. With its model in a child process, as the server runs
+it: the same answers as in-process decoding, a load failure reported with its reason, and a child that
+dies ends every request with why, once, and refuses new ones (the Triton model then stops the server:
+test_triton_failures.py). In-process: a request the manager refuses fails alone, and a manager that
+stopped says so."""
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +99,31 @@ def test_a_child_that_dies_ends_every_request_once_and_refuses_new_ones(
 def test_the_child_ends_when_its_parent_goes_away(batcher: BatcherProcess) -> None:
     batcher._connection.close()  # what the parent's death does to the child's end
     assert batcher._process.wait(timeout=60) == 0
+
+
+def test_a_request_the_manager_refuses_fails_alone(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    merged = Generator.load(LoadSettings(model=str(tiny_models.merged)), max_new_tokens_limit=256)
+    in_process = ManagerBatcher(merged, 2)
+    engine = ContinuousEngine(merged, in_process, max_waiting=4, check_interval=0)
+    try:
+        accept = in_process._manager.add_request
+
+        def add_request(ids: list[int], **options: object) -> object:
+            if options["request_id"] == "r1":
+                raise queue.Full("the manager's input queue is full")
+            return accept(ids, **options)
+
+        monkeypatch.setattr(in_process._manager, "add_request", add_request)
+        collected = Collected()
+        for index in range(2):
+            engine.submit(merged.prompt(tiny_models.prompts[index], GREEDY), collected.listener(str(index)))
+        collected.wait("0", "1")
+    finally:
+        engine.close()
+    assert collected.done["0"].error == "generation failed: Full: the manager's input queue is full"
+    assert collected.done["1"].text.strip() == tiny_models.answers[1]
 
 
 def test_a_stopped_manager_says_so(tiny_models: TinyModels) -> None:
