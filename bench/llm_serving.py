@@ -28,6 +28,8 @@ the round with the median tokens/s. One round alone is not enough on a shared VM
 
     python bench/llm_serving.py            # ~15 minutes
     python bench/llm_serving.py --smoke    # a few requests per configuration, one round: what CI runs
+    python bench/llm_serving.py --baseline 438adb5   # a fourth column: continuous batching as it was at
+                                                     # that commit (its serving package), side by side
 
 Prints a table and writes JSON to bench/results/llm-serving-<host>.json (llm-serving-smoke.json).
 """
@@ -35,10 +37,13 @@ Prints a table and writes JSON to bench/results/llm-serving-<host>.json (llm-ser
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -61,6 +66,7 @@ from deeptune_trainer.synthetic import keyword_rows, tokenizer_texts  # noqa: E4
 from deeptune_trainer.tinymodels import build_tiny_model  # noqa: E402
 from tests.serving.vllm_server import VllmServer, vllm_python  # noqa: E402
 from tests.serving.wheel_server import (  # noqa: E402
+    SERVING_PACKAGE_ROOT,
     RunningServer,
     free_ports,
     install,
@@ -96,8 +102,24 @@ class Timing:
     tokens: int
 
 
-def start_triton(mode: str, model_dir: Path, work: Path) -> tuple[RunningServer, str]:
-    triton = install(work / "triton")
+def baseline_package(revision: str, work: Path) -> Path:
+    """The serving package as it was at `revision` (git archive of serving-image/): where a column of
+    the same mode runs the earlier code, so a change is measured side by side with what it replaced."""
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", revision, "serving-image/deeptune_serving"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    target = work / f"serving-{revision}"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target / "serving-image"
+
+
+def start_triton(
+    mode: str, model_dir: Path, work: Path, package_root: Path = SERVING_PACKAGE_ROOT
+) -> tuple[RunningServer, str]:
+    triton = install(work / f"triton-{package_root.parent.name}", package_root)
     http, grpc, metrics, api = free_ports(4)
     spec = ModelDeploymentSpec.model_validate(
         {
@@ -222,7 +244,11 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="runs of every column, interleaved; each cell is their median"
     )
+    parser.add_argument(
+        "--baseline", metavar="REVISION", help="add a column: continuous batching from this git revision"
+    )
     args = parser.parse_args()
+    columns = (*COLUMNS, f"continuous@{args.baseline}") if args.baseline else COLUMNS
     rounds = 1 if args.smoke else args.rounds
     requests = 8 if args.smoke else max(args.requests, 2 * max(CONCURRENCY))
     concurrency = (1, 4) if args.smoke else CONCURRENCY
@@ -235,13 +261,15 @@ def main() -> None:
     print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model("llama", Path(tmp) / "model", tokenizer_texts(), head_dim=32)
+        baseline = baseline_package(args.baseline, Path(tmp)) if args.baseline else None
         for _ in range(rounds):
-            for mode in COLUMNS:
-                server, base_url = (
-                    start_vllm(model_dir, Path(tmp))
-                    if mode == "vllm"
-                    else start_triton(mode, model_dir, Path(tmp))
-                )
+            for mode in columns:
+                if mode == "vllm":
+                    server, base_url = start_vllm(model_dir, Path(tmp))
+                elif baseline is not None and mode.startswith("continuous@"):
+                    server, base_url = start_triton("continuous", model_dir, Path(tmp), baseline)
+                else:
+                    server, base_url = start_triton(mode, model_dir, Path(tmp))
                 try:
                     run_load(base_url, mode, work[:4], 2)  # warm-up
                     for index, clients in enumerate(concurrency):
@@ -251,9 +279,9 @@ def main() -> None:
                 finally:
                     server.stop()
     results = [
-        median_run([r for r in runs if (r.mode, r.concurrency) == (m, c)])
-        for m in COLUMNS
-        for c in concurrency
+        median_run([run for run in runs if (run.mode, run.concurrency) == (mode, clients)])
+        for mode in columns
+        for clients in concurrency
     ]
     if rounds > 1:
         print(f"median of {rounds} rounds:")
@@ -272,11 +300,12 @@ def main() -> None:
             for c in concurrency
         }
 
-    over_static, over_vllm = ratios("static"), ratios("vllm")
+    others = [column for column in columns if column != "continuous"]
+    compared = {f"continuous_over_{over.replace('@', '_at_')}": ratios(over) for over in others}
     top = max(concurrency)
-    ttft_growth = {mode: round(by[mode, top].ttft_p99_ms / by[mode, 1].ttft_p50_ms, 1) for mode in COLUMNS}
-    print("continuous / static: " + "; ".join(f"c={c}: {r}" for c, r in over_static.items()))
-    print("continuous / vllm: " + "; ".join(f"c={c}: {r}" for c, r in over_vllm.items()))
+    ttft_growth = {mode: round(by[mode, top].ttft_p99_ms / by[mode, 1].ttft_p50_ms, 1) for mode in columns}
+    for over in others:
+        print(f"continuous / {over}: " + "; ".join(f"c={c}: {r}" for c, r in ratios(over).items()))
     print(f"TTFT p99 at c={top} over single-request TTFT p50: {ttft_growth}")
     finished_load = os.getloadavg()
     report = {
@@ -295,11 +324,11 @@ def main() -> None:
             "concurrency": list(concurrency),
             "max_tokens": list(lengths),
             "rounds": rounds,
+            "baseline": args.baseline,
         },
         "results": [asdict(r) for r in results],
         "runs": [asdict(r) for r in runs],
-        "continuous_over_static": over_static,
-        "continuous_over_vllm": over_vllm,
+        **compared,
         "ttft_p99_at_top_over_single": ttft_growth,
     }
     save_report("llm-serving", report, smoke=args.smoke)

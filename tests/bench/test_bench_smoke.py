@@ -53,10 +53,14 @@ def test_serving_benchmark_runs_at_smoke_size() -> None:
 
 
 def test_llm_serving_benchmark_runs_at_smoke_size() -> None:
-    subprocess.run([sys.executable, "bench/llm_serving.py", "--smoke"], cwd=ROOT, check=True, timeout=600)
+    """With a baseline column too: the serving package of a git revision (HEAD here), side by side."""
+    command = [sys.executable, "bench/llm_serving.py", "--smoke", "--baseline", "HEAD"]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=600)
     report = json.loads((ROOT / "bench" / "results" / "llm-serving-smoke.json").read_text())
     measured = {(row["mode"], row["concurrency"]) for row in report["results"]}
-    assert measured == {(mode, c) for mode in ("static", "continuous", "vllm") for c in (1, 4)}
+    columns = ("static", "continuous", "vllm", "continuous@HEAD")
+    assert measured == {(mode, c) for mode in columns for c in (1, 4)}
+    assert set(report["continuous_over_continuous_at_HEAD"]) == {"1", "4"}
     assert all(row["output_tokens"] > 0 and row["ttft_p50_ms"] > 0 for row in report["results"])
 
 

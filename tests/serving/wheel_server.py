@@ -64,9 +64,10 @@ def serving_environment(target: Path, package_root: str) -> Path:
     return target / "bin"
 
 
-def install(work_dir: Path) -> WheelTriton:
+def install(work_dir: Path, package_root: Path = SERVING_PACKAGE_ROOT) -> WheelTriton:
     """Prepare the wheel's server to run from `work_dir` (the Python backend plus this Python's stub,
-    and the serving environment the stub finds through PATH)."""
+    and the serving environment the stub finds through PATH, with `deeptune_serving` from
+    `package_root`)."""
     import pytriton
 
     dist = Path(pytriton.__file__).parent / "tritonserver"
@@ -83,7 +84,7 @@ def install(work_dir: Path) -> WheelTriton:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     library_path = [sysconfig.get_config_var("LIBDIR"), str(wheel_libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(part for part in library_path if part)
-    python_bin = serving_environment(work_dir / "python", str(SERVING_PACKAGE_ROOT))
+    python_bin = serving_environment(work_dir / "python", str(package_root))
     env["PATH"] = f"{python_bin}:{env.get('PATH', '')}"
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
