@@ -17,18 +17,16 @@ from deeptune.serving.repository import (
 )
 from tests.serving.conftest import cpu_spec
 from tests.serving.tiny import TinyModels
-from tests.serving.wheel_server import SERVING_PACKAGE_ROOT, WheelTriton, free_ports, start
+from tests.serving.wheel_server import SERVING_PACKAGE_ROOT, RunningServer, WheelTriton, free_ports, start
 
 pytestmark = pytest.mark.serving
 
 
-def test_a_missing_model_directory_stops_the_server_with_the_path_in_its_log(
-    wheel_triton: WheelTriton, tmp_path: Path
-) -> None:
+def _serve(wheel_triton: WheelTriton, model: str, name: str, work: Path) -> RunningServer:
+    """The operator's Triton command for a CPU spec serving `model`, started on loopback, not awaited."""
     http, grpc, metrics = free_ports(3)
     spec = cpu_spec(service={"httpPort": http, "grpcPort": grpc, "metricsPort": metrics})
-    missing = "/mnt/pvc/out/no-such-run/merged"
-    root = write_repository(repository_files(spec, ModelLocation(model=missing), "broken"), tmp_path / "repo")
+    root = write_repository(repository_files(spec, ModelLocation(model=model), name), work / "repo")
     command = tritonserver_command(
         spec,
         str(root),
@@ -36,7 +34,14 @@ def test_a_missing_model_directory_stops_the_server_with_the_path_in_its_log(
         address="127.0.0.1",
         backend_directory=str(wheel_triton.backend_directory),
     )
-    server = start(wheel_triton, command, tmp_path / "tritonserver.log", (http, grpc, metrics))
+    return start(wheel_triton, command, work / "tritonserver.log", (http, grpc, metrics))
+
+
+def test_a_missing_model_directory_stops_the_server_with_the_path_in_its_log(
+    wheel_triton: WheelTriton, tmp_path: Path
+) -> None:
+    missing = "/mnt/pvc/out/no-such-run/merged"
+    server = _serve(wheel_triton, missing, "broken", tmp_path)
     try:
         code = server.wait_exit()
     finally:
@@ -75,18 +80,7 @@ def test_a_generation_process_that_dies_stops_the_server_with_why_in_its_log(
 ) -> None:
     """Continuous batching generates in a child of Triton's Python stub. Killed (as by a fatal CUDA
     error), the model can no longer answer: the server stops rather than stay ready, and says why."""
-    http, grpc, metrics = free_ports(3)
-    spec = cpu_spec(service={"httpPort": http, "grpcPort": grpc, "metricsPort": metrics})
-    location = ModelLocation(model=str(tiny_models.merged))
-    root = write_repository(repository_files(spec, location, "tiny"), tmp_path / "repo")
-    command = tritonserver_command(
-        spec,
-        str(root),
-        executable=str(wheel_triton.executable),
-        address="127.0.0.1",
-        backend_directory=str(wheel_triton.backend_directory),
-    )
-    server = start(wheel_triton, command, tmp_path / "tritonserver.log", (http, grpc, metrics))
+    server = _serve(wheel_triton, str(tiny_models.merged), "tiny", tmp_path)
     try:
         server.wait_ready()
         os.kill(_descendant_running(server.process.pid, "deeptune_serving.batcher_process"), signal.SIGKILL)
